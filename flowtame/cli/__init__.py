@@ -1,0 +1,70 @@
+"""The ``flowtame`` command line: a thin layer that parses options, calls the library and renders results.
+
+Each command lives in its own module of this package and registers itself on ``app``. Library errors
+(:class:`flowtame.errors.FlowtameError`) become one line on stderr and their exit code; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from flowtame import __version__
+from flowtame.errors import FlowtameError
+
+app = typer.Typer(
+    name="flowtame",
+    help="Tame pretrained normalizing flows: forget or rebalance chosen images, and prove what changed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"flowtame {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """flowtame: tame normalizing flows."""
+
+
+COMMAND_MODULES = ("info", "convert", "stats", "train", "tame", "evaluate", "sample", "debias", "demo")
+for _name in COMMAND_MODULES:
+    try:
+        importlib.import_module(f"flowtame.cli.{_name}")
+    except ModuleNotFoundError as _exc:  # command not written yet in this tree
+        if _exc.name != f"flowtame.cli.{_name}":
+            raise
+
+
+def main() -> None:
+    """Console-script entry point: run the app, map library errors to one line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except FlowtameError as exc:
+        typer.echo(f"flowtame: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("flowtame: interrupted", err=True)
+        sys.exit(130)
+    except typer.Abort:
+        typer.echo("flowtame: interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise

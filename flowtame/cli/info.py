@@ -1,0 +1,48 @@
+"""``flowtame info``: what a checkpoint holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from flowtame.checkpoint import load_checkpoint
+from flowtame.cli import app
+from flowtame.cli._common import console, emit_json
+from flowtame.embedded import resolve_model_path
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help="A flowtame .safetensors checkpoint, or 'embedded:glow-digits'."),
+    json_path: str = typer.Option(None, "--json", help="Also write the description as JSON ('-' = stdout)."),
+) -> None:
+    """Show a checkpoint's architecture, parameter count, data spec, provenance and sha256.
+
+    Example: flowtame info base.safetensors --json - | jq .provenance
+    """
+    ckpt = load_checkpoint(resolve_model_path(model))
+    description = ckpt.info()
+    if json_path == "-":
+        emit_json("-", description)
+        return
+    table = Table(title=f"{Path(ckpt.path).name}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("architecture", ckpt.architecture)
+    table.add_row("parameters", f"{ckpt.num_parameters:,}")
+    for key, value in ckpt.spec.to_dict().items():
+        if key == "conv_lu":
+            value = "all LU" if all(value) else ("all plain" if not any(value) else
+                                                 "".join("L" if v else "P" for v in value))
+        table.add_row(f"  {key}", str(value))
+    if ckpt.data_spec:
+        ds = ckpt.data_spec
+        table.add_row("data", f"{ds.channels}x{ds.image_size}x{ds.image_size}, {ds.n_bits} bits")
+    table.add_row("latent shapes", ", ".join("x".join(map(str, s)) for s in ckpt.model.latent_shapes))
+    for key, value in ckpt.provenance.items():
+        table.add_row(f"provenance.{key}", str(value))
+    table.add_row("sha256", ckpt.sha256 or "")
+    console.print(table)
+    emit_json(json_path, description)
