@@ -1,0 +1,42 @@
+"""Shared test fixtures: deterministic torch, and a runner that drives the real CLI entry point."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run ``flowtame ARGS...`` in-process through ``flowtame.cli.main`` (error mapping included)."""
+
+    def _run(*args: str) -> CliResult:
+        from flowtame.cli import main
+
+        monkeypatch.setattr(sys, "argv", ["flowtame", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return _run
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
