@@ -1,0 +1,74 @@
+"""Where computations run and at which precision.
+
+- :func:`resolve_device` turns ``auto|cpu|cuda|cuda:N`` into a :class:`torch.device` (``auto`` = the first
+  CUDA GPU when one is visible, else the CPU), with one clear :class:`~flowtame.errors.InputError` when a GPU
+  is asked for and none is there.
+- :func:`autocast_context` is the one place mixed precision is switched on: ``fp32`` everywhere, ``bf16`` or
+  ``fp16`` autocast on CUDA only (on the CPU anything but ``fp32`` is refused rather than silently slow).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from flowtame.errors import InputError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (or a torch.device) -> a usable :class:`torch.device`.
+
+    Raises InputError for an unknown name, for CUDA when no GPU is visible, and for a GPU index that does
+    not exist.
+    """
+    if isinstance(spec, torch.device):
+        text = str(spec)
+    else:
+        text = str(spec).strip().lower()
+    if text == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "cuda" or text.startswith("cuda:"):
+        index_text = text.partition(":")[2] or "0"
+        if not index_text.isdigit():
+            raise InputError(f"device {spec!r}: expected auto, cpu, cuda or cuda:N with N a GPU index")
+        if not torch.cuda.is_available():
+            raise InputError(f"device {spec!r}: CUDA is not available on this machine "
+                             "(no GPU visible, or torch was built without CUDA); use --device cpu")
+        index = int(index_text)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise InputError(f"device {spec!r}: no such GPU (this machine has {count}: "
+                             f"cuda:0..cuda:{count - 1})")
+        return torch.device("cuda", index)
+    raise InputError(f"device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """Raise InputError unless ``precision`` is one of :data:`PRECISIONS` and usable on ``device``."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and device.type != "cuda":
+        raise InputError(f"precision {precision!r}: mixed precision is only supported on CUDA; "
+                         f"use --precision fp32 on {device.type}")
+
+
+@contextlib.contextmanager
+def autocast_context(device: torch.device | str, precision: str) -> Iterator[None]:
+    """A context in which forward passes run at ``precision``: fp32 (no autocast) or bf16/fp16 CUDA autocast.
+
+    Raises InputError for an unknown precision and for bf16/fp16 on a non-CUDA device.
+    """
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    check_precision(device, precision)
+    if precision == "fp32":
+        yield
+        return
+    with torch.autocast(device_type="cuda", dtype=_AUTOCAST_DTYPES[precision]):
+        yield
