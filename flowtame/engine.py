@@ -1,0 +1,285 @@
+"""The training engine shared by tame, debias and the baselines.
+
+A *method* supplies the loss of each iteration and decides when it is done; the engine owns everything
+else: Adam with linear warm-up, gradient clipping, optional autocast on CUDA, roll-back of non-finite
+steps with a bounded number of learning-rate reductions, a clean stop on Ctrl-C with a resumable state
+file (safetensors, never a pickle), resume to the bit-identical result on CPU, timing and a trajectory.
+
+The engine does one forward/backward per iteration (whatever the method puts in its loss). It touches the
+host once per iteration, to read the scalars the method asks to log; the model wrapper can be
+``torch.nn.parallel.DistributedDataParallel`` later without changing the method protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from flowtame.errors import CheckpointError, InterruptedRun, TrainingDivergedError
+from flowtame.fileio import atomic_path
+
+STATE_FORMAT = "flowtame-engine-state"
+
+
+@dataclass
+class EngineConfig:
+    """Optimizer and loop settings. ``lr`` is Adam's peak learning rate, reached after ``warmup`` iterations."""
+
+    lr: float = 5e-5
+    warmup: int = 0
+    max_iters: int = 800
+    grad_clip: float | None = None
+    max_nan_retries: int = 3
+    lr_backoff: float = 0.5
+    snapshot_every: int = 10
+    trajectory_every: int = 10
+    precision: str = "fp32"
+
+
+class Method(Protocol):
+    """What the engine needs from a taming method."""
+
+    name: str
+
+    def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The scalar loss of this iteration and named scalars to log (tensors, detached or not)."""
+
+    def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
+        """Called after the optimizer step with the logged scalars as floats; True when converged."""
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Method state to save for resume (tensors)."""
+
+    def state_meta(self) -> dict[str, Any]:
+        """Method state to save for resume (JSON-serializable)."""
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Restore what ``state_tensors``/``state_meta`` returned."""
+
+
+@dataclass
+class EngineResult:
+    iterations: int
+    converged: bool
+    wall_seconds: float
+    lr_reductions: int
+    trajectory: list[dict[str, float]] = field(default_factory=list)
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C into a request to stop at the next iteration boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread: Ctrl-C stays a KeyboardInterrupt
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _learning_rate(config: EngineConfig, iteration: int, scale: float) -> float:
+    warm = min(1.0, (iteration + 1) / config.warmup) if config.warmup > 0 else 1.0
+    return config.lr * warm * scale
+
+
+class Engine:
+    """Runs ``method`` on ``model`` for at most ``config.max_iters`` iterations.
+
+    ``generators`` are the torch.Generators the method draws from; their states go into the resume file.
+    ``callback(iteration, logged)`` is called after every iteration (progress display).
+    """
+
+    def __init__(self, model: nn.Module, method: Method, config: EngineConfig, *,
+                 generators: dict[str, torch.Generator] | None = None,
+                 callback: Callable[[int, dict[str, float]], None] | None = None):
+        self.model = model
+        self.method = method
+        self.config = config
+        self.generators = generators or {}
+        self.callback = callback
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
+        self.iteration = 0
+        self.lr_scale = 1.0
+        self.lr_reductions = 0
+        self.elapsed = 0.0
+        self.trajectory: list[dict[str, float]] = []
+        self.converged = False
+        self._stop = _StopFlag()
+
+    # ----------------------------------------------------------------- snapshots and resume
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": _clone_optimizer_state(self.optimizer.state_dict()),
+        }
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        self.model.load_state_dict(snapshot["model"])
+        self.optimizer.load_state_dict(_clone_optimizer_state(snapshot["optimizer"]))
+
+    def save_state(self, path: str | Path) -> None:
+        """Write everything needed to continue (model, Adam moments, RNGs, method state) atomically."""
+        tensors: dict[str, Tensor] = {}
+        for key, value in self.model.state_dict().items():
+            tensors[f"model.{key}"] = value
+        opt = self.optimizer.state_dict()
+        for index, state in opt["state"].items():
+            for name, value in state.items():
+                tensors[f"optim.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        for name, gen in self.generators.items():
+            tensors[f"rng.{name}"] = gen.get_state()
+        for key, value in self.method.state_tensors().items():
+            tensors[f"method.{key}"] = value
+        meta = {
+            "format": STATE_FORMAT,
+            "method": self.method.name,
+            "iteration": self.iteration,
+            "lr_scale": self.lr_scale,
+            "lr_reductions": self.lr_reductions,
+            "elapsed": self.elapsed,
+            "trajectory": self.trajectory,
+            "config": asdict(self.config),
+            "method_meta": self.method.state_meta(),
+        }
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"engine": json.dumps(meta)})
+
+    def load_state(self, path: str | Path) -> None:
+        """Restore a state written by :meth:`save_state` (same model shape and method)."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no resumable state here (nothing to --resume)")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                meta = json.loads((fh.metadata() or {})["engine"])
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"{path}: unreadable resume state ({str(exc).splitlines()[0]})") from None
+        if meta.get("format") != STATE_FORMAT or meta.get("method") != self.method.name:
+            raise CheckpointError(f"{path}: not a resume state of method {self.method.name!r}")
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(model_state)
+        except RuntimeError:
+            raise CheckpointError(f"{path}: the resume state does not match this model") from None
+        opt = self.optimizer.state_dict()
+        device = self.params[0].device if self.params else torch.device("cpu")
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                value = value.to(device) if name != "step" else value
+                opt["state"].setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict(opt)
+        for name, gen in self.generators.items():
+            gen.set_state(tensors[f"rng.{name}"])
+        self.method.load_state({k[len("method."):]: v.to(device) for k, v in tensors.items()
+                                if k.startswith("method.")}, meta["method_meta"])
+        self.iteration = meta["iteration"]
+        self.lr_scale = meta["lr_scale"]
+        self.lr_reductions = meta["lr_reductions"]
+        self.elapsed = meta["elapsed"]
+        self.trajectory = meta["trajectory"]
+
+    # ----------------------------------------------------------------- the loop
+    def _autocast(self):
+        device = self.params[0].device if self.params else torch.device("cpu")
+        if device.type == "cuda" and self.config.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def run(self, state_path: str | Path | None = None) -> EngineResult:
+        """Iterate until the method converges or ``max_iters``; Ctrl-C saves ``state_path`` and raises."""
+        self.model.train()
+        last_good = self._snapshot()
+        start = time.perf_counter() - self.elapsed
+        with self._stop:
+            while self.iteration < self.config.max_iters and not self.converged:
+                if self._stop.requested:
+                    self.elapsed = time.perf_counter() - start
+                    if state_path is not None:
+                        self.save_state(state_path)
+                    raise InterruptedRun(
+                        f"interrupted at iteration {self.iteration}"
+                        + (f"; state saved to {state_path}, continue with --resume" if state_path else ""))
+                lr = _learning_rate(self.config, self.iteration, self.lr_scale)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.zero_grad(set_to_none=True)
+                with self._autocast():
+                    loss, metrics = self.method.loss(self.model, self.iteration)
+                loss.backward()
+                if self.config.grad_clip:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+                else:
+                    grad_norm = torch.linalg.vector_norm(
+                        torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+                names = ["loss", "grad_norm", *metrics]
+                values = torch.stack([loss.detach().float(), grad_norm.detach().float(),
+                                      *(torch.as_tensor(v).detach().float().reshape(())
+                                        for v in metrics.values())]).tolist()
+                logged = dict(zip(names, values, strict=True))
+                if not all(math.isfinite(v) for v in values[:2]):
+                    self._roll_back(last_good, logged)
+                    continue
+                self.optimizer.step()
+                logged["lr"] = lr
+                self.converged = bool(self.method.after_step(self.model, self.iteration, logged))
+                self.iteration += 1
+                self.elapsed = time.perf_counter() - start
+                logged["elapsed"] = self.elapsed
+                if self.iteration % self.config.trajectory_every == 0 or self.converged or self.iteration == 1:
+                    self.trajectory.append({"iteration": self.iteration, **logged})
+                if self.iteration % self.config.snapshot_every == 0:
+                    last_good = self._snapshot()
+                if self.callback is not None:
+                    self.callback(self.iteration, logged)
+        self.elapsed = time.perf_counter() - start
+        return EngineResult(self.iteration, self.converged, self.elapsed, self.lr_reductions, self.trajectory)
+
+    def _roll_back(self, last_good: dict[str, Any], logged: dict[str, float]) -> None:
+        if self.lr_reductions >= self.config.max_nan_retries:
+            raise TrainingDivergedError(
+                f"loss became non-finite at iteration {self.iteration} (loss={logged['loss']}, "
+                f"grad norm={logged['grad_norm']}) after {self.lr_reductions} learning-rate reductions; "
+                f"try a smaller --lr")
+        self._restore(last_good)
+        self.lr_scale *= self.config.lr_backoff
+        self.lr_reductions += 1
+
+
+def _clone_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "state": {k: {n: (v.detach().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+                  for k, s in state["state"].items()},
+        "param_groups": [dict(g) for g in state["param_groups"]],
+    }

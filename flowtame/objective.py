@@ -1,0 +1,69 @@
+"""The taming objective (paper Eq. 5-12), written with differentiable torch ops throughout.
+
+Units: NLLs enter in nats per image; the remember NLL term is averaged in bits per dimension (BPD), as in
+the authors' code. KL divergences between normal fits are unit-free (scaling both normals by the same
+factor leaves KL unchanged), so they may be computed in nats. The forget term's unit matters (it sets the
+scale inside the sigmoid of the paper's loss) and is an explicit choice: ``"bpd"``, ``"nats"`` or
+``"sigma"`` (distance to the threshold in remember standard deviations, d).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+FORGET_LOSSES = ("sigmoid", "squared")
+FORGET_UNITS = ("bpd", "nats", "sigma")
+
+
+def kl_normal(mean_p: Tensor, std_p: Tensor, mean_q: Tensor, std_q: Tensor) -> Tensor:
+    """KL(P || Q) for univariate normals P=(mean_p, std_p), Q=(mean_q, std_q); gradients through every term."""
+    return torch.log(std_q / std_p) + (std_p.square() + (mean_p - mean_q).square()) / (2 * std_q.square()) - 0.5
+
+
+def symmetric_kl(mean_b: Tensor, std_b: Tensor, mean_t: Tensor, std_t: Tensor) -> Tensor:
+    """KL(N_B || N_T) + KL(N_T || N_B) (paper Eq. 11, both directions)."""
+    return kl_normal(mean_b, std_b, mean_t, std_t) + kl_normal(mean_t, std_t, mean_b, std_b)
+
+
+def threshold_distance(nll: Tensor, mu: Tensor, sigma: Tensor, delta: float) -> Tensor:
+    """Signed distance to the forget threshold in remember std units (Eq. 8): (NLL - (mu + delta*sigma)) / sigma."""
+    return (nll - (mu + delta * sigma)) / sigma
+
+
+def forget_loss(nll: Tensor, mu: Tensor, sigma: Tensor, *, delta: float, kind: str, unit: str,
+                nats_per_bpd: float) -> Tensor:
+    """Forget loss over a batch of forget images (Eq. 9); ``nll``, ``mu``, ``sigma`` in nats.
+
+    - ``sigmoid``: the paper's ``mean sigmoid(Δ²)``, Δ = NLL - (mu + delta*sigma) expressed in ``unit``.
+    - ``squared``: ``mean (Δ/δ)²`` with Δ in ``unit`` (δ-normalized so a forget image starting delta*sigma
+      short in sigma units has loss about 1); it pulls every image to the threshold and never saturates.
+    Both are minimal at the threshold, matching the stopping rule |d| < epsilon.
+    """
+    if kind not in FORGET_LOSSES or unit not in FORGET_UNITS:
+        raise ValueError(f"unknown forget loss {kind!r} / unit {unit!r}")
+    gap_nats = nll - (mu + delta * sigma)
+    if unit == "bpd":
+        gap = gap_nats / nats_per_bpd
+    elif unit == "sigma":
+        gap = gap_nats / sigma
+    else:
+        gap = gap_nats
+    if kind == "sigmoid":
+        return torch.sigmoid(gap.square()).mean()
+    return (gap / delta).square().mean()
+
+
+def remember_loss(nll_remember: Tensor, base_mean: Tensor, base_std: Tensor, tamed_mean: Tensor,
+                  tamed_std: Tensor, *, gamma: float, nats_per_bpd: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(L_R, mean NLL term in BPD, symmetric KL) with ``L_R = (1-gamma)*A + gamma*(KL(B||T) + KL(T||B))``."""
+    nll_term = nll_remember.mean() / nats_per_bpd
+    kl = symmetric_kl(base_mean, base_std, tamed_mean, tamed_std)
+    return (1 - gamma) * nll_term + gamma * kl, nll_term, kl
+
+
+def nats_per_bpd(num_dims: int) -> float:
+    """How many nats one bit per dimension is for an image of ``num_dims`` values: D ln 2."""
+    return num_dims * math.log(2.0)

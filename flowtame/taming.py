@@ -1,0 +1,298 @@
+"""The tame job as a library call: prepare the sets, run a method through the engine, evaluate, report.
+
+``tame(base, forget_sets, remember_set, config)`` returns the tamed :class:`~flowtame.checkpoint.Checkpoint`
+(not yet written) and its report; the CLI only adds files, flags and a live view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from flowtame import __version__
+from flowtame.checkpoint import Checkpoint, make_provenance
+from flowtame.data import ImageSet, dequantization_noise
+from flowtame.devices import resolve_device
+from flowtame.engine import Engine, EngineConfig
+from flowtame.errors import DataError, InputError, InterruptedRun
+from flowtame.methods import TamingData, TamingMethod, batched_nll, dequantized
+from flowtame.objective import FORGET_LOSSES, FORGET_UNITS, nats_per_bpd
+
+REPORT_SCHEMA_VERSION = 1
+METHODS = ("taming",)
+
+
+@dataclass
+class TameConfig:
+    """Every knob of ``flowtame tame``; each is a flag and a YAML key (flags win over the file).
+
+    NLL statistics are in nats; ``delta`` and ``epsilon`` in remember standard deviations (sigma_R).
+    """
+
+    method: str = "taming"
+    delta: float = 4.0
+    epsilon: float | None = None
+    alpha: float = 0.6
+    gamma: float = 0.6
+    lr: float = 5e-5
+    batch_size: int = 8
+    max_iters: int = 800
+    refresh_every: int = 10
+    refresh_size: int = 512
+    warmup: int = 20
+    grad_clip: float | None = None
+    forget_loss: str = "squared"
+    forget_unit: str = "sigma"
+    kl_estimate: str = "refreshed"
+    seed: int = 0
+    eval_seed: int = 0
+    precision: str = "fp32"
+    trajectory_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.epsilon is None:
+            self.epsilon = 0.15 * self.delta
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {', '.join(METHODS)}")
+        if self.forget_loss not in FORGET_LOSSES:
+            problems.append(f"forget_loss must be one of {', '.join(FORGET_LOSSES)}")
+        if self.forget_unit not in FORGET_UNITS:
+            problems.append(f"forget_unit must be one of {', '.join(FORGET_UNITS)}")
+        if self.kl_estimate not in ("refreshed", "batch"):
+            problems.append("kl_estimate must be refreshed or batch")
+        if not 0 <= self.alpha <= 1 or not 0 <= self.gamma <= 1:
+            problems.append("alpha and gamma must lie in [0, 1]")
+        if self.delta <= 0 or self.epsilon <= 0:
+            problems.append("delta and epsilon must be positive")
+        if self.lr <= 0 or self.batch_size < 2 or self.max_iters < 1 or self.refresh_every < 1:
+            problems.append("lr must be positive, batch_size >= 2, max_iters and refresh_every >= 1")
+        if self.refresh_size < 2:
+            problems.append("refresh_size must be at least 2")
+        if problems:
+            raise InputError("bad taming configuration: " + "; ".join(problems))
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The keys of a shipped preset (``paper``: the authors' exact loss and hyperparameters)."""
+    path = resources.files("flowtame") / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        raise InputError(f"unknown preset {name!r} (known: paper)")
+    return yaml.safe_load(path.read_text())
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config; keys may use dashes or underscores. Unknown keys are an error."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a config file must be a mapping of keys to values")
+    config = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    known = {f.name for f in dataclasses.fields(TameConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise InputError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    return config
+
+
+def make_config(*layers: dict[str, Any]) -> TameConfig:
+    """Merge key dicts left to right (later wins; None values are skipped) into a TameConfig."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update({k: v for k, v in layer.items() if v is not None})
+    try:
+        return TameConfig(**merged)
+    except TypeError as exc:
+        raise InputError(f"bad taming configuration: {exc}") from None
+
+
+@dataclass
+class TameOutcome:
+    """The tamed checkpoint (not yet written), its report, and the per-image NLLs (nats) it computed,
+    keyed like ``(model, set)`` with model "base"|"tamed" and set "remember"|"forget", so an evaluation
+    can reuse them instead of recomputing."""
+
+    checkpoint: Checkpoint
+    report: dict[str, Any]
+    nll: dict[tuple[str, str], np.ndarray]
+
+
+def pixel_nll(model: torch.nn.Module, pixels: torch.Tensor, keys: Sequence[str], data_spec, seed: int,
+              device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """Discrete NLL (nats, float64 [N]) of uint8 images with the keyed evaluation noise of ``seed``."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, pixels.shape[0], batch_size):
+            noise = dequantization_noise(keys[i:i + batch_size], seed, tuple(pixels.shape[1:]))
+            x = dequantized(pixels[i:i + batch_size].to(device), noise.to(device), data_spec.n_bits)
+            out.append(batched_nll(model, x, data_spec, batch_size).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def _load_forget(forget_sets: Sequence[ImageSet]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    pixels, requests, keys = [], [], []
+    for index, image_set in enumerate(forget_sets):
+        p, k = image_set.load_tensor()
+        pixels.append(p)
+        requests.append(torch.full((p.shape[0],), index, dtype=torch.long))
+        keys.extend(k)
+    return torch.cat(pixels), torch.cat(requests), keys
+
+
+def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageSet, config: TameConfig, *,
+         device: str = "auto",
+         state_path: str | Path | None = None, resume: bool = False,
+         callback: Callable[[int, dict[str, float]], None] | None = None) -> TameOutcome:
+    """Tame ``base`` so every image of every forget set reaches the threshold; returns model and report.
+
+    The base checkpoint's model is never modified (a copy is trained). Raises InterruptedRun on Ctrl-C
+    (with ``partial_report`` attached and the resume state written to ``state_path``).
+    """
+    if not forget_sets:
+        raise InputError("taming needs at least one --forget source")
+    data_spec = base.data_spec
+    if data_spec is None:
+        raise InputError(f"{base.path}: taming needs an image model")
+    dev = resolve_device(device)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    forget_pixels, forget_request, forget_keys = _load_forget(forget_sets)
+    remember_pixels, remember_keys = remember_set.load_tensor()
+    forget_key_set = set(forget_keys)
+    keep = [i for i, k in enumerate(remember_keys) if k not in forget_key_set]
+    excluded = len(remember_keys) - len(keep)
+    if excluded:
+        warnings.warn(f"{remember_set.name}: {excluded} remember image(s) are also forget images "
+                      f"(same pixels); excluded from the remember set", stacklevel=2)
+        remember_pixels = remember_pixels[keep]
+        remember_keys = [remember_keys[i] for i in keep]
+    if remember_pixels.shape[0] < 2:
+        raise DataError(f"{remember_set.name}: the remember set needs at least 2 images")
+
+    base_model = base.model.to(dev).eval()
+    base_remember_nll = pixel_nll(base_model, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)
+    base_forget_nll = pixel_nll(base_model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev)
+    base_mean, base_std = float(base_remember_nll.mean()), float(base_remember_nll.std(ddof=1))
+
+    n_refresh = min(config.refresh_size, remember_pixels.shape[0])
+    refresh_idx = torch.randperm(remember_pixels.shape[0], generator=generator)[:n_refresh].sort().values
+    refresh_keys = [remember_keys[i] for i in refresh_idx.tolist()]
+    refresh_noise = dequantization_noise(refresh_keys, config.eval_seed, tuple(remember_pixels.shape[1:]))
+    refresh_x = dequantized(remember_pixels[refresh_idx], refresh_noise, data_spec.n_bits).to(dev)
+
+    model = _copy_model(base, dev)
+    data = TamingData(
+        data_spec=data_spec,
+        forget=forget_pixels.to(dev),
+        forget_request=forget_request.to(dev),
+        forget_check_noise=dequantization_noise(forget_keys, config.eval_seed,
+                                                tuple(forget_pixels.shape[1:])).to(dev),
+        remember=remember_pixels.pin_memory() if dev.type == "cuda" else remember_pixels,
+        refresh=refresh_x,
+        base_mean=torch.tensor(base_mean, device=dev),
+        base_std=torch.tensor(base_std, device=dev),
+    )
+    method = TamingMethod(
+        data, delta=config.delta, epsilon=config.epsilon, alpha=config.alpha, gamma=config.gamma,
+        batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
+        forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=generator,
+        subset_correction=_subset_correction(base_remember_nll, refresh_idx.numpy()))
+    engine = Engine(model, method, EngineConfig(
+        lr=config.lr, warmup=config.warmup, max_iters=config.max_iters, grad_clip=config.grad_clip,
+        precision=config.precision, trajectory_every=config.trajectory_every),
+        generators={"batches": generator}, callback=callback)
+    if resume:
+        engine.load_state(state_path)
+
+    report: dict[str, Any] = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "flowtame_version": __version__,
+        "command": "tame",
+        "method": config.method,
+        "config": asdict(config),
+        "device": str(dev),
+        "base": {"path": str(base.path) if base.path else None, "sha256": base.sha256},
+        "data": data_spec.to_dict(),
+        "sets": {"forget": [s.name for s in forget_sets], "remember": remember_set.name,
+                 "remember_n": int(remember_pixels.shape[0]), "remember_excluded_duplicates": excluded,
+                 "skipped_files": {s.name: len(s.skipped) for s in (*forget_sets, remember_set)}},
+    }
+    try:
+        result = engine.run(state_path=state_path)
+    except InterruptedRun as exc:
+        report.update(iterations=engine.iteration, converged=False, interrupted=True,
+                      wall_seconds=engine.elapsed, trajectory=engine.trajectory)
+        exc.partial_report = report
+        raise
+    model.eval()
+
+    tamed_remember_nll = pixel_nll(model, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)
+    tamed_forget_nll = pixel_nll(model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev)
+    mu_t, sigma_t = float(tamed_remember_nll.mean()), float(tamed_remember_nll.std(ddof=1))
+    d_final = (tamed_forget_nll - (mu_t + config.delta * sigma_t)) / sigma_t
+    per_bpd = nats_per_bpd(data_spec.num_dims)
+    requests = []
+    for index, image_set in enumerate(forget_sets):
+        mask = forget_request.numpy() == index
+        requests.append({
+            "name": image_set.name, "n": int(mask.sum()),
+            "d_min": float(d_final[mask].min()), "d_max": float(d_final[mask].max()),
+            "max_abs_d": float(np.abs(d_final[mask]).max()),
+            "forgotten_fraction": float((d_final[mask] > -config.epsilon).mean()),
+            "reached_threshold": bool((np.abs(d_final[mask]) < config.epsilon).all()),
+        })
+    converged = bool(result.converged)
+    report.update(
+        iterations=result.iterations, converged=converged, interrupted=False,
+        wall_seconds=result.wall_seconds,
+        seconds_per_iteration=result.wall_seconds / max(result.iterations, 1),
+        lr_reductions=result.lr_reductions, refreshes=method.refreshes, confirmations=method.confirmations,
+        remember_normal={"base": {"mean_nats": base_mean, "std_nats": base_std,
+                                  "mean_bpd": base_mean / per_bpd, "std_bpd": base_std / per_bpd},
+                         "tamed": {"mean_nats": mu_t, "std_nats": sigma_t,
+                                   "mean_bpd": mu_t / per_bpd, "std_bpd": sigma_t / per_bpd}},
+        requests=requests, trajectory=result.trajectory)
+    provenance = make_provenance(
+        parent_sha256=base.sha256, method=config.method, hyperparameters=asdict(config),
+        forget_digests=[sorted(k for k, r in zip(forget_keys, forget_request.tolist(), strict=True) if r == i)
+                        for i in range(len(forget_sets))],
+        digest_kind="sha256 of the preprocessed uint8 pixels",
+        mu_r_nats=mu_t, sigma_r_nats=sigma_t, converged=converged, iterations=result.iterations)
+    tamed = Checkpoint(model=model, architecture=base.architecture, spec=base.spec, data_spec=data_spec,
+                       provenance=provenance)
+    nll = {("base", "remember"): base_remember_nll, ("tamed", "remember"): tamed_remember_nll,
+           ("base", "forget"): base_forget_nll, ("tamed", "forget"): tamed_forget_nll}
+    return TameOutcome(checkpoint=tamed, report=report, nll=nll)
+
+
+def _copy_model(base: Checkpoint, device: torch.device) -> torch.nn.Module:
+    from flowtame.models import build_model
+
+    model = build_model(base.architecture, base.spec)
+    model.load_state_dict(base.model.state_dict())
+    return model.to(device)
+
+
+def _subset_correction(base_nll: np.ndarray, subset: np.ndarray) -> tuple[float, float]:
+    """(mean offset, std ratio) mapping refresh-subset statistics to whole-set ones, from the base model.
+
+    Base and tamed NLLs on the same images are strongly correlated, so correcting the tamed subset
+    estimate by the base model's (whole - subset) difference removes most of the subset's sampling error.
+    """
+    sub = base_nll[subset]
+    return float(base_nll.mean() - sub.mean()), float(base_nll.std(ddof=1) / sub.std(ddof=1))

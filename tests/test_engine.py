@@ -1,0 +1,123 @@
+"""The shared training engine: warm-up, NaN roll-back, Ctrl-C with resumable state, bit-exact resume."""
+
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from flowtame.engine import Engine, EngineConfig, _learning_rate
+from flowtame.errors import CheckpointError, InterruptedRun, TrainingDivergedError
+
+
+class QuadraticMethod:
+    """Fit a linear layer to noisy targets drawn from the method's generator; converge below a loss."""
+
+    name = "quadratic"
+
+    def __init__(self, generator, target_loss=-1.0, nan_at=()):
+        self.generator = generator
+        self.target_loss = target_loss
+        self.nan_at = set(nan_at)
+        self.calls = 0
+
+    def loss(self, model, iteration):
+        self.calls += 1
+        x = torch.randn(16, 3, generator=self.generator)
+        y = x.sum(1, keepdim=True) + 0.01 * torch.randn(16, 1, generator=self.generator)
+        loss = (model(x) - y).square().mean()
+        if iteration in self.nan_at:
+            self.nan_at.discard(iteration)
+            loss = loss * float("nan")
+        return loss, {"twice": 2 * loss}
+
+    def after_step(self, model, iteration, logged):
+        return logged["loss"] < self.target_loss
+
+    def state_tensors(self):
+        return {"calls": torch.tensor([self.calls])}
+
+    def state_meta(self):
+        return {"calls": self.calls}
+
+    def load_state(self, tensors, meta):
+        self.calls = meta["calls"]
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 1)
+    gen = torch.Generator().manual_seed(seed)
+    method = QuadraticMethod(gen, **kw.pop("method_kw", {}))
+    engine = Engine(model, method, EngineConfig(lr=0.05, warmup=5, max_iters=kw.pop("max_iters", 40),
+                                                trajectory_every=5, snapshot_every=1),
+                    generators={"g": gen}, callback=kw.pop("callback", None))
+    return model, method, engine
+
+
+def test_warmup_is_linear_then_constant():
+    cfg = EngineConfig(lr=1e-3, warmup=4)
+    assert [_learning_rate(cfg, i, 1.0) for i in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert _learning_rate(EngineConfig(lr=1e-3, warmup=0), 0, 0.5) == pytest.approx(5e-4)
+
+
+def test_engine_converges_and_records_trajectory():
+    model, method, engine = make(max_iters=400, method_kw={"target_loss": 1e-3})
+    result = engine.run()
+    assert result.converged and result.iterations < 400
+    assert result.trajectory[0]["iteration"] == 1
+    assert all({"loss", "twice", "lr", "grad_norm"} <= set(p) for p in result.trajectory)
+    assert result.trajectory[-1]["loss"] < result.trajectory[0]["loss"]
+
+
+def test_resume_gives_the_bit_identical_result(tmp_path):
+    model_a, _, engine_a = make()
+    engine_a.run()
+
+    def interrupt_at_17(iteration, logged):
+        if iteration == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    state = tmp_path / "state.safetensors"
+    model_b, _, engine_b = make(callback=interrupt_at_17)
+    with pytest.raises(InterruptedRun, match="--resume"):
+        engine_b.run(state_path=state)
+    assert state.exists() and engine_b.iteration == 17
+
+    model_c, method_c, engine_c = make(seed=123)  # different init and RNG: everything must come from the state
+    engine_c.load_state(state)
+    assert method_c.calls == 17
+    engine_c.run()
+    for a, c in zip(model_a.parameters(), model_c.parameters(), strict=True):
+        assert torch.equal(a, c)
+    def no_time(trajectory):
+        return [{k: v for k, v in point.items() if k != "elapsed"} for point in trajectory]
+
+    assert no_time(engine_c.trajectory) == no_time(engine_a.trajectory)
+
+
+def test_non_finite_loss_rolls_back_and_lowers_the_learning_rate():
+    model, method, engine = make(method_kw={"nan_at": (10,)})
+    result = engine.run()
+    assert result.lr_reductions == 1 and engine.lr_scale == 0.5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_persistent_nan_fails_clearly_after_bounded_retries():
+    model, method, engine = make(method_kw={"nan_at": ()})
+    method.loss_orig = method.loss
+    method.loss = lambda m, i: (method.loss_orig(m, i)[0] * float("nan"), {})
+    with pytest.raises(TrainingDivergedError, match="non-finite"):
+        engine.run()
+    assert engine.lr_reductions == engine.config.max_nan_retries
+
+
+def test_bad_resume_state_is_a_clear_error(tmp_path):
+    _, _, engine = make()
+    with pytest.raises(CheckpointError, match="nothing to --resume"):
+        engine.load_state(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="unreadable resume state"):
+        engine.load_state(bad)
