@@ -13,11 +13,9 @@ from rich.table import Table
 from flowtame.checkpoint import load_checkpoint, save_checkpoint
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, err_console, is_interactive
-from flowtame.data import open_images
 from flowtame.embedded import resolve_model_path
 from flowtame.errors import CheckFailedError, InterruptedRun
 from flowtame.fileio import check_output_path
-from flowtame.taming import make_config, preset, read_config_file, tame, taming_evaluation
 
 
 def state_path_for(output: Path) -> Path:
@@ -68,6 +66,9 @@ def tame_command(
     Example: flowtame tame base.safetensors --forget ./person --remember ./celeba -o tamed.safetensors
     --report report.json
     """
+    from flowtame.data import open_images
+    from flowtame.taming import make_config, preset, read_config_file, tame, taming_evaluation
+
     layers = []
     if preset_name:
         layers.append(preset(preset_name))
