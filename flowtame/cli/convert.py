@@ -1,0 +1,65 @@
+"""``flowtame convert``: import a checkpoint written by another project as a flowtame checkpoint."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import typer
+
+from flowtame.checkpoint import save_checkpoint
+from flowtame.cli import app
+from flowtame.convert import SOURCE_FORMATS, ConversionWarning, convert_rosinality
+from flowtame.errors import InputError
+from flowtame.fileio import check_output_path
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="The checkpoint to import (a PyTorch state dict, read "
+                                            "weights-only)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the flowtame .safetensors file."),
+    source_format: str = typer.Option("rosinality-glow", "--from",
+                                      help=f"Format of SOURCE: {', '.join(SOURCE_FORMATS)}."),
+    image_size: int = typer.Option(..., "--image-size", help="Side of the square training images (pixels)."),
+    n_bits: int = typer.Option(..., "--n-bits", help="Bits per value the model was trained on (1-8)."),
+    channels: int | None = typer.Option(None, "--channels", help="Input channels (1 or 3); checked."),
+    n_flow: int | None = typer.Option(None, "--n-flow", help="Flow steps per block; checked."),
+    n_block: int | None = typer.Option(None, "--n-block", help="Number of blocks; checked."),
+    affine: bool | None = typer.Option(None, "--affine/--additive", help="Coupling type; checked."),
+    conv_lu: bool | None = typer.Option(None, "--lu/--no-lu",
+                                        help="LU 1x1 convs in all but the last block (rosinality's conv_lu; "
+                                             "its last block is always LU); checked."),
+    hidden: int | None = typer.Option(None, "--hidden", help="Coupling hidden width; checked."),
+    notes: str | None = typer.Option(None, "--notes", help="Free text kept in the checkpoint's provenance."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+) -> None:
+    """Convert a rosinality/glow-pytorch Glow checkpoint to a flowtame checkpoint.
+
+    The structure (blocks, flows, channels, coupling, 1x1 conv type of every layer) is read from the weights.
+    Any structure flag you give must agree with it. Image size and n_bits must be given.
+
+    Example: flowtame convert glow.pt -o base.safetensors --from rosinality-glow --image-size 128 --n-bits 5
+    """
+    if source_format not in SOURCE_FORMATS:
+        raise InputError(f"--from {source_format}: unknown source format "
+                         f"(known: {', '.join(SOURCE_FORMATS)})")
+    output = check_output_path(output, force)
+    if source.exists() and output.exists() and source.resolve() == output.resolve():
+        raise InputError(f"{output}: is the input checkpoint; choose another output path")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConversionWarning)
+        checkpoint = convert_rosinality(source, image_size=image_size, n_bits=n_bits, channels=channels,
+                                        n_flow=n_flow, n_block=n_block, affine=affine, conv_lu=conv_lu,
+                                        hidden=hidden, notes=notes)
+    for warning in caught:
+        typer.echo(f"flowtame: warning: {warning.message}", err=True)
+    sha256 = save_checkpoint(output, checkpoint, force=force)
+    spec = checkpoint.spec
+    convs = "LU" if all(spec.conv_lu) else ("plain" if not any(spec.conv_lu) else
+                                            "".join("L" if v else "P" for v in spec.conv_lu))
+    coupling = "affine" if spec.affine else "additive"
+    typer.echo(f"wrote {output}: glow {spec.channels}x{spec.image_size}x{spec.image_size} "
+               f"({spec.n_block} blocks x {spec.n_flow} flows, {coupling} coupling, "
+               f"1x1 convs {convs}, hidden {spec.hidden}, {checkpoint.data_spec.n_bits} bits), "
+               f"{checkpoint.num_parameters:,} parameters, sha256 {sha256}")
