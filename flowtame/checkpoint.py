@@ -150,7 +150,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         if (data_spec.channels, data_spec.image_size) != (spec.channels, spec.image_size):
             raise CheckpointError(f"{path}: data spec ({data_spec.channels}x{data_spec.image_size}) disagrees with "
                                   f"the model ({spec.channels}x{spec.image_size})")
-    model = build_model(architecture, spec)
+    try:
+        model = build_model(architecture, spec)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: cannot build {architecture} from its hyperparameters ({exc})") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -296,3 +296,20 @@ def _subset_correction(base_nll: np.ndarray, subset: np.ndarray) -> tuple[float,
     """
     sub = base_nll[subset]
     return float(base_nll.mean() - sub.mean()), float(base_nll.std(ddof=1) / sub.std(ddof=1))
+
+
+def taming_evaluation(base: Checkpoint, outcome: TameOutcome, holdout_sets: dict[str, ImageSet],
+                      config: TameConfig, *, device: str = "auto") -> dict[str, Any]:
+    """The same evaluation block ``flowtame evaluate`` writes, reusing the NLLs ``tame`` already computed.
+
+    Only the holdout sets are scored here (both models, paired noise of ``config.eval_seed``).
+    """
+    from flowtame.evaluation import summarize_evaluation
+    from flowtame.likelihood import compute_nll
+
+    table = dict(outcome.nll)
+    for name, image_set in holdout_sets.items():
+        for model_name, model in (("base", base.model), ("tamed", outcome.checkpoint.model)):
+            table[(model_name, name)] = compute_nll(model, image_set, seed=config.eval_seed, device=device).nll
+    return summarize_evaluation(table, base.data_spec.num_dims, delta=config.delta, epsilon=config.epsilon,
+                                seed=config.eval_seed)

@@ -107,7 +107,7 @@ def tame_command(
         if partial is not None and report not in (None, "-"):
             emit_json(report, partial)
         raise
-    evaluation = taming_evaluation(base, outcome, forget_sets, remember_set, holdout_sets, cfg, device=device)
+    evaluation = taming_evaluation(base, outcome, holdout_sets, cfg, device=device)
     outcome.report["evaluation"] = evaluation
     sha = save_checkpoint(output, outcome.checkpoint, force=True)
     outcome.report["output"] = {"path": str(output), "sha256": sha}

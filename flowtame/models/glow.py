@@ -194,6 +194,12 @@ class GlowSpec:
     conv_lu: tuple[bool, ...] = field(default=())
 
     def __post_init__(self) -> None:
+        for name in ("channels", "image_size", "n_flow", "n_block", "hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if not isinstance(self.affine, bool):
+            raise ValueError(f"affine must be true or false, got {self.affine!r}")
         if self.n_flow < 1 or self.n_block < 1 or self.hidden < 1:
             raise ValueError("n_flow, n_block and hidden must be positive")
         if self.image_size % (2 ** self.n_block):
