@@ -126,9 +126,6 @@ def test_bad_checkpoint_is_one_line_exit_2(run_cli, good, kind, problem):
         assert (bad.read_bytes(), bad.stat().st_mtime_ns) == before
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError),
-                   reason="flowtame/checkpoint.py load_checkpoint calls build_model unguarded: "
-                          "non-integer hyperparameters raise a raw ValueError/TypeError")
 @pytest.mark.parametrize("hyperparameter", [{"hidden": 8.5}, {"channels": 3.0}])
 def test_non_integer_hyperparameters_are_one_line(run_cli, good, hyperparameter):
     metadata, tensors = _read(good)
