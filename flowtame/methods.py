@@ -72,7 +72,7 @@ class TamingMethod:
     def __init__(self, data: TamingData, *, delta: float, epsilon: float, alpha: float, gamma: float,
                  batch_size: int, refresh_every: int, forget_loss_kind: str, forget_unit: str,
                  kl_estimate: str, generator: torch.Generator, subset_correction: tuple[float, float] = (0.0, 1.0),
-                 confirm_gap: int = 5):
+                 confirm_gap: int = 5, config: Any = None, base_model: nn.Module | None = None):
         if kl_estimate not in ("refreshed", "batch"):
             raise ValueError(f"unknown kl_estimate {kl_estimate!r}")
         self.data = data
@@ -83,6 +83,8 @@ class TamingMethod:
         self.generator = generator
         self.confirm_gap = confirm_gap
         self.mean_offset, self.std_ratio = subset_correction
+        self.config = config
+        self.base_model = base_model
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
         self.mu_r = data.base_mean.clone()
         self.sigma_r = data.base_std.clone()
@@ -113,6 +115,18 @@ class TamingMethod:
         x, forget_idx, n_forget = self._batch()
         nll = nll_nats(model, x, self.data.data_spec)
         nll_forget, nll_remember = nll[:n_forget], nll[n_forget:]
+        loss, metrics = self.objective(model, nll_forget, nll_remember)
+        self.latest_d[forget_idx] = threshold_distance(nll_forget.detach(), self.mu_r, self.sigma_r, self.delta)
+        metrics.update(max_abs_d=self.latest_d.abs().max(), mean_d=self.latest_d.mean(),
+                       mu_r=self.mu_r, sigma_r=self.sigma_r)
+        return loss, metrics
+
+    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss from this iteration's per-image NLLs (nats); subclasses (baselines) replace it.
+
+        Must return the scalar loss and at least ``loss_forget``, ``loss_remember``, ``remember_bpd``.
+        """
         loss_forget = forget_loss(nll_forget, self.mu_r, self.sigma_r, delta=self.delta,
                                   kind=self.forget_loss_kind, unit=self.forget_unit,
                                   nats_per_bpd=self.nats_per_bpd)
@@ -125,14 +139,9 @@ class TamingMethod:
         loss_remember, nll_term, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                     tamed_mean, tamed_std, gamma=self.gamma,
                                                     nats_per_bpd=self.nats_per_bpd)
-        d = threshold_distance(nll_forget.detach(), self.mu_r, self.sigma_r, self.delta)
-        self.latest_d[forget_idx] = d
         loss = self.alpha * loss_forget + (1 - self.alpha) * loss_remember
-        return loss, {
-            "loss_forget": loss_forget, "loss_remember": loss_remember, "remember_bpd": nll_term, "kl": kl,
-            "max_abs_d": self.latest_d.abs().max(), "mean_d": self.latest_d.mean(),
-            "mu_r": self.mu_r, "sigma_r": self.sigma_r,
-        }
+        return loss, {"loss_forget": loss_forget, "loss_remember": loss_remember, "remember_bpd": nll_term,
+                      "kl": kl}
 
     @torch.no_grad()
     def refresh(self, model: nn.Module) -> None:
@@ -180,3 +189,8 @@ class TamingMethod:
         self.last_confirm = meta["last_confirm"]
         self.refreshes = meta["refreshes"]
         self.confirmations = meta["confirmations"]
+
+
+#: Method name -> class; baselines register here (``flowtame.baselines``). Every class takes the
+#: TamingMethod constructor arguments plus ``config`` (the TameConfig) and ``base_model`` (frozen, eval).
+METHODS: dict[str, type[TamingMethod]] = {"taming": TamingMethod}

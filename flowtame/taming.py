@@ -24,11 +24,10 @@ from flowtame.data import ImageSet, dequantization_noise
 from flowtame.devices import resolve_device
 from flowtame.engine import Engine, EngineConfig
 from flowtame.errors import DataError, InputError, InterruptedRun
-from flowtame.methods import TamingData, TamingMethod, batched_nll, dequantized
+from flowtame.methods import METHODS, TamingData, batched_nll, dequantized
 from flowtame.objective import FORGET_LOSSES, FORGET_UNITS, nats_per_bpd
 
 REPORT_SCHEMA_VERSION = 1
-METHODS = ("taming",)
 
 
 @dataclass
@@ -57,11 +56,17 @@ class TameConfig:
     eval_seed: int = 0
     precision: str = "fp32"
     trajectory_every: int = 10
+    # selective-amnesia baseline (seed 001, adapted to flows; see docs/method.md)
+    sa_lambda: float = 100.0
+    sa_replay_weight: float = 1.0
+    sa_fisher_samples: int = 256
+    sa_surrogate: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.epsilon is None:
             self.epsilon = 0.15 * self.delta
         problems = []
+        _load_baselines()
         if self.method not in METHODS:
             problems.append(f"method must be one of {', '.join(METHODS)}")
         if self.forget_loss not in FORGET_LOSSES:
@@ -80,6 +85,15 @@ class TameConfig:
             problems.append("refresh_size must be at least 2")
         if problems:
             raise InputError("bad taming configuration: " + "; ".join(problems))
+
+
+def _load_baselines() -> None:
+    """The baseline methods register themselves in ``flowtame.methods.METHODS`` when imported."""
+    try:
+        import flowtame.baselines  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "flowtame.baselines":
+            raise
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -207,11 +221,12 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         base_mean=torch.tensor(base_mean, device=dev),
         base_std=torch.tensor(base_std, device=dev),
     )
-    method = TamingMethod(
+    method = METHODS[config.method](
         data, delta=config.delta, epsilon=config.epsilon, alpha=config.alpha, gamma=config.gamma,
         batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
         forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=generator,
-        subset_correction=_subset_correction(base_remember_nll, refresh_idx.numpy()))
+        subset_correction=_subset_correction(base_remember_nll, refresh_idx.numpy()),
+        config=config, base_model=base_model)
     engine = Engine(model, method, EngineConfig(
         lr=config.lr, warmup=config.warmup, max_iters=config.max_iters, grad_clip=config.grad_clip,
         precision=config.precision, trajectory_every=config.trajectory_every),

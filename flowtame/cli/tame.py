@@ -35,7 +35,7 @@ def tame_command(
     config: Path = typer.Option(None, "--config", help="YAML file with any of the keys below; flags win."),
     preset_name: str = typer.Option(None, "--preset", help="Start from a shipped preset: 'paper' = the "
                                     "authors' exact loss and hyperparameters."),
-    method: str = typer.Option(None, help="taming (default)."),
+    method: str = typer.Option(None, help="taming (default) | neggrad | selective-amnesia (baselines)."),
     delta: float = typer.Option(None, help="Threshold in remember std units: mu_R + delta*sigma_R [4]."),
     epsilon: float = typer.Option(None, help="Stop when |d| < epsilon for every forget image [0.15*delta]."),
     alpha: float = typer.Option(None, help="Weight of the forget loss, L = a*L_F + (1-a)*L_R."),
@@ -53,6 +53,10 @@ def tame_command(
     seed: int = typer.Option(None, help="Seed: CPU runs are bit-for-bit repeatable [0]."),
     eval_seed: int = typer.Option(None, help="Seed of the fixed evaluation / stopping-check noise [0]."),
     precision: str = typer.Option(None, help="fp32 | bf16 | fp16 (autocast, CUDA only)."),
+    sa_lambda: float = typer.Option(None, help="selective-amnesia: EWC penalty weight lambda."),
+    sa_replay_weight: float = typer.Option(None, help="selective-amnesia: weight of generative replay."),
+    sa_fisher_samples: int = typer.Option(None, help="selective-amnesia: base-model samples for the Fisher."),
+    sa_surrogate: str = typer.Option(None, help="selective-amnesia: 'uniform' noise images or a folder."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved state."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
@@ -78,7 +82,8 @@ def tame_command(
                  batch_size=batch_size, max_iters=max_iters, refresh_every=refresh_every,
                  refresh_size=refresh_size, warmup=warmup, grad_clip=grad_clip, forget_loss=forget_loss,
                  forget_unit=forget_unit, kl_estimate=kl_estimate, seed=seed, eval_seed=eval_seed,
-                 precision=precision)
+                 precision=precision, sa_lambda=sa_lambda, sa_replay_weight=sa_replay_weight,
+                 sa_fisher_samples=sa_fisher_samples, sa_surrogate=sa_surrogate)
     cfg = make_config(*layers, flags)
     check_output_path(output, force or resume)
     if report not in (None, "-"):
