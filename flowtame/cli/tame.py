@@ -171,9 +171,6 @@ def _print_summary(report: dict, output: Path, sha: str, quiet: bool) -> None:
         console.print(f"  forget {req['name']}: n={req['n']}  d in [{req['d_min']:+.2f}, {req['d_max']:+.2f}] σ_R  "
                       f"forgotten {req['forgotten_fraction']:.0%}", highlight=False)
     for name, block in report.get("evaluation", {}).get("sets", {}).items():
-        qd = block.get("qd", {})
-        if isinstance(qd, dict):
-            qd = qd.get("qd")
-        console.print(f"  {name}: QD {qd:+.4f}  mean BPD {block.get('base_mean_bpd', float('nan')):.4f} -> "
-                      f"{block.get('tamed_mean_bpd', float('nan')):.4f}", highlight=False)
+        console.print(f"  {name}: QD {block['qd']:+.4f}  mean BPD {block['base_mean_bpd']:.4f} -> "
+                      f"{block['tamed_mean_bpd']:.4f}", highlight=False)
     console.print(f"wrote {output} (sha256 {sha[:16]}…)", highlight=False)
