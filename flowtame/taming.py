@@ -237,7 +237,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "flowtame_version": __version__,
-        "command": "tame",
+        "kind": "tame",
         "method": config.method,
         "config": asdict(config),
         "device": str(dev),
