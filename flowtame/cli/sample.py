@@ -9,8 +9,8 @@ import typer
 from flowtame.checkpoint import load_checkpoint
 from flowtame.cli import app
 from flowtame.cli._common import console
+from flowtame.devices import resolve_device
 from flowtame.embedded import resolve_model_path
-from flowtame.errors import InputError
 from flowtame.fileio import check_output_path
 from flowtame.sampling import default_scale, make_grid, sample_images, save_individual, save_png
 
@@ -27,7 +27,7 @@ def sample(
     scale: int = typer.Option(None, "--scale", help="Integer upscaling (nearest neighbour); default makes "
                                                    "tiles at least 64 pixels wide."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (noise is drawn on the CPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (noise is drawn on the CPU)."),
 ) -> None:
     """Sample a grid in which every model decodes the very same latents (drawn once from --seed).
 
@@ -36,10 +36,8 @@ def sample(
     Example: flowtame sample base.safetensors tamed.safetensors -n 16 --temperature 0.7 --seed 0 -o grid.png
     """
     check_output_path(output, force)
-    try:
-        checkpoints = [load_checkpoint(resolve_model_path(m), device=device) for m in models]
-    except (RuntimeError, ValueError) as exc:  # unknown or unavailable torch device
-        raise InputError(f"--device {device}: {exc}") from None
+    target = resolve_device(device)
+    checkpoints = [load_checkpoint(resolve_model_path(m), device=target) for m in models]
     images = sample_images(checkpoints, n, temperature, seed)
     grid_scale = default_scale(max(images.shape[-2:])) if scale is None else scale
     save_png(output, make_grid(images, scale=grid_scale), force=force)

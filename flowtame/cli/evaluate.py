@@ -1,0 +1,191 @@
+"""``flowtame evaluate``: what taming changed, set by set, and whether it passes the checks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import MofNCompleteColumn, Progress, TaskID
+from rich.table import Table
+
+from flowtame.checkpoint import load_checkpoint
+from flowtame.cli import app
+from flowtame.cli._common import console, emit_json, is_interactive
+from flowtame.embedded import resolve_model_path
+from flowtame.errors import CheckFailedError
+from flowtame.fileio import check_output_path
+
+
+@contextlib.contextmanager
+def _progress(live: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A Rich progress bar per model/set pass while ``live``; None (no callback) otherwise."""
+    if not live:
+        yield None
+        return
+    tasks: dict[str, TaskID] = {}
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console,
+                  transient=True) as bar:
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(f"NLL {label}", total=total)
+            bar.update(tasks[label], completed=done)
+
+        yield update
+
+
+def _format_check(check: dict) -> str:
+    value = "n/a" if check["value"] is None else f"{check['value']:.4g}"
+    return f"{check['name']} ({value}, needs {check['comparison']} {check['bound']:g})"
+
+
+def _set_table(name: str, s: dict, epsilon: float) -> Table:
+    """One set's figures: a row per figure, base | tamed | change."""
+    table = Table(title=escape(f"{name} ({s['role']}, n={s['n']})"), title_justify="left")
+    for column in ("figure", "base", "tamed", "change"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    change = "n/a" if s["bpd_change_relative"] is None else f"{s['bpd_change_relative']:+.2%}"
+    table.add_row("mean NLL (nats)", f"{s['base_mean_nll']:.3f}", f"{s['tamed_mean_nll']:.3f}",
+                  f"{s['tamed_mean_nll'] - s['base_mean_nll']:+.3f}")
+    table.add_row("mean BPD", f"{s['base_mean_bpd']:.4f}", f"{s['tamed_mean_bpd']:.4f}", change)
+    table.add_row("q (change: QD)", f"{s['q_base']:.4f}", f"{s['q_tamed']:.4f}", f"{s['qd']:+.4f}")
+    table.add_row("QD 95% interval", "", "", escape(f"[{s['qd_ci_low']:+.4f}, {s['qd_ci_high']:+.4f}]"))
+    table.add_row(f"forgotten, d > -{epsilon:.3g}", f"{s['forgotten_fraction_base']:.1%}",
+                  f"{s['forgotten_fraction']:.1%}", "")
+    d_base, d_tamed = s["d"]["base"], s["d"]["tamed"]
+    table.add_row("d min..max (σ_R)", f"{d_base['min']:+.2f}..{d_base['max']:+.2f}",
+                  f"{d_tamed['min']:+.2f}..{d_tamed['max']:+.2f}", "")
+    ks = s["ks_base_vs_tamed"]
+    table.add_row("KS base vs tamed", "", "", f"D {ks['statistic']:.3f} p {ks['pvalue']:.2g}")
+    return table
+
+
+def _threshold_table(block: dict) -> Table:
+    """The remember-set fits, thresholds and normality tests of both models."""
+    threshold = block["threshold"]
+    table = Table(title=f"remember fits, threshold μ_R + {threshold['delta']:g}σ_R", title_justify="left")
+    for column in ("figure", "base", "tamed"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    base, tamed = threshold["base"], threshold["tamed"]
+    for label, key, digits in (("μ_R (nats)", "mu_nats", 3), ("σ_R (nats)", "sigma_nats", 3),
+                               ("μ_R (BPD)", "mu_bpd", 4), ("σ_R (BPD)", "sigma_bpd", 4),
+                               ("threshold (nats)", "threshold_nats", 3), ("threshold (BPD)", "threshold_bpd", 4)):
+        table.add_row(label, f"{base[key]:.{digits}f}", f"{tamed[key]:.{digits}f}")
+    normality = block["normality"]
+    table.add_row("KS normality p", *(f"{normality[m]['ks']['pvalue']:.3g}" for m in ("base", "tamed")))
+    table.add_row("D'Agostino p", *("n/a" if normality[m]["dagostino"] is None
+                                    else f"{normality[m]['dagostino']['pvalue']:.3g}" for m in ("base", "tamed")))
+    return table
+
+
+def _checks_table(block: dict) -> Table:
+    table = Table(title="checks")
+    for column in ("check", "value", "bound", "result"):
+        table.add_column(column, justify="left" if column == "check" else "right")
+    for check in block["checks"]:
+        value = "n/a" if check["value"] is None else f"{check['value']:.4g}"
+        result = "[green]pass[/green]" if check["passed"] else "[bold red]FAIL[/bold red]"
+        table.add_row(escape(check["name"]), value, f"{check['comparison']} {check['bound']:g}", result)
+    return table
+
+
+@app.command()
+def evaluate(
+    base_model: str = typer.Argument(..., metavar="BASE", help="The base checkpoint."),
+    tamed_model: str = typer.Argument(..., metavar="TAMED", help="The tamed checkpoint."),
+    forget: str = typer.Option(..., "--forget", help="The forget set D_F (folder, image, list file or "
+                                                     "embedded:digits...)."),
+    remember: str = typer.Option(..., "--remember", help="The remember set D_R; fixes μ_R, σ_R per model."),
+    forget_unseen: str = typer.Option(None, "--forget-unseen", help="Unseen images of what was forgotten "
+                                                                    "(D'_F)."),
+    holdout: list[str] = typer.Option(None, "--holdout", help="A held-out set (repeatable)."),
+    neighbours: int = typer.Option(0, "--neighbours", help="Also evaluate the K remember images nearest to "
+                                                          "the forget set in the base model's latent space."),
+    delta: float = typer.Option(4.0, "--delta", help="Forget threshold μ_R + δσ_R, in σ_R units."),
+    epsilon: float = typer.Option(None, "--epsilon", help="Margin: forgotten when d > -ε (σ_R units) "
+                                                         "[0.15·δ]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the dequantization noise (same for both models) and "
+                                               "of the bootstrap."),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the QD interval."),
+    json_path: str = typer.Option(None, "--json", help="Write the report as JSON ('-' = stdout only)."),
+    plot: Path = typer.Option(None, "--plot", help="Write NLL histograms before/after as a PNG."),
+    check: bool = typer.Option(False, "--check", help="Exit with code 1 when a check fails."),
+    min_forgotten_fraction: float = typer.Option(1.0, help="Check: forget images forgotten, at least."),
+    max_remember_qd: float = typer.Option(0.01, help="Check: QD(remember), at most."),
+    max_holdout_qd: float = typer.Option(0.02, help="Check: QD of each holdout set, at most."),
+    max_neighbours_qd: float = typer.Option(0.02, help="Check: QD(neighbours), at most."),
+    max_remember_bpd_increase: float = typer.Option(0.01, help="Check: relative increase of the remember "
+                                                               "set's mean BPD, at most (0.01 = 1%)."),
+    min_normality_p: float = typer.Option(0.001, help="Check: KS normality p of the remember NLL under the "
+                                                      "tamed model, above."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per likelihood batch."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16/fp16 autocast on CUDA."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first unreadable image instead of "
+                                                        "skipping it."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--plot files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no tables."),
+) -> None:
+    """Compare TAMED with BASE on the forget, remember and held-out sets (nats, BPD, q, QD, KS).
+
+    Both models see the same dequantization noise. QD compares each model with its own μ_R, σ_R, so the
+    absolute mean NLL/BPD of each set is reported too. With --check, exits 1 naming each failed check.
+
+    Example: flowtame evaluate base.safetensors tamed.safetensors --forget ./person --remember ./celeba
+    --holdout ./test --neighbours 16 --json report.json --plot nll.png --check
+    """
+    from flowtame.data import open_images
+    from flowtame.evaluation import Tolerances, build_report, collect_nll, evaluate_models
+
+    if json_path not in (None, "-"):
+        check_output_path(json_path, force)
+    if plot is not None:
+        check_output_path(plot, force)
+    base = load_checkpoint(resolve_model_path(base_model))
+    tamed = load_checkpoint(resolve_model_path(tamed_model))
+    data_spec = base.data_spec
+    sources = {"forget": forget, "remember": remember}
+    if forget_unseen:
+        sources["forget_unseen"] = forget_unseen
+    for source in holdout or []:
+        sources.setdefault(f"holdout:{source}", source)
+    sets = {name: open_images(source, data_spec, strict=strict) for name, source in sources.items()}
+    tolerances = Tolerances(min_forgotten_fraction=min_forgotten_fraction, max_remember_qd=max_remember_qd,
+                            max_holdout_qd=max_holdout_qd, max_neighbours_qd=max_neighbours_qd,
+                            max_remember_bpd_increase=max_remember_bpd_increase,
+                            min_normality_p=min_normality_p)
+    show = json_path != "-" and not quiet
+    # The NLL are collected first so the plot can use them; evaluate_models then reuses them.
+    with _progress(is_interactive(not show)) as progress:
+        nll = collect_nll(base, tamed, sets, seed=seed, batch_size=batch_size, device=device,
+                          precision=precision, progress=progress)
+    block = evaluate_models(base, tamed, sets, delta=delta, epsilon=epsilon, seed=seed, neighbours=neighbours,
+                            batch_size=batch_size, device=device, precision=precision, n_boot=n_boot,
+                            tolerances=tolerances, precomputed=nll)
+    report = build_report(base, tamed, block)
+    emit_json(json_path, report)
+    if plot is not None:
+        from flowtame.plots import plot_nll_histograms
+        from flowtame.statistics import NormalFit
+
+        threshold = block["threshold"]
+        panels = {f"{model} ({when})": {name: nll[(model, name)] for name in ("remember", "forget")}
+                  for model, when in (("base", "before"), ("tamed", "after"))}
+        fits = {f"{model} ({when})": NormalFit(threshold[model]["mu_nats"], threshold[model]["sigma_nats"])
+                for model, when in (("base", "before"), ("tamed", "after"))}
+        plot_nll_histograms(plot, panels, fits=fits, delta=threshold["delta"], epsilon=threshold["epsilon"],
+                            num_dims=block["num_dims"], force=force)
+    if show:
+        for name, set_block in block["sets"].items():
+            console.print(_set_table(name, set_block, block["threshold"]["epsilon"]))
+        console.print(_threshold_table(block))
+        for warning in block["warnings"]:
+            console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+        console.print(_checks_table(block))
+        console.print("[bold green]all checks passed[/bold green]" if block["passed"]
+                      else "[bold red]some checks failed[/bold red]")
+    if check and not block["passed"]:
+        failed = [_format_check(c) for c in block["checks"] if not c["passed"]]
+        raise CheckFailedError(f"{len(failed)} check(s) failed: {'; '.join(failed)}")
