@@ -62,6 +62,10 @@ class TamingMethod:
     dequantization noise. The KL term compares N_B (fixed) with N_T, whose value is the latest refreshed
     estimate of the tamed model's remember normal and whose gradient comes from the remember batch
     (``kl_estimate="refreshed"``), or is the remember batch's own fit (``"batch"``, the paper's estimator).
+    With ``threshold_gradient`` the forget loss also differentiates through the threshold mu_R + delta*sigma_R
+    (value from the refresh, gradient from the remember batch), as the paper's d(x) depends on the tamed
+    model's mu_R, sigma_R: a step that raises every NLL alike then earns nothing, so the forget push is
+    selective; the released code treated mu_R, sigma_R as constants (``--no-threshold-gradient``).
     mu_R, sigma_R are refreshed every ``refresh_every`` iterations on the fixed refresh subset. The stopping
     test screens the d values the training forward already computed and, only when they all pass,
     confirms with a no-grad pass over D_F on fixed check noise and freshly refreshed statistics.
@@ -72,7 +76,8 @@ class TamingMethod:
     def __init__(self, data: TamingData, *, delta: float, epsilon: float, alpha: float, gamma: float,
                  batch_size: int, refresh_every: int, forget_loss_kind: str, forget_unit: str,
                  kl_estimate: str, generator: torch.Generator, subset_correction: tuple[float, float] = (0.0, 1.0),
-                 confirm_gap: int = 5, config: Any = None, base_model: nn.Module | None = None):
+                 threshold_gradient: bool = True, confirm_gap: int = 5, config: Any = None,
+                 base_model: nn.Module | None = None):
         if kl_estimate not in ("refreshed", "batch"):
             raise ValueError(f"unknown kl_estimate {kl_estimate!r}")
         self.data = data
@@ -82,6 +87,7 @@ class TamingMethod:
         self.forget_loss_kind, self.forget_unit, self.kl_estimate = forget_loss_kind, forget_unit, kl_estimate
         self.generator = generator
         self.confirm_gap = confirm_gap
+        self.threshold_gradient = threshold_gradient
         self.mean_offset, self.std_ratio = subset_correction
         self.config = config
         self.base_model = base_model
@@ -127,15 +133,18 @@ class TamingMethod:
 
         Must return the scalar loss and at least ``loss_forget``, ``loss_remember``, ``remember_bpd``.
         """
-        loss_forget = forget_loss(nll_forget, self.mu_r, self.sigma_r, delta=self.delta,
-                                  kind=self.forget_loss_kind, unit=self.forget_unit,
-                                  nats_per_bpd=self.nats_per_bpd)
         batch_mean, batch_std = nll_remember.mean(), nll_remember.std()
         if self.kl_estimate == "refreshed":
             tamed_mean = self.mu_r + (batch_mean - batch_mean.detach())
             tamed_std = self.sigma_r + (batch_std - batch_std.detach())
         else:
             tamed_mean, tamed_std = batch_mean, batch_std
+        if self.threshold_gradient:
+            mu, sigma = self.mu_r + (batch_mean - batch_mean.detach()), self.sigma_r + (batch_std - batch_std.detach())
+        else:
+            mu, sigma = self.mu_r, self.sigma_r
+        loss_forget = forget_loss(nll_forget, mu, sigma, delta=self.delta, kind=self.forget_loss_kind,
+                                  unit=self.forget_unit, nats_per_bpd=self.nats_per_bpd)
         loss_remember, nll_term, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                     tamed_mean, tamed_std, gamma=self.gamma,
                                                     nats_per_bpd=self.nats_per_bpd)

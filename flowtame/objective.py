@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-FORGET_LOSSES = ("sigmoid", "squared")
+FORGET_LOSSES = ("sigmoid", "squared", "absolute")
 FORGET_UNITS = ("bpd", "nats", "sigma")
 
 
@@ -37,10 +37,12 @@ def forget_loss(nll: Tensor, mu: Tensor, sigma: Tensor, *, delta: float, kind: s
                 nats_per_bpd: float) -> Tensor:
     """Forget loss over a batch of forget images (Eq. 9); ``nll``, ``mu``, ``sigma`` in nats.
 
-    - ``sigmoid``: the paper's ``mean sigmoid(Δ²)``, Δ = NLL - (mu + delta*sigma) expressed in ``unit``.
-    - ``squared``: ``mean (Δ/δ)²`` with Δ in ``unit`` (δ-normalized so a forget image starting delta*sigma
-      short in sigma units has loss about 1); it pulls every image to the threshold and never saturates.
-    Both are minimal at the threshold, matching the stopping rule |d| < epsilon.
+    - ``sigmoid``: the paper's ``mean sigmoid(Δ²)``, Δ = NLL - (mu + delta*sigma) expressed in ``unit``;
+      its pull fades as Δ -> 0 and vanishes when Δ² is large (saturation).
+    - ``squared``: ``mean Δ²``: a pull proportional to the gap, never saturating.
+    - ``absolute``: ``mean |Δ|``: a constant pull towards the threshold from either side, so an image
+      does not stall short of it when the remember term pushes back.
+    All are minimal at the threshold, matching the stopping rule |d| < epsilon.
     """
     if kind not in FORGET_LOSSES or unit not in FORGET_UNITS:
         raise ValueError(f"unknown forget loss {kind!r} / unit {unit!r}")
@@ -53,7 +55,9 @@ def forget_loss(nll: Tensor, mu: Tensor, sigma: Tensor, *, delta: float, kind: s
         gap = gap_nats
     if kind == "sigmoid":
         return torch.sigmoid(gap.square()).mean()
-    return (gap / delta).square().mean()
+    if kind == "squared":
+        return gap.square().mean()
+    return gap.abs().mean()
 
 
 def remember_loss(nll_remember: Tensor, base_mean: Tensor, base_std: Tensor, tamed_mean: Tensor,

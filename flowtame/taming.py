@@ -52,6 +52,7 @@ class TameConfig:
     forget_loss: str = "squared"
     forget_unit: str = "sigma"
     kl_estimate: str = "refreshed"
+    threshold_gradient: bool = True
     seed: int = 0
     eval_seed: int = 0
     precision: str = "fp32"
@@ -225,6 +226,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         data, delta=config.delta, epsilon=config.epsilon, alpha=config.alpha, gamma=config.gamma,
         batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
         forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=generator,
+        threshold_gradient=config.threshold_gradient,
         subset_correction=_subset_correction(base_remember_nll, refresh_idx.numpy()),
         config=config, base_model=base_model)
     engine = Engine(model, method, EngineConfig(

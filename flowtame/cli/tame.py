@@ -47,9 +47,11 @@ def tame_command(
     refresh_size: int = typer.Option(None, help="Remember images used for each re-estimate."),
     warmup: int = typer.Option(None, help="Linear learning-rate warm-up iterations."),
     grad_clip: float = typer.Option(None, help="Clip the gradient norm to this value."),
-    forget_loss: str = typer.Option(None, help="squared | sigmoid (the paper's)."),
+    forget_loss: str = typer.Option(None, help="absolute | squared | sigmoid (the paper's)."),
     forget_unit: str = typer.Option(None, help="Unit of the forget gap: sigma | bpd (the paper's) | nats."),
     kl_estimate: str = typer.Option(None, help="N_T estimate: refreshed | batch (the paper's)."),
+    threshold_gradient: bool = typer.Option(None, "--threshold-gradient/--no-threshold-gradient",
+                                            help="Differentiate the forget loss through mu_R + delta*sigma_R."),
     seed: int = typer.Option(None, help="Seed: CPU runs are bit-for-bit repeatable [0]."),
     eval_seed: int = typer.Option(None, help="Seed of the fixed evaluation / stopping-check noise [0]."),
     precision: str = typer.Option(None, help="fp32 | bf16 | fp16 (autocast, CUDA only)."),
@@ -81,7 +83,8 @@ def tame_command(
     flags = dict(method=method, delta=delta, epsilon=epsilon, alpha=alpha, gamma=gamma, lr=lr,
                  batch_size=batch_size, max_iters=max_iters, refresh_every=refresh_every,
                  refresh_size=refresh_size, warmup=warmup, grad_clip=grad_clip, forget_loss=forget_loss,
-                 forget_unit=forget_unit, kl_estimate=kl_estimate, seed=seed, eval_seed=eval_seed,
+                 forget_unit=forget_unit, kl_estimate=kl_estimate, threshold_gradient=threshold_gradient,
+                 seed=seed, eval_seed=eval_seed,
                  precision=precision, sa_lambda=sa_lambda, sa_replay_weight=sa_replay_weight,
                  sa_fisher_samples=sa_fisher_samples, sa_surrogate=sa_surrogate)
     cfg = make_config(*layers, flags)
