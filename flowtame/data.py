@@ -197,7 +197,9 @@ class ImageBatch:
     """A batch of good images from :meth:`ImageSet.iter_batches`.
 
     ``pixels`` uint8 [B, C, S, S]; ``keys`` and ``paths`` [B]; ``noise`` float32 [B, C, S, S] in [0, 1) when a
-    noise seed was given, else None; ``files_done`` counts the files read so far, bad ones included.
+    noise seed was given, else None; ``files_done`` counts the files read so far, bad ones included;
+    ``indices`` are the images' positions among the source's files and ``failures`` the (position, reason)
+    of this batch's bad files, which the set has already recorded (or raised for).
     """
 
     pixels: torch.Tensor
