@@ -90,14 +90,22 @@ class _CsvSink:
 
 
 @contextlib.contextmanager
-def _csv_stream(target: str | Path | TextIO | None) -> Iterator[TextIO | None]:
-    """A path -> a new file, written atomically, with a header row; a stream -> itself (rows only)."""
-    if target is None or not isinstance(target, (str, Path)):
-        yield target
-        return
-    with atomic_path(target) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+def per_image_csv_file(path: str | Path) -> Iterator[TextIO]:
+    """A new per-image CSV at ``path`` with its header row written; renamed into place when the block succeeds
+    (atomic: a failure leaves no file). Pass the stream to :func:`compute_nll` for each set it should hold."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
         csv.writer(stream).writerow(PER_IMAGE_CSV_COLUMNS)
         yield stream
+
+
+@contextlib.contextmanager
+def _csv_stream(target: str | Path | TextIO | None) -> Iterator[TextIO | None]:
+    """A path -> :func:`per_image_csv_file`; a stream (rows only) or None -> itself."""
+    if isinstance(target, (str, Path)):
+        with per_image_csv_file(target) as stream:
+            yield stream
+    else:
+        yield target
 
 
 def compute_nll(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, is_interactive
 from flowtame.embedded import resolve_model_path
 from flowtame.errors import InputError
-from flowtame.fileio import atomic_path, check_output_path
+from flowtame.fileio import check_output_path
 
 SCHEMA_VERSION = 1
 
@@ -56,19 +55,6 @@ def _progress(live: bool, label: str) -> Iterator[Callable[[int, int], None] | N
             bar.update(task, completed=done, total=total)
 
         yield update
-
-
-@contextlib.contextmanager
-def _csv_output(path: Path | None) -> Iterator:
-    """An open text stream with the per-image CSV header, renamed into place on success; None without path."""
-    if path is None:
-        yield None
-        return
-    from flowtame.likelihood import PER_IMAGE_CSV_COLUMNS
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
-        csv.writer(stream).writerow(PER_IMAGE_CSV_COLUMNS)
-        yield stream
 
 
 def _stats_table(report: dict) -> Table:
@@ -133,7 +119,7 @@ def stats(
     Example: flowtame stats base.safetensors ./celeba faces.txt --json stats.json --plot nll.png
     """
     from flowtame.data import open_images
-    from flowtame.likelihood import compute_nll
+    from flowtame.likelihood import compute_nll, per_image_csv_file
     from flowtame.statistics import fit_normal, summarize_nll
 
     for output in (json_path if json_path != "-" else None, per_image, plot):
@@ -157,7 +143,8 @@ def stats(
         "sources": [],
     }
     results = []
-    with _warnings_to_stderr(), _csv_output(per_image) as csv_stream:
+    csv_file = per_image_csv_file(per_image) if per_image is not None else contextlib.nullcontext()
+    with _warnings_to_stderr(), csv_file as csv_stream:
         for image_set in image_sets:
             with _progress(is_interactive(not show), image_set.name) as progress:
                 result = compute_nll(ckpt.model, image_set, seed=seed, batch_size=batch_size, device=device,
