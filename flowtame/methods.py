@@ -62,10 +62,11 @@ class TamingMethod:
     dequantization noise. The KL term compares N_B (fixed) with N_T, whose value is the latest refreshed
     estimate of the tamed model's remember normal and whose gradient comes from the remember batch
     (``kl_estimate="refreshed"``), or is the remember batch's own fit (``"batch"``, the paper's estimator).
-    With ``threshold_gradient`` the forget loss also differentiates through the threshold mu_R + delta*sigma_R
-    (value from the refresh, gradient from the remember batch), as the paper's d(x) depends on the tamed
-    model's mu_R, sigma_R: a step that raises every NLL alike then earns nothing, so the forget push is
-    selective; the released code treated mu_R, sigma_R as constants (``--no-threshold-gradient``).
+    With ``threshold_gradient`` the forget loss also differentiates through mu_R in the threshold
+    mu_R + delta*sigma_R (value from the refresh, gradient from the remember batch), as the paper's d(x)
+    depends on the tamed model's mu_R: a step that raises every NLL alike then earns nothing, so the forget
+    push is selective. sigma_R stays a constant there (its gradient, delta times larger, would reward
+    spreading the remember NLLs); the released code treated both as constants (``--no-threshold-gradient``).
     mu_R, sigma_R are refreshed every ``refresh_every`` iterations on the fixed refresh subset. The stopping
     test screens the d values the training forward already computed and, only when they all pass,
     confirms with a no-grad pass over D_F on fixed check noise and freshly refreshed statistics.
@@ -140,7 +141,7 @@ class TamingMethod:
         else:
             tamed_mean, tamed_std = batch_mean, batch_std
         if self.threshold_gradient:
-            mu, sigma = self.mu_r + (batch_mean - batch_mean.detach()), self.sigma_r + (batch_std - batch_std.detach())
+            mu, sigma = self.mu_r + (batch_mean - batch_mean.detach()), self.sigma_r
         else:
             mu, sigma = self.mu_r, self.sigma_r
         loss_forget = forget_loss(nll_forget, mu, sigma, delta=self.delta, kind=self.forget_loss_kind,

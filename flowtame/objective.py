@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-FORGET_LOSSES = ("sigmoid", "squared", "absolute")
+FORGET_LOSSES = ("sigmoid", "squared", "huber")
 FORGET_UNITS = ("bpd", "nats", "sigma")
 
 
@@ -34,30 +34,27 @@ def threshold_distance(nll: Tensor, mu: Tensor, sigma: Tensor, delta: float) -> 
 
 
 def forget_loss(nll: Tensor, mu: Tensor, sigma: Tensor, *, delta: float, kind: str, unit: str,
-                nats_per_bpd: float) -> Tensor:
+                nats_per_bpd: float, huber_width: float = 0.3) -> Tensor:
     """Forget loss over a batch of forget images (Eq. 9); ``nll``, ``mu``, ``sigma`` in nats.
 
     - ``sigmoid``: the paper's ``mean sigmoid(Δ²)``, Δ = NLL - (mu + delta*sigma) expressed in ``unit``;
       its pull fades as Δ -> 0 and vanishes when Δ² is large (saturation).
     - ``squared``: ``mean Δ²``: a pull proportional to the gap, never saturating.
-    - ``absolute``: ``mean |Δ|``: a constant pull towards the threshold from either side, so an image
-      does not stall short of it when the remember term pushes back.
+    - ``huber``: ``mean huber(Δ)`` with its quadratic zone |Δ| < ``huber_width`` (in remember standard
+      deviations, converted to ``unit``): a constant pull far from the threshold, so an image does not stall
+      short of it when the remember term pushes back, that fades smoothly inside the stopping band.
     All are minimal at the threshold, matching the stopping rule |d| < epsilon.
     """
     if kind not in FORGET_LOSSES or unit not in FORGET_UNITS:
         raise ValueError(f"unknown forget loss {kind!r} / unit {unit!r}")
-    gap_nats = nll - (mu + delta * sigma)
-    if unit == "bpd":
-        gap = gap_nats / nats_per_bpd
-    elif unit == "sigma":
-        gap = gap_nats / sigma
-    else:
-        gap = gap_nats
+    scale = {"bpd": nats_per_bpd, "sigma": sigma, "nats": 1.0}[unit]
+    gap = (nll - (mu + delta * sigma)) / scale
     if kind == "sigmoid":
         return torch.sigmoid(gap.square()).mean()
     if kind == "squared":
         return gap.square().mean()
-    return gap.abs().mean()
+    width = huber_width * sigma.detach() / scale
+    return torch.where(gap.abs() < width, gap.square() / (2 * width), gap.abs() - width / 2).mean()
 
 
 def remember_loss(nll_remember: Tensor, base_mean: Tensor, base_std: Tensor, tamed_mean: Tensor,

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -42,15 +44,15 @@ class TameConfig:
     epsilon: float | None = None
     alpha: float = 0.6
     gamma: float = 0.6
-    lr: float = 5e-5
+    lr: float = 2e-4
     batch_size: int = 8
     max_iters: int = 800
     refresh_every: int = 10
     refresh_size: int = 512
     warmup: int = 20
     grad_clip: float | None = None
-    forget_loss: str = "squared"
-    forget_unit: str = "sigma"
+    forget_loss: str = "huber"
+    forget_unit: str = "bpd"
     kl_estimate: str = "refreshed"
     threshold_gradient: bool = True
     seed: int = 0
@@ -285,7 +287,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
                                    "mean_bpd": mu_t / per_bpd, "std_bpd": sigma_t / per_bpd}},
         requests=requests, trajectory=result.trajectory)
     provenance = make_provenance(
-        parent_sha256=base.sha256, method=config.method, hyperparameters=asdict(config),
+        command=redacted_command(sys.argv), parent_sha256=base.sha256, method=config.method,
+        hyperparameters=asdict(config),
         forget_digests=[sorted(k for k, r in zip(forget_keys, forget_request.tolist(), strict=True) if r == i)
                         for i in range(len(forget_sets))],
         digest_kind="sha256 of the preprocessed uint8 pixels",
@@ -295,6 +298,24 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     nll = {("base", "remember"): base_remember_nll, ("tamed", "remember"): tamed_remember_nll,
            ("base", "forget"): base_forget_nll, ("tamed", "forget"): tamed_forget_nll}
     return TameOutcome(checkpoint=tamed, report=report, nll=nll)
+
+
+def redacted_command(argv: Sequence[str]) -> str:
+    """The command line with every --forget source replaced: provenance keeps digests, never paths."""
+    words = ["flowtame"]
+    hide_next = False
+    for word in argv[1:]:
+        if hide_next:
+            words.append("<forget source>")
+            hide_next = False
+        elif word in ("--forget", "-f"):
+            words.append(word)
+            hide_next = True
+        elif word.startswith("--forget="):
+            words.append("--forget=<forget source>")
+        else:
+            words.append(word)
+    return shlex.join(words)
 
 
 def _copy_model(base: Checkpoint, device: torch.device) -> torch.nn.Module:

@@ -73,12 +73,14 @@ def test_forget_loss_squared_in_sigma_units_by_hand():
     got = forget_loss(nll, t(250.0), t(15.0), delta=4.0, kind="squared", unit="sigma", nats_per_bpd=1.0)
     d = [-4.0, 0.0, 10 / 15]
     assert got.item() == pytest.approx(sum(x ** 2 for x in d) / 3, rel=1e-12)
-    got = forget_loss(nll, t(250.0), t(15.0), delta=4.0, kind="absolute", unit="sigma", nats_per_bpd=1.0)
-    assert got.item() == pytest.approx(sum(abs(x) for x in d) / 3, rel=1e-12)
+    got = forget_loss(nll, t(250.0), t(15.0), delta=4.0, kind="huber", unit="sigma", nats_per_bpd=1.0,
+                      huber_width=1.0)
+    # |d| >= 1: |d| - 1/2; |d| < 1: d^2 / 2
+    assert got.item() == pytest.approx((3.5 + 0.0 + (10 / 15) ** 2 / 2) / 3, rel=1e-12)
 
 
 def test_forget_losses_are_minimal_at_the_threshold_and_push_towards_it():
-    for kind, unit in (("squared", "sigma"), ("sigmoid", "bpd"), ("absolute", "bpd")):
+    for kind, unit in (("squared", "sigma"), ("sigmoid", "bpd"), ("huber", "bpd")):
         nll = t([200.0, 330.0]).requires_grad_(True)
         loss = forget_loss(nll, t(250.0), t(15.0), delta=4.0, kind=kind, unit=unit, nats_per_bpd=177.4)
         loss.backward()

@@ -47,7 +47,7 @@ def tame_command(
     refresh_size: int = typer.Option(None, help="Remember images used for each re-estimate."),
     warmup: int = typer.Option(None, help="Linear learning-rate warm-up iterations."),
     grad_clip: float = typer.Option(None, help="Clip the gradient norm to this value."),
-    forget_loss: str = typer.Option(None, help="absolute | squared | sigmoid (the paper's)."),
+    forget_loss: str = typer.Option(None, help="huber | squared | sigmoid (the paper's)."),
     forget_unit: str = typer.Option(None, help="Unit of the forget gap: sigma | bpd (the paper's) | nats."),
     kl_estimate: str = typer.Option(None, help="N_T estimate: refreshed | batch (the paper's)."),
     threshold_gradient: bool = typer.Option(None, "--threshold-gradient/--no-threshold-gradient",
