@@ -15,7 +15,7 @@ On one model and one list of image files (the embedded digits written as PNG fil
         [--batch-size 256] [--threads 2]
 
 When the model file does not exist (the embedded model not trained yet), a freshly initialized Glow of the
-embedded model's shape (16x16 grayscale, 5 bits, n_flow 8, n_block 3, hidden 512, additive, LU) is used
+embedded model's shape (16x16 grayscale, 5 bits, n_flow 8, n_block 2, hidden 128, additive, LU) is used
 and a note says so: throughput depends on the architecture, not on the weights.
 """
 
@@ -43,7 +43,7 @@ from flowtame.likelihood import compute_nll
 from flowtame.models.glow import GlowSpec, build_glow
 from flowtame.quantization import DataSpec, discrete_nll, quantize
 
-FALLBACK_SPEC = GlowSpec(channels=1, image_size=16, n_flow=8, n_block=3, hidden=512, affine=False)
+FALLBACK_SPEC = GlowSpec(channels=1, image_size=16, n_flow=8, n_block=2, hidden=128, affine=False)
 FALLBACK_DATA = DataSpec(image_size=16, channels=1, n_bits=5)
 
 
