@@ -113,7 +113,7 @@ def _remember_keep_mask(sets: Mapping[str, Any]) -> np.ndarray:
     return np.array([key not in forget_keys for key in sets["remember"].keys], dtype=bool)
 
 
-def _check_pair(base: Checkpoint, tamed: Checkpoint) -> None:
+def check_models(base: Checkpoint, tamed: Checkpoint) -> None:
     """Both image models, with the same data spec (image size, channels, n_bits); else InputError."""
     for ckpt in (base, tamed):
         if ckpt.data_spec is None:
@@ -129,17 +129,16 @@ def collect_nll(base: Checkpoint, tamed: Checkpoint, sets: Mapping[str, Any], *,
                 precomputed: Mapping[tuple[str, str], np.ndarray] | None = None) -> NLLTable:
     """Per-image NLL (nats, float64 [N]) of every set under both models, with paired noise of ``seed``.
 
-    ``progress(label, files_done, files_total)``, label "model/set", is called after each batch.
-
     ``sets``: set name -> ImageSet (see the module docstring for the names). Entries of ``precomputed``
     (same keys as the result) are used instead of computing; each must be aligned with its set's image
     order and computed with the same ``seed``. The remember entry may have the length of the remember set
     or, when some remember images are forget images, the length after excluding them. Remember images that
-    are forget images are excluded from the result.
+    are forget images are excluded from the result. ``progress(label, files_done, files_total)``, label
+    "model/set", is called after each batch of a likelihood pass.
     """
     from flowtame.likelihood import compute_nll
 
-    _check_pair(base, tamed)
+    check_models(base, tamed)
     precomputed = dict(precomputed or {})
     unknown = sorted({f"{m}/{s}" for m, s in precomputed if m not in MODELS or s not in sets})
     if unknown:

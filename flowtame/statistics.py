@@ -27,8 +27,9 @@ from scipy import stats
 SUMMARY_PERCENTILES: tuple[int, ...] = (1, 5, 25, 50, 75, 95, 99)
 #: The fewest values D'Agostino's K² test accepts (its skewness test needs 8).
 DAGOSTINO_MIN_N = 8
-#: Bootstrap resamples are drawn in chunks of at most this many indices, so memory stays bounded.
-_BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
+#: Bootstrap resamples are drawn in chunks of at most this many indices (8 MiB of int64), so memory stays
+#: bounded whatever the set's size and n_boot.
+_BOOTSTRAP_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)

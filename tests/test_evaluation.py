@@ -241,7 +241,7 @@ def test_block_validates_against_the_schema():
 
 
 # --------------------------------------------------------------------------------------------------------
-# End to end: real models, real image folders, the CLI (marked slow: the shared fixture trains two models)
+# End to end: real models, real image folders, the CLI (the shared fixture trains two tiny models: ~3 s)
 
 DATA_SPEC = DataSpec(image_size=8, channels=1, n_bits=5)
 
@@ -331,7 +331,6 @@ def _set_args(world) -> list[str]:
             world["forget_unseen"], "--holdout", world["holdout"], "--device", "cpu"]
 
 
-@pytest.mark.slow
 def test_untamed_copy_fails_the_check(world, run_cli):
     report_path = world["root"] / "copy.json"
     result = run_cli("evaluate", world["base"], world["copy"], *_set_args(world), "--json", report_path,
@@ -351,7 +350,6 @@ def test_untamed_copy_fails_the_check(world, run_cli):
         assert set_block["ks_base_vs_tamed"]["statistic"] == 0.0
 
 
-@pytest.mark.slow
 def test_tamed_model_passes_the_check(world, run_cli):
     report_path, plot_path = world["root"] / "tamed.json", world["root"] / "nll.png"
     result = run_cli("evaluate", world["base"], world["tamed"], *_set_args(world), "--json", report_path,
@@ -378,7 +376,6 @@ def test_tamed_model_passes_the_check(world, run_cli):
     assert again.exit_code == 2 and "already exists" in again.stderr
 
 
-@pytest.mark.slow
 def test_json_to_stdout_and_overridden_bounds(world, run_cli):
     result = run_cli("evaluate", world["base"], world["tamed"], *_set_args(world), "--json", "-", "--check",
                      "--max-remember-qd", "-1")
@@ -388,7 +385,6 @@ def test_json_to_stdout_and_overridden_bounds(world, run_cli):
     assert report["evaluation"]["tolerances"]["max_remember_qd"] == -1
 
 
-@pytest.mark.slow
 def test_library_reuses_precomputed_nll_and_finds_neighbours(world, monkeypatch):
     base, tamed = load_checkpoint(world["base"]), load_checkpoint(world["tamed"])
     sets = {name: open_images(world[name], DATA_SPEC) for name in ("forget", "remember")}
@@ -420,7 +416,6 @@ def test_library_reuses_precomputed_nll_and_finds_neighbours(world, monkeypatch)
     assert reference["neighbours"]["distance_max"] == pytest.approx(np.sort(distance)[4])
 
 
-@pytest.mark.slow
 def test_paired_noise_is_independent_of_batch_size(world):
     base = load_checkpoint(world["base"])
     sets = {name: open_images(world[name], DATA_SPEC) for name in ("forget", "remember")}
@@ -433,7 +428,6 @@ def test_paired_noise_is_independent_of_batch_size(world):
     assert not np.allclose(other[("base", "remember")], small[("base", "remember")])
 
 
-@pytest.mark.slow
 def test_remember_images_that_are_forget_images_are_excluded(world, tmp_path):
     base = load_checkpoint(world["base"])
     listing = tmp_path / "remember.txt"
@@ -447,7 +441,6 @@ def test_remember_images_that_are_forget_images_are_excluded(world, tmp_path):
     assert block["sets"]["remember"]["n"] == 30
 
 
-@pytest.mark.slow
 def test_mismatched_models_and_bad_neighbours(world, tmp_path, run_cli):
     spec = GlowSpec(channels=1, image_size=16, n_flow=1, n_block=2, hidden=8)
     other = Checkpoint(model=build_glow(spec).eval(), architecture="glow", spec=spec,
@@ -461,7 +454,6 @@ def test_mismatched_models_and_bad_neighbours(world, tmp_path, run_cli):
     assert result.exit_code == 2 and "--neighbours 1000" in result.stderr
 
 
-@pytest.mark.slow
 def test_nll_statistics_agree_with_the_block(world):
     base, tamed = load_checkpoint(world["base"]), load_checkpoint(world["tamed"])
     sets = {name: open_images(world[name], DATA_SPEC) for name in ("forget", "remember")}

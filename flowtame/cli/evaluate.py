@@ -137,7 +137,7 @@ def evaluate(
     --holdout ./test --neighbours 16 --json report.json --plot nll.png --check
     """
     from flowtame.data import open_images
-    from flowtame.evaluation import Tolerances, build_report, collect_nll, evaluate_models
+    from flowtame.evaluation import Tolerances, build_report, check_models, collect_nll, evaluate_models
 
     if json_path not in (None, "-"):
         check_output_path(json_path, force)
@@ -145,6 +145,7 @@ def evaluate(
         check_output_path(plot, force)
     base = load_checkpoint(resolve_model_path(base_model))
     tamed = load_checkpoint(resolve_model_path(tamed_model))
+    check_models(base, tamed)
     data_spec = base.data_spec
     sources = {"forget": forget, "remember": remember}
     if forget_unseen:
