@@ -55,7 +55,10 @@ class Method(Protocol):
         """The scalar loss of this iteration and named scalars to log (tensors, detached or not)."""
 
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
-        """Called after the optimizer step with the logged scalars as floats; True when converged."""
+        """Called after the optimizer step with the logged scalars as floats; True when converged.
+
+        A method may also expose ``lr_factor`` (float): the engine multiplies the learning rate by it.
+        """
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Method state to save for resume (tensors)."""
@@ -231,7 +234,8 @@ class Engine:
                     raise InterruptedRun(
                         f"interrupted at iteration {self.iteration}"
                         + (f"; state saved to {state_path}, continue with --resume" if state_path else ""))
-                lr = _learning_rate(self.config, self.iteration, self.lr_scale)
+                lr = _learning_rate(self.config, self.iteration,
+                                    self.lr_scale * getattr(self.method, "lr_factor", 1.0))
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 self.optimizer.zero_grad(set_to_none=True)

@@ -18,6 +18,9 @@ from flowtame.likelihood import nll_nats
 from flowtame.objective import forget_loss, nats_per_bpd, remember_loss, threshold_distance
 from flowtame.quantization import DataSpec, quantize
 
+#: The settling decay never takes the learning rate below this fraction of its peak.
+MIN_SETTLE_FACTOR = 0.05
+
 
 @dataclass
 class TamingData:
@@ -77,7 +80,8 @@ class TamingMethod:
     def __init__(self, data: TamingData, *, delta: float, epsilon: float, alpha: float, gamma: float,
                  batch_size: int, refresh_every: int, forget_loss_kind: str, forget_unit: str,
                  kl_estimate: str, generator: torch.Generator, subset_correction: tuple[float, float] = (0.0, 1.0),
-                 threshold_gradient: bool = True, confirm_gap: int = 5, config: Any = None,
+                 threshold_gradient: bool = True, settle_decay: float = 1.0, confirm_gap: int = 5,
+                 config: Any = None,
                  base_model: nn.Module | None = None):
         if kl_estimate not in ("refreshed", "batch"):
             raise ValueError(f"unknown kl_estimate {kl_estimate!r}")
@@ -89,6 +93,8 @@ class TamingMethod:
         self.generator = generator
         self.confirm_gap = confirm_gap
         self.threshold_gradient = threshold_gradient
+        self.settle_decay = settle_decay
+        self.lr_factor = 1.0
         self.mean_offset, self.std_ratio = subset_correction
         self.config = config
         self.base_model = base_model
@@ -174,6 +180,10 @@ class TamingMethod:
 
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         done = False
+        if logged["max_abs_d"] < 2 * self.epsilon:
+            # settling: Adam's steps do not shrink with the gradient, so near the threshold the images would
+            # jitter across the +-epsilon band; decay the learning rate while they are close
+            self.lr_factor = max(MIN_SETTLE_FACTOR, self.lr_factor * self.settle_decay)
         screen_passes = logged["max_abs_d"] < self.epsilon
         if screen_passes and iteration - self.last_confirm >= self.confirm_gap:
             self.last_confirm = iteration
@@ -191,7 +201,7 @@ class TamingMethod:
 
     def state_meta(self) -> dict[str, Any]:
         return {"last_confirm": self.last_confirm, "refreshes": self.refreshes,
-                "confirmations": self.confirmations}
+                "confirmations": self.confirmations, "lr_factor": self.lr_factor}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.mu_r, self.sigma_r = tensors["mu_r"].reshape(()), tensors["sigma_r"].reshape(())
@@ -199,6 +209,7 @@ class TamingMethod:
         self.last_confirm = meta["last_confirm"]
         self.refreshes = meta["refreshes"]
         self.confirmations = meta["confirmations"]
+        self.lr_factor = meta["lr_factor"]
 
 
 #: Method name -> class; baselines register here (``flowtame.baselines``). Every class takes the

@@ -55,6 +55,7 @@ class TameConfig:
     forget_unit: str = "bpd"
     kl_estimate: str = "refreshed"
     threshold_gradient: bool = True
+    settle_decay: float = 0.97
     seed: int = 0
     eval_seed: int = 0
     precision: str = "fp32"
@@ -84,6 +85,8 @@ class TameConfig:
             problems.append("delta and epsilon must be positive")
         if self.lr <= 0 or self.batch_size < 2 or self.max_iters < 1 or self.refresh_every < 1:
             problems.append("lr must be positive, batch_size >= 2, max_iters and refresh_every >= 1")
+        if not 0 < self.settle_decay <= 1:
+            problems.append("settle_decay must lie in (0, 1]")
         if self.refresh_size < 2:
             problems.append("refresh_size must be at least 2")
         if problems:
@@ -228,7 +231,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         data, delta=config.delta, epsilon=config.epsilon, alpha=config.alpha, gamma=config.gamma,
         batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
         forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=generator,
-        threshold_gradient=config.threshold_gradient,
+        threshold_gradient=config.threshold_gradient, settle_decay=config.settle_decay,
         subset_correction=_subset_correction(base_remember_nll, refresh_idx.numpy()),
         config=config, base_model=base_model)
     engine = Engine(model, method, EngineConfig(
