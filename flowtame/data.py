@@ -94,23 +94,25 @@ def pixel_key(pixels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).hexdigest()
 
 
-def _noise_seed(seed: int, key: str) -> int:
-    """A 63-bit generator seed derived from (seed, key) through sha256 (stable across runs and platforms)."""
-    digest = hashlib.sha256(f"flowtame-dequantization:{int(seed)}:{key}".encode()).digest()
+def _noise_seed(seed: int, key: str, draw: int = 0) -> int:
+    """A 63-bit generator seed derived from (seed, key, draw) through sha256 (stable across runs and platforms)."""
+    suffix = f":{int(draw)}" if draw else ""
+    digest = hashlib.sha256(f"flowtame-dequantization:{int(seed)}:{key}{suffix}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def dequantization_noise(keys: Sequence[str], seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Uniform noise in [0, 1), float32 [B, *shape]: row i from a CPU generator seeded by (seed, keys[i]).
+def dequantization_noise(keys: Sequence[str], seed: int, shape: tuple[int, ...], draw: int = 0) -> torch.Tensor:
+    """Uniform noise in [0, 1), float32 [B, *shape]: row i from a CPU generator seeded by (seed, keys[i], draw).
 
     The same (seed, key) always gives the same row, whatever the batch around it and whichever model it is
-    fed to, so evaluations with one seed are paired; another seed gives other noise. Scale it to one
+    fed to, so evaluations with one seed are paired; another seed or ``draw`` gives other noise (draw 0 is the
+    one every single-draw evaluation uses; draws 1, 2, ... are independent extra draws). Scale it to one
     quantization bin with :func:`flowtame.quantization.dequantize`.
     """
     noise = torch.empty((len(keys), *shape), dtype=torch.float32)
     generator = torch.Generator()
     for row, key in zip(noise, keys, strict=True):
-        generator.manual_seed(_noise_seed(seed, key))
+        generator.manual_seed(_noise_seed(seed, key, draw))
         torch.rand(shape, generator=generator, out=row)
     return noise
 

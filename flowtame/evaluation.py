@@ -46,6 +46,8 @@ from flowtame.quantization import nats_to_bpd, quantize
 SCHEMA_VERSION = 1
 MODELS = ("base", "tamed")
 FORGET_SETS = ("forget", "forget_unseen")
+#: Keyed noise draws averaged into each forget image's NLL (docs/report-schema.md explains why).
+FORGET_DRAWS = 8
 RESERVED_SETS = ("neighbours",)
 #: Remember-NLL normality p-values below this add a warning to the report.
 NORMALITY_WARNING_P = 0.05
@@ -126,8 +128,11 @@ def check_models(base: Checkpoint, tamed: Checkpoint) -> None:
 def collect_nll(base: Checkpoint, tamed: Checkpoint, sets: Mapping[str, Any], *, seed: int = 0,
                 batch_size: int = 256, device: str = "auto", precision: str = "fp32",
                 num_workers: int | None = None, progress: Callable[[str, int, int], None] | None = None,
-                precomputed: Mapping[tuple[str, str], np.ndarray] | None = None) -> NLLTable:
+                precomputed: Mapping[tuple[str, str], np.ndarray] | None = None,
+                forget_draws: int = FORGET_DRAWS) -> NLLTable:
     """Per-image NLL (nats, float64 [N]) of every set under both models, with paired noise of ``seed``.
+
+    Forget and forget-unseen images are averaged over ``forget_draws`` noise draws, other sets use one.
 
     ``sets``: set name -> ImageSet (see the module docstring for the names). Entries of ``precomputed``
     (same keys as the result) are used instead of computing; each must be aligned with its set's image
@@ -151,7 +156,7 @@ def collect_nll(base: Checkpoint, tamed: Checkpoint, sets: Mapping[str, Any], *,
                 report = None if progress is None else partial(progress, f"{model_name}/{set_name}")
                 given = compute_nll(ckpt.model, sets[set_name], seed=seed, batch_size=batch_size,
                                     device=device, precision=precision, num_workers=num_workers,
-                                    progress=report).nll
+                                    progress=report, draws=forget_draws if set_name in FORGET_SETS else 1).nll
             table[(model_name, set_name)] = np.asarray(given, dtype=np.float64)
     # Keys are read after the likelihood passes, which are the sets' first (validating) read-through.
     keep = _remember_keep_mask(sets)
@@ -261,13 +266,14 @@ def _set_block(set_name: str, base_nll: np.ndarray, tamed_nll: np.ndarray, fits:
 def summarize_evaluation(nll: Mapping[tuple[str, str], np.ndarray], num_dims: int, *, delta: float = 4.0,
                          epsilon: float | None = None, n_boot: int = 1000, seed: int = 0,
                          neighbours: Neighbours | None = None,
-                         tolerances: Tolerances | None = None) -> dict[str, Any]:
+                         tolerances: Tolerances | None = None, forget_draws: int = FORGET_DRAWS) -> dict[str, Any]:
     """The evaluation block from per-image NLL alone (no models): pure, so it can be checked by hand.
 
     ``nll``: (model, set) -> NLL in nats [N], model "base"|"tamed", both models for every set, "forget" and
     "remember" required; base[i] and tamed[i] are the same image. ``num_dims``: D, values per image (for BPD).
     ``neighbours``: indices into the remember arrays, reported as the set "neighbours".
-    ``epsilon`` defaults to 0.15·δ. Returns the JSON-ready block documented in ``docs/report-schema.md``.
+    ``epsilon`` defaults to 0.15·δ. ``forget_draws``: recorded, the noise draws behind the forget NLL.
+    Returns the JSON-ready block documented in ``docs/report-schema.md``.
     """
     if epsilon is None:
         epsilon = DEFAULT_EPSILON_FRACTION * delta
@@ -306,6 +312,7 @@ def summarize_evaluation(nll: Mapping[tuple[str, str], np.ndarray], num_dims: in
     block: dict[str, Any] = {
         "num_dims": int(num_dims),
         "seed": int(seed),
+        "forget_draws": int(forget_draws),
         "n_boot": int(n_boot),
         "threshold": {
             "delta": float(delta),
@@ -382,7 +389,8 @@ def evaluate_models(base: Checkpoint, tamed: Checkpoint, sets: Mapping[str, Any]
                     device: str = "auto", precision: str = "fp32", num_workers: int | None = None,
                     n_boot: int = 1000, tolerances: Tolerances | None = None,
                     precomputed: Mapping[tuple[str, str], np.ndarray] | None = None,
-                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[str, int, int], None] | None = None,
+                    forget_draws: int = FORGET_DRAWS) -> dict[str, Any]:
     """Evaluate a tamed model against its base on named image sets; returns the evaluation block.
 
     ``sets``: name -> ImageSet (from :func:`flowtame.data.open_images`); "forget" and "remember" are
@@ -390,7 +398,7 @@ def evaluate_models(base: Checkpoint, tamed: Checkpoint, sets: Mapping[str, Any]
     threshold and margin in σ_R units (ε defaults to 0.15·δ). ``seed``: the dequantization noise, the same
     for both models (paired), and the bootstrap's seed. ``neighbours=K`` > 0 adds D_R^NN
     (:func:`find_neighbours`). ``tolerances``: bounds for the checks (:class:`Tolerances`).
-    ``progress``: see :func:`collect_nll`.
+    ``progress``: see :func:`collect_nll`. ``forget_draws``: noise draws averaged per forget image.
 
     ``precomputed``: NLL a caller already has, so nothing is computed twice — a mapping
     ``(model, set) -> np.ndarray`` of NLL in nats [N] with model "base" or "tamed", e.g.
@@ -402,13 +410,14 @@ def evaluate_models(base: Checkpoint, tamed: Checkpoint, sets: Mapping[str, Any]
     encoding pass over the forget and remember sets. Memory stays O(N) floats (images are streamed).
     """
     nll = collect_nll(base, tamed, sets, seed=seed, batch_size=batch_size, device=device, precision=precision,
-                      num_workers=num_workers, progress=progress, precomputed=precomputed)
+                      num_workers=num_workers, progress=progress, precomputed=precomputed,
+                      forget_draws=forget_draws)
     found = None
     if neighbours:
         found = find_neighbours(base, sets["forget"], sets["remember"], neighbours, batch_size=batch_size,
                                 device=device, exclude=~_remember_keep_mask(sets))
     return summarize_evaluation(nll, base.data_spec.num_dims, delta=delta, epsilon=epsilon, n_boot=n_boot,
-                                seed=seed, neighbours=found, tolerances=tolerances)
+                                seed=seed, neighbours=found, tolerances=tolerances, forget_draws=forget_draws)
 
 
 def build_report(base: Checkpoint, tamed: Checkpoint, block: Mapping[str, Any]) -> dict[str, Any]:

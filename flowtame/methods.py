@@ -20,6 +20,10 @@ from flowtame.quantization import DataSpec, quantize
 
 #: The settling decay never takes the learning rate below this fraction of its peak.
 MIN_SETTLE_FACTOR = 0.05
+#: Weight of a new training-forward d in each forget image's smoothed d (the stopping test's screen).
+#: One fresh noise draw moves d by up to ~0.6 sigma_R on small models; the smoothing keeps the screen from
+#: waiting for every image's noise to be lucky at once.
+SCREEN_WEIGHT = 0.3
 
 
 @dataclass
@@ -27,7 +31,8 @@ class TamingData:
     """Everything a method reads during training, already on its device.
 
     ``forget`` uint8 [F,C,H,W] with ``forget_request`` long [F] (which --forget source each image came from)
-    and ``forget_check_noise`` float [F,C,H,W] in [0,1); ``remember`` uint8 [R,C,H,W] (on the CPU, pinned
+    and ``forget_check_noise`` float [K,F,C,H,W] (or [F,C,H,W] for K = 1) in [0,1): K fixed draws whose
+    NLLs are averaged in the stopping test; ``remember`` uint8 [R,C,H,W] (on the CPU, pinned
     when training on CUDA); ``refresh`` float [S,C,H,W]: a fixed subset of the remember set, dequantized with
     fixed noise, used to re-estimate mu_R, sigma_R; ``base_mean``/``base_std``: N_B in nats, fitted once
     over the whole remember set under the base model.
@@ -71,8 +76,9 @@ class TamingMethod:
     push is selective. sigma_R stays a constant there (its gradient, delta times larger, would reward
     spreading the remember NLLs); the released code treated both as constants (``--no-threshold-gradient``).
     mu_R, sigma_R are refreshed every ``refresh_every`` iterations on the fixed refresh subset. The stopping
-    test screens the d values the training forward already computed and, only when they all pass,
-    confirms with a no-grad pass over D_F on fixed check noise and freshly refreshed statistics.
+    test screens each forget image's smoothed d from the training forwards (exponential average,
+    :data:`SCREEN_WEIGHT`) and, only when they all pass, confirms with a no-grad pass over D_F on K fixed
+    check draws (NLL averaged) against freshly refreshed statistics.
     """
 
     name = "taming"
@@ -129,7 +135,10 @@ class TamingMethod:
         nll = nll_nats(model, x, self.data.data_spec)
         nll_forget, nll_remember = nll[:n_forget], nll[n_forget:]
         loss, metrics = self.objective(model, nll_forget, nll_remember)
-        self.latest_d[forget_idx] = threshold_distance(nll_forget.detach(), self.mu_r, self.sigma_r, self.delta)
+        d_now = threshold_distance(nll_forget.detach(), self.mu_r, self.sigma_r, self.delta)
+        previous = self.latest_d[forget_idx]
+        self.latest_d[forget_idx] = torch.where(previous.isfinite(), previous + SCREEN_WEIGHT * (d_now - previous),
+                                                d_now)
         metrics.update(max_abs_d=self.latest_d.abs().max(), mean_d=self.latest_d.mean(),
                        mu_r=self.mu_r, sigma_r=self.sigma_r)
         return loss, metrics
@@ -173,10 +182,12 @@ class TamingMethod:
 
     @torch.no_grad()
     def check_distances(self, model: nn.Module) -> Tensor:
-        """d [F] of every forget image on the fixed check noise, against the current mu_R, sigma_R."""
+        """d [F] of every forget image, NLL averaged over the fixed check draws, against current mu_R, sigma_R."""
         d = self.data
-        x = dequantized(d.forget, d.forget_check_noise, d.data_spec.n_bits)
-        return threshold_distance(batched_nll(model, x, d.data_spec), self.mu_r, self.sigma_r, self.delta)
+        draws = d.forget_check_noise if d.forget_check_noise.dim() > d.forget.dim() else d.forget_check_noise[None]
+        nll = torch.stack([batched_nll(model, dequantized(d.forget, noise, d.data_spec.n_bits), d.data_spec)
+                           for noise in draws]).mean(0)
+        return threshold_distance(nll, self.mu_r, self.sigma_r, self.delta)
 
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         done = False

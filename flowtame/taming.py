@@ -56,6 +56,7 @@ class TameConfig:
     kl_estimate: str = "refreshed"
     threshold_gradient: bool = True
     settle_decay: float = 0.97
+    forget_draws: int = 8
     seed: int = 0
     eval_seed: int = 0
     precision: str = "fp32"
@@ -89,6 +90,8 @@ class TameConfig:
             problems.append("settle_decay must lie in (0, 1]")
         if self.refresh_size < 2:
             problems.append("refresh_size must be at least 2")
+        if self.forget_draws < 1:
+            problems.append("forget_draws must be at least 1")
         if problems:
             raise InputError("bad taming configuration: " + "; ".join(problems))
 
@@ -152,14 +155,21 @@ class TameOutcome:
 
 
 def pixel_nll(model: torch.nn.Module, pixels: torch.Tensor, keys: Sequence[str], data_spec, seed: int,
-              device: torch.device, batch_size: int = 256) -> np.ndarray:
-    """Discrete NLL (nats, float64 [N]) of uint8 images with the keyed evaluation noise of ``seed``."""
+              device: torch.device, batch_size: int = 256, draws: int = 1) -> np.ndarray:
+    """Discrete NLL (nats, float64 [N]) of uint8 images with the keyed evaluation noise of ``seed``.
+
+    ``draws`` > 1 averages over that many keyed draws, as :func:`flowtame.likelihood.compute_nll` does.
+    """
     out = []
     with torch.no_grad():
         for i in range(0, pixels.shape[0], batch_size):
-            noise = dequantization_noise(keys[i:i + batch_size], seed, tuple(pixels.shape[1:]))
-            x = dequantized(pixels[i:i + batch_size].to(device), noise.to(device), data_spec.n_bits)
-            out.append(batched_nll(model, x, data_spec, batch_size).double().cpu())
+            chunk = pixels[i:i + batch_size].to(device)
+            total = torch.zeros(chunk.shape[0], dtype=torch.float64, device=device)
+            for draw in range(draws):
+                noise = dequantization_noise(keys[i:i + batch_size], seed, tuple(pixels.shape[1:]), draw)
+                x = dequantized(chunk, noise.to(device), data_spec.n_bits)
+                total += batched_nll(model, x, data_spec, batch_size).double()
+            out.append((total / draws).cpu())
     return torch.cat(out).numpy()
 
 
@@ -206,7 +216,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
 
     base_model = base.model.to(dev).eval()
     base_remember_nll = pixel_nll(base_model, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)
-    base_forget_nll = pixel_nll(base_model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev)
+    base_forget_nll = pixel_nll(base_model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
+                                draws=config.forget_draws)
     base_mean, base_std = float(base_remember_nll.mean()), float(base_remember_nll.std(ddof=1))
 
     n_refresh = min(config.refresh_size, remember_pixels.shape[0])
@@ -220,8 +231,9 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         data_spec=data_spec,
         forget=forget_pixels.to(dev),
         forget_request=forget_request.to(dev),
-        forget_check_noise=dequantization_noise(forget_keys, config.eval_seed,
-                                                tuple(forget_pixels.shape[1:])).to(dev),
+        forget_check_noise=torch.stack([
+            dequantization_noise(forget_keys, config.eval_seed, tuple(forget_pixels.shape[1:]), draw)
+            for draw in range(config.forget_draws)]).to(dev),
         remember=remember_pixels.pin_memory() if dev.type == "cuda" else remember_pixels,
         refresh=refresh_x,
         base_mean=torch.tensor(base_mean, device=dev),
@@ -264,7 +276,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     model.eval()
 
     tamed_remember_nll = pixel_nll(model, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)
-    tamed_forget_nll = pixel_nll(model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev)
+    tamed_forget_nll = pixel_nll(model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
+                                 draws=config.forget_draws)
     mu_t, sigma_t = float(tamed_remember_nll.mean()), float(tamed_remember_nll.std(ddof=1))
     d_final = (tamed_forget_nll - (mu_t + config.delta * sigma_t)) / sigma_t
     per_bpd = nats_per_bpd(data_spec.num_dims)
@@ -353,4 +366,4 @@ def taming_evaluation(base: Checkpoint, outcome: TameOutcome, holdout_sets: dict
         for model_name, model in (("base", base.model), ("tamed", outcome.checkpoint.model)):
             table[(model_name, name)] = compute_nll(model, image_set, seed=config.eval_seed, device=device).nll
     return summarize_evaluation(table, base.data_spec.num_dims, delta=config.delta, epsilon=config.epsilon,
-                                seed=config.eval_seed)
+                                seed=config.eval_seed, forget_draws=config.forget_draws)

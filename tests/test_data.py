@@ -340,6 +340,11 @@ def test_dequantization_noise_is_keyed_and_seeded():
     other = dequantization_noise(keys, seed=4, shape=shape)
     assert not torch.isclose(noise, other).any()
     assert not torch.equal(noise[0], noise[1])
+    # extra draws: draw 0 is the single-draw noise, draws 1, 2 are other noise, each reproducible
+    assert torch.equal(dequantization_noise(keys, 3, shape, draw=0), noise)
+    draw1, draw2 = (dequantization_noise(keys, 3, shape, draw=j) for j in (1, 2))
+    assert not torch.isclose(draw1, noise).any() and not torch.isclose(draw1, draw2).any()
+    assert torch.equal(draw1[3], dequantization_noise([keys[3]], 3, shape, draw=1)[0])
 
 
 def test_batches_carry_the_noise_of_their_keys():

@@ -169,6 +169,23 @@ def test_batch_size_does_not_change_per_image_results():
         np.testing.assert_allclose(result.nll, reference.nll, rtol=1e-6, atol=0)
 
 
+def test_several_draws_average_the_nll_of_each_draw():
+    image_set = open_images("embedded:digits:test:5", DIGITS)
+    model = _tiny_glow(4)
+    pixels, keys = image_set.load_tensor()
+    per_draw = []
+    with torch.no_grad():
+        for draw in range(3):
+            x = dequantize(quantize(pixels, 5), 5, dequantization_noise(keys, 2, (1, 16, 16), draw))
+            per_draw.append(nll_nats(model.eval(), x, DIGITS).double().numpy())
+    averaged = compute_nll(model, image_set, seed=2, batch_size=7, device="cpu", draws=3)
+    np.testing.assert_allclose(averaged.nll, np.mean(per_draw, axis=0), rtol=1e-6, atol=0)
+    single = compute_nll(model, image_set, seed=2, device="cpu")
+    np.testing.assert_allclose(single.nll, per_draw[0], rtol=1e-6, atol=0)  # draw 0 is the single draw
+    with pytest.raises(InputError, match="draws"):
+        compute_nll(model, image_set, device="cpu", draws=0)
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 
 

@@ -108,6 +108,9 @@ def evaluate(
                                                          "[0.15·δ]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the dequantization noise (same for both models) and "
                                                "of the bootstrap."),
+    forget_draws: int = typer.Option(8, "--forget-draws", min=1,
+                                     help="Noise draws averaged into each forget image's NLL (one draw moves "
+                                          "an image by up to ~0.6 σ_R; see docs/report-schema.md)."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the QD interval."),
     json_path: str = typer.Option(None, "--json", help="Write the report as JSON ('-' = stdout only)."),
     plot: Path = typer.Option(None, "--plot", help="Write NLL histograms before/after as a PNG."),
@@ -161,10 +164,10 @@ def evaluate(
     # The NLL are collected first so the plot can use them; evaluate_models then reuses them.
     with _progress(is_interactive(not show)) as progress:
         nll = collect_nll(base, tamed, sets, seed=seed, batch_size=batch_size, device=device,
-                          precision=precision, progress=progress)
+                          precision=precision, progress=progress, forget_draws=forget_draws)
     block = evaluate_models(base, tamed, sets, delta=delta, epsilon=epsilon, seed=seed, neighbours=neighbours,
                             batch_size=batch_size, device=device, precision=precision, n_boot=n_boot,
-                            tolerances=tolerances, precomputed=nll)
+                            tolerances=tolerances, precomputed=nll, forget_draws=forget_draws)
     report = build_report(base, tamed, block)
     emit_json(json_path, report)
     if plot is not None:
