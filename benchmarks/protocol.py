@@ -1,0 +1,253 @@
+"""The paper's Table 1 / Table 2 protocol on the embedded digits, for taming and the baselines.
+
+A digit class plays the paper's "identity":
+
+- D_F: the k train images of the class nearest the class's median NLL under the base model
+  (:func:`flowtame.protocol.median_nearest`), k in {1, 4, 8, 15};
+- D'_F (forget_unseen): every other image of the class (train and test splits);
+- D_R: the train images of the other nine classes;
+- D_R^NN: the ``--neighbours`` remember images nearest D_F in the base model's latent space
+  (:func:`flowtame.evaluation.find_neighbours`);
+- holdout: the test images of the other nine classes.
+
+Every method runs through :func:`flowtame.taming.tame` (same engine, batches and stopping machinery):
+taming with the shipped defaults, taming with ``--preset paper``, neggrad and selective-amnesia (each
+with its flowtame defaults). Table 2's ablations remove one term of taming's loss from the shipped
+defaults: the remember loss (alpha = 1), the NLL term A (gamma = 1), both KL terms (gamma = 0).
+
+Each run is scored by :func:`flowtame.evaluation.summarize_evaluation` (each model against its own remember
+normal, paired evaluation noise): QD on every set, the forgotten fraction of D_F (d > -epsilon), mean BPD of
+D_R and of the holdout before/after, converged, iterations and wall time. Targets (a miss is marked ``!``):
+every forget image forgotten; QD(D_R) < 0.01; QD(D_R^NN) < 0.02; holdout mean BPD up by < 1%; and, at equal
+forgetting, taming (defaults) with less collateral on D_R and D_R^NN than neggrad and selective-amnesia.
+
+    python benchmarks/protocol.py                      # k = 4, the four methods, ablations (~10 min, 2 cores)
+    python benchmarks/protocol.py --k 1 4 8 15 --ablation-k 15    # the paper's full grid
+    python benchmarks/protocol.py --model /tmp/x.safetensors --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowtame.checkpoint import Checkpoint, load_checkpoint
+from flowtame.data import open_images
+from flowtame.embedded import resolve_model_path
+from flowtame.evaluation import FORGET_DRAWS, find_neighbours, summarize_evaluation
+from flowtame.protocol import median_nearest
+from flowtame.taming import make_config, pixel_nll, preset, tame
+
+#: Method label -> config layers (merged left to right, then --max-iters) for the comparison table.
+METHOD_LAYERS: dict[str, list[dict[str, Any]]] = {
+    "taming (defaults)": [],
+    "taming (paper)": [preset("paper")],
+    "neggrad": [{"method": "neggrad"}],
+    "selective-amnesia": [{"method": "selective-amnesia"}],
+}
+#: Table 2's ablations of taming, from the shipped defaults.
+ABLATION_LAYERS: dict[str, list[dict[str, Any]]] = {
+    "full loss (defaults)": [],
+    "no remember loss (alpha=1)": [{"alpha": 1.0}],
+    "no NLL term A (gamma=1)": [{"gamma": 1.0}],
+    "no KL terms (gamma=0)": [{"gamma": 0.0}],
+}
+MAX_REMEMBER_QD = 0.01
+MAX_NEIGHBOURS_QD = 0.02
+MAX_HOLDOUT_BPD_CHANGE = 0.01
+
+
+class TensorSet:
+    """In-memory images with the parts of the ImageSet interface tame() and find_neighbours() read."""
+
+    def __init__(self, name: str, pixels: torch.Tensor, keys: list[str]):
+        self.name, self.pixels, self.keys, self.skipped = name, pixels, list(keys), []
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def load_tensor(self) -> tuple[torch.Tensor, list[str]]:
+        return self.pixels, list(self.keys)
+
+    def iter_batches(self, batch_size: int):
+        for i in range(0, len(self), batch_size):
+            yield SimpleNamespace(pixels=self.pixels[i:i + batch_size], keys=self.keys[i:i + batch_size])
+
+
+def load_classes(split: str, classes: list[int], spec) -> TensorSet:
+    pixels, keys = [], []
+    for c in classes:
+        p, k = open_images(f"embedded:digits:{split}:{c}", spec).load_tensor()
+        pixels.append(p)
+        keys.extend(k)
+    return TensorSet(f"embedded:digits:{split}:{'+'.join(map(str, classes))}", torch.cat(pixels), keys)
+
+
+@dataclass
+class Protocol:
+    """The sets of one k and their base-model NLL (nats, evaluation noise of seed 0)."""
+
+    forget: TensorSet
+    unseen: TensorSet
+    remember: TensorSet
+    holdout: TensorSet
+    neighbours: Any
+    base_nll: dict[str, np.ndarray]
+
+
+def build_protocol(base: Checkpoint, digit: int, k: int, n_neighbours: int) -> Protocol:
+    spec = base.data_spec
+    identity = open_images(f"embedded:digits:train:{digit}", spec)
+    chosen, _ = median_nearest(base.model, identity, k, device="cpu")
+    id_pixels, id_keys = identity.load_tensor()
+    rest = [i for i in range(len(id_keys)) if i not in set(chosen)]
+    test_id_pixels, test_id_keys = open_images(f"embedded:digits:test:{digit}", spec).load_tensor()
+    forget = TensorSet(f"digit {digit}: {k} train images nearest the median NLL", id_pixels[chosen],
+                       [id_keys[i] for i in chosen])
+    unseen = TensorSet(f"digit {digit}: the other {len(rest) + len(test_id_keys)} images",
+                       torch.cat([id_pixels[rest], test_id_pixels]), [id_keys[i] for i in rest] + test_id_keys)
+    others = [c for c in range(10) if c != digit]
+    remember = load_classes("train", others, spec)
+    holdout = load_classes("test", others, spec)
+    neighbours = find_neighbours(base, forget, remember, n_neighbours, device="cpu")
+    cpu = torch.device("cpu")
+    base_nll = {name: pixel_nll(base.model, s.pixels, s.keys, spec, 0, cpu, draws=draws)
+                for name, s, draws in (("forget_unseen", unseen, FORGET_DRAWS), ("holdout", holdout, 1))}
+    return Protocol(forget, unseen, remember, holdout, neighbours, base_nll)
+
+
+def run_one(base: Checkpoint, proto: Protocol, layers: list[dict[str, Any]], max_iters: int | None
+            ) -> dict[str, Any]:
+    """One tame() run scored on every set: a flat row of figures (QD, BPD changes, targets)."""
+    config = make_config(*layers, {"max_iters": max_iters})
+    print(f"  running {config.method} ...", end="", flush=True)
+    start = time.perf_counter()
+    outcome = tame(base, [proto.forget], proto.remember, config, device="cpu")
+    total = time.perf_counter() - start
+    spec, cpu = base.data_spec, torch.device("cpu")
+    table = dict(outcome.nll)
+    for name, s, draws in (("forget_unseen", proto.unseen, config.forget_draws), ("holdout", proto.holdout, 1)):
+        table[("base", name)] = proto.base_nll[name]
+        table[("tamed", name)] = pixel_nll(outcome.checkpoint.model, s.pixels, s.keys, spec, 0, cpu, draws=draws)
+    block = summarize_evaluation(table, spec.num_dims, delta=config.delta, epsilon=config.epsilon, n_boot=200,
+                                 neighbours=proto.neighbours, forget_draws=config.forget_draws)
+    sets = block["sets"]
+    report = outcome.report
+    row = {
+        "converged": report["converged"], "iterations": report["iterations"],
+        "loop_seconds": report["wall_seconds"], "total_seconds": total,
+        "forgotten": sets["forget"]["forgotten_fraction"],
+        "d_min": sets["forget"]["d"]["tamed"]["min"], "d_max": sets["forget"]["d"]["tamed"]["max"],
+        "q_forget": sets["forget"]["q_tamed"],
+        "remember_bpd_base": sets["remember"]["base_mean_bpd"], "remember_bpd": sets["remember"]["tamed_mean_bpd"],
+        "holdout_bpd_change": sets["holdout"]["bpd_change_relative"],
+        **{f"qd_{name}": sets[name]["qd"] for name in ("forget", "forget_unseen", "remember", "neighbours",
+                                                       "holdout")},
+    }
+    print(f" {report['iterations']} iterations, {total:.0f} s", flush=True)
+    row["targets"] = {
+        "forgotten": row["forgotten"] == 1.0,
+        "qd_remember": row["qd_remember"] < MAX_REMEMBER_QD,
+        "qd_neighbours": row["qd_neighbours"] < MAX_NEIGHBOURS_QD,
+        "holdout_bpd": row["holdout_bpd_change"] < MAX_HOLDOUT_BPD_CHANGE,
+    }
+    return row
+
+
+def _mark(value: str, ok: bool) -> str:
+    return value + (" " if ok else "!")
+
+
+def print_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
+    print(f"\n{title}")
+    header = (f"{'':28s} {'conv':>5s} {'iters':>5s} {'loop s':>7s} {'total s':>7s} {'forgot':>7s} {'d range':>14s} "
+              f"{'QD D_F':>7s} {'QD D_F2':>8s} {'QD D_R':>9s} {'QD NN':>9s} {'QD hold':>8s} {'R BPD':>15s} "
+              f"{'hold BPD':>9s}")
+    print(header)
+    print("-" * len(header))
+    for label, r in rows.items():
+        t = r["targets"]
+        forgot = _mark(f"{r['forgotten']:6.0%}", t["forgotten"])
+        qd_r = _mark(f"{r['qd_remember']:+8.4f}", t["qd_remember"])
+        qd_nn = _mark(f"{r['qd_neighbours']:+8.4f}", t["qd_neighbours"])
+        hold = _mark(f"{100 * r['holdout_bpd_change']:+7.2f}%", t["holdout_bpd"])
+        print(f"{label:28s} {str(r['converged']):>5s} {r['iterations']:5d} {r['loop_seconds']:7.1f} "
+              f"{r['total_seconds']:7.1f} {forgot} {r['d_min']:+6.2f}..{r['d_max']:+5.2f} {r['qd_forget']:7.3f} "
+              f"{r['qd_forget_unseen']:8.3f} {qd_r}{qd_nn}{r['qd_holdout']:+8.4f} "
+              f"{r['remember_bpd_base']:6.4f}->{r['remember_bpd']:6.4f} {hold}")
+
+
+def compare(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Lines on the last target: taming (defaults) vs each baseline, at equal forgetting."""
+    lines = []
+    ours = rows.get("taming (defaults)")
+    for baseline in ("neggrad", "selective-amnesia"):
+        theirs = rows.get(baseline)
+        if ours is None or theirs is None:
+            continue
+        if not (ours["targets"]["forgotten"] and theirs["targets"]["forgotten"]):
+            lines.append(f"vs {baseline}: not at equal forgetting (forgotten: taming {ours['forgotten']:.0%}, "
+                         f"{baseline} {theirs['forgotten']:.0%}) -> comparison MISSED")
+            continue
+        less = {s: abs(ours[f"qd_{s}"]) < abs(theirs[f"qd_{s}"]) for s in ("remember", "neighbours")}
+        verdict = "met" if all(less.values()) else "MISSED"
+        lines.append(f"vs {baseline}: |QD(D_R)| {abs(ours['qd_remember']):.4f} vs {abs(theirs['qd_remember']):.4f}, "
+                     f"|QD(D_R^NN)| {abs(ours['qd_neighbours']):.4f} vs {abs(theirs['qd_neighbours']):.4f}; "
+                     f"less collateral on both: {verdict}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded:glow-digits")
+    parser.add_argument("--digit", type=int, default=3, help="the class playing the identity [3]")
+    parser.add_argument("--k", type=int, nargs="+", default=[4], help="sizes of D_F (paper: 1 4 8 15) [4]")
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_LAYERS), choices=list(METHOD_LAYERS),
+                        metavar="METHOD", help=f"subset of: {', '.join(METHOD_LAYERS)}")
+    parser.add_argument("--ablation-k", type=int, nargs="*", default=[4],
+                        help="run Table 2's ablations at these k (paper: 15; none: no ablations) [4]")
+    parser.add_argument("--neighbours", type=int, default=32, help="size of D_R^NN [32]")
+    parser.add_argument("--max-iters", type=int, default=None, help="iteration budget (default: each config's)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write every figure here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = load_checkpoint(resolve_model_path(args.model))
+    print(f"model {args.model} (sha256 {base.sha256[:16]}); identity: digit {args.digit}; "
+          f"{args.threads} CPU threads ({platform.processor() or platform.machine()}); torch {torch.__version__}")
+    results: dict[str, Any] = {"model": args.model, "sha256": base.sha256, "digit": args.digit, "runs": {}}
+    start = time.perf_counter()
+    for k in sorted(set(args.k) | set(args.ablation_k)):
+        proto = build_protocol(base, args.digit, k, args.neighbours)
+        print(f"\nk = {k}: |D_F| = {len(proto.forget)}, |D'_F| = {len(proto.unseen)}, |D_R| = {len(proto.remember)}, "
+              f"|D_R^NN| = {proto.neighbours.indices.size}, |holdout| = {len(proto.holdout)}")
+        if k in args.k:
+            rows = {label: run_one(base, proto, METHOD_LAYERS[label], args.max_iters) for label in args.methods}
+            print_table(f"Table 1 (k = {k}): methods", rows)
+            for line in compare(rows):
+                print("  " + line)
+            results["runs"][f"methods k={k}"] = rows
+        if k in args.ablation_k:
+            rows = {label: run_one(base, proto, layers, args.max_iters) for label, layers in ABLATION_LAYERS.items()}
+            print_table(f"Table 2 (k = {k}): taming ablations", rows)
+            results["runs"][f"ablations k={k}"] = rows
+    print(f"\nColumns: conv = stopping rule confirmed; forgot = fraction of D_F with d > -eps (evaluation noise, "
+          f"the tamed model's own remember fit); d range in sigma_R; QD D_F2 = QD(D'_F); R BPD = mean BPD of D_R "
+          f"base->tamed; hold BPD = relative change of the holdout's mean BPD. '!' marks a missed target "
+          f"(forgot 100%, QD(D_R) < {MAX_REMEMBER_QD}, QD(NN) < {MAX_NEIGHBOURS_QD}, holdout BPD < "
+          f"+{100 * MAX_HOLDOUT_BPD_CHANGE:.0f}%). Total time {time.perf_counter() - start:.0f} s.")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

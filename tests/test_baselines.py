@@ -1,0 +1,323 @@
+"""The baselines (neggrad, selective-amnesia): objectives by hand, the Fisher, the EWC penalty, the stop rule,
+resume, and whole runs through ``tame()`` and the CLI on a tiny Glow with a few embedded digits."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from flowtame.baselines import NegGrad, SelectiveAmnesia, diagonal_fisher
+from flowtame.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from flowtame.data import open_images
+from flowtame.engine import Engine, EngineConfig
+from flowtame.errors import CheckpointError
+from flowtame.likelihood import nll_nats
+from flowtame.methods import METHODS, TamingData, TamingMethod, dequantized
+from flowtame.models.glow import GlowSpec, build_glow
+from flowtame.objective import nats_per_bpd
+from flowtame.protocol import write_pngs
+from flowtame.quantization import DataSpec
+from flowtame.taming import TameConfig, make_config, tame
+
+DATA_SPEC = DataSpec(image_size=8, channels=1, n_bits=5)
+REMEMBER = "embedded:digits:test:0"
+FAST = {"max_iters": 30, "lr": 1e-3, "warmup": 5, "sa_fisher_samples": 16, "batch_size": 4}
+
+
+def tiny_glow(seed: int = 0, **spec_kw) -> tuple[torch.nn.Module, GlowSpec]:
+    """A tiny Glow whose ActNorm layers were initialized on a batch of digits (as a trained model's are)."""
+    torch.manual_seed(seed)
+    spec = GlowSpec(**{"channels": 1, "image_size": 8, "n_flow": 2, "n_block": 2, "hidden": 16, **spec_kw})
+    model = build_glow(spec)
+    pixels, _ = open_images(REMEMBER, DATA_SPEC).load_tensor()
+    model.train()
+    with torch.no_grad():
+        model.log_prob(dequantized(pixels, torch.rand(pixels.shape), DATA_SPEC.n_bits))
+    return model.eval(), spec
+
+
+@pytest.fixture(scope="module")
+def base() -> Checkpoint:
+    model, spec = tiny_glow()
+    return Checkpoint(model=model, architecture="glow", spec=spec, data_spec=DATA_SPEC)
+
+
+@pytest.fixture(scope="module")
+def forget_folder(tmp_path_factory):
+    """Three images of digit 3 as PNG files: a small forget set."""
+    folder = tmp_path_factory.mktemp("forget")
+    write_pngs(open_images("embedded:digits:test:3", DATA_SPEC), [0, 1, 2], folder)
+    return folder
+
+
+def make_method(name: str, model: torch.nn.Module, *, seed: int = 0, **config_kw):
+    """A method on the first 3 test 3s (forget) and the test 0s (remember), built as tame() builds it."""
+    forget, _ = open_images("embedded:digits:test:3", DATA_SPEC).load_tensor()
+    remember, _ = open_images(REMEMBER, DATA_SPEC).load_tensor()
+    forget = forget[:3]
+    refresh = dequantized(remember, torch.rand(remember.shape, generator=torch.Generator().manual_seed(1)),
+                          DATA_SPEC.n_bits)
+    with torch.no_grad():
+        nll = nll_nats(model, refresh, DATA_SPEC)
+    data = TamingData(data_spec=DATA_SPEC, forget=forget, forget_request=torch.zeros(3, dtype=torch.long),
+                      forget_check_noise=torch.rand(forget.shape), remember=remember, refresh=refresh,
+                      base_mean=nll.mean(), base_std=nll.std())
+    config = TameConfig(**{"method": name, **FAST, **config_kw})
+    return METHODS[name](data, delta=config.delta, epsilon=config.epsilon, alpha=config.alpha, gamma=config.gamma,
+                         batch_size=config.batch_size, refresh_every=config.refresh_every,
+                         forget_loss_kind=config.forget_loss, forget_unit=config.forget_unit,
+                         kl_estimate=config.kl_estimate, generator=torch.Generator().manual_seed(seed),
+                         config=config, base_model=model)
+
+
+def test_methods_register_on_import():
+    assert METHODS["neggrad"] is NegGrad and METHODS["selective-amnesia"] is SelectiveAmnesia
+    assert TameConfig(method="selective-amnesia").method == "selective-amnesia"
+
+
+# ---------------------------------------------------------------------------------------------- objectives
+def test_neggrad_objective_by_hand():
+    model, _ = tiny_glow()
+    method = make_method("neggrad", model, alpha=0.25)
+    method.mu_r, method.sigma_r = torch.tensor(100.0), torch.tensor(5.0)  # threshold 100 + 4*5 = 120 nats
+    per_bpd = nats_per_bpd(64)
+    nll_forget = torch.tensor([110.0, 130.0, 117.0], requires_grad=True)  # 10 short, past, 3 short
+    nll_remember = torch.tensor([90.0, 100.0, 95.0, 99.0])
+    loss, metrics = method.objective(model, nll_forget, nll_remember)
+    hinge = (10.0 + 0.0 + 3.0) / 3 / per_bpd
+    remember_bpd = 96.0 / per_bpd
+    assert metrics["loss_forget"].item() == pytest.approx(hinge, rel=1e-6)
+    assert metrics["remember_bpd"].item() == pytest.approx(remember_bpd, rel=1e-6)
+    assert loss.item() == pytest.approx(0.25 * hinge + 0.75 * remember_bpd, rel=1e-6)
+    loss.backward()
+    # the gradient of alpha * (-mean NLL in BPD) for images short of the threshold, zero past it
+    assert nll_forget.grad.tolist() == pytest.approx([-0.25 / 3 / per_bpd, 0.0, -0.25 / 3 / per_bpd])
+
+
+def test_selective_amnesia_objective_by_hand():
+    model, _ = tiny_glow()
+    method = make_method("selective-amnesia", model, alpha=0.5, sa_lambda=7.0, sa_replay_weight=0.3)
+    method.mu_r, method.sigma_r = torch.tensor(100.0), torch.tensor(5.0)
+    per_bpd = nats_per_bpd(64)
+    nll_forget = torch.tensor([115.0, 125.0])
+    surrogate, replay = [400.0, 420.0, 380.0, 440.0], [90.0, 110.0, 100.0, 104.0]  # batch_size rows each
+    nll_rows = torch.tensor(surrogate + replay)
+    loss, metrics = method.objective(model, nll_forget, nll_rows)
+    assert metrics["ewc"].item() == 0.0  # at theta*
+    hinge = 5.0 / 2 / per_bpd
+    sa = 410.0 / per_bpd + 0.3 * 101.0 / per_bpd
+    assert metrics["surrogate_bpd"].item() == pytest.approx(410.0 / per_bpd, rel=1e-6)
+    assert metrics["remember_bpd"].item() == pytest.approx(101.0 / per_bpd, rel=1e-6)
+    assert loss.item() == pytest.approx(0.5 * hinge + 0.5 * sa, rel=1e-6)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    loss2, metrics2 = method.objective(model, nll_forget, nll_rows)
+    assert metrics2["ewc"].item() > 0
+    # SA's objective in nats, converted to BPD as a whole: the EWC term (nats) is divided by D ln 2 too
+    assert loss2.item() == pytest.approx(0.5 * hinge + 0.5 * (sa + 7.0 * metrics2["ewc"].item() / per_bpd),
+                                         rel=1e-6)
+
+
+def test_selective_amnesia_batch_is_forget_surrogate_replay():
+    model, _ = tiny_glow()
+    method = make_method("selective-amnesia", model)
+    x, forget_idx, n_forget = method._batch()
+    assert n_forget == 3 and forget_idx.tolist() == [0, 1, 2]
+    assert x.shape == (3 + 2 * method.batch_size, 1, 8, 8)
+    surrogate, replay = x[3:3 + method.batch_size], x[3 + method.batch_size:]
+    assert surrogate.min() >= -0.5 and surrogate.max() < 0.5  # uniform noise in the model's input range
+    pool = method.replay_pool.flatten(1)
+    assert all((pool == row).all(1).any() for row in replay.flatten(1))  # replay rows come from the pool
+    assert method.replay_pool.shape == (16, 1, 8, 8)
+
+
+def test_surrogate_folder(forget_folder):
+    model, _ = tiny_glow()
+    method = make_method("selective-amnesia", model, sa_surrogate=str(forget_folder))
+    assert method.surrogate.shape == (3, 1, 8, 8) and method.surrogate.dtype == torch.uint8
+    x, _, _ = method._batch()
+    images = dequantized(method.surrogate, torch.zeros(3, 1, 8, 8), DATA_SPEC.n_bits)
+    bins = torch.floor((x[3:3 + method.batch_size] + 0.5) * 32) / 32 - 0.5  # undo the noise
+    assert all((images.flatten(1) == row).all(1).any() for row in bins.flatten(1))
+
+
+# ---------------------------------------------------------------------------------------------- Fisher and EWC
+def hand_fisher(model, x):
+    """mean over inputs of the squared autograd gradient of NLL (nats), one input at a time."""
+    params = dict(model.named_parameters())
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    for i in range(x.shape[0]):
+        nll = nll_nats(model, x[i:i + 1], DATA_SPEC).sum()
+        grads = torch.autograd.grad(nll, list(params.values()), allow_unused=True)
+        for name, g in zip(params, grads, strict=True):
+            if g is not None:
+                total[name] += g.square() / x.shape[0]
+    return total
+
+
+def test_fisher_vectorized_equals_loop_equals_hand_computed():
+    model, _ = tiny_glow(affine=True, conv_lu=(True, False, True, False))  # both 1x1 convs, affine coupling
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(3)) - 0.5
+    vectorized = diagonal_fisher(model, x, DATA_SPEC, chunk_size=2)  # chunks of 2, 2, 1
+    loop = diagonal_fisher(model, x, DATA_SPEC, vectorized=False)
+    hand = hand_fisher(model, x)
+    assert set(vectorized) == set(hand) == set(loop)
+    for name in hand:
+        scale = hand[name].abs().max().item() + 1e-20
+        assert (vectorized[name] - hand[name]).abs().max().item() <= 1e-4 * scale, name
+        assert (loop[name] - hand[name]).abs().max().item() <= 1e-4 * scale, name
+    assert sum(f.sum() for f in hand.values()) > 0
+    assert not model.training  # mode restored
+
+
+def test_ewc_penalty_zero_at_anchor_and_formula_after_perturbation():
+    model, _ = tiny_glow()
+    method = make_method("selective-amnesia", model)
+    assert method.ewc_penalty(model).item() == 0.0
+    torch.testing.assert_close(method.fisher, hand_fisher(model, method.replay_pool), rtol=1e-4, atol=1e-9)
+    tamed = build_glow(GlowSpec(channels=1, image_size=8, n_flow=2, n_block=2, hidden=16))
+    tamed.load_state_dict(model.state_dict())
+    shifts = {}
+    with torch.no_grad():
+        for name, p in tamed.named_parameters():
+            before = p.clone()
+            p.add_(0.01 * torch.randn_like(p))
+            shifts[name] = p - before  # the shift float32 actually applied
+    expected = sum((method.fisher[n] * shifts[n].square()).sum() for n in shifts)
+    penalty = method.ewc_penalty(tamed)
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
+    penalty.backward()  # d/dθ F (θ - θ*)² = 2 F (θ - θ*)
+    for name, p in tamed.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * method.fisher[name] * shifts[name], rtol=1e-4, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+@pytest.mark.parametrize("name", ["neggrad", "selective-amnesia"])
+def test_stop_rule_every_image_forgotten_past_the_threshold_counts(name, monkeypatch):
+    model, _ = tiny_glow()
+    method = make_method(name, model)
+    taming = make_method("taming", model)
+    for m in (method, taming):
+        monkeypatch.setattr(m, "refresh", lambda _model: None)
+    eps = method.epsilon
+    # (confirmed d on the check noise, baseline done, taming done); the training forward's screen passes
+    cases = [([0.1, 7.0, -0.5 * eps], True, False), ([-2.0 * eps, 7.0, 0.0], False, False),
+             ([0.1, -0.1, 0.2], True, True)]
+    for it, (d, baseline_done, taming_done) in enumerate(cases):
+        for m, expected in ((method, baseline_done), (taming, taming_done)):
+            monkeypatch.setattr(m, "check_distances", lambda _model, d=d: torch.tensor(d))
+            assert m.after_step(model, 10 * (it + 1), {"min_d": 0.0, "max_abs_d": 0.0}) is expected
+    assert method.confirmations == 3
+    # the screen: an image short of -epsilon in the training forward means no confirmation pass
+    assert method.after_step(model, 100, {"min_d": -2 * eps}) is False and method.confirmations == 3
+
+
+def test_taming_check_averages_the_nll_over_its_fixed_draws():
+    model, _ = tiny_glow()
+    method = make_method("taming", model)
+    draws = torch.rand((3, *method.data.forget.shape), generator=torch.Generator().manual_seed(7))
+    method.data.forget_check_noise = draws
+    with torch.no_grad():
+        nll = torch.stack([nll_nats(model, dequantized(method.data.forget, noise, DATA_SPEC.n_bits), DATA_SPEC)
+                           for noise in draws]).mean(0)
+    expected = (nll - (method.mu_r + method.delta * method.sigma_r)) / method.sigma_r
+    torch.testing.assert_close(method.check_distances(model), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_taming_screen_smooths_each_images_training_d(monkeypatch):
+    """The screen's d of an image is an exponential average of its training-forward d (weight 0.3 on the new)."""
+    import flowtame.methods as methods
+
+    model, _ = tiny_glow()
+    method = make_method("taming", model)
+    mu, sigma, delta = float(method.mu_r), float(method.sigma_r), method.delta
+    remember = torch.linspace(mu - sigma, mu + sigma, 4)
+
+    def fake_nll(d_values):
+        return lambda _model, x, _spec: torch.cat([mu + (delta + torch.tensor(d_values)) * sigma, remember])
+
+    assert methods.SCREEN_WEIGHT == 0.3
+    monkeypatch.setattr(methods, "nll_nats", fake_nll([2.0, -1.0, 0.0]))
+    method.loss(model, 0)
+    torch.testing.assert_close(method.latest_d, torch.tensor([2.0, -1.0, 0.0]))  # first sight: taken as is
+    monkeypatch.setattr(methods, "nll_nats", fake_nll([0.0, 0.0, 1.0]))
+    _, metrics = method.loss(model, 1)
+    torch.testing.assert_close(method.latest_d, torch.tensor([1.4, -0.7, 0.3]))
+    assert float(metrics["max_abs_d"]) == pytest.approx(1.4)
+
+
+def test_unseen_forget_images_fail_the_screen():
+    model, _ = tiny_glow()
+    assert make_method("neggrad", model).latest_d.isneginf().all()
+
+
+# ---------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("name", ["neggrad", "selective-amnesia"])
+def test_resume_round_trips_bit_for_bit(name, tmp_path):
+    def run(iters, state_in=None, state_out=None):
+        model, _ = tiny_glow()
+        method = make_method(name, model)
+        trained, _ = tiny_glow()
+        engine = Engine(trained, method, EngineConfig(lr=1e-3, warmup=2, max_iters=iters),
+                        generators={"batches": method.generator})
+        if state_in:
+            engine.load_state(state_in)
+        engine.run()
+        if state_out:
+            engine.save_state(state_out)
+        return trained, method
+
+    straight, _ = run(6)
+    run(3, state_out=tmp_path / "state.safetensors")
+    resumed, method = run(6, state_in=tmp_path / "state.safetensors")
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    json.dumps(method.state_meta())
+
+
+def test_resume_refuses_a_different_fisher():
+    model, _ = tiny_glow()
+    method = make_method("selective-amnesia", model)
+    other = make_method("selective-amnesia", model, seed=1)  # another replay pool, another Fisher
+    with pytest.raises(CheckpointError, match="resume"):
+        other.load_state(method.state_tensors(), method.state_meta())
+    same = make_method("selective-amnesia", model)
+    same.load_state(method.state_tensors(), method.state_meta())
+    assert same.refreshes == method.refreshes
+
+
+# ---------------------------------------------------------------------------------------------- whole runs
+@pytest.mark.parametrize("name", ["neggrad", "selective-amnesia"])
+def test_tame_runs_each_baseline(name, base, forget_folder):
+    forget = open_images(forget_folder, DATA_SPEC)
+    outcome = tame(base, [forget], open_images(REMEMBER, DATA_SPEC), make_config({"method": name, **FAST}),
+                   device="cpu")
+    report = outcome.report
+    assert report["method"] == name and outcome.checkpoint.provenance["method"] == name
+    assert isinstance(report["converged"], bool)
+    assert report["converged"] == (report["iterations"] < FAST["max_iters"])
+    if report["converged"]:  # the stop rule's criterion, checked on the evaluation noise and full remember set
+        assert report["requests"][0]["forgotten_fraction"] == 1.0
+    assert all(math.isfinite(p["loss"]) for p in report["trajectory"])
+    assert not all(torch.equal(a, b) for a, b in zip(base.model.parameters(),
+                                                      outcome.checkpoint.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["neggrad", "selective-amnesia"])
+def test_cli_tame_with_method(name, base, forget_folder, run_cli, tmp_path):
+    model_path = tmp_path / "base.safetensors"
+    save_checkpoint(model_path, base)
+    out, report_path = tmp_path / "tamed.safetensors", tmp_path / "report.json"
+    result = run_cli("tame", model_path, "--forget", forget_folder, "--remember", REMEMBER, "-o", out,
+                     "--report", report_path, "--method", name, "--max-iters", "20", "--lr", "1e-3",
+                     "--warmup", "5", "--batch-size", "4", "--sa-fisher-samples", "8", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["method"] == name and report["config"]["method"] == name
+    assert report["converged"] == (report["iterations"] < 20)
+    assert load_checkpoint(out).provenance["method"] == name
+
+
+def test_taming_is_not_replaced():
+    assert METHODS["taming"] is TamingMethod
