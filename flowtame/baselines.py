@@ -1,0 +1,282 @@
+"""Baseline forgetting methods, run by the same engine, batches, stopping machinery and report as taming.
+
+Importing this module registers two methods in :data:`flowtame.methods.METHODS`:
+
+- ``neggrad``: gradient ascent on the forget NLL with descent on the remember NLL (the paper's
+  "forget_loss_baseline"): ``L = α·L_F + (1-α)·A(X_R)``, ``A`` the mean remember NLL of the batch in BPD.
+- ``selective-amnesia``: Selective Amnesia (seed 001) adapted to an unconditional flow:
+  ``L = α·L_F + (1-α)·L_SA`` with SA's own objective in the authors' units (NLL of an image in nats, the
+  Fisher of that NLL), converted as a whole to BPD: ``L_SA = (S + γ_SA·R + λ·Σ_i F_i (θ_i - θ*_i)²) / (D ln 2)``,
+  ``S`` the mean NLL (nats) of surrogate images (uniform noise, or a folder), ``R`` the mean NLL (nats) of
+  replay samples drawn from the frozen base model, ``F_i`` the base model's diagonal Fisher (nats², see
+  :func:`diagonal_fisher`). So λ means what the authors' λ means (their 100 is flowtame's default), whatever
+  D. SA itself reads no remember images; the remember set only defines the threshold (μ_R, σ_R).
+  The surrogate: the authors' model is conditional and their surrogate is tied to the forgotten label; an
+  unconditional flow has none, so raising the likelihood of the surrogate takes probability mass from every
+  image alike, and the forget term on D_F (seed 001, Eq. 1) is what targets D_F.
+
+The forget term and the stopping rule (shared by both baselines). An ascent loss has no minimum at the
+threshold, so taming's rule |d| < ε (an image *at* the threshold) need not ever hold. The baselines instead
+
+- push each forget image with the hinge ``L_F = mean_i relu(τ - NLL_i) / (D ln 2)`` (BPD), τ = μ_R + δσ_R
+  (nats): for an image short of the threshold (d < 0) its gradient is exactly that of ``-NLL_i / (D ln 2)``,
+  the plain ascent; for an image past it, zero, so an image that crossed stops being pushed while the
+  others catch up (the ascent is bounded, as taming.md asks). μ_R, σ_R are constants in this term (the
+  hinge is the plain ascent, gated; differentiating through the threshold is taming's own choice);
+- stop when every forget image is *forgotten*, ``d > -ε``: the criterion the evaluation's
+  ``forgotten_fraction`` uses, so all methods are compared at equal forgetting. As in taming, the d values
+  of the training forward screen the rule and only a confirmation on fixed check noise, against freshly
+  refreshed μ_R, σ_R, stops the run.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from flowtame.errors import CheckpointError, InputError
+from flowtame.likelihood import nll_nats
+from flowtame.methods import METHODS, TamingData, TamingMethod, dequantized
+from flowtame.quantization import DataSpec
+
+#: Per-sample gradients are computed this many values at a time at most (chunk x parameters), so the
+#: Fisher's memory stays near 4 bytes x this (128 MiB) whatever the model's size.
+FISHER_CHUNK_VALUES = 1 << 25
+
+
+class _ForgottenStopping(TamingMethod):
+    """What the baselines share: the hinge forget term (BPD) and the stop rule "every d > -ε" (see module)."""
+
+    def __init__(self, data: TamingData, **kwargs: Any):
+        super().__init__(data, **kwargs)
+        # An image not yet seen in a training batch must fail the screen (taming's +inf passes ``d > -ε``).
+        self.latest_d.fill_(-math.inf)
+
+    def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
+        loss, metrics = super().loss(model, iteration)
+        metrics["min_d"] = self.latest_d.min()
+        return loss, metrics
+
+    def forget_hinge(self, nll_forget: Tensor) -> Tensor:
+        """``mean relu(μ_R + δσ_R - NLL) / (D ln 2)``: BPD short of the threshold, averaged over the batch [Bf]."""
+        threshold = self.mu_r + self.delta * self.sigma_r
+        return torch.relu(threshold - nll_forget).mean() / self.nats_per_bpd
+
+    def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
+        """Taming's screen-and-confirm with the baselines' criterion: every forget image has d > -ε."""
+        done = False
+        if logged["min_d"] > -self.epsilon and iteration - self.last_confirm >= self.confirm_gap:
+            self.last_confirm = iteration
+            self.confirmations += 1
+            self.refresh(model)
+            self.confirmed_d = self.check_distances(model)
+            self.latest_d.copy_(self.confirmed_d)
+            done = bool((self.confirmed_d > -self.epsilon).all())
+        elif (iteration + 1) % self.refresh_every == 0:
+            self.refresh(model)
+        return done
+
+
+class NegGrad(_ForgottenStopping):
+    """Gradient ascent on D_F, descent on D_R: ``L = α·hinge_F + (1-α)·mean remember NLL`` (both BPD)."""
+
+    name = "neggrad"
+
+    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+        loss_forget = self.forget_hinge(nll_forget)
+        remember_bpd = nll_remember.mean() / self.nats_per_bpd
+        loss = self.alpha * loss_forget + (1 - self.alpha) * remember_bpd
+        return loss, {"loss_forget": loss_forget, "loss_remember": remember_bpd, "remember_bpd": remember_bpd}
+
+
+class SelectiveAmnesia(_ForgottenStopping):
+    """Selective Amnesia (seed 001) for unconditional flows, plus the bounded forget term on D_F.
+
+    At construction (once): ``config.sa_fisher_samples`` samples of the frozen base model at temperature
+    :attr:`replay_temperature` (no gradient) form the replay pool, and the diagonal Fisher is computed on
+    them at θ* (the base weights) with vectorized per-sample gradients. Each iteration makes ONE forward
+    and backward over ``[forget batch; surrogate batch; replay batch]`` (``batch_size`` rows each, fresh
+    dequantization noise for images; the uniform surrogate is fresh noise itself): the rows that taming uses
+    for the remember batch carry the surrogate and replay images here. Replay draws come from the fixed
+    pool, as the authors' diffusion runs replayed a pre-generated set, so no model runs besides the one
+    being trained. Resume rebuilds pool and Fisher from the same seed and checks they match the saved run.
+    """
+
+    name = "selective-amnesia"
+    #: Temperature (latent standard deviations) of the replay and Fisher samples.
+    replay_temperature = 1.0
+
+    def __init__(self, data: TamingData, *, config: Any = None, base_model: nn.Module | None = None,
+                 **kwargs: Any):
+        super().__init__(data, config=config, base_model=base_model, **kwargs)
+        if config is None or base_model is None:
+            raise ValueError("selective-amnesia needs the TameConfig (sa_* keys) and the frozen base model")
+        if config.sa_fisher_samples < 1 or config.sa_lambda < 0 or config.sa_replay_weight < 0:
+            raise InputError("selective-amnesia: sa_fisher_samples must be >= 1, sa_lambda and "
+                             "sa_replay_weight >= 0")
+        self.sa_lambda = config.sa_lambda
+        self.replay_weight = config.sa_replay_weight
+        self.surrogate = None if config.sa_surrogate == "uniform" else load_surrogate(
+            config.sa_surrogate, data.data_spec).to(data.device)
+        self.replay_pool = draw_samples(base_model, config.sa_fisher_samples, self.replay_temperature,
+                                        self.generator).to(data.device)
+        self.anchor = {name: p.detach().clone() for name, p in base_model.named_parameters()}
+        self.fisher = diagonal_fisher(base_model, self.replay_pool, data.data_spec)
+
+    def _batch(self) -> tuple[Tensor, Tensor, int]:
+        """([forget; surrogate; replay] inputs [Bf+2B,...], forget indices [Bf], Bf)."""
+        d, n = self.data, self.batch_size
+        forget_idx = self._draw(n, d.forget.shape[0]).to(d.device)
+        forget_pixels = d.forget[forget_idx]
+        forget_noise = torch.rand(forget_pixels.shape, generator=self.generator).to(d.device)
+        if self.surrogate is None:
+            surrogate = torch.rand((n, *forget_pixels.shape[1:]), generator=self.generator).to(d.device) - 0.5
+        else:
+            pixels = self.surrogate[torch.randint(self.surrogate.shape[0], (n,), generator=self.generator)]
+            noise = torch.rand(pixels.shape, generator=self.generator).to(d.device)
+            surrogate = dequantized(pixels, noise, d.data_spec.n_bits)
+        replay = self.replay_pool[torch.randint(self.replay_pool.shape[0], (n,), generator=self.generator)]
+        x = torch.cat([dequantized(forget_pixels, forget_noise, d.data_spec.n_bits), surrogate, replay])
+        return x, forget_idx, forget_idx.numel()
+
+    def ewc_penalty(self, model: nn.Module) -> Tensor:
+        """``Σ_i F_i (θ_i - θ*_i)²`` over every parameter, in nats (F in nats² per squared parameter unit)."""
+        terms = [(self.fisher[name] * (p - self.anchor[name]).square()).sum()
+                 for name, p in model.named_parameters() if name in self.fisher]
+        return torch.stack(terms).sum()
+
+    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``nll_remember`` [2B] holds the surrogate rows then the replay rows (see :meth:`_batch`)."""
+        n = self.batch_size
+        surrogate_bpd = nll_remember[:n].mean() / self.nats_per_bpd
+        replay_bpd = nll_remember[n:].mean() / self.nats_per_bpd
+        ewc = self.ewc_penalty(model)
+        loss_forget = self.forget_hinge(nll_forget)
+        loss_sa = surrogate_bpd + self.replay_weight * replay_bpd + self.sa_lambda * ewc / self.nats_per_bpd
+        loss = self.alpha * loss_forget + (1 - self.alpha) * loss_sa
+        return loss, {"loss_forget": loss_forget, "loss_remember": loss_sa, "remember_bpd": replay_bpd,
+                      "surrogate_bpd": surrogate_bpd, "ewc": ewc}
+
+    def _fingerprint(self) -> list[float]:
+        """Sums of the Fisher and of the replay pool: what resume checks it rebuilt identically."""
+        return [float(sum(f.double().sum() for f in self.fisher.values())), float(self.replay_pool.double().sum())]
+
+    def state_meta(self) -> dict[str, Any]:
+        return {**super().state_meta(), "sa_fingerprint": self._fingerprint()}
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        saved, rebuilt = meta["sa_fingerprint"], self._fingerprint()
+        if not all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12) for a, b in zip(saved, rebuilt, strict=True)):
+            raise CheckpointError(f"selective-amnesia: the Fisher / replay pool rebuilt for resume ({rebuilt}) "
+                                  f"differ from the interrupted run's ({saved}); resume with the same base "
+                                  "model, seed and sa_* settings")
+        super().load_state(tensors, meta)
+
+
+def load_surrogate(source: str, data_spec: DataSpec) -> Tensor:
+    """The surrogate images of ``--sa-surrogate SOURCE`` (any image source): uint8 [N, C, S, S]."""
+    from flowtame.data import open_images
+
+    pixels, _ = open_images(source, data_spec).load_tensor()
+    if pixels.shape[0] == 0:
+        raise InputError(f"--sa-surrogate {source}: no images")
+    return pixels
+
+
+@torch.no_grad()
+def draw_samples(model: nn.Module, n: int, temperature: float, generator: torch.Generator,
+                 batch_size: int = 256) -> Tensor:
+    """``n`` samples [n, C, S, S] of ``model`` (model input space, continuous) with non-finite ones redrawn."""
+    samples: list[Tensor] = []
+    have = 0
+    for _ in range(10):
+        x = model.sample(min(batch_size, n - have), temperature, generator)
+        x = x[torch.isfinite(x).flatten(1).all(1)]
+        samples.append(x)
+        have += x.shape[0]
+        if have >= n:
+            return torch.cat(samples)[:n]
+    raise ValueError(f"the base model gave only {have} finite samples of {n} in 10 attempts")
+
+
+def _nll_function(model: nn.Module, data_spec: DataSpec) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+    """f(params, x [C,S,S]) -> NLL of one input in nats, a pure function of the parameters (for torch.func)."""
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+
+    class _NLL(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flow = model
+
+        def forward(self, x: Tensor) -> Tensor:
+            return nll_nats(self.flow, x, data_spec)
+
+    wrapper = _NLL()
+
+    def f(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        state = {**{f"flow.{k}": v for k, v in params.items()}, **{f"flow.{k}": v for k, v in buffers.items()}}
+        return functional_call(wrapper, state, (x.unsqueeze(0),)).squeeze(0)
+
+    return f
+
+
+def _per_sample_gradient_chunks(model: nn.Module, x: Tensor, data_spec: DataSpec, *, vectorized: bool,
+                                chunk_size: int | None) -> Iterator[dict[str, Tensor]]:
+    """Per-sample gradients ∂ NLL(x_n)/∂θ (nats), chunk by chunk: name -> [chunk, *param shape].
+
+    The model runs in eval mode (ActNorm's data-dependent initialization only runs in training mode, so it
+    cannot fire inside vmap; a loaded checkpoint is initialized). ``vectorized``: ``vmap(grad(f))`` over
+    chunks of ``chunk_size`` inputs (default: as many as keep a chunk's gradients within
+    :data:`FISHER_CHUNK_VALUES` floats); otherwise, or when vmap cannot handle a layer (a warning says so),
+    ``grad(f)`` one input at a time.
+    """
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    n_params = sum(p.numel() for p in params.values())
+    chunk_size = chunk_size or max(1, min(x.shape[0], FISHER_CHUNK_VALUES // max(n_params, 1)))
+    was_training = model.training
+    model.eval()
+    try:
+        f = grad(_nll_function(model, data_spec))
+        batched = vmap(f, in_dims=(None, 0))
+        for start in range(0, x.shape[0], chunk_size):
+            chunk = x[start:start + chunk_size]
+            if vectorized:
+                try:
+                    yield batched(params, chunk)
+                    continue
+                except (RuntimeError, NotImplementedError) as exc:
+                    warnings.warn(f"per-sample gradients: vmap cannot run this model ({str(exc).splitlines()[0]}); "
+                                  "falling back to one input at a time", stacklevel=2)
+                    vectorized = False
+            singles = [f(params, xi) for xi in chunk]
+            yield {name: torch.stack([g[name] for g in singles]) for name in params}
+    finally:
+        model.train(was_training)
+
+
+def diagonal_fisher(model: nn.Module, x: Tensor, data_spec: DataSpec, *, vectorized: bool = True,
+                    chunk_size: int | None = None) -> dict[str, Tensor]:
+    """Diagonal Fisher ``F_i = mean_n (∂ NLL(x_n)/∂θ_i)²`` at the model's current weights: name -> param shape.
+
+    NLL in nats, so F is in nats² (per squared parameter unit). ``x`` [N, C, S, S]: model inputs (dequantized
+    images or samples; for SA the base model's own samples). ``vectorized`` / ``chunk_size``: see
+    :func:`_per_sample_gradient_chunks`; memory stays about :data:`FISHER_CHUNK_VALUES` floats whatever N.
+    """
+    total: dict[str, Tensor] = {}
+    for chunk in _per_sample_gradient_chunks(model, x, data_spec, vectorized=vectorized, chunk_size=chunk_size):
+        for name, g in chunk.items():
+            square = g.square().sum(0)
+            total[name] = total[name] + square if name in total else square
+    return {name: value / x.shape[0] for name, value in total.items()}
+
+
+METHODS[NegGrad.name] = NegGrad
+METHODS[SelectiveAmnesia.name] = SelectiveAmnesia
