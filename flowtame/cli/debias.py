@@ -1,0 +1,209 @@
+"""``flowtame debias``: change how often a model generates each group of images (paper Sec. 4.2)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from flowtame.checkpoint import load_checkpoint, save_checkpoint
+from flowtame.cli import app
+from flowtame.cli._common import console, emit_json, err_console, is_interactive
+from flowtame.cli.tame import state_path_for
+from flowtame.embedded import resolve_model_path
+from flowtame.errors import CheckFailedError, InputError, InterruptedRun
+from flowtame.fileio import check_output_path
+
+#: Options whose value may be a path; the provenance's command line shows them redacted.
+_PATH_OPTIONS = ("--group", "-g", "--remember", "-r", "--other", "--classifier", "--output", "-o", "--report")
+
+
+def redacted_command(argv: list[str]) -> str:
+    """The command line with every path replaced by ``<path>`` (group names are kept: ``NAME=<path>``)."""
+    out, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            name, sep, _ = arg.partition("=")
+            out.append(f"{name}=<path>" if sep and out[-1] in ("--group", "-g") else "<path>")
+            hide_next = False
+            continue
+        option, sep, value = arg.partition("=")
+        if option in ("--group", "-g") and sep and "=" in value:
+            out.append(f"{option}={value.partition('=')[0]}=<path>")
+        elif option in _PATH_OPTIONS and sep:
+            out.append(f"{option}=<path>")
+        else:
+            out.append(arg)
+            hide_next = arg in _PATH_OPTIONS
+    return shlex.join(["flowtame", *out])
+
+
+@app.command("debias")
+def debias_command(
+    model: str = typer.Argument(..., help="Base checkpoint (.safetensors) or embedded:glow-digits. Never modified."),
+    group: list[str] = typer.Option(..., "--group", "-g", help="NAME=PATH: a group's images (folder, image, "
+                                    "list file, embedded:digits...). Two or more."),
+    target: list[str] = typer.Option(..., "--target", "-t", help="NAME=FRACTION in (0,1): the wanted share of "
+                                     "samples. For every group, or all but one (the rest is implied)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Debiased checkpoint to write (.safetensors)."),
+    report: str = typer.Option(None, "--report", help="Write the JSON report here ('-' = stdout)."),
+    remember: str = typer.Option(None, "--remember", "-r", help="Images whose likelihood distribution must "
+                                 "stay as it was [all the groups' images]."),
+    other: str = typer.Option(None, "--other", help="Images of none of the groups (group images in it are "
+                              "left out): samples classified as 'other' are not counted, so frequencies are "
+                              "relative among the groups [every sample is assigned to a group]."),
+    classifier: Path = typer.Option(None, "--classifier", help="TorchScript module: images [B,C,H,W] in "
+                                    "[-0.5,0.5) -> logits [B, groups (+1 'other' with --other)] in --group "
+                                    "order [a logistic regression on the base model's latents]."),
+    tolerance: float = typer.Option(None, help="Stop when every frequency is this close to its target [0.02]."),
+    samples: int = typer.Option(None, help="Samples per measurement (one fixed draw) [1024]."),
+    temperature: float = typer.Option(None, help="Sampling temperature [0.5, the authors']."),
+    measure_every: int = typer.Option(None, help="Measure the frequencies every N iterations [10]."),
+    max_iters: int = typer.Option(None, help="Iteration budget [400]."),
+    lr: float = typer.Option(None, help="Adam peak learning rate, scaled down as the gaps close [2e-5]."),
+    warmup: int = typer.Option(None, help="Linear learning-rate warm-up iterations [20]."),
+    batch_size: int = typer.Option(None, help="Images per group, and remember images, per iteration [16]."),
+    alpha: float = typer.Option(None, help="Weight of the group loss, L = a*L_G + (1-a)*L_R [0.6]."),
+    gamma: float = typer.Option(None, help="Weight of the KL terms inside L_R [0.6]."),
+    soft_delta: float = typer.Option(None, help="Over-represented groups' NLL is pushed up to "
+                                     "mu_R + soft_delta*sigma_R at most [2]."),
+    seed: int = typer.Option(None, help="Seed of the sample draw, the classifier split and the batches [0]."),
+    check_draw: bool = typer.Option(None, "--check-draw/--no-check-draw", help="Measure base and result again "
+                                    "on an independent draw (seed+1) the stopping rule never saw [on]."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved state."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    strict: bool = typer.Option(False, "--strict", help="Treat unreadable image files as errors."),
+    require_converged: bool = typer.Option(False, "--require-converged",
+                                           help="Exit 1 when the targets were not reached."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view; plain log lines only at the end."),
+) -> None:
+    """Rebalance how often MODEL generates each --group, toward the --target fractions.
+
+    Example: flowtame debias base.safetensors --group male=./male --group female=./female
+    --target male=0.5 -o balanced.safetensors --report debias.json
+    """
+    from flowtame.data import open_images
+    from flowtame.debias import DebiasConfig, debias, parse_groups, parse_targets
+
+    sources = parse_groups(group)
+    targets = parse_targets(target, list(sources))
+    flags = dict(tolerance=tolerance, samples=samples, temperature=temperature, measure_every=measure_every,
+                 max_iters=max_iters, lr=lr, warmup=warmup, batch_size=batch_size, alpha=alpha, gamma=gamma,
+                 soft_delta=soft_delta, seed=seed, check_draw=check_draw)
+    config = DebiasConfig(**{k: v for k, v in flags.items() if v is not None})
+    check_output_path(output, force or resume)
+    if report not in (None, "-"):
+        check_output_path(report, force or resume)
+    if classifier is not None and not classifier.is_file():
+        raise InputError(f"{classifier}: no such classifier file")
+    state_path = state_path_for(output)
+    base = load_checkpoint(resolve_model_path(model))
+    if base.data_spec is None:
+        raise InputError(f"{model}: debiasing needs an image model")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        group_sets = {name: open_images(source, base.data_spec, strict=strict) for name, source in sources.items()}
+        remember_set = open_images(remember, base.data_spec, strict=strict) if remember else None
+        other_set = open_images(other, base.data_spec, strict=strict) if other else None
+    for w in caught:
+        err_console.print(f"[yellow]warning:[/] {w.message}")
+
+    view = _LiveView(config, list(sources), quiet)
+    try:
+        with view:
+            outcome = debias(base, group_sets, targets, config, remember_set=remember_set, other_set=other_set,
+                             classifier_path=classifier, device=device, state_path=state_path, resume=resume,
+                             callback=view.update, command=redacted_command(sys.argv[1:]))
+    except InterruptedRun as exc:
+        partial = getattr(exc, "partial_report", None)
+        if partial is not None and report not in (None, "-"):
+            emit_json(report, partial)
+        raise
+    sha = save_checkpoint(output, outcome.checkpoint, force=True)
+    outcome.report["output"] = {"path": str(output), "sha256": sha}
+    emit_json(report, outcome.report)
+    if state_path.exists():
+        state_path.unlink()
+    _print_summary(outcome.report, output, sha, quiet or report == "-")
+    _warn_failed_checks(outcome.report)
+    if require_converged and not outcome.report["converged"]:
+        raise CheckFailedError(f"{output}: written, but the targets were not reached within "
+                               f"{config.tolerance} in {outcome.report['iterations']} iterations")
+
+
+class _LiveView:
+    """Rich live table on a terminal; a plain log line at every measurement otherwise (unless quiet)."""
+
+    def __init__(self, config, group_names: list[str], quiet: bool):
+        self.config = config
+        self.group_names = group_names
+        self.quiet = quiet
+        self.live = Live(console=console, refresh_per_second=4, transient=True) if is_interactive(quiet) else None
+        self.start = time.perf_counter()
+
+    def __enter__(self) -> _LiveView:
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.live.__exit__(*exc)
+
+    def update(self, iteration: int, logged: dict[str, float]) -> None:
+        elapsed = logged.get("elapsed", time.perf_counter() - self.start)
+        if self.live:
+            table = Table(title="flowtame debias", show_header=False)
+            table.add_row("iteration", f"{iteration} / {self.config.max_iters}")
+            table.add_row("largest |frequency - target|",
+                          f"{logged['max_gap']:.3f}  (stop at {self.config.tolerance:.3f}; measured every "
+                          f"{self.config.measure_every})")
+            for name in self.group_names:
+                table.add_row(f"group {name} NLL (batch)", f"{logged[f'bpd/{name}']:.4f} BPD")
+            table.add_row("loss groups / remember", f"{logged['loss_groups']:.4g} / {logged['loss_remember']:.4g}")
+            table.add_row("elapsed", f"{elapsed:.1f} s")
+            self.live.update(table)
+        elif not self.quiet and iteration % self.config.measure_every == 0:
+            console.print(f"iter {iteration:5d}  max|f - target| {logged['max_gap']:.3f} "
+                          f"(tol {self.config.tolerance:.3f})  L_G {logged['loss_groups']:.4g}  "
+                          f"L_R {logged['loss_remember']:.4g}  {elapsed:.1f}s", highlight=False)
+
+
+def _print_summary(report: dict, output: Path, sha: str, quiet: bool) -> None:
+    if quiet:
+        return
+    state = "reached the targets" if report["converged"] else "did NOT reach the targets"
+    console.print(f"{state} after {report['iterations']} iterations in {report['wall_seconds']:.1f} s "
+                  f"(classifier {report['classifier']['kind']})", highlight=False)
+    before, after = report["frequencies"]["before"]["groups"], report["frequencies"]["after"]["groups"]
+    for name, target in report["targets"].items():
+        console.print(f"  {name}: {before[name]['frequency']:.3f} -> {after[name]['frequency']:.3f} "
+                      f"[{after[name]['ci_low']:.3f}, {after[name]['ci_high']:.3f}]  target {target:.3f}",
+                      highlight=False)
+    check = report["frequencies"].get("check_draw")
+    if check:
+        console.print(f"  independent draw (seed {check['seed']}): " + ", ".join(
+            f"{name} {check['before']['groups'][name]['frequency']:.3f} -> "
+            f"{check['after']['groups'][name]['frequency']:.3f}" for name in report["targets"]), highlight=False)
+    evaluation = report["evaluation"]
+    remember = evaluation["sets"]["remember"]
+    console.print(f"  remember: QD {remember['qd']:+.4f}  mean BPD {remember['base_mean_bpd']:.4f} -> "
+                  f"{remember['tamed_mean_bpd']:.4f}", highlight=False)
+    console.print(f"wrote {output} (sha256 {sha[:16]}…)", highlight=False)
+
+
+def _warn_failed_checks(report: dict) -> None:
+    """One stderr line per failed preservation check (the outputs are written all the same)."""
+    for check in report["evaluation"]["checks"]:
+        if not check["passed"]:
+            value = "n/a" if check["value"] is None else f"{check['value']:.4g}"
+            err_console.print(f"[yellow]warning:[/] preservation check {check['name']} failed: {value} (must be "
+                              f"{check['comparison']} {check['bound']:g}); see the report's evaluation block",
+                              highlight=False)

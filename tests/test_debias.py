@@ -1,0 +1,484 @@
+"""flowtame debias: targets, frequencies and intervals, classifiers, the CLI, and the end-to-end rebalancing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import warnings
+
+import pytest
+import torch
+
+from flowtame.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from flowtame.data import open_images
+from flowtame.debias import (
+    DebiasConfig,
+    DebiasMethod,
+    bin_centres,
+    fit_logistic,
+    frequencies_of,
+    frequency_table,
+    held_out_split,
+    load_torchscript_classifier,
+    parse_groups,
+    parse_targets,
+    prepare_data,
+    wilson_interval,
+    within_tolerance,
+)
+from flowtame.embedded import resolve_model_path
+from flowtame.engine import Engine, EngineConfig
+from flowtame.errors import InputError
+from flowtame.fileio import sha256_file
+from flowtame.models.glow import GlowSpec, build_glow
+from flowtame.quantization import DataSpec, quantize
+from flowtame.taming import pixel_nll
+
+ZERO, ONE = "embedded:digits:all:0", "embedded:digits:all:1"
+
+
+# ------------------------------------------------------------------------------------------ targets and groups
+
+
+def test_targets_for_all_but_one_group_imply_the_rest():
+    assert parse_targets(["a=0.25"], ["a", "b"]) == {"a": 0.25, "b": 0.75}
+    assert parse_targets(["c=0.5", "a=0.2"], ["a", "b", "c"]) == pytest.approx({"a": 0.2, "b": 0.3, "c": 0.5})
+    assert list(parse_targets(["b=0.6", "a=0.4"], ["a", "b"])) == ["a", "b"]  # --group order
+
+
+@pytest.mark.parametrize(("items", "names", "message"), [
+    (["a=1.2"], ["a", "b"], "strictly between 0 and 1"),
+    (["a=0"], ["a", "b"], "strictly between 0 and 1"),
+    (["a=half"], ["a", "b"], "not a number"),
+    (["a0.5"], ["a", "b"], "NAME=FRACTION"),
+    (["z=0.5"], ["a", "b"], "no group named 'z'"),
+    (["a=0.5", "a=0.4"], ["a", "b"], "given twice"),
+    (["a=0.6", "b=0.6"], ["a", "b"], "add up to 1.2"),
+    (["a=0.6", "b=0.5"], ["a", "b", "c"], "leaving"),
+    (["a=0.5"], ["a", "b", "c"], "missing: b, c"),
+])
+def test_bad_targets_are_named(items, names, message):
+    with pytest.raises(InputError, match=message):
+        parse_targets(items, names)
+
+
+@pytest.mark.parametrize(("items", "message"), [
+    (["a=./x"], "at least two"),
+    (["a=./x", "a=./y"], "given twice"),
+    (["./x", "b=./y"], "NAME=PATH"),
+    (["a b=./x", "b=./y"], "only letters"),
+])
+def test_bad_groups_are_named(items, message):
+    with pytest.raises(InputError, match=message):
+        parse_groups(items)
+
+
+def test_group_sources_may_hold_equals_signs():
+    assert parse_groups(["a=./x=1", "b=embedded:digits:all:3"]) == {"a": "./x=1", "b": "embedded:digits:all:3"}
+
+
+@pytest.mark.parametrize(("targets", "message"), [
+    (["--target", "zero=1.5"], "strictly between 0 and 1"),
+    (["--target", "zero=0.7", "--target", "one=0.7"], "add up to 1.4"),
+    (["--target", "two=0.5"], "no group named 'two'"),
+])
+def test_cli_target_errors_exit_2_before_any_work(run_cli, tmp_path, targets, message):
+    out = tmp_path / "out.safetensors"
+    result = run_cli("debias", tmp_path / "missing.safetensors", "--group", f"zero={ZERO}", "--group",
+                     f"one={ONE}", *targets, "-o", out)
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_cli_needs_two_groups(run_cli, tmp_path):
+    result = run_cli("debias", tmp_path / "m.safetensors", "--group", f"zero={ZERO}", "--target", "zero=0.5",
+                     "-o", tmp_path / "o.safetensors")
+    assert result.exit_code == 2 and "at least two --group" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ frequencies
+
+
+def test_wilson_interval_by_hand():
+    # 30 of 100, z = 1.959964 (z² = 3.841459): centre (0.3 + z²/200) / (1 + z²/100) = 0.307399,
+    # half-width z / (1 + z²/100) * sqrt(0.3 * 0.7 / 100 + z² / 40000) = 1.887458 * 0.046862 = 0.088450.
+    low, high = wilson_interval(30, 100)
+    assert low == pytest.approx(0.307399 - 0.088450, abs=2e-6)
+    assert high == pytest.approx(0.307399 + 0.088450, abs=2e-6)
+    # 0 of 10: [0, z² / (10 + z²)] = [0, 0.277533]
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-6)
+    assert wilson_interval(10, 10) == pytest.approx((1 - 0.277533, 1.0), abs=1e-6)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_frequency_table_counts_every_sample_once():
+    table = frequency_table(torch.tensor([0, 1, 1, 2, 1, 0, 1, 1]), ["a", "b", "c"])
+    rows = table["groups"]
+    assert (table["samples"], table["assigned"], table["other"]) == (8, 8, 0)
+    assert [rows[n]["count"] for n in "abc"] == [2, 5, 1]
+    assert [rows[n]["frequency"] for n in "abc"] == [0.25, 0.625, 0.125]
+    assert (rows["b"]["ci_low"], rows["b"]["ci_high"]) == wilson_interval(5, 8)
+    assert frequencies_of(table) == {"a": 0.25, "b": 0.625, "c": 0.125}
+    # class 2 of groups ["a", "b"] is "other": not counted, frequencies are shares of the assigned samples
+    table = frequency_table(torch.tensor([0, 2, 1, 2, 1, 1]), ["a", "b"])
+    assert (table["samples"], table["assigned"], table["other"]) == (6, 4, 2)
+    assert frequencies_of(table) == {"a": 0.25, "b": 0.75}
+    assert (table["groups"]["a"]["ci_low"], table["groups"]["a"]["ci_high"]) == wilson_interval(1, 4)
+    empty = frequency_table(torch.tensor([2, 2]), ["a", "b"])
+    assert empty["assigned"] == 0 and all(r != r for r in frequencies_of(empty).values())  # NaN
+    assert not within_tolerance(frequencies_of(empty), {"a": 0.5, "b": 0.5}, 0.4)
+    assert within_tolerance({"a": 0.31, "b": 0.69}, {"a": 0.3, "b": 0.7}, 0.02)
+    assert not within_tolerance({"a": 0.33, "b": 0.67}, {"a": 0.3, "b": 0.7}, 0.02)
+
+
+def test_bin_centres_snap_samples_and_images_alike():
+    x = torch.tensor([-0.7, -0.5, -0.49, 0.0, 0.2, 0.49, 0.8, float("nan")])
+    assert bin_centres(x, 2).tolist() == [-0.375, -0.375, -0.375, 0.125, 0.125, 0.375, 0.375, -0.375]
+
+
+# ------------------------------------------------------------------------------------------ classifiers
+
+
+def test_logistic_regression_separates_toy_latents():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
+    sizes = [60, 20, 40]  # unequal groups: the loss is class-balanced
+    labels = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)])
+    features = centres[labels] + 0.5 * torch.randn(len(labels), 4, generator=generator)
+    train, held = held_out_split(labels, 0.25, torch.Generator().manual_seed(1))
+    assert set(train.tolist()).isdisjoint(held.tolist()) and len(train) + len(held) == len(labels)
+    assert torch.bincount(labels[held]).tolist() == [15, 5, 10]
+    weight, bias = fit_logistic(features[train], labels[train], 3, weight_decay=1e-2, max_iter=200)
+    assert weight.shape == (4, 3) and bias.shape == (3,)
+    assert ((features[held] @ weight + bias).argmax(1) == labels[held]).all()
+    again = fit_logistic(features[train], labels[train], 3, weight_decay=1e-2, max_iter=200)
+    assert torch.equal(weight, again[0])  # deterministic
+
+
+def _scripted(module: torch.nn.Module, path) -> None:
+    with warnings.catch_warnings():  # torch.jit is deprecated, and it is the format --classifier takes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(module).save(str(path))
+
+
+class _MeanThreshold(torch.nn.Module):
+    """Logits [B, 2]: brighter images score group 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.flatten(1).mean(1, keepdim=True)
+        return torch.cat([-m, m], 1) * 100
+
+
+class _WrongWidth(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :3]
+
+
+def test_torchscript_classifier_is_checked_and_scored(tmp_path):
+    dark = torch.zeros(5, 1, 4, 4, dtype=torch.uint8)
+    bright = torch.full((3, 1, 4, 4), 250, dtype=torch.uint8)
+    good = tmp_path / "good.pt"
+    _scripted(_MeanThreshold(), good)
+    classifier = load_torchscript_classifier(good, [dark, bright], 5, torch.device("cpu"))
+    assert classifier.describe()["accuracy"] == 1.0 and classifier.describe()["n_checked"] == 8
+    assert classifier.logits(bin_centres(quantize(bright, 5), 5)).argmax(1).tolist() == [1, 1, 1]
+    assert classifier.describe()["sha256"] == sha256_file(good)
+    wrong = tmp_path / "wrong.pt"
+    _scripted(_WrongWidth(), wrong)
+    with pytest.raises(InputError, match=r"logits of shape \[B, 2\].*got \[5, 3\]"):
+        load_torchscript_classifier(wrong, [dark, bright], 5, torch.device("cpu"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(InputError, match="not a TorchScript module"):
+        load_torchscript_classifier(junk, [dark, bright], 5, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------ the CLI, small
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """An untrained (perturbed) 8x8 Glow: enough to drive the command, not to judge the method."""
+    torch.manual_seed(0)
+    spec = GlowSpec(channels=1, image_size=8, n_flow=1, n_block=2, hidden=8)
+    model = build_glow(spec)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    path = tmp_path_factory.mktemp("debias") / "tiny.safetensors"
+    save_checkpoint(path, Checkpoint(model.eval(), "glow", spec, DataSpec(image_size=8, channels=1, n_bits=5)))
+    return path
+
+
+def _tiny_args(base, out, *extra):
+    return ["debias", base, "--group", f"zero={ZERO}", "--group", f"one={ONE}", "--target", "zero=0.3",
+            "-o", out, "--report", f"{out}.json", "--samples", "64", "--max-iters", "6", "--measure-every", "2",
+            "--batch-size", "4", "--quiet", *extra]
+
+
+def test_cli_writes_checkpoint_report_and_private_provenance(run_cli, tiny_base, tmp_path):
+    out = tmp_path / "out.safetensors"
+    base_sha = sha256_file(tiny_base)
+    result = run_cli(*_tiny_args(tiny_base, out))
+    assert result.exit_code == 0, result.stderr
+    assert sha256_file(tiny_base) == base_sha
+    report = json.loads((tmp_path / "out.safetensors.json").read_text())
+    assert report["schema_version"] == 1 and report["command"] == "debias"
+    assert report["targets"] == {"zero": 0.3, "one": 0.7}
+    trajectory = report["trajectory"]
+    assert [t["iteration"] for t in trajectory] == list(range(0, report["iterations"] + 1, 2))
+    assert trajectory[0]["groups"] == report["frequencies"]["before"]["groups"]
+    if report["iterations"]:
+        assert trajectory[-1]["groups"] == report["frequencies"]["after"]["groups"]
+    assert all(t["remember_mean_bpd"] > 0 for t in trajectory)
+    check = report["frequencies"]["check_draw"]
+    assert check["seed"] == 1 and check["before"]["samples"] == 64
+    for table in (report["frequencies"]["before"], report["frequencies"]["after"], check["before"], check["after"]):
+        rows = table["groups"]
+        assert table["samples"] == table["assigned"] == 64 and table["other"] == 0
+        assert sum(r["count"] for r in rows.values()) == 64
+        assert all(r["ci_low"] <= r["frequency"] <= r["ci_high"] for r in rows.values())
+    assert report["classifier"]["kind"] == "latent-logistic" and 0 <= report["classifier"]["held_out_accuracy"] <= 1
+    assert len(report["classifier"]["held_out_recall"]) == 2 and report["classifier"]["classes"] == ["zero", "one"]
+    sets = report["evaluation"]["sets"]
+    assert set(sets) == {"remember", "group:zero", "group:one"} and sets["remember"]["n"] == 360
+    assert sets["group:zero"]["role"] == "group" and sets["group:one"]["n"] == 182
+    assert {c["name"] for c in report["evaluation"]["checks"]} == {"remember.qd", "remember.bpd_increase",
+                                                                   "remember.normality_p"}
+    assert report["output"]["sha256"] == sha256_file(out)
+    provenance = load_checkpoint(out).provenance
+    assert provenance["method"] == "debias" and provenance["parent_sha256"] == base_sha
+    assert provenance["targets"] == {"zero": 0.3, "one": 0.7} and len(provenance["group_digests"]["one"]) == 182
+    assert "embedded:digits" not in json.dumps(provenance) and str(tmp_path) not in json.dumps(provenance)
+    assert "zero=<path>" in provenance["command"]
+    again = run_cli(*_tiny_args(tiny_base, out))
+    assert again.exit_code == 2 and "--force" in again.stderr
+
+
+def test_cli_ctrl_c_writes_a_partial_report_and_resume_finishes(run_cli, tiny_base, tmp_path, monkeypatch):
+    import flowtame.cli.debias as debias_cli
+
+    straight = tmp_path / "straight.safetensors"
+    assert run_cli(*_tiny_args(tiny_base, straight)).exit_code == 0
+    original = debias_cli._LiveView.update
+
+    def interrupt(self, iteration, logged):
+        original(self, iteration, logged)
+        if iteration == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(debias_cli._LiveView, "update", interrupt)
+    out = tmp_path / "resumed.safetensors"
+    first = run_cli(*_tiny_args(tiny_base, out))
+    assert first.exit_code == 130 and "--resume" in first.stderr and not out.exists()
+    partial = json.loads((tmp_path / "resumed.safetensors.json").read_text())
+    assert partial["interrupted"] is True and partial["iterations"] == 3 and "before" in partial["frequencies"]
+    monkeypatch.setattr(debias_cli._LiveView, "update", original)
+    second = run_cli(*_tiny_args(tiny_base, out, "--resume"))
+    assert second.exit_code == 0, second.stderr
+    a, b = load_checkpoint(straight).model.state_dict(), load_checkpoint(out).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "resumed.safetensors.resume.safetensors").exists()
+    report = json.loads((tmp_path / "resumed.safetensors.json").read_text())
+    assert report["trajectory"] == json.loads((tmp_path / "straight.safetensors.json").read_text())["trajectory"]
+
+
+class _StubMeter:
+    """Stands in for FrequencyMeter: the same fixed class labels at every measurement."""
+
+    def __init__(self, labels):
+        self.labels = torch.tensor(labels)
+        self.calls = 0
+
+    def assign(self, model):
+        self.calls += 1
+        return self.labels
+
+
+def _method(tiny_base, targets, initial_labels, meter=None, **config):
+    base = load_checkpoint(tiny_base)
+    data_spec = base.data_spec
+    groups = [open_images(source, data_spec).load_tensor() for source in (ZERO, ONE)]
+    remember_pixels = torch.cat([pixels for pixels, _ in groups])
+    remember_keys = [key for _, keys in groups for key in keys]
+    config = DebiasConfig(**{"lr": 1e-3, "warmup": 0, "batch_size": 8, "alpha": 0.9, **config})
+    generator = torch.Generator().manual_seed(0)
+    data, _ = prepare_data(base.model, [pixels for pixels, _ in groups], remember_pixels, remember_keys, data_spec,
+                           config, generator, torch.device("cpu"))
+    initial = frequency_table(torch.tensor(initial_labels), ["zero", "one"])
+    method = DebiasMethod(data, meter, ["zero", "one"], targets, config, generator, initial)
+    return base, groups, method
+
+
+@pytest.mark.parametrize("under", ["zero", "one"])
+def test_method_raises_the_under_represented_group_and_lowers_the_other(tiny_base, under):
+    over = "one" if under == "zero" else "zero"
+    # measured 20% / 80%, wanted 80% / 20%: full weight +1 on `under`, -1 on `over`, full learning rate
+    labels = [0] * 2 + [1] * 8 if under == "zero" else [1] * 2 + [0] * 8
+    base, groups, method = _method(tiny_base, {under: 0.8, over: 0.2}, labels, max_iters=8, measure_every=1000)
+    assert method.weights.tolist() == ([1.0, -1.0] if under == "zero" else [-1.0, 1.0])
+    assert method.lr_factor == 1.0
+    model = load_checkpoint(tiny_base).model
+    spec = base.data_spec
+
+    def mean_nll(m):
+        return {name: float(pixel_nll(m, pixels, keys, spec, 0, torch.device("cpu")).mean())
+                for name, (pixels, keys) in zip(("zero", "one"), groups, strict=True)}
+
+    before = mean_nll(base.model)
+    Engine(model, method, EngineConfig(lr=1e-3, max_iters=8)).run()
+    after = mean_nll(model.eval())
+    change = {name: after[name] - before[name] for name in after}  # nats per image
+    # the untrained model's NLL falls for every digit at first; what moves frequencies is the relative change
+    assert change[under] < change[over] - 10.0  # measured: 36 and 20 nats apart
+
+
+def test_measurement_updates_weights_and_step_size_and_stops_within_tolerance(tiny_base):
+    meter = _StubMeter([0] * 31 + [1] * 69)  # zero 0.31, one 0.69
+    _, _, method = _method(tiny_base, {"zero": 0.3, "one": 0.7}, [0] * 10 + [1] * 90, meter, measure_every=5,
+                           tolerance=0.02)
+    # initial gap 0.2 = gap_scale: weights at full size, full learning rate
+    assert method.weights.tolist() == pytest.approx([1.0, -1.0]) and method.lr_factor == pytest.approx(1.0)
+    logged = {"max_gap": 0.2}
+    assert method.after_step(None, 3, logged) is False and meter.calls == 0  # not a measuring iteration
+    model = load_checkpoint(tiny_base).model
+    assert method.after_step(model, 4, logged) is True and meter.calls == 1  # iteration 5: |0.31 - 0.3| <= 0.02
+    assert logged["max_gap"] == pytest.approx(0.01)
+    assert method.weights.tolist() == pytest.approx([-0.05, 0.05])  # over-represented zero is now lowered
+    assert method.lr_factor == pytest.approx(0.25)  # 0.01 / 0.2 = 0.05, floored at min_lr_factor
+    assert [t["iteration"] for t in method.trajectory] == [0, 5]
+    assert method.trajectory[1]["groups"]["zero"]["count"] == 31
+    meter.labels = torch.tensor([0] * 36 + [1] * 64)
+    assert method.after_step(model, 9, logged) is False and method.lr_factor == pytest.approx(0.3)
+
+
+def test_cli_classifier_of_the_wrong_shape_exits_2(run_cli, tiny_base, tmp_path):
+    wrong = tmp_path / "wrong.pt"
+    _scripted(_WrongWidth(), wrong)
+    result = run_cli(*_tiny_args(tiny_base, tmp_path / "o.safetensors", "--classifier", wrong))
+    assert result.exit_code == 2 and "logits of shape [B, 2]" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ MUST-SHOW
+
+
+@pytest.mark.slow
+def test_debias_embedded_digits_reaches_the_target_and_preserves_the_remember_set(run_cli, tmp_path):
+    """Digits 0 and 1 under the embedded Glow, every other digit as "other": their relative frequency among the
+    model's samples (temperature 0.5) is moved from its natural value (about 0.16 zeros) to 0.35 zeros.
+
+    Asserted: the natural value is at least 15 points from the target; the run converges; the measured split
+    is within the 0.02 tolerance; on an independent draw the stopping rule never saw, the split moved by more
+    than its sampling error and the target lies within its 95% interval (widened by the tolerance); zeros
+    became more likely relative to ones; the remember set's quantile drop and mean-BPD change stay within
+    ``evaluate``'s default bounds (0.01, 1%)."""
+    model = resolve_model_path("embedded:glow-digits")
+    if not model.is_file():
+        pytest.skip(f"{model} is missing (the embedded model has not been trained into the package yet)")
+    out = tmp_path / "balanced.safetensors"
+    target, tolerance = 0.35, 0.02
+    result = run_cli("debias", "embedded:glow-digits", "--group", f"zero={ZERO}", "--group", f"one={ONE}",
+                     "--other", "embedded:digits:all", "--remember", "embedded:digits:train",
+                     "--target", f"zero={target}", "--samples", "2048", "-o", out, "--report", f"{out}.json",
+                     "--quiet", "--require-converged")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "balanced.safetensors.json").read_text())
+    classifier = report["classifier"]
+    assert classifier["kind"] == "latent-logistic" and classifier["classes"] == ["zero", "one", "(other)"]
+    assert min(classifier["held_out_recall"][:2]) >= 0.8 and classifier["held_out_accuracy"] >= 0.8
+
+    before, after = report["frequencies"]["before"], report["frequencies"]["after"]
+    natural = before["groups"]["zero"]["frequency"]
+    assert abs(target - natural) >= 0.15
+    assert before["assigned"] >= 200  # enough samples are zeros or ones to measure a share
+    assert report["converged"] is True and 0 < report["iterations"] < report["config"]["max_iters"]
+    assert abs(after["groups"]["zero"]["frequency"] - target) <= tolerance
+    assert abs(after["groups"]["one"]["frequency"] - (1 - target)) <= tolerance
+    trajectory = report["trajectory"]
+    assert trajectory[0]["iteration"] == 0 and trajectory[-1]["iteration"] == report["iterations"]
+    assert trajectory[-1]["groups"] == after["groups"]
+    assert all(abs(t["groups"]["zero"]["frequency"] - target) > tolerance for t in trajectory[:-1])  # stopped at once
+
+    check = report["frequencies"]["check_draw"]
+    check_before, check_after = check["before"]["groups"]["zero"], check["after"]["groups"]["zero"]
+    assert check_after["ci_low"] > check_before["ci_high"]  # a real move, not the fixed draw's luck
+    assert check_after["ci_low"] - tolerance <= target <= check_after["ci_high"] + tolerance
+
+    sets = report["evaluation"]["sets"]
+    zero_change = sets["group:zero"]["tamed_mean_nll"] - sets["group:zero"]["base_mean_nll"]
+    one_change = sets["group:one"]["tamed_mean_nll"] - sets["group:one"]["base_mean_nll"]
+    assert zero_change < one_change  # nats: zeros became more likely relative to ones
+    remember = sets["remember"]
+    assert remember["n"] == 1497 and abs(remember["qd"]) <= 0.01
+    assert abs(remember["bpd_change_relative"]) <= 0.01
+    assert report["evaluation"]["passed"] is True
+
+    provenance = load_checkpoint(out).provenance
+    assert provenance["method"] == "debias" and provenance["converged"] is True
+    assert provenance["frequencies_after"]["zero"] == after["groups"]["zero"]["frequency"]
+
+def test_cli_other_class_counts_only_the_groups(run_cli, tiny_base, tmp_path):
+    out = tmp_path / "o.safetensors"
+    result = run_cli(*_tiny_args(tiny_base, out, "--other", "embedded:digits:all", "--no-check-draw"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "o.safetensors.json").read_text())
+    assert report["classifier"]["classes"] == ["zero", "one", "(other)"]
+    assert report["other"] == {"source": "embedded:digits:all", "n": 1797 - 360, "excluded_group_images": 360}
+    for table in (report["frequencies"]["before"], report["frequencies"]["after"]):
+        assert table["samples"] == 64 and table["assigned"] + table["other"] == 64
+        assert sum(row["count"] for row in table["groups"].values()) == table["assigned"]
+    assert "check_draw" not in report["frequencies"]
+    assert "--other '<path>'" in load_checkpoint(out).provenance["command"]
+
+
+def test_redacted_command_hides_every_data_path_but_keeps_group_names():
+    from flowtame.cli.debias import redacted_command
+
+    argv = ["debias", "m.safetensors", "--group", "a=/secret/a", "--group=b=/secret/b", "-g", "c=/secret/c",
+            "--remember=/secret/r", "--other", "/secret/o", "--classifier", "/secret/c.pt", "-o", "/secret/out",
+            "--report", "/secret/r.json", "--target", "a=0.5"]
+    command = redacted_command(argv)
+    assert "/secret" not in command
+    assert command.startswith("flowtame debias m.safetensors --group 'a=<path>' '--group=b=<path>' -g 'c=<path>'")
+    assert command.endswith("--target a=0.5")
+
+
+def _one_image_list(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(torch.full((8, 8), 200, dtype=torch.uint8).numpy()).save(tmp_path / "a.png")
+    listing = tmp_path / "one.txt"
+    listing.write_text(str(tmp_path / "a.png") + "\n")
+    return listing
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("overlap", "in group 'all' and (the same pixels) in group 'zero'"),
+    ("single", "has 1 image(s); a group needs at least 2"),
+    ("missing-group", "no such file or directory"),
+    ("missing-classifier", "no such classifier file"),
+    ("bad-config", "samples, measure_every and max_iters must be at least 1"),
+    ("missing-model", "missing.safetensors"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(run_cli, tiny_base, tmp_path, case, message):
+    out = tmp_path / "o.safetensors"
+    args = _tiny_args(tiny_base, out)
+    if case == "overlap":
+        args[args.index(f"one={ONE}")] = "all=embedded:digits:all"
+    elif case == "single":
+        args[args.index(f"one={ONE}")] = f"one={_one_image_list(tmp_path)}"
+    elif case == "missing-group":
+        args[args.index(f"one={ONE}")] = f"one={tmp_path / 'nowhere'}"
+    elif case == "missing-classifier":
+        args += ["--classifier", tmp_path / "nope.pt"]
+    elif case == "bad-config":
+        args[args.index("--samples") + 1] = "0"
+    else:
+        args[1] = tmp_path / "missing.safetensors"
+    result = run_cli(*args)
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
