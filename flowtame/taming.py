@@ -45,7 +45,7 @@ class TameConfig:
     alpha: float = 0.2
     gamma: float = 0.6
     lr: float = 2e-4
-    batch_size: int = 8
+    batch_size: int = 32
     max_iters: int = 800
     refresh_every: int = 10
     refresh_size: int = 512
@@ -98,11 +98,7 @@ class TameConfig:
 
 def _load_baselines() -> None:
     """The baseline methods register themselves in ``flowtame.methods.METHODS`` when imported."""
-    try:
-        import flowtame.baselines  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name != "flowtame.baselines":
-            raise
+    import flowtame.baselines  # noqa: F401
 
 
 def preset(name: str) -> dict[str, Any]:

@@ -39,11 +39,7 @@ def _root(
 
 COMMAND_MODULES = ("info", "convert", "stats", "train", "tame", "evaluate", "sample", "debias", "demo")
 for _name in COMMAND_MODULES:
-    try:
-        importlib.import_module(f"flowtame.cli.{_name}")
-    except ModuleNotFoundError as _exc:  # command not written yet in this tree
-        if _exc.name != f"flowtame.cli.{_name}":
-            raise
+    importlib.import_module(f"flowtame.cli.{_name}")
 
 
 def main() -> None:
