@@ -77,7 +77,7 @@ class _ForgottenStopping(TamingMethod):
             self.refresh(model)
             self.confirmed_d = self.check_distances(model)
             self.latest_d.copy_(self.confirmed_d)
-            done = bool((self.confirmed_d > -self.epsilon).all())
+            done = bool((self.confirmed_d > -self.epsilon).all()) and self.remember_kept()
         elif (iteration + 1) % self.refresh_every == 0:
             self.refresh(model)
         return done

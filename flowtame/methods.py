@@ -78,7 +78,9 @@ class TamingMethod:
     mu_R, sigma_R are refreshed every ``refresh_every`` iterations on the fixed refresh subset. The stopping
     test screens each forget image's smoothed d from the training forwards (exponential average,
     :data:`SCREEN_WEIGHT`) and, only when they all pass, confirms with a no-grad pass over D_F on K fixed
-    check draws (NLL averaged) against freshly refreshed statistics.
+    check draws (NLL averaged) against freshly refreshed statistics. d is relative to the tamed model's own
+    mu_R, so a model whose every NLL rose passes it; the confirmation therefore also requires the remember
+    mean NLL to have risen by at most ``max_remember_drift`` (relative, = relative mean BPD) over N_B's.
     """
 
     name = "taming"
@@ -87,7 +89,7 @@ class TamingMethod:
                  batch_size: int, refresh_every: int, forget_loss_kind: str, forget_unit: str,
                  kl_estimate: str, generator: torch.Generator, subset_correction: tuple[float, float] = (0.0, 1.0),
                  threshold_gradient: bool = True, settle_decay: float = 1.0, confirm_gap: int = 5,
-                 config: Any = None,
+                 max_remember_drift: float | None = None, config: Any = None,
                  base_model: nn.Module | None = None):
         if kl_estimate not in ("refreshed", "batch"):
             raise ValueError(f"unknown kl_estimate {kl_estimate!r}")
@@ -100,6 +102,7 @@ class TamingMethod:
         self.confirm_gap = confirm_gap
         self.threshold_gradient = threshold_gradient
         self.settle_decay = settle_decay
+        self.max_remember_drift = max_remember_drift
         self.lr_factor = 1.0
         self.mean_offset, self.std_ratio = subset_correction
         self.config = config
@@ -112,6 +115,7 @@ class TamingMethod:
         self.confirmed_d: Tensor | None = None
         self.refreshes = 0
         self.confirmations = 0
+        self.drift_refusals = 0
 
     # ------------------------------------------------------------------ batches
     def _draw(self, count: int, total: int) -> Tensor:
@@ -180,6 +184,17 @@ class TamingMethod:
         self.sigma_r = nll.std() * self.std_ratio
         self.refreshes += 1
 
+    def remember_drift(self) -> float:
+        """Relative rise of the remember set's mean NLL (latest refresh) over the base model's N_B mean."""
+        return float((self.mu_r - self.data.base_mean) / self.data.base_mean)
+
+    def remember_kept(self) -> bool:
+        """False (and counted) when the remember mean NLL rose by more than ``max_remember_drift``."""
+        if self.max_remember_drift is None or self.remember_drift() <= self.max_remember_drift:
+            return True
+        self.drift_refusals += 1
+        return False
+
     @torch.no_grad()
     def check_distances(self, model: nn.Module) -> Tensor:
         """d [F] of every forget image, NLL averaged over the fixed check draws, against current mu_R, sigma_R."""
@@ -202,7 +217,7 @@ class TamingMethod:
             self.refresh(model)
             self.confirmed_d = self.check_distances(model)
             self.latest_d.copy_(self.confirmed_d)
-            done = bool((self.confirmed_d.abs() < self.epsilon).all())
+            done = bool((self.confirmed_d.abs() < self.epsilon).all()) and self.remember_kept()
         elif (iteration + 1) % self.refresh_every == 0:
             self.refresh(model)
         return done
@@ -212,7 +227,8 @@ class TamingMethod:
 
     def state_meta(self) -> dict[str, Any]:
         return {"last_confirm": self.last_confirm, "refreshes": self.refreshes,
-                "confirmations": self.confirmations, "lr_factor": self.lr_factor}
+                "confirmations": self.confirmations, "lr_factor": self.lr_factor,
+                "drift_refusals": self.drift_refusals}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.mu_r, self.sigma_r = tensors["mu_r"].reshape(()), tensors["sigma_r"].reshape(())
@@ -221,6 +237,7 @@ class TamingMethod:
         self.refreshes = meta["refreshes"]
         self.confirmations = meta["confirmations"]
         self.lr_factor = meta["lr_factor"]
+        self.drift_refusals = meta.get("drift_refusals", 0)
 
 
 #: Method name -> class; baselines register here (``flowtame.baselines``). Every class takes the

@@ -57,6 +57,7 @@ class TameConfig:
     threshold_gradient: bool = True
     settle_decay: float = 0.97
     forget_draws: int = 8
+    max_remember_drift: float | None = 0.05
     seed: int = 0
     eval_seed: int = 0
     precision: str = "fp32"
@@ -90,6 +91,10 @@ class TameConfig:
             problems.append("settle_decay must lie in (0, 1]")
         if self.refresh_size < 2:
             problems.append("refresh_size must be at least 2")
+        if self.max_remember_drift == 0:
+            self.max_remember_drift = None  # 0 turns the guard off, like null in YAML
+        if self.max_remember_drift is not None and self.max_remember_drift < 0:
+            problems.append("max_remember_drift must be positive (0 or null turns the guard off)")
         if self.forget_draws < 1:
             problems.append("forget_draws must be at least 1")
         if problems:
@@ -240,6 +245,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
         forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=generator,
         threshold_gradient=config.threshold_gradient, settle_decay=config.settle_decay,
+        max_remember_drift=config.max_remember_drift,
         subset_correction=_subset_correction(base_remember_nll, refresh_idx.numpy()),
         config=config, base_model=base_model)
     engine = Engine(model, method, EngineConfig(
@@ -293,6 +299,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         wall_seconds=result.wall_seconds,
         seconds_per_iteration=result.wall_seconds / max(result.iterations, 1),
         lr_reductions=result.lr_reductions, refreshes=method.refreshes, confirmations=method.confirmations,
+        drift_refusals=method.drift_refusals,
         remember_normal={"base": {"mean_nats": base_mean, "std_nats": base_std,
                                   "mean_bpd": base_mean / per_bpd, "std_bpd": base_std / per_bpd},
                          "tamed": {"mean_nats": mu_t, "std_nats": sigma_t,

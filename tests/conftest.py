@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -26,6 +27,7 @@ def run_cli(capsys, monkeypatch):
         from flowtame.cli import main
 
         monkeypatch.setattr(sys, "argv", ["flowtame", *map(str, args)])
+        monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
         code = 0
         try:
             main()

@@ -68,7 +68,7 @@ def make_method(name: str, model: torch.nn.Module, *, seed: int = 0, **config_kw
                          batch_size=config.batch_size, refresh_every=config.refresh_every,
                          forget_loss_kind=config.forget_loss, forget_unit=config.forget_unit,
                          kl_estimate=config.kl_estimate, generator=torch.Generator().manual_seed(seed),
-                         config=config, base_model=model)
+                         max_remember_drift=config.max_remember_drift, config=config, base_model=model)
 
 
 def test_methods_register_on_import():
@@ -321,3 +321,24 @@ def test_cli_tame_with_method(name, base, forget_folder, run_cli, tmp_path):
 
 def test_taming_is_not_replaced():
     assert METHODS["taming"] is TamingMethod
+
+
+@pytest.mark.parametrize("name", ["taming", "neggrad"])
+def test_stop_is_refused_while_the_remember_set_drifted_up(name, monkeypatch):
+    """d is relative to the tamed model's own mu_R: a model whose every NLL rose passes it, so the
+    confirmation also requires mu_R to be within max_remember_drift (5%) of N_B's mean."""
+    model, _ = tiny_glow()
+    method = make_method(name, model)
+    assert method.max_remember_drift == 0.05
+    monkeypatch.setattr(method, "refresh", lambda _model: None)
+    monkeypatch.setattr(method, "check_distances", lambda _model: torch.tensor([0.1, -0.1, 0.2]))
+    base_mean = method.data.base_mean
+    method.mu_r = base_mean * 1.06
+    assert method.remember_drift() == pytest.approx(0.06, rel=1e-5)
+    assert method.after_step(model, 10, {"min_d": 0.0, "max_abs_d": 0.0}) is False
+    assert method.drift_refusals == 1
+    method.mu_r = base_mean * 1.04
+    assert method.after_step(model, 20, {"min_d": 0.0, "max_abs_d": 0.0}) is True
+    assert method.drift_refusals == 1 and method.confirmations == 2
+    off = make_method(name, model, max_remember_drift=0)  # 0 turns the guard off
+    assert off.max_remember_drift is None

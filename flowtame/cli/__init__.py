@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import typer
 
@@ -42,8 +43,14 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"flowtame.cli.{_name}")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings reach the terminal as ``flowtame: warning: <message>``, without source file and line."""
+    print(f"flowtame: warning: {message}", file=file or sys.stderr)
+
+
 def main() -> None:
     """Console-script entry point: run the app, map library errors to one line and an exit code."""
+    warnings.showwarning = _one_line_warning
     try:
         app(standalone_mode=False)
     except FlowtameError as exc:

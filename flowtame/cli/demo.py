@@ -28,15 +28,19 @@ def demo(
     result = run_demo(out, digit=digit, k=k, device=device, log=lambda line: console.print(line, highlight=False))
     evaluation = result.report["evaluation"]
     table = Table(title="before -> after (paired evaluation noise)")
-    for column in ("set", "n", "mean BPD base", "mean BPD tamed", "QD [95% CI]", "forgotten"):
+    for column in ("set", "n", "mean BPD base -> tamed", "change", "QD [95% CI]", "forgotten"):
         table.add_column(column, justify="right" if column != "set" else "left")
     for name, block in evaluation["sets"].items():
-        table.add_row(name, str(block["n"]), f"{block['base_mean_bpd']:.4f}", f"{block['tamed_mean_bpd']:.4f}",
+        table.add_row(name.split(":")[0], str(block["n"]),
+                      f"{block['base_mean_bpd']:.4f} -> {block['tamed_mean_bpd']:.4f}",
+                      f"{block['bpd_change_relative']:+.2%}",
                       f"{block['qd']:+.4f} [{block['qd_ci_low']:+.4f}, {block['qd_ci_high']:+.4f}]",
                       f"{block['forgotten_fraction']:.0%}")
     console.print(table)
-    failed = [check["name"] for check in evaluation["checks"] if not check["passed"]]
-    console.print(f"checks: {'FAILED: ' + ', '.join(failed) if failed else 'all passed'}", highlight=False)
+    for check in evaluation["checks"]:
+        verdict = "pass" if check["passed"] else "FAIL"
+        console.print(f"check {check['name']}: {check['value']:.4g} {check['comparison']} {check['bound']:g}  "
+                      f"{verdict}", highlight=False)
     console.print(f"wrote {out}/: stats.json forget/ tamed.safetensors report.json nll.png samples.png "
                   f"({result.seconds:.0f} s)")
     console.print("the same steps by hand:")
