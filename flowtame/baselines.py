@@ -68,6 +68,10 @@ class _ForgottenStopping(TamingMethod):
         threshold = self.mu_r + self.delta * self.sigma_r
         return torch.relu(threshold - nll_forget).mean() / self.nats_per_bpd
 
+    def diverged(self, logged: dict[str, float]) -> str | None:
+        """Baselines run as published: no blow-up roll-back (only non-finite losses roll back)."""
+        return None
+
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         """Taming's screen-and-confirm with the baselines' criterion: every forget image has d > -ε."""
         done = False

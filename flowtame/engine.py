@@ -2,7 +2,7 @@
 
 A *method* supplies the loss of each iteration and decides when it is done; the engine owns everything
 else: Adam with linear warm-up, gradient clipping, optional autocast on CUDA, roll-back of non-finite
-steps with a bounded number of learning-rate reductions, a clean stop on Ctrl-C with a resumable state
+(or blown-up) steps with a bounded number of learning-rate reductions, a clean stop on Ctrl-C with a resumable state
 file (safetensors, never a pickle), resume to the bit-identical result on CPU, timing and a trajectory.
 
 The engine does one forward/backward per iteration (whatever the method puts in its loss). It touches the
@@ -57,7 +57,9 @@ class Method(Protocol):
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         """Called after the optimizer step with the logged scalars as floats; True when converged.
 
-        A method may also expose ``lr_factor`` (float): the engine multiplies the learning rate by it.
+        A method may also expose ``lr_factor`` (float): the engine multiplies the learning rate by it, and
+        ``diverged(logged) -> str | None``: a reason to treat this iteration like a non-finite loss (roll back
+        to the last good weights and lower the learning rate), e.g. a blow-up of the remember NLL.
         """
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -253,7 +255,12 @@ class Engine:
                                         for v in metrics.values())]).tolist()
                 logged = dict(zip(names, values, strict=True))
                 if not all(math.isfinite(v) for v in values[:2]):
-                    self._roll_back(last_good, logged)
+                    self._roll_back(last_good, f"loss became non-finite at iteration {self.iteration} "
+                                               f"(loss={logged['loss']}, grad norm={logged['grad_norm']})")
+                    continue
+                blow_up = getattr(self.method, "diverged", lambda _logged: None)(logged)
+                if blow_up:
+                    self._roll_back(last_good, f"{blow_up} at iteration {self.iteration}")
                     continue
                 self.optimizer.step()
                 logged["lr"] = lr
@@ -270,12 +277,10 @@ class Engine:
         self.elapsed = time.perf_counter() - start
         return EngineResult(self.iteration, self.converged, self.elapsed, self.lr_reductions, self.trajectory)
 
-    def _roll_back(self, last_good: dict[str, Any], logged: dict[str, float]) -> None:
+    def _roll_back(self, last_good: dict[str, Any], problem: str) -> None:
         if self.lr_reductions >= self.config.max_nan_retries:
-            raise TrainingDivergedError(
-                f"loss became non-finite at iteration {self.iteration} (loss={logged['loss']}, "
-                f"grad norm={logged['grad_norm']}) after {self.lr_reductions} learning-rate reductions; "
-                f"try a smaller --lr")
+            raise TrainingDivergedError(f"{problem}, after {self.lr_reductions} learning-rate reductions; "
+                                        f"try a smaller --lr")
         self._restore(last_good)
         self.lr_scale *= self.config.lr_backoff
         self.lr_reductions += 1

@@ -24,6 +24,9 @@ MIN_SETTLE_FACTOR = 0.05
 #: One fresh noise draw moves d by up to ~0.6 sigma_R on small models; the smoothing keeps the screen from
 #: waiting for every image's noise to be lucky at once.
 SCREEN_WEIGHT = 0.3
+#: A remember batch whose mean BPD is this fraction above N_B's is a blow-up, not taming (which moves it by
+#: about 1%): the engine rolls back to the last good weights and halves the learning rate.
+BLOWUP_RISE = 0.25
 
 
 @dataclass
@@ -108,6 +111,7 @@ class TamingMethod:
         self.config = config
         self.base_model = base_model
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
+        self.base_bpd = float(data.base_mean) / self.nats_per_bpd
         self.mu_r = data.base_mean.clone()
         self.sigma_r = data.base_std.clone()
         self.latest_d = torch.full((data.forget.shape[0],), float("inf"), device=data.device)
@@ -183,6 +187,13 @@ class TamingMethod:
         self.mu_r = nll.mean() + self.mean_offset
         self.sigma_r = nll.std() * self.std_ratio
         self.refreshes += 1
+
+    def diverged(self, logged: dict[str, float]) -> str | None:
+        """A reason to roll back when this iteration's remember batch is :data:`BLOWUP_RISE` above N_B (BPD)."""
+        if logged["remember_bpd"] > self.base_bpd * (1 + BLOWUP_RISE):
+            return (f"the remember batch's mean BPD jumped to {logged['remember_bpd']:.3f} "
+                    f"(base {self.base_bpd:.3f})")
+        return None
 
     def remember_drift(self) -> float:
         """Relative rise of the remember set's mean NLL (latest refresh) over the base model's N_B mean."""

@@ -42,7 +42,7 @@ class TameConfig:
     method: str = "taming"
     delta: float = 4.0
     epsilon: float | None = None
-    alpha: float = 0.2
+    alpha: float = 0.15
     gamma: float = 0.6
     lr: float = 2e-4
     batch_size: int = 32

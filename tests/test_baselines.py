@@ -342,3 +342,14 @@ def test_stop_is_refused_while_the_remember_set_drifted_up(name, monkeypatch):
     assert method.drift_refusals == 1 and method.confirmations == 2
     off = make_method(name, model, max_remember_drift=0)  # 0 turns the guard off
     assert off.max_remember_drift is None
+
+
+def test_a_remember_blow_up_is_a_divergence_for_taming_only():
+    model, _ = tiny_glow()
+    taming, neggrad = make_method("taming", model), make_method("neggrad", model)
+    base_bpd = float(taming.data.base_mean) / taming.nats_per_bpd
+    assert taming.base_bpd == pytest.approx(base_bpd)
+    assert taming.diverged({"remember_bpd": base_bpd * 1.10}) is None  # a large but plausible move
+    reason = taming.diverged({"remember_bpd": base_bpd * 1.30})
+    assert reason and f"(base {base_bpd:.3f})" in reason
+    assert neggrad.diverged({"remember_bpd": base_bpd * 10}) is None  # baselines run as published

@@ -113,6 +113,33 @@ def test_persistent_nan_fails_clearly_after_bounded_retries():
     assert engine.lr_reductions == engine.config.max_nan_retries
 
 
+def test_a_blow_up_the_method_reports_rolls_back_like_a_nan():
+    model, method, engine = make(max_iters=30)
+    blown = []
+
+    def diverged(logged):
+        if engine.iteration == 12 and not blown:
+            blown.append(engine.iteration)
+            return "the remember batch's mean BPD jumped"
+        return None
+
+    method.diverged = diverged
+    snapshots = []
+    original = engine._restore
+    engine._restore = lambda snapshot: (snapshots.append(snapshot), original(snapshot))
+    result = engine.run()
+    assert result.lr_reductions == 1 and engine.lr_scale == 0.5
+    # rolled back to the snapshot taken after the previous step (snapshot_every=1), not the blown weights
+    assert len(snapshots) == 1 and result.iterations == 30
+
+
+def test_persistent_blow_up_fails_clearly_naming_the_problem():
+    _, method, engine = make()
+    method.diverged = lambda logged: "the remember batch's mean BPD jumped to 9.000 (base 1.280)"
+    with pytest.raises(TrainingDivergedError, match=r"jumped to 9.000 \(base 1.280\) at iteration 0, after 3"):
+        engine.run()
+
+
 def test_bad_resume_state_is_a_clear_error(tmp_path):
     _, _, engine = make()
     with pytest.raises(CheckpointError, match="nothing to --resume"):

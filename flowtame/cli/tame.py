@@ -38,7 +38,7 @@ def tame_command(
     method: str = typer.Option(None, help="taming (default) | neggrad | selective-amnesia (baselines)."),
     delta: float = typer.Option(None, help="Threshold in remember std units: mu_R + delta*sigma_R [4]."),
     epsilon: float = typer.Option(None, help="Stop when |d| < epsilon for every forget image [0.15*delta]."),
-    alpha: float = typer.Option(None, help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.2]."),
+    alpha: float = typer.Option(None, help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15]."),
     gamma: float = typer.Option(None, help="Weight of the KL terms inside L_R."),
     lr: float = typer.Option(None, help="Adam peak learning rate."),
     batch_size: int = typer.Option(None, help="Forget and remember images per iteration (each) [32]."),
