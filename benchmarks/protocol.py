@@ -42,6 +42,7 @@ import torch
 from flowtame.checkpoint import Checkpoint, load_checkpoint
 from flowtame.data import open_images
 from flowtame.embedded import resolve_model_path
+from flowtame.errors import TrainingDivergedError
 from flowtame.evaluation import FORGET_DRAWS, find_neighbours, summarize_evaluation
 from flowtame.protocol import median_nearest
 from flowtame.taming import make_config, pixel_nll, preset, tame
@@ -130,7 +131,12 @@ def run_one(base: Checkpoint, proto: Protocol, layers: list[dict[str, Any]], max
     config = make_config(*layers, {"max_iters": max_iters})
     print(f"  running {config.method} ...", end="", flush=True)
     start = time.perf_counter()
-    outcome = tame(base, [proto.forget], proto.remember, config, device="cpu")
+    try:
+        outcome = tame(base, [proto.forget], proto.remember, config, device="cpu")
+    except TrainingDivergedError as exc:  # the blow-up roll-back gave up: a result of the protocol too
+        print(f" failed: {exc}", flush=True)
+        return {"failed": str(exc), "total_seconds": time.perf_counter() - start,
+                "targets": dict.fromkeys(("forgotten", "qd_remember", "qd_neighbours", "holdout_bpd"), False)}
     total = time.perf_counter() - start
     spec, cpu = base.data_spec, torch.device("cpu")
     table = dict(outcome.nll)
@@ -174,6 +180,9 @@ def print_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
     print(header)
     print("-" * len(header))
     for label, r in rows.items():
+        if "failed" in r:
+            print(f"{label:28s} FAILED after {r['total_seconds']:.0f} s: {r['failed']}")
+            continue
         t = r["targets"]
         forgot = _mark(f"{r['forgotten']:6.0%}", t["forgotten"])
         qd_r = _mark(f"{r['qd_remember']:+8.4f}", t["qd_remember"])
@@ -192,6 +201,9 @@ def compare(rows: dict[str, dict[str, Any]]) -> list[str]:
     for baseline in ("neggrad", "selective-amnesia"):
         theirs = rows.get(baseline)
         if ours is None or theirs is None:
+            continue
+        if "failed" in ours or "failed" in theirs:
+            lines.append(f"vs {baseline}: a run failed -> comparison MISSED")
             continue
         if not (ours["targets"]["forgotten"] and theirs["targets"]["forgotten"]):
             lines.append(f"vs {baseline}: not at equal forgetting (forgotten: taming {ours['forgotten']:.0%}, "
