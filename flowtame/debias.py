@@ -60,7 +60,7 @@ from flowtame.methods import batched_nll, dequantized
 from flowtame.models.base import MultiScaleFlow
 from flowtame.objective import nats_per_bpd, remember_loss
 from flowtame.quantization import DataSpec, quantize
-from flowtame.taming import _copy_model, _subset_correction, pixel_nll
+from flowtame.taming import pixel_nll, subset_correction, trainable_copy
 
 REPORT_SCHEMA_VERSION = 1
 #: Group names: letters, digits and ``_ . -`` (they become JSON keys and column labels).
@@ -525,7 +525,7 @@ def prepare_data(base_model: nn.Module, group_pixels: Sequence[Tensor], remember
         refresh=dequantized(remember_pixels[refresh_idx], refresh_noise, data_spec.n_bits).to(device),
         base_mean=torch.tensor(float(base_remember_nll.mean()), device=device),
         base_std=torch.tensor(float(base_remember_nll.std(ddof=1)), device=device),
-        subset_correction=_subset_correction(base_remember_nll, refresh_idx.numpy()))
+        subset_correction=subset_correction(base_remember_nll, refresh_idx.numpy()))
     return data, base_remember_nll
 
 
@@ -800,7 +800,7 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
 
     data, base_remember_nll = prepare_data(base_model, group_pixels, remember_pixels, remember_keys, data_spec,
                                            config, generator, dev)
-    model = _copy_model(base, dev)
+    model = trainable_copy(base, dev)
     method = DebiasMethod(data, meter, names, targets, config, generator, before)
     engine = Engine(model, method, EngineConfig(
         lr=config.lr, warmup=config.warmup, max_iters=config.max_iters, grad_clip=config.grad_clip,

@@ -24,9 +24,19 @@ def check_output_path(path: str | Path, force: bool) -> Path:
     return path
 
 
+def _new_file_mode() -> int:
+    """The permission bits ``open()`` would give a new file under the current umask (mkstemp uses 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success rename it to ``path``, else delete it."""
+    """Yield a temporary path in the target's folder; on success rename it to ``path``, else delete it.
+
+    The result gets the permissions of a normally created file (umask applied), not mkstemp's private 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -34,6 +44,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _new_file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -227,7 +227,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     refresh_noise = dequantization_noise(refresh_keys, config.eval_seed, tuple(remember_pixels.shape[1:]))
     refresh_x = dequantized(remember_pixels[refresh_idx], refresh_noise, data_spec.n_bits).to(dev)
 
-    model = _copy_model(base, dev)
+    model = trainable_copy(base, dev)
     data = TamingData(
         data_spec=data_spec,
         forget=forget_pixels.to(dev),
@@ -246,7 +246,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=generator,
         threshold_gradient=config.threshold_gradient, settle_decay=config.settle_decay,
         max_remember_drift=config.max_remember_drift,
-        subset_correction=_subset_correction(base_remember_nll, refresh_idx.numpy()),
+        subset_correction=subset_correction(base_remember_nll, refresh_idx.numpy()),
         config=config, base_model=base_model)
     engine = Engine(model, method, EngineConfig(
         lr=config.lr, warmup=config.warmup, max_iters=config.max_iters, grad_clip=config.grad_clip,
@@ -337,7 +337,8 @@ def redacted_command(argv: Sequence[str]) -> str:
     return shlex.join(words)
 
 
-def _copy_model(base: Checkpoint, device: torch.device) -> torch.nn.Module:
+def trainable_copy(base: Checkpoint, device: torch.device) -> torch.nn.Module:
+    """A fresh model rebuilt from the checkpoint's spec with its weights, on ``device``; the base stays as is."""
     from flowtame.models import build_model
 
     model = build_model(base.architecture, base.spec)
@@ -345,7 +346,7 @@ def _copy_model(base: Checkpoint, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def _subset_correction(base_nll: np.ndarray, subset: np.ndarray) -> tuple[float, float]:
+def subset_correction(base_nll: np.ndarray, subset: np.ndarray) -> tuple[float, float]:
     """(mean offset, std ratio) mapping refresh-subset statistics to whole-set ones, from the base model.
 
     Base and tamed NLLs on the same images are strongly correlated, so correcting the tamed subset
