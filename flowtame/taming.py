@@ -58,6 +58,7 @@ class TameConfig:
     settle_decay: float = 0.97
     forget_draws: int = 8
     max_remember_drift: float | None = 0.05
+    max_remember_jump: float | None = 0.25
     seed: int = 0
     eval_seed: int = 0
     precision: str = "fp32"
@@ -91,10 +92,11 @@ class TameConfig:
             problems.append("settle_decay must lie in (0, 1]")
         if self.refresh_size < 2:
             problems.append("refresh_size must be at least 2")
-        if self.max_remember_drift == 0:
-            self.max_remember_drift = None  # 0 turns the guard off, like null in YAML
-        if self.max_remember_drift is not None and self.max_remember_drift < 0:
-            problems.append("max_remember_drift must be positive (0 or null turns the guard off)")
+        for guard in ("max_remember_drift", "max_remember_jump"):
+            if getattr(self, guard) == 0:
+                setattr(self, guard, None)  # 0 turns the guard off
+            if getattr(self, guard) is not None and getattr(self, guard) < 0:
+                problems.append(f"{guard} must be positive (0 turns the guard off)")
         if self.forget_draws < 1:
             problems.append("forget_draws must be at least 1")
         if problems:
@@ -245,7 +247,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
         forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=generator,
         threshold_gradient=config.threshold_gradient, settle_decay=config.settle_decay,
-        max_remember_drift=config.max_remember_drift,
+        max_remember_drift=config.max_remember_drift, max_remember_jump=config.max_remember_jump,
         subset_correction=subset_correction(base_remember_nll, refresh_idx.numpy()),
         config=config, base_model=base_model)
     engine = Engine(model, method, EngineConfig(

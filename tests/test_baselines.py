@@ -68,7 +68,8 @@ def make_method(name: str, model: torch.nn.Module, *, seed: int = 0, **config_kw
                          batch_size=config.batch_size, refresh_every=config.refresh_every,
                          forget_loss_kind=config.forget_loss, forget_unit=config.forget_unit,
                          kl_estimate=config.kl_estimate, generator=torch.Generator().manual_seed(seed),
-                         max_remember_drift=config.max_remember_drift, config=config, base_model=model)
+                         max_remember_drift=config.max_remember_drift, max_remember_jump=config.max_remember_jump,
+                         config=config, base_model=model)
 
 
 def test_methods_register_on_import():
@@ -353,3 +354,9 @@ def test_a_remember_blow_up_is_a_divergence_for_taming_only():
     reason = taming.diverged({"remember_bpd": base_bpd * 1.30})
     assert reason and f"(base {base_bpd:.3f})" in reason
     assert neggrad.diverged({"remember_bpd": base_bpd * 10}) is None  # baselines run as published
+    off = make_method("taming", model, max_remember_jump=0)  # 0 turns it off (as --preset paper does)
+    assert off.max_remember_jump is None and off.diverged({"remember_bpd": base_bpd * 10}) is None
+    from flowtame.taming import make_config, preset
+
+    paper = make_config(preset("paper"))
+    assert paper.max_remember_jump is None and paper.max_remember_drift is None

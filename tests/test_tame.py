@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -65,6 +66,20 @@ def workspace(tmp_path_factory):
     }
 
 
+def assert_valid_tame_report(report: dict) -> None:
+    """The report validates against the shipped tame-report schema (which refers to the evaluation schema)."""
+    import jsonschema
+    from referencing import Registry, Resource
+
+    def load(name):
+        return json.loads((resources.files("flowtame") / "schemas" / name).read_text(encoding="utf-8"))
+
+    tame_schema, evaluation_schema = load("tame-report.schema.json"), load("evaluation.schema.json")
+    registry = Registry().with_resources([(evaluation_schema["$id"], Resource.from_contents(evaluation_schema))])
+    jsonschema.Draft202012Validator.check_schema(tame_schema)
+    jsonschema.Draft202012Validator(tame_schema, registry=registry).validate(json.loads(json.dumps(report)))
+
+
 def tame_args(ws, out, *extra):
     return ["tame", ws["base"], "--forget", ws["forget"], "--remember", ws["remember"], "-o", out,
             "--report", str(out) + ".json", "--max-iters", "400", "--seed", "0", "--quiet", *extra]
@@ -80,6 +95,7 @@ def test_tame_cli_forgets_and_preserves(run_cli, workspace):
     assert sha256_file(ws["base"]) == base_sha  # the base checkpoint is never modified
     assert report["kind"] == "tame" and report["converged"] is True
     assert report["iterations"] < 400
+    assert_valid_tame_report(report)
     request = report["requests"][0]
     assert request["n"] == 2 and request["reached_threshold"] and request["max_abs_d"] < report["config"]["epsilon"]
     evaluation = report["evaluation"]
@@ -148,6 +164,7 @@ def test_ctrl_c_saves_state_and_resume_reaches_the_same_result(run_cli, workspac
     assert not resumed.exists()  # no half-written output
     partial = json.loads((ws["root"] / "resumed.safetensors.json").read_text())
     assert partial["interrupted"] is True and partial["iterations"] == 15
+    assert_valid_tame_report(partial)  # the partial report follows the same schema (no evaluation block)
     monkeypatch.setattr(tame_cli._LiveView, "update", original)
     second = run_cli(*tame_args(ws, resumed, "--max-iters", "40", "--resume"))
     assert second.exit_code == 0, second.stderr

@@ -58,6 +58,9 @@ def tame_command(
                                      "stopping test and the report [8]."),
     max_remember_drift: float = typer.Option(None, help="Stopping guard: refuse to stop while the remember set's "
                                              "mean NLL is up by more than this fraction (0 = off) [0.05]."),
+    max_remember_jump: float = typer.Option(None, help="Blow-up guard: roll back and halve the learning rate when "
+                                            "a remember batch's mean BPD is this fraction above the base "
+                                            "model's (0 = off) [0.25]."),
     seed: int = typer.Option(None, help="Seed: CPU runs are bit-for-bit repeatable [0]."),
     eval_seed: int = typer.Option(None, help="Seed of the fixed evaluation / stopping-check noise [0]."),
     precision: str = typer.Option(None, help="fp32 | bf16 | fp16 (autocast, CUDA only)."),
@@ -91,7 +94,8 @@ def tame_command(
                  refresh_size=refresh_size, warmup=warmup, grad_clip=grad_clip, forget_loss=forget_loss,
                  forget_unit=forget_unit, kl_estimate=kl_estimate, threshold_gradient=threshold_gradient,
                  settle_decay=settle_decay, forget_draws=forget_draws,
-                 max_remember_drift=max_remember_drift, seed=seed, eval_seed=eval_seed,
+                 max_remember_drift=max_remember_drift, max_remember_jump=max_remember_jump,
+                 seed=seed, eval_seed=eval_seed,
                  precision=precision, sa_lambda=sa_lambda, sa_replay_weight=sa_replay_weight,
                  sa_fisher_samples=sa_fisher_samples, sa_surrogate=sa_surrogate)
     cfg = make_config(*layers, flags)
