@@ -224,6 +224,9 @@ class TamingMethod:
             # settling: Adam's steps do not shrink with the gradient, so near the threshold the images would
             # jitter across the +-epsilon band; decay the learning rate while they are close
             self.lr_factor = max(MIN_SETTLE_FACTOR, self.lr_factor * self.settle_decay)
+        else:
+            # an image drifted back out of the band: recover the learning rate at the same pace
+            self.lr_factor = min(1.0, self.lr_factor / self.settle_decay)
         screen_passes = logged["max_abs_d"] < self.epsilon
         if screen_passes and iteration - self.last_confirm >= self.confirm_gap:
             self.last_confirm = iteration

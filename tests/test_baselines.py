@@ -69,7 +69,7 @@ def make_method(name: str, model: torch.nn.Module, *, seed: int = 0, **config_kw
                          forget_loss_kind=config.forget_loss, forget_unit=config.forget_unit,
                          kl_estimate=config.kl_estimate, generator=torch.Generator().manual_seed(seed),
                          max_remember_drift=config.max_remember_drift, max_remember_jump=config.max_remember_jump,
-                         config=config, base_model=model)
+                         settle_decay=config.settle_decay, config=config, base_model=model)
 
 
 def test_methods_register_on_import():
@@ -360,3 +360,17 @@ def test_a_remember_blow_up_is_a_divergence_for_taming_only():
 
     paper = make_config(preset("paper"))
     assert paper.max_remember_jump is None and paper.max_remember_drift is None
+
+
+def test_settling_decays_the_learning_rate_near_the_threshold_and_recovers_away_from_it(monkeypatch):
+    model, _ = tiny_glow()
+    method = make_method("taming", model, settle_decay=0.5)
+    monkeypatch.setattr(method, "refresh", lambda _model: None)
+    eps = method.epsilon
+    near, far = {"max_abs_d": 1.5 * eps}, {"max_abs_d": 3 * eps}  # inside 2*eps (no confirmation), outside
+    factors = []
+    for logged in (near, near, near, far, far, far, far, *[near] * 10):
+        method.after_step(model, 1, logged)
+        factors.append(method.lr_factor)
+    assert factors[:7] == [0.5, 0.25, 0.125, 0.25, 0.5, 1.0, 1.0]  # a straggler is not left at a crawl
+    assert factors[-1] == pytest.approx(0.05)  # the floor, MIN_SETTLE_FACTOR
