@@ -72,19 +72,16 @@ class _ForgottenStopping(TamingMethod):
         """Baselines run as published: no blow-up roll-back (only non-finite losses roll back)."""
         return None
 
+    def screen_passes(self, logged: dict[str, float]) -> bool:
+        return logged["min_d"] > -self.epsilon
+
+    def reached(self, d: Tensor) -> Tensor:
+        """The baselines' criterion: every forget image has d > -ε (past the threshold is fine)."""
+        return d > -self.epsilon
+
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
-        """Taming's screen-and-confirm with the baselines' criterion: every forget image has d > -ε."""
-        done = False
-        if logged["min_d"] > -self.epsilon and iteration - self.last_confirm >= self.confirm_gap:
-            self.last_confirm = iteration
-            self.confirmations += 1
-            self.refresh(model)
-            self.confirmed_d = self.check_distances(model)
-            self.latest_d.copy_(self.confirmed_d)
-            done = bool((self.confirmed_d > -self.epsilon).all()) and self.remember_kept()
-        elif (iteration + 1) % self.refresh_every == 0:
-            self.refresh(model)
-        return done
+        """Taming's screen-and-confirm with the baselines' criterion, without settling."""
+        return self.screen_and_confirm(model, iteration, logged)
 
 
 class NegGrad(_ForgottenStopping):

@@ -219,7 +219,6 @@ class TamingMethod:
         return threshold_distance(nll, self.mu_r, self.sigma_r, self.delta)
 
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
-        done = False
         if logged["max_abs_d"] < 2 * self.epsilon:
             # settling: Adam's steps do not shrink with the gradient, so near the threshold the images would
             # jitter across the +-epsilon band; decay the learning rate while they are close
@@ -227,17 +226,29 @@ class TamingMethod:
         else:
             # an image drifted back out of the band: recover the learning rate at the same pace
             self.lr_factor = min(1.0, self.lr_factor / self.settle_decay)
-        screen_passes = logged["max_abs_d"] < self.epsilon
-        if screen_passes and iteration - self.last_confirm >= self.confirm_gap:
+        return self.screen_and_confirm(model, iteration, logged)
+
+    def screen_passes(self, logged: dict[str, float]) -> bool:
+        """The cheap screen on the training forwards' smoothed d: every forget image within epsilon."""
+        return logged["max_abs_d"] < self.epsilon
+
+    def reached(self, d: Tensor) -> Tensor:
+        """Which forget images [F] meet the stopping criterion at distances ``d`` (Eq. 10: |d| < epsilon)."""
+        return d.abs() < self.epsilon
+
+    def screen_and_confirm(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
+        """Confirm a passing screen on the fixed check draws against fresh statistics (at most every
+        ``confirm_gap`` iterations); otherwise refresh mu_R, sigma_R on schedule. True when converged."""
+        if self.screen_passes(logged) and iteration - self.last_confirm >= self.confirm_gap:
             self.last_confirm = iteration
             self.confirmations += 1
             self.refresh(model)
             self.confirmed_d = self.check_distances(model)
             self.latest_d.copy_(self.confirmed_d)
-            done = bool((self.confirmed_d.abs() < self.epsilon).all()) and self.remember_kept()
-        elif (iteration + 1) % self.refresh_every == 0:
+            return bool(self.reached(self.confirmed_d).all()) and self.remember_kept()
+        if (iteration + 1) % self.refresh_every == 0:
             self.refresh(model)
-        return done
+        return False
 
     def state_tensors(self) -> dict[str, Tensor]:
         return {"mu_r": self.mu_r.reshape(1), "sigma_r": self.sigma_r.reshape(1), "latest_d": self.latest_d}
