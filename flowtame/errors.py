@@ -26,7 +26,8 @@ class OutputExistsError(InputError):
 
 
 class TrainingDivergedError(FlowtameError):
-    """The loss became NaN or infinite and the bounded number of learning-rate reductions ran out."""
+    """The loss became NaN or infinite (or the remember NLL blew up) and the bounded number of learning-rate
+    reductions ran out."""
 
 
 class CheckFailedError(FlowtameError):
