@@ -5,6 +5,7 @@
   is asked for and none is there.
 - :func:`autocast_context` is the one place mixed precision is switched on: ``fp32`` everywhere, ``bf16`` or
   ``fp16`` autocast on CUDA only (on the CPU anything but ``fp32`` is refused rather than silently slow).
+- :func:`place_model` moves a model to its device in the memory layout its convolutions run fastest in there.
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
                              f"cuda:0..cuda:{count - 1})")
         return torch.device("cuda", index)
     raise InputError(f"device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move ``model`` (in place, returned) to ``device``; on the CPU its 4-D weights go channels-last (NHWC).
+
+    oneDNN's CPU convolutions run faster on NHWC weights (measured on the embedded Glow, 2 threads: a
+    training step 1.15x, a no-grad forward 2x; docs/benchmarks.md). Values are unchanged up to float
+    rounding; checkpoints are written contiguous whatever the layout. CUDA keeps the default layout
+    until it is measured there.
+    """
+    model.to(device)
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def check_precision(device: torch.device, precision: str) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from flowtame.data import ImageSet, dequantization_noise
-from flowtame.devices import autocast_context, check_precision, resolve_device
+from flowtame.devices import autocast_context, check_precision, place_model, resolve_device
 from flowtame.errors import InputError
 from flowtame.fileio import atomic_path
 from flowtame.models.base import MultiScaleFlow
@@ -152,7 +152,7 @@ def compute_nll(
     keys: list[str] = []
     paths: list[str] = []
     was_training = model.training
-    model.to(device).eval()
+    place_model(model, device).eval()
     start = time.perf_counter()
     try:
         batches = image_set.iter_batches(batch_size, num_workers=workers, pin_memory=device.type == "cuda",

@@ -23,7 +23,7 @@ import yaml
 from flowtame import __version__
 from flowtame.checkpoint import Checkpoint, make_provenance
 from flowtame.data import ImageSet, dequantization_noise
-from flowtame.devices import resolve_device
+from flowtame.devices import place_model, resolve_device
 from flowtame.engine import Engine, EngineConfig
 from flowtame.errors import DataError, InputError, InterruptedRun
 from flowtame.methods import METHODS, TamingData, batched_nll, dequantized
@@ -217,7 +217,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     if remember_pixels.shape[0] < 2:
         raise DataError(f"{remember_set.name}: the remember set needs at least 2 images")
 
-    base_model = base.model.to(dev).eval()
+    base_model = place_model(base.model, dev).eval()
     base_remember_nll = pixel_nll(base_model, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)
     base_forget_nll = pixel_nll(base_model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
                                 draws=config.forget_draws)
@@ -345,7 +345,7 @@ def trainable_copy(base: Checkpoint, device: torch.device) -> torch.nn.Module:
 
     model = build_model(base.architecture, base.spec)
     model.load_state_dict(base.model.state_dict())
-    return model.to(device)
+    return place_model(model, device)
 
 
 def subset_correction(base_nll: np.ndarray, subset: np.ndarray) -> tuple[float, float]:

@@ -135,3 +135,20 @@ def test_load_errors_name_the_file(tmp_path):
         load_checkpoint(missing)
     with pytest.raises(CheckpointError, match="not a file"):
         load_checkpoint(Path(tmp_path))
+
+
+def test_channels_last_placement_keeps_likelihoods_and_saves_contiguous(tmp_path, checkpoint):
+    """place_model's NHWC weights on the CPU change log p only by float rounding, and save/load still works."""
+    from flowtame.devices import place_model
+
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        before = checkpoint.model.log_prob(x)
+        place_model(checkpoint.model, torch.device("cpu"))
+        assert any(p.dim() == 4 and not p.is_contiguous() for p in checkpoint.model.parameters())
+        after = checkpoint.model.log_prob(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-3)
+    save_checkpoint(tmp_path / "nhwc.safetensors", checkpoint)
+    with torch.no_grad():
+        reloaded = load_checkpoint(tmp_path / "nhwc.safetensors").model.eval().log_prob(x)
+    torch.testing.assert_close(reloaded, before, rtol=1e-5, atol=1e-3)
