@@ -126,7 +126,7 @@ class Engine:
         self.generators = generators or {}
         self.callback = callback
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, foreach=True)
         self.iteration = 0
         self.lr_scale = 1.0
         self.lr_reductions = 0
@@ -247,8 +247,7 @@ class Engine:
                 if self.config.grad_clip:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
                 else:
-                    grad_norm = torch.linalg.vector_norm(
-                        torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
                 names = ["loss", "grad_norm", *metrics]
                 values = torch.stack([loss.detach().float(), grad_norm.detach().float(),
                                       *(torch.as_tensor(v).detach().float().reshape(())
