@@ -24,6 +24,7 @@ forgetting, taming (defaults) with less collateral on D_R and D_R^NN than neggra
     python benchmarks/protocol.py                      # k = 4, the four methods, ablations (~10 min, 2 cores)
     python benchmarks/protocol.py --k 1 4 8 15 --ablation-k 15    # the paper's full grid
     python benchmarks/protocol.py --model /tmp/x.safetensors --json results.json
+    python benchmarks/protocol.py --methods "taming (defaults)" --ablation-k --seeds 0 1 2 3 4   # seed spread
 """
 
 from __future__ import annotations
@@ -125,10 +126,11 @@ def build_protocol(base: Checkpoint, digit: int, k: int, n_neighbours: int) -> P
     return Protocol(forget, unseen, remember, holdout, neighbours, base_nll)
 
 
-def run_one(base: Checkpoint, proto: Protocol, layers: list[dict[str, Any]], max_iters: int | None
-            ) -> dict[str, Any]:
-    """One tame() run scored on every set: a flat row of figures (QD, BPD changes, targets)."""
-    config = make_config(*layers, {"max_iters": max_iters})
+def run_one(base: Checkpoint, proto: Protocol, layers: list[dict[str, Any]], max_iters: int | None,
+            seed: int = 0) -> dict[str, Any]:
+    """One tame() run (training seed ``seed``) scored on every set: a flat row of figures (QD, BPD changes,
+    targets)."""
+    config = make_config(*layers, {"max_iters": max_iters, "seed": seed})
     print(f"  running {config.method} ...", end="", flush=True)
     start = time.perf_counter()
     try:
@@ -229,6 +231,8 @@ def main() -> None:
     parser.add_argument("--neighbours", type=int, default=32, help="size of D_R^NN [32]")
     parser.add_argument("--max-iters", type=int, default=None, help="iteration budget (default: each config's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="training seeds: Table 1 runs once per seed (ablations: the first seed) [0]")
     parser.add_argument("--json", default=None, help="also write every figure here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -241,14 +245,16 @@ def main() -> None:
         proto = build_protocol(base, args.digit, k, args.neighbours)
         print(f"\nk = {k}: |D_F| = {len(proto.forget)}, |D'_F| = {len(proto.unseen)}, |D_R| = {len(proto.remember)}, "
               f"|D_R^NN| = {proto.neighbours.indices.size}, |holdout| = {len(proto.holdout)}")
-        if k in args.k:
-            rows = {label: run_one(base, proto, METHOD_LAYERS[label], args.max_iters) for label in args.methods}
-            print_table(f"Table 1 (k = {k}): methods", rows)
+        for seed in args.seeds if k in args.k else []:
+            rows = {label: run_one(base, proto, METHOD_LAYERS[label], args.max_iters, seed)
+                    for label in args.methods}
+            print_table(f"Table 1 (k = {k}, seed {seed}): methods", rows)
             for line in compare(rows):
                 print("  " + line)
-            results["runs"][f"methods k={k}"] = rows
+            results["runs"][f"methods k={k} seed={seed}"] = rows
         if k in args.ablation_k:
-            rows = {label: run_one(base, proto, layers, args.max_iters) for label, layers in ABLATION_LAYERS.items()}
+            rows = {label: run_one(base, proto, layers, args.max_iters, args.seeds[0])
+                    for label, layers in ABLATION_LAYERS.items()}
             print_table(f"Table 2 (k = {k}): taming ablations", rows)
             results["runs"][f"ablations k={k}"] = rows
     print(f"\nColumns: conv = stopping rule confirmed; forgot = fraction of D_F with d > -eps (evaluation noise, "

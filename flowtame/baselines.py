@@ -53,6 +53,8 @@ FISHER_CHUNK_VALUES = 1 << 25
 class _ForgottenStopping(TamingMethod):
     """What the baselines share: the hinge forget term (BPD) and the stop rule "every d > -ε" (see module)."""
 
+    default_freeze = "none"  # the baselines train every parameter, as published
+
     def __init__(self, data: TamingData, **kwargs: Any):
         super().__init__(data, **kwargs)
         # An image not yet seen in a training batch must fail the screen (taming's +inf passes ``d > -ε``).

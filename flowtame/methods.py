@@ -84,6 +84,8 @@ class TamingMethod:
     """
 
     name = "taming"
+    #: Parameters held fixed unless the config says otherwise (:data:`flowtame.taming.FREEZE_RULES`).
+    default_freeze = "coupling-outputs"
 
     def __init__(self, data: TamingData, *, delta: float, epsilon: float, alpha: float, gamma: float,
                  batch_size: int, refresh_every: int, forget_loss_kind: str, forget_unit: str,

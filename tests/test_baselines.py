@@ -11,9 +11,10 @@ from flowtame.baselines import NegGrad, SelectiveAmnesia, diagonal_fisher
 from flowtame.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from flowtame.data import open_images
 from flowtame.engine import Engine, EngineConfig
-from flowtame.errors import CheckpointError
+from flowtame.errors import CheckpointError, InputError
 from flowtame.likelihood import nll_nats
 from flowtame.methods import METHODS, TamingData, TamingMethod, dequantized
+from flowtame.models.base import coupling_output_parameters
 from flowtame.models.glow import GlowSpec, build_glow
 from flowtame.objective import nats_per_bpd
 from flowtame.protocol import write_pngs
@@ -303,6 +304,30 @@ def test_tame_runs_each_baseline(name, base, forget_folder):
     assert all(math.isfinite(p["loss"]) for p in report["trajectory"])
     assert not all(torch.equal(a, b) for a, b in zip(base.model.parameters(),
                                                       outcome.checkpoint.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("method, freeze, expected", [("taming", None, "coupling-outputs"),
+                                                       ("taming", "none", "none"), ("neggrad", None, "none")])
+def test_freeze_holds_exactly_the_coupling_outputs_fixed(method, freeze, expected, base, forget_folder):
+    config = make_config({"method": method, **FAST, "max_iters": 4, "freeze": freeze})
+    assert config.freeze == expected  # taming holds the outputs by default, the baselines run as published
+    outcome = tame(base, [open_images(forget_folder, DATA_SPEC)], open_images(REMEMBER, DATA_SPEC), config,
+                   device="cpu")
+    outputs = set(coupling_output_parameters(base.model))
+    before, after = dict(base.model.named_parameters()), dict(outcome.checkpoint.model.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    frozen = outcome.report["frozen"]
+    assert frozen["rule"] == expected
+    if expected == "coupling-outputs":
+        assert changed and not changed & outputs
+        assert frozen["tensors"] == len(outputs) and frozen["values"] == sum(before[n].numel() for n in outputs)
+    else:
+        assert outputs <= changed and frozen == {"rule": "none", "tensors": 0, "values": 0}
+
+
+def test_unknown_freeze_rule_is_a_config_error():
+    with pytest.raises(InputError, match="freeze must be one of coupling-outputs, none"):
+        TameConfig(freeze="everything")
 
 
 @pytest.mark.parametrize("name", ["neggrad", "selective-amnesia"])

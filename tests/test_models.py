@@ -16,7 +16,7 @@ from torch.autograd.functional import jacobian
 
 from flowtame.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from flowtame.models import ARCHITECTURES, MultiScaleFlow, build_model, make_spec
-from flowtame.models.base import Squeeze, Transform, gaussian_log_prob
+from flowtame.models.base import Squeeze, Transform, coupling_output_parameters, gaussian_log_prob
 from flowtame.models.glow import ActNorm, GlowCoupling, InvConv1x1, InvConv1x1LU
 from flowtame.models.nice import DiagonalScaling, NICESpec
 from flowtame.models.realnvp import AffineCoupling, RealNVPSpec
@@ -288,6 +288,18 @@ def test_log_prob_agrees_with_decode_noise_change_of_variables(name: str) -> Non
     log_abs_det = jacobian_log_abs_det(decode_flat_noise, noise)
     expected = gaussian_log_prob(noise).sum(1) - log_abs_det
     torch.testing.assert_close(model.log_prob(x), expected, rtol=1e-9, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_coupling_output_parameters_are_each_conditioners_zero_initialized_last_layer(name: str) -> None:
+    architecture, hyperparameters = ARCHS[name]
+    model = build_model(architecture, make_spec(architecture, hyperparameters))  # freshly initialized
+    names = coupling_output_parameters(model)
+    conditioners = [m for m in model.modules() if isinstance(m, Transform) and m.coupling_output() is not None]
+    assert conditioners
+    assert len(names) == sum(len(list(m.coupling_output().parameters())) for m in conditioners)
+    params = dict(model.named_parameters())
+    assert all(torch.count_nonzero(params[n]) == 0 for n in names)
 
 
 @pytest.mark.parametrize("name", VECTOR_ARCHS)

@@ -95,6 +95,7 @@ def test_tame_cli_forgets_and_preserves(run_cli, workspace):
     assert sha256_file(ws["base"]) == base_sha  # the base checkpoint is never modified
     assert report["kind"] == "tame" and report["converged"] is True
     assert report["iterations"] < 400
+    assert report["frozen"]["rule"] == "coupling-outputs" and report["frozen"]["tensors"] == 3 * 6  # 6 ZeroConv2d
     assert_valid_tame_report(report)
     request = report["requests"][0]
     assert request["n"] == 2 and request["reached_threshold"] and request["max_abs_d"] < report["config"]["epsilon"]
@@ -191,6 +192,7 @@ def test_config_file_and_preset_with_flags_winning(tmp_path, run_cli, workspace)
 
     merged = make_config(preset("paper"), read_config_file(cfg), {"lr": 2e-4, "delta": None})
     assert (merged.forget_loss, merged.forget_unit, merged.kl_estimate) == ("sigmoid", "bpd", "batch")
+    assert merged.freeze == "none" and make_config({}).freeze == "coupling-outputs"
     assert (merged.alpha, merged.lr, merged.max_iters, merged.delta) == (0.3, 2e-4, 5, 4.0)
     assert TameConfig().epsilon == pytest.approx(0.6)
     bad = tmp_path / "bad.yaml"

@@ -61,6 +61,9 @@ def tame_command(
     max_remember_jump: float = typer.Option(None, help="Blow-up guard: roll back and halve the learning rate when "
                                             "a remember batch's mean BPD is this fraction above the base "
                                             "model's (0 = off) [0.25]."),
+    freeze: str = typer.Option(None, help="Parameters held fixed: coupling-outputs (each coupling network's "
+                               "zero-initialized last layer) | none [coupling-outputs for taming, none for "
+                               "the baselines]."),
     seed: int = typer.Option(None, help="Seed: CPU runs are bit-for-bit repeatable [0]."),
     eval_seed: int = typer.Option(None, help="Seed of the fixed evaluation / stopping-check noise [0]."),
     precision: str = typer.Option(None, help="fp32 | bf16 | fp16 (autocast, CUDA only)."),
@@ -95,7 +98,7 @@ def tame_command(
                  forget_unit=forget_unit, kl_estimate=kl_estimate, threshold_gradient=threshold_gradient,
                  settle_decay=settle_decay, forget_draws=forget_draws,
                  max_remember_drift=max_remember_drift, max_remember_jump=max_remember_jump,
-                 seed=seed, eval_seed=eval_seed,
+                 freeze=freeze, seed=seed, eval_seed=eval_seed,
                  precision=precision, sa_lambda=sa_lambda, sa_replay_weight=sa_replay_weight,
                  sa_fisher_samples=sa_fisher_samples, sa_surrogate=sa_surrogate)
     cfg = make_config(*layers, flags)

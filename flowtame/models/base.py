@@ -41,6 +41,18 @@ class Transform(nn.Module):
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape
 
+    def coupling_output(self) -> nn.Module | None:
+        """The zero-initialized output layer of this transform's conditioner network (a coupling's, or a MAF
+        layer's MADE); None for transforms without one (actnorm, 1x1 convolution, squeeze, scaling)."""
+        return None
+
+
+def coupling_output_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters of every coupling network's output layer (:meth:`Transform.coupling_output`)."""
+    layers = [m.coupling_output() for m in model.modules() if isinstance(m, Transform)]
+    owned = {id(p) for layer in layers if layer is not None for p in layer.parameters()}
+    return [name for name, p in model.named_parameters() if id(p) in owned]
+
 
 class Squeeze(Transform):
     """Space-to-depth: [B, C, H, W] -> [B, 4C, H/2, W/2]; channel c*4 + 2*dy + dx holds pixel (2i+dy, 2j+dx).

@@ -146,6 +146,9 @@ class GlowCoupling(Transform):
             nn.init.normal_(conv.weight, 0.0, 0.05)
             nn.init.zeros_(conv.bias)
 
+    def coupling_output(self) -> nn.Module:
+        return self.net[-1]
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         a, b = x.chunk(2, 1)
         if not self.affine:

@@ -78,6 +78,9 @@ class AffineCoupling(Transform):
         raw, shift = self.net(kept).chunk(2, 1)
         return shift * (1 - mask), self.scale * torch.tanh(raw) * (1 - mask)
 
+    def coupling_output(self) -> nn.Module:
+        return self.net[-1]
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mask = self.mask(x)
         shift, log_scale = self._shift_and_log_scale(x * mask, mask)

@@ -67,6 +67,9 @@ class MLPCoupling(Transform):
         raw, shift = out.chunk(2, 1)
         return shift, self.scale * torch.tanh(raw)
 
+    def coupling_output(self) -> nn.Module:
+        return self.net[-1]
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         flat = x.flatten(1)
         shift, log_scale = self._shift_and_log_scale(flat[:, self.parity::2])
@@ -139,6 +142,9 @@ class MAFLayer(Transform):
         order = torch.arange(1, dim + 1)
         self.made = MADE(order.flip(0) if reverse else order, hidden, n_hidden_layers)
         self.scale = nn.Parameter(torch.ones(dim))
+
+    def coupling_output(self) -> nn.Module:
+        return self.made.net[-1]
 
     def _shift_and_log_scale(self, x: Tensor) -> tuple[Tensor, Tensor]:
         shift, raw = self.made(x).chunk(2, 1)
