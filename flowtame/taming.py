@@ -52,7 +52,7 @@ class TameConfig:
     batch_size: int = 32
     max_iters: int = 800
     refresh_every: int = 10
-    refresh_size: int = 512
+    refresh_size: int = 256
     warmup: int = 20
     grad_clip: float | None = None
     forget_loss: str = "huber"

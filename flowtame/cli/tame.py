@@ -44,7 +44,7 @@ def tame_command(
     batch_size: int = typer.Option(None, help="Forget and remember images per iteration (each) [32]."),
     max_iters: int = typer.Option(None, help="Iteration budget [800]."),
     refresh_every: int = typer.Option(None, help="Re-estimate mu_R, sigma_R every N iterations [10]."),
-    refresh_size: int = typer.Option(None, help="Remember images used for each re-estimate [512]."),
+    refresh_size: int = typer.Option(None, help="Remember images used for each re-estimate [256]."),
     warmup: int = typer.Option(None, help="Linear learning-rate warm-up iterations [20]."),
     grad_clip: float = typer.Option(None, help="Clip the gradient norm to this value."),
     forget_loss: str = typer.Option(None, help="huber | squared | sigmoid (the paper's)."),
