@@ -27,6 +27,7 @@ from torch import Tensor
 from flowtame.engine import Engine, EngineConfig
 from flowtame.models import build_model, make_spec
 from flowtame.models.base import MultiScaleFlow
+from flowtame.taming import FREEZE_RULES, freeze_parameters
 from flowtame.toy import NO_MODE, GaussianMixture, VectorTamingMethod, batched_vector_nll, fit_flow, five_gaussians
 
 FORGET_MODE = "middle"
@@ -55,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4, help="taming Adam peak learning rate")
     parser.add_argument("--warmup", type=int, default=50, help="taming learning-rate warm-up iterations")
     parser.add_argument("--max-iters", type=int, default=800)
+    parser.add_argument("--freeze", choices=FREEZE_RULES, default="none",
+                        help="parameters held fixed while taming (flowtame tame's --freeze)")
     parser.add_argument("--batch-size", type=int, default=1024, help="forget and remember batch size")
     parser.add_argument("--samples", type=int, default=10_000, help="samples counted per model")
     parser.add_argument("--threads", type=int, default=1)
@@ -143,6 +146,7 @@ def main() -> None:
           f"threshold mean + {args.delta:g} std: "
           f"{beyond:.2%} of D_R beyond it (a normal would leave {norm.sf(args.delta):.1e})")
     d_before = method.check_distances(model)
+    freeze_parameters(model, args.freeze)
     config = EngineConfig(lr=args.lr, warmup=args.warmup, max_iters=args.max_iters)
     result = Engine(model, method, config, generators={"taming": taming_gen}).run()
     d_after = method.check_distances(model)
