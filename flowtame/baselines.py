@@ -54,6 +54,7 @@ class _ForgottenStopping(TamingMethod):
     """What the baselines share: the hinge forget term (BPD) and the stop rule "every d > -ε" (see module)."""
 
     default_freeze = "none"  # the baselines train every parameter, as published
+    default_max_remember_drift = 0.05  # only refuses a model whose every likelihood fell (see TamingMethod)
 
     def __init__(self, data: TamingData, **kwargs: Any):
         super().__init__(data, **kwargs)

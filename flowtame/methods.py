@@ -86,6 +86,9 @@ class TamingMethod:
     name = "taming"
     #: Parameters held fixed unless the config says otherwise (:data:`flowtame.taming.FREEZE_RULES`).
     default_freeze = "coupling-outputs"
+    #: Stopping guard unless the config says otherwise: stop only while the remember set's mean NLL is at most
+    #: 0.8% above N_B's, a margin under ``evaluate --check``'s default 1% bound (docs/method.md "Stopping").
+    default_max_remember_drift = 0.008
 
     def __init__(self, data: TamingData, *, delta: float, epsilon: float, alpha: float, gamma: float,
                  batch_size: int, refresh_every: int, forget_loss_kind: str, forget_unit: str,

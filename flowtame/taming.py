@@ -61,7 +61,7 @@ class TameConfig:
     threshold_gradient: bool = True
     settle_decay: float = 0.97
     forget_draws: int = 8
-    max_remember_drift: float | None = 0.05
+    max_remember_drift: float | None = None
     max_remember_jump: float | None = 0.25
     freeze: str | None = None
     seed: int = 0
@@ -97,6 +97,8 @@ class TameConfig:
             problems.append("settle_decay must lie in (0, 1]")
         if self.refresh_size < 2:
             problems.append("refresh_size must be at least 2")
+        if self.max_remember_drift is None and self.method in METHODS:
+            self.max_remember_drift = METHODS[self.method].default_max_remember_drift
         for guard in ("max_remember_drift", "max_remember_jump"):
             if getattr(self, guard) == 0:
                 setattr(self, guard, None)  # 0 turns the guard off

@@ -57,7 +57,8 @@ def tame_command(
     forget_draws: int = typer.Option(None, help="Noise draws averaged into each forget image's NLL in the "
                                      "stopping test and the report [8]."),
     max_remember_drift: float = typer.Option(None, help="Stopping guard: refuse to stop while the remember set's "
-                                             "mean NLL is up by more than this fraction (0 = off) [0.05]."),
+                                             "mean NLL is up by more than this fraction (0 = off) [0.008 for taming, "
+                                             "0.05 for the baselines]."),
     max_remember_jump: float = typer.Option(None, help="Blow-up guard: roll back and halve the learning rate when "
                                             "a remember batch's mean BPD is this fraction above the base "
                                             "model's (0 = off) [0.25]."),
