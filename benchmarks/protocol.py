@@ -12,8 +12,11 @@ A digit class plays the paper's "identity":
 
 Every method runs through :func:`flowtame.taming.tame` (same engine, batches and stopping machinery):
 taming with the shipped defaults, taming with ``--preset paper``, neggrad and selective-amnesia (each
-with its flowtame defaults). Table 2's ablations remove one term of taming's loss from the shipped
-defaults: the remember loss (alpha = 1), the NLL term A (gamma = 1), both KL terms (gamma = 0).
+with its flowtame defaults), and selective-amnesia with a surrogate folder of remember images instead of
+uniform noise ("SA (D_R surrogate)": every ``SURROGATE_STRIDE``-th image of D_R, written to a temporary
+folder), an adaptation under which it can forget without destroying an unconditional flow. Table 2's
+ablations remove one term of taming's loss from the shipped defaults: the remember loss (alpha = 1), the NLL
+term A (gamma = 1), both KL terms (gamma = 0).
 
 Each run is scored by :func:`flowtame.evaluation.summarize_evaluation` (each model against its own remember
 normal, paired evaluation noise): QD on every set, the forgotten fraction of D_F (d > -epsilon), mean BPD of
@@ -32,13 +35,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from flowtame.checkpoint import Checkpoint, load_checkpoint
 from flowtame.data import open_images
@@ -54,7 +60,10 @@ METHOD_LAYERS: dict[str, list[dict[str, Any]]] = {
     "taming (paper)": [preset("paper")],
     "neggrad": [{"method": "neggrad"}],
     "selective-amnesia": [{"method": "selective-amnesia"}],
+    "SA (D_R surrogate)": [{"method": "selective-amnesia", "sa_surrogate": "<remember surrogate folder>"}],
 }
+#: The D_R surrogate of "SA (D_R surrogate)" is every this-many-th remember image.
+SURROGATE_STRIDE = 5
 #: Table 2's ablations of taming, from the shipped defaults.
 ABLATION_LAYERS: dict[str, list[dict[str, Any]]] = {
     "full loss (defaults)": [],
@@ -196,11 +205,22 @@ def print_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
               f"{r['remember_bpd_base']:6.4f}->{r['remember_bpd']:6.4f} {hold}")
 
 
+def with_surrogate(layers: list[dict[str, Any]], proto: Protocol, folder: str) -> list[dict[str, Any]]:
+    """``layers`` with the surrogate placeholder replaced by ``folder``, filled with every
+    :data:`SURROGATE_STRIDE`-th image of D_R (once; D_R does not depend on k)."""
+    if not any(layer.get("sa_surrogate") == "<remember surrogate folder>" for layer in layers):
+        return layers
+    if not any(Path(folder).iterdir()):
+        for i in range(0, len(proto.remember), SURROGATE_STRIDE):
+            Image.fromarray(proto.remember.pixels[i, 0].numpy()).save(Path(folder) / f"{i:05d}.png")
+    return [{**layer, "sa_surrogate": folder} if "sa_surrogate" in layer else layer for layer in layers]
+
+
 def compare(rows: dict[str, dict[str, Any]]) -> list[str]:
     """Lines on the last target: taming (defaults) vs each baseline, at equal forgetting."""
     lines = []
     ours = rows.get("taming (defaults)")
-    for baseline in ("neggrad", "selective-amnesia"):
+    for baseline in (label for label in rows if not label.startswith("taming")):
         theirs = rows.get(baseline)
         if ours is None or theirs is None:
             continue
@@ -241,12 +261,14 @@ def main() -> None:
           f"{args.threads} CPU threads ({platform.processor() or platform.machine()}); torch {torch.__version__}")
     results: dict[str, Any] = {"model": args.model, "sha256": base.sha256, "digit": args.digit, "runs": {}}
     start = time.perf_counter()
+    surrogate_dir = tempfile.TemporaryDirectory(prefix="flowtame-protocol-")
     for k in sorted(set(args.k) | set(args.ablation_k)):
         proto = build_protocol(base, args.digit, k, args.neighbours)
         print(f"\nk = {k}: |D_F| = {len(proto.forget)}, |D'_F| = {len(proto.unseen)}, |D_R| = {len(proto.remember)}, "
               f"|D_R^NN| = {proto.neighbours.indices.size}, |holdout| = {len(proto.holdout)}")
         for seed in args.seeds if k in args.k else []:
-            rows = {label: run_one(base, proto, METHOD_LAYERS[label], args.max_iters, seed)
+            rows = {label: run_one(base, proto, with_surrogate(METHOD_LAYERS[label], proto, surrogate_dir.name),
+                                   args.max_iters, seed)
                     for label in args.methods}
             print_table(f"Table 1 (k = {k}, seed {seed}): methods", rows)
             for line in compare(rows):
