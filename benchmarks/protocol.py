@@ -54,16 +54,17 @@ from flowtame.evaluation import FORGET_DRAWS, find_neighbours, summarize_evaluat
 from flowtame.protocol import median_nearest
 from flowtame.taming import make_config, pixel_nll, preset, tame
 
+#: Stands for the folder of D_R images that :func:`with_surrogate` writes: every SURROGATE_STRIDE-th one.
+SURROGATE_PLACEHOLDER = "<D_R surrogate>"
+SURROGATE_STRIDE = 5
 #: Method label -> config layers (merged left to right, then --max-iters) for the comparison table.
 METHOD_LAYERS: dict[str, list[dict[str, Any]]] = {
     "taming (defaults)": [],
     "taming (paper)": [preset("paper")],
     "neggrad": [{"method": "neggrad"}],
     "selective-amnesia": [{"method": "selective-amnesia"}],
-    "SA (D_R surrogate)": [{"method": "selective-amnesia", "sa_surrogate": "<remember surrogate folder>"}],
+    "SA (D_R surrogate)": [{"method": "selective-amnesia", "sa_surrogate": SURROGATE_PLACEHOLDER}],
 }
-#: The D_R surrogate of "SA (D_R surrogate)" is every this-many-th remember image.
-SURROGATE_STRIDE = 5
 #: Table 2's ablations of taming, from the shipped defaults.
 ABLATION_LAYERS: dict[str, list[dict[str, Any]]] = {
     "full loss (defaults)": [],
@@ -208,21 +209,23 @@ def print_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
 def with_surrogate(layers: list[dict[str, Any]], proto: Protocol, folder: str) -> list[dict[str, Any]]:
     """``layers`` with the surrogate placeholder replaced by ``folder``, filled with every
     :data:`SURROGATE_STRIDE`-th image of D_R (once; D_R does not depend on k)."""
-    if not any(layer.get("sa_surrogate") == "<remember surrogate folder>" for layer in layers):
+    if not any(layer.get("sa_surrogate") == SURROGATE_PLACEHOLDER for layer in layers):
         return layers
     if not any(Path(folder).iterdir()):
         for i in range(0, len(proto.remember), SURROGATE_STRIDE):
             Image.fromarray(proto.remember.pixels[i, 0].numpy()).save(Path(folder) / f"{i:05d}.png")
-    return [{**layer, "sa_surrogate": folder} if "sa_surrogate" in layer else layer for layer in layers]
+    return [{**layer, "sa_surrogate": folder} if layer.get("sa_surrogate") == SURROGATE_PLACEHOLDER else layer
+            for layer in layers]
 
 
 def compare(rows: dict[str, dict[str, Any]]) -> list[str]:
     """Lines on the last target: taming (defaults) vs each baseline, at equal forgetting."""
     lines = []
     ours = rows.get("taming (defaults)")
-    for baseline in (label for label in rows if not label.startswith("taming")):
-        theirs = rows.get(baseline)
-        if ours is None or theirs is None:
+    if ours is None:
+        return lines
+    for baseline, theirs in rows.items():
+        if baseline.startswith("taming"):
             continue
         if "failed" in ours or "failed" in theirs:
             lines.append(f"vs {baseline}: a run failed -> comparison MISSED")

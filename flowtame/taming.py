@@ -242,6 +242,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
 
     model = trainable_copy(base, dev)
     frozen = freeze_parameters(model, config.freeze)
+    parameters = dict(model.named_parameters())
     data = TamingData(
         data_spec=data_spec,
         forget=forget_pixels.to(dev),
@@ -279,7 +280,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         "base": {"path": str(base.path) if base.path else None, "sha256": base.sha256},
         "data": data_spec.to_dict(),
         "frozen": {"rule": config.freeze, "tensors": len(frozen),
-                   "values": sum(p.numel() for name, p in model.named_parameters() if not p.requires_grad)},
+                   "values": sum(parameters[name].numel() for name in frozen)},
         "sets": {"forget": [s.name for s in forget_sets], "remember": remember_set.name,
                  "remember_n": int(remember_pixels.shape[0]), "remember_excluded_duplicates": excluded,
                  "skipped_files": {s.name: len(s.skipped) for s in (*forget_sets, remember_set)}},
