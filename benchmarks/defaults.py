@@ -7,6 +7,9 @@ case); holdout: the test split. Each config (JSON, merged over the shipped defau
 change of D_R and of the holdout, the training loop's seconds and the whole run's (evaluation included).
 
     python benchmarks/defaults.py --digit 3 --k 4 '{}' '{"alpha": 0.3}' '{"alpha": 0.6}'
+
+``--mu-r-until N`` also prints the refreshed remember mean mu_R (BPD) at every trajectory point up to
+iteration N: the early rise of the remember likelihoods that holding the coupling outputs fixed removes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from flowtame.checkpoint import load_checkpoint
 from flowtame.data import open_images
 from flowtame.embedded import resolve_model_path
+from flowtame.objective import nats_per_bpd
 from flowtame.protocol import median_nearest, write_pngs
 from flowtame.taming import make_config, tame, taming_evaluation
 
@@ -33,6 +37,8 @@ def main() -> None:
     parser.add_argument("--digit", type=int, default=3)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mu-r-until", type=int, default=0,
+                        help="print mu_R (BPD) at the trajectory points up to this iteration [0: none]")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -59,6 +65,10 @@ def main() -> None:
                   f"{100 * sets['holdout']['bpd_change_relative']:+7.2f}% {report['wall_seconds']:6.1f} "
                   f"{time.perf_counter() - start:6.0f}",
                   flush=True)
+            if args.mu_r_until:
+                points = [p for p in report["trajectory"] if p["iteration"] <= args.mu_r_until]
+                print("    mu_R (BPD) by iteration: " + " ".join(
+                    f"{p['iteration']}:{p['mu_r'] / nats_per_bpd(spec.num_dims):.4f}" for p in points), flush=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ forgetting, taming (defaults) with less collateral on D_R and D_R^NN than neggra
     python benchmarks/protocol.py --k 1 4 8 15 --ablation-k 15    # the paper's full grid
     python benchmarks/protocol.py --model /tmp/x.safetensors --json results.json
     python benchmarks/protocol.py --methods "taming (defaults)" --ablation-k --seeds 0 1 2 3 4   # seed spread
+    python benchmarks/protocol.py --k 1 --methods "taming (defaults)" --ablation-k --override '{"lr": 1e-4}'
+
+``--override`` (JSON of TameConfig keys) is merged into every run's configuration after the method's own.
 """
 
 from __future__ import annotations
@@ -256,13 +259,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="training seeds: Table 1 runs once per seed (ablations: the first seed) [0]")
+    parser.add_argument("--override", type=json.loads, default={},
+                        help="JSON of TameConfig keys merged into every run, e.g. '{\"freeze\": \"none\"}'")
     parser.add_argument("--json", default=None, help="also write every figure here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = load_checkpoint(resolve_model_path(args.model))
     print(f"model {args.model} (sha256 {base.sha256[:16]}); identity: digit {args.digit}; "
-          f"{args.threads} CPU threads ({platform.processor() or platform.machine()}); torch {torch.__version__}")
-    results: dict[str, Any] = {"model": args.model, "sha256": base.sha256, "digit": args.digit, "runs": {}}
+          + (f"override {json.dumps(args.override)}; " if args.override else "")
+          + f"{args.threads} CPU threads ({platform.processor() or platform.machine()}); torch {torch.__version__}")
+    results: dict[str, Any] = {"model": args.model, "sha256": base.sha256, "digit": args.digit,
+                               "override": args.override, "runs": {}}
     start = time.perf_counter()
     surrogate_dir = tempfile.TemporaryDirectory(prefix="flowtame-protocol-")
     for k in sorted(set(args.k) | set(args.ablation_k)):
@@ -270,15 +277,15 @@ def main() -> None:
         print(f"\nk = {k}: |D_F| = {len(proto.forget)}, |D'_F| = {len(proto.unseen)}, |D_R| = {len(proto.remember)}, "
               f"|D_R^NN| = {proto.neighbours.indices.size}, |holdout| = {len(proto.holdout)}")
         for seed in args.seeds if k in args.k else []:
-            rows = {label: run_one(base, proto, with_surrogate(METHOD_LAYERS[label], proto, surrogate_dir.name),
-                                   args.max_iters, seed)
+            rows = {label: run_one(base, proto, [*with_surrogate(METHOD_LAYERS[label], proto, surrogate_dir.name),
+                                                 args.override], args.max_iters, seed)
                     for label in args.methods}
             print_table(f"Table 1 (k = {k}, seed {seed}): methods", rows)
             for line in compare(rows):
                 print("  " + line)
             results["runs"][f"methods k={k} seed={seed}"] = rows
         if k in args.ablation_k:
-            rows = {label: run_one(base, proto, layers, args.max_iters, args.seeds[0])
+            rows = {label: run_one(base, proto, [*layers, args.override], args.max_iters, args.seeds[0])
                     for label, layers in ABLATION_LAYERS.items()}
             print_table(f"Table 2 (k = {k}): taming ablations", rows)
             results["runs"][f"ablations k={k}"] = rows
