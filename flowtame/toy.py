@@ -5,10 +5,14 @@
   or "none" beyond a radius (default :data:`ASSIGN_RADIUS_STDS` standard deviations).
 - :func:`fit_flow`: maximum-likelihood training of a vector flow with Adam (the "pretrained" model).
 - :class:`VectorTamingMethod`: the paper's losses (Eq. 9-12, :mod:`flowtame.objective`) for vector data,
-  run by :class:`flowtame.engine.Engine`. Vector data are continuous, so there is no quantization and no
-  dequantization noise: NLL is ``-log p(x)`` in nats of the continuous density (it can be negative), and
-  the remember term's "BPD" is that NLL over ``D ln 2``. The stopping rule is the image method's: every
-  forget point satisfies ``|d| < epsilon``, confirmed against the *current* model's remember statistics.
+  run by :class:`flowtame.engine.Engine`, optionally with a likelihood anchor (flowtame's extension, not the
+  paper's): ``anchor * mean(((NLL_T(a) - NLL_B(a)) / σ_B)²)`` over anchor points a, by default base-model
+  samples nearer to D_R than to D_F (:func:`replay_anchor_points`), which holds the density of each
+  remembered region where the paper's remember term only holds the pooled NLL's mean and std.
+  Vector data are continuous, so there is no quantization and no dequantization noise: NLL is ``-log p(x)``
+  in nats of the continuous density (it can be negative), and the remember term's "BPD" is that NLL over
+  ``D ln 2``. The stopping rule is the image method's: every forget point satisfies ``|d| < epsilon``,
+  confirmed against the *current* model's remember statistics.
 """
 
 from __future__ import annotations
@@ -125,6 +129,17 @@ def fit_flow(model: MultiScaleFlow, data: Tensor, *, steps: int, batch_size: int
     return batched_vector_nll(model, data).mean().item()
 
 
+@torch.no_grad()
+def replay_anchor_points(model: MultiScaleFlow, forget: Tensor, remember: Tensor, n: int,
+                         generator: torch.Generator) -> Tensor:
+    """Anchor points [<= n, dim] for :class:`VectorTamingMethod`: n samples of ``model`` (the base flow),
+    keeping those whose nearest point of ``forget`` [F, dim] ∪ ``remember`` [R, dim] lies in ``remember``."""
+    replay = model.sample(n, generator=generator)
+    nearest_forget = torch.cdist(replay, forget).min(1).values
+    nearest_remember = torch.cdist(replay, remember).min(1).values
+    return replay[nearest_remember < nearest_forget]
+
+
 class VectorTamingMethod:
     """The paper's taming (Eq. 9-12) for flows on continuous vectors; a :class:`flowtame.engine.Method`.
 
@@ -136,6 +151,11 @@ class VectorTamingMethod:
     mu_R, sigma_R are re-estimated every ``refresh_every`` iterations on the remember set, or on a fixed
     random subset of ``refresh_size`` points corrected by the base model's whole-set vs subset difference.
 
+    With ``anchor`` > 0 each iteration also draws ``batch_size`` of ``anchor_points`` (default: the remember
+    set) and adds ``anchor * mean(((NLL_T - NLL_B) / σ_B)²)`` to the remember loss, NLL_B each point's NLL
+    under the base model (computed once) and σ_B the base remember std: a per-point hold on the density,
+    where the KL term only sees the pooled mean and std (examples/toy2d measures both).
+
     Stopping (Eq. 10): the d values of the training forward screen the rule; when every forget point's
     latest d passes, the method refreshes mu_R, sigma_R under the current weights, recomputes d for the whole
     forget set and stops only if ``|d| < epsilon`` for all of them. No noise is involved, so the check is exact.
@@ -146,12 +166,18 @@ class VectorTamingMethod:
     def __init__(self, model: MultiScaleFlow, forget: Tensor, remember: Tensor, *, generator: torch.Generator,
                  delta: float = 4.0, epsilon: float | None = None, alpha: float = 0.6, gamma: float = 0.6,
                  batch_size: int = 256, refresh_every: int = 10, refresh_size: int | None = None,
-                 forget_loss_kind: str = "squared", forget_unit: str = "sigma"):
+                 forget_loss_kind: str = "squared", forget_unit: str = "sigma", anchor: float = 0.0,
+                 anchor_points: Tensor | None = None):
         if forget.ndim != 2 or remember.ndim != 2 or forget.shape[1] != remember.shape[1]:
             raise ValueError(f"forget and remember must be [N, dim] with the same dim: "
                              f"{list(forget.shape)}, {list(remember.shape)}")
         if forget.shape[0] < 1 or remember.shape[0] < 2:
             raise ValueError("need at least one forget point and two remember points")
+        if anchor < 0:
+            raise ValueError(f"anchor must be >= 0, got {anchor}")
+        if anchor_points is not None and (anchor_points.ndim != 2 or anchor_points.shape[0] < 1
+                                          or anchor_points.shape[1] != remember.shape[1]):
+            raise ValueError(f"anchor points must be [N >= 1, {remember.shape[1]}], got {list(anchor_points.shape)}")
         self.forget, self.remember = forget, remember
         self.delta = delta
         self.epsilon = 0.15 * delta if epsilon is None else epsilon
@@ -163,6 +189,9 @@ class VectorTamingMethod:
         self.nats_per_bpd = nats_per_bpd(forget.shape[1])
         base_nll = batched_vector_nll(model, remember)
         self.base_mean, self.base_std = base_nll.mean(), base_nll.std()
+        self.anchor = anchor
+        self.anchor_points = remember if anchor_points is None else anchor_points
+        self.anchor_base_nll = batched_vector_nll(model, self.anchor_points) if anchor else None
         if refresh_size is None or refresh_size >= remember.shape[0]:
             self.refresh_points = remember
             self.mean_offset, self.std_ratio = 0.0, 1.0
@@ -184,8 +213,12 @@ class VectorTamingMethod:
         else:
             forget_idx = torch.randperm(n_forget, generator=self.generator)[:self.batch_size]
         remember_idx = torch.randint(self.remember.shape[0], (self.batch_size,), generator=self.generator)
-        nll = vector_nll(model, torch.cat([self.forget[forget_idx], self.remember[remember_idx]]))
-        nll_forget, nll_remember = nll[:forget_idx.numel()], nll[forget_idx.numel():]
+        rows = [self.forget[forget_idx], self.remember[remember_idx]]
+        if self.anchor:
+            anchor_idx = torch.randint(self.anchor_points.shape[0], (self.batch_size,), generator=self.generator)
+            rows.append(self.anchor_points[anchor_idx])
+        nll = vector_nll(model, torch.cat(rows))
+        nll_forget, nll_remember = nll[:forget_idx.numel()], nll[forget_idx.numel():][:self.batch_size]
         loss_forget = forget_loss(nll_forget, self.mu_r, self.sigma_r, delta=self.delta,
                                   kind=self.forget_loss_kind, unit=self.forget_unit, nats_per_bpd=self.nats_per_bpd)
         batch_mean, batch_std = nll_remember.mean(), nll_remember.std()
@@ -193,10 +226,15 @@ class VectorTamingMethod:
         tamed_std = self.sigma_r + (batch_std - batch_std.detach())
         loss_remember, _, kl = remember_loss(nll_remember, self.base_mean, self.base_std, tamed_mean,
                                                     tamed_std, gamma=self.gamma, nats_per_bpd=self.nats_per_bpd)
+        metrics = {"kl": kl}
+        if self.anchor:
+            drift = (nll[-self.batch_size:] - self.anchor_base_nll[anchor_idx]) / self.base_std
+            metrics["anchor"] = drift.square().mean()
+            loss_remember = loss_remember + self.anchor * metrics["anchor"]
         loss = self.alpha * loss_forget + (1 - self.alpha) * loss_remember
         self.latest_d[forget_idx] = threshold_distance(nll_forget.detach(), self.mu_r, self.sigma_r, self.delta)
         return loss, {"loss_forget": loss_forget, "loss_remember": loss_remember, "remember_nll": batch_mean,
-                      "kl": kl, "max_abs_d": self.latest_d.abs().max(), "mean_d": self.latest_d.mean(),
+                      **metrics, "max_abs_d": self.latest_d.abs().max(), "mean_d": self.latest_d.mean(),
                       "mu_r": self.mu_r, "sigma_r": self.sigma_r}
 
     @torch.no_grad()

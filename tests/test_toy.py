@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from flowtame.engine import Engine, EngineConfig
 from flowtame.models import build_model, make_spec
-from flowtame.toy import NO_MODE, GaussianMixture, VectorTamingMethod, fit_flow, five_gaussians
+from flowtame.toy import NO_MODE, GaussianMixture, VectorTamingMethod, fit_flow, five_gaussians, replay_anchor_points
 
 torch.set_num_threads(1)
 
@@ -140,6 +140,49 @@ def test_loss_pulls_forget_nll_up_and_keeps_gradients_through_every_term():
     # shifting every NLL up moves the forget point toward the threshold (forget term) but the remember
     # mean away from the base (remember terms); the forget term's pull is the stronger at d = -3
     assert model.shift.grad.item() < 0
+
+
+def test_likelihood_anchor_matches_its_formula_and_leaves_the_paper_loss_alone():
+    """anchor * mean(((NLL_T - NLL_B) / sigma_B)²) on top of the paper's remember loss, weighted by 1 - alpha."""
+    model = KnownNLL()
+    anchors = points([0.5, -1.0, 2.0])  # base NLLs 0.5, -1, 2 (nats)
+
+    def method(anchor: float) -> VectorTamingMethod:
+        return VectorTamingMethod(model, points([1.0]), standard_remember(), delta=4.0, alpha=0.6, anchor=anchor,
+                                  anchor_points=anchors, generator=torch.Generator().manual_seed(1))
+
+    paper, anchored = method(0.0), method(2.5)
+    with torch.no_grad():
+        model.shift.fill_(0.4)  # every NLL rises by 0.4 nats = 0.4 base remember stds (sigma_B = 1)
+    loss_paper, metrics_paper = paper.loss(model, 0)
+    loss_anchored, metrics_anchored = anchored.loss(model, 0)
+    assert "anchor" not in metrics_paper
+    assert metrics_anchored["anchor"].item() == pytest.approx(0.4 ** 2, rel=1e-5)
+    # same forget and remember batches (the anchor rows are drawn after them), so only the anchor term differs
+    assert metrics_anchored["loss_forget"].item() == pytest.approx(metrics_paper["loss_forget"].item(), rel=1e-6)
+    assert loss_anchored.item() - loss_paper.item() == pytest.approx((1 - 0.6) * 2.5 * 0.4 ** 2, rel=1e-4)
+    with pytest.raises(ValueError, match="anchor must be >= 0"):
+        method(-1.0)
+
+
+class FixedSamples:
+    """A stand-in base flow whose ``sample`` returns given points."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        return self.x[:n]
+
+
+def test_replay_anchor_points_keep_samples_nearer_the_remember_set():
+    forget = torch.tensor([[0.0, 0.0], [0.2, 0.0]])
+    remember = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    replay = torch.tensor([[0.1, 0.0], [1.2, 0.0], [0.9, 0.0], [0.0, 1.8], [0.0, 1.4], [5.0, 5.0]])
+    kept = replay_anchor_points(FixedSamples(replay), forget, remember, 6, torch.Generator())
+    # [1.2, 0] is 0.8 from remember vs 1.0 from forget; [0, 1.8] 1.2 vs 1.8; [5, 5] 5.4 vs 6.9; the others are
+    # nearer a forget point
+    assert torch.equal(kept, replay[[1, 3, 5]])
 
 
 def test_taming_forgets_the_middle_mode():
