@@ -24,9 +24,10 @@ threshold, so taming's rule |d| < ε (an image *at* the threshold) need not ever
   others catch up (the ascent is bounded, as taming.md asks). μ_R, σ_R are constants in this term (the
   hinge is the plain ascent, gated; differentiating through the threshold is taming's own choice);
 - stop when every forget image is *forgotten*, ``d > -ε``: the criterion the evaluation's
-  ``forgotten_fraction`` uses, so all methods are compared at equal forgetting. As in taming, the d values
-  of the training forward screen the rule and only a confirmation on fixed check noise, against freshly
-  refreshed μ_R, σ_R, stops the run.
+  ``forgotten_fraction`` uses, so all methods are compared at equal forgetting (with taming's
+  ``stop_margin``: ``d > -ε + stop_margin`` at the stop, so the evaluation's own noise agrees). As in
+  taming, the d values of the training forward screen the rule and only a confirmation on fixed check
+  noise, against freshly refreshed μ_R, σ_R, stops the run.
 """
 
 from __future__ import annotations
@@ -61,11 +62,6 @@ class _ForgottenStopping(TamingMethod):
         # An image not yet seen in a training batch must fail the screen (taming's +inf passes ``d > -ε``).
         self.latest_d.fill_(-math.inf)
 
-    def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
-        loss, metrics = super().loss(model, iteration)
-        metrics["min_d"] = self.latest_d.min()
-        return loss, metrics
-
     def forget_hinge(self, nll_forget: Tensor) -> Tensor:
         """``mean relu(μ_R + δσ_R - NLL) / (D ln 2)``: BPD short of the threshold, averaged over the batch [Bf]."""
         threshold = self.mu_r + self.delta * self.sigma_r
@@ -76,11 +72,11 @@ class _ForgottenStopping(TamingMethod):
         return None
 
     def screen_passes(self, logged: dict[str, float]) -> bool:
-        return logged["min_d"] > -self.epsilon
+        return logged["min_d"] > self.stop_margin - self.epsilon
 
     def reached(self, d: Tensor) -> Tensor:
-        """The baselines' criterion: every forget image has d > -ε (past the threshold is fine)."""
-        return d > -self.epsilon
+        """The baselines' criterion: every forget image has d > -ε + stop_margin (past the threshold is fine)."""
+        return d > self.stop_margin - self.epsilon
 
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         """Taming's screen-and-confirm with the baselines' criterion, without settling."""

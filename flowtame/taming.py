@@ -60,6 +60,7 @@ class TameConfig:
     kl_estimate: str = "refreshed"
     threshold_gradient: bool = True
     settle_decay: float = 0.97
+    stop_margin: float = 0.1
     forget_draws: int = 8
     max_remember_drift: float | None = None
     max_remember_jump: float | None = 0.25
@@ -97,6 +98,8 @@ class TameConfig:
             problems.append("settle_decay must lie in (0, 1]")
         if self.refresh_size < 2:
             problems.append("refresh_size must be at least 2")
+        if not 0 <= self.stop_margin < self.epsilon:
+            problems.append("stop_margin must lie in [0, epsilon)")
         if self.max_remember_drift is None and self.method in METHODS:
             self.max_remember_drift = METHODS[self.method].default_max_remember_drift
         for guard in ("max_remember_drift", "max_remember_jump"):
@@ -260,7 +263,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
         forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=generator,
         threshold_gradient=config.threshold_gradient, settle_decay=config.settle_decay,
-        max_remember_drift=config.max_remember_drift, max_remember_jump=config.max_remember_jump,
+        stop_margin=config.stop_margin, max_remember_drift=config.max_remember_drift,
+        max_remember_jump=config.max_remember_jump,
         subset_correction=subset_correction(base_remember_nll, refresh_idx.numpy()),
         config=config, base_model=base_model)
     engine = Engine(model, method, EngineConfig(

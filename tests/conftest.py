@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from dataclasses import dataclass
+from importlib import resources
 
 import pytest
 import torch
@@ -42,3 +44,24 @@ def run_cli(capsys, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def assert_valid_report():
+    """``check(report, schema_file)``: the report, after a JSON round trip, validates against the shipped schema
+    ``flowtame/schemas/<schema_file>`` (which may refer to the evaluation schema)."""
+    import jsonschema
+    from referencing import Registry, Resource
+
+    def load(name: str) -> dict:
+        return json.loads((resources.files("flowtame") / "schemas" / name).read_text(encoding="utf-8"))
+
+    evaluation = load("evaluation.schema.json")
+    registry = Registry().with_resources([(evaluation["$id"], Resource.from_contents(evaluation))])
+
+    def check(report: dict, schema_file: str) -> None:
+        schema = load(schema_file)
+        jsonschema.Draft202012Validator.check_schema(schema)
+        jsonschema.Draft202012Validator(schema, registry=registry).validate(json.loads(json.dumps(report)))
+
+    return check

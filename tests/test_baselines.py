@@ -70,7 +70,8 @@ def make_method(name: str, model: torch.nn.Module, *, seed: int = 0, **config_kw
                          forget_loss_kind=config.forget_loss, forget_unit=config.forget_unit,
                          kl_estimate=config.kl_estimate, generator=torch.Generator().manual_seed(seed),
                          max_remember_drift=config.max_remember_drift, max_remember_jump=config.max_remember_jump,
-                         settle_decay=config.settle_decay, config=config, base_model=model)
+                         settle_decay=config.settle_decay, stop_margin=config.stop_margin, config=config,
+                         base_model=model)
 
 
 def test_methods_register_on_import():
@@ -213,6 +214,25 @@ def test_stop_rule_every_image_forgotten_past_the_threshold_counts(name, monkeyp
     assert method.confirmations == 3
     # the screen: an image short of -epsilon in the training forward means no confirmation pass
     assert method.after_step(model, 100, {"min_d": -2 * eps}) is False and method.confirmations == 3
+
+
+@pytest.mark.parametrize("name", ["taming", "neggrad", "selective-amnesia"])
+def test_stop_margin_raises_the_lower_edge_of_the_band(name, monkeypatch):
+    """An image confirmed at d = -0.55 is within |d| < epsilon = 0.6 but 0.05 from being counted as not
+    forgotten by the evaluation (d > -epsilon): the default margin 0.1 keeps the run going, margin 0 stops."""
+    model, _ = tiny_glow()
+    for margin, done in ((0.1, False), (0.0, True)):
+        method = make_method(name, model, stop_margin=margin)
+        assert method.epsilon == pytest.approx(0.6) and method.stop_margin == margin
+        monkeypatch.setattr(method, "refresh", lambda _model: None)
+        monkeypatch.setattr(method, "check_distances", lambda _model: torch.tensor([-0.55, 0.1, 0.3]))
+        assert method.after_step(model, 10, {"min_d": 0.0, "max_abs_d": 0.0}) is done
+        # the screen applies the same edge: a smoothed training d of -0.55 asks for no confirmation
+        screen = {"min_d": -0.55, "max_abs_d": 0.55}
+        assert method.screen_passes(screen) is done
+    assert TameConfig().stop_margin == 0.1
+    with pytest.raises(InputError, match=r"stop_margin must lie in \[0, epsilon\)"):
+        TameConfig(stop_margin=0.6)
 
 
 def test_taming_check_averages_the_nll_over_its_fixed_draws():

@@ -218,7 +218,7 @@ def _tiny_args(base, out, *extra):
             "--batch-size", "4", "--quiet", *extra]
 
 
-def test_cli_writes_checkpoint_report_and_private_provenance(run_cli, tiny_base, tmp_path):
+def test_cli_writes_checkpoint_report_and_private_provenance(run_cli, tiny_base, tmp_path, assert_valid_report):
     out = tmp_path / "out.safetensors"
     base_sha = sha256_file(tiny_base)
     result = run_cli(*_tiny_args(tiny_base, out))
@@ -226,6 +226,7 @@ def test_cli_writes_checkpoint_report_and_private_provenance(run_cli, tiny_base,
     assert sha256_file(tiny_base) == base_sha
     report = json.loads((tmp_path / "out.safetensors.json").read_text())
     assert report["schema_version"] == 1 and report["command"] == "debias"
+    assert_valid_report(report, "debias-report.schema.json")
     assert report["targets"] == {"zero": 0.3, "one": 0.7}
     trajectory = report["trajectory"]
     assert [t["iteration"] for t in trajectory] == list(range(0, report["iterations"] + 1, 2))
@@ -257,7 +258,8 @@ def test_cli_writes_checkpoint_report_and_private_provenance(run_cli, tiny_base,
     assert again.exit_code == 2 and "--force" in again.stderr
 
 
-def test_cli_ctrl_c_writes_a_partial_report_and_resume_finishes(run_cli, tiny_base, tmp_path, monkeypatch):
+def test_cli_ctrl_c_writes_a_partial_report_and_resume_finishes(run_cli, tiny_base, tmp_path, monkeypatch,
+                                                                  assert_valid_report):
     import flowtame.cli.debias as debias_cli
 
     straight = tmp_path / "straight.safetensors"
@@ -275,6 +277,7 @@ def test_cli_ctrl_c_writes_a_partial_report_and_resume_finishes(run_cli, tiny_ba
     assert first.exit_code == 130 and "--resume" in first.stderr and not out.exists()
     partial = json.loads((tmp_path / "resumed.safetensors.json").read_text())
     assert partial["interrupted"] is True and partial["iterations"] == 3 and "before" in partial["frequencies"]
+    assert_valid_report(partial, "debias-report.schema.json")
     monkeypatch.setattr(debias_cli._LiveView, "update", original)
     second = run_cli(*_tiny_args(tiny_base, out, "--resume"))
     assert second.exit_code == 0, second.stderr

@@ -146,7 +146,8 @@ def test_normality_warning():
 # JSON schema: a minimal draft 2020-12 validator for the keywords the schema uses (and jsonschema if present)
 
 SUPPORTED = {"$schema", "$id", "$ref", "$defs", "title", "description", "type", "const", "enum", "required",
-             "properties", "additionalProperties", "items", "minimum", "maximum", "exclusiveMinimum", "anyOf"}
+             "properties", "additionalProperties", "items", "minimum", "maximum", "exclusiveMinimum", "anyOf",
+             "allOf"}
 TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 
 
@@ -170,6 +171,8 @@ def _errors(value, schema: dict, root: dict, path: str = "$") -> list[str]:
         if all(_errors(value, option, root, path) for option in schema["anyOf"]):
             return [f"{path}: matches no option of anyOf"]
         return []
+    if "allOf" in schema:
+        return [e for option in schema["allOf"] for e in _errors(value, option, root, path)]
     if "const" in schema and value != schema["const"]:
         return [f"{path}: {value!r} != {schema['const']!r}"]
     if "enum" in schema and value not in schema["enum"]:
@@ -238,6 +241,10 @@ def test_block_validates_against_the_schema():
     broken = copy.deepcopy(report)
     broken["evaluation"]["threshold"]["typo"] = 1
     assert _errors(broken, schema, schema)
+    broken = copy.deepcopy(report)
+    del broken["evaluation"]["sets"]["forget"]  # allowed in a debias block ($defs/evaluation), not here
+    assert any("missing 'forget'" in e for e in _errors(broken, schema, schema))
+    assert _errors(broken["evaluation"], schema["$defs"]["evaluation"], schema) == []
 
 
 # --------------------------------------------------------------------------------------------------------

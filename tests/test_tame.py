@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from importlib import resources
 
 import numpy as np
 import pytest
@@ -66,26 +65,12 @@ def workspace(tmp_path_factory):
     }
 
 
-def assert_valid_tame_report(report: dict) -> None:
-    """The report validates against the shipped tame-report schema (which refers to the evaluation schema)."""
-    import jsonschema
-    from referencing import Registry, Resource
-
-    def load(name):
-        return json.loads((resources.files("flowtame") / "schemas" / name).read_text(encoding="utf-8"))
-
-    tame_schema, evaluation_schema = load("tame-report.schema.json"), load("evaluation.schema.json")
-    registry = Registry().with_resources([(evaluation_schema["$id"], Resource.from_contents(evaluation_schema))])
-    jsonschema.Draft202012Validator.check_schema(tame_schema)
-    jsonschema.Draft202012Validator(tame_schema, registry=registry).validate(json.loads(json.dumps(report)))
-
-
 def tame_args(ws, out, *extra):
     return ["tame", ws["base"], "--forget", ws["forget"], "--remember", ws["remember"], "-o", out,
             "--report", str(out) + ".json", "--max-iters", "400", "--seed", "0", "--quiet", *extra]
 
 
-def test_tame_cli_forgets_and_preserves(run_cli, workspace):
+def test_tame_cli_forgets_and_preserves(run_cli, workspace, assert_valid_report):
     ws = workspace
     base_sha = sha256_file(ws["base"])
     out = ws["root"] / "tamed.safetensors"
@@ -96,7 +81,7 @@ def test_tame_cli_forgets_and_preserves(run_cli, workspace):
     assert report["kind"] == "tame" and report["converged"] is True
     assert report["iterations"] < 400
     assert report["frozen"]["rule"] == "coupling-outputs" and report["frozen"]["tensors"] == 3 * 6  # 6 ZeroConv2d
-    assert_valid_tame_report(report)
+    assert_valid_report(report, "tame-report.schema.json")
     request = report["requests"][0]
     assert request["n"] == 2 and request["reached_threshold"] and request["max_abs_d"] < report["config"]["epsilon"]
     evaluation = report["evaluation"]
@@ -144,7 +129,7 @@ def test_several_requests_are_reported_separately_and_duplicates_excluded(run_cl
     assert all(r["reached_threshold"] for r in report["requests"]) == report["converged"]
 
 
-def test_ctrl_c_saves_state_and_resume_reaches_the_same_result(run_cli, workspace, monkeypatch):
+def test_ctrl_c_saves_state_and_resume_reaches_the_same_result(run_cli, workspace, monkeypatch, assert_valid_report):
     ws = workspace
     straight = ws["root"] / "straight.safetensors"
     assert run_cli(*tame_args(ws, straight, "--max-iters", "40")).exit_code == 0
@@ -165,7 +150,7 @@ def test_ctrl_c_saves_state_and_resume_reaches_the_same_result(run_cli, workspac
     assert not resumed.exists()  # no half-written output
     partial = json.loads((ws["root"] / "resumed.safetensors.json").read_text())
     assert partial["interrupted"] is True and partial["iterations"] == 15
-    assert_valid_tame_report(partial)  # the partial report follows the same schema (no evaluation block)
+    assert_valid_report(partial, "tame-report.schema.json")  # the same schema (no evaluation block)
     monkeypatch.setattr(tame_cli._LiveView, "update", original)
     second = run_cli(*tame_args(ws, resumed, "--max-iters", "40", "--resume"))
     assert second.exit_code == 0, second.stderr

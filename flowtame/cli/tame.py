@@ -54,6 +54,9 @@ def tame_command(
                                             help="Differentiate the forget loss through mu_R + delta*sigma_R."),
     settle_decay: float = typer.Option(None, help="Per-iteration learning-rate decay while every forget image "
                                        "is within 2*epsilon of the threshold (1 = off) [0.97]."),
+    stop_margin: float = typer.Option(None, help="Stop only when every forget image's d (in sigma_R) is above "
+                                      "-epsilon + this margin, so it counts as forgotten on the evaluation's "
+                                      "own noise too (0 = the paper's |d| < epsilon) [0.1]."),
     forget_draws: int = typer.Option(None, help="Noise draws averaged into each forget image's NLL in the "
                                      "stopping test and the report [8]."),
     max_remember_drift: float = typer.Option(None, help="Stopping guard: refuse to stop while the remember set's "
@@ -97,7 +100,7 @@ def tame_command(
                  batch_size=batch_size, max_iters=max_iters, refresh_every=refresh_every,
                  refresh_size=refresh_size, warmup=warmup, grad_clip=grad_clip, forget_loss=forget_loss,
                  forget_unit=forget_unit, kl_estimate=kl_estimate, threshold_gradient=threshold_gradient,
-                 settle_decay=settle_decay, forget_draws=forget_draws,
+                 settle_decay=settle_decay, stop_margin=stop_margin, forget_draws=forget_draws,
                  max_remember_drift=max_remember_drift, max_remember_jump=max_remember_jump,
                  freeze=freeze, seed=seed, eval_seed=eval_seed,
                  precision=precision, sa_lambda=sa_lambda, sa_replay_weight=sa_replay_weight,
