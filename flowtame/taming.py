@@ -60,7 +60,7 @@ class TameConfig:
     kl_estimate: str = "refreshed"
     threshold_gradient: bool = True
     settle_decay: float = 0.97
-    stop_margin: float = 0.1
+    stop_margin: float = 0.0
     forget_draws: int = 8
     max_remember_drift: float | None = None
     max_remember_jump: float | None = 0.25

@@ -219,7 +219,7 @@ def test_stop_rule_every_image_forgotten_past_the_threshold_counts(name, monkeyp
 @pytest.mark.parametrize("name", ["taming", "neggrad", "selective-amnesia"])
 def test_stop_margin_raises_the_lower_edge_of_the_band(name, monkeypatch):
     """An image confirmed at d = -0.55 is within |d| < epsilon = 0.6 but 0.05 from being counted as not
-    forgotten by the evaluation (d > -epsilon): the default margin 0.1 keeps the run going, margin 0 stops."""
+    forgotten by the evaluation (d > -epsilon): margin 0.1 keeps the run going, margin 0 (the default) stops."""
     model, _ = tiny_glow()
     for margin, done in ((0.1, False), (0.0, True)):
         method = make_method(name, model, stop_margin=margin)
@@ -230,7 +230,7 @@ def test_stop_margin_raises_the_lower_edge_of_the_band(name, monkeypatch):
         # the screen applies the same edge: a smoothed training d of -0.55 asks for no confirmation
         screen = {"min_d": -0.55, "max_abs_d": 0.55}
         assert method.screen_passes(screen) is done
-    assert TameConfig().stop_margin == 0.1
+    assert TameConfig().stop_margin == 0.0
     with pytest.raises(InputError, match=r"stop_margin must lie in \[0, epsilon\)"):
         TameConfig(stop_margin=0.6)
 
