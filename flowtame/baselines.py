@@ -72,11 +72,11 @@ class _ForgottenStopping(TamingMethod):
         return None
 
     def screen_passes(self, logged: dict[str, float]) -> bool:
-        return logged["min_d"] > self.stop_margin - self.epsilon
+        return logged["min_d"] > self.lower_edge
 
     def reached(self, d: Tensor) -> Tensor:
         """The baselines' criterion: every forget image has d > -ε + stop_margin (past the threshold is fine)."""
-        return d > self.stop_margin - self.epsilon
+        return d > self.lower_edge
 
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         """Taming's screen-and-confirm with the baselines' criterion, without settling."""

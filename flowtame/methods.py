@@ -235,16 +235,21 @@ class TamingMethod:
             self.lr_factor = min(1.0, self.lr_factor / self.settle_decay)
         return self.screen_and_confirm(model, iteration, logged)
 
+    @property
+    def lower_edge(self) -> float:
+        """The stopping band's lower edge in sigma_R: -epsilon, raised by ``stop_margin``."""
+        return self.stop_margin - self.epsilon
+
     def screen_passes(self, logged: dict[str, float]) -> bool:
         """The cheap screen on the training forwards' smoothed d: every forget image within the stopping band."""
-        return logged["max_abs_d"] < self.epsilon and logged["min_d"] > self.stop_margin - self.epsilon
+        return logged["max_abs_d"] < self.epsilon and logged["min_d"] > self.lower_edge
 
     def reached(self, d: Tensor) -> Tensor:
         """Which forget images [F] meet the stopping criterion at distances ``d``: Eq. 10's |d| < epsilon, with
         the lower edge raised by ``stop_margin`` (-epsilon + margin < d < epsilon) so that an image stopped
         near the edge still counts as forgotten (d > -epsilon) on the evaluation's independent noise and
         whole-set statistics."""
-        return (d > self.stop_margin - self.epsilon) & (d < self.epsilon)
+        return (d > self.lower_edge) & (d < self.epsilon)
 
     def screen_and_confirm(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         """Confirm a passing screen on the fixed check draws against fresh statistics (at most every

@@ -191,7 +191,9 @@ class VectorTamingMethod:
         self.base_mean, self.base_std = base_nll.mean(), base_nll.std()
         self.anchor = anchor
         self.anchor_points = remember if anchor_points is None else anchor_points
-        self.anchor_base_nll = batched_vector_nll(model, self.anchor_points) if anchor else None
+        self.anchor_base_nll = None
+        if anchor:
+            self.anchor_base_nll = base_nll if anchor_points is None else batched_vector_nll(model, anchor_points)
         if refresh_size is None or refresh_size >= remember.shape[0]:
             self.refresh_points = remember
             self.mean_offset, self.std_ratio = 0.0, 1.0
