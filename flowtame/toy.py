@@ -31,9 +31,6 @@ from flowtame.objective import forget_loss, nats_per_bpd, remember_loss, thresho
 #: the mass beyond r standard deviations is exp(-r²/2): 3.4e-4 at r = 4.
 ASSIGN_RADIUS_STDS = 4.0
 
-#: Anchors of :class:`VectorTamingMethod`: hold each anchor point's NLL, or its latent (the map itself).
-ANCHOR_KINDS = ("likelihood", "latent")
-
 #: The label :meth:`GaussianMixture.fractions` uses for points farther than the radius from every centre.
 NO_MODE = "none"
 
@@ -116,17 +113,6 @@ def batched_vector_nll(model: MultiScaleFlow, x: Tensor, batch_size: int = 4096)
     return torch.cat([vector_nll(model, x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
-def latents(model: MultiScaleFlow, x: Tensor) -> Tensor:
-    """Latent noise [N, D] of points [N, dim]: every level's latent, flattened; differentiable."""
-    return torch.cat([z.flatten(1) for z in model.encode(x)[0]], 1)
-
-
-@torch.no_grad()
-def batched_latents(model: MultiScaleFlow, x: Tensor, batch_size: int = 4096) -> Tensor:
-    """:func:`latents` without gradients, in batches."""
-    return torch.cat([latents(model, x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
-
-
 def fit_flow(model: MultiScaleFlow, data: Tensor, *, steps: int, batch_size: int, lr: float,
              generator: torch.Generator) -> float:
     """Maximum likelihood on ``data`` [N, dim]: Adam, learning rate cosine-decayed from ``lr`` to 0, minibatches
@@ -152,21 +138,6 @@ def replay_anchor_points(model: MultiScaleFlow, forget: Tensor, remember: Tensor
     nearest_forget = torch.cdist(replay, forget).min(1).values
     nearest_remember = torch.cdist(replay, remember).min(1).values
     return replay[nearest_remember < nearest_forget]
-
-
-@torch.no_grad()
-def support_anchor_points(model: MultiScaleFlow, forget: Tensor, remember: Tensor, n: int, level: float,
-                          generator: torch.Generator, margin: float = 0.5) -> Tensor:
-    """Anchor points [<= n, dim] spread evenly over the remembered support: n uniform points in the bounding
-    box of ``remember`` [R, dim] widened by ``margin``, keeping those whose base-model NLL is below the remember
-    mean + ``level`` remember stds and whose nearest point of ``forget`` ∪ ``remember`` lies in ``remember``.
-    Unlike base-model samples they hold a mode's rim as firmly as its core."""
-    low, high = remember.min(0).values - margin, remember.max(0).values + margin
-    uniform = low + (high - low) * torch.rand(n, remember.shape[1], generator=generator)
-    base_nll = batched_vector_nll(model, remember)
-    inside = batched_vector_nll(model, uniform) < base_nll.mean() + level * base_nll.std()
-    nearer = torch.cdist(uniform, remember).min(1).values < torch.cdist(uniform, forget).min(1).values
-    return uniform[inside & nearer]
 
 
 class VectorTamingMethod:
@@ -196,7 +167,7 @@ class VectorTamingMethod:
                  delta: float = 4.0, epsilon: float | None = None, alpha: float = 0.6, gamma: float = 0.6,
                  batch_size: int = 256, refresh_every: int = 10, refresh_size: int | None = None,
                  forget_loss_kind: str = "squared", forget_unit: str = "sigma", anchor: float = 0.0,
-                 anchor_points: Tensor | None = None, anchor_kind: str = "likelihood"):
+                 anchor_points: Tensor | None = None):
         if forget.ndim != 2 or remember.ndim != 2 or forget.shape[1] != remember.shape[1]:
             raise ValueError(f"forget and remember must be [N, dim] with the same dim: "
                              f"{list(forget.shape)}, {list(remember.shape)}")
@@ -204,8 +175,6 @@ class VectorTamingMethod:
             raise ValueError("need at least one forget point and two remember points")
         if anchor < 0:
             raise ValueError(f"anchor must be >= 0, got {anchor}")
-        if anchor_kind not in ANCHOR_KINDS:
-            raise ValueError(f"anchor kind must be one of {', '.join(ANCHOR_KINDS)}, got {anchor_kind!r}")
         if anchor_points is not None and (anchor_points.ndim != 2 or anchor_points.shape[0] < 1
                                           or anchor_points.shape[1] != remember.shape[1]):
             raise ValueError(f"anchor points must be [N >= 1, {remember.shape[1]}], got {list(anchor_points.shape)}")
@@ -222,12 +191,9 @@ class VectorTamingMethod:
         self.base_mean, self.base_std = base_nll.mean(), base_nll.std()
         self.anchor = anchor
         self.anchor_points = remember if anchor_points is None else anchor_points
-        self.anchor_kind = anchor_kind
-        self.anchor_base: Tensor | None = None  # per anchor point: NLL_B [A] or z_B [A, dim]
-        if anchor and anchor_kind == "likelihood":
-            self.anchor_base = base_nll if anchor_points is None else batched_vector_nll(model, anchor_points)
-        elif anchor:
-            self.anchor_base = batched_latents(model, self.anchor_points)
+        self.anchor_base_nll = None
+        if anchor:
+            self.anchor_base_nll = base_nll if anchor_points is None else batched_vector_nll(model, anchor_points)
         if refresh_size is None or refresh_size >= remember.shape[0]:
             self.refresh_points = remember
             self.mean_offset, self.std_ratio = 0.0, 1.0
@@ -252,8 +218,7 @@ class VectorTamingMethod:
         rows = [self.forget[forget_idx], self.remember[remember_idx]]
         if self.anchor:
             anchor_idx = torch.randint(self.anchor_points.shape[0], (self.batch_size,), generator=self.generator)
-            if self.anchor_kind == "likelihood":
-                rows.append(self.anchor_points[anchor_idx])
+            rows.append(self.anchor_points[anchor_idx])
         nll = vector_nll(model, torch.cat(rows))
         nll_forget, nll_remember = nll[:forget_idx.numel()], nll[forget_idx.numel():][:self.batch_size]
         loss_forget = forget_loss(nll_forget, self.mu_r, self.sigma_r, delta=self.delta,
@@ -264,13 +229,9 @@ class VectorTamingMethod:
         loss_remember, _, kl = remember_loss(nll_remember, self.base_mean, self.base_std, tamed_mean,
                                                     tamed_std, gamma=self.gamma, nats_per_bpd=self.nats_per_bpd)
         metrics = {"kl": kl}
-        if self.anchor and self.anchor_kind == "likelihood":
-            drift = (nll[-self.batch_size:] - self.anchor_base[anchor_idx]) / self.base_std
+        if self.anchor:
+            drift = (nll[-self.batch_size:] - self.anchor_base_nll[anchor_idx]) / self.base_std
             metrics["anchor"] = drift.square().mean()
-            loss_remember = loss_remember + self.anchor * metrics["anchor"]
-        elif self.anchor:
-            drift = latents(model, self.anchor_points[anchor_idx]) - self.anchor_base[anchor_idx]
-            metrics["anchor"] = drift.square().sum(1).mean()
             loss_remember = loss_remember + self.anchor * metrics["anchor"]
         loss = self.alpha * loss_forget + (1 - self.alpha) * loss_remember
         self.latest_d[forget_idx] = threshold_distance(nll_forget.detach(), self.mu_r, self.sigma_r, self.delta)

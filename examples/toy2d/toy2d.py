@@ -31,7 +31,6 @@ from flowtame.models import build_model, make_spec
 from flowtame.models.base import MultiScaleFlow
 from flowtame.taming import FREEZE_RULES, freeze_parameters
 from flowtame.toy import (
-    ANCHOR_KINDS,
     NO_MODE,
     GaussianMixture,
     VectorTamingMethod,
@@ -39,7 +38,6 @@ from flowtame.toy import (
     fit_flow,
     five_gaussians,
     replay_anchor_points,
-    support_anchor_points,
 )
 
 FORGET_MODE = "middle"
@@ -72,14 +70,9 @@ def parse_args() -> argparse.Namespace:
                         help="parameters held fixed while taming (flowtame tame's --freeze)")
     parser.add_argument("--anchor", type=float, default=0.0,
                         help="weight of the likelihood anchor (flowtame's extension; 0 = the paper's remember loss)")
-    parser.add_argument("--anchor-on", choices=("replay", "replay+support", "remember"), default="replay",
+    parser.add_argument("--anchor-on", choices=("replay", "remember"), default="replay",
                         help="anchor points: base-flow samples nearer D_R than D_F, or D_R itself")
-    parser.add_argument("--anchor-kind", choices=ANCHOR_KINDS, default="likelihood",
-                        help="hold each anchor point's NLL, or its latent (the flow's map)")
     parser.add_argument("--replay", type=int, default=20_000, help="base-flow samples drawn for --anchor-on replay")
-    parser.add_argument("--support", type=int, default=20_000, help="uniform points drawn for replay+support")
-    parser.add_argument("--support-level", type=float, default=8.0,
-                        help="support anchors: base NLL below remember mean + this many remember stds")
     parser.add_argument("--batch-size", type=int, default=1024, help="forget and remember batch size")
     parser.add_argument("--samples", type=int, default=10_000, help="samples counted per model")
     parser.add_argument("--threads", type=int, default=1)
@@ -158,21 +151,15 @@ def main() -> None:
 
     taming_gen = torch.Generator().manual_seed(args.seed + 3)
     anchor_points = None
-    if args.anchor and args.anchor_on.startswith("replay"):
+    if args.anchor and args.anchor_on == "replay":
         anchor_points = replay_anchor_points(model, forget, remember, args.replay,
                                              torch.Generator().manual_seed(args.seed + 4))
-        if args.anchor_on == "replay+support":
-            support = support_anchor_points(model, forget, remember, args.support, args.support_level,
-                                            torch.Generator().manual_seed(args.seed + 5))
-            print(f"support anchors: {support.shape[0]:,} of {args.support:,} uniform points")
-            anchor_points = torch.cat([anchor_points, support])
-        print(f"{args.anchor_kind} anchor x{args.anchor:g} on {anchor_points.shape[0]:,} of {args.replay:,} base-flow "
+        print(f"likelihood anchor x{args.anchor:g} on {anchor_points.shape[0]:,} of {args.replay:,} base-flow "
               f"samples (those nearer D_R than D_F)")
     method = VectorTamingMethod(model, forget, remember, generator=taming_gen, delta=args.delta,
                                 epsilon=args.epsilon, alpha=args.alpha, gamma=args.gamma,
                                 batch_size=args.batch_size, forget_loss_kind=args.forget_loss,
-                                forget_unit=args.forget_unit, anchor=args.anchor, anchor_points=anchor_points,
-                                anchor_kind=args.anchor_kind)
+                                forget_unit=args.forget_unit, anchor=args.anchor, anchor_points=anchor_points)
     base_remember = batched_vector_nll(model, remember)
     beyond = (base_remember > method.base_mean + args.delta * method.base_std).float().mean().item()
     print(f"D_F {forget.shape[0]} points, D_R {remember.shape[0]} points; remember NLL under the base flow: "
