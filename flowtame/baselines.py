@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from flowtame.devices import take_rows
 from flowtame.errors import CheckpointError, InputError
 from flowtame.likelihood import nll_nats
 from flowtame.methods import METHODS, TamingData, TamingMethod, dequantized
@@ -126,7 +127,7 @@ class SelectiveAmnesia(_ForgottenStopping):
         self.surrogate = None if config.sa_surrogate == "uniform" else load_surrogate(
             config.sa_surrogate, data.data_spec).to(data.device)
         self.replay_pool = draw_samples(base_model, config.sa_fisher_samples, self.replay_temperature,
-                                        self.generator).to(data.device)
+                                        self.setup_generator).to(data.device)
         self.anchor = {name: p.detach().clone() for name, p in base_model.named_parameters()}
         self.fisher = diagonal_fisher(base_model, self.replay_pool, data.data_spec)
 
@@ -135,14 +136,13 @@ class SelectiveAmnesia(_ForgottenStopping):
         d, n = self.data, self.batch_size
         forget_idx = self._draw(n, d.forget.shape[0]).to(d.device)
         forget_pixels = d.forget[forget_idx]
-        forget_noise = torch.rand(forget_pixels.shape, generator=self.generator).to(d.device)
+        forget_noise = self._rand(forget_pixels.shape)
         if self.surrogate is None:
-            surrogate = torch.rand((n, *forget_pixels.shape[1:]), generator=self.generator).to(d.device) - 0.5
+            surrogate = self._rand((n, *forget_pixels.shape[1:])) - 0.5
         else:
-            pixels = self.surrogate[torch.randint(self.surrogate.shape[0], (n,), generator=self.generator)]
-            noise = torch.rand(pixels.shape, generator=self.generator).to(d.device)
-            surrogate = dequantized(pixels, noise, d.data_spec.n_bits)
-        replay = self.replay_pool[torch.randint(self.replay_pool.shape[0], (n,), generator=self.generator)]
+            pixels = take_rows(self.surrogate, self._randint(self.surrogate.shape[0], n), d.device)
+            surrogate = dequantized(pixels, self._rand(pixels.shape), d.data_spec.n_bits)
+        replay = take_rows(self.replay_pool, self._randint(self.replay_pool.shape[0], n), d.device)
         x = torch.cat([dequantized(forget_pixels, forget_noise, d.data_spec.n_bits), surrogate, replay])
         return x, forget_idx, forget_idx.numel()
 

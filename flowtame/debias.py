@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from flowtame import __version__
 from flowtame.checkpoint import Checkpoint, make_provenance
 from flowtame.data import ImageSet, dequantization_noise
-from flowtame.devices import resolve_device
+from flowtame.devices import loop_generator, resolve_device, take_rows, training_rows
 from flowtame.engine import Engine, EngineConfig
 from flowtame.errors import DataError, InputError, InterruptedRun
 from flowtame.evaluation import Tolerances, summarize_evaluation
@@ -521,7 +521,7 @@ def prepare_data(base_model: nn.Module, group_pixels: Sequence[Tensor], remember
     data = DebiasData(
         data_spec=data_spec,
         groups=[p.to(device) for p in group_pixels],
-        remember=remember_pixels.pin_memory() if device.type == "cuda" else remember_pixels,
+        remember=training_rows(remember_pixels, device),
         refresh=dequantized(remember_pixels[refresh_idx], refresh_noise, data_spec.n_bits).to(device),
         base_mean=torch.tensor(float(base_remember_nll.mean()), device=device),
         base_std=torch.tensor(float(base_remember_nll.std(ddof=1)), device=device),
@@ -586,17 +586,18 @@ class DebiasMethod:
         """(inputs [G*B + B, C, H, W] with fresh noise, rows per group then remember)."""
         d, size = self.data, self.config.batch_size
         parts, rows = [], []
+        gen = self.generator
         for pixels in d.groups:
             count = pixels.shape[0]
-            index = (torch.randperm(count, generator=self.generator)[:size] if count > size
-                     else torch.arange(count))
+            index = (torch.randperm(count, generator=gen, device=gen.device)[:size] if count > size
+                     else torch.arange(count, device=gen.device))
             parts.append(pixels[index.to(pixels.device)])
             rows.append(index.numel())
-        remember_index = torch.randint(d.remember.shape[0], (size,), generator=self.generator)
-        parts.append(d.remember[remember_index].to(d.base_mean.device, non_blocking=True))
+        remember_index = torch.randint(d.remember.shape[0], (size,), generator=gen, device=gen.device)
+        parts.append(take_rows(d.remember, remember_index, d.base_mean.device))
         rows.append(size)
         pixels = torch.cat(parts)
-        noise = torch.rand(pixels.shape, generator=self.generator).to(pixels.device, non_blocking=True)
+        noise = torch.rand(pixels.shape, generator=gen, device=gen.device).to(pixels.device)
         return dequantized(pixels, noise, d.data_spec.n_bits), rows
 
     def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -801,11 +802,12 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
     data, base_remember_nll = prepare_data(base_model, group_pixels, remember_pixels, remember_keys, data_spec,
                                            config, generator, dev)
     model = trainable_copy(base, dev)
-    method = DebiasMethod(data, meter, names, targets, config, generator, before)
+    batches = loop_generator(generator, dev, config.seed)
+    method = DebiasMethod(data, meter, names, targets, config, batches, before)
     engine = Engine(model, method, EngineConfig(
         lr=config.lr, warmup=config.warmup, max_iters=config.max_iters, grad_clip=config.grad_clip,
         precision=config.precision, trajectory_every=config.measure_every),
-        generators={"batches": generator}, callback=callback)
+        generators={"batches": batches}, callback=callback)
     if resume:
         engine.load_state(state_path)
 

@@ -6,6 +6,9 @@
 - :func:`autocast_context` is the one place mixed precision is switched on: ``fp32`` everywhere, ``bf16`` or
   ``fp16`` autocast on CUDA only (on the CPU anything but ``fp32`` is refused rather than silently slow).
 - :func:`place_model` moves a model to its device in the memory layout its convolutions run fastest in there.
+- :func:`loop_generator`, :func:`training_rows` and :func:`take_rows` keep the training loop's random draws
+  and image batches on the training device, so an iteration copies nothing from pageable host memory
+  (each such copy would make the host wait for the GPU).
 """
 
 from __future__ import annotations
@@ -87,3 +90,34 @@ def autocast_context(device: torch.device | str, precision: str) -> Iterator[Non
         return
     with torch.autocast(device_type="cuda", dtype=_AUTOCAST_DTYPES[precision]):
         yield
+
+
+#: Largest share of the GPU's free memory :func:`training_rows` gives to a training set kept on the GPU.
+DEVICE_ROWS_BUDGET = 0.25
+
+
+def loop_generator(setup: torch.Generator, device: torch.device, seed: int) -> torch.Generator:
+    """The generator of the training loop's draws (batch indices, dequantization noise): ``setup`` itself on
+    the CPU, so CPU runs draw exactly what the setup's generator would; elsewhere a generator on ``device``
+    seeded with ``seed``, so indices and noise are drawn where they are used."""
+    if device.type == "cpu":
+        return setup
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def training_rows(pixels: torch.Tensor, device: torch.device,
+                  budget: float = DEVICE_ROWS_BUDGET) -> torch.Tensor:
+    """Images (uint8 [N, ...]) placed where the training loop indexes them: unchanged on the CPU; on CUDA on
+    the GPU when they take at most ``budget`` of its free memory (a batch is then one on-device gather),
+    else in pinned host memory (a batch is then gathered on the host and copied: one wait per iteration)."""
+    if device.type != "cuda":
+        return pixels
+    free, _ = torch.cuda.mem_get_info(device)
+    if pixels.numel() * pixels.element_size() <= budget * free:
+        return pixels.to(device)
+    return pixels.pin_memory()
+
+
+def take_rows(rows: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``rows[index]`` on ``device``, gathering where ``rows`` live (index [B] may be on either side)."""
+    return rows[index.to(rows.device)].to(device, non_blocking=True)

@@ -5,8 +5,9 @@ else: Adam with linear warm-up, gradient clipping, optional autocast on CUDA, ro
 (or blown-up) steps with a bounded number of learning-rate reductions, a clean stop on Ctrl-C with a resumable state
 file (safetensors, never a pickle), resume to the bit-identical result on CPU, timing and a trajectory.
 
-The engine does one forward/backward per iteration (whatever the method puts in its loss). It touches the
-host once per iteration, to read the scalars the method asks to log; the model wrapper can be
+The engine does one forward/backward per iteration (whatever the method puts in its loss). It reads the
+scalars the method asks to log back to the host once per iteration; on CUDA that read lags one iteration
+behind, so the hot loop has no host sync (:meth:`Engine.run`). The model wrapper can be
 ``torch.nn.parallel.DistributedDataParallel`` later without changing the method protocol.
 """
 
@@ -44,6 +45,9 @@ class EngineConfig:
     snapshot_every: int = 10
     trajectory_every: int = 10
     precision: str = "fp32"
+    #: Judge each iteration's scalars one iteration late, so the host never waits for the GPU
+    #: (:meth:`Engine.run`); None = on CUDA only.
+    lagged_metrics: bool | None = None
 
 
 class Method(Protocol):
@@ -222,67 +226,178 @@ class Engine:
 
         return contextlib.nullcontext()
 
+    def _lagged(self) -> bool:
+        if self.config.lagged_metrics is not None:
+            return self.config.lagged_metrics
+        return bool(self.params) and self.params[0].device.type == "cuda"
+
+    def _forward_backward(self) -> tuple[list[str], Tensor]:
+        """One forward/backward of the method's loss; (names, values [M] on the device): loss, grad norm
+        and the method's metrics, nothing read back to the host."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss, metrics = self.method.loss(self.model, self.iteration)
+        loss.backward()
+        if self.config.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        names = ["loss", "grad_norm", *metrics]
+        values = torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device),
+                              *(torch.as_tensor(v, device=loss.device).detach().float().reshape(())
+                                for v in metrics.values())])
+        return names, values
+
+    def _step(self) -> float:
+        """Adam step at this iteration's learning rate (returned); counts the iteration."""
+        lr = _learning_rate(self.config, self.iteration, self.lr_scale * getattr(self.method, "lr_factor", 1.0))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.iteration += 1
+        return lr
+
+    def _healthy(self, logged: dict[str, float], iteration: int) -> bool:
+        """False after rolling back to the last good weights (non-finite loss or gradient, or the method's
+        blow-up test) and un-counting ``iteration``."""
+        problem = None
+        if not (math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])):
+            problem = (f"loss became non-finite at iteration {iteration} "
+                       f"(loss={logged['loss']}, grad norm={logged['grad_norm']})")
+        else:
+            blow_up = getattr(self.method, "diverged", lambda _logged: None)(logged)
+            problem = f"{blow_up} at iteration {iteration}" if blow_up else None
+        if problem is None:
+            return True
+        self._roll_back(problem)
+        self.iteration = iteration
+        return False
+
+    def _record(self, logged: dict[str, float], iteration: int, start: float) -> None:
+        """After iteration ``iteration``'s step: the method's stopping test, trajectory, snapshot, callback."""
+        self.converged = bool(self.method.after_step(self.model, iteration, logged))
+        done = iteration + 1
+        self.elapsed = time.perf_counter() - start
+        logged["elapsed"] = self.elapsed
+        if done % self.config.trajectory_every == 0 or self.converged or done == 1:
+            self.trajectory.append({"iteration": done, **logged})
+        if done % self.config.snapshot_every == 0:
+            self._last_good = self._snapshot()
+        if self.callback is not None:
+            self.callback(done, logged)
+
     def run(self, state_path: str | Path | None = None) -> EngineResult:
-        """Iterate until the method converges or ``max_iters``; Ctrl-C saves ``state_path`` and raises."""
+        """Iterate until the method converges or ``max_iters``; Ctrl-C saves ``state_path`` and raises.
+
+        Unlagged (the CPU default), each iteration reads its scalars back before its step: non-finite losses
+        are never applied. Lagged (the CUDA default, ``EngineConfig.lagged_metrics``), iteration i's scalars
+        are copied to pinned host memory without waiting and judged during iteration i+1, after its
+        forward/backward is queued and before its step, so the host never stalls the GPU; a bad step is
+        then undone by the roll-back to the last good snapshot (taken only from judged steps). The method
+        sees the same weights in ``after_step`` either way; its refreshed statistics reach the loss one
+        iteration later when lagged.
+        """
         self.model.train()
-        last_good = self._snapshot()
+        self._last_good = self._snapshot()
+        lagged = self._lagged()
+        staging = _HostStaging()
+        pending: _Staged | None = None  # the latest stepped iteration whose scalars are not judged yet
         start = time.perf_counter() - self.elapsed
+
+        def judge(staged: _Staged) -> bool:
+            logged = staged.read()
+            if not self._healthy(logged, staged.iteration):
+                return False
+            self._record(logged, staged.iteration, start)
+            return True
+
         with self._stop:
-            while self.iteration < self.config.max_iters and not self.converged:
+            while True:
                 if self._stop.requested:
+                    if pending is not None:
+                        judge(pending)
+                        pending = None
+                    if self.converged:
+                        break
                     self.elapsed = time.perf_counter() - start
                     if state_path is not None:
                         self.save_state(state_path)
                     raise InterruptedRun(
                         f"interrupted at iteration {self.iteration}"
                         + (f"; state saved to {state_path}, continue with --resume" if state_path else ""))
-                lr = _learning_rate(self.config, self.iteration,
-                                    self.lr_scale * getattr(self.method, "lr_factor", 1.0))
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                self.optimizer.zero_grad(set_to_none=True)
-                with self._autocast():
-                    loss, metrics = self.method.loss(self.model, self.iteration)
-                loss.backward()
-                if self.config.grad_clip:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-                names = ["loss", "grad_norm", *metrics]
-                values = torch.stack([loss.detach().float(), grad_norm.detach().float(),
-                                      *(torch.as_tensor(v).detach().float().reshape(())
-                                        for v in metrics.values())]).tolist()
-                logged = dict(zip(names, values, strict=True))
-                if not all(math.isfinite(v) for v in values[:2]):
-                    self._roll_back(last_good, f"loss became non-finite at iteration {self.iteration} "
-                                               f"(loss={logged['loss']}, grad norm={logged['grad_norm']})")
+                if self.converged:
+                    break
+                if self.iteration >= self.config.max_iters:
+                    if pending is None:
+                        break
+                    judge(pending)
+                    pending = None
                     continue
-                blow_up = getattr(self.method, "diverged", lambda _logged: None)(logged)
-                if blow_up:
-                    self._roll_back(last_good, f"{blow_up} at iteration {self.iteration}")
+                names, values = self._forward_backward()
+                staged = staging.stage(names, values, self.iteration)
+                if not lagged:
+                    logged = staged.read()
+                    if not self._healthy(logged, staged.iteration):
+                        continue
+                    logged["lr"] = self._step()
+                    self._record(logged, staged.iteration, start)
                     continue
-                self.optimizer.step()
-                logged["lr"] = lr
-                self.converged = bool(self.method.after_step(self.model, self.iteration, logged))
-                self.iteration += 1
-                self.elapsed = time.perf_counter() - start
-                logged["elapsed"] = self.elapsed
-                if self.iteration % self.config.trajectory_every == 0 or self.converged or self.iteration == 1:
-                    self.trajectory.append({"iteration": self.iteration, **logged})
-                if self.iteration % self.config.snapshot_every == 0:
-                    last_good = self._snapshot()
-                if self.callback is not None:
-                    self.callback(self.iteration, logged)
+                if pending is not None:
+                    healthy = judge(pending)
+                    pending = None
+                    if not healthy or self.converged:
+                        continue  # this iteration's gradients are dropped
+                staged.lr = self._step()
+                pending = staged
         self.elapsed = time.perf_counter() - start
         return EngineResult(self.iteration, self.converged, self.elapsed, self.lr_reductions, self.trajectory)
 
-    def _roll_back(self, last_good: dict[str, Any], problem: str) -> None:
+    def _roll_back(self, problem: str) -> None:
         if self.lr_reductions >= self.config.max_nan_retries:
             raise TrainingDivergedError(f"{problem}, after {self.lr_reductions} learning-rate reductions; "
                                         f"try a smaller --lr")
-        self._restore(last_good)
+        self._restore(self._last_good)
         self.lr_scale *= self.config.lr_backoff
         self.lr_reductions += 1
+
+
+class _Staged:
+    """One iteration's logged scalars on their way to the host (see :class:`_HostStaging`)."""
+
+    def __init__(self, names: list[str], host: Tensor, event: Any, iteration: int):
+        self.names, self.host, self.event, self.iteration = names, host, event, iteration
+        self.lr: float | None = None  # set once the iteration's step is taken
+
+    def read(self) -> dict[str, float]:
+        """The scalars as floats (waits for their copy, which the GPU finished long before when lagged)."""
+        if self.event is not None:
+            self.event.synchronize()
+        logged = dict(zip(self.names, self.host.tolist(), strict=True))
+        if self.lr is not None:
+            logged["lr"] = self.lr
+        return logged
+
+
+class _HostStaging:
+    """Copies each iteration's scalars [M] from the GPU into one of two reused pinned host buffers without
+    waiting (an event marks the copy's end): at most two iterations are in flight when lagged, the one being
+    judged and the one just stepped. On the CPU the values are used as they are."""
+
+    def __init__(self) -> None:
+        self.buffers: list[Tensor] = []
+        self.turn = 0
+
+    def stage(self, names: list[str], values: Tensor, iteration: int) -> _Staged:
+        if values.device.type != "cuda":
+            return _Staged(names, values, None, iteration)
+        if not self.buffers or self.buffers[0].shape != values.shape:
+            self.buffers = [torch.empty(values.shape, dtype=values.dtype, pin_memory=True) for _ in range(2)]
+        host = self.buffers[self.turn]
+        self.turn = 1 - self.turn
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Staged(names, host, event, iteration)
 
 
 def _clone_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowtame.devices import take_rows
 from flowtame.likelihood import nll_nats
 from flowtame.objective import forget_loss, nats_per_bpd, remember_loss, threshold_distance
 from flowtame.quantization import DataSpec, quantize
@@ -32,10 +33,11 @@ class TamingData:
 
     ``forget`` uint8 [F,C,H,W] with ``forget_request`` long [F] (which --forget source each image came from)
     and ``forget_check_noise`` float [K,F,C,H,W] (or [F,C,H,W] for K = 1) in [0,1): K fixed draws whose
-    NLLs are averaged in the stopping test; ``remember`` uint8 [R,C,H,W] (on the CPU, pinned
-    when training on CUDA); ``refresh`` float [S,C,H,W]: a fixed subset of the remember set, dequantized with
-    fixed noise, used to re-estimate mu_R, sigma_R; ``base_mean``/``base_std``: N_B in nats, fitted once
-    over the whole remember set under the base model.
+    NLLs are averaged in the stopping test; ``remember`` uint8 [R,C,H,W] (where
+    :func:`flowtame.devices.training_rows` puts it: on the GPU when it fits, else pinned); ``refresh`` float
+    [S,C,H,W]: a fixed subset of the remember set, dequantized with fixed noise, used to re-estimate mu_R,
+    sigma_R; ``base_mean``/``base_std``: N_B in nats, fitted once over the whole remember set under the base
+    model.
     """
 
     data_spec: DataSpec
@@ -81,6 +83,9 @@ class TamingMethod:
     check draws (NLL averaged) against freshly refreshed statistics. d is relative to the tamed model's own
     mu_R, so a model whose every NLL rose passes it; the confirmation therefore also requires the remember
     mean NLL to have risen by at most ``max_remember_drift`` (relative, = relative mean BPD) over N_B's.
+    ``generator`` draws each iteration's indices and noise (a generator on the GPU when training there,
+    :func:`flowtame.devices.loop_generator`); ``setup_generator`` (default: the same) what a method builds
+    once, such as Selective Amnesia's replay pool.
     """
 
     name = "taming"
@@ -97,7 +102,7 @@ class TamingMethod:
                  confirm_gap: int = 5,
                  max_remember_drift: float | None = None, max_remember_jump: float | None = None,
                  config: Any = None,
-                 base_model: nn.Module | None = None):
+                 base_model: nn.Module | None = None, setup_generator: torch.Generator | None = None):
         if kl_estimate not in ("refreshed", "batch"):
             raise ValueError(f"unknown kl_estimate {kl_estimate!r}")
         self.data = data
@@ -106,6 +111,7 @@ class TamingMethod:
         self.refresh_every = refresh_every
         self.forget_loss_kind, self.forget_unit, self.kl_estimate = forget_loss_kind, forget_unit, kl_estimate
         self.generator = generator
+        self.setup_generator = generator if setup_generator is None else setup_generator
         self.confirm_gap = confirm_gap
         self.threshold_gradient = threshold_gradient
         self.settle_decay = settle_decay
@@ -129,19 +135,27 @@ class TamingMethod:
 
     # ------------------------------------------------------------------ batches
     def _draw(self, count: int, total: int) -> Tensor:
+        """``count`` distinct indices below ``total`` (all of them when ``total <= count``), on the
+        generator's device."""
         if total <= count:
-            return torch.arange(total)
-        return torch.randperm(total, generator=self.generator)[:count]
+            return torch.arange(total, device=self.generator.device)
+        return torch.randperm(total, generator=self.generator, device=self.generator.device)[:count]
+
+    def _randint(self, high: int, count: int) -> Tensor:
+        return torch.randint(high, (count,), generator=self.generator, device=self.generator.device)
+
+    def _rand(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """Uniform [0, 1) noise of ``shape`` on the training device, drawn where the generator lives."""
+        return torch.rand(shape, generator=self.generator, device=self.generator.device).to(self.data.device)
 
     def _batch(self) -> tuple[Tensor, Tensor, Tensor]:
         """(inputs [Bf+Br,...] with fresh noise, forget indices [Bf], number of forget rows)."""
         d = self.data
-        forget_idx = self._draw(self.batch_size, d.forget.shape[0])
-        remember_idx = torch.randint(d.remember.shape[0], (self.batch_size,), generator=self.generator)
-        remember = d.remember[remember_idx].to(d.device, non_blocking=True)
-        pixels = torch.cat([d.forget[forget_idx.to(d.device)], remember])
-        noise = torch.rand(pixels.shape, generator=self.generator).to(d.device, non_blocking=True)
-        return dequantized(pixels, noise, d.data_spec.n_bits), forget_idx.to(d.device), forget_idx.numel()
+        forget_idx = self._draw(self.batch_size, d.forget.shape[0]).to(d.device)
+        remember = take_rows(d.remember, self._randint(d.remember.shape[0], self.batch_size), d.device)
+        pixels = torch.cat([d.forget[forget_idx], remember])
+        noise = self._rand(pixels.shape)
+        return dequantized(pixels, noise, d.data_spec.n_bits), forget_idx, forget_idx.numel()
 
     # ------------------------------------------------------------------ engine protocol
     def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:

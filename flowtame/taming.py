@@ -23,7 +23,7 @@ import yaml
 from flowtame import __version__
 from flowtame.checkpoint import Checkpoint, make_provenance
 from flowtame.data import ImageSet, dequantization_noise
-from flowtame.devices import place_model, resolve_device
+from flowtame.devices import loop_generator, place_model, resolve_device, training_rows
 from flowtame.engine import Engine, EngineConfig
 from flowtame.errors import DataError, InputError, InterruptedRun
 from flowtame.methods import METHODS, TamingData, batched_nll, dequantized
@@ -245,6 +245,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
 
     model = trainable_copy(base, dev)
     frozen = freeze_parameters(model, config.freeze)
+    batches = loop_generator(generator, dev, config.seed)
     parameters = dict(model.named_parameters())
     data = TamingData(
         data_spec=data_spec,
@@ -253,7 +254,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         forget_check_noise=torch.stack([
             dequantization_noise(forget_keys, config.eval_seed, tuple(forget_pixels.shape[1:]), draw)
             for draw in range(config.forget_draws)]).to(dev),
-        remember=remember_pixels.pin_memory() if dev.type == "cuda" else remember_pixels,
+        remember=training_rows(remember_pixels, dev),
         refresh=refresh_x,
         base_mean=torch.tensor(base_mean, device=dev),
         base_std=torch.tensor(base_std, device=dev),
@@ -261,7 +262,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     method = METHODS[config.method](
         data, delta=config.delta, epsilon=config.epsilon, alpha=config.alpha, gamma=config.gamma,
         batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
-        forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=generator,
+        forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=batches,
+        setup_generator=generator,
         threshold_gradient=config.threshold_gradient, settle_decay=config.settle_decay,
         stop_margin=config.stop_margin, max_remember_drift=config.max_remember_drift,
         max_remember_jump=config.max_remember_jump,
@@ -270,7 +272,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     engine = Engine(model, method, EngineConfig(
         lr=config.lr, warmup=config.warmup, max_iters=config.max_iters, grad_clip=config.grad_clip,
         precision=config.precision, trajectory_every=config.trajectory_every),
-        generators={"batches": generator}, callback=callback)
+        generators={"batches": batches}, callback=callback)
     if resume:
         engine.load_state(state_path)
 

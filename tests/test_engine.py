@@ -45,13 +45,13 @@ class QuadraticMethod:
         self.calls = meta["calls"]
 
 
-def make(seed=0, **kw):
+def make(seed=0, lagged=False, **kw):
     torch.manual_seed(seed)
     model = nn.Linear(3, 1)
     gen = torch.Generator().manual_seed(seed)
     method = QuadraticMethod(gen, **kw.pop("method_kw", {}))
     engine = Engine(model, method, EngineConfig(lr=0.05, warmup=5, max_iters=kw.pop("max_iters", 40),
-                                                trajectory_every=5, snapshot_every=1),
+                                                trajectory_every=5, snapshot_every=1, lagged_metrics=lagged),
                     generators={"g": gen}, callback=kw.pop("callback", None))
     return model, method, engine
 
@@ -62,8 +62,9 @@ def test_warmup_is_linear_then_constant():
     assert _learning_rate(EngineConfig(lr=1e-3, warmup=0), 0, 0.5) == pytest.approx(5e-4)
 
 
-def test_engine_converges_and_records_trajectory():
-    model, method, engine = make(max_iters=400, method_kw={"target_loss": 1e-3})
+@pytest.mark.parametrize("lagged", [False, True])
+def test_engine_converges_and_records_trajectory(lagged):
+    model, method, engine = make(max_iters=400, lagged=lagged, method_kw={"target_loss": 1e-3})
     result = engine.run()
     assert result.converged and result.iterations < 400
     assert result.trajectory[0]["iteration"] == 1
@@ -71,8 +72,9 @@ def test_engine_converges_and_records_trajectory():
     assert result.trajectory[-1]["loss"] < result.trajectory[0]["loss"]
 
 
-def test_resume_gives_the_bit_identical_result(tmp_path):
-    model_a, _, engine_a = make()
+@pytest.mark.parametrize("lagged", [False, True])
+def test_resume_gives_the_bit_identical_result(tmp_path, lagged):
+    model_a, _, engine_a = make(lagged=lagged)
     engine_a.run()
 
     def interrupt_at_17(iteration, logged):
@@ -80,14 +82,16 @@ def test_resume_gives_the_bit_identical_result(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     state = tmp_path / "state.safetensors"
-    model_b, _, engine_b = make(callback=interrupt_at_17)
+    model_b, _, engine_b = make(lagged=lagged, callback=interrupt_at_17)
     with pytest.raises(InterruptedRun, match="--resume"):
         engine_b.run(state_path=state)
-    assert state.exists() and engine_b.iteration == 17
+    # lagged, iteration 17's step is taken (and then judged) before the loop sees the stop request
+    stopped_at = 18 if lagged else 17
+    assert state.exists() and engine_b.iteration == stopped_at
 
-    model_c, method_c, engine_c = make(seed=123)  # different init and RNG: everything must come from the state
+    model_c, method_c, engine_c = make(seed=123, lagged=lagged)  # everything must come from the state
     engine_c.load_state(state)
-    assert method_c.calls == 17
+    assert method_c.calls == stopped_at
     engine_c.run()
     for a, c in zip(model_a.parameters(), model_c.parameters(), strict=True):
         assert torch.equal(a, c)
@@ -97,15 +101,17 @@ def test_resume_gives_the_bit_identical_result(tmp_path):
     assert no_time(engine_c.trajectory) == no_time(engine_a.trajectory)
 
 
-def test_non_finite_loss_rolls_back_and_lowers_the_learning_rate():
-    model, method, engine = make(method_kw={"nan_at": (10,)})
+@pytest.mark.parametrize("lagged", [False, True])
+def test_non_finite_loss_rolls_back_and_lowers_the_learning_rate(lagged):
+    model, method, engine = make(lagged=lagged, method_kw={"nan_at": (10,)})
     result = engine.run()
     assert result.lr_reductions == 1 and engine.lr_scale == 0.5
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_persistent_nan_fails_clearly_after_bounded_retries():
-    model, method, engine = make(method_kw={"nan_at": ()})
+@pytest.mark.parametrize("lagged", [False, True])
+def test_persistent_nan_fails_clearly_after_bounded_retries(lagged):
+    model, method, engine = make(lagged=lagged, method_kw={"nan_at": ()})
     method.loss_orig = method.loss
     method.loss = lambda m, i: (method.loss_orig(m, i)[0] * float("nan"), {})
     with pytest.raises(TrainingDivergedError, match="non-finite"):
@@ -113,8 +119,9 @@ def test_persistent_nan_fails_clearly_after_bounded_retries():
     assert engine.lr_reductions == engine.config.max_nan_retries
 
 
-def test_a_blow_up_the_method_reports_rolls_back_like_a_nan():
-    model, method, engine = make(max_iters=30)
+@pytest.mark.parametrize("lagged", [False, True])
+def test_a_blow_up_the_method_reports_rolls_back_like_a_nan(lagged):
+    model, method, engine = make(max_iters=30, lagged=lagged)
     blown = []
 
     def diverged(logged):
@@ -133,8 +140,9 @@ def test_a_blow_up_the_method_reports_rolls_back_like_a_nan():
     assert len(snapshots) == 1 and result.iterations == 30
 
 
-def test_persistent_blow_up_fails_clearly_naming_the_problem():
-    _, method, engine = make()
+@pytest.mark.parametrize("lagged", [False, True])
+def test_persistent_blow_up_fails_clearly_naming_the_problem(lagged):
+    _, method, engine = make(lagged=lagged)
     method.diverged = lambda logged: "the remember batch's mean BPD jumped to 9.000 (base 1.280)"
     with pytest.raises(TrainingDivergedError, match=r"jumped to 9.000 \(base 1.280\) at iteration 0, after 3"):
         engine.run()
@@ -148,3 +156,39 @@ def test_bad_resume_state_is_a_clear_error(tmp_path):
     bad.write_bytes(b"\x00" * 20)
     with pytest.raises(CheckpointError, match="unreadable resume state"):
         engine.load_state(bad)
+
+
+@pytest.mark.parametrize("target_loss", [-1.0, 1e-3])  # runs to max_iters / converges early
+def test_lagged_metrics_take_the_same_steps(target_loss):
+    """Judging each iteration's scalars one iteration late (the CUDA default) changes when the host reads
+    them, not the optimization: same weights, same stopping iteration, same trajectory."""
+    runs = []
+    for lagged in (False, True):
+        model, method, engine = make(max_iters=400, lagged=lagged, method_kw={"target_loss": target_loss})
+        result = engine.run()
+        runs.append((model, result, method.calls))
+    (model_a, result_a, calls_a), (model_b, result_b, calls_b) = runs
+    assert result_b.iterations == result_a.iterations and result_b.converged == result_a.converged
+    assert result_a.converged == (target_loss > 0)
+    for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert [{k: v for k, v in p.items() if k != "elapsed"} for p in result_b.trajectory] == \
+        [{k: v for k, v in p.items() if k != "elapsed"} for p in result_a.trajectory]
+    # lagged, a converging run computes one more forward/backward, whose step is never taken
+    assert calls_b == calls_a + (1 if result_a.converged else 0)
+
+
+def test_lagged_nan_step_is_undone_from_a_judged_snapshot():
+    """Lagged, the non-finite iteration is stepped before it is judged; the roll-back must restore the
+    weights after the last judged step (the same snapshot as unlagged), and the run ends finite."""
+    restored = []
+    for lagged in (False, True):
+        model, _, engine = make(lagged=lagged, method_kw={"nan_at": (10,)})
+        original = engine._restore
+        engine._restore = lambda snapshot, original=original: (restored.append(snapshot["model"]),
+                                                                original(snapshot))
+        result = engine.run()
+        assert result.lr_reductions == 1 and result.iterations == 40
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    unlagged, lagged = restored
+    assert all(torch.isfinite(v).all() and torch.equal(v, lagged[k]) for k, v in unlagged.items())

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from flowtame.data import dequantization_noise, open_images
-from flowtame.devices import autocast_context, resolve_device
+from flowtame.devices import autocast_context, loop_generator, resolve_device, take_rows, training_rows
 from flowtame.errors import DataError, InputError
 from flowtame.likelihood import PER_IMAGE_CSV_COLUMNS, compute_nll, nll_nats
 from flowtame.models.glow import GlowSpec, build_glow
@@ -283,3 +283,26 @@ def test_precision_checks():
     with pytest.raises(InputError, match="only supported on CUDA"):
         compute_nll(_tiny_glow(0), open_images("embedded:digits:test:0", DIGITS), device="cpu",
                     precision="fp16")
+
+
+def test_training_loop_placement_on_the_cpu_changes_nothing():
+    """On the CPU the loop's generator is the setup generator (CPU runs draw as before) and the images stay
+    where they are; take_rows gathers rows in the given order."""
+    setup = torch.Generator().manual_seed(3)
+    cpu = torch.device("cpu")
+    assert loop_generator(setup, cpu, seed=3) is setup
+    pixels = torch.arange(24, dtype=torch.uint8).reshape(6, 4)
+    assert training_rows(pixels, cpu) is pixels
+    assert torch.equal(take_rows(pixels, torch.tensor([5, 0, 5]), cpu), pixels[[5, 0, 5]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_loop_placement_on_cuda_keeps_draws_and_small_sets_on_the_gpu():
+    cuda = torch.device("cuda", 0)
+    generator = loop_generator(torch.Generator().manual_seed(3), cuda, seed=3)
+    assert generator.device.type == "cuda"
+    pixels = torch.zeros(8, 3, 4, 4, dtype=torch.uint8)
+    assert training_rows(pixels, cuda).is_cuda
+    assert training_rows(pixels, cuda, budget=0.0).is_pinned()
+    index = torch.randint(8, (5,), generator=generator, device=cuda)
+    assert take_rows(training_rows(pixels, cuda, budget=0.0), index, cuda).is_cuda
