@@ -565,11 +565,18 @@ class DebiasMethod:
         self.mu_r = data.base_mean.clone()
         self.sigma_r = data.base_std.clone()
         measured = frequencies_of(initial)
-        self.frequencies = torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64)
-        self.weights = self._weights(self.frequencies)
-        self.lr_factor = self._lr_factor(self.frequencies)
+        self._set_frequencies(torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64))
         self.trajectory: list[dict[str, Any]] = [
             {"iteration": 0, **initial, "remember_mean_bpd": float(self.mu_r) / self.nats_per_bpd}]
+
+    def _set_frequencies(self, frequencies: Tensor) -> None:
+        """Adopt measured frequencies [G] (float64, CPU): the loss weights, the learning-rate factor and the
+        largest gap to a target (a device scalar the loss logs without a host copy; NaN counts as 1)."""
+        self.frequencies = frequencies
+        self.weights = self._weights(frequencies)
+        self.lr_factor = self._lr_factor(frequencies)
+        gap = torch.nan_to_num((frequencies - self.targets).abs(), nan=1.0).max()
+        self.max_gap = gap.float().to(self.data.base_mean.device)
 
     def _weights(self, frequencies: Tensor) -> Tensor:
         """w_g [G] (float32, on the device) from measured frequencies [G] (NaN, no sample assigned: 0)."""
@@ -618,7 +625,7 @@ class DebiasMethod:
                                                         nats_per_bpd=self.nats_per_bpd)
         loss = self.config.alpha * loss_groups + (1 - self.config.alpha) * loss_remember
         metrics = {"loss_groups": loss_groups, "loss_remember": loss_remember, "remember_bpd": remember_bpd,
-                   "kl": kl, "max_gap": (self.frequencies - self.targets).abs().max()}
+                   "kl": kl, "max_gap": self.max_gap}
         for name, values in zip(self.group_names, group_nll, strict=True):
             metrics[f"bpd/{name}"] = values.mean() / self.nats_per_bpd
         return loss, metrics
@@ -639,10 +646,8 @@ class DebiasMethod:
         self.refresh(model)
         self.trajectory.append({"iteration": iteration + 1, **table,
                                 "remember_mean_bpd": float(self.mu_r) / self.nats_per_bpd})
-        self.frequencies = torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64)
-        self.weights = self._weights(self.frequencies)
-        self.lr_factor = self._lr_factor(self.frequencies)
-        logged["max_gap"] = float(torch.nan_to_num((self.frequencies - self.targets).abs(), nan=1.0).max())
+        self._set_frequencies(torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64))
+        logged["max_gap"] = float(self.max_gap)
         return within_tolerance(measured, dict(zip(self.group_names, self.targets.tolist(), strict=True)),
                                 self.config.tolerance)
 
@@ -654,9 +659,7 @@ class DebiasMethod:
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.mu_r, self.sigma_r = tensors["mu_r"].reshape(()), tensors["sigma_r"].reshape(())
-        self.frequencies = tensors["frequencies"].cpu().double()
-        self.weights = self._weights(self.frequencies)
-        self.lr_factor = self._lr_factor(self.frequencies)
+        self._set_frequencies(tensors["frequencies"].cpu().double())
         self.trajectory = meta["trajectory"]
 
 
