@@ -258,6 +258,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         refresh=refresh_x,
         base_mean=torch.tensor(base_mean, device=dev),
         base_std=torch.tensor(base_std, device=dev),
+        whole_remember_nll=lambda m: torch.from_numpy(
+            pixel_nll(m, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)),
     )
     method = METHODS[config.method](
         data, delta=config.delta, epsilon=config.epsilon, alpha=config.alpha, gamma=config.gamma,
@@ -300,7 +302,10 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         raise
     model.eval()
 
-    tamed_remember_nll = pixel_nll(model, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)
+    if result.converged and method.final_remember_nll is not None:  # the stop's whole-set pass, same weights
+        tamed_remember_nll = method.final_remember_nll.numpy()
+    else:
+        tamed_remember_nll = pixel_nll(model, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)
     tamed_forget_nll = pixel_nll(model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
                                  draws=config.forget_draws)
     mu_t, sigma_t = float(tamed_remember_nll.mean()), float(tamed_remember_nll.std(ddof=1))
@@ -322,7 +327,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         wall_seconds=result.wall_seconds,
         seconds_per_iteration=result.wall_seconds / max(result.iterations, 1),
         lr_reductions=result.lr_reductions, refreshes=method.refreshes, confirmations=method.confirmations,
-        drift_refusals=method.drift_refusals,
+        drift_refusals=method.drift_refusals, whole_set_refusals=method.whole_set_refusals,
         remember_normal={"base": {"mean_nats": base_mean, "std_nats": base_std,
                                   "mean_bpd": base_mean / per_bpd, "std_bpd": base_std / per_bpd},
                          "tamed": {"mean_nats": mu_t, "std_nats": sigma_t,

@@ -74,6 +74,14 @@ def make_method(name: str, model: torch.nn.Module, *, seed: int = 0, **config_kw
                          base_model=model)
 
 
+def confirm_at(monkeypatch, method, d: list[float]) -> None:
+    """Make the method's check pass measure forget NLLs whose d against its current mu_R, sigma_R is ``d``."""
+    def check_nll(_model):
+        return method.mu_r + (method.delta + torch.tensor(d)) * method.sigma_r
+
+    monkeypatch.setattr(method, "check_nll", check_nll)
+
+
 def test_methods_register_on_import():
     assert METHODS["neggrad"] is NegGrad and METHODS["selective-amnesia"] is SelectiveAmnesia
     assert TameConfig(method="selective-amnesia").method == "selective-amnesia"
@@ -209,7 +217,7 @@ def test_stop_rule_every_image_forgotten_past_the_threshold_counts(name, monkeyp
              ([0.1, -0.1, 0.2], True, True)]
     for it, (d, baseline_done, taming_done) in enumerate(cases):
         for m, expected in ((method, baseline_done), (taming, taming_done)):
-            monkeypatch.setattr(m, "check_distances", lambda _model, d=d: torch.tensor(d))
+            confirm_at(monkeypatch, m, d)
             assert m.after_step(model, 10 * (it + 1), {"min_d": 0.0, "max_abs_d": 0.0}) is expected
     assert method.confirmations == 3
     # the screen: an image short of -epsilon in the training forward means no confirmation pass
@@ -225,7 +233,7 @@ def test_stop_margin_raises_the_lower_edge_of_the_band(name, monkeypatch):
         method = make_method(name, model, stop_margin=margin)
         assert method.epsilon == pytest.approx(0.6) and method.stop_margin == margin
         monkeypatch.setattr(method, "refresh", lambda _model: None)
-        monkeypatch.setattr(method, "check_distances", lambda _model: torch.tensor([-0.55, 0.1, 0.3]))
+        confirm_at(monkeypatch, method, [-0.55, 0.1, 0.3])
         assert method.after_step(model, 10, {"min_d": 0.0, "max_abs_d": 0.0}) is done
         # the screen applies the same edge: a smoothed training d of -0.55 asks for no confirmation
         screen = {"min_d": -0.55, "max_abs_d": 0.55}
@@ -378,7 +386,7 @@ def test_stop_is_refused_while_the_remember_set_drifted_up(name, guard, monkeypa
     method = make_method(name, model)
     assert method.max_remember_drift == guard
     monkeypatch.setattr(method, "refresh", lambda _model: None)
-    monkeypatch.setattr(method, "check_distances", lambda _model: torch.tensor([0.1, -0.1, 0.2]))
+    confirm_at(monkeypatch, method, [0.1, -0.1, 0.2])
     base_mean = method.data.base_mean
     method.mu_r = base_mean * (1 + 1.2 * guard)
     assert method.remember_drift() == pytest.approx(1.2 * guard, rel=1e-4)
@@ -389,6 +397,27 @@ def test_stop_is_refused_while_the_remember_set_drifted_up(name, guard, monkeypa
     assert method.drift_refusals == 1 and method.confirmations == 2
     off = make_method(name, model, max_remember_drift=0)  # 0 turns the guard off
     assert off.max_remember_drift is None
+
+
+@pytest.mark.parametrize("name", ["taming", "neggrad"])
+def test_stop_is_refused_until_the_whole_remember_set_agrees(name, monkeypatch):
+    """A confirmation that passes against the refresh subset's mu_R, sigma_R is re-judged against the whole
+    remember set's normal (the report's): an image at d = -0.55 on the subset's statistics reads d < -0.6
+    on the whole set's when those put the threshold 0.1 sigma higher, so the run goes on; once they agree it
+    stops and keeps the whole-set NLL for the report."""
+    model, _ = tiny_glow()
+    method = make_method(name, model)
+    monkeypatch.setattr(method, "refresh", lambda _model: None)
+    confirm_at(monkeypatch, method, [-0.55, 0.1, 0.3])
+    mu, sigma = float(method.mu_r), float(method.sigma_r)
+    unit = torch.tensor([-1.0, 1.0], dtype=torch.float64)  # mean 0, ddof-1 std sqrt(2)
+    whole = {"nll": (mu + 0.1 * sigma) + unit * sigma / math.sqrt(2)}  # whole-set mean 0.1 sigma higher
+    method.data.whole_remember_nll = lambda _model: whole["nll"]
+    assert method.after_step(model, 10, {"min_d": 0.0, "max_abs_d": 0.0}) is False
+    assert method.whole_set_refusals == 1 and method.final_remember_nll is None
+    whole["nll"] = mu + unit * sigma / math.sqrt(2)  # the same normal as the subset's
+    assert method.after_step(model, 20, {"min_d": 0.0, "max_abs_d": 0.0}) is True
+    assert method.whole_set_refusals == 1 and method.final_remember_nll is whole["nll"]
 
 
 def test_a_remember_blow_up_is_a_divergence_for_taming_only():
