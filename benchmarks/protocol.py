@@ -168,6 +168,7 @@ def run_one(base: Checkpoint, proto: Protocol, layers: list[dict[str, Any]], max
     report = outcome.report
     row = {
         "converged": report["converged"], "iterations": report["iterations"],
+        "whole_set_refusals": report.get("whole_set_refusals", 0),
         "loop_seconds": report["wall_seconds"], "total_seconds": total,
         "forgotten": sets["forget"]["forgotten_fraction"],
         "d_min": sets["forget"]["d"]["tamed"]["min"], "d_max": sets["forget"]["d"]["tamed"]["max"],

@@ -55,8 +55,8 @@ def tame_command(
     settle_decay: float = typer.Option(None, help="Per-iteration learning-rate decay while every forget image "
                                        "is within 2*epsilon of the threshold (1 = off) [0.97]."),
     stop_margin: float = typer.Option(None, help="Stop only when every forget image's d (in sigma_R) is above "
-                                      "-epsilon + this margin, so it counts as forgotten on the evaluation's "
-                                      "own noise too (0 = the paper's |d| < epsilon; docs/method.md) [0]."),
+                                      "-epsilon + this margin, so it still counts as forgotten on noise the run "
+                                      "never saw (0 = the paper's |d| < epsilon; docs/method.md) [0]."),
     forget_draws: int = typer.Option(None, help="Noise draws averaged into each forget image's NLL in the "
                                      "stopping test and the report [8]."),
     max_remember_drift: float = typer.Option(None, help="Stopping guard: refuse to stop while the remember set's "
