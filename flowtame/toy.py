@@ -188,6 +188,7 @@ class VectorTamingMethod:
         self.generator = generator
         self.nats_per_bpd = nats_per_bpd(forget.shape[1])
         base_nll = batched_vector_nll(model, remember)
+        self.base_remember_nll = base_nll  #: [R] nats, under the base model
         self.base_mean, self.base_std = base_nll.mean(), base_nll.std()
         self.anchor = anchor
         self.anchor_points = remember if anchor_points is None else anchor_points

@@ -160,8 +160,7 @@ def main() -> None:
                                 epsilon=args.epsilon, alpha=args.alpha, gamma=args.gamma,
                                 batch_size=args.batch_size, forget_loss_kind=args.forget_loss,
                                 forget_unit=args.forget_unit, anchor=args.anchor, anchor_points=anchor_points)
-    base_remember = batched_vector_nll(model, remember)
-    beyond = (base_remember > method.base_mean + args.delta * method.base_std).float().mean().item()
+    beyond = (method.base_remember_nll > method.base_mean + args.delta * method.base_std).float().mean().item()
     print(f"D_F {forget.shape[0]} points, D_R {remember.shape[0]} points; remember NLL under the base flow: "
           f"mean {method.base_mean.item():.3f}, std {method.base_std.item():.3f} nats; "
           f"threshold mean + {args.delta:g} std: "
