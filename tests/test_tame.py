@@ -84,6 +84,8 @@ def test_tame_cli_forgets_and_preserves(run_cli, workspace, assert_valid_report)
     assert_valid_report(report, "tame-report.schema.json")
     request = report["requests"][0]
     assert request["n"] == 2 and request["reached_threshold"] and request["max_abs_d"] < report["config"]["epsilon"]
+    # the stop was judged against the whole remember set's normal, the one requests[] reports against
+    assert request["forgotten_fraction"] == 1.0 and report["whole_set_refusals"] >= 0
     evaluation = report["evaluation"]
     assert evaluation["sets"]["forget"]["forgotten_fraction"] == 1.0
     assert evaluation["sets"]["forget"]["qd"] > 0.3  # the forget images went from typical to the 4-sigma tail
