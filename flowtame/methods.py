@@ -130,6 +130,8 @@ class TamingMethod:
         self.base_bpd = float(data.base_mean) / self.nats_per_bpd
         self.mu_r = data.base_mean.clone()
         self.sigma_r = data.base_std.clone()
+        # the refresh subset's own (uncorrected) NLL mean and std at the latest refresh, nats
+        self.subset_mean, self.subset_std = self.mu_r - self.mean_offset, self.sigma_r / self.std_ratio
         self.latest_d = torch.full((data.forget.shape[0],), float("inf"), device=data.device)
         self.last_confirm = -confirm_gap
         self.confirmed_d: Tensor | None = None
@@ -208,11 +210,13 @@ class TamingMethod:
         """Re-estimate mu_R, sigma_R (nats) of the current model on the fixed refresh subset.
 
         The subset estimate is corrected by the base model's whole-set vs subset difference
-        (``subset_correction``), so at iteration 0 it equals N_B exactly.
+        (``subset_correction``), so at iteration 0 it equals N_B exactly; a whole-set check that disagrees
+        re-measures that correction under the current weights (:meth:`whole_set_agrees`).
         """
         nll = batched_nll(model, self.data.refresh, self.data.data_spec)
-        self.mu_r = nll.mean() + self.mean_offset
-        self.sigma_r = nll.std() * self.std_ratio
+        self.subset_mean, self.subset_std = nll.mean(), nll.std()
+        self.mu_r = self.subset_mean + self.mean_offset
+        self.sigma_r = self.subset_std * self.std_ratio
         self.refreshes += 1
 
     def diverged(self, logged: dict[str, float]) -> str | None:
@@ -252,16 +256,25 @@ class TamingMethod:
     def whole_set_agrees(self, model: nn.Module, forget_nll: Tensor) -> bool:
         """With ``data.whole_remember_nll``: every forget image (NLL [F] on the check draws) also meets the
         criterion against the whole remember set's normal, the one the report judges by; a refusal is counted
-        and training goes on. The subset estimate behind mu_R, sigma_R is off by a few hundredths of sigma_R,
-        enough to stop with an image the report then counts as not forgotten (docs/method.md "Stopping")."""
+        and training goes on with mu_R, sigma_R and the subset correction re-measured on the whole set. The
+        subset estimate is off by a few hundredths of sigma_R, enough to stop with an image the report then
+        counts as not forgotten (docs/method.md "Stopping")."""
         if self.data.whole_remember_nll is None:
             return True
         nll = self.data.whole_remember_nll(model)
         mean, std = nll.mean().to(forget_nll), nll.std().to(forget_nll)
-        if bool(self.reached(threshold_distance(forget_nll, mean, std, self.delta)).all()):
+        d = threshold_distance(forget_nll, mean, std, self.delta)
+        if bool(self.reached(d).all()):
             self.final_remember_nll = nll
             return True
         self.whole_set_refusals += 1
+        self.confirmed_d = d
+        self.latest_d.copy_(d)
+        # the subset's correction drifted with the weights: re-measure it, so that training and the next
+        # confirmations aim at the band the whole set defines
+        self.mean_offset = float(mean - self.subset_mean)
+        self.std_ratio = float(std / self.subset_std)
+        self.mu_r, self.sigma_r = mean, std
         return False
 
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
@@ -312,7 +325,8 @@ class TamingMethod:
     def state_meta(self) -> dict[str, Any]:
         return {"last_confirm": self.last_confirm, "refreshes": self.refreshes,
                 "confirmations": self.confirmations, "lr_factor": self.lr_factor,
-                "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals}
+                "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals,
+                "subset_correction": [self.mean_offset, self.std_ratio]}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.mu_r, self.sigma_r = tensors["mu_r"].reshape(()), tensors["sigma_r"].reshape(())
@@ -323,6 +337,7 @@ class TamingMethod:
         self.lr_factor = meta["lr_factor"]
         self.drift_refusals = meta.get("drift_refusals", 0)
         self.whole_set_refusals = meta.get("whole_set_refusals", 0)
+        self.mean_offset, self.std_ratio = meta.get("subset_correction", (self.mean_offset, self.std_ratio))
 
 
 #: Method name -> class; baselines register here (``flowtame.baselines``). Every class takes the

@@ -415,6 +415,14 @@ def test_stop_is_refused_until_the_whole_remember_set_agrees(name, monkeypatch):
     method.data.whole_remember_nll = lambda _model: whole["nll"]
     assert method.after_step(model, 10, {"min_d": 0.0, "max_abs_d": 0.0}) is False
     assert method.whole_set_refusals == 1 and method.final_remember_nll is None
+    # the refusal re-measured mu_R, sigma_R on the whole set (the subset correction with them) and the
+    # screen now sees the whole set's d
+    assert float(method.mu_r) == pytest.approx(mu + 0.1 * sigma, rel=1e-5)
+    assert float(method.sigma_r) == pytest.approx(sigma, rel=1e-5)
+    assert method.mean_offset == pytest.approx(0.1 * sigma, rel=1e-4)  # refresh is stubbed: subset stats = N_B's
+    assert method.std_ratio == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(method.latest_d, torch.tensor([-0.65, 0.0, 0.2]), rtol=0, atol=1e-4)
+    method.mu_r, method.sigma_r = torch.tensor(mu), torch.tensor(sigma)  # back to the subset's figures
     whole["nll"] = mu + unit * sigma / math.sqrt(2)  # the same normal as the subset's
     assert method.after_step(model, 20, {"min_d": 0.0, "max_abs_d": 0.0}) is True
     assert method.whole_set_refusals == 1 and method.final_remember_nll is whole["nll"]
