@@ -249,10 +249,6 @@ class TamingMethod:
         return torch.stack([batched_nll(model, dequantized(d.forget, noise, d.data_spec.n_bits), d.data_spec)
                             for noise in draws]).mean(0)
 
-    def check_distances(self, model: nn.Module) -> Tensor:
-        """d [F] of every forget image, NLL averaged over the fixed check draws, against current mu_R, sigma_R."""
-        return threshold_distance(self.check_nll(model), self.mu_r, self.sigma_r, self.delta)
-
     def whole_set_agrees(self, model: nn.Module, forget_nll: Tensor) -> bool:
         """With ``data.whole_remember_nll``: every forget image (NLL [F] on the check draws) also meets the
         criterion against the whole remember set's normal, the one the report judges by; a refusal is counted
