@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from flowtame.devices import take_rows
+from flowtame.devices import distinct_indices, random_indices, take_rows, uniform_noise
 from flowtame.errors import CheckpointError, InputError
 from flowtame.likelihood import nll_nats
 from flowtame.methods import METHODS, TamingData, TamingMethod, dequantized
@@ -134,15 +134,16 @@ class SelectiveAmnesia(_ForgottenStopping):
     def _batch(self) -> tuple[Tensor, Tensor, int]:
         """([forget; surrogate; replay] inputs [Bf+2B,...], forget indices [Bf], Bf)."""
         d, n = self.data, self.batch_size
-        forget_idx = self._draw(n, d.forget.shape[0]).to(d.device)
+        gen = self.generator
+        forget_idx = distinct_indices(gen, n, d.forget.shape[0]).to(d.device)
         forget_pixels = d.forget[forget_idx]
-        forget_noise = self._rand(forget_pixels.shape)
+        forget_noise = uniform_noise(gen, forget_pixels.shape, d.device)
         if self.surrogate is None:
-            surrogate = self._rand((n, *forget_pixels.shape[1:])) - 0.5
+            surrogate = uniform_noise(gen, (n, *forget_pixels.shape[1:]), d.device) - 0.5
         else:
-            pixels = take_rows(self.surrogate, self._randint(self.surrogate.shape[0], n), d.device)
-            surrogate = dequantized(pixels, self._rand(pixels.shape), d.data_spec.n_bits)
-        replay = take_rows(self.replay_pool, self._randint(self.replay_pool.shape[0], n), d.device)
+            pixels = take_rows(self.surrogate, random_indices(gen, self.surrogate.shape[0], n), d.device)
+            surrogate = dequantized(pixels, uniform_noise(gen, pixels.shape, d.device), d.data_spec.n_bits)
+        replay = take_rows(self.replay_pool, random_indices(gen, self.replay_pool.shape[0], n), d.device)
         x = torch.cat([dequantized(forget_pixels, forget_noise, d.data_spec.n_bits), surrogate, replay])
         return x, forget_idx, forget_idx.numel()
 

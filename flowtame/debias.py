@@ -50,7 +50,15 @@ from torch import Tensor, nn
 from flowtame import __version__
 from flowtame.checkpoint import Checkpoint, make_provenance
 from flowtame.data import ImageSet, dequantization_noise
-from flowtame.devices import loop_generator, resolve_device, take_rows, training_rows
+from flowtame.devices import (
+    distinct_indices,
+    loop_generator,
+    random_indices,
+    resolve_device,
+    take_rows,
+    training_rows,
+    uniform_noise,
+)
 from flowtame.engine import Engine, EngineConfig
 from flowtame.errors import DataError, InputError, InterruptedRun
 from flowtame.evaluation import Tolerances, summarize_evaluation
@@ -593,18 +601,15 @@ class DebiasMethod:
         """(inputs [G*B + B, C, H, W] with fresh noise, rows per group then remember)."""
         d, size = self.data, self.config.batch_size
         parts, rows = [], []
-        gen = self.generator
         for pixels in d.groups:
-            count = pixels.shape[0]
-            index = (torch.randperm(count, generator=gen, device=gen.device)[:size] if count > size
-                     else torch.arange(count, device=gen.device))
+            index = distinct_indices(self.generator, size, pixels.shape[0])
             parts.append(pixels[index.to(pixels.device)])
             rows.append(index.numel())
-        remember_index = torch.randint(d.remember.shape[0], (size,), generator=gen, device=gen.device)
+        remember_index = random_indices(self.generator, d.remember.shape[0], size)
         parts.append(take_rows(d.remember, remember_index, d.base_mean.device))
         rows.append(size)
         pixels = torch.cat(parts)
-        noise = torch.rand(pixels.shape, generator=gen, device=gen.device).to(pixels.device)
+        noise = uniform_noise(self.generator, pixels.shape, pixels.device)
         return dequantized(pixels, noise, d.data_spec.n_bits), rows
 
     def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:

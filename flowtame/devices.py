@@ -6,8 +6,9 @@
 - :func:`autocast_context` is the one place mixed precision is switched on: ``fp32`` everywhere, ``bf16`` or
   ``fp16`` autocast on CUDA only (on the CPU anything but ``fp32`` is refused rather than silently slow).
 - :func:`place_model` moves a model to its device in the memory layout its convolutions run fastest in there.
-- :func:`loop_generator`, :func:`training_rows` and :func:`take_rows` keep the training loop's random draws
-  and image batches on the training device, so an iteration copies nothing from pageable host memory
+- :func:`loop_generator`, the draws :func:`distinct_indices`, :func:`random_indices`, :func:`uniform_noise`,
+  and :func:`training_rows`, :func:`take_rows` keep the training loop's random draws and image batches on the
+  training device, so an iteration copies nothing from pageable host memory
   (each such copy would make the host wait for the GPU).
 """
 
@@ -103,6 +104,25 @@ def loop_generator(setup: torch.Generator, device: torch.device, seed: int) -> t
     if device.type == "cpu":
         return setup
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def distinct_indices(generator: torch.Generator, count: int, total: int) -> torch.Tensor:
+    """``count`` distinct indices below ``total`` (all of them, in order, when ``total <= count``), on the
+    generator's device."""
+    if total <= count:
+        return torch.arange(total, device=generator.device)
+    return torch.randperm(total, generator=generator, device=generator.device)[:count]
+
+
+def random_indices(generator: torch.Generator, high: int, count: int) -> torch.Tensor:
+    """``count`` indices below ``high``, drawn with replacement on the generator's device."""
+    return torch.randint(high, (count,), generator=generator, device=generator.device)
+
+
+def uniform_noise(generator: torch.Generator, shape: torch.Size | tuple[int, ...],
+                  device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) noise of ``shape`` drawn on the generator's device, returned on ``device``."""
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
 def training_rows(pixels: torch.Tensor, device: torch.device,

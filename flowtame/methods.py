@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowtame.devices import take_rows
+from flowtame.devices import distinct_indices, random_indices, take_rows, uniform_noise
 from flowtame.likelihood import nll_nats
 from flowtame.objective import forget_loss, nats_per_bpd, remember_loss, threshold_distance
 from flowtame.quantization import DataSpec, quantize
@@ -143,27 +143,14 @@ class TamingMethod:
         self.final_remember_nll: Tensor | None = None
 
     # ------------------------------------------------------------------ batches
-    def _draw(self, count: int, total: int) -> Tensor:
-        """``count`` distinct indices below ``total`` (all of them when ``total <= count``), on the
-        generator's device."""
-        if total <= count:
-            return torch.arange(total, device=self.generator.device)
-        return torch.randperm(total, generator=self.generator, device=self.generator.device)[:count]
-
-    def _randint(self, high: int, count: int) -> Tensor:
-        return torch.randint(high, (count,), generator=self.generator, device=self.generator.device)
-
-    def _rand(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
-        """Uniform [0, 1) noise of ``shape`` on the training device, drawn where the generator lives."""
-        return torch.rand(shape, generator=self.generator, device=self.generator.device).to(self.data.device)
-
     def _batch(self) -> tuple[Tensor, Tensor, Tensor]:
         """(inputs [Bf+Br,...] with fresh noise, forget indices [Bf], number of forget rows)."""
         d = self.data
-        forget_idx = self._draw(self.batch_size, d.forget.shape[0]).to(d.device)
-        remember = take_rows(d.remember, self._randint(d.remember.shape[0], self.batch_size), d.device)
+        forget_idx = distinct_indices(self.generator, self.batch_size, d.forget.shape[0]).to(d.device)
+        remember = take_rows(d.remember, random_indices(self.generator, d.remember.shape[0], self.batch_size),
+                             d.device)
         pixels = torch.cat([d.forget[forget_idx], remember])
-        noise = self._rand(pixels.shape)
+        noise = uniform_noise(self.generator, pixels.shape, d.device)
         return dequantized(pixels, noise, d.data_spec.n_bits), forget_idx, forget_idx.numel()
 
     # ------------------------------------------------------------------ engine protocol
