@@ -432,7 +432,8 @@ def build_report(base: Checkpoint, tamed: Checkpoint, block: Mapping[str, Any]) 
     }
 
 
-def load_schema() -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of the evaluate report; the block alone is ``$defs/evaluation``."""
-    text = (resources.files("flowtame") / "schemas" / "evaluation.schema.json").read_text(encoding="utf-8")
+def load_schema(name: str = "evaluation.schema.json") -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12) shipped in ``flowtame/schemas``: by default the evaluate report's (the block
+    alone is ``$defs/evaluation``); also ``tame-report.schema.json``, ``debias-report.schema.json``."""
+    text = (resources.files("flowtame") / "schemas" / name).read_text(encoding="utf-8")
     return json.loads(text)

@@ -6,7 +6,6 @@ import json
 import sys
 import warnings
 from dataclasses import dataclass
-from importlib import resources
 
 import pytest
 import torch
@@ -53,14 +52,13 @@ def assert_valid_report():
     import jsonschema
     from referencing import Registry, Resource
 
-    def load(name: str) -> dict:
-        return json.loads((resources.files("flowtame") / "schemas" / name).read_text(encoding="utf-8"))
+    from flowtame.evaluation import load_schema
 
-    evaluation = load("evaluation.schema.json")
+    evaluation = load_schema()
     registry = Registry().with_resources([(evaluation["$id"], Resource.from_contents(evaluation))])
 
     def check(report: dict, schema_file: str) -> None:
-        schema = load(schema_file)
+        schema = load_schema(schema_file)
         jsonschema.Draft202012Validator.check_schema(schema)
         jsonschema.Draft202012Validator(schema, registry=registry).validate(json.loads(json.dumps(report)))
 
