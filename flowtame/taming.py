@@ -232,7 +232,11 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         raise DataError(f"{remember_set.name}: the remember set needs at least 2 images")
 
     base_model = place_model(base.model, dev).eval()
-    base_remember_nll = pixel_nll(base_model, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)
+    def remember_nll(m: torch.nn.Module) -> np.ndarray:
+        """The whole remember set's NLL (nats [R]) on the evaluation's keyed noise: the report's N_B and N_T."""
+        return pixel_nll(m, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)
+
+    base_remember_nll = remember_nll(base_model)
     base_forget_nll = pixel_nll(base_model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
                                 draws=config.forget_draws)
     base_mean, base_std = float(base_remember_nll.mean()), float(base_remember_nll.std(ddof=1))
@@ -258,8 +262,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         refresh=refresh_x,
         base_mean=torch.tensor(base_mean, device=dev),
         base_std=torch.tensor(base_std, device=dev),
-        whole_remember_nll=lambda m: torch.from_numpy(
-            pixel_nll(m, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)),
+        whole_remember_nll=lambda m: torch.from_numpy(remember_nll(m)),
     )
     method = METHODS[config.method](
         data, delta=config.delta, epsilon=config.epsilon, alpha=config.alpha, gamma=config.gamma,
@@ -305,7 +308,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     if result.converged and method.final_remember_nll is not None:  # the stop's whole-set pass, same weights
         tamed_remember_nll = method.final_remember_nll.numpy()
     else:
-        tamed_remember_nll = pixel_nll(model, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)
+        tamed_remember_nll = remember_nll(model)
     tamed_forget_nll = pixel_nll(model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
                                  draws=config.forget_draws)
     mu_t, sigma_t = float(tamed_remember_nll.mean()), float(tamed_remember_nll.std(ddof=1))
