@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 import sys
 import warnings
@@ -78,7 +79,8 @@ class TameConfig:
     def __post_init__(self) -> None:
         if self.epsilon is None:
             self.epsilon = 0.15 * self.delta
-        problems = []
+        problems = [f"{name} must be a finite number" for name, value in vars(self).items()
+                    if isinstance(value, float) and not math.isfinite(value)]
         _load_baselines()
         if self.method not in METHODS:
             problems.append(f"method must be one of {', '.join(METHODS)}")

@@ -64,10 +64,23 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors
-        import click
+    except Exception as exc:
+        line = _usage_error_line(exc)
+        if line is None:
+            raise
+        typer.echo(f"flowtame: error: {line}", err=True)
+        sys.exit(2)
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
+
+def _usage_error_line(exc: Exception) -> str | None:
+    """The one-line message of a command-line usage error, or None for any other exception.
+
+    Typer's usage errors (click's classes up to Typer 0.2x, Typer's own since) are recognised by the interface
+    they all share — ``format_message()`` and an integer ``exit_code`` — so no click import is needed.
+    """
+    if not (callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)):
+        return None
+    message = " ".join(str(exc.format_message()).split())
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", None)
+    return f"{command}: {message}" if command else message
