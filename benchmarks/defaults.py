@@ -3,7 +3,7 @@
 D_F: the k train images of one digit nearest that digit's median NLL (the protocol's choice); D_R: the whole
 train split (the other images of the same digit included, the harder "forget these images, not the class"
 case); holdout: the test split. Each config (JSON, merged over the shipped defaults) runs through
-:func:`flowtame.taming.tame` and prints iterations, converged, the largest |d| of D_F, QD and relative mean-BPD
+:func:`flowtame.jobs.tame.tame` and prints iterations, converged, the largest |d| of D_F, QD and relative mean-BPD
 change of D_R and of the holdout, the training loop's seconds and the whole run's (evaluation included).
 
     python benchmarks/defaults.py --digit 3 --k 4 '{}' '{"alpha": 0.3}' '{"alpha": 0.6}'
@@ -22,12 +22,12 @@ import warnings
 
 import torch
 
-from flowtame.checkpoint import load_checkpoint
-from flowtame.data import open_images
-from flowtame.embedded import resolve_model_path
-from flowtame.objective import nats_per_bpd
-from flowtame.protocol import median_nearest, write_pngs
-from flowtame.taming import make_config, tame, taming_evaluation
+from flowtame.data.embedded import resolve_model_path
+from flowtame.data.images import open_images
+from flowtame.io.checkpoint import load_checkpoint
+from flowtame.jobs.tame import make_config, tame, taming_evaluation
+from flowtame.likelihood.protocol import median_nearest, write_pngs
+from flowtame.methods.objective import nats_per_bpd
 
 
 def main() -> None:

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flowtame.checkpoint import Checkpoint, load_checkpoint, make_provenance, save_checkpoint
-from flowtame.data import DIGITS_ASSET
-from flowtame.embedded import asset_path, resolve_model_path
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.quantization import DataSpec
+from flowtame.data.embedded import asset_path, resolve_model_path
+from flowtame.data.images import DIGITS_ASSET
+from flowtame.data.quantization import DataSpec
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import Checkpoint, load_checkpoint, make_provenance, save_checkpoint
 
 FALLBACK_DATA = DataSpec(image_size=16, channels=1, n_bits=5)
 FORGET_IMAGES = 4
@@ -84,8 +84,8 @@ def _checkpoints(model: str, folder: Path, n_flow: int, hidden: int) -> tuple[Pa
 
 
 def _worker(args: argparse.Namespace) -> dict:
-    from flowtame.data import open_images
-    from flowtame.evaluation import evaluate_models
+    from flowtame.data.images import open_images
+    from flowtame.likelihood.evaluation import evaluate_models
 
     base, tamed = load_checkpoint(args.base), load_checkpoint(args.tamed)
     sets = {"forget": open_images(args.forget, base.data_spec), "remember": open_images(args.list, base.data_spec)}

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from flowtame.checkpoint import load_checkpoint
-from flowtame.data import open_images
-from flowtame.embedded import resolve_model_path
-from flowtame.engine import Engine
-from flowtame.taming import make_config, tame
+from flowtame.data.embedded import resolve_model_path
+from flowtame.data.images import open_images
+from flowtame.engine.loop import Engine
+from flowtame.io.checkpoint import load_checkpoint
+from flowtame.jobs.tame import make_config, tame
 
 
 def run(base, forget_set, remember_set, *, iters: int, precision: str, lagged: bool) -> dict[str, float]:

@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flowtame.checkpoint import Checkpoint, load_checkpoint, make_provenance, save_checkpoint
-from flowtame.data import DIGITS_ASSET, preprocess
-from flowtame.embedded import asset_path, resolve_model_path
-from flowtame.likelihood import compute_nll
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.quantization import DataSpec, discrete_nll, quantize
+from flowtame.data.embedded import asset_path, resolve_model_path
+from flowtame.data.images import DIGITS_ASSET, preprocess
+from flowtame.data.quantization import DataSpec, discrete_nll, quantize
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import Checkpoint, load_checkpoint, make_provenance, save_checkpoint
+from flowtame.likelihood.nll import compute_nll
 
 FALLBACK_SPEC = GlowSpec(channels=1, image_size=16, n_flow=8, n_block=2, hidden=128, affine=False)
 FALLBACK_DATA = DataSpec(image_size=16, channels=1, n_bits=5)
@@ -72,7 +72,7 @@ def _list_file(folder: Path, files: list[Path], count: int) -> Path:
 
 
 def _worker_batched(model_path: str, list_path: str, batch_size: int) -> dict:
-    from flowtame.data import open_images
+    from flowtame.data.images import open_images
 
     ckpt = load_checkpoint(model_path)
     image_set = open_images(list_path, ckpt.data_spec)

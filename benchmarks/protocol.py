@@ -3,14 +3,14 @@
 A digit class plays the paper's "identity":
 
 - D_F: the k train images of the class nearest the class's median NLL under the base model
-  (:func:`flowtame.protocol.median_nearest`), k in {1, 4, 8, 15};
+  (:func:`flowtame.likelihood.protocol.median_nearest`), k in {1, 4, 8, 15};
 - D'_F (forget_unseen): every other image of the class (train and test splits);
 - D_R: the train images of the other nine classes;
 - D_R^NN: the ``--neighbours`` remember images nearest D_F in the base model's latent space
-  (:func:`flowtame.evaluation.find_neighbours`);
+  (:func:`flowtame.likelihood.evaluation.find_neighbours`);
 - holdout: the test images of the other nine classes.
 
-Every method runs through :func:`flowtame.taming.tame` (same engine, batches and stopping machinery):
+Every method runs through :func:`flowtame.jobs.tame.tame` (same engine, batches and stopping machinery):
 taming with the shipped defaults, taming with ``--preset paper``, neggrad and selective-amnesia (each
 with its flowtame defaults), and selective-amnesia with a surrogate folder of remember images instead of
 uniform noise ("SA (D_R surrogate)": every ``SURROGATE_STRIDE``-th image of D_R, written to a temporary
@@ -18,7 +18,7 @@ folder), an adaptation under which it can forget without destroying an unconditi
 ablations remove one term of taming's loss from the shipped defaults: the remember loss (alpha = 1), the NLL
 term A (gamma = 1), both KL terms (gamma = 0).
 
-Each run is scored by :func:`flowtame.evaluation.summarize_evaluation` (each model against its own remember
+Each run is scored by :func:`flowtame.likelihood.evaluation.summarize_evaluation` (each model against its own remember
 normal, paired evaluation noise): QD on every set, the forgotten fraction of D_F (d > -epsilon), mean BPD of
 D_R and of the holdout before/after, converged, iterations and wall time. Targets (a miss is marked ``!``):
 every forget image forgotten; QD(D_R) < 0.01; QD(D_R^NN) < 0.02; holdout mean BPD up by < 1%; and, at equal
@@ -53,13 +53,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flowtame.checkpoint import Checkpoint, load_checkpoint
-from flowtame.data import open_images
-from flowtame.embedded import resolve_model_path
+from flowtame.data.embedded import resolve_model_path
+from flowtame.data.images import open_images
 from flowtame.errors import TrainingDivergedError
-from flowtame.evaluation import FORGET_DRAWS, find_neighbours, summarize_evaluation
-from flowtame.protocol import median_nearest
-from flowtame.taming import make_config, pixel_nll, preset, tame
+from flowtame.io.checkpoint import Checkpoint, load_checkpoint
+from flowtame.jobs.tame import make_config, pixel_nll, preset, tame
+from flowtame.likelihood.evaluation import FORGET_DRAWS, find_neighbours, summarize_evaluation
+from flowtame.likelihood.protocol import median_nearest
 
 #: Stands for the folder of D_R images that :func:`with_surrogate` writes: every SURROGATE_STRIDE-th one.
 SURROGATE_PLACEHOLDER = "<D_R surrogate>"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flowtame.quantization import discrete_nll, nats_to_bpd, quantize
+from flowtame.data.quantization import discrete_nll, nats_to_bpd, quantize
 
 
 @dataclass

@@ -17,12 +17,12 @@ import time
 import torch
 from torch.profiler import profile
 
-from flowtame.checkpoint import load_checkpoint
-from flowtame.devices import resolve_device
-from flowtame.embedded import resolve_model_path
-from flowtame.likelihood import nll_nats
-from flowtame.methods import batched_nll
-from flowtame.taming import FREEZE_RULES, freeze_parameters, trainable_copy
+from flowtame.data.embedded import resolve_model_path
+from flowtame.engine.devices import resolve_device
+from flowtame.io.checkpoint import load_checkpoint
+from flowtame.jobs.tame import FREEZE_RULES, freeze_parameters, trainable_copy
+from flowtame.likelihood.nll import nll_nats
+from flowtame.methods.taming import batched_nll
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, spec) -> None:

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowtame.checkpoint import load_checkpoint
-from flowtame.data import open_images
-from flowtame.embedded import resolve_model_path
-from flowtame.statistics import fit_normal, quantile_drop
-from flowtame.taming import make_config, pixel_nll, tame
+from flowtame.data.embedded import resolve_model_path
+from flowtame.data.images import open_images
+from flowtame.io.checkpoint import load_checkpoint
+from flowtame.jobs.tame import make_config, pixel_nll, tame
+from flowtame.likelihood.statistics import fit_normal, quantile_drop
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from reference_loop import run_reference
 
-    from flowtame.protocol import median_nearest
+    from flowtame.likelihood.protocol import median_nearest
 
     base = load_checkpoint(resolve_model_path(args.model))
     spec = base.data_spec

@@ -52,7 +52,7 @@ def assert_valid_report():
     import jsonschema
     from referencing import Registry, Resource
 
-    from flowtame.evaluation import load_schema
+    from flowtame.likelihood.evaluation import load_schema
 
     evaluation = load_schema()
     registry = Registry().with_resources([(evaluation["$id"], Resource.from_contents(evaluation))])

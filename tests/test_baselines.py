@@ -7,19 +7,19 @@ import math
 import pytest
 import torch
 
-from flowtame.baselines import NegGrad, SelectiveAmnesia, diagonal_fisher
-from flowtame.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from flowtame.data import open_images
-from flowtame.engine import Engine, EngineConfig
+from flowtame.data.images import open_images
+from flowtame.data.quantization import DataSpec
+from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import CheckpointError, InputError
-from flowtame.likelihood import nll_nats
-from flowtame.methods import METHODS, TamingData, TamingMethod, dequantized
-from flowtame.models.base import coupling_output_parameters
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.objective import nats_per_bpd
-from flowtame.protocol import write_pngs
-from flowtame.quantization import DataSpec
-from flowtame.taming import TameConfig, make_config, tame
+from flowtame.flows.base import coupling_output_parameters
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from flowtame.jobs.tame import TameConfig, make_config, tame
+from flowtame.likelihood.nll import nll_nats
+from flowtame.likelihood.protocol import write_pngs
+from flowtame.methods.baselines import NegGrad, SelectiveAmnesia, diagonal_fisher
+from flowtame.methods.objective import nats_per_bpd
+from flowtame.methods.taming import METHODS, TamingData, TamingMethod, dequantized
 
 DATA_SPEC = DataSpec(image_size=8, channels=1, n_bits=5)
 REMEMBER = "embedded:digits:test:0"
@@ -256,7 +256,7 @@ def test_taming_check_averages_the_nll_over_its_fixed_draws():
 
 def test_taming_screen_smooths_each_images_training_d(monkeypatch):
     """The screen's d of an image is an exponential average of its training-forward d (weight 0.3 on the new)."""
-    import flowtame.methods as methods
+    import flowtame.methods.taming as methods
 
     model, _ = tiny_glow()
     method = make_method("taming", model)
@@ -438,7 +438,7 @@ def test_a_remember_blow_up_is_a_divergence_for_taming_only():
     assert neggrad.diverged({"remember_bpd": base_bpd * 10}) is None  # baselines run as published
     off = make_method("taming", model, max_remember_jump=0)  # 0 turns it off (as --preset paper does)
     assert off.max_remember_jump is None and off.diverged({"remember_bpd": base_bpd * 10}) is None
-    from flowtame.taming import make_config, preset
+    from flowtame.jobs.tame import make_config, preset
 
     paper = make_config(preset("paper"))
     assert paper.max_remember_jump is None and paper.max_remember_drift is None

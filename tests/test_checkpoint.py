@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 
 from flowtame import __version__
-from flowtame.checkpoint import SCHEMA_VERSION, Checkpoint, load_checkpoint, make_provenance, save_checkpoint
+from flowtame.data.quantization import DataSpec
 from flowtame.errors import CheckpointError, OutputExistsError
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.quantization import DataSpec
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import SCHEMA_VERSION, Checkpoint, load_checkpoint, make_provenance, save_checkpoint
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ def test_load_errors_name_the_file(tmp_path):
 
 def test_channels_last_placement_keeps_likelihoods_and_saves_contiguous(tmp_path, checkpoint):
     """place_model's NHWC weights on the CPU change log p only by float rounding, and save/load still works."""
-    from flowtame.devices import place_model
+    from flowtame.engine.devices import place_model
 
     x = torch.rand(6, 1, 8, 8)
     with torch.no_grad():

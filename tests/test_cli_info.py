@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flowtame.checkpoint import SCHEMA_VERSION, Checkpoint, make_provenance, save_checkpoint
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.quantization import DataSpec
+from flowtame.data.quantization import DataSpec
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import SCHEMA_VERSION, Checkpoint, make_provenance, save_checkpoint
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flowtame.checkpoint import Checkpoint, make_provenance, save_checkpoint
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.quantization import DataSpec
+from flowtame.data.quantization import DataSpec
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import Checkpoint, make_provenance, save_checkpoint
 
 QUANTILE_KEYS = ["1", "5", "25", "50", "75", "95", "99"]
 

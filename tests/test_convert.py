@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from flowtame.checkpoint import load_checkpoint
-from flowtame.convert import ConversionWarning, convert_rosinality
+from flowtame.data.quantization import discrete_nll
 from flowtame.errors import CheckpointError
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.quantization import discrete_nll
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import load_checkpoint
+from flowtame.io.convert import ConversionWarning, convert_rosinality
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rosinality-glow"
 RGB = "glow-additive-lu-rgb16"

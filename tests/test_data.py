@@ -1,4 +1,4 @@
-"""Image sources, preprocessing, bad files, keys and dequantization noise (flowtame.data)."""
+"""Image sources, preprocessing, bad files, keys and dequantization noise (flowtame.data.images)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from flowtame import data as data_module
-from flowtame.data import dequantization_noise, open_images, pixel_key, preprocess
+from flowtame.data import images as data_module
+from flowtame.data.images import dequantization_noise, open_images, pixel_key, preprocess
+from flowtame.data.quantization import DataSpec
 from flowtame.errors import DataError
-from flowtame.quantization import DataSpec
 
 GRAY4 = DataSpec(image_size=4, channels=1, n_bits=5)
 GRAY16 = DataSpec(image_size=16, channels=1, n_bits=5)
@@ -140,7 +140,7 @@ def test_list_file_relative_absolute_comments_and_missing_entries(tmp_path, capl
     listing = tmp_path / "lists" / "set.txt"
     listing.parent.mkdir()
     listing.write_text(f"# my set\n../imgs/x.png\n\n  {absolute}  \nmissing.png\n")
-    with caplog.at_level(logging.WARNING, logger="flowtame.data"):
+    with caplog.at_level(logging.WARNING, logger="flowtame.data.images"):
         image_set = open_images(listing, GRAY4)
         assert image_set.paths == [str(listing.parent / "../imgs/x.png"), str(absolute)]
     missing = str(listing.parent / "missing.png")
@@ -234,7 +234,7 @@ def _bad_files(folder: Path) -> dict[str, str]:
 def test_each_bad_file_is_warned_recorded_and_counted(tmp_path, caplog):
     expected = _bad_files(tmp_path)
     _save(tmp_path / "good.png", _gradient(4, 4))
-    with caplog.at_level(logging.WARNING, logger="flowtame.data"):
+    with caplog.at_level(logging.WARNING, logger="flowtame.data.images"):
         image_set = open_images(tmp_path, GRAY4)
         assert len(image_set) == 1
     assert image_set.paths == [str(tmp_path / "good.png")]
@@ -315,7 +315,7 @@ def test_worker_processes_give_the_same_batches(tmp_path, caplog):
     serial = open_images(tmp_path, GRAY4)
     batches = list(serial.iter_batches(4, noise_seed=1))
     parallel = open_images(tmp_path, GRAY4)
-    with caplog.at_level(logging.WARNING, logger="flowtame.data"):
+    with caplog.at_level(logging.WARNING, logger="flowtame.data.images"):
         parallel_batches = list(parallel.iter_batches(4, num_workers=2, noise_seed=1))
     broken = (str(tmp_path / "3.png"), "not an image (or a format Pillow cannot read)")
     assert parallel.skipped == serial.skipped == [broken]

@@ -10,9 +10,15 @@ import warnings
 import pytest
 import torch
 
-from flowtame.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from flowtame.data import open_images
-from flowtame.debias import (
+from flowtame.data.embedded import resolve_model_path
+from flowtame.data.images import open_images
+from flowtame.data.quantization import DataSpec, quantize
+from flowtame.engine.loop import Engine, EngineConfig
+from flowtame.errors import InputError
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from flowtame.io.fileio import sha256_file
+from flowtame.jobs.debias import (
     DebiasConfig,
     DebiasMethod,
     bin_centres,
@@ -27,13 +33,7 @@ from flowtame.debias import (
     wilson_interval,
     within_tolerance,
 )
-from flowtame.embedded import resolve_model_path
-from flowtame.engine import Engine, EngineConfig
-from flowtame.errors import InputError
-from flowtame.fileio import sha256_file
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.quantization import DataSpec, quantize
-from flowtame.taming import pixel_nll
+from flowtame.jobs.tame import pixel_nll
 
 ZERO, ONE = "embedded:digits:all:0", "embedded:digits:all:1"
 

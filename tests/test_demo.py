@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowtame.checkpoint import load_checkpoint
-from flowtame.embedded import resolve_model_path
-from flowtame.fileio import sha256_file
+from flowtame.data.embedded import resolve_model_path
+from flowtame.io.checkpoint import load_checkpoint
+from flowtame.io.fileio import sha256_file
 
 pytestmark = pytest.mark.slow
 

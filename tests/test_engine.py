@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from flowtame.engine import Engine, EngineConfig, _learning_rate
+from flowtame.engine.loop import Engine, EngineConfig, _learning_rate
 from flowtame.errors import CheckpointError, InterruptedRun, TrainingDivergedError
 
 

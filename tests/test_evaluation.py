@@ -1,4 +1,4 @@
-"""flowtame.evaluation and ``flowtame evaluate``: figures by hand, checks, the JSON schema, end to end.
+"""flowtame.likelihood.evaluation and ``flowtame evaluate``: figures by hand, checks, the JSON schema, end to end.
 
 The end-to-end models are built here: a tiny Glow trained on synthetic 8x8 images (a main mode, the remember
 set, plus a few images of a second mode), and a tamed copy fine-tuned until the forget images lie beyond
@@ -18,14 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from flowtame import evaluation as ev
-from flowtame import statistics as st
-from flowtame.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from flowtame.data import open_images
+from flowtame.data.images import open_images
+from flowtame.data.quantization import DataSpec, dequantize, quantize
 from flowtame.errors import InputError, OutputExistsError
-from flowtame.likelihood import nll_nats
-from flowtame.models import GlowSpec, build_glow
-from flowtame.quantization import DataSpec, dequantize, quantize
+from flowtame.flows import GlowSpec, build_glow
+from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from flowtame.likelihood import evaluation as ev
+from flowtame.likelihood import statistics as st
+from flowtame.likelihood.nll import nll_nats
 
 PHI_1, PHI_1_5, PHI_2 = 0.8413447460685429, 0.9331927987311419, 0.9772498680518208
 SF_4, SF_5 = 3.1671241833119921e-05, 2.8665157187919391e-07
@@ -147,7 +147,7 @@ def test_normality_warning():
 
 
 def _report_for(block: dict) -> dict:
-    from flowtame.fileio import json_safe
+    from flowtame.io.fileio import json_safe
 
     return json_safe({"schema_version": 1, "kind": "evaluation", "flowtame_version": "0",
                       "models": {"base": {"path": "b", "sha256": None}, "tamed": {"path": None, "sha256": "x"}},
@@ -323,12 +323,12 @@ def test_library_reuses_precomputed_nll_and_finds_neighbours(world, monkeypatch)
     reference = ev.evaluate_models(base, tamed, sets, seed=3, device="cpu", neighbours=5, n_boot=100,
                                    precomputed=nll)
 
-    import flowtame.likelihood
+    import flowtame.likelihood.nll
 
     def refuse(*args, **kwargs):
         raise AssertionError("compute_nll called although every NLL was given")
 
-    monkeypatch.setattr(flowtame.likelihood, "compute_nll", refuse)
+    monkeypatch.setattr(flowtame.likelihood.nll, "compute_nll", refuse)
     again = ev.evaluate_models(base, tamed, sets, seed=3, device="cpu", neighbours=5, n_boot=100,
                                precomputed=nll)
     assert again == reference
@@ -397,7 +397,7 @@ def test_nll_statistics_agree_with_the_block(world):
 
 
 def test_histogram_plot(tmp_path):
-    from flowtame.plots import plot_nll_histograms
+    from flowtame.figures.plots import plot_nll_histograms
 
     rng = np.random.default_rng(0)
     path = tmp_path / "hist.png"

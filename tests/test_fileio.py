@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from flowtame.fileio import atomic_path, write_json_atomic
+from flowtame.io.fileio import atomic_path, write_json_atomic
 
 
 def test_atomic_write_leaves_nothing_on_failure_and_keeps_the_old_file(tmp_path):

@@ -1,4 +1,4 @@
-"""The likelihood engine (flowtame.likelihood) and device selection (flowtame.devices)."""
+"""The likelihood engine (flowtame.likelihood.nll) and device selection (flowtame.engine.devices)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from flowtame.data import dequantization_noise, open_images
-from flowtame.devices import autocast_context, loop_generator, resolve_device, take_rows, training_rows
+from flowtame.data.images import dequantization_noise, open_images
+from flowtame.data.quantization import DataSpec, dequantize, quantize
+from flowtame.engine.devices import autocast_context, loop_generator, resolve_device, take_rows, training_rows
 from flowtame.errors import DataError, InputError
-from flowtame.likelihood import PER_IMAGE_CSV_COLUMNS, compute_nll, nll_nats
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.quantization import DataSpec, dequantize, quantize
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.likelihood.nll import PER_IMAGE_CSV_COLUMNS, compute_nll, nll_nats
 
 LOG_2PI = math.log(2 * math.pi)
 DIGITS = DataSpec(image_size=16, channels=1, n_bits=5)

@@ -14,14 +14,14 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.functional import jacobian
 
-from flowtame.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from flowtame.models import ARCHITECTURES, MultiScaleFlow, build_model, make_spec
-from flowtame.models.base import Squeeze, Transform, coupling_output_parameters, gaussian_log_prob
-from flowtame.models.glow import ActNorm, GlowCoupling, InvConv1x1, InvConv1x1LU
-from flowtame.models.nice import DiagonalScaling, NICESpec
-from flowtame.models.realnvp import AffineCoupling, RealNVPSpec
-from flowtame.models.vector import MAFLayer, MAFSpec, MLPCoupling, VectorRealNVPSpec
-from flowtame.quantization import DataSpec
+from flowtame.data.quantization import DataSpec
+from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model, make_spec
+from flowtame.flows.base import Squeeze, Transform, coupling_output_parameters, gaussian_log_prob
+from flowtame.flows.glow import ActNorm, GlowCoupling, InvConv1x1, InvConv1x1LU
+from flowtame.flows.nice import DiagonalScaling, NICESpec
+from flowtame.flows.realnvp import AffineCoupling, RealNVPSpec
+from flowtame.flows.vector import MAFLayer, MAFSpec, MLPCoupling, VectorRealNVPSpec
+from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flowtame.objective import (
+from flowtame.methods.objective import (
     forget_loss,
     kl_normal,
     nats_per_bpd,

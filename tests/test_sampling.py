@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from flowtame.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from flowtame.data.quantization import DataSpec, quantize
 from flowtame.errors import InputError
-from flowtame.models import GlowSpec, build_glow
-from flowtame.quantization import DataSpec, quantize
-from flowtame.sampling import make_grid, sample_grid, sample_images, to_uint8
+from flowtame.figures.sampling import make_grid, sample_grid, sample_images, to_uint8
+from flowtame.flows import GlowSpec, build_glow
+from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 
 def _tiny_checkpoint(path, image_size: int = 8, seed: int = 0, perturb: float = 0.0) -> Checkpoint:

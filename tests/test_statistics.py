@@ -1,4 +1,4 @@
-"""flowtame.statistics against figures computed by hand on small arrays."""
+"""flowtame.likelihood.statistics against figures computed by hand on small arrays."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from flowtame import statistics as st
-from flowtame.statistics import NormalFit
+from flowtame.likelihood import statistics as st
+from flowtame.likelihood.statistics import NormalFit
 
 # Standard normal CDF values Φ(1), Φ(2) and tails 1 - Φ(k), from 30-digit arithmetic (mpmath), rounded.
 PHI_1 = 0.8413447460685429

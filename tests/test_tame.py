@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from flowtame.checkpoint import Checkpoint, load_checkpoint, make_provenance, save_checkpoint
-from flowtame.data import open_images
-from flowtame.fileio import sha256_file
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.quantization import DataSpec, discrete_nll, quantize
-from flowtame.taming import TameConfig, make_config, read_config_file
+from flowtame.data.images import open_images
+from flowtame.data.quantization import DataSpec, discrete_nll, quantize
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import Checkpoint, load_checkpoint, make_provenance, save_checkpoint
+from flowtame.io.fileio import sha256_file
+from flowtame.jobs.tame import TameConfig, make_config, read_config_file
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ def test_tame_cli_forgets_and_preserves(run_cli, workspace, assert_valid_report)
     assert str(ws["forget"]) not in json.dumps(prov)
     # the report's d values agree with an independent computation from the written checkpoint
     forget_set = open_images(ws["forget"], SPEC)
-    from flowtame.likelihood import compute_nll
+    from flowtame.likelihood.nll import compute_nll
 
     remember_nll = compute_nll(tamed.model, open_images(ws["remember"], SPEC), seed=0, device="cpu").nll
     forget_nll = compute_nll(tamed.model, forget_set, seed=0, device="cpu", draws=8).nll  # as the report
@@ -175,7 +175,7 @@ def test_config_file_and_preset_with_flags_winning(tmp_path, run_cli, workspace)
     cfg = tmp_path / "tame.yaml"
     cfg.write_text("alpha: 0.3\nlr: 1.0e-4\nmax-iters: 5\n")
     assert read_config_file(cfg) == {"alpha": 0.3, "lr": 1e-4, "max_iters": 5}
-    from flowtame.taming import preset
+    from flowtame.jobs.tame import preset
 
     merged = make_config(preset("paper"), read_config_file(cfg), {"lr": 2e-4, "delta": None})
     assert (merged.forget_loss, merged.forget_unit, merged.kl_estimate) == ("sigmoid", "bpd", "batch")

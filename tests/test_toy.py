@@ -9,9 +9,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from flowtame.engine import Engine, EngineConfig
-from flowtame.models import build_model, make_spec
-from flowtame.toy import NO_MODE, GaussianMixture, VectorTamingMethod, fit_flow, five_gaussians, replay_anchor_points
+from flowtame.engine.loop import Engine, EngineConfig
+from flowtame.flows import build_model, make_spec
+from flowtame.methods.toy import (
+    NO_MODE,
+    GaussianMixture,
+    VectorTamingMethod,
+    fit_flow,
+    five_gaussians,
+    replay_anchor_points,
+)
 
 torch.set_num_threads(1)
 

@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from flowtame.checkpoint import load_checkpoint
+from flowtame.data.quantization import DataSpec
 from flowtame.errors import CheckpointError, InputError, InterruptedRun, TrainingDivergedError
-from flowtame.models import MultiScaleFlow, make_spec
-from flowtame.quantization import DataSpec
-from flowtame.training import resume_state_path, train_model
+from flowtame.flows import MultiScaleFlow, make_spec
+from flowtame.io.checkpoint import load_checkpoint
+from flowtame.jobs.train import resume_state_path, train_model
 
 DATA_SPEC = DataSpec(image_size=8, channels=1, n_bits=5)
 SPEC = make_spec("glow", {"channels": 1, "image_size": 8, "n_flow": 2, "n_block": 2, "hidden": 16})

@@ -24,9 +24,9 @@ rm -f "$OUTPUT.resume.safetensors"
 python - "$OUTPUT" <<'EOF'
 import sys
 
-from flowtame.checkpoint import load_checkpoint
-from flowtame.data import open_images
-from flowtame.likelihood import compute_nll
+from flowtame.io.checkpoint import load_checkpoint
+from flowtame.data.images import open_images
+from flowtame.likelihood.nll import compute_nll
 
 ckpt = load_checkpoint(sys.argv[1])
 for split in ("train", "test"):

@@ -1,11 +1,13 @@
 """The paper's 2-D illustration (seed 000, Fig. 2): tame a RealNVP trained on five Gaussians to forget the middle one.
 
-1. Sample a training set from :func:`flowtame.toy.five_gaussians` (corners of a square plus the middle, 20% each)
-   and fit a ``vector-realnvp`` (or ``--arch maf``) by maximum likelihood (:func:`flowtame.toy.fit_flow`).
+1. Sample a training set from :func:`flowtame.methods.toy.five_gaussians` (corners of a square plus the middle,
+   20% each) and fit a ``vector-realnvp`` (or ``--arch maf``) by maximum likelihood
+   (:func:`flowtame.methods.toy.fit_flow`).
 2. D_F: ``--forget`` fresh samples of the middle mode, or ``--forget all``: every middle-mode point of the
    training set. D_R: the training points of the four other modes.
-3. Tame with :class:`flowtame.toy.VectorTamingMethod` (the paper's losses) run by :class:`flowtame.engine.Engine`;
-   ``--anchor λ`` adds flowtame's likelihood anchor on base-flow samples nearer D_R than D_F (README.md).
+3. Tame with :class:`flowtame.methods.toy.VectorTamingMethod` (the paper's losses) run by
+   :class:`flowtame.engine.loop.Engine`; ``--anchor λ`` adds flowtame's likelihood anchor on base-flow samples
+   nearer D_R than D_F (README.md).
 4. Draw ``--samples`` points from the base and the tamed flow from the *same* latent noise, assign each to its
    nearest mode centre (or "none" beyond 4 mixture standard deviations) and print the shares (also within
    3 standard deviations) and the target's verdict; save log-density heatmaps and sample scatter plots
@@ -26,11 +28,11 @@ from matplotlib.figure import Figure
 from scipy.stats import norm
 from torch import Tensor
 
-from flowtame.engine import Engine, EngineConfig
-from flowtame.models import build_model, make_spec
-from flowtame.models.base import MultiScaleFlow
-from flowtame.taming import FREEZE_RULES, freeze_parameters
-from flowtame.toy import (
+from flowtame.engine.loop import Engine, EngineConfig
+from flowtame.flows import build_model, make_spec
+from flowtame.flows.base import MultiScaleFlow
+from flowtame.jobs.tame import FREEZE_RULES, freeze_parameters
+from flowtame.methods.toy import (
     NO_MODE,
     GaussianMixture,
     VectorTamingMethod,

@@ -6,7 +6,7 @@ import sys
 
 from rich.console import Console
 
-from flowtame.fileio import write_json_atomic
+from flowtame.io.fileio import write_json_atomic
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import typer
 
-from flowtame.checkpoint import save_checkpoint
 from flowtame.cli import app
-from flowtame.convert import SOURCE_FORMATS, ConversionWarning, convert_rosinality
 from flowtame.errors import InputError
-from flowtame.fileio import check_output_path
+from flowtame.io.checkpoint import save_checkpoint
+from flowtame.io.convert import SOURCE_FORMATS, ConversionWarning, convert_rosinality
+from flowtame.io.fileio import check_output_path
 
 
 @app.command()

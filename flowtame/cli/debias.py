@@ -12,13 +12,13 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from flowtame.checkpoint import load_checkpoint, save_checkpoint
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, err_console, is_interactive
 from flowtame.cli.tame import state_path_for
-from flowtame.embedded import resolve_model_path
+from flowtame.data.embedded import resolve_model_path
 from flowtame.errors import CheckFailedError, InputError, InterruptedRun
-from flowtame.fileio import check_output_path
+from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
+from flowtame.io.fileio import check_output_path
 
 #: Options whose value may be a path; the provenance's command line shows them redacted.
 _PATH_OPTIONS = ("--group", "-g", "--remember", "-r", "--other", "--classifier", "--output", "-o", "--report")
@@ -89,8 +89,8 @@ def debias_command(
     Example: flowtame debias base.safetensors --group male=./male --group female=./female
     --target male=0.5 -o balanced.safetensors --report debias.json
     """
-    from flowtame.data import open_images
-    from flowtame.debias import DebiasConfig, debias, parse_groups, parse_targets
+    from flowtame.data.images import open_images
+    from flowtame.jobs.debias import DebiasConfig, debias, parse_groups, parse_targets
 
     sources = parse_groups(group)
     targets = parse_targets(target, list(sources))

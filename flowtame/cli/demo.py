@@ -23,7 +23,7 @@ def demo(
 
     Example: flowtame demo --out ./flowtame-demo
     """
-    from flowtame.demo import run_demo
+    from flowtame.jobs.demo import run_demo
 
     result = run_demo(out, digit=digit, k=k, device=device, log=lambda line: console.print(line, highlight=False))
     evaluation = result.report["evaluation"]

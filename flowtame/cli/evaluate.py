@@ -11,12 +11,12 @@ from rich.markup import escape
 from rich.progress import MofNCompleteColumn, Progress, TaskID
 from rich.table import Table
 
-from flowtame.checkpoint import load_checkpoint
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, is_interactive
-from flowtame.embedded import resolve_model_path
+from flowtame.data.embedded import resolve_model_path
 from flowtame.errors import CheckFailedError
-from flowtame.fileio import check_output_path
+from flowtame.io.checkpoint import load_checkpoint
+from flowtame.io.fileio import check_output_path
 
 
 @contextlib.contextmanager
@@ -139,8 +139,8 @@ def evaluate(
     Example: flowtame evaluate base.safetensors tamed.safetensors --forget ./person --remember ./celeba
     --holdout ./test --neighbours 16 --json report.json --plot nll.png --check
     """
-    from flowtame.data import open_images
-    from flowtame.evaluation import Tolerances, build_report, check_models, collect_nll, evaluate_models
+    from flowtame.data.images import open_images
+    from flowtame.likelihood.evaluation import Tolerances, build_report, check_models, collect_nll, evaluate_models
 
     if json_path not in (None, "-"):
         check_output_path(json_path, force)
@@ -171,8 +171,8 @@ def evaluate(
     report = build_report(base, tamed, block)
     emit_json(json_path, report)
     if plot is not None:
-        from flowtame.plots import plot_nll_histograms
-        from flowtame.statistics import NormalFit
+        from flowtame.figures.plots import plot_nll_histograms
+        from flowtame.likelihood.statistics import NormalFit
 
         threshold = block["threshold"]
         panels = {f"{model} ({when})": {name: nll[(model, name)] for name in ("remember", "forget")}

@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from flowtame.checkpoint import load_checkpoint
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json
-from flowtame.embedded import resolve_model_path
+from flowtame.data.embedded import resolve_model_path
+from flowtame.io.checkpoint import load_checkpoint
 
 
 @app.command()

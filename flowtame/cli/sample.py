@@ -6,13 +6,13 @@ from pathlib import Path
 
 import typer
 
-from flowtame.checkpoint import load_checkpoint
 from flowtame.cli import app
 from flowtame.cli._common import console
-from flowtame.devices import resolve_device
-from flowtame.embedded import resolve_model_path
-from flowtame.fileio import check_output_path
-from flowtame.sampling import default_scale, make_grid, sample_images, save_individual, save_png
+from flowtame.data.embedded import resolve_model_path
+from flowtame.engine.devices import resolve_device
+from flowtame.figures.sampling import default_scale, make_grid, sample_images, save_individual, save_png
+from flowtame.io.checkpoint import load_checkpoint
+from flowtame.io.fileio import check_output_path
 
 
 @app.command()

@@ -13,12 +13,12 @@ from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 from rich.text import Text
 
-from flowtame.checkpoint import load_checkpoint
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, is_interactive
-from flowtame.embedded import resolve_model_path
+from flowtame.data.embedded import resolve_model_path
 from flowtame.errors import InputError
-from flowtame.fileio import check_output_path
+from flowtame.io.checkpoint import load_checkpoint
+from flowtame.io.fileio import check_output_path
 
 SCHEMA_VERSION = 1
 
@@ -118,9 +118,9 @@ def stats(
 
     Example: flowtame stats base.safetensors ./celeba faces.txt --json stats.json --plot nll.png
     """
-    from flowtame.data import open_images
-    from flowtame.likelihood import compute_nll, per_image_csv_file
-    from flowtame.statistics import fit_normal, summarize_nll
+    from flowtame.data.images import open_images
+    from flowtame.likelihood.nll import compute_nll, per_image_csv_file
+    from flowtame.likelihood.statistics import fit_normal, summarize_nll
 
     for output in (json_path if json_path != "-" else None, per_image, plot):
         if output is not None:
@@ -166,7 +166,7 @@ def stats(
                            f"{result.images_per_second:.1f} images/s", err=True)
     emit_json(json_path, report)
     if plot is not None:
-        from flowtame.plots import plot_nll_histograms
+        from flowtame.figures.plots import plot_nll_histograms
 
         fits = {r.name: fit_normal(r.nll) for r in results if len(r) >= 2}
         plot_nll_histograms(plot, {r.name: {r.name: r.nll} for r in results},

@@ -10,12 +10,12 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from flowtame.checkpoint import load_checkpoint, save_checkpoint
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, err_console, is_interactive
-from flowtame.embedded import resolve_model_path
+from flowtame.data.embedded import resolve_model_path
 from flowtame.errors import CheckFailedError, InterruptedRun
-from flowtame.fileio import check_output_path
+from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
+from flowtame.io.fileio import check_output_path
 
 
 def state_path_for(output: Path) -> Path:
@@ -88,8 +88,8 @@ def tame_command(
     Example: flowtame tame base.safetensors --forget ./person --remember ./celeba -o tamed.safetensors
     --report report.json
     """
-    from flowtame.data import open_images
-    from flowtame.taming import make_config, preset, read_config_file, tame, taming_evaluation
+    from flowtame.data.images import open_images
+    from flowtame.jobs.tame import make_config, preset, read_config_file, tame, taming_evaluation
 
     layers = []
     if preset_name:

@@ -22,7 +22,7 @@ from rich.progress import (
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, err_console, is_interactive
 from flowtame.errors import InputError
-from flowtame.fileio import check_output_path
+from flowtame.io.fileio import check_output_path
 
 #: Hyperparameter flags: spec field -> the flag that sets it (valid where the architecture's spec has it).
 ARCH_FLAGS = {
@@ -39,7 +39,7 @@ def build_spec(architecture: str, channels: int, image_size: int, options: dict[
     spec's default applies); ``conv_lu`` is one bool for every flow step. Raises InputError for an unknown
     architecture, a flag the architecture does not take, or invalid values.
     """
-    from flowtame.models import ARCHITECTURES, make_spec
+    from flowtame.flows import ARCHITECTURES, make_spec
 
     if architecture not in ARCHITECTURES:
         known = ", ".join(sorted(name for name, a in ARCHITECTURES.items() if a.kind == "image"))
@@ -86,7 +86,7 @@ class _ProgressView:
             self.progress.__exit__(*exc)
 
     def update(self, p) -> None:
-        """Show one :class:`flowtame.training.TrainProgress`."""
+        """Show one :class:`flowtame.jobs.train.TrainProgress`."""
         if self.progress is not None:
             self.progress.update(self.task, completed=p.step, bpd=f"{p.loss_bpd:.4f}", lr=f"{p.lr:.2e}")
         elif not self.quiet and (p.step % self.log_every == 0 or p.step in (1, p.steps)):
@@ -148,9 +148,9 @@ def train_command(
     Example: flowtame train embedded:digits:train -o digits.safetensors --arch glow --image-size 16
     --channels 1 --n-block 2 --hidden 128 --steps 2000
     """
-    from flowtame.data import open_images
-    from flowtame.quantization import DataSpec
-    from flowtame.training import BPD_WINDOW, train_model
+    from flowtame.data.images import open_images
+    from flowtame.data.quantization import DataSpec
+    from flowtame.jobs.train import BPD_WINDOW, train_model
 
     check_output_path(output, force or resume)
     if json_path not in (None, "-"):

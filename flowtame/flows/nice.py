@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from flowtame.models import Architecture, register
-from flowtame.models.base import Level, MultiScaleFlow, Transform
-from flowtame.models.vector import MLPCoupling
+from flowtame.flows import Architecture, register
+from flowtame.flows.base import Level, MultiScaleFlow, Transform
+from flowtame.flows.vector import MLPCoupling
 
 
 class DiagonalScaling(Transform):

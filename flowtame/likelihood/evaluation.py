@@ -1,6 +1,6 @@
 """Base-vs-tamed evaluation: per-set likelihood figures, the threshold, normality, neighbours and checks.
 
-What is measured (formulas in :mod:`flowtame.statistics`; fields and units in ``docs/report-schema.md``):
+What is measured (formulas in :mod:`flowtame.likelihood.statistics`; fields and units in ``docs/report-schema.md``):
 
 - Every image set is scored by both models with the *same* seeded dequantization noise (paired: image i
   sees identical noise under base and tamed), giving per-image NLL in nats.
@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 from flowtame import __version__
-from flowtame import statistics as st
-from flowtame.checkpoint import Checkpoint
-from flowtame.devices import resolve_device
+from flowtame.data.quantization import nats_to_bpd, quantize
+from flowtame.engine.devices import resolve_device
 from flowtame.errors import InputError
-from flowtame.quantization import nats_to_bpd, quantize
+from flowtame.io.checkpoint import Checkpoint
+from flowtame.likelihood import statistics as st
 
 SCHEMA_VERSION = 1
 MODELS = ("base", "tamed")
@@ -141,7 +141,7 @@ def collect_nll(base: Checkpoint, tamed: Checkpoint, sets: Mapping[str, Any], *,
     are forget images are excluded from the result. ``progress(label, files_done, files_total)``, label
     "model/set", is called after each batch of a likelihood pass.
     """
-    from flowtame.likelihood import compute_nll
+    from flowtame.likelihood.nll import compute_nll
 
     check_models(base, tamed)
     precomputed = dict(precomputed or {})
@@ -393,7 +393,7 @@ def evaluate_models(base: Checkpoint, tamed: Checkpoint, sets: Mapping[str, Any]
                     forget_draws: int = FORGET_DRAWS) -> dict[str, Any]:
     """Evaluate a tamed model against its base on named image sets; returns the evaluation block.
 
-    ``sets``: name -> ImageSet (from :func:`flowtame.data.open_images`); "forget" and "remember" are
+    ``sets``: name -> ImageSet (from :func:`flowtame.data.images.open_images`); "forget" and "remember" are
     required, "forget_unseen" is optional and any other name is a held-out set. ``delta``, ``epsilon``: the
     threshold and margin in σ_R units (ε defaults to 0.15·δ). ``seed``: the dequantization noise, the same
     for both models (paired), and the bootstrap's seed. ``neighbours=K`` > 0 adds D_R^NN

@@ -6,7 +6,7 @@ images (epochs of seeded random permutations, the incomplete tail of each epoch 
 ``BPD = (-log p(x + u) + D log n_bins) / (D ln 2)``. Every random draw (weight initialisation, batch order,
 noise) comes from ``seed``, so CPU runs are bit-for-bit repeatable.
 
-The loop is :class:`flowtame.engine.Engine`'s (Adam, linear learning-rate warm-up, gradient-norm clipping,
+The loop is :class:`flowtame.engine.loop.Engine`'s (Adam, linear learning-rate warm-up, gradient-norm clipping,
 Ctrl-C with a resumable state, bit-identical resume), with an optional linear decay of the learning rate over
 the last steps (set through the engine's ``lr_scale`` before every step); a non-finite loss stops training with
 :class:`~flowtame.errors.TrainingDivergedError` and nothing is written for that step. ActNorm layers
@@ -33,15 +33,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowtame.checkpoint import Checkpoint, make_provenance, save_checkpoint
-from flowtame.devices import resolve_device
-from flowtame.engine import Engine, EngineConfig
+from flowtame.data.quantization import DataSpec, dequantize, nats_to_bpd, quantize
+from flowtame.engine.devices import resolve_device
+from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import CheckpointError, InputError, InterruptedRun, TrainingDivergedError
-from flowtame.fileio import check_output_path
-from flowtame.likelihood import nll_nats
-from flowtame.models import ARCHITECTURES, MultiScaleFlow, build_model
-from flowtame.quantization import DataSpec, dequantize, nats_to_bpd, quantize
-from flowtame.sampling import make_grid, sample_images, save_png
+from flowtame.figures.sampling import make_grid, sample_images, save_png
+from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model
+from flowtame.io.checkpoint import Checkpoint, make_provenance, save_checkpoint
+from flowtame.io.fileio import check_output_path
+from flowtame.likelihood.nll import nll_nats
 
 #: The reported training BPD is the mean batch loss over at most this many final steps.
 BPD_WINDOW = 100
@@ -333,7 +333,7 @@ def train_model(
         _check_finite(model, step)
         train_bpd = float(np.mean(method.recent_bpd)) if method.recent_bpd else None
         checkpoint.provenance = make_provenance(
-            command=command if command is not None else "flowtame.training.train_model(...)", notes=notes,
+            command=command if command is not None else "flowtame.jobs.train.train_model(...)", notes=notes,
             training={**asdict(settings), "step": step, "complete": step >= steps, "train_bpd": train_bpd,
                       "wall_seconds": round(wall_seconds, 1), "device": str(dev),
                       "n_images": int(images.shape[0]), "data_sha256": data_sha256,

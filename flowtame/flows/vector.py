@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowtame.models import Architecture, register
-from flowtame.models.base import Level, MultiScaleFlow, Transform
+from flowtame.flows import Architecture, register
+from flowtame.flows.base import Level, MultiScaleFlow, Transform
 
 
 def mlp(in_features: int, out_features: int, hidden: int, n_hidden_layers: int) -> nn.Sequential:

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flowtame.checkpoint import Checkpoint, make_provenance
+from flowtame.data.quantization import DataSpec
 from flowtame.errors import CheckpointError, InputError
-from flowtame.fileio import sha256_file
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.quantization import DataSpec
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import Checkpoint, make_provenance
+from flowtame.io.fileio import sha256_file
 
 SOURCE_FORMATS = ("rosinality-glow",)
 

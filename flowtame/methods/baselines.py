@@ -1,6 +1,6 @@
 """Baseline forgetting methods, run by the same engine, batches, stopping machinery and report as taming.
 
-Importing this module registers two methods in :data:`flowtame.methods.METHODS`:
+Importing this module registers two methods in :data:`flowtame.methods.taming.METHODS`:
 
 - ``neggrad``: gradient ascent on the forget NLL with descent on the remember NLL (the paper's
   "forget_loss_baseline"): ``L = α·L_F + (1-α)·A(X_R)``, ``A`` the mean remember NLL of the batch in BPD.
@@ -41,11 +41,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from flowtame.devices import distinct_indices, random_indices, take_rows, uniform_noise
+from flowtame.data.quantization import DataSpec
+from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
 from flowtame.errors import CheckpointError, InputError
-from flowtame.likelihood import nll_nats
-from flowtame.methods import METHODS, TamingData, TamingMethod, dequantized
-from flowtame.quantization import DataSpec
+from flowtame.likelihood.nll import nll_nats
+from flowtame.methods.taming import METHODS, TamingData, TamingMethod, dequantized
 
 #: Per-sample gradients are computed this many values at a time at most (chunk x parameters), so the
 #: Fisher's memory stays near 4 bytes x this (128 MiB) whatever the model's size.
@@ -184,7 +184,7 @@ class SelectiveAmnesia(_ForgottenStopping):
 
 def load_surrogate(source: str, data_spec: DataSpec) -> Tensor:
     """The surrogate images of ``--sa-surrogate SOURCE`` (any image source): uint8 [N, C, S, S]."""
-    from flowtame.data import open_images
+    from flowtame.data.images import open_images
 
     pixels, _ = open_images(source, data_spec).load_tensor()
     if pixels.shape[0] == 0:

@@ -16,7 +16,7 @@ The job, as a library call (``flowtame debias`` only adds files, flags and a liv
    Samples are encoded by the base model too, so the feature map never changes while the model does.
    Or a TorchScript module of the user's (:class:`TorchScriptClassifier`).
 3. **Tame toward the targets** with :class:`DebiasMethod` through the shared
-   :class:`~flowtame.engine.Engine`: ``L = α L_G + (1-α) L_R`` where ``L_R`` is taming's remember loss
+   :class:`~flowtame.engine.loop.Engine`: ``L = α L_G + (1-α) L_R`` where ``L_R`` is taming's remember loss
    (Eq. 11, N_B fitted once over the remember set) and ``L_G`` weighs each group by how far its measured
    frequency is from its target: under-represented groups' NLL is descended, over-represented groups' NLL is
    pushed up until a soft threshold ``μ_R + δ_soft σ_R`` (see :class:`DebiasMethod`). Frequencies are
@@ -24,7 +24,7 @@ The job, as a library call (``flowtame debias`` only adds files, flags and a liv
    gap; the run stops when every group is within ``tolerance``.
 4. **Report** frequencies before, during and after (and before/after on an independent check draw the
    stopping rule never saw), the classifier, the remember-set preservation figures of
-   :func:`flowtame.evaluation.summarize_evaluation`, and write the same provenance as ``tame``.
+   :func:`flowtame.likelihood.evaluation.summarize_evaluation`, and write the same provenance as ``tame``.
 
 See docs/debias.md for the measured behaviour and the report's fields.
 
@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowtame import __version__
-from flowtame.checkpoint import Checkpoint, make_provenance
-from flowtame.data import ImageSet, dequantization_noise
-from flowtame.devices import (
+from flowtame.data.images import ImageSet, dequantization_noise
+from flowtame.data.quantization import DataSpec, quantize
+from flowtame.engine.devices import (
     distinct_indices,
     loop_generator,
     random_indices,
@@ -59,16 +59,16 @@ from flowtame.devices import (
     training_rows,
     uniform_noise,
 )
-from flowtame.engine import Engine, EngineConfig
+from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import DataError, InputError, InterruptedRun
-from flowtame.evaluation import Tolerances, summarize_evaluation
-from flowtame.fileio import json_safe, sha256_file
-from flowtame.likelihood import nll_nats
-from flowtame.methods import batched_nll, dequantized
-from flowtame.models.base import MultiScaleFlow
-from flowtame.objective import nats_per_bpd, remember_loss
-from flowtame.quantization import DataSpec, quantize
-from flowtame.taming import pixel_nll, subset_correction, trainable_copy
+from flowtame.flows.base import MultiScaleFlow
+from flowtame.io.checkpoint import Checkpoint, make_provenance
+from flowtame.io.fileio import json_safe, sha256_file
+from flowtame.jobs.tame import pixel_nll, subset_correction, trainable_copy
+from flowtame.likelihood.evaluation import Tolerances, summarize_evaluation
+from flowtame.likelihood.nll import nll_nats
+from flowtame.methods.objective import nats_per_bpd, remember_loss
+from flowtame.methods.taming import batched_nll, dequantized
 
 REPORT_SCHEMA_VERSION = 1
 #: Group names: letters, digits and ``_ . -`` (they become JSON keys and column labels).
@@ -87,7 +87,7 @@ CLASSIFIER_KINDS = ("latent-logistic", "torchscript")
 def parse_groups(items: Sequence[str]) -> dict[str, str]:
     """``["NAME=SOURCE", ...]`` -> {name: source} in the order given; at least two distinct groups.
 
-    SOURCE is anything :func:`flowtame.data.open_images` opens; it may itself contain ``=``.
+    SOURCE is anything :func:`flowtame.data.images.open_images` opens; it may itself contain ``=``.
     Raises InputError for a missing ``=``, a bad or repeated name, or fewer than two groups.
     """
     groups: dict[str, str] = {}
@@ -538,7 +538,7 @@ def prepare_data(base_model: nn.Module, group_pixels: Sequence[Tensor], remember
 
 
 class DebiasMethod:
-    """Taming toward target frequencies (paper Sec. 4.2), for :class:`~flowtame.engine.Engine`.
+    """Taming toward target frequencies (paper Sec. 4.2), for :class:`~flowtame.engine.loop.Engine`.
 
     Loss of an iteration, from ONE forward/backward over [batch of each group; remember batch] with fresh
     dequantization noise:
@@ -880,7 +880,7 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
         evaluation=evaluation)
     tamed_normal = evaluation["threshold"]["tamed"]
     provenance = make_provenance(
-        parent_sha256=base.sha256, command=command if command is not None else "flowtame.debias.debias()",
+        parent_sha256=base.sha256, command=command if command is not None else "flowtame.jobs.debias.debias()",
         method="debias", hyperparameters=asdict(config), targets=dict(targets),
         group_digests={n: sorted(keys) for n, keys in zip(names, group_keys, strict=True)},
         digest_kind="sha256 of the preprocessed uint8 pixels", classifier=classifier.kind,

@@ -1,9 +1,9 @@
 """The exact likelihood engine: per-image discrete NLL (nats) and bits per dimension (BPD) of a flow.
 
 For an image with uint8 pixels p, quantized values x = quantize(p, n_bits) and dequantization noise
-u ~ U(0, 1)^D drawn from (seed, key) (:func:`flowtame.data.dequantization_noise`), the discrete NLL in nats is
+u ~ U(0, 1)^D drawn from (seed, key) (:func:`flowtame.data.images.dequantization_noise`), the discrete NLL in nats is
 ``-log p_model(x + u / n_bins) + D log(n_bins)`` and BPD = NLL / (D ln 2)
-(:mod:`flowtame.quantization` holds the formulas). One seed gives paired figures across models.
+(:mod:`flowtame.data.quantization` holds the formulas). One seed gives paired figures across models.
 
 :func:`compute_nll` streams an image set through a DataLoader in batches under ``torch.inference_mode``
 (memory does not grow with the number of images, apart from the N results) and writes per-image rows to a
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowtame.data import ImageSet, dequantization_noise
-from flowtame.devices import autocast_context, check_precision, place_model, resolve_device
+from flowtame.data.images import ImageSet, dequantization_noise
+from flowtame.data.quantization import DataSpec, dequantize, discrete_nll, nats_to_bpd, quantize
+from flowtame.engine.devices import autocast_context, check_precision, place_model, resolve_device
 from flowtame.errors import InputError
-from flowtame.fileio import atomic_path
-from flowtame.models.base import MultiScaleFlow
-from flowtame.quantization import DataSpec, dequantize, discrete_nll, nats_to_bpd, quantize
+from flowtame.flows.base import MultiScaleFlow
+from flowtame.io.fileio import atomic_path
 
 PER_IMAGE_CSV_COLUMNS = ("source", "path", "key", "nll_nats", "bpd")
 ProgressCallback = Callable[[int, int], None]
@@ -124,10 +124,10 @@ def compute_nll(
     """Exact per-image NLL (nats) and BPD of every good image of ``image_set`` under ``model``.
 
     ``draws`` > 1 averages each image's NLL over that many keyed noise draws (draw 0 is the single-draw
-    noise; :func:`flowtame.data.dequantization_noise`): a lower-variance estimate of the image's expected
+    noise; :func:`flowtame.data.images.dequantization_noise`): a lower-variance estimate of the image's expected
     NLL, used for the few forget images whose distance to the threshold decides taming's stopping test.
 
-    The model is moved to ``device`` (``auto|cpu|cuda|cuda:N``, see :func:`flowtame.devices.resolve_device`)
+    The model is moved to ``device`` (``auto|cpu|cuda|cuda:N``, see :func:`flowtame.engine.devices.resolve_device`)
     and evaluated in eval mode (its training flag is restored afterwards) at ``precision``
     (fp32, or bf16/fp16 autocast on CUDA). Images are decoded in ``num_workers`` DataLoader processes
     (None: :func:`default_num_workers`), pinned and copied asynchronously on CUDA. ``progress(files_done,

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flowtame.checkpoint import Checkpoint
 from flowtame.errors import InputError
-from flowtame.fileio import atomic_path, check_output_path
+from flowtame.io.checkpoint import Checkpoint
+from flowtame.io.fileio import atomic_path, check_output_path
 
 #: Tiles smaller than this many pixels on a side are upscaled (nearest neighbour) by an integer factor.
 MIN_TILE_PIXELS = 64

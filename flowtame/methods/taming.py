@@ -1,4 +1,4 @@
-"""Taming methods, each a loss-and-stopping policy run by :class:`flowtame.engine.Engine`.
+"""Taming methods, each a loss-and-stopping policy run by :class:`flowtame.engine.loop.Engine`.
 
 All methods share the data layout of :class:`TamingData` (forget and remember images as uint8 tensors,
 fixed check noise, the base model's remember normal fitted once) and the same stopping test: every forget
@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowtame.devices import distinct_indices, random_indices, take_rows, uniform_noise
-from flowtame.likelihood import nll_nats
-from flowtame.objective import forget_loss, nats_per_bpd, remember_loss, threshold_distance
-from flowtame.quantization import DataSpec, quantize
+from flowtame.data.quantization import DataSpec, quantize
+from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
+from flowtame.likelihood.nll import nll_nats
+from flowtame.methods.objective import forget_loss, nats_per_bpd, remember_loss, threshold_distance
 
 #: The settling decay never takes the learning rate below this fraction of its peak.
 MIN_SETTLE_FACTOR = 0.05
@@ -35,7 +35,7 @@ class TamingData:
     ``forget`` uint8 [F,C,H,W] with ``forget_request`` long [F] (which --forget source each image came from)
     and ``forget_check_noise`` float [K,F,C,H,W] (or [F,C,H,W] for K = 1) in [0,1): K fixed draws whose
     NLLs are averaged in the stopping test; ``remember`` uint8 [R,C,H,W] (where
-    :func:`flowtame.devices.training_rows` puts it: on the GPU when it fits, else pinned); ``refresh`` float
+    :func:`flowtame.engine.devices.training_rows` puts it: on the GPU when it fits, else pinned); ``refresh`` float
     [S,C,H,W]: a fixed subset of the remember set, dequantized with fixed noise, used to re-estimate mu_R,
     sigma_R; ``base_mean``/``base_std``: N_B in nats, fitted once over the whole remember set under the base
     model. ``whole_remember_nll(model)``, when given, is the NLL (nats, float64 [R]) of the whole remember set
@@ -88,12 +88,12 @@ class TamingMethod:
     mu_R, so a model whose every NLL rose passes it; the confirmation therefore also requires the remember
     mean NLL to have risen by at most ``max_remember_drift`` (relative, = relative mean BPD) over N_B's.
     ``generator`` draws each iteration's indices and noise (a generator on the GPU when training there,
-    :func:`flowtame.devices.loop_generator`); ``setup_generator`` (default: the same) what a method builds
+    :func:`flowtame.engine.devices.loop_generator`); ``setup_generator`` (default: the same) what a method builds
     once, such as Selective Amnesia's replay pool.
     """
 
     name = "taming"
-    #: Parameters held fixed unless the config says otherwise (:data:`flowtame.taming.FREEZE_RULES`).
+    #: Parameters held fixed unless the config says otherwise (:data:`flowtame.jobs.tame.FREEZE_RULES`).
     default_freeze = "coupling-outputs"
     #: Stopping guard unless the config says otherwise: stop only while the remember set's mean NLL is at most
     #: 0.8% above N_B's, a margin under ``evaluate --check``'s default 1% bound (docs/method.md "Stopping").
@@ -323,6 +323,6 @@ class TamingMethod:
         self.mean_offset, self.std_ratio = meta.get("subset_correction", (self.mean_offset, self.std_ratio))
 
 
-#: Method name -> class; baselines register here (``flowtame.baselines``). Every class takes the
+#: Method name -> class; baselines register here (``flowtame.methods.baselines``). Every class takes the
 #: TamingMethod constructor arguments plus ``config`` (the TameConfig) and ``base_model`` (frozen, eval).
 METHODS: dict[str, type[TamingMethod]] = {"taming": TamingMethod}

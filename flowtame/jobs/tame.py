@@ -1,6 +1,6 @@
 """The tame job as a library call: prepare the sets, run a method through the engine, evaluate, report.
 
-``tame(base, forget_sets, remember_set, config)`` returns the tamed :class:`~flowtame.checkpoint.Checkpoint`
+``tame(base, forget_sets, remember_set, config)`` returns the tamed :class:`~flowtame.io.checkpoint.Checkpoint`
 (not yet written) and its report; the CLI only adds files, flags and a live view.
 """
 
@@ -22,14 +22,14 @@ import torch
 import yaml
 
 from flowtame import __version__
-from flowtame.checkpoint import Checkpoint, make_provenance
-from flowtame.data import ImageSet, dequantization_noise
-from flowtame.devices import loop_generator, place_model, resolve_device, training_rows
-from flowtame.engine import Engine, EngineConfig
+from flowtame.data.images import ImageSet, dequantization_noise
+from flowtame.engine.devices import loop_generator, place_model, resolve_device, training_rows
+from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import DataError, InputError, InterruptedRun
-from flowtame.methods import METHODS, TamingData, batched_nll, dequantized
-from flowtame.models.base import coupling_output_parameters
-from flowtame.objective import FORGET_LOSSES, FORGET_UNITS, nats_per_bpd
+from flowtame.flows.base import coupling_output_parameters
+from flowtame.io.checkpoint import Checkpoint, make_provenance
+from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS, nats_per_bpd
+from flowtame.methods.taming import METHODS, TamingData, batched_nll, dequantized
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -120,8 +120,8 @@ class TameConfig:
 
 
 def _load_baselines() -> None:
-    """The baseline methods register themselves in ``flowtame.methods.METHODS`` when imported."""
-    import flowtame.baselines  # noqa: F401
+    """The baseline methods register themselves in ``flowtame.methods.taming.METHODS`` when imported."""
+    import flowtame.methods.baselines  # noqa: F401
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -177,7 +177,7 @@ def pixel_nll(model: torch.nn.Module, pixels: torch.Tensor, keys: Sequence[str],
               device: torch.device, batch_size: int = 256, draws: int = 1) -> np.ndarray:
     """Discrete NLL (nats, float64 [N]) of uint8 images with the keyed evaluation noise of ``seed``.
 
-    ``draws`` > 1 averages over that many keyed draws, as :func:`flowtame.likelihood.compute_nll` does.
+    ``draws`` > 1 averages over that many keyed draws, as :func:`flowtame.likelihood.nll.compute_nll` does.
     """
     out = []
     with torch.no_grad():
@@ -390,7 +390,7 @@ def freeze_parameters(model: torch.nn.Module, rule: str) -> list[str]:
 
 def trainable_copy(base: Checkpoint, device: torch.device) -> torch.nn.Module:
     """A fresh model rebuilt from the checkpoint's spec with its weights, on ``device``; the base stays as is."""
-    from flowtame.models import build_model
+    from flowtame.flows import build_model
 
     model = build_model(base.architecture, base.spec)
     model.load_state_dict(base.model.state_dict())
@@ -413,8 +413,8 @@ def taming_evaluation(base: Checkpoint, outcome: TameOutcome, holdout_sets: dict
 
     Only the holdout sets are scored here (both models, paired noise of ``config.eval_seed``).
     """
-    from flowtame.evaluation import summarize_evaluation
-    from flowtame.likelihood import compute_nll
+    from flowtame.likelihood.evaluation import summarize_evaluation
+    from flowtame.likelihood.nll import compute_nll
 
     table = dict(outcome.nll)
     for name, image_set in holdout_sets.items():

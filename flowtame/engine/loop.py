@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from flowtame.errors import CheckpointError, InterruptedRun, TrainingDivergedError
-from flowtame.fileio import atomic_path
+from flowtame.io.fileio import atomic_path
 
 STATE_FORMAT = "flowtame-engine-state"
 

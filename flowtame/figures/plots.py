@@ -13,8 +13,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from flowtame.fileio import atomic_path, check_output_path
-from flowtame.statistics import NormalFit
+from flowtame.io.fileio import atomic_path, check_output_path
+from flowtame.likelihood.statistics import NormalFit
 
 #: Sets with fewer images than this are drawn as marks on the axis (a rug) instead of a histogram.
 RUG_BELOW = 20

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flowtame.data import ImageSet
-from flowtame.fileio import atomic_path
-from flowtame.likelihood import compute_nll
-from flowtame.models.base import MultiScaleFlow
+from flowtame.data.images import ImageSet
+from flowtame.flows.base import MultiScaleFlow
+from flowtame.io.fileio import atomic_path
+from flowtame.likelihood.nll import compute_nll
 
 
 def median_nearest(model: MultiScaleFlow, image_set: ImageSet, k: int, *, seed: int = 0,

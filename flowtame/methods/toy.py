@@ -4,8 +4,8 @@
   plus one in the middle, equal weights; :meth:`GaussianMixture.assign` gives each point its nearest mode,
   or "none" beyond a radius (default :data:`ASSIGN_RADIUS_STDS` standard deviations).
 - :func:`fit_flow`: maximum-likelihood training of a vector flow with Adam (the "pretrained" model).
-- :class:`VectorTamingMethod`: the paper's losses (Eq. 9-12, :mod:`flowtame.objective`) for vector data,
-  run by :class:`flowtame.engine.Engine`, optionally with a likelihood anchor (flowtame's extension, not the
+- :class:`VectorTamingMethod`: the paper's losses (Eq. 9-12, :mod:`flowtame.methods.objective`) for vector data,
+  run by :class:`flowtame.engine.loop.Engine`, optionally with a likelihood anchor (flowtame's extension, not the
   paper's): ``anchor * mean(((NLL_T(a) - NLL_B(a)) / σ_B)²)`` over anchor points a, by default base-model
   samples nearer to D_R than to D_F (:func:`replay_anchor_points`), which holds the density of each
   remembered region where the paper's remember term only holds the pooled NLL's mean and std.
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowtame.models.base import MultiScaleFlow
-from flowtame.objective import forget_loss, nats_per_bpd, remember_loss, threshold_distance
+from flowtame.flows.base import MultiScaleFlow
+from flowtame.methods.objective import forget_loss, nats_per_bpd, remember_loss, threshold_distance
 
 #: Default radius of :meth:`GaussianMixture.assign`, in mixture standard deviations. For a 2-D Gaussian
 #: the mass beyond r standard deviations is exp(-r²/2): 3.4e-4 at r = 4.
@@ -141,13 +141,13 @@ def replay_anchor_points(model: MultiScaleFlow, forget: Tensor, remember: Tensor
 
 
 class VectorTamingMethod:
-    """The paper's taming (Eq. 9-12) for flows on continuous vectors; a :class:`flowtame.engine.Method`.
+    """The paper's taming (Eq. 9-12) for flows on continuous vectors; a :class:`flowtame.engine.loop.Method`.
 
     Built from the *base* model (before any step): N_B = (mean, std) of the remember NLL is fitted once over
     the whole remember set. Each iteration makes one forward/backward over [forget batch; remember batch]
     (the whole forget set when it fits in ``batch_size``; ``batch_size`` remember points drawn with
     replacement). The KL term's N_T takes its value from the latest refreshed mu_R, sigma_R and its gradient
-    from the remember batch, as in :class:`flowtame.methods.TamingMethod` (``kl_estimate="refreshed"``).
+    from the remember batch, as in :class:`flowtame.methods.taming.TamingMethod` (``kl_estimate="refreshed"``).
     mu_R, sigma_R are re-estimated every ``refresh_every`` iterations on the remember set, or on a fixed
     random subset of ``refresh_size`` points corrected by the base model's whole-set vs subset difference.
 

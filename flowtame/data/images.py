@@ -19,18 +19,18 @@ model with C channels and image size S:
 3. it is resized with Pillow's bicubic filter so that its short side is S (aspect ratio kept, the long side
    rounded), then centre-cropped to S x S (an odd extra pixel is cut on the right or bottom).
 
-Quantization to the model's ``n_bits`` happens later (:func:`flowtame.quantization.quantize`). An image's key
+Quantization to the model's ``n_bits`` happens later (:func:`flowtame.data.quantization.quantize`). An image's key
 is the sha256 of its preprocessed pixels (:func:`pixel_key`), so identical pixels share a key wherever they
 come from, and :func:`dequantization_noise` draws each image's noise from (seed, key).
 
 Bad files. Opening a source only lists it: a missing path, or a folder or list without image files, raises
 :class:`~flowtame.errors.DataError` at once. Each file is decoded when the set is first read through
-(:meth:`ImageSet.iter_batches`, which :func:`flowtame.likelihood.compute_nll` streams;
+(:meth:`ImageSet.iter_batches`, which :func:`flowtame.likelihood.nll.compute_nll` streams;
 :meth:`ImageSet.load_tensor`; :meth:`ImageSet.validate`; or the first use of ``len()``, ``paths``, ``keys``
 or ``pixels()``, which validate).
 A file that cannot be used (missing, unreadable, zero bytes, not an image, truncated or corrupt data, more
 pixels than Pillow's ``Image.MAX_IMAGE_PIXELS``, i.e. a possible decompression bomb) is logged as a warning on
-the ``flowtame.data`` logger naming the file and the problem, and left out; when that first read completes,
+the ``flowtame.data.images`` logger naming the file and the problem, and left out; when that first read completes,
 ``ImageSet.skipped`` holds every such (path, reason), so it is complete whenever results exist. With
 ``strict=True`` the first bad file raises DataError instead, and a set whose every file is bad is a DataError.
 Pixels are never cached: later reads decode again, so memory does not grow with the number of images.
@@ -51,10 +51,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from flowtame.embedded import PREFIX as EMBEDDED_PREFIX
-from flowtame.embedded import asset_path
+from flowtame.data.embedded import PREFIX as EMBEDDED_PREFIX
+from flowtame.data.embedded import asset_path
+from flowtame.data.quantization import DataSpec
 from flowtame.errors import DataError
-from flowtame.quantization import DataSpec
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def dequantization_noise(keys: Sequence[str], seed: int, shape: tuple[int, ...],
     The same (seed, key) always gives the same row, whatever the batch around it and whichever model it is
     fed to, so evaluations with one seed are paired; another seed or ``draw`` gives other noise (draw 0 is the
     one every single-draw evaluation uses; draws 1, 2, ... are independent extra draws). Scale it to one
-    quantization bin with :func:`flowtame.quantization.dequantize`.
+    quantization bin with :func:`flowtame.data.quantization.dequantize`.
     """
     noise = torch.empty((len(keys), *shape), dtype=torch.float32)
     generator = torch.Generator()

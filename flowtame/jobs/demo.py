@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowtame.checkpoint import load_checkpoint, save_checkpoint
-from flowtame.data import open_images
-from flowtame.embedded import resolve_model_path
-from flowtame.fileio import write_json_atomic
-from flowtame.likelihood import compute_nll
-from flowtame.plots import plot_nll_histograms
-from flowtame.protocol import median_nearest, write_pngs
-from flowtame.sampling import sample_grid, save_png
-from flowtame.statistics import fit_normal, summarize_nll
-from flowtame.taming import TameConfig, make_config, tame, taming_evaluation
+from flowtame.data.embedded import resolve_model_path
+from flowtame.data.images import open_images
+from flowtame.figures.plots import plot_nll_histograms
+from flowtame.figures.sampling import sample_grid, save_png
+from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
+from flowtame.io.fileio import write_json_atomic
+from flowtame.jobs.tame import TameConfig, make_config, tame, taming_evaluation
+from flowtame.likelihood.nll import compute_nll
+from flowtame.likelihood.protocol import median_nearest, write_pngs
+from flowtame.likelihood.statistics import fit_normal, summarize_nll
 
 MODEL = "embedded:glow-digits"
 REMEMBER = "embedded:digits:train"

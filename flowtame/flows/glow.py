@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowtame.models.base import Level, MultiScaleFlow, Squeeze, Transform
+from flowtame.flows.base import Level, MultiScaleFlow, Squeeze, Transform
 
 
 class ActNorm(Transform):

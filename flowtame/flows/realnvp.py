@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from flowtame.models import Architecture, register
-from flowtame.models.base import Level, MultiScaleFlow, Squeeze, Transform
+from flowtame.flows import Architecture, register
+from flowtame.flows.base import Level, MultiScaleFlow, Squeeze, Transform
 
 
 class ResidualBlock(nn.Module):

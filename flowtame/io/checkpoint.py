@@ -22,10 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flowtame import __version__
+from flowtame.data.quantization import DataSpec
 from flowtame.errors import CheckpointError
-from flowtame.fileio import atomic_path, check_output_path, sha256_file
-from flowtame.models import ARCHITECTURES, MultiScaleFlow, build_model, make_spec
-from flowtame.quantization import DataSpec
+from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model, make_spec
+from flowtame.io.fileio import atomic_path, check_output_path, sha256_file
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "flowtame"

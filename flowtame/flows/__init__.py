@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flowtame.models.base import MultiScaleFlow
-from flowtame.models.glow import GlowSpec, build_glow
+from flowtame.flows.base import MultiScaleFlow
+from flowtame.flows.glow import GlowSpec, build_glow
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def _register_optional() -> None:
     """Architectures in their own modules register themselves on import."""
     import importlib
 
-    for module in ("flowtame.models.realnvp", "flowtame.models.nice", "flowtame.models.vector"):
+    for module in ("flowtame.flows.realnvp", "flowtame.flows.nice", "flowtame.flows.vector"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:  # module not written yet in this tree

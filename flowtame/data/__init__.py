@@ -1,0 +1,1 @@
+"""Image sources, quantization and the embedded default data (imports only flowtame.errors)."""

@@ -1,0 +1,1 @@
+"""Pictures: NLL histograms and sample grids."""

@@ -1,0 +1,1 @@
+"""Checkpoints, converters and atomic files."""

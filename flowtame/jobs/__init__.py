@@ -1,0 +1,1 @@
+"""The jobs a user runs, one call each: tame, debias, train, demo."""

@@ -1,0 +1,1 @@
+"""Exact likelihood passes (NLL in nats and BPD), statistics, base-vs-tamed evaluation, protocol sets."""

@@ -1,0 +1,1 @@
+"""Taming methods: objectives, the paper's method, baselines and the vector method."""
