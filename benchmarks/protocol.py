@@ -57,8 +57,9 @@ from flowtame.data.embedded import resolve_model_path
 from flowtame.data.images import open_images
 from flowtame.errors import TrainingDivergedError
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint
-from flowtame.jobs.tame import make_config, pixel_nll, preset, tame
+from flowtame.jobs.tame import make_config, preset, tame
 from flowtame.likelihood.evaluation import FORGET_DRAWS, find_neighbours, summarize_evaluation
+from flowtame.likelihood.nll import pixel_nll
 from flowtame.likelihood.protocol import median_nearest
 
 #: Stands for the folder of D_R images that :func:`with_surrogate` writes: every SURROGATE_STRIDE-th one.

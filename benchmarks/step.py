@@ -18,11 +18,10 @@ import torch
 from torch.profiler import profile
 
 from flowtame.data.embedded import resolve_model_path
-from flowtame.engine.devices import resolve_device
+from flowtame.engine.devices import resolve_device, trainable_copy
 from flowtame.io.checkpoint import load_checkpoint
-from flowtame.jobs.tame import FREEZE_RULES, freeze_parameters, trainable_copy
-from flowtame.likelihood.nll import nll_nats
-from flowtame.methods.taming import batched_nll
+from flowtame.jobs.tame import FREEZE_RULES, freeze_parameters
+from flowtame.likelihood.nll import batched_nll, nll_nats
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, spec) -> None:

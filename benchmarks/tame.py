@@ -21,7 +21,8 @@ import torch
 from flowtame.data.embedded import resolve_model_path
 from flowtame.data.images import open_images
 from flowtame.io.checkpoint import load_checkpoint
-from flowtame.jobs.tame import make_config, pixel_nll, tame
+from flowtame.jobs.tame import make_config, tame
+from flowtame.likelihood.nll import pixel_nll
 from flowtame.likelihood.statistics import fit_normal, quantile_drop
 
 

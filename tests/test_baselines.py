@@ -15,11 +15,11 @@ from flowtame.flows.base import coupling_output_parameters
 from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from flowtame.jobs.tame import TameConfig, make_config, tame
-from flowtame.likelihood.nll import nll_nats
+from flowtame.likelihood.nll import dequantized, nll_nats
 from flowtame.likelihood.protocol import write_pngs
 from flowtame.methods.baselines import NegGrad, SelectiveAmnesia, diagonal_fisher
 from flowtame.methods.objective import nats_per_bpd
-from flowtame.methods.taming import METHODS, TamingData, TamingMethod, dequantized
+from flowtame.methods.taming import METHODS, TamingData, TamingMethod
 
 DATA_SPEC = DataSpec(image_size=8, channels=1, n_bits=5)
 REMEMBER = "embedded:digits:test:0"

@@ -33,7 +33,7 @@ from flowtame.jobs.debias import (
     wilson_interval,
     within_tolerance,
 )
-from flowtame.jobs.tame import pixel_nll
+from flowtame.likelihood.nll import pixel_nll
 
 ZERO, ONE = "embedded:digits:all:0", "embedded:digits:all:1"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -21,3 +22,8 @@ def emit_json(path: str | None, obj) -> None:
     """Write ``obj`` as JSON to ``path`` (``-`` = stdout); no-op when path is None."""
     if path is not None:
         write_json_atomic(path, obj)
+
+
+def state_path_for(output: Path) -> Path:
+    """Where an interrupted run keeps its resumable state: beside the output."""
+    return output.with_name(output.name + ".resume.safetensors")

@@ -13,8 +13,7 @@ from rich.live import Live
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import console, emit_json, err_console, is_interactive
-from flowtame.cli.tame import state_path_for
+from flowtame.cli._common import console, emit_json, err_console, is_interactive, state_path_for
 from flowtame.data.embedded import resolve_model_path
 from flowtame.errors import CheckFailedError, InputError, InterruptedRun
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint

@@ -11,16 +11,11 @@ from rich.live import Live
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import console, emit_json, err_console, is_interactive
+from flowtame.cli._common import console, emit_json, err_console, is_interactive, state_path_for
 from flowtame.data.embedded import resolve_model_path
 from flowtame.errors import CheckFailedError, InterruptedRun
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 from flowtame.io.fileio import check_output_path
-
-
-def state_path_for(output: Path) -> Path:
-    """Where an interrupted run keeps its resumable state: beside the output."""
-    return output.with_name(output.name + ".resume.safetensors")
 
 
 @app.command("tame")

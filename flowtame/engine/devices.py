@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from flowtame.errors import InputError
+
+if TYPE_CHECKING:
+    from flowtame.io.checkpoint import Checkpoint
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -141,3 +145,12 @@ def training_rows(pixels: torch.Tensor, device: torch.device,
 def take_rows(rows: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``rows[index]`` on ``device``, gathering where ``rows`` live (index [B] may be on either side)."""
     return rows[index.to(rows.device)].to(device, non_blocking=True)
+
+
+def trainable_copy(base: Checkpoint, device: torch.device) -> torch.nn.Module:
+    """A fresh model rebuilt from the checkpoint's spec with its weights, on ``device``; the base stays as is."""
+    from flowtame.flows import build_model
+
+    model = build_model(base.architecture, base.spec)
+    model.load_state_dict(base.model.state_dict())
+    return place_model(model, device)

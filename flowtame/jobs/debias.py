@@ -56,6 +56,7 @@ from flowtame.engine.devices import (
     random_indices,
     resolve_device,
     take_rows,
+    trainable_copy,
     training_rows,
     uniform_noise,
 )
@@ -64,11 +65,10 @@ from flowtame.errors import DataError, InputError, InterruptedRun
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.io.fileio import json_safe, sha256_file
-from flowtame.jobs.tame import pixel_nll, subset_correction, trainable_copy
 from flowtame.likelihood.evaluation import Tolerances, summarize_evaluation
-from flowtame.likelihood.nll import nll_nats
+from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
+from flowtame.likelihood.statistics import subset_correction
 from flowtame.methods.objective import nats_per_bpd, remember_loss
-from flowtame.methods.taming import batched_nll, dequantized
 
 REPORT_SCHEMA_VERSION = 1
 #: Group names: letters, digits and ``_ . -`` (they become JSON keys and column labels).

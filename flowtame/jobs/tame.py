@@ -23,13 +23,15 @@ import yaml
 
 from flowtame import __version__
 from flowtame.data.images import ImageSet, dequantization_noise
-from flowtame.engine.devices import loop_generator, place_model, resolve_device, training_rows
+from flowtame.engine.devices import loop_generator, place_model, resolve_device, trainable_copy, training_rows
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import DataError, InputError, InterruptedRun
 from flowtame.flows.base import coupling_output_parameters
 from flowtame.io.checkpoint import Checkpoint, make_provenance
+from flowtame.likelihood.nll import dequantized, pixel_nll
+from flowtame.likelihood.statistics import subset_correction
 from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS, nats_per_bpd
-from flowtame.methods.taming import METHODS, TamingData, batched_nll, dequantized
+from flowtame.methods.taming import METHODS, TamingData
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -171,25 +173,6 @@ class TameOutcome:
     checkpoint: Checkpoint
     report: dict[str, Any]
     nll: dict[tuple[str, str], np.ndarray]
-
-
-def pixel_nll(model: torch.nn.Module, pixels: torch.Tensor, keys: Sequence[str], data_spec, seed: int,
-              device: torch.device, batch_size: int = 256, draws: int = 1) -> np.ndarray:
-    """Discrete NLL (nats, float64 [N]) of uint8 images with the keyed evaluation noise of ``seed``.
-
-    ``draws`` > 1 averages over that many keyed draws, as :func:`flowtame.likelihood.nll.compute_nll` does.
-    """
-    out = []
-    with torch.no_grad():
-        for i in range(0, pixels.shape[0], batch_size):
-            chunk = pixels[i:i + batch_size].to(device)
-            total = torch.zeros(chunk.shape[0], dtype=torch.float64, device=device)
-            for draw in range(draws):
-                noise = dequantization_noise(keys[i:i + batch_size], seed, tuple(pixels.shape[1:]), draw)
-                x = dequantized(chunk, noise.to(device), data_spec.n_bits)
-                total += batched_nll(model, x, data_spec, batch_size).double()
-            out.append((total / draws).cpu())
-    return torch.cat(out).numpy()
 
 
 def _load_forget(forget_sets: Sequence[ImageSet]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -386,25 +369,6 @@ def freeze_parameters(model: torch.nn.Module, rule: str) -> list[str]:
     for name in names:
         params[name].requires_grad_(False)
     return names
-
-
-def trainable_copy(base: Checkpoint, device: torch.device) -> torch.nn.Module:
-    """A fresh model rebuilt from the checkpoint's spec with its weights, on ``device``; the base stays as is."""
-    from flowtame.flows import build_model
-
-    model = build_model(base.architecture, base.spec)
-    model.load_state_dict(base.model.state_dict())
-    return place_model(model, device)
-
-
-def subset_correction(base_nll: np.ndarray, subset: np.ndarray) -> tuple[float, float]:
-    """(mean offset, std ratio) mapping refresh-subset statistics to whole-set ones, from the base model.
-
-    Base and tamed NLLs on the same images are strongly correlated, so correcting the tamed subset
-    estimate by the base model's (whole - subset) difference removes most of the subset's sampling error.
-    """
-    sub = base_nll[subset]
-    return float(base_nll.mean() - sub.mean()), float(base_nll.std(ddof=1) / sub.std(ddof=1))
 
 
 def taming_evaluation(base: Checkpoint, outcome: TameOutcome, holdout_sets: dict[str, ImageSet],

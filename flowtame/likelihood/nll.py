@@ -16,14 +16,14 @@ import contextlib
 import csv
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from flowtame.data.images import ImageSet, dequantization_noise
 from flowtame.data.quantization import DataSpec, dequantize, discrete_nll, nats_to_bpd, quantize
@@ -190,3 +190,33 @@ def compute_nll(
         num_dims=spec.num_dims,
         seed=seed,
     )
+
+
+def dequantized(pixels: Tensor, noise: Tensor, n_bits: int) -> Tensor:
+    """uint8 pixels [B,...] + noise in [0,1) of the same shape -> model input x + u, float32."""
+    return quantize(pixels, n_bits) + noise / (2 ** n_bits)
+
+
+@torch.no_grad()
+def batched_nll(model: nn.Module, x: Tensor, data_spec: DataSpec, batch_size: int = 256) -> Tensor:
+    """Discrete NLL in nats [N] of already-dequantized inputs, without gradients."""
+    return torch.cat([nll_nats(model, x[i:i + batch_size], data_spec) for i in range(0, x.shape[0], batch_size)])
+
+
+def pixel_nll(model: torch.nn.Module, pixels: torch.Tensor, keys: Sequence[str], data_spec, seed: int,
+              device: torch.device, batch_size: int = 256, draws: int = 1) -> np.ndarray:
+    """Discrete NLL (nats, float64 [N]) of uint8 images with the keyed evaluation noise of ``seed``.
+
+    ``draws`` > 1 averages over that many keyed draws, as :func:`compute_nll` does.
+    """
+    out = []
+    with torch.no_grad():
+        for i in range(0, pixels.shape[0], batch_size):
+            chunk = pixels[i:i + batch_size].to(device)
+            total = torch.zeros(chunk.shape[0], dtype=torch.float64, device=device)
+            for draw in range(draws):
+                noise = dequantization_noise(keys[i:i + batch_size], seed, tuple(pixels.shape[1:]), draw)
+                x = dequantized(chunk, noise.to(device), data_spec.n_bits)
+                total += batched_nll(model, x, data_spec, batch_size).double()
+            out.append((total / draws).cpu())
+    return torch.cat(out).numpy()

@@ -215,3 +215,13 @@ def kl_normal(p: NormalFit, q: NormalFit) -> float:
     _check_fit(p)
     _check_fit(q)
     return (math.log(q.std / p.std) + (p.std ** 2 + (p.mean - q.mean) ** 2) / (2.0 * q.std ** 2) - 0.5)
+
+
+def subset_correction(base_nll: np.ndarray, subset: np.ndarray) -> tuple[float, float]:
+    """(mean offset, std ratio) mapping refresh-subset statistics to whole-set ones, from the base model.
+
+    Base and tamed NLLs on the same images are strongly correlated, so correcting the tamed subset
+    estimate by the base model's (whole - subset) difference removes most of the subset's sampling error.
+    """
+    sub = base_nll[subset]
+    return float(base_nll.mean() - sub.mean()), float(base_nll.std(ddof=1) / sub.std(ddof=1))

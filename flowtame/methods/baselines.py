@@ -44,8 +44,8 @@ from torch.func import functional_call, grad, vmap
 from flowtame.data.quantization import DataSpec
 from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
 from flowtame.errors import CheckpointError, InputError
-from flowtame.likelihood.nll import nll_nats
-from flowtame.methods.taming import METHODS, TamingData, TamingMethod, dequantized
+from flowtame.likelihood.nll import dequantized, nll_nats
+from flowtame.methods.taming import METHODS, TamingData, TamingMethod
 
 #: Per-sample gradients are computed this many values at a time at most (chunk x parameters), so the
 #: Fisher's memory stays near 4 bytes x this (128 MiB) whatever the model's size.

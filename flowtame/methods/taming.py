@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowtame.data.quantization import DataSpec, quantize
+from flowtame.data.quantization import DataSpec
 from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
-from flowtame.likelihood.nll import nll_nats
+from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
 from flowtame.methods.objective import forget_loss, nats_per_bpd, remember_loss, threshold_distance
 
 #: The settling decay never takes the learning rate below this fraction of its peak.
@@ -56,17 +56,6 @@ class TamingData:
     @property
     def device(self) -> torch.device:
         return self.forget.device
-
-
-def dequantized(pixels: Tensor, noise: Tensor, n_bits: int) -> Tensor:
-    """uint8 pixels [B,...] + noise in [0,1) of the same shape -> model input x + u, float32."""
-    return quantize(pixels, n_bits) + noise / (2 ** n_bits)
-
-
-@torch.no_grad()
-def batched_nll(model: nn.Module, x: Tensor, data_spec: DataSpec, batch_size: int = 256) -> Tensor:
-    """Discrete NLL in nats [N] of already-dequantized inputs, without gradients."""
-    return torch.cat([nll_nats(model, x[i:i + batch_size], data_spec) for i in range(0, x.shape[0], batch_size)])
 
 
 class TamingMethod:
