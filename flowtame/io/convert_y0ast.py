@@ -6,7 +6,7 @@ flow steps (``actnorm.{bias,logs}``, ``invconv.{p,sign_s,lower,log_s,upper}`` or
 a reverse/shuffle permutation, ``block.{0,2}.conv.weight`` + ``block.{0,2}.actnorm.{bias,logs}``,
 ``block.4.conv.{weight,bias}`` + ``block.4.logs``) and layer ``b*(K+2)+K+1`` is a split
 (``conv.conv.{weight,bias}``, ``conv.logs``); then ``learn_top_fn.*`` (when ``learn_top``) and the buffer
-``prior_h``. Its layout is a set of options of flowtame's Glow (:class:`~flowtame.models.glow.GlowSpec`:
+``prior_h``. Its layout is a set of options of flowtame's Glow (:class:`~flowtame.flows.glow.GlowSpec`:
 ``log_actnorm``, ``net_actnorm``, ``interleaved``, ``zero_pad``, ``top_prior``, ``permutation``), so the
 conversion renames tensors (and drops singleton dimensions) without changing a value.
 
@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flowtame.checkpoint import Checkpoint, make_provenance
-from flowtame.convert import _load_state_dict, foreign_family
+from flowtame.io.checkpoint import Checkpoint, make_provenance
+from flowtame.io.convert import _load_state_dict, foreign_family
 from flowtame.errors import CheckpointError, InputError
-from flowtame.fileio import sha256_file
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.quantization import DataSpec
+from flowtame.io.fileio import sha256_file
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.data.quantization import DataSpec
 
 _STEP = re.compile(r"flow\.layers\.(\d+)\.actnorm\.bias")
 _SPLIT = re.compile(r"flow\.layers\.(\d+)\.conv\.conv\.weight")
