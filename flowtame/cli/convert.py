@@ -11,6 +11,8 @@ from flowtame.cli import app
 from flowtame.errors import InputError
 from flowtame.io.checkpoint import save_checkpoint
 from flowtame.io.convert import SOURCE_FORMATS, ConversionWarning, convert_rosinality
+from flowtame.io.convert_tarflow import convert_tarflow
+from flowtame.io.convert_y0ast import convert_y0ast
 from flowtame.io.fileio import check_output_path
 
 
@@ -21,43 +23,103 @@ def convert(
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the flowtame .safetensors file."),
     source_format: str = typer.Option("rosinality-glow", "--from",
                                       help=f"Format of SOURCE: {', '.join(SOURCE_FORMATS)}."),
-    image_size: int = typer.Option(..., "--image-size", help="Side of the square training images (pixels)."),
-    n_bits: int = typer.Option(..., "--n-bits", help="Bits per value the model was trained on (1-8)."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Side of the square training images "
+                                          "(pixels); required for rosinality-glow, read from the weights (and "
+                                          "checked) for y0ast-glow and tarflow."),
+    n_bits: int | None = typer.Option(None, "--n-bits", help="Bits per value the model was trained on (1-8); "
+                                      "required for rosinality-glow, default 8 for y0ast-glow and tarflow."),
     channels: int | None = typer.Option(None, "--channels", help="Input channels (1 or 3); checked."),
-    n_flow: int | None = typer.Option(None, "--n-flow", help="Flow steps per block; checked."),
-    n_block: int | None = typer.Option(None, "--n-block", help="Number of blocks; checked."),
+    n_flow: int | None = typer.Option(None, "--n-flow", help="rosinality-glow: flow steps per block; checked."),
+    n_block: int | None = typer.Option(None, "--n-block", help="rosinality-glow: number of blocks; tarflow: "
+                                       "number of flow blocks; checked."),
     affine: bool | None = typer.Option(None, "--affine/--additive", help="Coupling type; checked."),
     conv_lu: bool | None = typer.Option(None, "--lu/--no-lu",
                                         help="LU 1x1 convs in all but the last block (rosinality's conv_lu; "
                                              "its last block is always LU); checked."),
-    hidden: int | None = typer.Option(None, "--hidden", help="Coupling hidden width; checked."),
+    hidden: int | None = typer.Option(None, "--hidden", help="rosinality-glow: coupling hidden width; checked."),
+    hparams: Path | None = typer.Option(None, "--hparams", help="y0ast-glow: the hparams.json its train.py "
+                                        "wrote (K, L, hidden_channels, flow_coupling, flow_permutation, "
+                                        "LU_decomposed, learn_top); checked against the weights."),
+    permutations: Path | None = typer.Option(None, "--permutations", help="y0ast-glow with flow_permutation "
+                                             "shuffle: a JSON list of the channel orders, one per flow step "
+                                             "(that code does not save them)."),
+    patch_size: int | None = typer.Option(None, "--patch-size", help="tarflow: patch size (else from the file "
+                                          "name); checked."),
+    width: int | None = typer.Option(None, "--width", help="tarflow: transformer width (else from the file "
+                                     "name); checked."),
+    layers_per_block: int | None = typer.Option(None, "--layers-per-block", help="tarflow: attention layers per "
+                                                "block (else from the file name); checked."),
+    heads: int | None = typer.Option(None, "--heads", help="tarflow: attention heads (default: width / 64, that "
+                                     "code's head size)."),
+    class_label: int | None = typer.Option(None, "--class", help="tarflow, class-conditional models: evaluate "
+                                           "and sample this class (default: unconditional, the mean class "
+                                           "embedding)."),
     notes: str | None = typer.Option(None, "--notes", help="Free text kept in the checkpoint's provenance."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
 ) -> None:
-    """Convert a rosinality/glow-pytorch Glow checkpoint to a flowtame checkpoint.
+    """Convert a Glow (rosinality/glow-pytorch, y0ast/Glow-PyTorch) or TarFlow (apple/ml-tarflow) checkpoint
+    to a flowtame checkpoint, exactly.
 
-    The structure (blocks, flows, channels, coupling, 1x1 conv type of every layer) is read from the weights.
-    Any structure flag you give must agree with it. Image size and n_bits must be given.
+    The structure is read from the weights; any structure flag, hparams.json or file name must agree with it.
+    rosinality-glow needs --image-size and --n-bits. y0ast-glow takes --hparams. tarflow reads its
+    hyperparameters from flags or from that project's file name
+    {dataset}_model_{patch_size}_{channels}_{num_blocks}_{layers_per_block}_{noise_std}.pth.
 
     Example: flowtame convert glow.pt -o base.safetensors --from rosinality-glow --image-size 128 --n-bits 5
     """
     if source_format not in SOURCE_FORMATS:
         raise InputError(f"--from {source_format}: unknown source format "
                          f"(known: {', '.join(SOURCE_FORMATS)})")
+    flags = {"rosinality-glow": {"--patch-size": patch_size, "--width": width, "--heads": heads,
+                                 "--layers-per-block": layers_per_block, "--class": class_label,
+                                 "--hparams": hparams, "--permutations": permutations},
+             "y0ast-glow": {"--patch-size": patch_size, "--width": width, "--heads": heads, "--n-flow": n_flow,
+                            "--layers-per-block": layers_per_block, "--class": class_label, "--n-block": n_block,
+                            "--affine/--additive": affine, "--lu/--no-lu": conv_lu, "--hidden": hidden},
+             "tarflow": {"--n-flow": n_flow, "--affine/--additive": affine, "--lu/--no-lu": conv_lu,
+                         "--hidden": hidden, "--hparams": hparams, "--permutations": permutations}}
+    for flag, value in flags[source_format].items():
+        if value is not None:
+            raise InputError(f"{flag} does not apply to --from {source_format}")
     output = check_output_path(output, force)
     if source.exists() and output.exists() and source.resolve() == output.resolve():
         raise InputError(f"{output}: is the input checkpoint; choose another output path")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConversionWarning)
-        checkpoint = convert_rosinality(source, image_size=image_size, n_bits=n_bits, channels=channels,
-                                        n_flow=n_flow, n_block=n_block, affine=affine, conv_lu=conv_lu,
-                                        hidden=hidden, notes=notes)
+        if source_format == "y0ast-glow":
+            checkpoint = convert_y0ast(source, hparams=hparams, image_size=image_size, channels=channels,
+                                       n_bits=8 if n_bits is None else n_bits, permutations=permutations,
+                                       notes=notes)
+        elif source_format == "tarflow":
+            checkpoint = convert_tarflow(source, patch_size=patch_size, width=width, n_block=n_block,
+                                         layers_per_block=layers_per_block, heads=heads, image_size=image_size,
+                                         channels=channels, n_bits=8 if n_bits is None else n_bits,
+                                         class_label=class_label, notes=notes)
+        else:
+            if image_size is None or n_bits is None:
+                raise InputError("--from rosinality-glow needs --image-size and --n-bits (the weights do not "
+                                 "hold them)")
+            checkpoint = convert_rosinality(source, image_size=image_size, n_bits=n_bits, channels=channels,
+                                            n_flow=n_flow, n_block=n_block, affine=affine, conv_lu=conv_lu,
+                                            hidden=hidden, notes=notes)
     for warning in caught:
         typer.echo(f"flowtame: warning: {warning.message}", err=True)
     sha256 = save_checkpoint(output, checkpoint, force=force)
     spec = checkpoint.spec
+    if checkpoint.architecture == "tarflow":
+        conditioning = (f", {spec.num_classes} classes, evaluated "
+                        f"{'unconditionally' if spec.class_label is None else f'for class {spec.class_label}'}"
+                        if spec.num_classes else "")
+        typer.echo(f"wrote {output}: tarflow {spec.channels}x{spec.image_size}x{spec.image_size} "
+                   f"({spec.n_block} blocks x {spec.layers_per_block} layers, patch {spec.patch_size}, width "
+                   f"{spec.width}, {spec.heads} head{'s' if spec.heads > 1 else ''}{conditioning}, "
+                   f"{checkpoint.data_spec.n_bits} bits), "
+                   f"{checkpoint.num_parameters:,} parameters, sha256 {sha256}")
+        return
     convs = "LU" if all(spec.conv_lu) else ("plain" if not any(spec.conv_lu) else
                                             "".join("L" if v else "P" for v in spec.conv_lu))
+    if spec.permutation != "invconv":
+        convs = f"none ({spec.permutation} permutations)"
     coupling = "affine" if spec.affine else "additive"
     typer.echo(f"wrote {output}: glow {spec.channels}x{spec.image_size}x{spec.image_size} "
                f"({spec.n_block} blocks x {spec.n_flow} flows, {coupling} coupling, "

@@ -132,7 +132,7 @@ def read_json(path: Path, kind: type, what: str) -> dict | list:
 def _check_hparams(path: Path, hparams_path: Path, hparams: dict, found: Y0astStructure) -> str:
     """Check hparams against the weights; returns the permutation ("invconv", "reverse" or "shuffle")."""
     permutation = hparams.get("flow_permutation", "invconv" if found.conv_lu is not None else None)
-    if permutation not in ("invconv", "reverse", "shuffle"):
+    if permutation not in ("invconv", "reverse", "shuffle", None):
         raise InputError(f"{hparams_path}: flow_permutation {permutation!r} is not invconv, shuffle or reverse")
     checks = [
         ("K", found.n_flow, "flow steps per level"), ("L", found.n_block, "levels"),
@@ -205,8 +205,8 @@ def convert_y0ast(pt_path: str | Path, *, hparams: str | Path | None = None, ima
     state = _load_state_dict(path)
     found = infer_y0ast_structure(path, state)
     hparams_path = Path(hparams) if hparams is not None else None
-    permutation = _check_hparams(path, hparams_path, read_json(hparams_path, dict, "a JSON object of hyperparameters (y0ast's hparams.json)")
-                                   if hparams_path else {}, found)
+    values = read_json(hparams_path, dict, "a JSON object of hyperparameters") if hparams_path else {}
+    permutation = _check_hparams(path, hparams_path, values, found)
     for flag, given, actual in (("--image-size", image_size, found.image_size),
                                 ("--channels", channels, found.channels)):
         if given is not None and given != actual:
@@ -218,7 +218,8 @@ def convert_y0ast(pt_path: str | Path, *, hparams: str | Path | None = None, ima
         raise InputError(f"{path}: {exc}") from None
     spec = GlowSpec(channels=found.channels, image_size=found.image_size, n_flow=found.n_flow,
                     n_block=found.n_block, affine=found.affine, hidden=found.hidden,
-                    conv_lu=(bool(found.conv_lu),) * (found.n_flow * found.n_block), permutation=permutation,
+                    conv_lu=(found.conv_lu is not False,) * (found.n_flow * found.n_block),
+                    permutation=permutation,
                     log_actnorm=True, net_actnorm=True, interleaved=True, zero_pad=True,
                     top_prior="buffer" if found.learn_top else "standard")
     model = build_glow(spec)
