@@ -28,7 +28,8 @@ from flowtame.io.fileio import check_output_path
 ARCH_FLAGS = {
     "n_flow": "--n-flow", "n_block": "--n-block", "hidden": "--hidden", "affine": "--affine/--additive",
     "conv_lu": "--lu/--no-lu", "n_scales": "--n-scales", "n_res_blocks": "--n-res-blocks",
-    "n_couplings": "--n-couplings", "n_hidden_layers": "--n-hidden-layers",
+    "n_couplings": "--n-couplings", "n_hidden_layers": "--n-hidden-layers", "patch_size": "--patch-size",
+    "width": "--width", "layers_per_block": "--layers-per-block", "heads": "--heads",
 }
 
 
@@ -99,13 +100,13 @@ def train_command(
     data: str = typer.Argument(..., help="Training images: a folder, an image, a .txt list of paths, or "
                                          "embedded:digits[:all|train|test][:CLASS]."),
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (.safetensors)."),
-    arch: str = typer.Option("glow", "--arch", help="glow | realnvp | nice."),
+    arch: str = typer.Option("glow", "--arch", help="glow | realnvp | nice | tarflow."),
     image_size: int = typer.Option(32, "--image-size", help="Images are resized and centre-cropped to this."),
     channels: int = typer.Option(3, "--channels", help="1 (grayscale) or 3 (RGB)."),
     n_bits: int = typer.Option(5, "--n-bits", help="Bits per value the model sees (1-8)."),
     n_flow: int = typer.Option(None, "--n-flow", help="glow: flow steps per level (default: 8)."),
     n_block: int = typer.Option(None, "--n-block", help="glow: levels; 2**n must divide "
-                               "the image size (default: 3)."),
+                               "the image size (default: 3); tarflow: flow blocks (default: 4)."),
     hidden: int = typer.Option(None, "--hidden", help="Width of the coupling "
                               "networks (default: per architecture)."),
     affine: bool = typer.Option(None, "--affine/--additive", help="glow: affine or additive coupling "
@@ -116,6 +117,13 @@ def train_command(
     n_res_blocks: int = typer.Option(None, "--n-res-blocks", help="realnvp: residual blocks (default: 2)."),
     n_couplings: int = typer.Option(None, "--n-couplings", help="nice: coupling layers (default: 4)."),
     n_hidden_layers: int = typer.Option(None, "--n-hidden-layers", help="nice: hidden layers (default: 5)."),
+    patch_size: int = typer.Option(None, "--patch-size", help="tarflow: patch side in pixels; must divide the "
+                                   "image size (default: 4)."),
+    width: int = typer.Option(None, "--width", help="tarflow: transformer width (default: 256)."),
+    layers_per_block: int = typer.Option(None, "--layers-per-block", help="tarflow: attention layers per flow "
+                                         "block (default: 2)."),
+    heads: int = typer.Option(None, "--heads", help="tarflow: attention heads; must divide the width "
+                              "(default: 4)."),
     steps: int = typer.Option(2000, "--steps", help="Optimizer steps."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per step."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam peak learning rate."),
@@ -162,7 +170,8 @@ def train_command(
     spec = build_spec(arch, channels, image_size, {
         "n_flow": n_flow, "n_block": n_block, "hidden": hidden, "affine": affine, "conv_lu": lu,
         "n_scales": n_scales, "n_res_blocks": n_res_blocks, "n_couplings": n_couplings,
-        "n_hidden_layers": n_hidden_layers})
+        "n_hidden_layers": n_hidden_layers, "patch_size": patch_size, "width": width,
+        "layers_per_block": layers_per_block, "heads": heads})
     image_set = open_images(data, data_spec, strict=strict)
     images, _ = image_set.load_tensor()
     if image_set.skipped:
