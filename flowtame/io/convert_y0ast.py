@@ -245,6 +245,16 @@ def convert_y0ast(pt_path: str | Path, *, hparams: str | Path | None = None, ima
     return Checkpoint(model=model, architecture="glow", spec=spec, data_spec=data_spec, provenance=provenance)
 
 
+def _source_shape(source: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of y0ast's tensor for a flowtame one: zero-conv scales are [C, 1, 1] there (flowtame: [1, C, 1, 1])
+    and plain 1x1 convolution weights [C, C] (flowtame: [C, C, 1, 1]); same values, fewer dimensions."""
+    if source.endswith("logs") and "actnorm" not in source:
+        return shape[1:]
+    if source.endswith("invconv.weight"):
+        return shape[:2]
+    return shape
+
+
 def _map_tensors(path: Path, state: dict[str, Tensor], expected: dict[str, Tensor],
                  found: Y0astStructure) -> dict[str, Tensor]:
     """flowtame state dict from y0ast tensors (popped from ``state``), shapes and values checked."""
@@ -257,13 +267,10 @@ def _map_tensors(path: Path, state: dict[str, Tensor], expected: dict[str, Tenso
         if source not in state:
             raise CheckpointError(f"{path}: missing key {source!r}")
         tensor = state.pop(source)
-        # y0ast keeps zero-conv scales as [C, 1, 1] and plain 1x1 weights as [C, C]: same values, fewer dims
-        squeezed_shape = tuple(target.shape[1:]) if source.endswith("logs") and target.dim() == 4 and \
-            "actnorm" not in source else tuple(target.shape[:2]) if source.endswith("invconv.weight") else \
-            tuple(target.shape)
-        if tuple(tensor.shape) != squeezed_shape:
+        expected_shape = _source_shape(source, tuple(target.shape))
+        if tuple(tensor.shape) != expected_shape:
             raise CheckpointError(f"{path}: tensor {source!r} has shape {list(tensor.shape)}, expected "
-                                  f"{list(squeezed_shape)}")
+                                  f"{list(expected_shape)}")
         if not tensor.dtype.is_floating_point:
             raise CheckpointError(f"{path}: tensor {source!r} has dtype {tensor.dtype}, expected floating point")
         if not torch.isfinite(tensor).all():
