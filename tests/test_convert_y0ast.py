@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from flowtame.data.quantization import discrete_nll
+from flowtame.flows.glow import ActNorm, GlowSpec, build_glow
 from flowtame.io.checkpoint import load_checkpoint
 from flowtame.io.convert_y0ast import _source_key, convert_y0ast
-from flowtame.flows.glow import ActNorm, GlowSpec, build_glow
-from flowtame.data.quantization import discrete_nll
 
 FIXTURE = Path(__file__).parent / "fixtures" / "y0ast-glow" / "glow-affine-lu-rgb16"
 OTHER_FIXTURES = Path(__file__).parent / "fixtures"

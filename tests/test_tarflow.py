@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from flowtame.checkpoint import Checkpoint, load_checkpoint, make_provenance, save_checkpoint
-from flowtame.convert_tarflow import convert_tarflow, parse_file_name
-from flowtame.models import build_model, make_spec
-from flowtame.models.tarflow import TarFlowBlock, set_class_label
-from flowtame.quantization import DataSpec, discrete_nll
+from flowtame.data.quantization import DataSpec, discrete_nll
+from flowtame.flows import build_model, make_spec
+from flowtame.flows.tarflow import TarFlowBlock, set_class_label
+from flowtame.io.checkpoint import Checkpoint, load_checkpoint, make_provenance, save_checkpoint
+from flowtame.io.convert_tarflow import convert_tarflow, parse_file_name
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tarflow" / "tarflow-rgb16-p4"
 FLAGS = ("--patch-size", "4", "--width", "64", "--n-block", "4", "--layers-per-block", "2")
@@ -268,9 +268,9 @@ def test_a_prior_variance_other_than_one_is_the_prior():
 def test_taming_a_tiny_tarflow_through_the_library(tmp_path):
     """Train a tiny TarFlow on 8x8 digits for a few steps, then tame it for a few iterations: the engine, the
     statistics and the report know no architecture."""
-    from flowtame.data import open_images
-    from flowtame.taming import make_config, tame
-    from flowtame.training import train_model
+    from flowtame.data.images import open_images
+    from flowtame.jobs.tame import make_config, tame
+    from flowtame.jobs.train import train_model
 
     data_spec = DataSpec(image_size=8, channels=1, n_bits=4)
     spec = make_spec("tarflow", dict(channels=1, image_size=8, patch_size=2, width=16, n_block=2,

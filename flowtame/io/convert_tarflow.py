@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flowtame.data.quantization import DataSpec
+from flowtame.errors import CheckpointError, InputError
+from flowtame.flows.tarflow import TarFlowSpec, build_tarflow
 from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.io.convert import _load_state_dict, foreign_family
-from flowtame.errors import CheckpointError, InputError
 from flowtame.io.fileio import sha256_file
-from flowtame.flows.tarflow import TarFlowSpec, build_tarflow
-from flowtame.data.quantization import DataSpec
 
 FILE_NAME = re.compile(r"(?P<dataset>.+)_model_(?P<patch_size>\d+)_(?P<width>\d+)_(?P<n_block>\d+)_"
                        r"(?P<layers_per_block>\d+)_(?P<noise_std>\d*\.?\d+(?:[eE][-+]?\d+)?)\.pth")

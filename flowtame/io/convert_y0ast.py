@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flowtame.data.quantization import DataSpec
+from flowtame.errors import CheckpointError, InputError
+from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.io.convert import _load_state_dict, foreign_family
-from flowtame.errors import CheckpointError, InputError
 from flowtame.io.fileio import sha256_file
-from flowtame.flows.glow import GlowSpec, build_glow
-from flowtame.data.quantization import DataSpec
 
 _STEP = re.compile(r"flow\.layers\.(\d+)\.actnorm\.bias")
 _SPLIT = re.compile(r"flow\.layers\.(\d+)\.conv\.conv\.weight")
