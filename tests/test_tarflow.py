@@ -296,3 +296,21 @@ def test_taming_a_tiny_tarflow_through_the_library(tmp_path):
     tamed_path = tmp_path / "tamed.safetensors"
     save_checkpoint(tamed_path, outcome.checkpoint)
     assert load_checkpoint(tamed_path).spec == spec
+
+
+def test_train_cli_trains_a_tarflow(run_cli, tmp_path):
+    output = tmp_path / "tarflow.safetensors"
+    result = run_cli("train", "embedded:digits:train", "-o", str(output), "--arch", "tarflow", "--image-size", "8",
+                     "--channels", "1", "--n-bits", "4", "--patch-size", "2", "--width", "16", "--n-block", "2",
+                     "--layers-per-block", "1", "--heads", "2", "--steps", "3", "--batch-size", "16", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    ckpt = load_checkpoint(output)
+    assert ckpt.architecture == "tarflow" and ckpt.spec.to_dict() == {
+        "channels": 1, "image_size": 8, "patch_size": 2, "width": 16, "n_block": 2, "layers_per_block": 1,
+        "heads": 2, "expansion": 4, "nvp": True, "num_classes": 0, "class_label": None}
+    refused = run_cli("train", "embedded:digits:train", "-o", str(tmp_path / "x.safetensors"), "--arch", "tarflow",
+                      "--image-size", "8", "--channels", "1", "--hidden", "8")
+    assert_one_line_error(refused, "--hidden does not apply to --arch tarflow", "--patch-size")
+    bad = run_cli("train", "embedded:digits:train", "-o", str(tmp_path / "y.safetensors"), "--arch", "tarflow",
+                  "--image-size", "8", "--channels", "1", "--patch-size", "3")
+    assert_one_line_error(bad, "image_size 8 must be a multiple of patch_size 3")

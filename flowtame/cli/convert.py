@@ -66,6 +66,8 @@ def convert(
     {dataset}_model_{patch_size}_{channels}_{num_blocks}_{layers_per_block}_{noise_std}.pth.
 
     Example: flowtame convert glow.pt -o base.safetensors --from rosinality-glow --image-size 128 --n-bits 5
+
+    Example: flowtame convert afhq_model_8_768_8_8_0.07.pth -o tarflow.safetensors --from tarflow
     """
     if source_format not in SOURCE_FORMATS:
         raise InputError(f"--from {source_format}: unknown source format "
