@@ -35,7 +35,10 @@ def tame_command(
     epsilon: float = typer.Option(None, help="Stop when |d| < epsilon for every forget image [0.15*delta]."),
     alpha: float = typer.Option(None, help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15]."),
     gamma: float = typer.Option(None, help="Weight of the KL terms inside L_R [0.6]."),
-    lr: float = typer.Option(None, help="Adam peak learning rate [2e-4]."),
+    lr: float = typer.Option(None, help="Adam peak learning rate [2e-4]; the calibration may lower it."),
+    step_sigma: float = typer.Option(None, help="Calibrate the learning rate so that one step moves the remember "
+                                     "mean NLL by at most this many sigma_R (first order, worst case); "
+                                     "0: use --lr as given [0.5]."),
     batch_size: int = typer.Option(None, help="Forget and remember images per iteration (each) [32]."),
     max_iters: int = typer.Option(None, help="Iteration budget [800]."),
     refresh_every: int = typer.Option(None, help="Re-estimate mu_R, sigma_R every N iterations [10]."),
@@ -91,7 +94,7 @@ def tame_command(
         layers.append(preset(preset_name))
     if config:
         layers.append(read_config_file(config))
-    flags = dict(method=method, delta=delta, epsilon=epsilon, alpha=alpha, gamma=gamma, lr=lr,
+    flags = dict(method=method, delta=delta, epsilon=epsilon, alpha=alpha, gamma=gamma, lr=lr, step_sigma=step_sigma,
                  batch_size=batch_size, max_iters=max_iters, refresh_every=refresh_every,
                  refresh_size=refresh_size, warmup=warmup, grad_clip=grad_clip, forget_loss=forget_loss,
                  forget_unit=forget_unit, kl_estimate=kl_estimate, threshold_gradient=threshold_gradient,
