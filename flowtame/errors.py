@@ -25,6 +25,11 @@ class OutputExistsError(InputError):
     """An output file already exists and ``force`` was not given."""
 
 
+class OutputWriteError(FlowtameError):
+    """An output file could not be written (no space, read-only file system, permission, name too long, ...);
+    the message names the file. Nothing half-written is left behind."""
+
+
 class TrainingDivergedError(FlowtameError):
     """The loss became NaN or infinite (or the remember NLL blew up) and the bounded number of learning-rate
     reductions ran out."""

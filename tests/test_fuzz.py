@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from flowtame.checkpoint import load_checkpoint
-from flowtame.data import open_images
-from flowtame.embedded import asset_path
+from flowtame.data.embedded import asset_path
+from flowtame.data.images import open_images
+from flowtame.data.quantization import DataSpec
 from flowtame.errors import FlowtameError
-from flowtame.quantization import DataSpec
+from flowtame.io.checkpoint import load_checkpoint
 
 _DEEP = int(os.environ.get("FLOWTAME_FUZZ_EXAMPLES", "0"))  # e.g. 500: a longer, random search (run it locally)
 FUZZ = settings(max_examples=_DEEP or 40, deadline=None, derandomize=not _DEEP, database=None,

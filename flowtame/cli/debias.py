@@ -15,7 +15,8 @@ from rich.table import Table
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, err_console, is_interactive, state_path_for
 from flowtame.data.embedded import resolve_model_path
-from flowtame.errors import CheckFailedError, InputError, InterruptedRun
+from flowtame.engine.loop import keep_run_after_failed_write
+from flowtame.errors import CheckFailedError, InputError, InterruptedRun, OutputWriteError
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 from flowtame.io.fileio import check_output_path
 
@@ -125,9 +126,12 @@ def debias_command(
         if partial is not None and report not in (None, "-"):
             emit_json(report, partial)
         raise
-    sha = save_checkpoint(output, outcome.checkpoint, force=True)
-    outcome.report["output"] = {"path": str(output), "sha256": sha}
-    emit_json(report, outcome.report)
+    try:
+        sha = save_checkpoint(output, outcome.checkpoint, force=True)
+        outcome.report["output"] = {"path": str(output), "sha256": sha}
+        emit_json(report, outcome.report)
+    except OutputWriteError as exc:
+        raise keep_run_after_failed_write(exc, outcome.save_state, state_path) from None
     if state_path.exists():
         state_path.unlink()
     _print_summary(outcome.report, output, sha, quiet or report == "-")

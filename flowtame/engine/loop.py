@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from flowtame.errors import CheckpointError, InterruptedRun, TrainingDivergedError
-from flowtame.io.fileio import atomic_path
+from flowtame.errors import CheckpointError, InterruptedRun, OutputWriteError, TrainingDivergedError
+from flowtame.io.fileio import save_safetensors_atomic
 
 STATE_FORMAT = "flowtame-engine-state"
 
@@ -109,6 +109,21 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def keep_run_after_failed_write(error: OutputWriteError, save_state: Callable[[], None] | None,
+                                state_path: str | Path | None, *, saved: bool = False) -> OutputWriteError:
+    """The error to raise when a run's outputs cannot be written: first ``save_state()`` (the resumable
+    state at ``state_path``; ``saved`` = already written), so ``--resume`` continues without losing the work."""
+    if state_path is None or (save_state is None and not saved):
+        return error
+    try:
+        if not saved:
+            save_state()
+    except OutputWriteError as again:
+        return OutputWriteError(f"{error}; the run's resumable state could not be written either ({again})")
+    return OutputWriteError(f"{error}; the run is kept in {state_path}: make room (or fix the path) and rerun "
+                            "the same command with --resume to continue from there without losing the work done")
+
+
 def _learning_rate(config: EngineConfig, iteration: int, scale: float) -> float:
     warm = min(1.0, (iteration + 1) / config.warmup) if config.warmup > 0 else 1.0
     return config.lr * warm * scale
@@ -167,6 +182,7 @@ class Engine:
             "format": STATE_FORMAT,
             "method": self.method.name,
             "iteration": self.iteration,
+            "converged": self.converged,
             "lr_scale": self.lr_scale,
             "lr_reductions": self.lr_reductions,
             "elapsed": self.elapsed,
@@ -175,8 +191,7 @@ class Engine:
             "method_meta": self.method.state_meta(),
         }
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"engine": json.dumps(meta)})
+        save_safetensors_atomic(path, tensors, {"engine": json.dumps(meta)})
 
     def load_state(self, path: str | Path) -> None:
         """Restore a state written by :meth:`save_state` (same model shape and method)."""
@@ -211,6 +226,7 @@ class Engine:
         self.method.load_state({k[len("method."):]: v.to(device) for k, v in tensors.items()
                                 if k.startswith("method.")}, meta["method_meta"])
         self.iteration = meta["iteration"]
+        self.converged = bool(meta.get("converged", False))  # a finished run resumes to its outputs only
         self.lr_scale = meta["lr_scale"]
         self.lr_reductions = meta["lr_reductions"]
         self.elapsed = meta["elapsed"]

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.nn.modules.module import (
     register_module_buffer_registration_hook,
     register_module_parameter_registration_hook,
@@ -30,7 +29,7 @@ from flowtame import __version__
 from flowtame.data.quantization import DataSpec
 from flowtame.errors import CheckpointError
 from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model, make_spec
-from flowtame.io.fileio import atomic_path, check_output_path, sha256_file
+from flowtame.io.fileio import check_output_path, save_safetensors_atomic, sha256_file
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "flowtame"
@@ -91,8 +90,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint, force: bool = Fals
         "data": json.dumps(checkpoint.data_spec.to_dict() if checkpoint.data_spec else None),
         "provenance": json.dumps(checkpoint.provenance),
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors_atomic(path, tensors, metadata)
     return sha256_file(path)
 
 

@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,8 @@ class TameOutcome:
     checkpoint: Checkpoint
     report: dict[str, Any]
     nll: dict[tuple[str, str], np.ndarray]
+    #: Writes the finished run's resumable state (to ``state_path``), for when its outputs cannot be written.
+    save_state: Callable[[], None] | None = None
 
 
 def _load_forget(forget_sets: Sequence[ImageSet]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -332,7 +335,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
                        provenance=provenance)
     nll = {("base", "remember"): base_remember_nll, ("tamed", "remember"): tamed_remember_nll,
            ("base", "forget"): base_forget_nll, ("tamed", "forget"): tamed_forget_nll}
-    return TameOutcome(checkpoint=tamed, report=report, nll=nll)
+    save_state = None if state_path is None else partial(engine.save_state, state_path)
+    return TameOutcome(checkpoint=tamed, report=report, nll=nll, save_state=save_state)
 
 
 def redacted_command(argv: Sequence[str]) -> str:
