@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,14 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from flowtame.errors import CheckpointError, InterruptedRun, OutputWriteError, TrainingDivergedError
+from flowtame.errors import (
+    CheckpointError,
+    InterruptedRun,
+    OutputWriteError,
+    StopSignal,
+    TrainingDivergedError,
+    stop_signals,
+)
 from flowtame.io.fileio import save_safetensors_atomic
 
 STATE_FORMAT = "flowtame-engine-state"
@@ -86,27 +94,40 @@ class EngineResult:
 
 
 class _StopFlag:
-    """Turns the first Ctrl-C into a request to stop at the next iteration boundary."""
+    """Turns the first Ctrl-C, SIGTERM or SIGHUP into a request to stop at the next iteration boundary
+    (``signum`` remembers which); a second one gives up at once. Signals the process ignores (SIGHUP under
+    nohup) stay ignored; the previous handlers come back on exit. Only in the main thread (elsewhere Python
+    cannot set handlers, and Ctrl-C stays a KeyboardInterrupt)."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signum = int(signal.SIGINT)
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not in the main thread: Ctrl-C stays a KeyboardInterrupt
-            self._previous = None
+        self.requested = False
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in stop_signals():
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
+        if self.requested:  # a second stop request: give up at once
+            raise KeyboardInterrupt if signum == signal.SIGINT else StopSignal(signum)
         self.requested = True
+        self.signum = int(signum)
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+def _by(signum: int) -> str:
+    """`` by SIGTERM`` / `` by SIGHUP`` for the message of a stop; nothing for Ctrl-C."""
+    return "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
 
 
 def keep_run_after_failed_write(error: OutputWriteError, save_state: Callable[[], None] | None,
@@ -339,8 +360,9 @@ class Engine:
                     if state_path is not None:
                         self.save_state(state_path)
                     raise InterruptedRun(
-                        f"interrupted at iteration {self.iteration}"
-                        + (f"; state saved to {state_path}, continue with --resume" if state_path else ""))
+                        f"interrupted{_by(self._stop.signum)} at iteration {self.iteration}"
+                        + (f"; state saved to {state_path}, continue with --resume" if state_path else ""),
+                        self._stop.signum)
                 if self.converged:
                     break
                 if self.iteration >= self.config.max_iters:

@@ -36,7 +36,14 @@ from torch import Tensor
 from flowtame.data.quantization import DataSpec, dequantize, nats_to_bpd, quantize
 from flowtame.engine.devices import resolve_device
 from flowtame.engine.loop import Engine, EngineConfig, keep_run_after_failed_write
-from flowtame.errors import CheckpointError, InputError, InterruptedRun, OutputWriteError, TrainingDivergedError
+from flowtame.errors import (
+    CheckpointError,
+    InputError,
+    InterruptedRun,
+    OutputWriteError,
+    TrainingDivergedError,
+    signal_number,
+)
 from flowtame.figures.sampling import make_grid, sample_images, save_png
 from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model
 from flowtame.io.checkpoint import Checkpoint, make_provenance, save_checkpoint
@@ -368,14 +375,15 @@ def train_model(
     engine.lr_scale = lr_factor(engine.iteration, steps, decay_steps)
     try:
         engine.run(state_path=state_path)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        signum = signal_number(exc)
         if state_path is None or method.in_step:
             raise InterruptedRun(f"interrupted during step {engine.iteration + 1}; no resumable state written"
                                  + (f" (the last one in {state_path} may be continued with --resume)"
-                                    if state_path is not None and state_path.exists() else "")) from None
+                                    if state_path is not None and state_path.exists() else ""), signum) from None
         engine.save_state(state_path)
         raise InterruptedRun(f"interrupted after step {engine.iteration}; state saved to {state_path}, "
-                             "continue with --resume") from None
+                             "continue with --resume", signum) from None
     except TrainingDivergedError:
         if not method.in_step:  # a weight check of save(): its message says what happened
             raise
