@@ -138,6 +138,8 @@ def preset(name: str) -> dict[str, Any]:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML config; keys may use dashes or underscores. Unknown keys are an error."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever
+        raise InputError(f"{path}: not a regular file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
