@@ -98,9 +98,10 @@ def debias_command(
                  max_iters=max_iters, lr=lr, warmup=warmup, batch_size=batch_size, alpha=alpha, gamma=gamma,
                  soft_delta=soft_delta, seed=seed, check_draw=check_draw)
     config = DebiasConfig(**{k: v for k, v in flags.items() if v is not None})
-    check_output_path(output, force or resume)
+    inputs = [resolve_model_path(model), *sources.values(), remember, other, classifier]
+    check_output_path(output, force or resume, inputs)
     if report not in (None, "-"):
-        check_output_path(report, force or resume)
+        check_output_path(report, force or resume, inputs)
     if classifier is not None and not classifier.is_file():
         raise InputError(f"{classifier}: no such classifier file")
     state_path = state_path_for(output)

@@ -102,9 +102,10 @@ def tame_command(
                  precision=precision, sa_lambda=sa_lambda, sa_replay_weight=sa_replay_weight,
                  sa_fisher_samples=sa_fisher_samples, sa_surrogate=sa_surrogate)
     cfg = make_config(*layers, flags)
-    check_output_path(output, force or resume)
+    inputs = [resolve_model_path(model), *forget, remember, *(holdout or []), config, sa_surrogate]
+    check_output_path(output, force or resume, inputs)
     if report not in (None, "-"):
-        check_output_path(report, force or resume)
+        check_output_path(report, force or resume, inputs)
     state_path = state_path_for(output)
     base = load_checkpoint(resolve_model_path(model))
     with warnings.catch_warnings(record=True) as caught:

@@ -160,9 +160,9 @@ def train_command(
     from flowtame.data.quantization import DataSpec
     from flowtame.jobs.train import BPD_WINDOW, train_model
 
-    check_output_path(output, force or resume)
+    check_output_path(output, force or resume, [data])
     if json_path not in (None, "-"):
-        check_output_path(json_path, force or resume)
+        check_output_path(json_path, force or resume, [data, output])
     try:
         data_spec = DataSpec(image_size=image_size, channels=channels, n_bits=n_bits)
     except ValueError as exc:

@@ -137,7 +137,7 @@ def keep_run_after_failed_write(error: OutputWriteError, save_state: Callable[[]
     if state_path is None or (save_state is None and not saved):
         return error
     try:
-        if not saved:
+        if save_state is not None and not saved:
             save_state()
     except OutputWriteError as again:
         return OutputWriteError(f"{error}; the run's resumable state could not be written either ({again})")

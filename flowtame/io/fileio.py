@@ -16,10 +16,11 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from flowtame.errors import OutputExistsError, OutputWriteError
+from flowtame.data.images import IMAGE_EXTENSIONS
+from flowtame.errors import InputError, OutputExistsError, OutputWriteError
 
 _REASONS = {
     errno.ENOSPC: "no space left on the device",
@@ -54,9 +55,51 @@ def _write_errors() -> tuple[type[BaseException], ...]:
     return (OSError, SafetensorError)
 
 
-def check_output_path(path: str | Path, force: bool) -> Path:
-    """Refuse to overwrite an existing file unless ``force``; refuse a folder or a path that cannot exist."""
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file ``path`` leads to (symlinks followed), or None when there is none."""
+    try:
+        found = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
+    except ValueError:
+        return False
+    return True
+
+
+def check_not_an_input(output: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse to write ``output`` over one of the command's ``inputs``, whatever ``--force`` says.
+
+    The same file is caught by path, through a symlink or a hard link (same device and inode); an image file
+    inside an input folder counts as that folder's input. Embedded sources (``embedded:...``) and ``-`` (stdout)
+    are skipped; pass checkpoint paths resolved (an embedded model's file is an input too). Raises InputError.
+    """
+    output = Path(output)
+    out_identity = _identity(output)
+    for source in inputs:
+        if source is None or str(source) == "-" or str(source).startswith("embedded:"):
+            continue
+        source_path = Path(source)
+        same = os.path.abspath(source_path) == os.path.abspath(output) or (
+            out_identity is not None and out_identity == _identity(source_path))
+        in_folder = (source_path.is_dir() and output.suffix.lower() in IMAGE_EXTENSIONS
+                     and _inside(output, source_path))
+        if same or in_folder:
+            what = "is" if same else "lies in"
+            raise InputError(f"{output}: {what} an input of this command ({source}); refusing to write over it "
+                             "(--force does not change this): choose another output path")
+
+
+def check_output_path(path: str | Path, force: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse to overwrite an existing file unless ``force``; refuse a folder or a path that cannot exist, and
+    a path that is one of ``inputs`` (:func:`check_not_an_input`) whatever ``force`` says."""
     path = Path(path)
+    check_not_an_input(path, inputs)
     try:
         exists = path.exists()
     except OSError as exc:  # e.g. a name longer than the file system allows
