@@ -1,7 +1,8 @@
 """The ``flowtame`` command line: a thin layer that parses options, calls the library and renders results.
 
 Each command lives in its own module of this package and registers itself on ``app``. Library errors
-(:class:`flowtame.errors.FlowtameError`) become one line on stderr and their exit code; Ctrl-C exits 130.
+(:class:`flowtame.errors.FlowtameError`) become one line on stderr and their exit code; Ctrl-C exits 130,
+SIGTERM 143, SIGHUP 129 (docs/exit-codes.md).
 """
 
 from __future__ import annotations

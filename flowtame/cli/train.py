@@ -151,7 +151,8 @@ def train_command(
 ) -> None:
     """Train a fresh flow on DATA by maximum likelihood and write it as a flowtame checkpoint.
 
-    Ctrl-C saves a resumable state beside OUTPUT (OUTPUT + '.resume.safetensors'); continue with --resume.
+    Ctrl-C (or SIGTERM, SIGHUP) saves a resumable state beside OUTPUT (OUTPUT + '.resume.safetensors');
+    continue with --resume.
 
     Example: flowtame train embedded:digits:train -o digits.safetensors --arch glow --image-size 16
     --channels 1 --n-block 2 --hidden 128 --steps 2000
