@@ -33,11 +33,15 @@ ENOSPC_TEXT = "Error while serializing: I/O error: No space left on device (os e
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    """An untrained 8x8 Glow for the embedded digits: enough to drive the commands."""
+    """An untrained, perturbed 8x8 Glow for the embedded digits: enough to drive the commands."""
     torch.manual_seed(0)
     spec = GlowSpec(channels=1, image_size=8, n_flow=1, n_block=2, hidden=8)
+    model = build_glow(spec)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
     path = tmp_path_factory.mktemp("writes") / "tiny.safetensors"
-    save_checkpoint(path, Checkpoint(build_glow(spec).eval(), "glow", spec, DataSpec(8, 1, 5)))
+    save_checkpoint(path, Checkpoint(model.eval(), "glow", spec, DataSpec(8, 1, 5)))
     return path
 
 
@@ -164,6 +168,37 @@ def test_tame_keeps_a_resumable_state_when_the_checkpoint_cannot_be_written(tmp_
     a, b = _weights(straight), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads(Path(f"{out}.json").read_text())["iterations"] == 4 and not state.exists()
+
+
+def test_debias_keeps_a_resumable_state_when_the_report_cannot_be_written(tmp_path, run_cli, monkeypatch,
+                                                                         tiny_base):
+    def args(out, *extra):
+        return ["debias", tiny_base, "--group", "zero=embedded:digits:all:0", "--group", "one=embedded:digits:all:1",
+                "--target", "zero=0.3", "-o", out, "--report", f"{out}.json", "--samples", "64", "--max-iters", "6",
+                "--measure-every", "2", "--batch-size", "4", "--quiet", *extra]
+
+    straight = tmp_path / "straight.safetensors"
+    assert run_cli(*args(straight)).exit_code == 0
+    out = tmp_path / "debiased.safetensors"
+    real_write_text = Path.write_text
+
+    def full_for_the_report(self, *a, **k):
+        if self.name.startswith(".debiased.safetensors.json."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write_text(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full_for_the_report)
+    failed = run_cli(*args(out))
+    assert failed.exit_code == 2
+    line, = failed.stderr.strip().splitlines()
+    assert f"{out}.json: cannot write (no space left on the device)" in line and "--resume" in line
+    assert (tmp_path / "debiased.safetensors.resume.safetensors").is_file() and _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    assert run_cli(*args(out, "--resume")).exit_code == 0
+    a, b = _weights(straight), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads(Path(f"{out}.json").read_text())
+    assert report["trajectory"] == json.loads(Path(f"{straight}.json").read_text())["trajectory"]
 
 
 def test_train_keeps_its_state_when_the_checkpoint_cannot_be_written(tmp_path, monkeypatch):
