@@ -22,6 +22,16 @@ from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 STOPS = [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)]
+
+
+@pytest.fixture(autouse=True)
+def _default_dispositions():
+    """SIGTERM and SIGHUP at their defaults, whatever the test runner inherited (under nohup, or as a background
+    job, SIGHUP is ignored — and an ignored SIGHUP must stay ignored, see the test below)."""
+    previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 FORGET, REMEMBER = "embedded:digits:test:3", "embedded:digits:test:1"
 
 
@@ -81,6 +91,17 @@ def test_tame_stops_cleanly_on_a_signal_and_resumes_to_the_same_result(run_cli, 
     monkeypatch.undo()
     assert run_cli(*_tame(tiny_base, out, "--resume")).exit_code == 0
     assert _same_weights(straight, out)
+
+
+def test_an_ignored_sighup_stays_ignored_as_under_nohup(run_cli, tiny_base, tmp_path, monkeypatch):
+    import flowtame.cli.tame as tame_cli
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    out = tmp_path / "out.safetensors"
+    _signal_at(monkeypatch, tame_cli._LiveView, 3, signal.SIGHUP)
+    result = run_cli(*_tame(tiny_base, out))
+    assert result.exit_code == 0, result.stderr
+    assert out.is_file() and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
 
 
 def test_debias_stops_cleanly_on_sigterm(run_cli, tiny_base, tmp_path, monkeypatch):

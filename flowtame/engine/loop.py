@@ -95,9 +95,10 @@ class EngineResult:
 
 class _StopFlag:
     """Turns the first Ctrl-C, SIGTERM or SIGHUP into a request to stop at the next iteration boundary
-    (``signum`` remembers which); a second one gives up at once. Signals the process ignores (SIGHUP under
-    nohup) stay ignored; the previous handlers come back on exit. Only in the main thread (elsewhere Python
-    cannot set handlers, and Ctrl-C stays a KeyboardInterrupt)."""
+    (``signum`` remembers which); a second one gives up at once. SIGTERM and SIGHUP stay ignored when the
+    process ignores them (SIGHUP under nohup); SIGINT is always caught (a shell starts background jobs with it
+    ignored, yet ``kill -INT`` should still stop them cleanly). The previous handlers come back on exit. Only in
+    the main thread (elsewhere Python cannot set handlers, and Ctrl-C stays a KeyboardInterrupt)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -109,7 +110,7 @@ class _StopFlag:
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in stop_signals():
-            if signal.getsignal(sig) is not signal.SIG_IGN:
+            if sig == signal.SIGINT or signal.getsignal(sig) is not signal.SIG_IGN:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
