@@ -93,6 +93,29 @@ def test_tame_stops_cleanly_on_a_signal_and_resumes_to_the_same_result(run_cli, 
     assert _same_weights(straight, out)
 
 
+def test_tame_stopped_after_training_keeps_the_finished_run(run_cli, tiny_base, tmp_path, monkeypatch):
+    import flowtame.jobs.tame as tame_job
+
+    straight = tmp_path / "straight.safetensors"
+    assert run_cli(*_tame(tiny_base, straight)).exit_code == 0
+    original = tame_job.taming_evaluation
+
+    def evaluation_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the evaluation, after the training loop
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tame_job, "taming_evaluation", evaluation_then_sigterm)
+    out = tmp_path / "out.safetensors"
+    first = run_cli(*_tame(tiny_base, out))
+    assert first.exit_code == 143 and "after training" in first.stderr and "--resume" in first.stderr
+    assert not out.exists() and (tmp_path / "out.safetensors.resume.safetensors").is_file()
+    monkeypatch.undo()
+    resumed = run_cli(*_tame(tiny_base, out, "--resume"))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert _same_weights(straight, out)
+    assert json.loads(Path(f"{out}.json").read_text())["iterations"] == 8
+
+
 def test_an_ignored_sighup_stays_ignored_as_under_nohup(run_cli, tiny_base, tmp_path, monkeypatch):
     import flowtame.cli.tame as tame_cli
 
