@@ -19,7 +19,9 @@ def main() -> None:
     parts = ["# Command-line reference", "",
              "Generated from each command's `--help` by `python docs/make_cli_reference.py`. Exit codes: 0 success,",
              "1 a requested check failed, 2 bad usage or bad input (one line naming the file and the problem),",
-             "130 interrupted (state saved where the command can `--resume`).", "",
+             "130 interrupted by Ctrl-C, 143 by SIGTERM, 129 by SIGHUP (state saved where the command can "
+             "`--resume`); see",
+             "[exit-codes.md](exit-codes.md) for what each kind of stop leaves on disk.", "",
              "MODEL arguments accept `embedded:glow-digits`; DATA arguments accept a folder (recursive), an image,",
              "a text file listing image paths, or `embedded:digits[:SPLIT][:CLASS]`.", ""]
     for name in COMMANDS:

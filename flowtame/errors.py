@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class FlowtameError(Exception):
     """Base class: a problem the user can fix. ``exit_code`` is what the CLI exits with."""
@@ -25,6 +27,11 @@ class OutputExistsError(InputError):
     """An output file already exists and ``force`` was not given."""
 
 
+class OutputWriteError(FlowtameError):
+    """An output file could not be written (no space, read-only file system, permission, name too long, ...);
+    the message names the file. Nothing half-written is left behind."""
+
+
 class TrainingDivergedError(FlowtameError):
     """The loss became NaN or infinite (or the remember NLL blew up) and the bounded number of learning-rate
     reductions ran out."""
@@ -37,6 +44,34 @@ class CheckFailedError(FlowtameError):
 
 
 class InterruptedRun(FlowtameError):
-    """Ctrl-C: state was saved where the command is resumable."""
+    """A stop request — Ctrl-C (SIGINT), SIGTERM or SIGHUP: state was saved where the command is resumable.
+
+    ``exit_code`` is 128 + the signal's number, as a shell reports a process the signal ended: 130 for SIGINT,
+    143 for SIGTERM, 129 for SIGHUP.
+    """
 
     exit_code = 130
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+
+class StopSignal(KeyboardInterrupt):
+    """SIGTERM or SIGHUP delivered like Ctrl-C's KeyboardInterrupt, carrying the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals flowtame treats as a request to stop: SIGINT, SIGTERM and (where it exists) SIGHUP."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    return [getattr(signal, name) for name in names if hasattr(signal, name)]
+
+
+def signal_number(exc: BaseException) -> int:
+    """The signal behind an interruption: a StopSignal's, else SIGINT (a plain KeyboardInterrupt is Ctrl-C)."""
+    return getattr(exc, "signum", int(signal.SIGINT))

@@ -276,14 +276,14 @@ def test_unreadable_file_is_skipped(tmp_path):
 def test_permission_error_is_reported_as_such(tmp_path, monkeypatch):
     path = _save(tmp_path / "locked.png", _gradient(4, 4))
     _save(tmp_path / "good.png", _gradient(4, 4))
-    real_open = Image.open
+    real_open = os.open
 
     def denying_open(fp, *args, **kwargs):
         if Path(fp) == path:
             raise PermissionError(13, "Permission denied", str(fp))
         return real_open(fp, *args, **kwargs)
 
-    monkeypatch.setattr(data_module.Image, "open", denying_open)
+    monkeypatch.setattr(data_module.os, "open", denying_open)
     image_set = open_images(tmp_path, GRAY4)
     image_set.validate()
     assert image_set.skipped == [(str(path), "permission denied")]

@@ -1,19 +1,22 @@
 """The ``flowtame`` command line: a thin layer that parses options, calls the library and renders results.
 
 Each command lives in its own module of this package and registers itself on ``app``. Library errors
-(:class:`flowtame.errors.FlowtameError`) become one line on stderr and their exit code; Ctrl-C exits 130.
+(:class:`flowtame.errors.FlowtameError`) become one line on stderr and their exit code; Ctrl-C exits 130,
+SIGTERM 143, SIGHUP 129 (docs/exit-codes.md).
 """
 
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 import warnings
 
 import typer
 
 from flowtame import __version__
-from flowtame.errors import FlowtameError
+from flowtame.errors import FlowtameError, StopSignal, signal_number, stop_signals
 
 app = typer.Typer(
     name="flowtame",
@@ -51,14 +54,17 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main() -> None:
     """Console-script entry point: run the app, map library errors to one line and an exit code."""
     warnings.showwarning = _one_line_warning
+    previous = _stop_signals_interrupt()
     try:
         app(standalone_mode=False)
     except FlowtameError as exc:
         typer.echo(f"flowtame: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("flowtame: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        signum = signal_number(exc)
+        typer.echo("flowtame: interrupted" + ("" if signum == signal.SIGINT else
+                                              f" by {signal.Signals(signum).name}"), err=True)
+        sys.exit(128 + signum)
     except typer.Abort:
         typer.echo("flowtame: interrupted", err=True)
         sys.exit(130)
@@ -70,6 +76,24 @@ def main() -> None:
             raise
         typer.echo(f"flowtame: error: {line}", err=True)
         sys.exit(2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_signals_interrupt() -> dict:
+    """SIGTERM and SIGHUP interrupt like Ctrl-C (a :class:`StopSignal`, a KeyboardInterrupt): temporary files
+    are removed on the way out and the exit code is 128 + the signal's number (143, 129). Inside a training
+    loop the engine turns them into a clean stop with a resumable state. Ignored signals stay ignored.
+    Returns the previous handlers (main thread only; elsewhere nothing changes)."""
+
+    def interrupt(signum, frame) -> None:  # noqa: ANN001 - the signal-handler signature
+        raise StopSignal(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, interrupt) for sig in stop_signals()
+            if sig != signal.SIGINT and signal.getsignal(sig) is not signal.SIG_IGN}
 
 
 def _usage_error_line(exc: Exception) -> str | None:

@@ -83,9 +83,7 @@ def convert(
     for flag, value in flags[source_format].items():
         if value is not None:
             raise InputError(f"{flag} does not apply to --from {source_format}")
-    output = check_output_path(output, force)
-    if source.exists() and output.exists() and source.resolve() == output.resolve():
-        raise InputError(f"{output}: is the input checkpoint; choose another output path")
+    output = check_output_path(output, force, [source, hparams, permutations])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConversionWarning)
         if source_format == "y0ast-glow":

@@ -15,7 +15,8 @@ from rich.table import Table
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, err_console, is_interactive, state_path_for
 from flowtame.data.embedded import resolve_model_path
-from flowtame.errors import CheckFailedError, InputError, InterruptedRun
+from flowtame.engine.loop import keep_run_after_failed_write
+from flowtame.errors import CheckFailedError, InputError, InterruptedRun, OutputWriteError
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 from flowtame.io.fileio import check_output_path
 
@@ -97,9 +98,10 @@ def debias_command(
                  max_iters=max_iters, lr=lr, warmup=warmup, batch_size=batch_size, alpha=alpha, gamma=gamma,
                  soft_delta=soft_delta, seed=seed, check_draw=check_draw)
     config = DebiasConfig(**{k: v for k, v in flags.items() if v is not None})
-    check_output_path(output, force or resume)
+    inputs = [resolve_model_path(model), *sources.values(), remember, other, classifier]
+    check_output_path(output, force or resume, inputs)
     if report not in (None, "-"):
-        check_output_path(report, force or resume)
+        check_output_path(report, force or resume, inputs)
     if classifier is not None and not classifier.is_file():
         raise InputError(f"{classifier}: no such classifier file")
     state_path = state_path_for(output)
@@ -125,9 +127,12 @@ def debias_command(
         if partial is not None and report not in (None, "-"):
             emit_json(report, partial)
         raise
-    sha = save_checkpoint(output, outcome.checkpoint, force=True)
-    outcome.report["output"] = {"path": str(output), "sha256": sha}
-    emit_json(report, outcome.report)
+    try:
+        sha = save_checkpoint(output, outcome.checkpoint, force=True)
+        outcome.report["output"] = {"path": str(output), "sha256": sha}
+        emit_json(report, outcome.report)
+    except OutputWriteError as exc:
+        raise keep_run_after_failed_write(exc, outcome.save_state, state_path) from None
     if state_path.exists():
         state_path.unlink()
     _print_summary(outcome.report, output, sha, quiet or report == "-")

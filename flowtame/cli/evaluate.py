@@ -142,10 +142,12 @@ def evaluate(
     from flowtame.data.images import open_images
     from flowtame.likelihood.evaluation import Tolerances, build_report, check_models, collect_nll, evaluate_models
 
+    inputs = [resolve_model_path(base_model), resolve_model_path(tamed_model), forget, remember, forget_unseen,
+              *(holdout or [])]
     if json_path not in (None, "-"):
-        check_output_path(json_path, force)
+        check_output_path(json_path, force, inputs)
     if plot is not None:
-        check_output_path(plot, force)
+        check_output_path(plot, force, inputs)
     base = load_checkpoint(resolve_model_path(base_model))
     tamed = load_checkpoint(resolve_model_path(tamed_model))
     check_models(base, tamed)

@@ -11,6 +11,7 @@ from flowtame.cli import app
 from flowtame.cli._common import console, emit_json
 from flowtame.data.embedded import resolve_model_path
 from flowtame.io.checkpoint import load_checkpoint
+from flowtame.io.fileio import check_not_an_input
 
 
 @app.command()
@@ -22,6 +23,8 @@ def info(
 
     Example: flowtame info base.safetensors --json - | jq .provenance
     """
+    if json_path not in (None, "-"):
+        check_not_an_input(json_path, [resolve_model_path(model)])
     ckpt = load_checkpoint(resolve_model_path(model))
     description = ckpt.info()
     if json_path == "-":

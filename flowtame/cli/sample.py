@@ -35,7 +35,7 @@ def sample(
 
     Example: flowtame sample base.safetensors tamed.safetensors -n 16 --temperature 0.7 --seed 0 -o grid.png
     """
-    check_output_path(output, force)
+    check_output_path(output, force, [resolve_model_path(m) for m in models])
     target = resolve_device(device)
     checkpoints = [load_checkpoint(resolve_model_path(m), device=target) for m in models]
     images = sample_images(checkpoints, n, temperature, seed)

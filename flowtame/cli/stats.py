@@ -124,7 +124,7 @@ def stats(
 
     for output in (json_path if json_path != "-" else None, per_image, plot):
         if output is not None:
-            check_output_path(output, force)
+            check_output_path(output, force, [resolve_model_path(model), *data])
     ckpt = load_checkpoint(resolve_model_path(model))
     if ckpt.data_spec is None:
         raise InputError(f"{model}: a {ckpt.architecture} model has no image data spec; stats needs an image "

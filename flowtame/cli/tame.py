@@ -13,7 +13,8 @@ from rich.table import Table
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, err_console, is_interactive, state_path_for
 from flowtame.data.embedded import resolve_model_path
-from flowtame.errors import CheckFailedError, InterruptedRun
+from flowtame.engine.loop import keep_run_after_failed_write
+from flowtame.errors import CheckFailedError, InterruptedRun, OutputWriteError, signal_number
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 from flowtame.io.fileio import check_output_path
 
@@ -104,9 +105,10 @@ def tame_command(
                  precision=precision, sa_lambda=sa_lambda, sa_replay_weight=sa_replay_weight,
                  sa_fisher_samples=sa_fisher_samples, sa_surrogate=sa_surrogate)
     cfg = make_config(*layers, flags)
-    check_output_path(output, force or resume)
+    inputs = [resolve_model_path(model), *forget, remember, *(holdout or []), config, sa_surrogate]
+    check_output_path(output, force or resume, inputs)
     if report not in (None, "-"):
-        check_output_path(report, force or resume)
+        check_output_path(report, force or resume, inputs)
     state_path = state_path_for(output)
     base = load_checkpoint(resolve_model_path(model))
     with warnings.catch_warnings(record=True) as caught:
@@ -131,11 +133,19 @@ def tame_command(
         if partial is not None and report not in (None, "-"):
             emit_json(report, partial)
         raise
-    evaluation = taming_evaluation(base, outcome, holdout_sets, cfg, device=device)
-    outcome.report["evaluation"] = evaluation
-    sha = save_checkpoint(output, outcome.checkpoint, force=True)
-    outcome.report["output"] = {"path": str(output), "sha256": sha}
-    emit_json(report, outcome.report)
+    try:
+        outcome.report["evaluation"] = taming_evaluation(base, outcome, holdout_sets, cfg, device=device)
+        sha = save_checkpoint(output, outcome.checkpoint, force=True)
+        outcome.report["output"] = {"path": str(output), "sha256": sha}
+        emit_json(report, outcome.report)
+    except OutputWriteError as exc:
+        raise keep_run_after_failed_write(exc, outcome.save_state, state_path) from None
+    except KeyboardInterrupt as exc:  # stopped after training: keep the finished run
+        if outcome.save_state is not None:
+            outcome.save_state()
+        raise InterruptedRun(f"interrupted after training, while evaluating and writing; the finished run is "
+                             f"kept in {state_path}: rerun the same command with --resume to write the outputs",
+                             signal_number(exc)) from None
     if state_path.exists():
         state_path.unlink()
     _print_summary(outcome.report, output, sha, quiet or report == "-")

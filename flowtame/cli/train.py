@@ -151,7 +151,8 @@ def train_command(
 ) -> None:
     """Train a fresh flow on DATA by maximum likelihood and write it as a flowtame checkpoint.
 
-    Ctrl-C saves a resumable state beside OUTPUT (OUTPUT + '.resume.safetensors'); continue with --resume.
+    Ctrl-C (or SIGTERM, SIGHUP) saves a resumable state beside OUTPUT (OUTPUT + '.resume.safetensors');
+    continue with --resume.
 
     Example: flowtame train embedded:digits:train -o digits.safetensors --arch glow --image-size 16
     --channels 1 --n-block 2 --hidden 128 --steps 2000
@@ -160,9 +161,9 @@ def train_command(
     from flowtame.data.quantization import DataSpec
     from flowtame.jobs.train import BPD_WINDOW, train_model
 
-    check_output_path(output, force or resume)
+    check_output_path(output, force or resume, [data])
     if json_path not in (None, "-"):
-        check_output_path(json_path, force or resume)
+        check_output_path(json_path, force or resume, [data, output])
     try:
         data_spec = DataSpec(image_size=image_size, channels=channels, n_bits=n_bits)
     except ValueError as exc:

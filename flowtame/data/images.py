@@ -28,7 +28,8 @@ Bad files. Opening a source only lists it: a missing path, or a folder or list w
 (:meth:`ImageSet.iter_batches`, which :func:`flowtame.likelihood.nll.compute_nll` streams;
 :meth:`ImageSet.load_tensor`; :meth:`ImageSet.validate`; or the first use of ``len()``, ``paths``, ``keys``
 or ``pixels()``, which validate).
-A file that cannot be used (missing, unreadable, zero bytes, not an image, truncated or corrupt data, more
+A file that cannot be used (missing, unreadable, not a regular file — a FIFO, socket or device is never
+opened for reading, see :func:`open_regular_file` —, zero bytes, not an image, truncated or corrupt data, more
 pixels than Pillow's ``Image.MAX_IMAGE_PIXELS``, i.e. a possible decompression bomb) is logged as a warning on
 the ``flowtame.data.images`` logger naming the file and the problem, and left out; when that first read completes,
 ``ImageSet.skipped`` holds every such (path, reason), so it is complete whenever results exist. With
@@ -40,6 +41,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -125,10 +128,45 @@ class _EmptyFileError(OSError):
     """A zero-byte file."""
 
 
+class _NotRegularFileError(OSError):
+    """A FIFO, socket or device where a regular file was expected; ``args[0]`` says which."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def _require_regular(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise _NotRegularFileError(f"not a regular file ({kind}; never read)", str(path))
+
+
+def open_regular_file(path: str | Path):
+    """Open ``path`` for binary reading only if it is (or a symlink leads to) a regular file.
+
+    A FIFO would block the reader forever and a device would never end, so both are refused before they are
+    opened (``os.stat``); the open itself is non-blocking and re-checked on the descriptor (``os.fstat``), so
+    a file swapped for a FIFO in between cannot block either. Raises OSError (FileNotFoundError, ...).
+    """
+    path = Path(path)
+    _require_regular(path, os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        _require_regular(path, os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _describe_failure(exc: BaseException) -> str:
     """A short reason for a file that could not be used."""
     if isinstance(exc, _EmptyFileError):
         return "empty file (0 bytes)"
+    if isinstance(exc, _NotRegularFileError):
+        return exc.args[0]
     if isinstance(exc, FileNotFoundError):
         return "no such file"
     if isinstance(exc, PermissionError):
@@ -160,13 +198,14 @@ class _FileReader:
 
     def load(self, index: int) -> Image.Image:
         path = self.files[index]
-        if path.is_file() and path.stat().st_size == 0:
-            raise _EmptyFileError(path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return image
+        with open_regular_file(path) as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise _EmptyFileError(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(fh) as image:
+                    image.load()
+                    return image
 
 
 @dataclass(frozen=True)
@@ -394,7 +433,8 @@ def _folder_files(folder: Path) -> list[Path]:
 
 def _list_files(list_file: Path) -> list[Path]:
     try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
+        with open_regular_file(list_file) as fh:
+            lines = fh.read().decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{list_file}: cannot read the list file ({_describe_failure(exc)})") from None
     entries = [line.strip() for line in lines]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,11 +24,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from flowtame.errors import CheckpointError, InterruptedRun, TrainingDivergedError
-from flowtame.io.fileio import atomic_path
+from flowtame.errors import (
+    CheckpointError,
+    InterruptedRun,
+    OutputWriteError,
+    StopSignal,
+    TrainingDivergedError,
+    stop_signals,
+)
+from flowtame.io.fileio import save_safetensors_atomic
 
 STATE_FORMAT = "flowtame-engine-state"
 
@@ -86,27 +94,56 @@ class EngineResult:
 
 
 class _StopFlag:
-    """Turns the first Ctrl-C into a request to stop at the next iteration boundary."""
+    """Turns the first Ctrl-C, SIGTERM or SIGHUP into a request to stop at the next iteration boundary
+    (``signum`` remembers which); a second one gives up at once. SIGTERM and SIGHUP stay ignored when the
+    process ignores them (SIGHUP under nohup); SIGINT is always caught (a shell starts background jobs with it
+    ignored, yet ``kill -INT`` should still stop them cleanly). The previous handlers come back on exit. Only in
+    the main thread (elsewhere Python cannot set handlers, and Ctrl-C stays a KeyboardInterrupt)."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signum = int(signal.SIGINT)
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not in the main thread: Ctrl-C stays a KeyboardInterrupt
-            self._previous = None
+        self.requested = False
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in stop_signals():
+            if sig == signal.SIGINT or signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
+        if self.requested:  # a second stop request: give up at once
+            raise KeyboardInterrupt if signum == signal.SIGINT else StopSignal(signum)
         self.requested = True
+        self.signum = int(signum)
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+def _by(signum: int) -> str:
+    """`` by SIGTERM`` / `` by SIGHUP`` for the message of a stop; nothing for Ctrl-C."""
+    return "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+
+
+def keep_run_after_failed_write(error: OutputWriteError, save_state: Callable[[], None] | None,
+                                state_path: str | Path | None, *, saved: bool = False) -> OutputWriteError:
+    """The error to raise when a run's outputs cannot be written: first ``save_state()`` (the resumable
+    state at ``state_path``; ``saved`` = already written), so ``--resume`` continues without losing the work."""
+    if state_path is None or (save_state is None and not saved):
+        return error
+    try:
+        if save_state is not None and not saved:
+            save_state()
+    except OutputWriteError as again:
+        return OutputWriteError(f"{error}; the run's resumable state could not be written either ({again})")
+    return OutputWriteError(f"{error}; the run is kept in {state_path}: make room (or fix the path) and rerun "
+                            "the same command with --resume to continue from there without losing the work done")
 
 
 def _learning_rate(config: EngineConfig, iteration: int, scale: float) -> float:
@@ -167,6 +204,7 @@ class Engine:
             "format": STATE_FORMAT,
             "method": self.method.name,
             "iteration": self.iteration,
+            "converged": self.converged,
             "lr_scale": self.lr_scale,
             "lr_reductions": self.lr_reductions,
             "elapsed": self.elapsed,
@@ -175,8 +213,7 @@ class Engine:
             "method_meta": self.method.state_meta(),
         }
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"engine": json.dumps(meta)})
+        save_safetensors_atomic(path, tensors, {"engine": json.dumps(meta)})
 
     def load_state(self, path: str | Path) -> None:
         """Restore a state written by :meth:`save_state` (same model shape and method)."""
@@ -211,6 +248,7 @@ class Engine:
         self.method.load_state({k[len("method."):]: v.to(device) for k, v in tensors.items()
                                 if k.startswith("method.")}, meta["method_meta"])
         self.iteration = meta["iteration"]
+        self.converged = bool(meta.get("converged", False))  # a finished run resumes to its outputs only
         self.lr_scale = meta["lr_scale"]
         self.lr_reductions = meta["lr_reductions"]
         self.elapsed = meta["elapsed"]
@@ -323,8 +361,9 @@ class Engine:
                     if state_path is not None:
                         self.save_state(state_path)
                     raise InterruptedRun(
-                        f"interrupted at iteration {self.iteration}"
-                        + (f"; state saved to {state_path}, continue with --resume" if state_path else ""))
+                        f"interrupted{_by(self._stop.signum)} at iteration {self.iteration}"
+                        + (f"; state saved to {state_path}, continue with --resume" if state_path else ""),
+                        self._stop.signum)
                 if self.converged:
                     break
                 if self.iteration >= self.config.max_iters:

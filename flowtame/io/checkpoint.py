@@ -9,6 +9,7 @@ never their paths or pixels). Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import shlex
@@ -19,13 +20,16 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from flowtame import __version__
 from flowtame.data.quantization import DataSpec
 from flowtame.errors import CheckpointError
 from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model, make_spec
-from flowtame.io.fileio import atomic_path, check_output_path, sha256_file
+from flowtame.io.fileio import check_output_path, save_safetensors_atomic, sha256_file
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "flowtame"
@@ -86,8 +90,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint, force: bool = Fals
         "data": json.dumps(checkpoint.data_spec.to_dict() if checkpoint.data_spec else None),
         "provenance": json.dumps(checkpoint.provenance),
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors_atomic(path, tensors, metadata)
     return sha256_file(path)
 
 
@@ -115,6 +118,32 @@ def read_metadata(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
     return metadata, tensors
+
+
+@contextlib.contextmanager
+def _size_limit(path: Path, limit: int):
+    """Stop building a model as soon as its parameters and buffers hold more than ``limit`` values.
+
+    A file's hyperparameters cannot honestly describe a model much larger than the tensors the file holds, so
+    a damaged or crafted header (say ``hidden`` = 40000) fails at once instead of allocating and initializing
+    gigabytes. Each tensor is counted when it is registered, before its module initializes it.
+    """
+    count = 0
+
+    def count_values(module, name, tensor):  # noqa: ANN001 - torch's registration-hook signature
+        nonlocal count
+        count += tensor.numel() if tensor is not None else 0
+        if count > limit:
+            raise CheckpointError(f"{path}: its hyperparameters describe a model far larger than the "
+                                  f"{limit:,} values the file can account for (damaged or edited header?)")
+
+    handles = [register_module_parameter_registration_hook(count_values),
+               register_module_buffer_registration_hook(count_values)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -151,8 +180,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             raise CheckpointError(f"{path}: data spec ({data_spec.channels}x{data_spec.image_size}) disagrees with "
                                   f"the model ({spec.channels}x{spec.image_size})")
     try:
-        model = build_model(architecture, spec)
-    except (TypeError, ValueError, RuntimeError) as exc:
+        with _size_limit(path, 4 * sum(t.numel() for t in tensors.values()) + 2**20):
+            model = build_model(architecture, spec)
+    except (TypeError, ValueError, RuntimeError, ArithmeticError, MemoryError) as exc:
         raise CheckpointError(f"{path}: cannot build {architecture} from its hyperparameters ({exc})") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))

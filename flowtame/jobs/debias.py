@@ -39,6 +39,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -678,6 +679,8 @@ class DebiasOutcome:
 
     checkpoint: Checkpoint
     report: dict[str, Any]
+    #: Writes the finished run's resumable state (to ``state_path``), for when its outputs cannot be written.
+    save_state: Callable[[], None] | None = None
 
 
 def _load_groups(groups: Mapping[str, ImageSet]) -> tuple[list[Tensor], list[list[str]]]:
@@ -889,4 +892,5 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
         converged=converged, iterations=iterations)
     debiased = Checkpoint(model=model, architecture=base.architecture, spec=base.spec, data_spec=data_spec,
                           provenance=provenance)
-    return DebiasOutcome(checkpoint=debiased, report=report)
+    save_state = None if state_path is None else partial(engine.save_state, state_path)
+    return DebiasOutcome(checkpoint=debiased, report=report, save_state=save_state)

@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,8 @@ def preset(name: str) -> dict[str, Any]:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML config; keys may use dashes or underscores. Unknown keys are an error."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever
+        raise InputError(f"{path}: not a regular file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -179,6 +182,8 @@ class TameOutcome:
     checkpoint: Checkpoint
     report: dict[str, Any]
     nll: dict[tuple[str, str], np.ndarray]
+    #: Writes the finished run's resumable state (to ``state_path``), for when its outputs cannot be written.
+    save_state: Callable[[], None] | None = None
 
 
 def _load_forget(forget_sets: Sequence[ImageSet]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -346,7 +351,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
                        provenance=provenance)
     nll = {("base", "remember"): base_remember_nll, ("tamed", "remember"): tamed_remember_nll,
            ("base", "forget"): base_forget_nll, ("tamed", "forget"): tamed_forget_nll}
-    return TameOutcome(checkpoint=tamed, report=report, nll=nll)
+    save_state = None if state_path is None else partial(engine.save_state, state_path)
+    return TameOutcome(checkpoint=tamed, report=report, nll=nll, save_state=save_state)
 
 
 def redacted_command(argv: Sequence[str]) -> str:

@@ -35,8 +35,15 @@ from torch import Tensor
 
 from flowtame.data.quantization import DataSpec, dequantize, nats_to_bpd, quantize
 from flowtame.engine.devices import resolve_device
-from flowtame.engine.loop import Engine, EngineConfig
-from flowtame.errors import CheckpointError, InputError, InterruptedRun, TrainingDivergedError
+from flowtame.engine.loop import Engine, EngineConfig, keep_run_after_failed_write
+from flowtame.errors import (
+    CheckpointError,
+    InputError,
+    InterruptedRun,
+    OutputWriteError,
+    TrainingDivergedError,
+    signal_number,
+)
 from flowtame.figures.sampling import make_grid, sample_images, save_png
 from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model
 from flowtame.io.checkpoint import Checkpoint, make_provenance, save_checkpoint
@@ -338,9 +345,12 @@ def train_model(
                       "wall_seconds": round(wall_seconds, 1), "device": str(dev),
                       "n_images": int(images.shape[0]), "data_sha256": data_sha256,
                       "torch_version": torch.__version__})
-        checkpoint.sha256 = save_checkpoint(checkpoint_path, checkpoint, force=True)
+        engine.save_state(state_path)  # first: a checkpoint that cannot be written leaves the run resumable
+        try:
+            checkpoint.sha256 = save_checkpoint(checkpoint_path, checkpoint, force=True)
+        except OutputWriteError as exc:
+            raise keep_run_after_failed_write(exc, None, state_path, saved=True) from None
         checkpoint.path = checkpoint_path
-        engine.save_state(state_path)
 
     def on_step(step: int, logged: dict[str, float]) -> None:
         method.in_step = False
@@ -365,14 +375,15 @@ def train_model(
     engine.lr_scale = lr_factor(engine.iteration, steps, decay_steps)
     try:
         engine.run(state_path=state_path)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        signum = signal_number(exc)
         if state_path is None or method.in_step:
             raise InterruptedRun(f"interrupted during step {engine.iteration + 1}; no resumable state written"
                                  + (f" (the last one in {state_path} may be continued with --resume)"
-                                    if state_path is not None and state_path.exists() else "")) from None
+                                    if state_path is not None and state_path.exists() else ""), signum) from None
         engine.save_state(state_path)
         raise InterruptedRun(f"interrupted after step {engine.iteration}; state saved to {state_path}, "
-                             "continue with --resume") from None
+                             "continue with --resume", signum) from None
     except TrainingDivergedError:
         if not method.in_step:  # a weight check of save(): its message says what happened
             raise

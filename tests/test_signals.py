@@ -1,0 +1,222 @@
+"""SIGTERM and SIGHUP during tame, debias and train behave as Ctrl-C: the engine stops at an iteration
+boundary, saves the resumable state, writes the partial report, and the command exits 128 + the signal's number
+(130 SIGINT, 143 SIGTERM, 129 SIGHUP); ``--resume`` then reaches the bit-identical result on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowtame.data.quantization import DataSpec
+from flowtame.errors import InterruptedRun
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+STOPS = [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)]
+
+
+@pytest.fixture(autouse=True)
+def _default_dispositions():
+    """SIGTERM and SIGHUP at their defaults, whatever the test runner inherited (under nohup, or as a background
+    job, SIGHUP is ignored — and an ignored SIGHUP must stay ignored, see the test below)."""
+    previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+FORGET, REMEMBER = "embedded:digits:test:3", "embedded:digits:test:1"
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """An untrained, perturbed 8x8 Glow (as in test_debias): enough to drive the commands."""
+    torch.manual_seed(0)
+    spec = GlowSpec(channels=1, image_size=8, n_flow=1, n_block=2, hidden=8)
+    model = build_glow(spec)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    path = tmp_path_factory.mktemp("signals") / "tiny.safetensors"
+    save_checkpoint(path, Checkpoint(model.eval(), "glow", spec, DataSpec(8, 1, 5)))
+    return path
+
+
+def _tame(base, out, *extra):
+    return ["tame", str(base), "--forget", FORGET, "--remember", REMEMBER, "-o", str(out), "--report",
+            f"{out}.json", "--max-iters", "8", "--batch-size", "4", "--refresh-size", "16", "--forget-draws", "1",
+            "--warmup", "0", "--device", "cpu", "--quiet", *extra]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = load_checkpoint(a).model.state_dict(), load_checkpoint(b).model.state_dict()
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _signal_at(monkeypatch, view_class, at: int, sig: int) -> None:
+    original = view_class.update
+
+    def update(self, iteration, logged):
+        original(self, iteration, logged)
+        if iteration == at:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(view_class, "update", update)
+
+
+@pytest.mark.parametrize("sig, code", STOPS)
+def test_tame_stops_cleanly_on_a_signal_and_resumes_to_the_same_result(run_cli, tiny_base, tmp_path, monkeypatch,
+                                                                        sig, code):
+    import flowtame.cli.tame as tame_cli
+
+    straight = tmp_path / "straight.safetensors"
+    assert run_cli(*_tame(tiny_base, straight)).exit_code == 0
+    out = tmp_path / "out.safetensors"
+    _signal_at(monkeypatch, tame_cli._LiveView, 3, sig)
+    first = run_cli(*_tame(tiny_base, out))
+    assert first.exit_code == code and "Traceback" not in first.stderr
+    line, = first.stderr.strip().splitlines()
+    assert "interrupted" in line and "--resume" in line and (sig == signal.SIGINT or signal.Signals(sig).name in line)
+    assert not out.exists() and (tmp_path / "out.safetensors.resume.safetensors").is_file()
+    partial = json.loads(Path(f"{out}.json").read_text())
+    assert partial["interrupted"] is True and partial["iterations"] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored after the command
+    monkeypatch.undo()
+    assert run_cli(*_tame(tiny_base, out, "--resume")).exit_code == 0
+    assert _same_weights(straight, out)
+
+
+def test_tame_stopped_after_training_keeps_the_finished_run(run_cli, tiny_base, tmp_path, monkeypatch):
+    import flowtame.jobs.tame as tame_job
+
+    straight = tmp_path / "straight.safetensors"
+    assert run_cli(*_tame(tiny_base, straight)).exit_code == 0
+    original = tame_job.taming_evaluation
+
+    def evaluation_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the evaluation, after the training loop
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tame_job, "taming_evaluation", evaluation_then_sigterm)
+    out = tmp_path / "out.safetensors"
+    first = run_cli(*_tame(tiny_base, out))
+    assert first.exit_code == 143 and "after training" in first.stderr and "--resume" in first.stderr
+    assert not out.exists() and (tmp_path / "out.safetensors.resume.safetensors").is_file()
+    monkeypatch.undo()
+    resumed = run_cli(*_tame(tiny_base, out, "--resume"))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert _same_weights(straight, out)
+    assert json.loads(Path(f"{out}.json").read_text())["iterations"] == 8
+
+
+def test_an_ignored_sighup_stays_ignored_as_under_nohup(run_cli, tiny_base, tmp_path, monkeypatch):
+    import flowtame.cli.tame as tame_cli
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    out = tmp_path / "out.safetensors"
+    _signal_at(monkeypatch, tame_cli._LiveView, 3, signal.SIGHUP)
+    result = run_cli(*_tame(tiny_base, out))
+    assert result.exit_code == 0, result.stderr
+    assert out.is_file() and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+
+
+def test_debias_stops_cleanly_on_sigterm(run_cli, tiny_base, tmp_path, monkeypatch):
+    import flowtame.cli.debias as debias_cli
+
+    def args(out, *extra):
+        return ["debias", tiny_base, "--group", "zero=embedded:digits:all:0", "--group", "one=embedded:digits:all:1",
+                "--target", "zero=0.3", "-o", out, "--report", f"{out}.json", "--samples", "64", "--max-iters", "6",
+                "--measure-every", "2", "--batch-size", "4", "--quiet", *extra]
+
+    straight = tmp_path / "straight.safetensors"
+    assert run_cli(*args(straight)).exit_code == 0
+    out = tmp_path / "out.safetensors"
+    _signal_at(monkeypatch, debias_cli._LiveView, 3, signal.SIGTERM)
+    first = run_cli(*args(out))
+    assert first.exit_code == 143 and "SIGTERM" in first.stderr and "--resume" in first.stderr
+    assert json.loads(Path(f"{out}.json").read_text())["interrupted"] is True
+    monkeypatch.undo()
+    assert run_cli(*args(out, "--resume")).exit_code == 0
+    assert _same_weights(straight, out)
+
+
+def test_train_stops_cleanly_on_sighup(tmp_path):
+    from flowtame.jobs.train import resume_state_path, train_model
+
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    spec = GlowSpec(channels=1, image_size=8, n_flow=1, n_block=2, hidden=8)
+
+    def train(path, **kwargs):
+        return train_model(images, "glow", spec, DataSpec(8, 1, 5), steps=6, batch_size=4, lr=1e-3, seed=0,
+                           device="cpu", checkpoint_path=path, **kwargs)
+
+    straight = train(tmp_path / "straight.safetensors")
+
+    def hang_up(progress):
+        if progress.step == 2:
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(InterruptedRun, match="SIGHUP.*--resume") as caught:
+        train(out, callback=hang_up)
+    assert caught.value.exit_code == 129 and resume_state_path(out).is_file()
+    resumed = train(out, resume=True)
+    a, b = straight.checkpoint.model.state_dict(), resumed.checkpoint.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+_SLOW_VIEW = """
+import sys, time
+import flowtame.cli.tame as tame_cli
+from flowtame.cli import main
+original = tame_cli._LiveView.update
+def update(self, iteration, logged):  # a slower loop, so the signal surely lands mid-run
+    original(self, iteration, logged)
+    print(f"at iteration {iteration}", file=sys.stderr, flush=True)
+    time.sleep(0.1)
+tame_cli._LiveView.update = update
+sys.argv = ["flowtame", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_running_tame_process_saves_state_and_resume_matches(tiny_base, tmp_path):
+    """A real process and a real SIGTERM (what `timeout`, CI runners and container runtimes send)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    straight = tmp_path / "straight.safetensors"
+    args = [a for a in _tame(tiny_base, straight) if a != "--quiet"]
+    args[args.index("--max-iters") + 1] = "40"
+    done = subprocess.run([sys.executable, "-c", "from flowtame.cli import main; main()", *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out.safetensors"
+    args[args.index("-o") + 1], args[args.index("--report") + 1] = str(out), f"{out}.json"
+    process = subprocess.Popen([sys.executable, "-c", _SLOW_VIEW, *args], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    selector = selectors.DefaultSelector()
+    selector.register(process.stderr, selectors.EVENT_READ)
+    deadline, lines = time.monotonic() + 300, []
+    while time.monotonic() < deadline and selector.select(timeout=1) is not None:
+        line = process.stderr.readline()
+        lines.append(line)
+        if line.startswith("at iteration 5"):
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.communicate(timeout=300)[1]
+    assert process.returncode == 143, "".join(lines) + rest
+    assert "interrupted by SIGTERM" in rest and "--resume" in rest
+    assert (tmp_path / "out.safetensors.resume.safetensors").is_file() and not out.exists()
+    partial = json.loads(Path(f"{out}.json").read_text())
+    assert partial["interrupted"] is True and 5 <= partial["iterations"] < 40
+    resumed = subprocess.run([sys.executable, "-c", "from flowtame.cli import main; main()", *args, "--resume"],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _same_weights(straight, out)
