@@ -11,10 +11,12 @@ remember images nearest D_F, holdout = the other classes' test images. Then:
   BPD change, and whether ``flowtame evaluate --neighbours 16 --check`` (default tolerances) passes;
 - the authors' loop (benchmarks/reference_loop.py, 800 iterations, its defaults) on the same model and sets,
   for the time ratio (tame's wall time / the reference's). Reference results are cached in
-  ``--reference-cache`` by model sha256, digit, k and iterations, so each is run once.
+  ``--reference-cache`` by model sha256, digit, k, iterations and torch threads, so each is run once
+  (``--reference-only`` fills the cache without taming; ``--print`` takes cached ones into the table).
 
     python benchmarks/zoo.py --skip-reference --json before.json          # every model and k, tame only
     python benchmarks/zoo.py --reference-ks 4 15 --json zoo.json          # reference loop at k = 4 and 15
+    python benchmarks/zoo.py --reference-only --reference-ks 4            # only fill the reference cache
     python benchmarks/zoo.py --models tuning-glow wide-glow --ks 4 --override '{"lr": 1e-4}' --label lr1e-4
     python benchmarks/zoo.py --print zoo.json                             # re-print a saved run's table
 """
@@ -138,6 +140,19 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def reference_key(sha256: str, digit: int, k: int, iters: int, threads: int) -> str:
+    return f"{sha256}:{digit}:{k}:{iters}:{threads}"
+
+
+def fill_references(results: dict[str, Any], ref_cache: dict[str, Any], iters: int) -> None:
+    """Rows without a reference result take the cached one for their model, k and the run's threads."""
+    for row in results["rows"]:
+        if row.get("reference") is None:
+            key = reference_key(results["models"][row["model"]]["sha256"], results["digit"], row["k"], iters,
+                                results["threads"])
+            row["reference"] = ref_cache.get(key)
+
+
 def print_results(results: dict[str, Any]) -> None:
     print(f"\n{results.get('label') or 'zoo'}: {results.get('date')}, override {json.dumps(results['override'])}, "
           f"{results.get('machine')}")
@@ -165,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}",
-        "command": " ".join(sys.argv), "models": {}, "rows": []}
+        "threads": torch.get_num_threads(), "command": " ".join(sys.argv), "models": {}, "rows": []}
     ref_cache = load_json(args.reference_cache)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flowtame-zoo-") as workdir:
@@ -174,19 +189,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["models"][name] = describe(name, args.cache)
             base = load_checkpoint(path)
             for k in args.ks:
+                key = reference_key(base.sha256, args.digit, k, args.reference_iters, results["threads"])
+                if args.reference_only and (k not in args.reference_ks or key in ref_cache):
+                    continue
                 proto = build_protocol(base, args.digit, k, NEIGHBOURS, source=digits_source(name, args.cache))
-                print(f"{name}, k = {k}: tame ...", end="", flush=True)
-                row = {"model": name, "k": k, "tame": tame_row(base, proto, args.override, Path(workdir))}
-                t = row["tame"]
-                print(f" {t.get('abort_reason') or ('converged' if t['converged'] else 'no stop')}, "
-                      f"{t['iterations']} it., {t['total_seconds']:.0f} s", flush=True)
-                key = f"{base.sha256}:{args.digit}:{k}:{args.reference_iters}"
+                if not args.reference_only:
+                    print(f"{name}, k = {k}: tame ...", end="", flush=True)
+                    row = {"model": name, "k": k, "tame": tame_row(base, proto, args.override, Path(workdir))}
+                    t = row["tame"]
+                    print(f" {t.get('abort_reason') or ('converged' if t['converged'] else 'no stop')}, "
+                          f"{t['iterations']} it., {t['total_seconds']:.0f} s", flush=True)
                 if not args.skip_reference and k in args.reference_ks and key not in ref_cache:
                     print(f"{name}, k = {k}: reference loop ...", end="", flush=True)
                     ref_cache[key] = {**reference_row(base, proto, args.reference_iters),
                                       "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
                     write_json(args.reference_cache, ref_cache)
                     print(f" {ref_cache[key]['total_seconds']:.0f} s", flush=True)
+                if args.reference_only:
+                    continue
                 row["reference"] = None if args.skip_reference else ref_cache.get(key)
                 results["rows"].append(row)
                 results["total_seconds"] = time.perf_counter() - start
@@ -206,16 +226,22 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true", help="no reference loop, not even cached ones")
     parser.add_argument("--reference-ks", type=int, nargs="+", default=list(KS),
                         help="run the reference loop at these k only (cached results are shown for any k)")
+    parser.add_argument("--reference-only", action="store_true",
+                        help="only run (and cache) the reference loops of --models x --reference-ks not cached yet")
     parser.add_argument("--reference-iters", type=int, default=REFERENCE_ITERS)
     parser.add_argument("--reference-cache", type=Path, default=DEFAULT_CACHE / "reference.json")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the zoo models are cached")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write every row here (after each row)")
     parser.add_argument("--print", type=Path, default=None, metavar="JSON",
-                        help="only re-print the tables of a --json file")
+                        help="only re-print the tables of a --json file (with cached reference results unless "
+                             "--skip-reference)")
     args = parser.parse_args()
     if args.print:
-        print_results(json.loads(args.print.read_text()))
+        results = json.loads(args.print.read_text())
+        if not args.skip_reference:
+            fill_references(results, load_json(args.reference_cache), args.reference_iters)
+        print_results(results)
         return
     torch.set_num_threads(args.threads)
     print_results(run(args))
