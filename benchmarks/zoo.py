@@ -45,7 +45,7 @@ from zoo_models import DEFAULT_CACHE, ZOO, build, describe, digits_source  # noq
 
 from flowtame.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from flowtame.errors import FlowtameError  # noqa: E402
-from flowtame.taming import make_config, tame  # noqa: E402
+from flowtame.taming import make_config, preset, tame  # noqa: E402
 
 KS = (1, 4, 8, 15)
 NEIGHBOURS = 16
@@ -61,12 +61,14 @@ def abort_reason(message: str) -> str:
     return message.split(";")[0][:40]
 
 
-def tame_row(base: Checkpoint, proto: Protocol, override: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """One tame() run on ``proto`` with the package's defaults + ``override``, written, read back and scored.
+def tame_row(base: Checkpoint, proto: Protocol, override: dict[str, Any], workdir: Path,
+             preset_name: str | None = None) -> dict[str, Any]:
+    """One tame() run on ``proto`` with the package's defaults (or a shipped preset) + ``override``, written,
+    read back and scored.
 
     Returns the row's figures; a run the library stops with an error gives ``aborted`` (the message), the
     last iteration it reported and its wall time instead of the scores."""
-    config = make_config(override)
+    config = make_config(preset(preset_name) if preset_name else {}, override)
     last = {"iteration": 0}
     start = time.perf_counter()
     try:
@@ -154,8 +156,8 @@ def fill_references(results: dict[str, Any], ref_cache: dict[str, Any], iters: i
 
 
 def print_results(results: dict[str, Any]) -> None:
-    print(f"\n{results.get('label') or 'zoo'}: {results.get('date')}, override {json.dumps(results['override'])}, "
-          f"{results.get('machine')}")
+    print(f"\n{results.get('label') or 'zoo'}: {results.get('date')}, preset {results.get('preset')}, "
+          f"override {json.dumps(results['override'])}, {results.get('machine')}\ncommand: {results.get('command')}")
     print("\n| model | arch | parameters | train BPD | holdout BPD | train s | recipe |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for info in results["models"].values():
@@ -176,26 +178,32 @@ def print_results(results: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every model x k in ``args``: rows appended to the results (written to ``args.json`` after each row)."""
     results: dict[str, Any] = {
-        "label": args.label, "override": args.override, "digit": args.digit,
+        "label": args.label, "preset": args.preset, "override": args.override, "digit": args.digit,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}",
         "threads": torch.get_num_threads(), "command": " ".join(sys.argv), "models": {}, "rows": []}
+    if args.resume and args.json and args.json.exists():
+        previous = load_json(args.json)
+        results.update(models=previous["models"], rows=previous["rows"], date=previous["date"],
+                       total_seconds=previous.get("total_seconds", 0))
+    done = {(row["model"], row["k"]) for row in results["rows"]}
     ref_cache = load_json(args.reference_cache)
-    start = time.perf_counter()
+    start = time.perf_counter() - results.get("total_seconds", 0)
     with tempfile.TemporaryDirectory(prefix="flowtame-zoo-") as workdir:
         for name in args.models:
             path = build(name, args.cache)
             results["models"][name] = describe(name, args.cache)
             base = load_checkpoint(path)
-            for k in args.ks:
+            for k in (k for k in args.ks if (name, k) not in done):
                 key = reference_key(base.sha256, args.digit, k, args.reference_iters, results["threads"])
                 if args.reference_only and (k not in args.reference_ks or key in ref_cache):
                     continue
                 proto = build_protocol(base, args.digit, k, NEIGHBOURS, source=digits_source(name, args.cache))
                 if not args.reference_only:
                     print(f"{name}, k = {k}: tame ...", end="", flush=True)
-                    row = {"model": name, "k": k, "tame": tame_row(base, proto, args.override, Path(workdir))}
+                    row = {"model": name, "k": k, "tame": tame_row(base, proto, args.override, Path(workdir),
+                                                                    args.preset)}
                     t = row["tame"]
                     print(f" {t.get('abort_reason') or ('converged' if t['converged'] else 'no stop')}, "
                           f"{t['iterations']} it., {t['total_seconds']:.0f} s", flush=True)
@@ -222,6 +230,7 @@ def main() -> None:
     parser.add_argument("--digit", type=int, default=3, help="the class playing the identity [3]")
     parser.add_argument("--override", type=json.loads, default={},
                         help="JSON of TameConfig keys merged over the package's defaults, e.g. '{\"lr\": 1e-4}'")
+    parser.add_argument("--preset", default=None, help="start from a shipped preset (paper) instead of the defaults")
     parser.add_argument("--label", default=None, help="a name for this run (printed and kept in the JSON)")
     parser.add_argument("--skip-reference", action="store_true", help="no reference loop, not even cached ones")
     parser.add_argument("--reference-ks", type=int, nargs="+", default=list(KS),
@@ -233,6 +242,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the zoo models are cached")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write every row here (after each row)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --json and run only the missing model x k pairs")
     parser.add_argument("--print", type=Path, default=None, metavar="JSON",
                         help="only re-print the tables of a --json file (with cached reference results unless "
                              "--skip-reference)")
