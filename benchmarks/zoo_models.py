@@ -64,10 +64,10 @@ ZOO: dict[str, dict[str, Any]] = {
     },
     "wide-glow": {
         "train": ["--arch", "glow", *IMAGE_ARGS, "--n-flow", "8", "--n-block", "3", "--hidden", "512",
-                  "--additive", "--lu", "--steps", "300", "--batch-size", "32", "--lr", "1e-3", "--warmup", "50",
+                  "--additive", "--lu", "--steps", "500", "--batch-size", "32", "--lr", "1e-3", "--warmup", "50",
                   "--decay", "0", "--seed", "0"],
         "recipe": "flowtame Glow 3x8, width 512, additive, LU; Adam 1e-3 (high for this size), warm-up 50, "
-                  "no decay, stopped after 300 steps of 32",
+                  "no decay, stopped after 500 steps of 32",
     },
     "affine-glow": {
         "train": ["--arch", "glow", *IMAGE_ARGS, "--n-flow", "8", "--n-block", "2", "--hidden", "128",
