@@ -43,9 +43,9 @@ from protocol import Protocol, build_protocol, score  # noqa: E402
 from reference_loop import run_reference  # noqa: E402
 from zoo_models import DEFAULT_CACHE, ZOO, build, describe, digits_source  # noqa: E402
 
-from flowtame.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from flowtame.errors import FlowtameError  # noqa: E402
-from flowtame.taming import make_config, preset, tame  # noqa: E402
+from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from flowtame.jobs.tame import make_config, preset, tame  # noqa: E402
 
 KS = (1, 4, 8, 15)
 NEIGHBOURS = 16

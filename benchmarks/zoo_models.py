@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowtame.checkpoint import load_checkpoint
-from flowtame.data import open_images
-from flowtame.embedded import resolve_model_path
-from flowtame.likelihood import compute_nll
+from flowtame.data.embedded import resolve_model_path
+from flowtame.data.images import open_images
+from flowtame.io.checkpoint import load_checkpoint
+from flowtame.likelihood.nll import compute_nll
 
 DEFAULT_CACHE = Path(os.environ.get("FLOWTAME_ZOO", "/work/cache/zoo"))
 #: The shared fixture's rosinality Glow (``training.json`` beside it holds its recipe).
@@ -112,7 +112,7 @@ def write_bilinear_digits(root: Path) -> None:
     ``floor`` so that flowtame's 5-bit quantization (floor(x / 8)) gives exactly floor(x255 / 8)."""
     from PIL import Image
 
-    from flowtame.embedded import asset_path
+    from flowtame.data.embedded import asset_path
 
     with np.load(asset_path("digits.npz")) as arrays:
         images, labels, train = arrays["images"], arrays["labels"], arrays["train"]

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowtame.checkpoint import Checkpoint
-from flowtame.data import open_images
+from flowtame.data.images import open_images
+from flowtame.data.quantization import DataSpec
 from flowtame.errors import TrainingDivergedError
-from flowtame.methods import dequantized
-from flowtame.models.glow import GlowSpec, build_glow
-from flowtame.quantization import DataSpec
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import Checkpoint
+from flowtame.likelihood.nll import dequantized
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import zoo  # noqa: E402
