@@ -168,10 +168,13 @@ def describe(name: str, cache: Path = DEFAULT_CACHE) -> dict[str, Any]:
                               seed=0, device="cpu").bpd for digit in range(10)]
         bpd[label] = float(np.concatenate(values).mean())
     training = ckpt.provenance.get("training") or {}
+    if "convert" in ZOO[name]:  # trained elsewhere: its own record beside the converted file
+        record = Path(ZOO[name]["convert"][0]).with_name("training.json")
+        training = {"wall_seconds": json.loads(record.read_text())["training"]["wall_s"]} if record.exists() else {}
     info = {"name": name, "path": str(path), "sha256": ckpt.sha256, "architecture": ckpt.architecture,
             "parameters": ckpt.num_parameters, "recipe": ZOO[name]["recipe"],
             "train_bpd": bpd["train"], "holdout_bpd": bpd["holdout"],
-            "train_wall_s": training.get("wall_seconds")}
+            "train_wall_s": training.get("wall_seconds"), "data": template}
     cache.mkdir(parents=True, exist_ok=True)
     info_path.write_text(json.dumps(info, indent=1))
     return info
