@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -50,6 +51,12 @@ from flowtame.jobs.tame import make_config, preset, tame  # noqa: E402
 KS = (1, 4, 8, 15)
 NEIGHBOURS = 16
 REFERENCE_ITERS = 800
+
+
+def reductions_in(message: str) -> int | None:
+    """The learning-rate reductions an abort message reports ("after 3 learning-rate reductions"), if any."""
+    found = re.search(r"after (\d+) learning-rate reduction", message)
+    return int(found.group(1)) if found else None
 
 
 def abort_reason(message: str) -> str:
@@ -129,7 +136,8 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         ratio = "–" if ref is None else f"{t['total_seconds'] / ref['total_seconds']:.2f}"
         if "aborted" in t:
             lines.append(f"| {r['model']} | {r['k']} | aborted at it. {t['iterations']}: {t['abort_reason']} | "
-                         f"{t['iterations']} | {t['total_seconds']:.0f} | – | – | – | – | – | – | – | – | "
+                         f"{t['iterations']} | {t['total_seconds']:.0f} | – | "
+                         f"{_fmt(reductions_in(t['aborted']), 'd')} | – | – | – | – | – | – | "
                          f"no output | {ref_text} | {ratio} |")
             continue
         check = "pass" if t["evaluate_passed"] else "FAIL: " + ", ".join(t["failed_checks"])

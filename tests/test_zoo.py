@@ -65,4 +65,4 @@ def test_library_error_becomes_an_aborted_row(setup, tmp_path, monkeypatch):
     row = zoo.tame_row(base, proto, FAST, tmp_path)
     assert row["iterations"] == 2 and row["abort_reason"] == "remember jump"
     line = zoo.table_lines([{"model": "tiny", "k": 1, "tame": row, "reference": None}])[-1]
-    assert "aborted at it. 2: remember jump" in line and "not run" in line
+    assert "aborted at it. 2: remember jump | 2 | " in line and "| 3 |" in line and "not run" in line
