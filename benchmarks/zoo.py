@@ -15,7 +15,7 @@ remember images nearest D_F, holdout = the other classes' test images. Then:
   (``--reference-only`` fills the cache without taming; ``--print`` takes cached ones into the table).
 
     python benchmarks/zoo.py --skip-reference --json before.json          # every model and k, tame only
-    python benchmarks/zoo.py --reference-ks 4 15 --json zoo.json          # reference loop at k = 4 and 15
+    python benchmarks/zoo.py --json zoo.json                              # + the reference loop at k = 4, 15
     python benchmarks/zoo.py --reference-only --reference-ks 4            # only fill the reference cache
     python benchmarks/zoo.py --models tuning-glow wide-glow --ks 4 --override '{"lr": 1e-4}' --label lr1e-4
     python benchmarks/zoo.py --print zoo.json                             # re-print a saved run's table
@@ -241,8 +241,8 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="start from a shipped preset (paper) instead of the defaults")
     parser.add_argument("--label", default=None, help="a name for this run (printed and kept in the JSON)")
     parser.add_argument("--skip-reference", action="store_true", help="no reference loop, not even cached ones")
-    parser.add_argument("--reference-ks", type=int, nargs="+", default=list(KS),
-                        help="run the reference loop at these k only (cached results are shown for any k)")
+    parser.add_argument("--reference-ks", type=int, nargs="+", default=[4, 15],
+                        help="run the reference loop at these k only (cached results are shown for any k) [4 15]")
     parser.add_argument("--reference-only", action="store_true",
                         help="only run (and cache) the reference loops of --models x --reference-ks not cached yet")
     parser.add_argument("--reference-iters", type=int, default=REFERENCE_ITERS)
