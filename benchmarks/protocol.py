@@ -83,6 +83,8 @@ ABLATION_LAYERS: dict[str, list[dict[str, Any]]] = {
 MAX_REMEMBER_QD = 0.01
 MAX_NEIGHBOURS_QD = 0.02
 MAX_HOLDOUT_BPD_CHANGE = 0.01
+#: Where the digits of one split and class come from (``{split}``: train or test; ``{digit}``: 0-9).
+EMBEDDED_DIGITS = "embedded:digits:{split}:{digit}"
 
 
 class TensorSet:
@@ -102,13 +104,13 @@ class TensorSet:
             yield SimpleNamespace(pixels=self.pixels[i:i + batch_size], keys=self.keys[i:i + batch_size])
 
 
-def load_classes(split: str, classes: list[int], spec) -> TensorSet:
+def load_classes(split: str, classes: list[int], spec, source: str = EMBEDDED_DIGITS) -> TensorSet:
     pixels, keys = [], []
     for c in classes:
-        p, k = open_images(f"embedded:digits:{split}:{c}", spec).load_tensor()
+        p, k = open_images(source.format(split=split, digit=c), spec).load_tensor()
         pixels.append(p)
         keys.extend(k)
-    return TensorSet(f"embedded:digits:{split}:{'+'.join(map(str, classes))}", torch.cat(pixels), keys)
+    return TensorSet(source.format(split=split, digit="+".join(map(str, classes))), torch.cat(pixels), keys)
 
 
 @dataclass
@@ -123,25 +125,60 @@ class Protocol:
     base_nll: dict[str, np.ndarray]
 
 
-def build_protocol(base: Checkpoint, digit: int, k: int, n_neighbours: int) -> Protocol:
+def build_protocol(base: Checkpoint, digit: int, k: int, n_neighbours: int,
+                   source: str = EMBEDDED_DIGITS) -> Protocol:
+    """The protocol's sets for identity ``digit`` and ``k`` forget images; ``source``: the template of one
+    split's and class's digits (default the embedded digits)."""
     spec = base.data_spec
-    identity = open_images(f"embedded:digits:train:{digit}", spec)
+    identity = open_images(source.format(split="train", digit=digit), spec)
     chosen, _ = median_nearest(base.model, identity, k, device="cpu")
     id_pixels, id_keys = identity.load_tensor()
     rest = [i for i in range(len(id_keys)) if i not in set(chosen)]
-    test_id_pixels, test_id_keys = open_images(f"embedded:digits:test:{digit}", spec).load_tensor()
+    test_id_pixels, test_id_keys = open_images(source.format(split="test", digit=digit), spec).load_tensor()
     forget = TensorSet(f"digit {digit}: {k} train images nearest the median NLL", id_pixels[chosen],
                        [id_keys[i] for i in chosen])
     unseen = TensorSet(f"digit {digit}: the other {len(rest) + len(test_id_keys)} images",
                        torch.cat([id_pixels[rest], test_id_pixels]), [id_keys[i] for i in rest] + test_id_keys)
     others = [c for c in range(10) if c != digit]
-    remember = load_classes("train", others, spec)
-    holdout = load_classes("test", others, spec)
+    remember = load_classes("train", others, spec, source)
+    holdout = load_classes("test", others, spec, source)
     neighbours = find_neighbours(base, forget, remember, n_neighbours, device="cpu")
     cpu = torch.device("cpu")
     base_nll = {name: pixel_nll(base.model, s.pixels, s.keys, spec, 0, cpu, draws=draws)
                 for name, s, draws in (("forget_unseen", unseen, FORGET_DRAWS), ("holdout", holdout, 1))}
     return Protocol(forget, unseen, remember, holdout, neighbours, base_nll)
+
+
+def score(base: Checkpoint, proto: Protocol, outcome, config, total_seconds: float,
+          n_boot: int = 200) -> dict[str, Any]:
+    """A tame() outcome scored on every set of ``proto``: a flat row of figures (QD, BPD changes).
+
+    ``evaluate_passed``/``failed_checks``: the checks of ``flowtame evaluate --check`` with its default
+    tolerances (:class:`flowtame.evaluation.Tolerances`) on the same per-image NLL (D_R^NN as
+    ``--neighbours``)."""
+    spec, cpu = base.data_spec, torch.device("cpu")
+    table = dict(outcome.nll)
+    for name, s, draws in (("forget_unseen", proto.unseen, config.forget_draws), ("holdout", proto.holdout, 1)):
+        table[("base", name)] = proto.base_nll[name]
+        table[("tamed", name)] = pixel_nll(outcome.checkpoint.model, s.pixels, s.keys, spec, 0, cpu, draws=draws)
+    block = summarize_evaluation(table, spec.num_dims, delta=config.delta, epsilon=config.epsilon, n_boot=n_boot,
+                                 neighbours=proto.neighbours, forget_draws=config.forget_draws)
+    sets = block["sets"]
+    report = outcome.report
+    return {
+        "converged": report["converged"], "iterations": report["iterations"],
+        "whole_set_refusals": report.get("whole_set_refusals", 0), "lr_reductions": report.get("lr_reductions", 0),
+        "loop_seconds": report["wall_seconds"], "total_seconds": total_seconds,
+        "forgotten": sets["forget"]["forgotten_fraction"],
+        "d_min": sets["forget"]["d"]["tamed"]["min"], "d_max": sets["forget"]["d"]["tamed"]["max"],
+        "q_forget": sets["forget"]["q_tamed"],
+        "remember_bpd_base": sets["remember"]["base_mean_bpd"], "remember_bpd": sets["remember"]["tamed_mean_bpd"],
+        "holdout_bpd_change": sets["holdout"]["bpd_change_relative"],
+        **{f"qd_{name}": sets[name]["qd"] for name in ("forget", "forget_unseen", "remember", "neighbours",
+                                                       "holdout")},
+        "evaluate_passed": block["passed"],
+        "failed_checks": [c["name"] for c in block["checks"] if not c["passed"]],
+    }
 
 
 def run_one(base: Checkpoint, proto: Protocol, layers: list[dict[str, Any]], max_iters: int | None,
@@ -158,27 +195,8 @@ def run_one(base: Checkpoint, proto: Protocol, layers: list[dict[str, Any]], max
         return {"failed": str(exc), "total_seconds": time.perf_counter() - start,
                 "targets": dict.fromkeys(("forgotten", "qd_remember", "qd_neighbours", "holdout_bpd"), False)}
     total = time.perf_counter() - start
-    spec, cpu = base.data_spec, torch.device("cpu")
-    table = dict(outcome.nll)
-    for name, s, draws in (("forget_unseen", proto.unseen, config.forget_draws), ("holdout", proto.holdout, 1)):
-        table[("base", name)] = proto.base_nll[name]
-        table[("tamed", name)] = pixel_nll(outcome.checkpoint.model, s.pixels, s.keys, spec, 0, cpu, draws=draws)
-    block = summarize_evaluation(table, spec.num_dims, delta=config.delta, epsilon=config.epsilon, n_boot=200,
-                                 neighbours=proto.neighbours, forget_draws=config.forget_draws)
-    sets = block["sets"]
+    row = score(base, proto, outcome, config, total)
     report = outcome.report
-    row = {
-        "converged": report["converged"], "iterations": report["iterations"],
-        "whole_set_refusals": report.get("whole_set_refusals", 0),
-        "loop_seconds": report["wall_seconds"], "total_seconds": total,
-        "forgotten": sets["forget"]["forgotten_fraction"],
-        "d_min": sets["forget"]["d"]["tamed"]["min"], "d_max": sets["forget"]["d"]["tamed"]["max"],
-        "q_forget": sets["forget"]["q_tamed"],
-        "remember_bpd_base": sets["remember"]["base_mean_bpd"], "remember_bpd": sets["remember"]["tamed_mean_bpd"],
-        "holdout_bpd_change": sets["holdout"]["bpd_change_relative"],
-        **{f"qd_{name}": sets[name]["qd"] for name in ("forget", "forget_unseen", "remember", "neighbours",
-                                                       "holdout")},
-    }
     print(f" {report['iterations']} iterations, {total:.0f} s", flush=True)
     row["targets"] = {
         "forgotten": row["forgotten"] == 1.0,

@@ -1,0 +1,68 @@
+"""The tuning-zoo harness (benchmarks/zoo.py) on a tiny Glow: a scored row, an aborted run as a row, the
+reference loop's row, and the table built from them."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowtame.data.images import open_images
+from flowtame.data.quantization import DataSpec
+from flowtame.errors import TrainingDivergedError
+from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.io.checkpoint import Checkpoint
+from flowtame.likelihood.nll import dequantized
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import zoo  # noqa: E402
+from protocol import build_protocol  # noqa: E402
+
+DATA_SPEC = DataSpec(image_size=8, channels=1, n_bits=5)
+FAST = {"max_iters": 3, "warmup": 1, "batch_size": 4, "refresh_size": 16, "refresh_every": 2}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny Glow (ActNorm initialized on digits) and the protocol's sets for k = 1."""
+    torch.manual_seed(0)
+    spec = GlowSpec(channels=1, image_size=8, n_flow=2, n_block=2, hidden=8)
+    model = build_glow(spec)
+    pixels, _ = open_images("embedded:digits:test:0", DATA_SPEC).load_tensor()
+    model.train()
+    with torch.no_grad():
+        model.log_prob(dequantized(pixels, torch.rand(pixels.shape), DATA_SPEC.n_bits))
+    base = Checkpoint(model=model.eval(), architecture="glow", spec=spec, data_spec=DATA_SPEC)
+    return base, build_protocol(base, 3, 1, zoo.NEIGHBOURS)
+
+
+def test_row_scores_a_written_run(setup, tmp_path):
+    base, proto = setup
+    row = zoo.tame_row(base, proto, FAST, tmp_path)
+    assert "aborted" not in row
+    assert 1 <= row["iterations"] <= 3 and row["config"]["max_iters"] == 3
+    for name in ("forget", "forget_unseen", "remember", "neighbours", "holdout"):
+        assert math.isfinite(row[f"qd_{name}"])
+    assert row["evaluate_passed"] == (not row["failed_checks"])
+    assert (tmp_path / "tamed.safetensors").exists()
+    ref = zoo.reference_row(base, proto, 2)
+    assert ref["iterations"] <= 2 and ref["total_seconds"] >= ref["loop_seconds"] > 0
+    line = zoo.table_lines([{"model": "tiny", "k": 1, "tame": row, "reference": ref}])[-1]
+    assert line.startswith("| tiny | 1 | ") and f"{row['total_seconds'] / ref['total_seconds']:.2f}" in line
+
+
+def test_library_error_becomes_an_aborted_row(setup, tmp_path, monkeypatch):
+    base, proto = setup
+
+    def exploding_tame(*args, callback, **kwargs):
+        for iteration in (1, 2):
+            callback(iteration, {})
+        raise TrainingDivergedError("the remember batch's mean BPD jumped to 9.9 (base 1.3) at iteration 2, "
+                                    "after 3 learning-rate reductions; try a smaller --lr")
+
+    monkeypatch.setattr(zoo, "tame", exploding_tame)
+    row = zoo.tame_row(base, proto, FAST, tmp_path)
+    assert row["iterations"] == 2 and row["abort_reason"] == "remember jump"
+    line = zoo.table_lines([{"model": "tiny", "k": 1, "tame": row, "reference": None}])[-1]
+    assert "aborted at it. 2: remember jump | 2 | " in line and "| 3 |" in line and "not run" in line
