@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flowtame.data.images import open_images
-from flowtame.data.quantization import DataSpec
+from flowtame.data.quantization import DataSpec, nats_per_bpd
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import CheckpointError, InputError
 from flowtame.flows.base import coupling_output_parameters
@@ -18,7 +18,6 @@ from flowtame.jobs.tame import TameConfig, make_config, tame
 from flowtame.likelihood.nll import dequantized, nll_nats
 from flowtame.likelihood.protocol import write_pngs
 from flowtame.methods.baselines import NegGrad, SelectiveAmnesia, diagonal_fisher
-from flowtame.methods.objective import nats_per_bpd
 from flowtame.methods.taming import METHODS, TamingData, TamingMethod
 
 DATA_SPEC = DataSpec(image_size=8, channels=1, n_bits=5)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from flowtame import __version__
 from flowtame.data.images import ImageSet, dequantization_noise
-from flowtame.data.quantization import DataSpec, quantize
+from flowtame.data.quantization import DataSpec, nats_per_bpd, quantize
 from flowtame.engine.devices import (
     distinct_indices,
     loop_generator,
@@ -68,7 +68,8 @@ from flowtame.io.fileio import json_safe, sha256_file
 from flowtame.likelihood.evaluation import Tolerances, summarize_evaluation
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
 from flowtame.likelihood.statistics import subset_correction
-from flowtame.methods.objective import nats_per_bpd, remember_loss
+from flowtame.likelihood.threshold import forget_threshold
+from flowtame.methods.objective import remember_loss
 
 REPORT_SCHEMA_VERSION = 1
 #: Group names: letters, digits and ``_ . -`` (they become JSON keys and column labels).
@@ -616,7 +617,7 @@ class DebiasMethod:
         x, rows = self._batch()
         nll = nll_nats(model, x, self.data.data_spec)
         *group_nll, nll_remember = nll.split(rows)
-        threshold = self.mu_r + self.config.soft_delta * self.sigma_r
+        threshold = forget_threshold(self.mu_r, self.sigma_r, self.config.soft_delta)
         loss_groups = nll.new_zeros(())
         for weight, values in zip(self.weights, group_nll, strict=True):
             raise_term = values.mean() / self.nats_per_bpd

@@ -23,6 +23,7 @@ import yaml
 
 from flowtame import __version__
 from flowtame.data.images import ImageSet, dequantization_noise
+from flowtame.data.quantization import nats_per_bpd
 from flowtame.engine.devices import loop_generator, place_model, resolve_device, trainable_copy, training_rows
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import DataError, InputError, InterruptedRun
@@ -30,7 +31,8 @@ from flowtame.flows.base import coupling_output_parameters
 from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.likelihood.nll import dequantized, pixel_nll
 from flowtame.likelihood.statistics import subset_correction
-from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS, nats_per_bpd
+from flowtame.likelihood.threshold import default_epsilon, threshold_distance
+from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS
 from flowtame.methods.taming import METHODS, TamingData
 
 REPORT_SCHEMA_VERSION = 1
@@ -80,7 +82,7 @@ class TameConfig:
 
     def __post_init__(self) -> None:
         if self.epsilon is None:
-            self.epsilon = 0.15 * self.delta
+            self.epsilon = default_epsilon(self.delta)
         problems = [f"{name} must be a finite number" for name, value in vars(self).items()
                     if isinstance(value, float) and not math.isfinite(value)]
         _load_baselines()
@@ -297,7 +299,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     tamed_forget_nll = pixel_nll(model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
                                  draws=config.forget_draws)
     mu_t, sigma_t = float(tamed_remember_nll.mean()), float(tamed_remember_nll.std(ddof=1))
-    d_final = (tamed_forget_nll - (mu_t + config.delta * sigma_t)) / sigma_t
+    d_final = threshold_distance(tamed_forget_nll, mu_t, sigma_t, config.delta)
     per_bpd = nats_per_bpd(data_spec.num_dims)
     requests = []
     for index, image_set in enumerate(forget_sets):

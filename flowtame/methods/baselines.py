@@ -45,6 +45,7 @@ from flowtame.data.quantization import DataSpec
 from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
 from flowtame.errors import CheckpointError, InputError
 from flowtame.likelihood.nll import dequantized, nll_nats
+from flowtame.likelihood.threshold import forget_threshold
 from flowtame.methods.taming import METHODS, TamingData, TamingMethod
 
 #: Per-sample gradients are computed this many values at a time at most (chunk x parameters), so the
@@ -65,7 +66,7 @@ class _ForgottenStopping(TamingMethod):
 
     def forget_hinge(self, nll_forget: Tensor) -> Tensor:
         """``mean relu(μ_R + δσ_R - NLL) / (D ln 2)``: BPD short of the threshold, averaged over the batch [Bf]."""
-        threshold = self.mu_r + self.delta * self.sigma_r
+        threshold = forget_threshold(self.mu_r, self.sigma_r, self.delta)
         return torch.relu(threshold - nll_forget).mean() / self.nats_per_bpd
 
     def diverged(self, logged: dict[str, float]) -> str | None:

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowtame.data.quantization import DataSpec
+from flowtame.data.quantization import DataSpec, nats_per_bpd
 from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
-from flowtame.methods.objective import forget_loss, nats_per_bpd, remember_loss, threshold_distance
+from flowtame.likelihood.threshold import threshold_distance
+from flowtame.methods.objective import forget_loss, remember_loss
 
 #: The settling decay never takes the learning rate below this fraction of its peak.
 MIN_SETTLE_FACTOR = 0.05

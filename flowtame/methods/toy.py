@@ -24,8 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowtame.data.quantization import nats_per_bpd
 from flowtame.flows.base import MultiScaleFlow
-from flowtame.methods.objective import forget_loss, nats_per_bpd, remember_loss, threshold_distance
+from flowtame.likelihood.threshold import default_epsilon, threshold_distance
+from flowtame.methods.objective import forget_loss, remember_loss
 
 #: Default radius of :meth:`GaussianMixture.assign`, in mixture standard deviations. For a 2-D Gaussian
 #: the mass beyond r standard deviations is exp(-r²/2): 3.4e-4 at r = 4.
@@ -180,7 +182,7 @@ class VectorTamingMethod:
             raise ValueError(f"anchor points must be [N >= 1, {remember.shape[1]}], got {list(anchor_points.shape)}")
         self.forget, self.remember = forget, remember
         self.delta = delta
-        self.epsilon = 0.15 * delta if epsilon is None else epsilon
+        self.epsilon = default_epsilon(delta) if epsilon is None else epsilon
         self.alpha, self.gamma = alpha, gamma
         self.batch_size = batch_size
         self.refresh_every = refresh_every
