@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from flowtame.engine.loop import Engine, EngineConfig, _learning_rate
-from flowtame.errors import CheckpointError, InterruptedRun, TrainingDivergedError
+from flowtame.errors import CheckpointError, InputError, InterruptedRun, TrainingDivergedError
 
 
 class QuadraticMethod:
@@ -192,3 +192,13 @@ def test_lagged_nan_step_is_undone_from_a_judged_snapshot():
         assert all(torch.isfinite(p).all() for p in model.parameters())
     unlagged, lagged = restored
     assert all(torch.isfinite(v).all() and torch.equal(v, lagged[k]) for k, v in unlagged.items())
+
+
+def test_mixed_precision_on_the_cpu_is_refused_not_run_in_fp32():
+    """The engine applies the same precision rule as the likelihood passes (engine.devices.autocast_context)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    engine = Engine(nn.Linear(3, 1), QuadraticMethod(gen), EngineConfig(lr=0.05, max_iters=3, precision="bf16"),
+                    generators={"g": gen})
+    with pytest.raises(InputError, match="only supported on CUDA"):
+        engine.run()

@@ -199,3 +199,12 @@ def test_empty_forget_folder_is_a_clear_error(tmp_path, run_cli, workspace):
                      "-o", tmp_path / "x.safetensors")
     assert result.exit_code == 2 and str(empty) in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_mixed_precision_on_the_cpu_is_refused_as_stats_refuses_it(tmp_path, run_cli, workspace):
+    """One rule for every command: bf16/fp16 autocast is CUDA only; the CPU refuses it instead of running fp32."""
+    out = tmp_path / "x.safetensors"
+    result = run_cli("tame", workspace["base"], "--forget", workspace["forget"], "--remember",
+                     workspace["remember"], "-o", out, "--device", "cpu", "--precision", "bf16")
+    assert result.exit_code == 2 and "only supported on CUDA" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()

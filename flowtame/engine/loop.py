@@ -1,7 +1,8 @@
 """The training engine shared by tame, debias and the baselines.
 
 A *method* supplies the loss of each iteration and decides when it is done; the engine owns everything
-else: Adam with linear warm-up, gradient clipping, optional autocast on CUDA, roll-back of non-finite
+else: Adam with linear warm-up, gradient clipping, mixed precision (CUDA only, through
+:func:`~flowtame.engine.devices.autocast_context`), roll-back of non-finite
 (or blown-up) steps with a bounded number of learning-rate reductions, a clean stop on Ctrl-C with a resumable state
 file (safetensors, never a pickle), resume to the bit-identical result on CPU, timing and a trajectory.
 
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from flowtame.engine.devices import autocast_context
 from flowtame.errors import CheckpointError, InterruptedRun, TrainingDivergedError
 from flowtame.io.fileio import atomic_path
 
@@ -219,12 +221,7 @@ class Engine:
     # ----------------------------------------------------------------- the loop
     def _autocast(self):
         device = self.params[0].device if self.params else torch.device("cpu")
-        if device.type == "cuda" and self.config.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        import contextlib
-
-        return contextlib.nullcontext()
+        return autocast_context(device, self.config.precision)
 
     def _lagged(self) -> bool:
         if self.config.lagged_metrics is not None:

@@ -51,6 +51,7 @@ from flowtame import __version__
 from flowtame.data.images import ImageSet, dequantization_noise
 from flowtame.data.quantization import DataSpec, nats_per_bpd, quantize
 from flowtame.engine.devices import (
+    check_precision,
     distinct_indices,
     loop_generator,
     random_indices,
@@ -767,6 +768,7 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
     if data_spec is None:
         raise InputError(f"{base.path}: debiasing needs an image model")
     dev = resolve_device(device)
+    check_precision(dev, config.precision)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 

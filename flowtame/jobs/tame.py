@@ -24,7 +24,14 @@ import yaml
 from flowtame import __version__
 from flowtame.data.images import ImageSet, dequantization_noise
 from flowtame.data.quantization import nats_per_bpd
-from flowtame.engine.devices import loop_generator, place_model, resolve_device, trainable_copy, training_rows
+from flowtame.engine.devices import (
+    check_precision,
+    loop_generator,
+    place_model,
+    resolve_device,
+    trainable_copy,
+    training_rows,
+)
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import DataError, InputError, InterruptedRun
 from flowtame.flows.base import coupling_output_parameters
@@ -202,6 +209,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     if data_spec is None:
         raise InputError(f"{base.path}: taming needs an image model")
     dev = resolve_device(device)
+    check_precision(dev, config.precision)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
