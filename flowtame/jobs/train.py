@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowtame.data.quantization import DataSpec, dequantize, nats_to_bpd, quantize
+from flowtame.data.quantization import DataSpec, nats_to_bpd
 from flowtame.engine.devices import resolve_device
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import CheckpointError, InputError, InterruptedRun, TrainingDivergedError
@@ -41,7 +41,7 @@ from flowtame.figures.sampling import make_grid, sample_images, save_png
 from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model
 from flowtame.io.checkpoint import Checkpoint, make_provenance, save_checkpoint
 from flowtame.io.fileio import check_output_path
-from flowtame.likelihood.nll import nll_nats
+from flowtame.likelihood.nll import dequantized, nll_nats
 
 #: The reported training BPD is the mean batch loss over at most this many final steps.
 BPD_WINDOW = 100
@@ -139,12 +139,6 @@ def images_digest(images: Tensor) -> str:
     return digest.hexdigest()
 
 
-def batch_bpd(model: MultiScaleFlow, pixels: Tensor, noise: Tensor, data_spec: DataSpec) -> Tensor:
-    """Discrete NLL in BPD, shape [B], of uint8 ``pixels`` [B, C, H, W] dequantized by ``noise`` in [0, 1)."""
-    x = dequantize(quantize(pixels, data_spec.n_bits), data_spec.n_bits, noise)
-    return nats_to_bpd(nll_nats(model, x, data_spec), data_spec.num_dims)
-
-
 class MaximumLikelihood:
     """The engine method of base training: minimise the batch-mean BPD on fresh dequantization noise.
 
@@ -182,7 +176,8 @@ class MaximumLikelihood:
         self.in_step = True
         pixels = self.images[self.next_batch()]
         noise = torch.rand(pixels.shape, generator=self.generator)
-        return batch_bpd(model, pixels.to(self.device), noise.to(self.device), self.data_spec).mean(), {}
+        x = dequantized(pixels.to(self.device), noise.to(self.device), self.data_spec.n_bits)
+        return nats_to_bpd(nll_nats(model, x, self.data_spec), self.data_spec.num_dims).mean(), {}
 
     def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         self.recent_bpd = [*self.recent_bpd, logged["loss"]][-BPD_WINDOW:]
