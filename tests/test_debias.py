@@ -437,12 +437,13 @@ def test_cli_other_class_counts_only_the_groups(run_cli, tiny_base, tmp_path):
 
 
 def test_redacted_command_hides_every_data_path_but_keeps_group_names():
-    from flowtame.cli.debias import redacted_command
+    from flowtame.cli._common import redacted_command
+    from flowtame.cli.debias import GROUP_OPTIONS, PATH_OPTIONS
 
     argv = ["debias", "m.safetensors", "--group", "a=/secret/a", "--group=b=/secret/b", "-g", "c=/secret/c",
             "--remember=/secret/r", "--other", "/secret/o", "--classifier", "/secret/c.pt", "-o", "/secret/out",
             "--report", "/secret/r.json", "--target", "a=0.5"]
-    command = redacted_command(argv)
+    command = redacted_command(argv, PATH_OPTIONS, GROUP_OPTIONS)
     assert "/secret" not in command
     assert command.startswith("flowtame debias m.safetensors --group 'a=<path>' '--group=b=<path>' -g 'c=<path>'")
     assert command.endswith("--target a=0.5")

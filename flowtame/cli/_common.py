@@ -1,8 +1,10 @@
-"""Helpers shared by the command modules: consoles, JSON output, option types."""
+"""Helpers shared by the command modules: consoles, JSON output, the redacted command line, state paths."""
 
 from __future__ import annotations
 
+import shlex
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -27,3 +29,36 @@ def emit_json(path: str | None, obj) -> None:
 def state_path_for(output: Path) -> Path:
     """Where an interrupted run keeps its resumable state: beside the output."""
     return output.with_name(output.name + ".resume.safetensors")
+
+
+def redacted_command(argv: Sequence[str], placeholders: Mapping[str, str] | None = None,
+                     keep_names: Sequence[str] = ()) -> str:
+    """``flowtame`` + ``argv`` (the words after the program name) as one shell-quoted line, for provenance,
+    with the value of every option in ``placeholders`` replaced by its placeholder (``--opt VALUE`` and
+    ``--opt=VALUE``). For the options in ``keep_names`` a ``NAME=VALUE`` value keeps its ``NAME=``."""
+    placeholders = placeholders or {}
+    out: list[str] = []
+    pending: str | None = None
+    for arg in argv:
+        if pending is not None:
+            out.append(_redacted_value(arg, placeholders[pending], pending in keep_names))
+            pending = None
+            continue
+        option, sep, value = arg.partition("=")
+        if sep and option in placeholders:
+            out.append(f"{option}={_redacted_value(value, placeholders[option], option in keep_names)}")
+        else:
+            out.append(arg)
+            pending = arg if arg in placeholders else None
+    return shlex.join(["flowtame", *out])
+
+
+def _redacted_value(value: str, placeholder: str, keep_name: bool) -> str:
+    name, sep, _ = value.partition("=")
+    return f"{name}={placeholder}" if keep_name and sep else placeholder
+
+
+def command_line(placeholders: Mapping[str, str] | None = None, keep_names: Sequence[str] = ()) -> str:
+    """This process's command line (``sys.argv``), redacted with :func:`redacted_command`: what the CLI passes
+    to the library, which never reads ``sys.argv`` itself."""
+    return redacted_command(sys.argv[1:], placeholders, keep_names)

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from flowtame.cli import app
+from flowtame.cli._common import command_line
 from flowtame.errors import InputError
 from flowtame.io.checkpoint import save_checkpoint
 from flowtame.io.convert import SOURCE_FORMATS, ConversionWarning, convert_rosinality
@@ -51,7 +52,7 @@ def convert(
         warnings.simplefilter("always", ConversionWarning)
         checkpoint = convert_rosinality(source, image_size=image_size, n_bits=n_bits, channels=channels,
                                         n_flow=n_flow, n_block=n_block, affine=affine, conv_lu=conv_lu,
-                                        hidden=hidden, notes=notes)
+                                        hidden=hidden, notes=notes, command=command_line())
     for warning in caught:
         typer.echo(f"flowtame: warning: {warning.message}", err=True)
     sha256 = save_checkpoint(output, checkpoint, force=force)

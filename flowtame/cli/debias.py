@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -13,34 +11,16 @@ from rich.live import Live
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import console, emit_json, err_console, is_interactive, state_path_for
+from flowtame.cli._common import command_line, console, emit_json, err_console, is_interactive, state_path_for
 from flowtame.data.embedded import resolve_model_path
 from flowtame.errors import CheckFailedError, InputError, InterruptedRun
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 from flowtame.io.fileio import check_output_path
 
-#: Options whose value may be a path; the provenance's command line shows them redacted.
-_PATH_OPTIONS = ("--group", "-g", "--remember", "-r", "--other", "--classifier", "--output", "-o", "--report")
-
-
-def redacted_command(argv: list[str]) -> str:
-    """The command line with every path replaced by ``<path>`` (group names are kept: ``NAME=<path>``)."""
-    out, hide_next = [], False
-    for arg in argv:
-        if hide_next:
-            name, sep, _ = arg.partition("=")
-            out.append(f"{name}=<path>" if sep and out[-1] in ("--group", "-g") else "<path>")
-            hide_next = False
-            continue
-        option, sep, value = arg.partition("=")
-        if option in ("--group", "-g") and sep and "=" in value:
-            out.append(f"{option}={value.partition('=')[0]}=<path>")
-        elif option in _PATH_OPTIONS and sep:
-            out.append(f"{option}=<path>")
-        else:
-            out.append(arg)
-            hide_next = arg in _PATH_OPTIONS
-    return shlex.join(["flowtame", *out])
+#: Options whose value may be a path; the provenance's command line shows them as ``<path>`` (group names kept).
+PATH_OPTIONS = {option: "<path>" for option in ("--group", "-g", "--remember", "-r", "--other", "--classifier",
+                                                 "--output", "-o", "--report", "--config")}
+GROUP_OPTIONS = ("--group", "-g")
 
 
 @app.command("debias")
@@ -119,7 +99,7 @@ def debias_command(
         with view:
             outcome = debias(base, group_sets, targets, config, remember_set=remember_set, other_set=other_set,
                              classifier_path=classifier, device=device, state_path=state_path, resume=resume,
-                             callback=view.update, command=redacted_command(sys.argv[1:]))
+                             callback=view.update, command=command_line(PATH_OPTIONS, GROUP_OPTIONS))
     except InterruptedRun as exc:
         partial = getattr(exc, "partial_report", None)
         if partial is not None and report not in (None, "-"):

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import console
+from flowtame.cli._common import command_line, console
 
 
 @app.command()
@@ -25,7 +25,8 @@ def demo(
     """
     from flowtame.jobs.demo import run_demo
 
-    result = run_demo(out, digit=digit, k=k, device=device, log=lambda line: console.print(line, highlight=False))
+    result = run_demo(out, digit=digit, k=k, device=device, log=lambda line: console.print(line, highlight=False),
+                      command=command_line())
     evaluation = result.report["evaluation"]
     table = Table(title="before -> after (paired evaluation noise)")
     for column in ("set", "n", "mean BPD base -> tamed", "change", "QD [95% CI]", "forgotten"):

@@ -11,11 +11,14 @@ from rich.live import Live
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import console, emit_json, err_console, is_interactive, state_path_for
+from flowtame.cli._common import command_line, console, emit_json, err_console, is_interactive, state_path_for
 from flowtame.data.embedded import resolve_model_path
 from flowtame.errors import CheckFailedError, InterruptedRun
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 from flowtame.io.fileio import check_output_path
+
+#: Provenance keeps the forget images' digests, never their paths: these options' values are redacted.
+FORGET_OPTIONS = {"--forget": "<forget source>", "-f": "<forget source>"}
 
 
 @app.command("tame")
@@ -120,7 +123,7 @@ def tame_command(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 outcome = tame(base, forget_sets, remember_set, cfg, device=device, state_path=state_path,
-                               resume=resume, callback=view.update)
+                               resume=resume, callback=view.update, command=command_line(FORGET_OPTIONS))
             for w in caught:
                 err_console.print(f"[yellow]warning:[/] {w.message}")
     except InterruptedRun as exc:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ from rich.progress import (
 )
 
 from flowtame.cli import app
-from flowtame.cli._common import console, emit_json, err_console, is_interactive
+from flowtame.cli._common import command_line, console, emit_json, err_console, is_interactive
 from flowtame.errors import InputError
 from flowtame.io.fileio import check_output_path
 
@@ -180,7 +178,7 @@ def train_command(
             images, arch, spec, data_spec, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
             grad_clip=grad_clip or None, seed=seed, decay_steps=decay, device=device, checkpoint_path=output,
             checkpoint_every=checkpoint_every, resume=resume, force=force, sample_every=sample_every,
-            sample_dir=sample_dir, callback=view.update, command=shlex.join(["flowtame", *sys.argv[1:]]))
+            sample_dir=sample_dir, callback=view.update, command=command_line())
     ckpt = result.checkpoint
     emit_json(json_path, {
         "output": str(output), "sha256": ckpt.sha256, "state_path": str(result.state_path),

@@ -42,8 +42,11 @@ class DemoResult:
 
 def run_demo(out: str | Path, *, digit: int = 3, k: int = 4, device: str = "cpu", force: bool = False,
              config: TameConfig | None = None, log: Callable[[str], None] = print,
-             callback: Callable[[int, dict[str, float]], None] | None = None) -> DemoResult:
+             callback: Callable[[int, dict[str, float]], None] | None = None,
+             command: str | None = None) -> DemoResult:
     """Forget ``k`` images of ``digit`` (nearest the class's median likelihood) from the embedded Glow.
+
+    ``command``: the command line recorded in the tamed checkpoint's provenance (None: not recorded).
 
     Writes into ``out``: stats.json, forget/*.png, tamed.safetensors, report.json, nll.png, samples.png.
     """
@@ -77,7 +80,7 @@ def run_demo(out: str | Path, *, digit: int = 3, k: int = 4, device: str = "cpu"
     forget_set = open_images(forget_dir, spec)
     remember_set = open_images(REMEMBER, spec)
     holdout = {f"holdout:{HOLDOUT}": open_images(HOLDOUT, spec)}
-    outcome = tame(base, [forget_set], remember_set, config, device=device, callback=callback)
+    outcome = tame(base, [forget_set], remember_set, config, device=device, callback=callback, command=command)
     report = outcome.report
     log(f"      {'converged' if report['converged'] else 'did NOT converge'} after {report['iterations']} "
         f"iterations, {report['wall_seconds']:.1f} s; final d of the forget images: "

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shlex
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -197,8 +195,11 @@ def _load_forget(forget_sets: Sequence[ImageSet]) -> tuple[torch.Tensor, torch.T
 def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageSet, config: TameConfig, *,
          device: str = "auto",
          state_path: str | Path | None = None, resume: bool = False,
-         callback: Callable[[int, dict[str, float]], None] | None = None) -> TameOutcome:
+         callback: Callable[[int, dict[str, float]], None] | None = None,
+         command: str | None = None) -> TameOutcome:
     """Tame ``base`` so every image of every forget set reaches the threshold; returns model and report.
+
+    ``command``: the command line to record in the provenance (the caller redacts it; None: not recorded).
 
     The base checkpoint's model is never modified (a copy is trained). Raises InterruptedRun on Ctrl-C
     (with ``partial_report`` attached and the resume state written to ``state_path``).
@@ -332,7 +333,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
                                    "mean_bpd": mu_t / per_bpd, "std_bpd": sigma_t / per_bpd}},
         requests=requests, trajectory=result.trajectory)
     provenance = make_provenance(
-        command=redacted_command(sys.argv), parent_sha256=base.sha256, method=config.method,
+        command=command, parent_sha256=base.sha256, method=config.method,
         hyperparameters=asdict(config),
         forget_digests=[sorted(k for k, r in zip(forget_keys, forget_request.tolist(), strict=True) if r == i)
                         for i in range(len(forget_sets))],
@@ -343,24 +344,6 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     nll = {("base", "remember"): base_remember_nll, ("tamed", "remember"): tamed_remember_nll,
            ("base", "forget"): base_forget_nll, ("tamed", "forget"): tamed_forget_nll}
     return TameOutcome(checkpoint=tamed, report=report, nll=nll)
-
-
-def redacted_command(argv: Sequence[str]) -> str:
-    """The command line with every --forget source replaced: provenance keeps digests, never paths."""
-    words = ["flowtame"]
-    hide_next = False
-    for word in argv[1:]:
-        if hide_next:
-            words.append("<forget source>")
-            hide_next = False
-        elif word in ("--forget", "-f"):
-            words.append(word)
-            hide_next = True
-        elif word.startswith("--forget="):
-            words.append("--forget=<forget source>")
-        else:
-            words.append(word)
-    return shlex.join(words)
 
 
 def freeze_parameters(model: torch.nn.Module, rule: str) -> list[str]:
