@@ -1,12 +1,25 @@
-"""Domain exceptions. The CLI maps each class to one line on stderr and an exit code."""
+"""Domain exceptions. The CLI maps each class to one line on stderr and an exit code.
+
+Messages speak the library's terms: a setting is named by its config key (``lr must be positive``) and the key
+is listed in ``keys``; the command line adds the flag that sets it when it renders the error.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
 
 class FlowtameError(Exception):
-    """Base class: a problem the user can fix. ``exit_code`` is what the CLI exits with."""
+    """Base class: a problem the user can fix. ``exit_code`` is what the CLI exits with; ``keys`` are the
+    config keys (settings, arguments) the message is about, in the library's spelling (e.g. ``"lr"``)."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *, keys: Sequence[str] = ()):
+        super().__init__(message)
+        self.keys = tuple(keys)
 
 
 class InputError(FlowtameError):
@@ -37,6 +50,19 @@ class CheckFailedError(FlowtameError):
 
 
 class InterruptedRun(FlowtameError):
-    """Ctrl-C: state was saved where the command is resumable."""
+    """Ctrl-C: state was saved where the command is resumable. ``partial_report``: the job's report up to the
+    interruption (iterations, trajectory), set by the job that was running; None when there is none."""
 
     exit_code = 130
+
+    def __init__(self, message: str = "", *, keys: Sequence[str] = (), partial_report: dict[str, Any] | None = None):
+        super().__init__(message, keys=keys)
+        self.partial_report = partial_report
+
+
+def config_error(what: str, problems: Sequence[str], known_keys: Iterable[str]) -> InputError:
+    """One InputError for the ``problems`` found in a ``what`` configuration; its ``keys`` are the known config
+    keys the problems name (so the CLI can add their flags)."""
+    text = "; ".join(problems)
+    keys = [key for key in known_keys if re.search(rf"\b{re.escape(key)}\b", text)]
+    return InputError(f"bad {what} configuration: {text}", keys=keys)

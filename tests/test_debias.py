@@ -94,7 +94,7 @@ def test_cli_target_errors_exit_2_before_any_work(run_cli, tmp_path, targets, me
 def test_cli_needs_two_groups(run_cli, tmp_path):
     result = run_cli("debias", tmp_path / "m.safetensors", "--group", f"zero={ZERO}", "--target", "zero=0.5",
                      "-o", tmp_path / "o.safetensors")
-    assert result.exit_code == 2 and "at least two --group" in result.stderr
+    assert result.exit_code == 2 and "at least two groups" in result.stderr and "[--group]" in result.stderr
 
 
 # ------------------------------------------------------------------------------------------ frequencies

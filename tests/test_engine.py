@@ -83,8 +83,9 @@ def test_resume_gives_the_bit_identical_result(tmp_path, lagged):
 
     state = tmp_path / "state.safetensors"
     model_b, _, engine_b = make(lagged=lagged, callback=interrupt_at_17)
-    with pytest.raises(InterruptedRun, match="--resume"):
+    with pytest.raises(InterruptedRun, match="resuming") as caught:
         engine_b.run(state_path=state)
+    assert caught.value.keys == ("resume",)  # the CLI renders it with the --resume flag
     # lagged, iteration 17's step is taken (and then judged) before the loop sees the stop request
     stopped_at = 18 if lagged else 17
     assert state.exists() and engine_b.iteration == stopped_at
@@ -150,7 +151,7 @@ def test_persistent_blow_up_fails_clearly_naming_the_problem(lagged):
 
 def test_bad_resume_state_is_a_clear_error(tmp_path):
     _, _, engine = make()
-    with pytest.raises(CheckpointError, match="nothing to --resume"):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
         engine.load_state(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 20)

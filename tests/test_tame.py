@@ -189,7 +189,7 @@ def test_config_file_and_preset_with_flags_winning(tmp_path, run_cli, workspace)
     assert result.exit_code == 2 and "learning_rate" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("tame", workspace["base"], "--forget", workspace["forget"], "--remember",
                      workspace["remember"], "-o", tmp_path / "x.safetensors", "--alpha", "1.5")
-    assert result.exit_code == 2 and "alpha" in result.stderr
+    assert result.exit_code == 2 and "alpha and gamma must lie in [0, 1] [--alpha, --gamma]" in result.stderr
 
 
 def test_empty_forget_folder_is_a_clear_error(tmp_path, run_cli, workspace):

@@ -141,7 +141,7 @@ def test_ctrl_c_saves_a_resumable_state_and_resume_matches(tmp_path):
         if progress.step == 4:
             raise KeyboardInterrupt
 
-    with pytest.raises(InterruptedRun, match="--resume") as caught:
+    with pytest.raises(InterruptedRun, match="resuming") as caught:
         train(steps=10, decay_steps=5, checkpoint_path=path, callback=interrupt)
     assert caught.value.exit_code == 130
     state = resume_state_path(path)
@@ -176,7 +176,7 @@ def test_periodic_checkpoints_and_sample_grids(tmp_path):
 
 def test_resume_refuses_other_settings_and_missing_state(tmp_path):
     path = tmp_path / "model.safetensors"
-    with pytest.raises(CheckpointError, match="nothing to --resume"):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
         train(checkpoint_path=path, resume=True)
     train(steps=2, checkpoint_path=path)
     with pytest.raises(CheckpointError, match="batch_size"):

@@ -13,6 +13,7 @@ import warnings
 import typer
 
 from flowtame import __version__
+from flowtame.cli._common import error_line
 from flowtame.errors import FlowtameError
 
 app = typer.Typer(
@@ -54,7 +55,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except FlowtameError as exc:
-        typer.echo(f"flowtame: error: {exc}", err=True)
+        typer.echo(f"flowtame: error: {error_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("flowtame: interrupted", err=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from flowtame.errors import FlowtameError
 from flowtame.io.fileio import write_json_atomic
 
 console = Console(stderr=False)
@@ -62,3 +63,21 @@ def command_line(placeholders: Mapping[str, str] | None = None, keep_names: Sequ
     """This process's command line (``sys.argv``), redacted with :func:`redacted_command`: what the CLI passes
     to the library, which never reads ``sys.argv`` itself."""
     return redacted_command(sys.argv[1:], placeholders, keep_names)
+
+
+#: Config keys whose flag is not ``--`` + the key with dashes.
+_FLAGS = {"architecture": "--arch", "affine": "--affine/--additive", "conv_lu": "--lu/--no-lu",
+          "threshold_gradient": "--threshold-gradient/--no-threshold-gradient",
+          "check_draw": "--check-draw/--no-check-draw", "n_samples": "-n", "json_path": "--json"}
+
+
+def flag_for(key: str) -> str:
+    """The command-line flag that sets config key ``key`` (``batch_size`` -> ``--batch-size``)."""
+    return _FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
+def error_line(exc: FlowtameError) -> str:
+    """A library error as the CLI prints it: the message, then the flags of the keys it names (``[--lr]``)."""
+    if not exc.keys:
+        return str(exc)
+    return f"{exc} [{', '.join(flag_for(key) for key in exc.keys)}]"

@@ -101,9 +101,8 @@ def debias_command(
                              classifier_path=classifier, device=device, state_path=state_path, resume=resume,
                              callback=view.update, command=command_line(PATH_OPTIONS, GROUP_OPTIONS))
     except InterruptedRun as exc:
-        partial = getattr(exc, "partial_report", None)
-        if partial is not None and report not in (None, "-"):
-            emit_json(report, partial)
+        if exc.partial_report is not None and report not in (None, "-"):
+            emit_json(report, exc.partial_report)
         raise
     sha = save_checkpoint(output, outcome.checkpoint, force=True)
     outcome.report["output"] = {"path": str(output), "sha256": sha}

@@ -127,9 +127,8 @@ def tame_command(
             for w in caught:
                 err_console.print(f"[yellow]warning:[/] {w.message}")
     except InterruptedRun as exc:
-        partial = getattr(exc, "partial_report", None)
-        if partial is not None and report not in (None, "-"):
-            emit_json(report, partial)
+        if exc.partial_report is not None and report not in (None, "-"):
+            emit_json(report, exc.partial_report)
         raise
     evaluation = taming_evaluation(base, outcome, holdout_sets, cfg, device=device)
     outcome.report["evaluation"] = evaluation

@@ -184,7 +184,7 @@ class Engine:
         """Restore a state written by :meth:`save_state` (same model shape and method)."""
         path = Path(path)
         if not path.is_file():
-            raise CheckpointError(f"{path}: no resumable state here (nothing to --resume)")
+            raise CheckpointError(f"{path}: no resumable state here (nothing to resume)", keys=("resume",))
         try:
             from safetensors import safe_open
 
@@ -321,7 +321,8 @@ class Engine:
                         self.save_state(state_path)
                     raise InterruptedRun(
                         f"interrupted at iteration {self.iteration}"
-                        + (f"; state saved to {state_path}, continue with --resume" if state_path else ""))
+                        + (f"; state saved to {state_path}, continue by resuming" if state_path else ""),
+                        keys=("resume",) if state_path else ())
                 if self.converged:
                     break
                 if self.iteration >= self.config.max_iters:
@@ -352,7 +353,7 @@ class Engine:
     def _roll_back(self, problem: str) -> None:
         if self.lr_reductions >= self.config.max_nan_retries:
             raise TrainingDivergedError(f"{problem}, after {self.lr_reductions} learning-rate reductions; "
-                                        f"try a smaller --lr")
+                                        f"try a smaller lr", keys=("lr",))
         self._restore(self._last_good)
         self.lr_scale *= self.config.lr_backoff
         self.lr_reductions += 1

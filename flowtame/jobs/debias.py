@@ -62,7 +62,7 @@ from flowtame.engine.devices import (
     uniform_noise,
 )
 from flowtame.engine.loop import Engine, EngineConfig
-from flowtame.errors import DataError, InputError, InterruptedRun
+from flowtame.errors import DataError, InputError, InterruptedRun, config_error
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.io.fileio import json_safe, sha256_file
@@ -96,14 +96,15 @@ def parse_groups(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         name, sep, source = item.partition("=")
         if not sep or not source:
-            raise InputError(f"--group {item!r}: expected NAME=PATH (e.g. --group male=./male)")
+            raise InputError(f"group {item!r}: expected NAME=PATH (e.g. male=./male)", keys=("group",))
         if not GROUP_NAME.match(name):
-            raise InputError(f"--group {item!r}: a group name may hold only letters, digits, '_', '.' and '-'")
+            raise InputError(f"group {item!r}: a group name may hold only letters, digits, '_', '.' and '-'",
+                             keys=("group",))
         if name in groups:
-            raise InputError(f"--group {name}: given twice")
+            raise InputError(f"group {name}: given twice", keys=("group",))
         groups[name] = source
     if len(groups) < 2:
-        raise InputError(f"debiasing needs at least two --group NAME=PATH, got {len(groups)}")
+        raise InputError(f"debiasing needs at least two groups (NAME=PATH), got {len(groups)}", keys=("group",))
     return groups
 
 
@@ -117,31 +118,33 @@ def parse_targets(items: Sequence[str], group_names: Sequence[str]) -> dict[str,
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
-            raise InputError(f"--target {item!r}: expected NAME=FRACTION (e.g. --target male=0.5)")
+            raise InputError(f"target {item!r}: expected NAME=FRACTION (e.g. male=0.5)", keys=("target",))
         if name not in group_names:
-            raise InputError(f"--target {item!r}: no group named {name!r} (groups: {', '.join(group_names)})")
+            raise InputError(f"target {item!r}: no group named {name!r} (groups: {', '.join(group_names)})",
+                             keys=("target",))
         if name in given:
-            raise InputError(f"--target {name}: given twice")
+            raise InputError(f"target {name}: given twice", keys=("target",))
         try:
             fraction = float(value)
         except ValueError:
-            raise InputError(f"--target {item!r}: {value!r} is not a number") from None
+            raise InputError(f"target {item!r}: {value!r} is not a number", keys=("target",)) from None
         if not 0 < fraction < 1:
-            raise InputError(f"--target {item!r}: a target fraction must lie strictly between 0 and 1")
+            raise InputError(f"target {item!r}: a target fraction must lie strictly between 0 and 1",
+                             keys=("target",))
         given[name] = fraction
     missing = [name for name in group_names if name not in given]
     total = sum(given.values())
     if len(missing) > 1:
-        raise InputError(f"--target: give a target for every group but at most one (missing: "
-                         f"{', '.join(missing)})")
+        raise InputError(f"targets: give a target for every group but at most one (missing: "
+                         f"{', '.join(missing)})", keys=("target",))
     if len(missing) == 1:
         rest = 1.0 - total
         if not 0 < rest < 1:
-            raise InputError(f"--target: the targets given add up to {total:g}, leaving {rest:g} for "
-                             f"{missing[0]!r}; targets must lie in (0, 1) and add up to 1")
+            raise InputError(f"targets: the targets given add up to {total:g}, leaving {rest:g} for "
+                             f"{missing[0]!r}; targets must lie in (0, 1) and add up to 1", keys=("target",))
         given[missing[0]] = rest
     elif abs(total - 1.0) > TARGET_SUM_SLACK:
-        raise InputError(f"--target: the targets add up to {total:g}; they must add up to 1")
+        raise InputError(f"targets: the targets add up to {total:g}; they must add up to 1", keys=("target",))
     return {name: given[name] for name in group_names}
 
 
@@ -362,8 +365,8 @@ class TorchScriptClassifier:
         if not torch.is_tensor(out) or tuple(out.shape) != (images.shape[0], self.num_classes):
             shape = list(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise InputError(f"{self.path}: the classifier must return logits of shape [B, {self.num_classes}] "
-                             f"(one per --group in --group order, then 'other' if --other is given) for images "
-                             f"[B, C, H, W]; got {shape}")
+                             f"(one per group in the groups' order, then 'other' if other images are given) for "
+                             f"images [B, C, H, W]; got {shape}", keys=("classifier",))
         return out.float()
 
     def describe(self) -> dict[str, Any]:
@@ -495,7 +498,7 @@ class DebiasConfig:
         if not 0 < self.held_out_fraction < 1 or not self.classifier_weight_decay >= 0:
             problems.append("held_out_fraction must lie in (0, 1) and classifier_weight_decay be non-negative")
         if problems:
-            raise InputError("bad debiasing configuration: " + "; ".join(problems))
+            raise config_error("debiasing", problems, vars(self))
 
 
 @dataclass
@@ -808,7 +811,7 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
     seconds["measurement"] = time.perf_counter() - clock
     if before["assigned"] == 0:
         raise InputError(f"none of the {config.samples} samples of the base model was assigned to a group; "
-                         "use more --samples or another --temperature")
+                         "use more samples or another temperature", keys=("samples", "temperature"))
 
     data, base_remember_nll = prepare_data(base_model, group_pixels, remember_pixels, remember_keys, data_spec,
                                            config, generator, dev)

@@ -31,7 +31,7 @@ from flowtame.engine.devices import (
     training_rows,
 )
 from flowtame.engine.loop import Engine, EngineConfig
-from flowtame.errors import DataError, InputError, InterruptedRun
+from flowtame.errors import DataError, InputError, InterruptedRun, config_error
 from flowtame.flows.base import coupling_output_parameters
 from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.likelihood.nll import dequantized, pixel_nll
@@ -125,7 +125,7 @@ class TameConfig:
         if self.freeze is not None and self.freeze not in FREEZE_RULES:
             problems.append(f"freeze must be one of {', '.join(FREEZE_RULES)}")
         if problems:
-            raise InputError("bad taming configuration: " + "; ".join(problems))
+            raise config_error("taming", problems, vars(self))
 
 
 def _load_baselines() -> None:
@@ -202,10 +202,10 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     ``command``: the command line to record in the provenance (the caller redacts it; None: not recorded).
 
     The base checkpoint's model is never modified (a copy is trained). Raises InterruptedRun on Ctrl-C
-    (with ``partial_report`` attached and the resume state written to ``state_path``).
+    (its ``partial_report`` set and the resume state written to ``state_path``).
     """
     if not forget_sets:
-        raise InputError("taming needs at least one --forget source")
+        raise InputError("taming needs at least one forget source", keys=("forget",))
     data_spec = base.data_spec
     if data_spec is None:
         raise InputError(f"{base.path}: taming needs an image model")

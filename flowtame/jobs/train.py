@@ -363,11 +363,12 @@ def train_model(
     except KeyboardInterrupt:
         if state_path is None or method.in_step:
             raise InterruptedRun(f"interrupted during step {engine.iteration + 1}; no resumable state written"
-                                 + (f" (the last one in {state_path} may be continued with --resume)"
-                                    if state_path is not None and state_path.exists() else "")) from None
+                                 + (f" (the last one in {state_path} may be continued by resuming)"
+                                    if state_path is not None and state_path.exists() else ""),
+                                 keys=("resume",) if state_path is not None and state_path.exists() else ()) from None
         engine.save_state(state_path)
         raise InterruptedRun(f"interrupted after step {engine.iteration}; state saved to {state_path}, "
-                             "continue with --resume") from None
+                             "continue by resuming", keys=("resume",)) from None
     except TrainingDivergedError:
         if not method.in_step:  # a weight check of save(): its message says what happened
             raise

@@ -193,7 +193,8 @@ def find_neighbours(base: Checkpoint, forget, remember, k: int, *, batch_size: i
     """
     candidates = len(remember) - (int(exclude.sum()) if exclude is not None else 0)
     if not 1 <= k <= candidates:
-        raise InputError(f"--neighbours {k}: must be between 1 and the remember set's size ({candidates})")
+        raise InputError(f"neighbours {k}: must be between 1 and the remember set's size ({candidates})",
+                         keys=("neighbours",))
     dev = resolve_device(device)
     model_was_on = next(base.model.parameters()).device
     base.model.to(dev)

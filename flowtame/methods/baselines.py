@@ -189,7 +189,7 @@ def load_surrogate(source: str, data_spec: DataSpec) -> Tensor:
 
     pixels, _ = open_images(source, data_spec).load_tensor()
     if pixels.shape[0] == 0:
-        raise InputError(f"--sa-surrogate {source}: no images")
+        raise InputError(f"sa_surrogate {source}: no images", keys=("sa_surrogate",))
     return pixels
 
 
