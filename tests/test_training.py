@@ -242,4 +242,5 @@ def test_cli_train_rejects_flags_of_another_architecture(tmp_path, run_cli):
     data = write_pngs(tmp_path / "images", n=4)
     result = run_cli("train", data, "-o", tmp_path / "m.safetensors", "--arch", "nice", "--image-size", "8",
                      "--channels", "1", "--n-flow", "4")
-    assert result.exit_code == 2 and "--n-flow does not apply to --arch nice" in result.stderr
+    assert result.exit_code == 2 and "n_flow does not apply to architecture nice" in result.stderr
+    assert "[--n-flow, --hidden, --n-couplings, --n-hidden-layers]" in result.stderr  # the flags, added by the CLI

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
@@ -21,42 +20,6 @@ from flowtame.cli import app
 from flowtame.cli._common import command_line, console, emit_json, err_console, is_interactive
 from flowtame.errors import InputError
 from flowtame.io.fileio import check_output_path
-
-#: Hyperparameter flags: spec field -> the flag that sets it (valid where the architecture's spec has it).
-ARCH_FLAGS = {
-    "n_flow": "--n-flow", "n_block": "--n-block", "hidden": "--hidden", "affine": "--affine/--additive",
-    "conv_lu": "--lu/--no-lu", "n_scales": "--n-scales", "n_res_blocks": "--n-res-blocks",
-    "n_couplings": "--n-couplings", "n_hidden_layers": "--n-hidden-layers",
-}
-
-
-def build_spec(architecture: str, channels: int, image_size: int, options: dict[str, Any]) -> Any:
-    """The architecture's spec from the image shape and the hyperparameter flags that were given.
-
-    ``options`` maps spec fields (keys of :data:`ARCH_FLAGS`) to flag values, None for a flag not given (the
-    spec's default applies); ``conv_lu`` is one bool for every flow step. Raises InputError for an unknown
-    architecture, a flag the architecture does not take, or invalid values.
-    """
-    from flowtame.flows import ARCHITECTURES, make_spec
-
-    if architecture not in ARCHITECTURES:
-        known = ", ".join(sorted(name for name, a in ARCHITECTURES.items() if a.kind == "image"))
-        raise InputError(f"--arch {architecture}: unknown architecture (image architectures: {known})")
-    fields = {f.name for f in dataclasses.fields(ARCHITECTURES[architecture].spec_class)}
-    given = {name: value for name, value in options.items() if value is not None}
-    for name in given:
-        if name not in fields:
-            takes = ", ".join(ARCH_FLAGS[f] for f in ARCH_FLAGS if f in fields) or "none"
-            raise InputError(f"{ARCH_FLAGS[name]} does not apply to --arch {architecture} "
-                             f"(its flags: {takes})")
-    lu = given.pop("conv_lu", None)
-    try:
-        spec = make_spec(architecture, {"channels": channels, "image_size": image_size, **given})
-        if lu is not None:
-            spec = make_spec(architecture, {**spec.to_dict(), "conv_lu": [lu] * len(spec.conv_lu)})
-    except ValueError as exc:
-        raise InputError(f"--arch {architecture}: {exc}") from None
-    return spec
 
 
 class _ProgressView:
@@ -148,7 +111,7 @@ def train_command(
     """
     from flowtame.data.images import open_images
     from flowtame.data.quantization import DataSpec
-    from flowtame.jobs.train import BPD_WINDOW, train_model
+    from flowtame.jobs.train import BPD_WINDOW, model_spec, train_model
 
     check_output_path(output, force or resume)
     if json_path not in (None, "-"):
@@ -157,7 +120,7 @@ def train_command(
         data_spec = DataSpec(image_size=image_size, channels=channels, n_bits=n_bits)
     except ValueError as exc:
         raise InputError(f"--image-size/--channels/--n-bits: {exc}") from None
-    spec = build_spec(arch, channels, image_size, {
+    spec = model_spec(arch, channels, image_size, {
         "n_flow": n_flow, "n_block": n_block, "hidden": hidden, "affine": affine, "conv_lu": lu,
         "n_scales": n_scales, "n_res_blocks": n_res_blocks, "n_couplings": n_couplings,
         "n_hidden_layers": n_hidden_layers})

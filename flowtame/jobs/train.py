@@ -21,6 +21,7 @@ more steps.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ from flowtame.engine.devices import resolve_device
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import CheckpointError, InputError, InterruptedRun, TrainingDivergedError
 from flowtame.figures.sampling import make_grid, sample_images, save_png
-from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model
+from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model, make_spec
 from flowtame.io.checkpoint import Checkpoint, make_provenance, save_checkpoint
 from flowtame.io.fileio import check_output_path
 from flowtame.likelihood.nll import dequantized, nll_nats
@@ -200,6 +201,39 @@ class MaximumLikelihood:
         self.order = tensors["order"].cpu() if "order" in tensors else None
         self.position = int(meta["position"])
         self.recent_bpd = [float(v) for v in meta["recent_bpd"]]
+
+
+#: Hyperparameters a caller may set when training (spec fields; each applies where the architecture's spec has it).
+ARCHITECTURE_OPTIONS = ("n_flow", "n_block", "hidden", "affine", "conv_lu", "n_scales", "n_res_blocks",
+                        "n_couplings", "n_hidden_layers")
+
+
+def model_spec(architecture: str, channels: int, image_size: int, options: dict[str, Any]) -> Any:
+    """The architecture's spec from the image shape and the hyperparameters that were given.
+
+    ``options`` maps :data:`ARCHITECTURE_OPTIONS` to values, None for one not given (the spec's default
+    applies); ``conv_lu`` is one bool for every flow step. Raises InputError (its ``keys`` the settings at
+    fault) for an unknown architecture, a setting the architecture does not take, or invalid values.
+    """
+    if architecture not in ARCHITECTURES:
+        known = ", ".join(sorted(name for name, a in ARCHITECTURES.items() if a.kind == "image"))
+        raise InputError(f"architecture {architecture!r}: unknown (image architectures: {known})",
+                         keys=("architecture",))
+    fields = {f.name for f in dataclasses.fields(ARCHITECTURES[architecture].spec_class)}
+    given = {name: value for name, value in options.items() if value is not None}
+    for name in given:
+        if name not in fields:
+            takes = [option for option in ARCHITECTURE_OPTIONS if option in fields]
+            raise InputError(f"{name} does not apply to architecture {architecture} (its settings: "
+                             f"{', '.join(takes) or 'none'})", keys=(name, *takes))
+    lu = given.pop("conv_lu", None)
+    try:
+        spec = make_spec(architecture, {"channels": channels, "image_size": image_size, **given})
+        if lu is not None:
+            spec = make_spec(architecture, {**spec.to_dict(), "conv_lu": [lu] * len(spec.conv_lu)})
+    except ValueError as exc:
+        raise InputError(f"architecture {architecture}: {exc}", keys=("architecture",)) from None
+    return spec
 
 
 def _check_inputs(images: Tensor, architecture: str, spec: Any, data_spec: DataSpec, batch_size: int) -> None:
