@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,13 @@ from flowtame.engine.devices import (
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import DataError, InputError, InterruptedRun, config_error
 from flowtame.flows.base import coupling_output_parameters
+from flowtame.io import config as io_config
 from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.likelihood.nll import dequantized, pixel_nll
 from flowtame.likelihood.statistics import subset_correction
 from flowtame.likelihood.threshold import default_epsilon, threshold_distance
 from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS
-from flowtame.methods.taming import METHODS, TamingData
+from flowtame.methods.taming import METHODS, TamingData, settings_section
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -51,6 +52,9 @@ class TameConfig:
     """Every knob of ``flowtame tame``; each is a flag and a YAML key (flags win over the file).
 
     NLL statistics are in nats; ``delta`` and ``epsilon`` in remember standard deviations (sigma_R).
+    ``method_settings``: the settings of the methods that have their own (section name -> the method's
+    settings object, e.g. ``selective_amnesia`` -> :class:`~flowtame.methods.baselines.SelectiveAmnesiaSettings`),
+    built from mappings and filled with defaults here; :func:`make_config` also accepts their flat keys.
     """
 
     method: str = "taming"
@@ -79,18 +83,14 @@ class TameConfig:
     eval_seed: int = 0
     precision: str = "fp32"
     trajectory_every: int = 10
-    # selective-amnesia baseline (seed 001, adapted to flows; see docs/method.md)
-    sa_lambda: float = 100.0
-    sa_replay_weight: float = 1.0
-    sa_fisher_samples: int = 256
-    sa_surrogate: str = "uniform"
+    method_settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.epsilon is None:
             self.epsilon = default_epsilon(self.delta)
         problems = [f"{name} must be a finite number" for name, value in vars(self).items()
                     if isinstance(value, float) and not math.isfinite(value)]
-        _load_baselines()
+        problems += self._build_method_settings()
         if self.method not in METHODS:
             problems.append(f"method must be one of {', '.join(METHODS)}")
         if self.forget_loss not in FORGET_LOSSES:
@@ -127,10 +127,63 @@ class TameConfig:
         if problems:
             raise config_error("taming", problems, vars(self))
 
+    def _build_method_settings(self) -> list[str]:
+        """Replace each section of ``method_settings`` by its method's settings object (defaults for a missing
+        one); returns the problems found (the settings classes raise their own InputError for bad values)."""
+        classes = _settings_classes()
+        problems = [f"method_settings: no method has settings {section!r}"
+                    for section in sorted(set(self.method_settings) - set(classes))]
+        for section, cls in classes.items():
+            value = self.method_settings.get(section, {})
+            if isinstance(value, cls):
+                continue
+            if not isinstance(value, Mapping):
+                problems.append(f"{section} must be a mapping of settings")
+                continue
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                problems.append(f"{section}: unknown key(s) {', '.join(unknown)}")
+                continue
+            self.method_settings[section] = cls(**value)
+        return problems
 
-def _load_baselines() -> None:
-    """The baseline methods register themselves in ``flowtame.methods.taming.METHODS`` when imported."""
-    import flowtame.methods.baselines  # noqa: F401
+
+def _settings_classes() -> dict[str, Any]:
+    """Config section -> settings class, for every registered method that has settings of its own."""
+    return {settings_section(name): cls.settings_class for name, cls in METHODS.items()
+            if cls.settings_class is not None}
+
+
+def _flat_keys() -> dict[str, tuple[str, str]]:
+    """Flat config keys of the methods' settings (e.g. ``sa_lambda``) -> (section, field)."""
+    return {flat: (section, name) for section, cls in _settings_classes().items()
+            for flat, name in getattr(cls, "FLAT_KEYS", {}).items()}
+
+
+def config_keys() -> set[str]:
+    """Every key a tame config file or layer may hold: TameConfig's fields, the methods' sections and their
+    flat keys."""
+    return ({f.name for f in dataclasses.fields(TameConfig)} - {"method_settings"}) | set(_settings_classes()) \
+        | set(_flat_keys())
+
+
+def _nest_method_keys(layer: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A config layer split into its TameConfig keys and its methods' settings (section -> field -> value),
+    flat keys and sections alike; None values (flags not given) are dropped."""
+    flat, sections = _flat_keys(), _settings_classes()
+    plain: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in layer.items():
+        if value is None:
+            continue
+        if key in flat:
+            section, name = flat[key]
+            nested.setdefault(section, {})[name] = value
+        elif key in sections and isinstance(value, Mapping):
+            nested.setdefault(key, {}).update({str(k).replace("-", "_"): v for k, v in value.items()})
+        else:
+            plain[key] = value
+    return plain, nested
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -142,31 +195,24 @@ def preset(name: str) -> dict[str, Any]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config; keys may use dashes or underscores. Unknown keys are an error."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: a config file must be a mapping of keys to values")
-    config = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    known = {f.name for f in dataclasses.fields(TameConfig)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise InputError(f"{path}: unknown key(s) {', '.join(unknown)}")
-    return config
+    """Read a YAML tame config (:func:`flowtame.io.config.read_config_file`): keys of :func:`config_keys`,
+    with dashes or underscores; unknown keys are an error."""
+    return io_config.read_config_file(path, config_keys())
 
 
-def make_config(*layers: dict[str, Any]) -> TameConfig:
-    """Merge key dicts left to right (later wins; None values are skipped) into a TameConfig."""
+def make_config(*layers: Mapping[str, Any]) -> TameConfig:
+    """Merge key dicts left to right (later wins, per key and per method setting; None values are skipped)
+    into a TameConfig. A method's settings may come as flat keys (``sa_lambda``) or as its section
+    (``selective_amnesia: {ewc_lambda: ...}``)."""
     merged: dict[str, Any] = {}
+    settings: dict[str, dict[str, Any]] = {}
     for layer in layers:
-        merged.update({k: v for k, v in layer.items() if v is not None})
+        plain, nested = _nest_method_keys(layer)
+        merged.update(plain)
+        for section, values in nested.items():
+            settings.setdefault(section, {}).update(values)
     try:
-        return TameConfig(**merged)
+        return TameConfig(**merged, method_settings=settings)
     except TypeError as exc:
         raise InputError(f"bad taming configuration: {exc}") from None
 
