@@ -486,3 +486,21 @@ def test_cli_bad_input_is_one_line_and_exit_2(run_cli, tiny_base, tmp_path, case
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_config_file_same_rules_as_tame_flags_win(tmp_path, run_cli):
+    from flowtame.jobs.debias import make_config, read_config_file
+
+    cfg = tmp_path / "debias.yaml"
+    cfg.write_text("max-iters: 50\ntolerance: 0.05\nsoft_delta: 1.5\n")
+    config = make_config(read_config_file(cfg), {"tolerance": 0.03, "samples": None})
+    assert (config.max_iters, config.tolerance, config.soft_delta, config.samples) == (50, 0.03, 1.5, 1024)
+    cfg.write_text("tolerance: 0.05\nlearning_rate: 1\n")
+    out = tmp_path / "out.safetensors"
+    args = ["debias", tmp_path / "missing.safetensors", "--group", f"zero={ZERO}", "--group", f"one={ONE}",
+            "--target", "zero=0.5", "-o", out, "--config", cfg]
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "unknown key(s) learning_rate" in result.stderr and not out.exists()
+    cfg.write_text("tolerance: 0.7\n")
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "tolerance must lie in (0, 0.5) [--tolerance]" in result.stderr

@@ -40,6 +40,8 @@ def debias_command(
     classifier: Path = typer.Option(None, "--classifier", help="TorchScript module: images [B,C,H,W] in "
                                     "[-0.5,0.5) -> logits [B, groups (+1 'other' with --other)] in --group "
                                     "order [a logistic regression on the base model's latents]."),
+    config: Path = typer.Option(None, "--config", help="YAML file with any of the keys below (and the other "
+                                "DebiasConfig keys); flags win."),
     tolerance: float = typer.Option(None, help="Stop when every frequency is this close to its target [0.02]."),
     samples: int = typer.Option(None, help="Samples per measurement (one fixed draw) [1024]."),
     temperature: float = typer.Option(None, help="Sampling temperature [0.5, the authors']."),
@@ -69,14 +71,14 @@ def debias_command(
     --target male=0.5 -o balanced.safetensors --report debias.json
     """
     from flowtame.data.images import open_images
-    from flowtame.jobs.debias import DebiasConfig, debias, parse_groups, parse_targets
+    from flowtame.jobs.debias import debias, make_config, parse_groups, parse_targets, read_config_file
 
     sources = parse_groups(group)
     targets = parse_targets(target, list(sources))
     flags = dict(tolerance=tolerance, samples=samples, temperature=temperature, measure_every=measure_every,
                  max_iters=max_iters, lr=lr, warmup=warmup, batch_size=batch_size, alpha=alpha, gamma=gamma,
                  soft_delta=soft_delta, seed=seed, check_draw=check_draw)
-    config = DebiasConfig(**{k: v for k, v in flags.items() if v is not None})
+    settings = make_config(read_config_file(config) if config else {}, flags)
     check_output_path(output, force or resume)
     if report not in (None, "-"):
         check_output_path(report, force or resume)
@@ -94,10 +96,10 @@ def debias_command(
     for w in caught:
         err_console.print(f"[yellow]warning:[/] {w.message}")
 
-    view = _LiveView(config, list(sources), quiet)
+    view = _LiveView(settings, list(sources), quiet)
     try:
         with view:
-            outcome = debias(base, group_sets, targets, config, remember_set=remember_set, other_set=other_set,
+            outcome = debias(base, group_sets, targets, settings, remember_set=remember_set, other_set=other_set,
                              classifier_path=classifier, device=device, state_path=state_path, resume=resume,
                              callback=view.update, command=command_line(PATH_OPTIONS, GROUP_OPTIONS))
     except InterruptedRun as exc:
@@ -113,7 +115,7 @@ def debias_command(
     _warn_failed_checks(outcome.report)
     if require_converged and not outcome.report["converged"]:
         raise CheckFailedError(f"{output}: written, but the targets were not reached within "
-                               f"{config.tolerance} in {outcome.report['iterations']} iterations")
+                               f"{settings.tolerance} in {outcome.report['iterations']} iterations")
 
 
 class _LiveView:

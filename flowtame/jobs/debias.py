@@ -33,6 +33,7 @@ Units: NLL in nats per image unless marked BPD; frequencies are fractions of the
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import statistics
 import time
@@ -64,6 +65,7 @@ from flowtame.engine.devices import (
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import DataError, InputError, InterruptedRun, config_error
 from flowtame.flows.base import MultiScaleFlow
+from flowtame.io import config as io_config
 from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.io.fileio import json_safe, sha256_file
 from flowtame.likelihood.evaluation import Tolerances, summarize_evaluation
@@ -499,6 +501,20 @@ class DebiasConfig:
             problems.append("held_out_fraction must lie in (0, 1) and classifier_weight_decay be non-negative")
         if problems:
             raise config_error("debiasing", problems, vars(self))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML debias config (:func:`flowtame.io.config.read_config_file`): :class:`DebiasConfig` keys,
+    with dashes or underscores; unknown keys are an error."""
+    return io_config.read_config_file(path, {f.name for f in dataclasses.fields(DebiasConfig)})
+
+
+def make_config(*layers: Mapping[str, Any]) -> DebiasConfig:
+    """Merge key dicts left to right (later wins; None values are skipped) into a DebiasConfig."""
+    try:
+        return DebiasConfig(**io_config.merge_layers(*layers))
+    except TypeError as exc:
+        raise InputError(f"bad debiasing configuration: {exc}") from None
 
 
 @dataclass
