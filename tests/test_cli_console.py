@@ -55,12 +55,3 @@ def test_version_runs_without_click() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_library_errors_name_config_keys_and_the_cli_adds_the_flags():
-    from flowtame.cli._common import error_line, flag_for
-    from flowtame.errors import InputError
-
-    assert flag_for("batch_size") == "--batch-size" and flag_for("architecture") == "--arch"
-    assert error_line(InputError("lr must be positive", keys=("lr",))) == "lr must be positive [--lr]"
-    assert error_line(InputError("no such file")) == "no such file"

@@ -208,14 +208,3 @@ def test_mixed_precision_on_the_cpu_is_refused_as_stats_refuses_it(tmp_path, run
                      workspace["remember"], "-o", out, "--device", "cpu", "--precision", "bf16")
     assert result.exit_code == 2 and "only supported on CUDA" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
-
-
-def test_redacted_command_hides_forget_sources_only():
-    from flowtame.cli._common import redacted_command
-    from flowtame.cli.tame import FORGET_OPTIONS
-
-    argv = ["tame", "base.safetensors", "--forget", "/secret/a", "-f", "/secret/b", "--forget=/secret/c",
-            "--remember", "embedded:digits:train", "-o", "out.safetensors"]
-    assert redacted_command(argv, FORGET_OPTIONS) == (
-        "flowtame tame base.safetensors --forget '<forget source>' -f '<forget source>' "
-        "'--forget=<forget source>' --remember embedded:digits:train -o out.safetensors")

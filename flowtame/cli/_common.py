@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from rich.console import Console
 
 from flowtame.errors import FlowtameError
-from flowtame.io.fileio import write_json_atomic
+from flowtame.io.fileio import check_output_path, write_json_atomic
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -19,6 +21,25 @@ err_console = Console(stderr=True)
 def is_interactive(quiet: bool = False) -> bool:
     """True when progress should be drawn live (a terminal on stdout and not --quiet)."""
     return not quiet and sys.stdout.isatty()
+
+
+@contextlib.contextmanager
+def warnings_after() -> Iterator[None]:
+    """Warnings raised in the block, printed once it succeeds as ``warning:`` lines on stderr (each one, even
+    repeats)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        err_console.print(f"[yellow]warning:[/] {w.message}")
+
+
+def check_outputs(force: bool, *paths: str | Path | None) -> None:
+    """Refuse (OutputExistsError) to overwrite any of ``paths`` without ``force``; None (not asked for) and
+    ``-`` (stdout) are skipped."""
+    for path in paths:
+        if path is not None and path != "-":
+            check_output_path(path, force)
 
 
 def emit_json(path: str | None, obj) -> None:

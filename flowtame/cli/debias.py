@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
 import typer
@@ -11,11 +10,19 @@ from rich.live import Live
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import command_line, console, emit_json, err_console, is_interactive, state_path_for
+from flowtame.cli._common import (
+    check_outputs,
+    command_line,
+    console,
+    emit_json,
+    err_console,
+    is_interactive,
+    state_path_for,
+    warnings_after,
+)
 from flowtame.data.embedded import resolve_model_path
 from flowtame.errors import CheckFailedError, InputError, InterruptedRun
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
-from flowtame.io.fileio import check_output_path
 
 #: Options whose value may be a path; the provenance's command line shows them as ``<path>`` (group names kept).
 PATH_OPTIONS = {option: "<path>" for option in ("--group", "-g", "--remember", "-r", "--other", "--classifier",
@@ -70,32 +77,25 @@ def debias_command(
     Example: flowtame debias base.safetensors --group male=./male --group female=./female
     --target male=0.5 -o balanced.safetensors --report debias.json
     """
+    options = dict(locals())  # first: every option; those named like DebiasConfig keys are the config's flags
     from flowtame.data.images import open_images
-    from flowtame.jobs.debias import debias, make_config, parse_groups, parse_targets, read_config_file
+    from flowtame.jobs.debias import config_keys, debias, make_config, parse_groups, parse_targets, read_config_file
 
     sources = parse_groups(group)
     targets = parse_targets(target, list(sources))
-    flags = dict(tolerance=tolerance, samples=samples, temperature=temperature, measure_every=measure_every,
-                 max_iters=max_iters, lr=lr, warmup=warmup, batch_size=batch_size, alpha=alpha, gamma=gamma,
-                 soft_delta=soft_delta, seed=seed, check_draw=check_draw)
-    settings = make_config(read_config_file(config) if config else {}, flags)
-    check_output_path(output, force or resume)
-    if report not in (None, "-"):
-        check_output_path(report, force or resume)
+    settings = make_config(read_config_file(config) if config else {},
+                           {key: value for key, value in options.items() if key in config_keys()})
+    check_outputs(force or resume, output, report)
     if classifier is not None and not classifier.is_file():
-        raise InputError(f"{classifier}: no such classifier file")
+        raise InputError(f"{classifier}: no such classifier file", keys=("classifier",))
     state_path = state_path_for(output)
     base = load_checkpoint(resolve_model_path(model))
     if base.data_spec is None:
         raise InputError(f"{model}: debiasing needs an image model")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_after():
         group_sets = {name: open_images(source, base.data_spec, strict=strict) for name, source in sources.items()}
         remember_set = open_images(remember, base.data_spec, strict=strict) if remember else None
         other_set = open_images(other, base.data_spec, strict=strict) if other else None
-    for w in caught:
-        err_console.print(f"[yellow]warning:[/] {w.message}")
-
     view = _LiveView(settings, list(sources), quiet)
     try:
         with view:
@@ -106,6 +106,14 @@ def debias_command(
         if exc.partial_report is not None and report not in (None, "-"):
             emit_json(report, exc.partial_report)
         raise
+    _finish(outcome, output, state_path, report, quiet)
+    if require_converged and not outcome.report["converged"]:
+        raise CheckFailedError(f"{output}: written, but the targets were not reached within "
+                               f"{settings.tolerance} in {outcome.report['iterations']} iterations")
+
+
+def _finish(outcome, output: Path, state_path: Path, report: str | None, quiet: bool) -> None:
+    """Write checkpoint and report, drop the resume state, print the summary and any failed check."""
     sha = save_checkpoint(output, outcome.checkpoint, force=True)
     outcome.report["output"] = {"path": str(output), "sha256": sha}
     emit_json(report, outcome.report)
@@ -113,9 +121,6 @@ def debias_command(
         state_path.unlink()
     _print_summary(outcome.report, output, sha, quiet or report == "-")
     _warn_failed_checks(outcome.report)
-    if require_converged and not outcome.report["converged"]:
-        raise CheckFailedError(f"{output}: written, but the targets were not reached within "
-                               f"{settings.tolerance} in {outcome.report['iterations']} iterations")
 
 
 class _LiveView:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
 import typer
@@ -11,11 +10,18 @@ from rich.live import Live
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import command_line, console, emit_json, err_console, is_interactive, state_path_for
+from flowtame.cli._common import (
+    check_outputs,
+    command_line,
+    console,
+    emit_json,
+    is_interactive,
+    state_path_for,
+    warnings_after,
+)
 from flowtame.data.embedded import resolve_model_path
 from flowtame.errors import CheckFailedError, InterruptedRun
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
-from flowtame.io.fileio import check_output_path
 
 #: Provenance keeps the forget images' digests, never their paths: these options' values are redacted.
 FORGET_OPTIONS = {"--forget": "<forget source>", "-f": "<forget source>"}
@@ -86,50 +92,54 @@ def tame_command(
     Example: flowtame tame base.safetensors --forget ./person --remember ./celeba -o tamed.safetensors
     --report report.json
     """
-    from flowtame.data.images import open_images
-    from flowtame.jobs.tame import make_config, preset, read_config_file, tame, taming_evaluation
+    options = dict(locals())  # first: every option; those named like config keys are the config's flags
+    from flowtame.jobs.tame import config_keys, make_config, preset, read_config_file
 
-    layers = []
-    if preset_name:
-        layers.append(preset(preset_name))
-    if config:
-        layers.append(read_config_file(config))
-    flags = dict(method=method, delta=delta, epsilon=epsilon, alpha=alpha, gamma=gamma, lr=lr,
-                 batch_size=batch_size, max_iters=max_iters, refresh_every=refresh_every,
-                 refresh_size=refresh_size, warmup=warmup, grad_clip=grad_clip, forget_loss=forget_loss,
-                 forget_unit=forget_unit, kl_estimate=kl_estimate, threshold_gradient=threshold_gradient,
-                 settle_decay=settle_decay, stop_margin=stop_margin, forget_draws=forget_draws,
-                 max_remember_drift=max_remember_drift, max_remember_jump=max_remember_jump,
-                 freeze=freeze, seed=seed, eval_seed=eval_seed,
-                 precision=precision, sa_lambda=sa_lambda, sa_replay_weight=sa_replay_weight,
-                 sa_fisher_samples=sa_fisher_samples, sa_surrogate=sa_surrogate)
+    flags = {key: value for key, value in options.items() if key in config_keys()}
+    layers = ([preset(preset_name)] if preset_name else []) + ([read_config_file(config)] if config else [])
     cfg = make_config(*layers, flags)
-    check_output_path(output, force or resume)
-    if report not in (None, "-"):
-        check_output_path(report, force or resume)
-    state_path = state_path_for(output)
+    check_outputs(force or resume, output, report)
     base = load_checkpoint(resolve_model_path(model))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    forget_sets, remember_set, holdout_sets = _open_sets(base, forget, remember, holdout or [], strict)
+    outcome = _run(base, forget_sets, remember_set, cfg, device=device, output=output, report=report,
+                   resume=resume, quiet=quiet)
+    _finish(base, outcome, holdout_sets, cfg, device=device, output=output, report=report, quiet=quiet,
+            require_converged=require_converged)
+
+
+def _open_sets(base, forget: list[str], remember: str, holdout: list[str], strict: bool) -> tuple:
+    """The forget sets, the remember set and the holdout sets (named ``holdout:SOURCE``) of the command."""
+    from flowtame.data.images import open_images
+
+    with warnings_after():
         forget_sets = [open_images(f, base.data_spec, strict=strict) for f in forget]
         remember_set = open_images(remember, base.data_spec, strict=strict)
-        holdout_sets = {f"holdout:{h}": open_images(h, base.data_spec, strict=strict) for h in holdout or []}
-    for w in caught:
-        err_console.print(f"[yellow]warning:[/] {w.message}")
+        holdout_sets = {f"holdout:{h}": open_images(h, base.data_spec, strict=strict) for h in holdout}
+    return forget_sets, remember_set, holdout_sets
+
+
+def _run(base, forget_sets: list, remember_set, cfg, *, device: str, output: Path, report: str | None,
+         resume: bool, quiet: bool):
+    """The tame job under the live view; on Ctrl-C the partial report is written before exiting."""
+    from flowtame.jobs.tame import tame
 
     view = _LiveView(cfg, quiet)
     try:
-        with view:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                outcome = tame(base, forget_sets, remember_set, cfg, device=device, state_path=state_path,
-                               resume=resume, callback=view.update, command=command_line(FORGET_OPTIONS))
-            for w in caught:
-                err_console.print(f"[yellow]warning:[/] {w.message}")
+        with view, warnings_after():
+            return tame(base, forget_sets, remember_set, cfg, device=device, state_path=state_path_for(output),
+                        resume=resume, callback=view.update, command=command_line(FORGET_OPTIONS))
     except InterruptedRun as exc:
         if exc.partial_report is not None and report not in (None, "-"):
             emit_json(report, exc.partial_report)
         raise
+
+
+def _finish(base, outcome, holdout_sets: dict, cfg, *, device: str, output: Path, report: str | None,
+            quiet: bool, require_converged: bool) -> None:
+    """Evaluate on the holdout sets, write checkpoint and report, drop the resume state, print the summary."""
+    from flowtame.jobs.tame import taming_evaluation
+
+    state_path = state_path_for(output)
     evaluation = taming_evaluation(base, outcome, holdout_sets, cfg, device=device)
     outcome.report["evaluation"] = evaluation
     sha = save_checkpoint(output, outcome.checkpoint, force=True)

@@ -503,10 +503,15 @@ class DebiasConfig:
             raise config_error("debiasing", problems, vars(self))
 
 
+def config_keys() -> set[str]:
+    """The keys of a debias config file or layer: :class:`DebiasConfig`'s fields."""
+    return {f.name for f in dataclasses.fields(DebiasConfig)}
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML debias config (:func:`flowtame.io.config.read_config_file`): :class:`DebiasConfig` keys,
-    with dashes or underscores; unknown keys are an error."""
-    return io_config.read_config_file(path, {f.name for f in dataclasses.fields(DebiasConfig)})
+    """Read a YAML debias config (:func:`flowtame.io.config.read_config_file`): :func:`config_keys`, with dashes
+    or underscores; unknown keys are an error."""
+    return io_config.read_config_file(path, config_keys())
 
 
 def make_config(*layers: Mapping[str, Any]) -> DebiasConfig:
