@@ -12,11 +12,10 @@ from rich.progress import MofNCompleteColumn, Progress, TaskID
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import console, emit_json, is_interactive
+from flowtame.cli._common import check_outputs, console, emit_json, is_interactive
 from flowtame.data.embedded import resolve_model_path
 from flowtame.errors import CheckFailedError
 from flowtame.io.checkpoint import load_checkpoint
-from flowtame.io.fileio import check_output_path
 
 
 @contextlib.contextmanager
@@ -142,20 +141,13 @@ def evaluate(
     from flowtame.data.images import open_images
     from flowtame.likelihood.evaluation import Tolerances, build_report, check_models, collect_nll, evaluate_models
 
-    if json_path not in (None, "-"):
-        check_output_path(json_path, force)
-    if plot is not None:
-        check_output_path(plot, force)
+    check_outputs(force, json_path, plot)
     base = load_checkpoint(resolve_model_path(base_model))
     tamed = load_checkpoint(resolve_model_path(tamed_model))
     check_models(base, tamed)
-    data_spec = base.data_spec
-    sources = {"forget": forget, "remember": remember}
-    if forget_unseen:
-        sources["forget_unseen"] = forget_unseen
-    for source in holdout or []:
-        sources.setdefault(f"holdout:{source}", source)
-    sets = {name: open_images(source, data_spec, strict=strict) for name, source in sources.items()}
+    sources = {"forget": forget, "remember": remember, "forget_unseen": forget_unseen,
+               **{f"holdout:{source}": source for source in holdout or []}}
+    sets = {name: open_images(source, base.data_spec, strict=strict) for name, source in sources.items() if source}
     tolerances = Tolerances(min_forgotten_fraction=min_forgotten_fraction, max_remember_qd=max_remember_qd,
                             max_holdout_qd=max_holdout_qd, max_neighbours_qd=max_neighbours_qd,
                             max_remember_bpd_increase=max_remember_bpd_increase,
@@ -168,28 +160,37 @@ def evaluate(
     block = evaluate_models(base, tamed, sets, delta=delta, epsilon=epsilon, seed=seed, neighbours=neighbours,
                             batch_size=batch_size, device=device, precision=precision, n_boot=n_boot,
                             tolerances=tolerances, precomputed=nll, forget_draws=forget_draws)
-    report = build_report(base, tamed, block)
-    emit_json(json_path, report)
+    emit_json(json_path, build_report(base, tamed, block))
     if plot is not None:
-        from flowtame.figures.plots import plot_nll_histograms
-        from flowtame.likelihood.statistics import NormalFit
-
-        threshold = block["threshold"]
-        panels = {f"{model} ({when})": {name: nll[(model, name)] for name in ("remember", "forget")}
-                  for model, when in (("base", "before"), ("tamed", "after"))}
-        fits = {f"{model} ({when})": NormalFit(threshold[model]["mu_nats"], threshold[model]["sigma_nats"])
-                for model, when in (("base", "before"), ("tamed", "after"))}
-        plot_nll_histograms(plot, panels, fits=fits, delta=threshold["delta"], epsilon=threshold["epsilon"],
-                            num_dims=block["num_dims"], force=force)
+        _plot(plot, nll, block, force)
     if show:
-        for name, set_block in block["sets"].items():
-            console.print(_set_table(name, set_block, block["threshold"]["epsilon"]))
-        console.print(_threshold_table(block))
-        for warning in block["warnings"]:
-            console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
-        console.print(_checks_table(block))
-        console.print("[bold green]all checks passed[/bold green]" if block["passed"]
-                      else "[bold red]some checks failed[/bold red]")
+        _print_tables(block)
     if check and not block["passed"]:
         failed = [_format_check(c) for c in block["checks"] if not c["passed"]]
         raise CheckFailedError(f"{len(failed)} check(s) failed: {'; '.join(failed)}")
+
+
+def _plot(path: Path, nll: dict, block: dict, force: bool) -> None:
+    """Remember and forget NLL histograms of both models, with each model's remember fit and threshold."""
+    from flowtame.figures.plots import plot_nll_histograms
+    from flowtame.likelihood.statistics import NormalFit
+
+    threshold = block["threshold"]
+    panels = {f"{model} ({when})": {name: nll[(model, name)] for name in ("remember", "forget")}
+              for model, when in (("base", "before"), ("tamed", "after"))}
+    fits = {f"{model} ({when})": NormalFit(threshold[model]["mu_nats"], threshold[model]["sigma_nats"])
+            for model, when in (("base", "before"), ("tamed", "after"))}
+    plot_nll_histograms(path, panels, fits=fits, delta=threshold["delta"], epsilon=threshold["epsilon"],
+                        num_dims=block["num_dims"], force=force)
+
+
+def _print_tables(block: dict) -> None:
+    """Per-set tables, the threshold table, the warnings and the checks."""
+    for name, set_block in block["sets"].items():
+        console.print(_set_table(name, set_block, block["threshold"]["epsilon"]))
+    console.print(_threshold_table(block))
+    for warning in block["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    console.print(_checks_table(block))
+    console.print("[bold green]all checks passed[/bold green]" if block["passed"]
+                  else "[bold red]some checks failed[/bold red]")

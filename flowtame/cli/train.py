@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import typer
@@ -17,9 +16,21 @@ from rich.progress import (
 )
 
 from flowtame.cli import app
-from flowtame.cli._common import command_line, console, emit_json, err_console, is_interactive
+from flowtame.cli._common import check_outputs, command_line, console, emit_json, err_console, is_interactive
 from flowtame.errors import InputError
-from flowtame.io.fileio import check_output_path
+
+
+def _load_images(data: str, data_spec, strict: bool):
+    """The training images (uint8 [N, C, S, S]); skipped files are summed up in one warning line."""
+    from flowtame.data.images import open_images
+
+    image_set = open_images(data, data_spec, strict=strict)
+    images, _ = image_set.load_tensor()
+    if image_set.skipped:
+        path, reason = image_set.skipped[0]
+        err_console.print(f"[yellow]warning:[/] {len(image_set.skipped)} file(s) of {data} skipped "
+                          f"(first: {path}: {reason})")
+    return images
 
 
 class _ProgressView:
@@ -71,7 +82,7 @@ def train_command(
                               "networks (default: per architecture)."),
     affine: bool = typer.Option(None, "--affine/--additive", help="glow: affine or additive coupling "
                                 "(default: additive)."),
-    lu: bool = typer.Option(None, "--lu/--no-lu", help="glow: LU-parameterized 1x1 "
+    conv_lu: bool = typer.Option(None, "--lu/--no-lu", help="glow: LU-parameterized 1x1 "
                             "convolutions (default: lu)."),
     n_scales: int = typer.Option(None, "--n-scales", help="realnvp: scales (default: 2)."),
     n_res_blocks: int = typer.Option(None, "--n-res-blocks", help="realnvp: residual blocks (default: 2)."),
@@ -109,27 +120,17 @@ def train_command(
     Example: flowtame train embedded:digits:train -o digits.safetensors --arch glow --image-size 16
     --channels 1 --n-block 2 --hidden 128 --steps 2000
     """
-    from flowtame.data.images import open_images
+    options = dict(locals())  # first: every option (the architecture's hyperparameters among them)
     from flowtame.data.quantization import DataSpec
-    from flowtame.jobs.train import BPD_WINDOW, model_spec, train_model
+    from flowtame.jobs.train import ARCHITECTURE_OPTIONS, model_spec, train_model
 
-    check_output_path(output, force or resume)
-    if json_path not in (None, "-"):
-        check_output_path(json_path, force or resume)
+    check_outputs(force or resume, output, json_path)
     try:
         data_spec = DataSpec(image_size=image_size, channels=channels, n_bits=n_bits)
     except ValueError as exc:
         raise InputError(f"--image-size/--channels/--n-bits: {exc}") from None
-    spec = model_spec(arch, channels, image_size, {
-        "n_flow": n_flow, "n_block": n_block, "hidden": hidden, "affine": affine, "conv_lu": lu,
-        "n_scales": n_scales, "n_res_blocks": n_res_blocks, "n_couplings": n_couplings,
-        "n_hidden_layers": n_hidden_layers})
-    image_set = open_images(data, data_spec, strict=strict)
-    images, _ = image_set.load_tensor()
-    if image_set.skipped:
-        path, reason = image_set.skipped[0]
-        err_console.print(f"[yellow]warning:[/] {len(image_set.skipped)} file(s) of {data} skipped "
-                          f"(first: {path}: {reason})")
+    spec = model_spec(arch, channels, image_size, {key: options[key] for key in ARCHITECTURE_OPTIONS})
+    images = _load_images(data, data_spec, strict)
     out = err_console if json_path == "-" else console  # keep stdout for the JSON
     if not quiet:
         out.print(f"training {arch} on {images.shape[0]} image(s) of {data} "
@@ -142,18 +143,19 @@ def train_command(
             grad_clip=grad_clip or None, seed=seed, decay_steps=decay, device=device, checkpoint_path=output,
             checkpoint_every=checkpoint_every, resume=resume, force=force, sample_every=sample_every,
             sample_dir=sample_dir, callback=view.update, command=command_line())
+    emit_json(json_path, result.report(data, int(images.shape[0])))
+    _print_done(result, out, quiet)
+
+
+def _print_done(result, out: Console, quiet: bool) -> None:
+    """Where the resumable state is (unless quiet) and the one-line result."""
+    from flowtame.jobs.train import BPD_WINDOW
+
     ckpt = result.checkpoint
-    emit_json(json_path, {
-        "output": str(output), "sha256": ckpt.sha256, "state_path": str(result.state_path),
-        "architecture": arch, "hyperparameters": spec.to_dict(), "data": data_spec.to_dict(),
-        "source": data, "n_images": int(images.shape[0]), "parameters": ckpt.num_parameters,
-        "training": dataclasses.asdict(result.settings), "steps_done": result.steps,
-        "train_bpd": result.train_bpd, "wall_seconds": result.wall_seconds, "history": result.history,
-    })
     if not quiet:
         out.print(f"resumable state: {result.state_path} (continue with --resume and more --steps; "
-                      "delete it when done)", highlight=False, soft_wrap=True)
-    out.print(f"trained {arch} ({ckpt.num_parameters:,} parameters) for {result.steps} steps in "
+                  "delete it when done)", highlight=False, soft_wrap=True)
+    out.print(f"trained {ckpt.architecture} ({ckpt.num_parameters:,} parameters) for {result.steps} steps in "
               f"{result.wall_seconds:.1f} s: train BPD {result.train_bpd:.4f} (mean of the last "
-              f"{min(result.steps, BPD_WINDOW)} steps); wrote {output} (sha256 {ckpt.sha256})",
+              f"{min(result.steps, BPD_WINDOW)} steps); wrote {ckpt.path} (sha256 {ckpt.sha256})",
               highlight=False, soft_wrap=True)

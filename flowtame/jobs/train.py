@@ -117,6 +117,18 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     state_path: Path | None = None
 
+    def report(self, source: str, n_images: int) -> dict[str, Any]:
+        """The run's summary (``flowtame train --json``): output, settings, data, train BPD, history;
+        ``source`` names the training images and ``n_images`` counts them."""
+        ckpt = self.checkpoint
+        return {
+            "output": str(ckpt.path), "sha256": ckpt.sha256, "state_path": str(self.state_path),
+            "architecture": ckpt.architecture, "hyperparameters": ckpt.spec.to_dict(),
+            "data": ckpt.data_spec.to_dict() if ckpt.data_spec else None, "source": source, "n_images": n_images,
+            "parameters": ckpt.num_parameters, "training": asdict(self.settings), "steps_done": self.steps,
+            "train_bpd": self.train_bpd, "wall_seconds": self.wall_seconds, "history": self.history,
+        }
+
 
 def resume_state_path(checkpoint_path: str | Path) -> Path:
     """Where the resumable state of a run that writes ``checkpoint_path`` lives: beside it."""
