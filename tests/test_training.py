@@ -233,6 +233,14 @@ def test_cli_train_writes_a_loadable_checkpoint_and_refuses_to_overwrite(tmp_pat
     assert training["steps"] == 5 and training["n_images"] == 12 and training["complete"]
     assert ckpt.provenance["command"].startswith("flowtame train")
 
+    summary = run_cli("train", data, "-o", tmp_path / "again.safetensors", *TINY_FLAGS, "--no-lu", "--device",
+                      "cpu", "--json", "-", "--quiet")
+    report = json.loads(summary.stdout)  # the library's TrainResult.report
+    assert report["sha256"] == load_checkpoint(tmp_path / "again.safetensors").sha256
+    assert report["output"] == str(tmp_path / "again.safetensors") and report["n_images"] == 12
+    assert report["steps_done"] == 5 and report["architecture"] == "glow" and report["source"] == str(data)
+    assert report["hyperparameters"] == ckpt.spec.to_dict() and report["training"]["steps"] == 5
+
     again = run_cli("train", data, "-o", out, *TINY_FLAGS)
     assert again.exit_code == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
     assert load_checkpoint(out).sha256 == ckpt.sha256
