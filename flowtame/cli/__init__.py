@@ -79,9 +79,10 @@ def _usage_error_line(exc: Exception) -> str | None:
     Typer's usage errors (click's classes up to Typer 0.2x, Typer's own since) are recognised by the interface
     they all share — ``format_message()`` and an integer ``exit_code`` — so no click import is needed.
     """
-    if not (callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)):
+    format_message = getattr(exc, "format_message", None)
+    if not (callable(format_message) and isinstance(getattr(exc, "exit_code", None), int)):
         return None
-    message = " ".join(str(exc.format_message()).split())
+    message = " ".join(str(format_message()).split())
     ctx = getattr(exc, "ctx", None)
     command = getattr(ctx, "command_path", None)
     return f"{command}: {message}" if command else message
