@@ -107,7 +107,7 @@ def test_loaded_actnorm_is_not_reinitialized_in_training_mode(tmp_path, checkpoi
 def test_save_refuses_to_overwrite_without_force(tmp_path, checkpoint):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"precious")
-    with pytest.raises(OutputExistsError, match="--force"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         save_checkpoint(path, checkpoint)
     assert path.read_bytes() == b"precious"
     save_checkpoint(path, checkpoint, force=True)

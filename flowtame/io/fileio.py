@@ -18,7 +18,7 @@ def check_output_path(path: str | Path, force: bool) -> Path:
     """Refuse to overwrite an existing file unless ``force``; make sure the folder can be written."""
     path = Path(path)
     if path.exists() and not force:
-        raise OutputExistsError(f"{path}: already exists (use --force to overwrite)")
+        raise OutputExistsError(f"{path}: already exists (overwriting needs force)", keys=("force",))
     if path.exists() and path.is_dir():
         raise OutputExistsError(f"{path}: is a directory, not a file")
     return path
