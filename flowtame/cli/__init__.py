@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from typing import Annotated
 
 import typer
 
@@ -34,7 +35,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the "
+                                                                                              "version.")] = False,
 ) -> None:
     """flowtame: tame normalizing flows."""
 
