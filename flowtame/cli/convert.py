@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -17,23 +18,23 @@ from flowtame.io.fileio import check_output_path
 
 @app.command()
 def convert(
-    source: Path = typer.Argument(..., help="The checkpoint to import (a PyTorch state dict, read "
-                                            "weights-only)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the flowtame .safetensors file."),
-    source_format: str = typer.Option("rosinality-glow", "--from",
-                                      help=f"Format of SOURCE: {', '.join(SOURCE_FORMATS)}."),
-    image_size: int = typer.Option(..., "--image-size", help="Side of the square training images (pixels)."),
-    n_bits: int = typer.Option(..., "--n-bits", help="Bits per value the model was trained on (1-8)."),
-    channels: int | None = typer.Option(None, "--channels", help="Input channels (1 or 3); checked."),
-    n_flow: int | None = typer.Option(None, "--n-flow", help="Flow steps per block; checked."),
-    n_block: int | None = typer.Option(None, "--n-block", help="Number of blocks; checked."),
-    affine: bool | None = typer.Option(None, "--affine/--additive", help="Coupling type; checked."),
-    conv_lu: bool | None = typer.Option(None, "--lu/--no-lu",
-                                        help="LU 1x1 convs in all but the last block (rosinality's conv_lu; "
-                                             "its last block is always LU); checked."),
-    hidden: int | None = typer.Option(None, "--hidden", help="Coupling hidden width; checked."),
-    notes: str | None = typer.Option(None, "--notes", help="Free text kept in the checkpoint's provenance."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    *,
+    source: Annotated[Path, typer.Argument(help="The checkpoint to import (a PyTorch state dict, read weights-only).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the flowtame .safetensors file.")],
+    source_format: Annotated[str, typer.Option(
+        "--from", help=f"Format of SOURCE: {', '.join(SOURCE_FORMATS)}.")] = "rosinality-glow",
+    image_size: Annotated[int, typer.Option("--image-size", help="Side of the square training images (pixels).")],
+    n_bits: Annotated[int, typer.Option("--n-bits", help="Bits per value the model was trained on (1-8).")],
+    channels: Annotated[int | None, typer.Option("--channels", help="Input channels (1 or 3); checked.")] = None,
+    n_flow: Annotated[int | None, typer.Option("--n-flow", help="Flow steps per block; checked.")] = None,
+    n_block: Annotated[int | None, typer.Option("--n-block", help="Number of blocks; checked.")] = None,
+    affine: Annotated[bool | None, typer.Option("--affine/--additive", help="Coupling type; checked.")] = None,
+    conv_lu: Annotated[bool | None, typer.Option("--lu/--no-lu", help="LU 1x1 convs in all but the last "
+                                                                      "block (rosinality's conv_lu; its last "
+                                                                      "block is always LU); checked.")] = None,
+    hidden: Annotated[int | None, typer.Option("--hidden", help="Coupling hidden width; checked.")] = None,
+    notes: Annotated[str | None, typer.Option("--notes", help="Free text kept in the checkpoint's provenance.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
 ) -> None:
     """Convert a rosinality/glow-pytorch Glow checkpoint to a flowtame checkpoint.
 
