@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.live import Live
@@ -30,47 +31,58 @@ PATH_OPTIONS = {option: "<path>" for option in ("--group", "-g", "--remember", "
 GROUP_OPTIONS = ("--group", "-g")
 
 
+# Over 80 lines on purpose: most are the option declarations (one per option, with its help); the body
+# only parses, calls the library and renders.
 @app.command("debias")
 def debias_command(
-    model: str = typer.Argument(..., help="Base checkpoint (.safetensors) or embedded:glow-digits. Never modified."),
-    group: list[str] = typer.Option(..., "--group", "-g", help="NAME=PATH: a group's images (folder, image, "
-                                    "list file, embedded:digits...). Two or more."),
-    target: list[str] = typer.Option(..., "--target", "-t", help="NAME=FRACTION in (0,1): the wanted share of "
-                                     "samples. For every group, or all but one (the rest is implied)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Debiased checkpoint to write (.safetensors)."),
-    report: str = typer.Option(None, "--report", help="Write the JSON report here ('-' = stdout)."),
-    remember: str = typer.Option(None, "--remember", "-r", help="Images whose likelihood distribution must "
-                                 "stay as it was [all the groups' images]."),
-    other: str = typer.Option(None, "--other", help="Images of none of the groups (group images in it are "
-                              "left out): samples classified as 'other' are not counted, so frequencies are "
-                              "relative among the groups [every sample is assigned to a group]."),
-    classifier: Path = typer.Option(None, "--classifier", help="TorchScript module: images [B,C,H,W] in "
-                                    "[-0.5,0.5) -> logits [B, groups (+1 'other' with --other)] in --group "
-                                    "order [a logistic regression on the base model's latents]."),
-    config: Path = typer.Option(None, "--config", help="YAML file with any of the keys below (and the other "
-                                "DebiasConfig keys); flags win."),
-    tolerance: float = typer.Option(None, help="Stop when every frequency is this close to its target [0.02]."),
-    samples: int = typer.Option(None, help="Samples per measurement (one fixed draw) [1024]."),
-    temperature: float = typer.Option(None, help="Sampling temperature [0.5, the authors']."),
-    measure_every: int = typer.Option(None, help="Measure the frequencies every N iterations [10]."),
-    max_iters: int = typer.Option(None, help="Iteration budget [400]."),
-    lr: float = typer.Option(None, help="Adam peak learning rate, scaled down as the gaps close [2e-5]."),
-    warmup: int = typer.Option(None, help="Linear learning-rate warm-up iterations [20]."),
-    batch_size: int = typer.Option(None, help="Images per group, and remember images, per iteration [16]."),
-    alpha: float = typer.Option(None, help="Weight of the group loss, L = a*L_G + (1-a)*L_R [0.6]."),
-    gamma: float = typer.Option(None, help="Weight of the KL terms inside L_R [0.6]."),
-    soft_delta: float = typer.Option(None, help="Over-represented groups' NLL is pushed up to "
-                                     "mu_R + soft_delta*sigma_R at most [2]."),
-    seed: int = typer.Option(None, help="Seed of the sample draw, the classifier split and the batches [0]."),
-    check_draw: bool = typer.Option(None, "--check-draw/--no-check-draw", help="Measure base and result again "
-                                    "on an independent draw (seed+1) the stopping rule never saw [on]."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved state."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
-    strict: bool = typer.Option(False, "--strict", help="Treat unreadable image files as errors."),
-    require_converged: bool = typer.Option(False, "--require-converged",
-                                           help="Exit 1 when the targets were not reached."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view; plain log lines only at the end."),
+    model: Annotated[str, typer.Argument(help="Base checkpoint (.safetensors) or embedded:glow-digits. Never "
+                                              "modified.")],
+    group: Annotated[list[str], typer.Option("--group", "-g", help="NAME=PATH: a group's images (folder, image, "
+                                                                   "list file, embedded:digits...). Two or more.")],
+    target: Annotated[list[str], typer.Option("--target", "-t", help="NAME=FRACTION in (0,1): the wanted share of "
+                                                                     "samples. For every group, or all but one (the "
+                                                                     "rest is implied).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Debiased checkpoint to write (.safetensors).")],
+    report: Annotated[str, typer.Option("--report", help="Write the JSON report here ('-' = stdout).")] = None,
+    remember: Annotated[str, typer.Option("--remember", "-r", help="Images whose likelihood distribution "
+                                                                   "must stay as it was [all the groups' "
+                                                                   "images].")] = None,
+    other: Annotated[str, typer.Option("--other", help="Images of none of the groups (group images in it are "
+                                                       "left out): samples classified as 'other' are not "
+                                                       "counted, so frequencies are relative among the "
+                                                       "groups [every sample is assigned to a group].")] = None,
+    classifier: Annotated[Path, typer.Option(
+        "--classifier", help="TorchScript module: images [B,C,H,W] in [-0.5,0.5) -> logits [B, groups (+1 "
+                             "'other' with --other)] in --group order [a logistic regression on the base "
+                             "model's latents].")] = None,
+    config: Annotated[Path, typer.Option("--config", help="YAML file with any of the keys below (and the "
+                                                          "other DebiasConfig keys); flags win.")] = None,
+    tolerance: Annotated[float, typer.Option(help="Stop when every frequency is this close to its target "
+                                                  "[0.02].")] = None,
+    samples: Annotated[int, typer.Option(help="Samples per measurement (one fixed draw) [1024].")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature [0.5, the authors'].")] = None,
+    measure_every: Annotated[int, typer.Option(help="Measure the frequencies every N iterations [10].")] = None,
+    max_iters: Annotated[int, typer.Option(help="Iteration budget [400].")] = None,
+    lr: Annotated[float, typer.Option(help="Adam peak learning rate, scaled down as the gaps close [2e-5].")] = None,
+    warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up iterations [20].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per group, and remember images, per iteration [16].")] = None,
+    alpha: Annotated[float, typer.Option(help="Weight of the group loss, L = a*L_G + (1-a)*L_R [0.6].")] = None,
+    gamma: Annotated[float, typer.Option(help="Weight of the KL terms inside L_R [0.6].")] = None,
+    soft_delta: Annotated[float, typer.Option(help="Over-represented groups' NLL is pushed up to mu_R + "
+                                                   "soft_delta*sigma_R at most [2].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sample draw, the classifier split and the batches "
+                                           "[0].")] = None,
+    check_draw: Annotated[bool, typer.Option(
+        "--check-draw/--no-check-draw", help="Measure base and result again on an independent draw (seed+1) "
+                                             "the stopping rule never saw [on].")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its saved state.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Treat unreadable image files as errors.")] = False,
+    require_converged: Annotated[bool, typer.Option("--require-converged", help="Exit 1 when the targets "
+                                                                                "were not reached.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live view; plain log lines only at the "
+                                                              "end.")] = False,
 ) -> None:
     """Rebalance how often MODEL generates each --group, toward the --target fractions.
 
