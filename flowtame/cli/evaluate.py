@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -92,43 +93,44 @@ def _checks_table(block: dict) -> Table:
 
 @app.command()
 def evaluate(
-    base_model: str = typer.Argument(..., metavar="BASE", help="The base checkpoint."),
-    tamed_model: str = typer.Argument(..., metavar="TAMED", help="The tamed checkpoint."),
-    forget: str = typer.Option(..., "--forget", help="The forget set D_F (folder, image, list file or "
-                                                     "embedded:digits...)."),
-    remember: str = typer.Option(..., "--remember", help="The remember set D_R; fixes μ_R, σ_R per model."),
-    forget_unseen: str = typer.Option(None, "--forget-unseen", help="Unseen images of what was forgotten "
-                                                                    "(D'_F)."),
-    holdout: list[str] = typer.Option(None, "--holdout", help="A held-out set (repeatable)."),
-    neighbours: int = typer.Option(0, "--neighbours", help="Also evaluate the K remember images nearest to "
-                                                          "the forget set in the base model's latent space."),
-    delta: float = typer.Option(4.0, "--delta", help="Forget threshold μ_R + δσ_R, in σ_R units."),
-    epsilon: float = typer.Option(None, "--epsilon", help="Margin: forgotten when d > -ε (σ_R units) "
-                                                         "[0.15·δ]."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the dequantization noise (same for both models) and "
-                                               "of the bootstrap."),
-    forget_draws: int = typer.Option(8, "--forget-draws", min=1,
-                                     help="Noise draws averaged into each forget image's NLL (one draw moves "
-                                          "an image by up to ~0.6 σ_R; see docs/report-schema.md)."),
-    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the QD interval."),
-    json_path: str = typer.Option(None, "--json", help="Write the report as JSON ('-' = stdout only)."),
-    plot: Path = typer.Option(None, "--plot", help="Write NLL histograms before/after as a PNG."),
-    check: bool = typer.Option(False, "--check", help="Exit with code 1 when a check fails."),
-    min_forgotten_fraction: float = typer.Option(1.0, help="Check: forget images forgotten, at least."),
-    max_remember_qd: float = typer.Option(0.01, help="Check: QD(remember), at most."),
-    max_holdout_qd: float = typer.Option(0.02, help="Check: QD of each holdout set, at most."),
-    max_neighbours_qd: float = typer.Option(0.02, help="Check: QD(neighbours), at most."),
-    max_remember_bpd_increase: float = typer.Option(0.01, help="Check: relative increase of the remember "
-                                                               "set's mean BPD, at most (0.01 = 1%)."),
-    min_normality_p: float = typer.Option(0.001, help="Check: KS normality p of the remember NLL under the "
-                                                      "tamed model, above."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images per likelihood batch."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16/fp16 autocast on CUDA."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first unreadable image instead of "
-                                                        "skipping it."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--plot files."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no tables."),
+    base_model: Annotated[str, typer.Argument(metavar="BASE", help="The base checkpoint.")],
+    tamed_model: Annotated[str, typer.Argument(metavar="TAMED", help="The tamed checkpoint.")],
+    forget: Annotated[str, typer.Option("--forget", help="The forget set D_F (folder, image, list file or "
+                                                         "embedded:digits...).")],
+    remember: Annotated[str, typer.Option("--remember", help="The remember set D_R; fixes μ_R, σ_R per model.")],
+    forget_unseen: Annotated[str, typer.Option("--forget-unseen", help="Unseen images of what was forgotten "
+                                                                       "(D'_F).")] = None,
+    holdout: Annotated[list[str], typer.Option("--holdout", help="A held-out set (repeatable).")] = None,
+    neighbours: Annotated[int, typer.Option("--neighbours", help="Also evaluate the K remember images nearest "
+                                                                 "to the forget set in the base model's latent "
+                                                                 "space.")] = 0,
+    delta: Annotated[float, typer.Option("--delta", help="Forget threshold μ_R + δσ_R, in σ_R units.")] = 4.0,
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Margin: forgotten when d > -ε (σ_R units) "
+                                                             "[0.15·δ].")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise (same for both models) "
+                                                     "and of the bootstrap.")] = 0,
+    forget_draws: Annotated[int, typer.Option(
+        "--forget-draws", min=1, help="Noise draws averaged into each forget image's NLL (one draw moves an "
+                                      "image by up to ~0.6 σ_R; see docs/report-schema.md).")] = 8,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the QD interval.")] = 1000,
+    json_path: Annotated[str, typer.Option("--json", help="Write the report as JSON ('-' = stdout only).")] = None,
+    plot: Annotated[Path, typer.Option("--plot", help="Write NLL histograms before/after as a PNG.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Exit with code 1 when a check fails.")] = False,
+    min_forgotten_fraction: Annotated[float, typer.Option(help="Check: forget images forgotten, at least.")] = 1.0,
+    max_remember_qd: Annotated[float, typer.Option(help="Check: QD(remember), at most.")] = 0.01,
+    max_holdout_qd: Annotated[float, typer.Option(help="Check: QD of each holdout set, at most.")] = 0.02,
+    max_neighbours_qd: Annotated[float, typer.Option(help="Check: QD(neighbours), at most.")] = 0.02,
+    max_remember_bpd_increase: Annotated[float, typer.Option(help="Check: relative increase of the remember "
+                                                                  "set's mean BPD, at most (0.01 = 1%).")] = 0.01,
+    min_normality_p: Annotated[float, typer.Option(help="Check: KS normality p of the remember NLL under "
+                                                        "the tamed model, above.")] = 0.001,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per likelihood batch.")] = 256,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16/fp16 autocast on CUDA.")] = "fp32",
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of "
+                                                          "skipping it.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing --json/--plot files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no tables.")] = False,
 ) -> None:
     """Compare TAMED with BASE on the forget, remember and held-out sets (nats, BPD, q, QD, KS).
 
