@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.progress import MofNCompleteColumn, Progress, TaskID
@@ -91,23 +92,23 @@ def _stats_table(report: dict) -> Table:
 
 @app.command()
 def stats(
-    model: str = typer.Argument(..., help="A flowtame checkpoint, or 'embedded:glow-digits'."),
-    data: list[str] = typer.Argument(..., help="Image sources: folders, image files, .txt lists of image "
-                                               "paths, or embedded:digits[:all|train|test][:CLASS]."),
-    json_path: str = typer.Option(None, "--json", help="Write the statistics as JSON ('-' = stdout only)."),
-    per_image: Path = typer.Option(None, "--per-image", help="Write one CSV row per image: source, path, "
-                                                             "key, nll_nats, bpd."),
-    plot: Path = typer.Option(None, "--plot", help="Write a PNG: per source, the NLL histogram (BPD) and its "
-                                                   "fitted normal."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the dequantization noise (same seed, same noise for "
-                                               "every model)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16/fp16 autocast on CUDA."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first unreadable image instead of "
-                                                        "skipping it with a warning."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--per-image/--plot files."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no per-source lines, no table."),
+    model: Annotated[str, typer.Argument(help="A flowtame checkpoint, or 'embedded:glow-digits'.")],
+    data: Annotated[list[str], typer.Argument(help="Image sources: folders, image files, .txt lists of image paths, "
+                                                   "or embedded:digits[:all|train|test][:CLASS].")],
+    json_path: Annotated[str, typer.Option("--json", help="Write the statistics as JSON ('-' = stdout only).")] = None,
+    per_image: Annotated[Path, typer.Option("--per-image", help="Write one CSV row per image: source, path, "
+                                                                "key, nll_nats, bpd.")] = None,
+    plot: Annotated[Path, typer.Option("--plot", help="Write a PNG: per source, the NLL histogram (BPD) and "
+                                                      "its fitted normal.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise (same seed, same noise "
+                                                     "for every model).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16/fp16 autocast on CUDA.")] = "fp32",
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of "
+                                                          "skipping it with a warning.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing --json/--per-image/--plot files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no per-source lines, no table.")] = False,
 ) -> None:
     """Per-image NLL of MODEL on each DATA source: mean, std, range and quantiles in nats and BPD, with
     KS (against the fitted normal) and D'Agostino-Pearson normality tests.
