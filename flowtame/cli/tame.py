@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.live import Live
@@ -27,65 +28,75 @@ from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 FORGET_OPTIONS = {"--forget": "<forget source>", "-f": "<forget source>"}
 
 
+# Over 80 lines on purpose: most are the option declarations (one per option, with its help); the body
+# only parses, calls the library and renders.
 @app.command("tame")
 def tame_command(
-    model: str = typer.Argument(..., help="Base checkpoint (.safetensors) or embedded:glow-digits. Never modified."),
-    forget: list[str] = typer.Option(..., "--forget", "-f", help="Images to forget (folder, image, list file, "
-                                     "embedded:digits...). Repeat for several requests."),
-    remember: str = typer.Option(..., "--remember", "-r", help="Images whose distribution must stay as it was."),
-    output: Path = typer.Option(..., "--output", "-o", help="Tamed checkpoint to write (.safetensors)."),
-    report: str = typer.Option(None, "--report", help="Write the JSON report here ('-' = stdout)."),
-    holdout: list[str] = typer.Option(None, "--holdout", help="Held-out images to evaluate on (repeatable)."),
-    config: Path = typer.Option(None, "--config", help="YAML file with any of the keys below; flags win."),
-    preset_name: str = typer.Option(None, "--preset", help="Start from a shipped preset: 'paper' = the "
-                                    "authors' exact loss and hyperparameters."),
-    method: str = typer.Option(None, help="taming (default) | neggrad | selective-amnesia (baselines)."),
-    delta: float = typer.Option(None, help="Threshold in remember std units: mu_R + delta*sigma_R [4]."),
-    epsilon: float = typer.Option(None, help="Stop when |d| < epsilon for every forget image [0.15*delta]."),
-    alpha: float = typer.Option(None, help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15]."),
-    gamma: float = typer.Option(None, help="Weight of the KL terms inside L_R [0.6]."),
-    lr: float = typer.Option(None, help="Adam peak learning rate [2e-4]."),
-    batch_size: int = typer.Option(None, help="Forget and remember images per iteration (each) [32]."),
-    max_iters: int = typer.Option(None, help="Iteration budget [800]."),
-    refresh_every: int = typer.Option(None, help="Re-estimate mu_R, sigma_R every N iterations [10]."),
-    refresh_size: int = typer.Option(None, help="Remember images used for each re-estimate [256]."),
-    warmup: int = typer.Option(None, help="Linear learning-rate warm-up iterations [20]."),
-    grad_clip: float = typer.Option(None, help="Clip the gradient norm to this value."),
-    forget_loss: str = typer.Option(None, help="huber | squared | sigmoid (the paper's)."),
-    forget_unit: str = typer.Option(None, help="Unit of the forget gap: sigma | bpd (the paper's) | nats."),
-    kl_estimate: str = typer.Option(None, help="N_T estimate: refreshed | batch (the paper's)."),
-    threshold_gradient: bool = typer.Option(None, "--threshold-gradient/--no-threshold-gradient",
-                                            help="Differentiate the forget loss through mu_R + delta*sigma_R."),
-    settle_decay: float = typer.Option(None, help="Per-iteration learning-rate decay while every forget image "
-                                       "is within 2*epsilon of the threshold (1 = off) [0.97]."),
-    stop_margin: float = typer.Option(None, help="Stop only when every forget image's d (in sigma_R) is above "
-                                      "-epsilon + this margin, so it still counts as forgotten on noise the run "
-                                      "never saw (0 = the paper's |d| < epsilon; docs/method.md) [0]."),
-    forget_draws: int = typer.Option(None, help="Noise draws averaged into each forget image's NLL in the "
-                                     "stopping test and the report [8]."),
-    max_remember_drift: float = typer.Option(None, help="Stopping guard: refuse to stop while the remember set's "
-                                             "mean NLL is up by more than this fraction (0 = off) [0.008 for taming, "
-                                             "0.05 for the baselines]."),
-    max_remember_jump: float = typer.Option(None, help="Blow-up guard: roll back and halve the learning rate when "
-                                            "a remember batch's mean BPD is this fraction above the base "
-                                            "model's (0 = off) [0.25]."),
-    freeze: str = typer.Option(None, help="Parameters held fixed: coupling-outputs (each coupling network's "
-                               "zero-initialized last layer) | none [coupling-outputs for taming, none for "
-                               "the baselines]."),
-    seed: int = typer.Option(None, help="Seed: CPU runs are bit-for-bit repeatable [0]."),
-    eval_seed: int = typer.Option(None, help="Seed of the fixed evaluation / stopping-check noise [0]."),
-    precision: str = typer.Option(None, help="fp32 | bf16 | fp16 (autocast, CUDA only)."),
-    sa_lambda: float = typer.Option(None, help="selective-amnesia: EWC penalty weight lambda."),
-    sa_replay_weight: float = typer.Option(None, help="selective-amnesia: weight of generative replay."),
-    sa_fisher_samples: int = typer.Option(None, help="selective-amnesia: base-model samples for the Fisher."),
-    sa_surrogate: str = typer.Option(None, help="selective-amnesia: 'uniform' noise images or a folder."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved state."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
-    strict: bool = typer.Option(False, "--strict", help="Treat unreadable image files as errors."),
-    require_converged: bool = typer.Option(False, "--require-converged",
-                                           help="Exit 1 when the stopping criterion was not reached."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view; plain log lines only at the end."),
+    model: Annotated[str, typer.Argument(help="Base checkpoint (.safetensors) or embedded:glow-digits. Never "
+                                              "modified.")],
+    forget: Annotated[list[str], typer.Option("--forget", "-f", help="Images to forget (folder, image, list file, "
+                                                                     "embedded:digits...). Repeat for several "
+                                                                     "requests.")],
+    remember: Annotated[str, typer.Option("--remember", "-r", help="Images whose distribution must stay as it was.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Tamed checkpoint to write (.safetensors).")],
+    report: Annotated[str, typer.Option("--report", help="Write the JSON report here ('-' = stdout).")] = None,
+    holdout: Annotated[list[str], typer.Option("--holdout", help="Held-out images to evaluate on "
+                                                                 "(repeatable).")] = None,
+    config: Annotated[Path, typer.Option("--config", help="YAML file with any of the keys below; flags win.")] = None,
+    preset_name: Annotated[str, typer.Option("--preset", help="Start from a shipped preset: 'paper' = the "
+                                                              "authors' exact loss and hyperparameters.")] = None,
+    method: Annotated[str, typer.Option(help="taming (default) | neggrad | selective-amnesia (baselines).")] = None,
+    delta: Annotated[float, typer.Option(help="Threshold in remember std units: mu_R + delta*sigma_R [4].")] = None,
+    epsilon: Annotated[float, typer.Option(help="Stop when |d| < epsilon for every forget image [0.15*delta].")] = None,
+    alpha: Annotated[float, typer.Option(help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15].")] = None,
+    gamma: Annotated[float, typer.Option(help="Weight of the KL terms inside L_R [0.6].")] = None,
+    lr: Annotated[float, typer.Option(help="Adam peak learning rate [2e-4].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Forget and remember images per iteration (each) [32].")] = None,
+    max_iters: Annotated[int, typer.Option(help="Iteration budget [800].")] = None,
+    refresh_every: Annotated[int, typer.Option(help="Re-estimate mu_R, sigma_R every N iterations [10].")] = None,
+    refresh_size: Annotated[int, typer.Option(help="Remember images used for each re-estimate [256].")] = None,
+    warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up iterations [20].")] = None,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value.")] = None,
+    forget_loss: Annotated[str, typer.Option(help="huber | squared | sigmoid (the paper's).")] = None,
+    forget_unit: Annotated[str, typer.Option(help="Unit of the forget gap: sigma | bpd (the paper's) | nats.")] = None,
+    kl_estimate: Annotated[str, typer.Option(help="N_T estimate: refreshed | batch (the paper's).")] = None,
+    threshold_gradient: Annotated[bool, typer.Option(
+        "--threshold-gradient/--no-threshold-gradient", help="Differentiate the forget loss through mu_R + "
+                                                             "delta*sigma_R.")] = None,
+    settle_decay: Annotated[float, typer.Option(help="Per-iteration learning-rate decay while every forget "
+                                                     "image is within 2*epsilon of the threshold (1 = off) "
+                                                     "[0.97].")] = None,
+    stop_margin: Annotated[float, typer.Option(help="Stop only when every forget image's d (in sigma_R) is "
+                                                    "above -epsilon + this margin, so it still counts as "
+                                                    "forgotten on noise the run never saw (0 = the paper's "
+                                                    "|d| < epsilon; docs/method.md) [0].")] = None,
+    forget_draws: Annotated[int, typer.Option(help="Noise draws averaged into each forget image's NLL in the "
+                                                   "stopping test and the report [8].")] = None,
+    max_remember_drift: Annotated[float, typer.Option(
+        help="Stopping guard: refuse to stop while the remember set's mean NLL is up by more than this "
+             "fraction (0 = off) [0.008 for taming, 0.05 for the baselines].")] = None,
+    max_remember_jump: Annotated[float, typer.Option(help="Blow-up guard: roll back and halve the learning "
+                                                          "rate when a remember batch's mean BPD is this "
+                                                          "fraction above the base model's (0 = off) [0.25].")] = None,
+    freeze: Annotated[str, typer.Option(help="Parameters held fixed: coupling-outputs (each coupling "
+                                             "network's zero-initialized last layer) | none "
+                                             "[coupling-outputs for taming, none for the baselines].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed: CPU runs are bit-for-bit repeatable [0].")] = None,
+    eval_seed: Annotated[int, typer.Option(help="Seed of the fixed evaluation / stopping-check noise [0].")] = None,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast, CUDA only).")] = None,
+    sa_lambda: Annotated[float, typer.Option(help="selective-amnesia: EWC penalty weight lambda.")] = None,
+    sa_replay_weight: Annotated[float, typer.Option(help="selective-amnesia: weight of generative replay.")] = None,
+    sa_fisher_samples: Annotated[int, typer.Option(help="selective-amnesia: base-model samples for the "
+                                                        "Fisher.")] = None,
+    sa_surrogate: Annotated[str, typer.Option(help="selective-amnesia: 'uniform' noise images or a folder.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its saved state.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Treat unreadable image files as errors.")] = False,
+    require_converged: Annotated[bool, typer.Option("--require-converged", help="Exit 1 when the stopping "
+                                                                                "criterion was not reached.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live view; plain log lines only at the "
+                                                              "end.")] = False,
 ) -> None:
     """Tame MODEL so every --forget image reaches the likelihood threshold, keeping --remember intact.
 
