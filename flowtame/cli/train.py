@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -68,50 +69,52 @@ class _ProgressView:
 
 @app.command("train")
 def train_command(
-    data: str = typer.Argument(..., help="Training images: a folder, an image, a .txt list of paths, or "
-                                         "embedded:digits[:all|train|test][:CLASS]."),
-    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (.safetensors)."),
-    arch: str = typer.Option("glow", "--arch", help="glow | realnvp | nice."),
-    image_size: int = typer.Option(32, "--image-size", help="Images are resized and centre-cropped to this."),
-    channels: int = typer.Option(3, "--channels", help="1 (grayscale) or 3 (RGB)."),
-    n_bits: int = typer.Option(5, "--n-bits", help="Bits per value the model sees (1-8)."),
-    n_flow: int = typer.Option(None, "--n-flow", help="glow: flow steps per level (default: 8)."),
-    n_block: int = typer.Option(None, "--n-block", help="glow: levels; 2**n must divide "
-                               "the image size (default: 3)."),
-    hidden: int = typer.Option(None, "--hidden", help="Width of the coupling "
-                              "networks (default: per architecture)."),
-    affine: bool = typer.Option(None, "--affine/--additive", help="glow: affine or additive coupling "
-                                "(default: additive)."),
-    conv_lu: bool = typer.Option(None, "--lu/--no-lu", help="glow: LU-parameterized 1x1 "
-                            "convolutions (default: lu)."),
-    n_scales: int = typer.Option(None, "--n-scales", help="realnvp: scales (default: 2)."),
-    n_res_blocks: int = typer.Option(None, "--n-res-blocks", help="realnvp: residual blocks (default: 2)."),
-    n_couplings: int = typer.Option(None, "--n-couplings", help="nice: coupling layers (default: 4)."),
-    n_hidden_layers: int = typer.Option(None, "--n-hidden-layers", help="nice: hidden layers (default: 5)."),
-    steps: int = typer.Option(2000, "--steps", help="Optimizer steps."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per step."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam peak learning rate."),
-    warmup: int = typer.Option(200, "--warmup", help="Linear learning-rate warm-up steps."),
-    decay: int = typer.Option(0, "--decay", help="Decay the learning rate linearly towards 0 over the last "
-                              "N steps (0 = constant after warm-up)."),
-    grad_clip: float = typer.Option(50.0, "--grad-clip", help="Clip the gradient norm (loss in BPD) to this; "
-                                    "0 = no clipping."),
-    seed: int = typer.Option(0, "--seed", help="Seed of weights, batch order and noise: CPU runs repeat "
-                             "bit for bit."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also write the checkpoint and the "
-                                         "resumable state every N steps (0 = only at the end)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT's resumable state (same data "
-                                "and settings; --steps may be larger)."),
-    sample_every: int = typer.Option(0, "--sample-every", help="Write an 8x8 grid of temperature-0.7 samples "
-                                     "every N steps (0 = never)."),
-    sample_dir: Path = typer.Option(None, "--sample-dir", help="Folder for the sample grids "
-                                    "(default: OUTPUT's name + '-samples')."),
-    json_path: str = typer.Option(None, "--json", help="Write a summary (settings, BPD, history) as JSON "
-                                  "('-' = stdout)."),
-    strict: bool = typer.Option(False, "--strict", help="Treat unreadable image files as errors."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing OUTPUT."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only the final line."),
+    data: Annotated[str, typer.Argument(help="Training images: a folder, an image, a .txt list of paths, or "
+                                             "embedded:digits[:all|train|test][:CLASS].")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")],
+    arch: Annotated[str, typer.Option("--arch", help="glow | realnvp | nice.")] = "glow",
+    image_size: Annotated[int, typer.Option("--image-size", help="Images are resized and centre-cropped to "
+                                                                 "this.")] = 32,
+    channels: Annotated[int, typer.Option("--channels", help="1 (grayscale) or 3 (RGB).")] = 3,
+    n_bits: Annotated[int, typer.Option("--n-bits", help="Bits per value the model sees (1-8).")] = 5,
+    n_flow: Annotated[int, typer.Option("--n-flow", help="glow: flow steps per level (default: 8).")] = None,
+    n_block: Annotated[int, typer.Option("--n-block", help="glow: levels; 2**n must divide the image size "
+                                                           "(default: 3).")] = None,
+    hidden: Annotated[int, typer.Option("--hidden", help="Width of the coupling networks (default: per "
+                                                         "architecture).")] = None,
+    affine: Annotated[bool, typer.Option("--affine/--additive", help="glow: affine or additive coupling "
+                                                                     "(default: additive).")] = None,
+    conv_lu: Annotated[bool, typer.Option("--lu/--no-lu", help="glow: LU-parameterized 1x1 convolutions "
+                                                               "(default: lu).")] = None,
+    n_scales: Annotated[int, typer.Option("--n-scales", help="realnvp: scales (default: 2).")] = None,
+    n_res_blocks: Annotated[int, typer.Option("--n-res-blocks", help="realnvp: residual blocks (default: 2).")] = None,
+    n_couplings: Annotated[int, typer.Option("--n-couplings", help="nice: coupling layers (default: 4).")] = None,
+    n_hidden_layers: Annotated[int, typer.Option("--n-hidden-layers", help="nice: hidden layers (default: 5).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Adam peak learning rate.")] = 1e-3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Linear learning-rate warm-up steps.")] = 200,
+    decay: Annotated[int, typer.Option("--decay", help="Decay the learning rate linearly towards 0 over the "
+                                                       "last N steps (0 = constant after warm-up).")] = 0,
+    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip the gradient norm (loss in BPD) to "
+                                                                 "this; 0 = no clipping.")] = 50.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of weights, batch order and noise: CPU runs repeat "
+                                                     "bit for bit.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Also write the checkpoint and the "
+                                                                             "resumable state every N steps (0 "
+                                                                             "= only at the end).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT's resumable state (same "
+                                                          "data and settings; --steps may be larger).")] = False,
+    sample_every: Annotated[int, typer.Option("--sample-every", help="Write an 8x8 grid of temperature-0.7 "
+                                                                     "samples every N steps (0 = never).")] = 0,
+    sample_dir: Annotated[Path, typer.Option("--sample-dir", help="Folder for the sample grids (default: "
+                                                                  "OUTPUT's name + '-samples').")] = None,
+    json_path: Annotated[str, typer.Option("--json", help="Write a summary (settings, BPD, history) as JSON "
+                                                          "('-' = stdout).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Treat unreadable image files as errors.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display; only the final line.")] = False,
 ) -> None:
     """Train a fresh flow on DATA by maximum likelihood and write it as a flowtame checkpoint.
 
