@@ -72,14 +72,14 @@ def train_command(
     data: Annotated[str, typer.Argument(help="Training images: a folder, an image, a .txt list of paths, or "
                                              "embedded:digits[:all|train|test][:CLASS].")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")],
-    arch: Annotated[str, typer.Option("--arch", help="glow | realnvp | nice.")] = "glow",
+    arch: Annotated[str, typer.Option("--arch", help="glow | realnvp | nice | tarflow.")] = "glow",
     image_size: Annotated[int, typer.Option("--image-size", help="Images are resized and centre-cropped to "
                                                                  "this.")] = 32,
     channels: Annotated[int, typer.Option("--channels", help="1 (grayscale) or 3 (RGB).")] = 3,
     n_bits: Annotated[int, typer.Option("--n-bits", help="Bits per value the model sees (1-8).")] = 5,
     n_flow: Annotated[int, typer.Option("--n-flow", help="glow: flow steps per level (default: 8).")] = None,
     n_block: Annotated[int, typer.Option("--n-block", help="glow: levels; 2**n must divide the image size "
-                                                           "(default: 3).")] = None,
+                                                           "(default: 3); tarflow: flow blocks (default: 4).")] = None,
     hidden: Annotated[int, typer.Option("--hidden", help="Width of the coupling networks (default: per "
                                                          "architecture).")] = None,
     affine: Annotated[bool, typer.Option("--affine/--additive", help="glow: affine or additive coupling "
@@ -90,6 +90,13 @@ def train_command(
     n_res_blocks: Annotated[int, typer.Option("--n-res-blocks", help="realnvp: residual blocks (default: 2).")] = None,
     n_couplings: Annotated[int, typer.Option("--n-couplings", help="nice: coupling layers (default: 4).")] = None,
     n_hidden_layers: Annotated[int, typer.Option("--n-hidden-layers", help="nice: hidden layers (default: 5).")] = None,
+    patch_size: Annotated[int, typer.Option("--patch-size", help="tarflow: patch side in pixels; must divide "
+                                                                 "the image size (default: 4).")] = None,
+    width: Annotated[int, typer.Option("--width", help="tarflow: transformer width (default: 256).")] = None,
+    layers_per_block: Annotated[int, typer.Option("--layers-per-block", help="tarflow: attention layers per "
+                                                                             "flow block (default: 2).")] = None,
+    heads: Annotated[int, typer.Option("--heads", help="tarflow: attention heads; must divide the width "
+                                                       "(default: 4).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 2000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Adam peak learning rate.")] = 1e-3,

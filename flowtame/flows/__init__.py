@@ -48,7 +48,8 @@ def _register_optional() -> None:
     """Architectures in their own modules register themselves on import."""
     import importlib
 
-    for module in ("flowtame.flows.realnvp", "flowtame.flows.nice", "flowtame.flows.vector"):
+    for module in ("flowtame.flows.realnvp", "flowtame.flows.nice", "flowtame.flows.vector",
+                   "flowtame.flows.tarflow"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:  # module not written yet in this tree

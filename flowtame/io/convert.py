@@ -33,7 +33,7 @@ from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.io.fileio import sha256_file
 
-SOURCE_FORMATS = ("rosinality-glow",)
+SOURCE_FORMATS = ("rosinality-glow", "y0ast-glow", "tarflow")
 
 _KEY = re.compile(r"blocks\.(\d+)\.(?:flows\.(\d+)|prior)\.(.+)")
 
@@ -109,15 +109,34 @@ def _load_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
+def foreign_family(state: dict[str, Tensor], expected: str) -> str | None:
+    """A one-line reason when ``state``'s keys are those of another family than ``expected`` (a source format
+    or "flowtame"), else None: a flowtame checkpoint, a rosinality or y0ast Glow, a TarFlow."""
+    families = (
+        ("flowtame", ("levels.",), "holds flowtame-style keys ('levels...'); a flowtame checkpoint needs no "
+                                   "conversion"),
+        ("tarflow", ("blocks.0.attn_blocks.", "blocks.0.proj_in."), "is a TarFlow state dict ('blocks.N."
+                                                                    "attn_blocks' keys); use --from tarflow"),
+        ("y0ast-glow", ("flow.layers.", "prior_h"), "is a y0ast/Glow-PyTorch state dict ('flow.layers' keys); "
+                                                    "use --from y0ast-glow"),
+        ("rosinality-glow", ("blocks.0.flows.",), "is a rosinality/glow-pytorch Glow state dict ('blocks.N.flows' "
+                                                  "keys); use --from rosinality-glow"),
+    )
+    for name, prefixes, reason in families:
+        if name != expected and any(key.startswith(prefixes) for key in state):
+            return reason
+    return None
+
+
 def infer_structure(path: Path, state: dict[str, Tensor]) -> RosinalityStructure:
     """Infer the Glow hyperparameters from a (prefix-stripped) rosinality state dict.
 
     Raises CheckpointError naming the first key that does not belong to a rosinality Glow, and when the
     blocks do not all have the same number of flows.
     """
-    if any(key.startswith("levels.") for key in state):
-        raise CheckpointError(f"{path}: holds flowtame-style keys ('levels...'); a flowtame checkpoint "
-                              f"needs no conversion")
+    family = foreign_family(state, "rosinality-glow")
+    if family is not None:
+        raise CheckpointError(f"{path}: {family}")
     flows: dict[int, set[int]] = {}
     for key in state:
         match = _KEY.fullmatch(key)

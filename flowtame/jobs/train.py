@@ -217,7 +217,7 @@ class MaximumLikelihood:
 
 #: Hyperparameters a caller may set when training (spec fields; each applies where the architecture's spec has it).
 ARCHITECTURE_OPTIONS = ("n_flow", "n_block", "hidden", "affine", "conv_lu", "n_scales", "n_res_blocks",
-                        "n_couplings", "n_hidden_layers")
+                        "n_couplings", "n_hidden_layers", "patch_size", "width", "layers_per_block", "heads")
 
 
 def model_spec(architecture: str, channels: int, image_size: int, options: dict[str, Any]) -> Any:
