@@ -50,7 +50,10 @@ def tame_command(
     epsilon: Annotated[float, typer.Option(help="Stop when |d| < epsilon for every forget image [0.15*delta].")] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15].")] = None,
     gamma: Annotated[float, typer.Option(help="Weight of the KL terms inside L_R [0.6].")] = None,
-    lr: Annotated[float, typer.Option(help="Adam peak learning rate [2e-4].")] = None,
+    lr: Annotated[float, typer.Option(help="Adam peak learning rate [2e-4]; the calibration may lower it.")] = None,
+    step_sigma: Annotated[float, typer.Option(help="Calibrate the learning rate so that one step moves the "
+                                                   "remember mean NLL by at most this many sigma_R (first "
+                                                   "order, worst case); 0: use --lr as given [0.5].")] = None,
     batch_size: Annotated[int, typer.Option(help="Forget and remember images per iteration (each) [32].")] = None,
     max_iters: Annotated[int, typer.Option(help="Iteration budget [800].")] = None,
     refresh_every: Annotated[int, typer.Option(help="Re-estimate mu_R, sigma_R every N iterations [10].")] = None,

@@ -351,12 +351,18 @@ class Engine:
         return EngineResult(self.iteration, self.converged, self.elapsed, self.lr_reductions, self.trajectory)
 
     def _roll_back(self, problem: str) -> None:
+        """Restore the last good snapshot and lower the learning rate; the method's ``rolled_back(model)``, when
+        it has one, then re-measures what it estimated from the discarded weights (e.g. remember statistics)."""
         if self.lr_reductions >= self.config.max_nan_retries:
-            raise TrainingDivergedError(f"{problem}, after {self.lr_reductions} learning-rate reductions; "
-                                        f"try a smaller lr", keys=("lr",))
+            advice = getattr(self.method, "divergence_advice", lambda: "try a smaller lr")()
+            raise TrainingDivergedError(f"{problem}, after {self.lr_reductions} learning-rate reductions; {advice}",
+                                        keys=("lr",))
         self._restore(self._last_good)
         self.lr_scale *= self.config.lr_backoff
         self.lr_reductions += 1
+        rolled_back = getattr(self.method, "rolled_back", None)
+        if rolled_back is not None:
+            rolled_back(self.model)
 
 
 class _Staged:

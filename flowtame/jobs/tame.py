@@ -38,8 +38,9 @@ from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.likelihood.nll import dequantized, pixel_nll
 from flowtame.likelihood.statistics import subset_correction
 from flowtame.likelihood.threshold import default_epsilon, threshold_distance
+from flowtame.methods.calibration import calibrate_lr
 from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS
-from flowtame.methods.taming import METHODS, TamingData, settings_section
+from flowtame.methods.taming import KL_ESTIMATES, METHODS, TamingData, settings_section
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -63,6 +64,7 @@ class TameConfig:
     alpha: float = 0.15
     gamma: float = 0.6
     lr: float = 2e-4
+    step_sigma: float | None = 0.5
     batch_size: int = 32
     max_iters: int = 800
     refresh_every: int = 10
@@ -97,8 +99,8 @@ class TameConfig:
             problems.append(f"forget_loss must be one of {', '.join(FORGET_LOSSES)}")
         if self.forget_unit not in FORGET_UNITS:
             problems.append(f"forget_unit must be one of {', '.join(FORGET_UNITS)}")
-        if self.kl_estimate not in ("refreshed", "batch"):
-            problems.append("kl_estimate must be refreshed or batch")
+        if self.kl_estimate not in KL_ESTIMATES:
+            problems.append(f"kl_estimate must be one of {', '.join(KL_ESTIMATES)}")
         if not 0 <= self.alpha <= 1 or not 0 <= self.gamma <= 1:
             problems.append("alpha and gamma must lie in [0, 1]")
         if self.delta <= 0 or self.epsilon <= 0:
@@ -118,6 +120,10 @@ class TameConfig:
                 setattr(self, guard, None)  # 0 turns the guard off
             if getattr(self, guard) is not None and getattr(self, guard) < 0:
                 problems.append(f"{guard} must be positive (0 turns the guard off)")
+        if self.step_sigma == 0:
+            self.step_sigma = None  # 0 turns the calibration off: lr is used as given
+        if self.step_sigma is not None and self.step_sigma < 0:
+            problems.append("step_sigma must be positive (0 turns the calibration off)")
         if self.forget_draws < 1:
             problems.append("forget_draws must be at least 1")
         if self.freeze is None and self.method in METHODS:
@@ -316,8 +322,14 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         max_remember_jump=config.max_remember_jump,
         subset_correction=subset_correction(base_remember_nll, refresh_idx.numpy()),
         config=config, base_model=base_model)
+    calibration = None
+    if config.step_sigma is not None and config.method == "taming":
+        calibration = calibrate_lr(model, refresh_x, data_spec, lr_cap=config.lr, step_sigma=config.step_sigma,
+                                   sigma=base_std)
+        method.calibration = calibration
     engine = Engine(model, method, EngineConfig(
-        lr=config.lr, warmup=config.warmup, max_iters=config.max_iters, grad_clip=config.grad_clip,
+        lr=calibration.lr if calibration is not None else config.lr, warmup=config.warmup,
+        max_iters=config.max_iters, grad_clip=config.grad_clip,
         precision=config.precision, trajectory_every=config.trajectory_every),
         generators={"batches": batches}, callback=callback)
     if resume:
@@ -332,6 +344,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         "device": str(dev),
         "base": {"path": str(base.path) if base.path else None, "sha256": base.sha256},
         "data": data_spec.to_dict(),
+        "calibration": calibration.to_dict() if calibration is not None else None,
         "frozen": {"rule": config.freeze, "tensors": len(frozen),
                    "values": sum(parameters[name].numel() for name in frozen)},
         "sets": {"forget": [s.name for s in forget_sets], "remember": remember_set.name,
@@ -371,7 +384,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         iterations=result.iterations, converged=converged, interrupted=False,
         wall_seconds=result.wall_seconds,
         seconds_per_iteration=result.wall_seconds / max(result.iterations, 1),
-        lr_reductions=result.lr_reductions, refreshes=method.refreshes, confirmations=method.confirmations,
+        lr_reductions=result.lr_reductions, refreshes=method.refreshes,
+        early_refreshes=getattr(method, "early_refreshes", 0), confirmations=method.confirmations,
         drift_refusals=method.drift_refusals, whole_set_refusals=method.whole_set_refusals,
         remember_normal={"base": {"mean_nats": base_mean, "std_nats": base_std,
                                   "mean_bpd": base_mean / per_bpd, "std_bpd": base_std / per_bpd},

@@ -27,6 +27,14 @@ MIN_SETTLE_FACTOR = 0.05
 #: One fresh noise draw moves d by up to ~0.6 sigma_R on small models; the smoothing keeps the screen from
 #: waiting for every image's noise to be lucky at once.
 SCREEN_WEIGHT = 0.3
+#: N_T estimators (``kl_estimate``): ``refreshed`` (default), ``batch`` (the paper's).
+KL_ESTIMATES = ("refreshed", "batch")
+#: Weight of each remember batch's mean and std in their exponential average (the staleness test).
+TRACK_WEIGHT = 0.3
+#: Refresh early when the batches' average mean or std is this many sigma_R away from the refreshed value
+#: (its noise is ~0.07 sigma_R for the mean and ~0.05 for the std at batch 32): the value is stale, and the KL
+#: would keep pushing the same way for the rest of the refresh interval (docs/method.md "Blow-ups").
+STALE_SIGMA = 0.25
 
 
 @dataclass
@@ -100,7 +108,7 @@ class TamingMethod:
                  max_remember_drift: float | None = None, max_remember_jump: float | None = None,
                  config: Any = None,
                  base_model: nn.Module | None = None, setup_generator: torch.Generator | None = None):
-        if kl_estimate not in ("refreshed", "batch"):
+        if kl_estimate not in KL_ESTIMATES:
             raise ValueError(f"unknown kl_estimate {kl_estimate!r}")
         self.data = data
         self.delta, self.epsilon, self.alpha, self.gamma = delta, epsilon, alpha, gamma
@@ -123,12 +131,15 @@ class TamingMethod:
         self.base_bpd = float(data.base_mean) / self.nats_per_bpd
         self.mu_r = data.base_mean.clone()
         self.sigma_r = data.base_std.clone()
+        self.track_mean, self.track_std = self.mu_r.clone(), self.sigma_r.clone()
+        self.calibration = None  # set by the tame job when the learning rate was calibrated
         # the refresh subset's own (uncorrected) NLL mean and std at the latest refresh, nats
         self.subset_mean, self.subset_std = self.mu_r - self.mean_offset, self.sigma_r / self.std_ratio
         self.latest_d = torch.full((data.forget.shape[0],), float("inf"), device=data.device)
         self.last_confirm = -confirm_gap
         self.confirmed_d: Tensor | None = None
         self.refreshes = 0
+        self.early_refreshes = 0
         self.confirmations = 0
         self.drift_refusals = 0
         self.whole_set_refusals = 0
@@ -167,6 +178,9 @@ class TamingMethod:
         Must return the scalar loss and at least ``loss_forget``, ``loss_remember``, ``remember_bpd``.
         """
         batch_mean, batch_std = nll_remember.mean(), nll_remember.std()
+        # an exponential average of the remember batches: tells when the refreshed value went stale
+        self.track_mean = self.track_mean + TRACK_WEIGHT * (batch_mean.detach() - self.track_mean)
+        self.track_std = self.track_std + TRACK_WEIGHT * (batch_std.detach() - self.track_std)
         if self.kl_estimate == "refreshed":
             tamed_mean = self.mu_r + (batch_mean - batch_mean.detach())
             tamed_std = self.sigma_r + (batch_std - batch_std.detach())
@@ -197,6 +211,7 @@ class TamingMethod:
         self.subset_mean, self.subset_std = nll.mean(), nll.std()
         self.mu_r = self.subset_mean + self.mean_offset
         self.sigma_r = self.subset_std * self.std_ratio
+        self.track_mean, self.track_std = self.mu_r.clone(), self.sigma_r.clone()
         self.refreshes += 1
 
     def diverged(self, logged: dict[str, float]) -> str | None:
@@ -209,6 +224,20 @@ class TamingMethod:
             return (f"the remember batch's mean BPD jumped to {logged['remember_bpd']:.3f} "
                     f"(base {self.base_bpd:.3f})")
         return None
+
+    def rolled_back(self, model: nn.Module) -> None:
+        """After the engine restored the last good weights: re-estimate mu_R, sigma_R on them, so the remember
+        term does not keep steering by statistics measured on the discarded (blown-up) weights."""
+        self.refresh(model)
+
+    def divergence_advice(self) -> str:
+        """What to change when the blow-up guard gives up: a learning rate whose worst-case step fits the model."""
+        calibration = getattr(self, "calibration", None)
+        if calibration is None:
+            return "try a smaller --lr, or leave --step-sigma at its default so the learning rate is calibrated"
+        return (f"one step at the calibrated lr {calibration.lr:.2g} moves the remember mean NLL by up to "
+                f"{calibration.lr * calibration.sensitivity / calibration.sigma:.2g} sigma_R on this model "
+                f"(first order); try --step-sigma {calibration.step_sigma / 4:.2g}")
 
     def remember_drift(self) -> float:
         """Relative rise of the remember set's mean NLL (latest refresh) over the base model's N_B mean."""
@@ -293,13 +322,24 @@ class TamingMethod:
                     and self.whole_set_agrees(model, forget_nll))
         if (iteration + 1) % self.refresh_every == 0:
             self.refresh(model)
+        elif self.kl_estimate == "refreshed" and self.stale():
+            self.early_refreshes += 1
+            self.refresh(model)
         return False
 
+    def stale(self) -> bool:
+        """Whether the remember batches' exponential average left the refreshed mu_R, sigma_R by more than
+        :data:`STALE_SIGMA` sigma_R: the model moved since the refresh, and the KL's pull is out of date."""
+        limit = STALE_SIGMA * self.sigma_r
+        return bool((self.track_mean - self.mu_r).abs() > limit or (self.track_std - self.sigma_r).abs() > limit)
+
     def state_tensors(self) -> dict[str, Tensor]:
-        return {"mu_r": self.mu_r.reshape(1), "sigma_r": self.sigma_r.reshape(1), "latest_d": self.latest_d}
+        return {"mu_r": self.mu_r.reshape(1), "sigma_r": self.sigma_r.reshape(1), "latest_d": self.latest_d,
+                "track": torch.stack([self.track_mean, self.track_std]).reshape(2)}
 
     def state_meta(self) -> dict[str, Any]:
         return {"last_confirm": self.last_confirm, "refreshes": self.refreshes,
+                "early_refreshes": self.early_refreshes,
                 "confirmations": self.confirmations, "lr_factor": self.lr_factor,
                 "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals,
                 "subset_correction": [self.mean_offset, self.std_ratio]}
@@ -307,8 +347,11 @@ class TamingMethod:
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.mu_r, self.sigma_r = tensors["mu_r"].reshape(()), tensors["sigma_r"].reshape(())
         self.latest_d = tensors["latest_d"].clone()
+        if "track" in tensors:
+            self.track_mean, self.track_std = tensors["track"][0].clone(), tensors["track"][1].clone()
         self.last_confirm = meta["last_confirm"]
         self.refreshes = meta["refreshes"]
+        self.early_refreshes = meta.get("early_refreshes", 0)
         self.confirmations = meta["confirmations"]
         self.lr_factor = meta["lr_factor"]
         self.drift_refusals = meta.get("drift_refusals", 0)
