@@ -24,10 +24,10 @@ import torch
 
 from flowtame.data.embedded import resolve_model_path
 from flowtame.data.images import open_images
+from flowtame.data.quantization import nats_per_bpd
 from flowtame.io.checkpoint import load_checkpoint
 from flowtame.jobs.tame import make_config, tame, taming_evaluation
 from flowtame.likelihood.protocol import median_nearest, write_pngs
-from flowtame.methods.objective import nats_per_bpd
 
 
 def main() -> None:

@@ -1,24 +1,26 @@
 """The baselines (neggrad, selective-amnesia): objectives by hand, the Fisher, the EWC penalty, the stop rule,
 resume, and whole runs through ``tame()`` and the CLI on a tiny Glow with a few embedded digits."""
 
+import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from flowtame.data.images import open_images
-from flowtame.data.quantization import DataSpec
+from flowtame.data.quantization import DataSpec, nats_per_bpd
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import CheckpointError, InputError
 from flowtame.flows.base import coupling_output_parameters
 from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from flowtame.jobs.tame import TameConfig, make_config, tame
+from flowtame.jobs.tame import TameConfig, make_config, read_config_file, tame
 from flowtame.likelihood.nll import dequantized, nll_nats
 from flowtame.likelihood.protocol import write_pngs
-from flowtame.methods.baselines import NegGrad, SelectiveAmnesia, diagonal_fisher
-from flowtame.methods.objective import nats_per_bpd
+from flowtame.methods.baselines import NegGrad, SelectiveAmnesia, SelectiveAmnesiaSettings, diagonal_fisher
 from flowtame.methods.taming import METHODS, TamingData, TamingMethod
 
 DATA_SPEC = DataSpec(image_size=8, channels=1, n_bits=5)
@@ -64,7 +66,7 @@ def make_method(name: str, model: torch.nn.Module, *, seed: int = 0, **config_kw
     data = TamingData(data_spec=DATA_SPEC, forget=forget, forget_request=torch.zeros(3, dtype=torch.long),
                       forget_check_noise=torch.rand(forget.shape), remember=remember, refresh=refresh,
                       base_mean=nll.mean(), base_std=nll.std())
-    config = TameConfig(**{"method": name, **FAST, **config_kw})
+    config = make_config({"method": name, **FAST, **config_kw})
     return METHODS[name](data, delta=config.delta, epsilon=config.epsilon, alpha=config.alpha, gamma=config.gamma,
                          batch_size=config.batch_size, refresh_every=config.refresh_every,
                          forget_loss_kind=config.forget_loss, forget_unit=config.forget_unit,
@@ -85,6 +87,30 @@ def confirm_at(monkeypatch, method, d: list[float]) -> None:
 def test_methods_register_on_import():
     assert METHODS["neggrad"] is NegGrad and METHODS["selective-amnesia"] is SelectiveAmnesia
     assert TameConfig(method="selective-amnesia").method == "selective-amnesia"
+    # importing the methods package registers every method; TameConfig no longer imports the baselines
+    code = ("from flowtame.methods.taming import METHODS; import sys; "
+            "print(sorted(METHODS), 'flowtame.jobs.tame' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['neggrad', 'selective-amnesia', 'taming'] False"
+
+
+def test_selective_amnesia_settings_flat_keys_section_and_flags(tmp_path):
+    """The SA settings live with the method; the flat sa_* keys (and flags) and a selective_amnesia section
+    both set them, later layers win per setting."""
+    cfg = tmp_path / "sa.yaml"
+    cfg.write_text("method: selective-amnesia\nselective-amnesia:\n  ewc_lambda: 5\n  fisher-samples: 32\n"
+                   "sa_replay_weight: 0.5\n")
+    config = make_config(read_config_file(cfg), {"sa_fisher_samples": 64, "sa_lambda": None})
+    assert config.method_settings["selective_amnesia"] == SelectiveAmnesiaSettings(
+        ewc_lambda=5, replay_weight=0.5, fisher_samples=64, surrogate="uniform")
+    assert make_config({}).method_settings == {"selective_amnesia": SelectiveAmnesiaSettings()}
+    assert "sa_lambda" not in {f.name for f in dataclasses.fields(TameConfig)}
+    with pytest.raises(InputError, match="sa_lambda and sa_replay_weight >= 0") as caught:
+        make_config({"sa_lambda": -1.0})
+    assert "sa_lambda" in caught.value.keys
+    cfg.write_text("selective_amnesia:\n  lambda: 5\n")
+    with pytest.raises(InputError, match="selective_amnesia: unknown key"):
+        make_config(read_config_file(cfg))
 
 
 # ---------------------------------------------------------------------------------------------- objectives

@@ -94,7 +94,7 @@ def test_cli_target_errors_exit_2_before_any_work(run_cli, tmp_path, targets, me
 def test_cli_needs_two_groups(run_cli, tmp_path):
     result = run_cli("debias", tmp_path / "m.safetensors", "--group", f"zero={ZERO}", "--target", "zero=0.5",
                      "-o", tmp_path / "o.safetensors")
-    assert result.exit_code == 2 and "at least two --group" in result.stderr
+    assert result.exit_code == 2 and "at least two groups" in result.stderr and "[--group]" in result.stderr
 
 
 # ------------------------------------------------------------------------------------------ frequencies
@@ -437,12 +437,13 @@ def test_cli_other_class_counts_only_the_groups(run_cli, tiny_base, tmp_path):
 
 
 def test_redacted_command_hides_every_data_path_but_keeps_group_names():
-    from flowtame.cli.debias import redacted_command
+    from flowtame.cli._common import redacted_command
+    from flowtame.cli.debias import GROUP_OPTIONS, PATH_OPTIONS
 
     argv = ["debias", "m.safetensors", "--group", "a=/secret/a", "--group=b=/secret/b", "-g", "c=/secret/c",
             "--remember=/secret/r", "--other", "/secret/o", "--classifier", "/secret/c.pt", "-o", "/secret/out",
             "--report", "/secret/r.json", "--target", "a=0.5"]
-    command = redacted_command(argv)
+    command = redacted_command(argv, PATH_OPTIONS, GROUP_OPTIONS)
     assert "/secret" not in command
     assert command.startswith("flowtame debias m.safetensors --group 'a=<path>' '--group=b=<path>' -g 'c=<path>'")
     assert command.endswith("--target a=0.5")
@@ -485,3 +486,21 @@ def test_cli_bad_input_is_one_line_and_exit_2(run_cli, tiny_base, tmp_path, case
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_config_file_same_rules_as_tame_flags_win(tmp_path, run_cli):
+    from flowtame.jobs.debias import make_config, read_config_file
+
+    cfg = tmp_path / "debias.yaml"
+    cfg.write_text("max-iters: 50\ntolerance: 0.05\nsoft_delta: 1.5\n")
+    config = make_config(read_config_file(cfg), {"tolerance": 0.03, "samples": None})
+    assert (config.max_iters, config.tolerance, config.soft_delta, config.samples) == (50, 0.03, 1.5, 1024)
+    cfg.write_text("tolerance: 0.05\nlearning_rate: 1\n")
+    out = tmp_path / "out.safetensors"
+    args = ["debias", tmp_path / "missing.safetensors", "--group", f"zero={ZERO}", "--group", f"one={ONE}",
+            "--target", "zero=0.5", "-o", out, "--config", cfg]
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "unknown key(s) learning_rate" in result.stderr and not out.exists()
+    cfg.write_text("tolerance: 0.7\n")
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "tolerance must lie in (0, 0.5) [--tolerance]" in result.stderr

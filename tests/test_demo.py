@@ -41,8 +41,14 @@ def test_demo_forgets_four_threes_and_keeps_the_rest(run_cli, tmp_path):
     assert abs(sets["remember"]["qd"]) < 0.01
     assert abs(sets["holdout:embedded:digits:test"]["bpd_change_relative"]) < 0.03
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["sets"]["embedded:digits:train"]["n"] == 1497
-    assert stats["sets"]["embedded:digits:test"]["n"] == 300
+    assert [(s["name"], s["n"]) for s in stats["sources"]] == [("embedded:digits:train", 1497),
+                                                                ("embedded:digits:test", 300)]
+    # the same report `flowtame stats --json` writes: same keys at every level, same values
+    by_hand = run_cli("stats", "embedded:glow-digits", "embedded:digits:train", "embedded:digits:test",
+                      "--device", "cpu", "--json", "-")
+    assert by_hand.exit_code == 0, by_hand.stderr
+    assert _shape(json.loads(by_hand.stdout)) == _shape(stats)
+    assert [s["nats"] for s in json.loads(by_hand.stdout)["sources"]] == [s["nats"] for s in stats["sources"]]
 
     # every check is listed with its value; the table and the repeatable commands are printed
     assert "check forget.forgotten_fraction: 1 >= 1  pass" in result.stdout
@@ -54,3 +60,12 @@ def test_demo_forgets_four_threes_and_keeps_the_rest(run_cli, tmp_path):
     grid = np.asarray(Image.open(out / "samples.png"))
     top, bottom = np.array_split(grid, 2, axis=0)
     assert top.shape == bottom.shape and not np.array_equal(top, bottom)
+
+
+def _shape(value):
+    """The key structure of a JSON value (dict keys recursively, list items' shapes), values left out."""
+    if isinstance(value, dict):
+        return {key: _shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shape(item) for item in value]
+    return type(value).__name__

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from flowtame.engine.loop import Engine, EngineConfig, _learning_rate
-from flowtame.errors import CheckpointError, InterruptedRun, TrainingDivergedError
+from flowtame.errors import CheckpointError, InputError, InterruptedRun, TrainingDivergedError
 
 
 class QuadraticMethod:
@@ -83,8 +83,9 @@ def test_resume_gives_the_bit_identical_result(tmp_path, lagged):
 
     state = tmp_path / "state.safetensors"
     model_b, _, engine_b = make(lagged=lagged, callback=interrupt_at_17)
-    with pytest.raises(InterruptedRun, match="--resume"):
+    with pytest.raises(InterruptedRun, match="resuming") as caught:
         engine_b.run(state_path=state)
+    assert caught.value.keys == ("resume",)  # the CLI renders it with the --resume flag
     # lagged, iteration 17's step is taken (and then judged) before the loop sees the stop request
     stopped_at = 18 if lagged else 17
     assert state.exists() and engine_b.iteration == stopped_at
@@ -150,7 +151,7 @@ def test_persistent_blow_up_fails_clearly_naming_the_problem(lagged):
 
 def test_bad_resume_state_is_a_clear_error(tmp_path):
     _, _, engine = make()
-    with pytest.raises(CheckpointError, match="nothing to --resume"):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
         engine.load_state(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 20)
@@ -192,3 +193,13 @@ def test_lagged_nan_step_is_undone_from_a_judged_snapshot():
         assert all(torch.isfinite(p).all() for p in model.parameters())
     unlagged, lagged = restored
     assert all(torch.isfinite(v).all() and torch.equal(v, lagged[k]) for k, v in unlagged.items())
+
+
+def test_mixed_precision_on_the_cpu_is_refused_not_run_in_fp32():
+    """The engine applies the same precision rule as the likelihood passes (engine.devices.autocast_context)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    engine = Engine(nn.Linear(3, 1), QuadraticMethod(gen), EngineConfig(lr=0.05, max_iters=3, precision="bf16"),
+                    generators={"g": gen})
+    with pytest.raises(InputError, match="only supported on CUDA"):
+        engine.run()

@@ -2,17 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from flowtame.methods.objective import (
-    forget_loss,
-    kl_normal,
-    nats_per_bpd,
-    remember_loss,
-    symmetric_kl,
-    threshold_distance,
-)
+from flowtame.data.quantization import bpd_to_nats, nats_per_bpd, nats_to_bpd
+from flowtame.likelihood.threshold import default_epsilon, forget_threshold, threshold_distance
+from flowtame.methods.objective import forget_loss, kl_normal, remember_loss, symmetric_kl
 
 
 def t(x):
@@ -51,6 +47,24 @@ def test_threshold_distance_by_hand():
     # mu=100, sigma=5, delta=4: threshold 120; NLL 110 is 2 sigma short
     d = threshold_distance(t([110.0, 120.0, 125.0]), t(100.0), t(5.0), 4.0)
     assert d.tolist() == pytest.approx([-2.0, 0.0, 1.0])
+
+
+def test_threshold_helpers_agree_across_floats_arrays_and_tensors():
+    assert forget_threshold(100.0, 5.0, 4.0) == 120.0
+    assert default_epsilon(4.0) == pytest.approx(0.6)
+    values = [110.0, 120.0, 125.0]
+    by_array = threshold_distance(np.array(values), 100.0, 5.0, 4.0)
+    by_tensor = threshold_distance(t(values), t(100.0), t(5.0), 4.0)
+    np.testing.assert_array_equal(by_array, by_tensor.numpy())
+    mu = t(100.0).requires_grad_()
+    threshold_distance(t(values), mu, t(5.0), 4.0).sum().backward()
+    assert mu.grad.item() == pytest.approx(-3 / 5.0)  # d(d)/d(mu) = -1/sigma per image
+
+
+def test_unit_conversions_round_trip():
+    assert nats_to_bpd(nats_per_bpd(784), 784) == pytest.approx(1.0, rel=1e-15)
+    nll = np.array([500.0, 812.5])
+    np.testing.assert_allclose(bpd_to_nats(nats_to_bpd(nll, 784), 784), nll, rtol=1e-15)
 
 
 def test_forget_loss_sigmoid_in_bpd_matches_paper_formula():

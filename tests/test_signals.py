@@ -164,7 +164,7 @@ def test_train_stops_cleanly_on_sighup(tmp_path):
             os.kill(os.getpid(), signal.SIGHUP)
 
     out = tmp_path / "out.safetensors"
-    with pytest.raises(InterruptedRun, match="SIGHUP.*--resume") as caught:
+    with pytest.raises(InterruptedRun, match="SIGHUP.*resuming") as caught:
         train(out, callback=hang_up)
     assert caught.value.exit_code == 129 and resume_state_path(out).is_file()
     resumed = train(out, resume=True)

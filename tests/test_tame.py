@@ -189,7 +189,7 @@ def test_config_file_and_preset_with_flags_winning(tmp_path, run_cli, workspace)
     assert result.exit_code == 2 and "learning_rate" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("tame", workspace["base"], "--forget", workspace["forget"], "--remember",
                      workspace["remember"], "-o", tmp_path / "x.safetensors", "--alpha", "1.5")
-    assert result.exit_code == 2 and "alpha" in result.stderr
+    assert result.exit_code == 2 and "alpha and gamma must lie in [0, 1] [--alpha, --gamma]" in result.stderr
 
 
 def test_empty_forget_folder_is_a_clear_error(tmp_path, run_cli, workspace):
@@ -199,3 +199,12 @@ def test_empty_forget_folder_is_a_clear_error(tmp_path, run_cli, workspace):
                      "-o", tmp_path / "x.safetensors")
     assert result.exit_code == 2 and str(empty) in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_mixed_precision_on_the_cpu_is_refused_as_stats_refuses_it(tmp_path, run_cli, workspace):
+    """One rule for every command: bf16/fp16 autocast is CUDA only; the CPU refuses it instead of running fp32."""
+    out = tmp_path / "x.safetensors"
+    result = run_cli("tame", workspace["base"], "--forget", workspace["forget"], "--remember",
+                     workspace["remember"], "-o", out, "--device", "cpu", "--precision", "bf16")
+    assert result.exit_code == 2 and "only supported on CUDA" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()

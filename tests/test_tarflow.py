@@ -310,7 +310,7 @@ def test_train_cli_trains_a_tarflow(run_cli, tmp_path):
         "heads": 2, "expansion": 4, "nvp": True, "num_classes": 0, "class_label": None}
     refused = run_cli("train", "embedded:digits:train", "-o", str(tmp_path / "x.safetensors"), "--arch", "tarflow",
                       "--image-size", "8", "--channels", "1", "--hidden", "8")
-    assert_one_line_error(refused, "--hidden does not apply to --arch tarflow", "--patch-size")
+    assert_one_line_error(refused, "hidden does not apply to architecture tarflow", "--patch-size")
     bad = run_cli("train", "embedded:digits:train", "-o", str(tmp_path / "y.safetensors"), "--arch", "tarflow",
                   "--image-size", "8", "--channels", "1", "--patch-size", "3")
     assert_one_line_error(bad, "image_size 8 must be a multiple of patch_size 3")

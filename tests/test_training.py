@@ -141,7 +141,7 @@ def test_ctrl_c_saves_a_resumable_state_and_resume_matches(tmp_path):
         if progress.step == 4:
             raise KeyboardInterrupt
 
-    with pytest.raises(InterruptedRun, match="--resume") as caught:
+    with pytest.raises(InterruptedRun, match="resuming") as caught:
         train(steps=10, decay_steps=5, checkpoint_path=path, callback=interrupt)
     assert caught.value.exit_code == 130
     state = resume_state_path(path)
@@ -176,7 +176,7 @@ def test_periodic_checkpoints_and_sample_grids(tmp_path):
 
 def test_resume_refuses_other_settings_and_missing_state(tmp_path):
     path = tmp_path / "model.safetensors"
-    with pytest.raises(CheckpointError, match="nothing to --resume"):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
         train(checkpoint_path=path, resume=True)
     train(steps=2, checkpoint_path=path)
     with pytest.raises(CheckpointError, match="batch_size"):
@@ -203,8 +203,9 @@ def test_bad_inputs_are_input_errors(tmp_path):
         train(batch_size=64)
     existing = tmp_path / "model.safetensors"
     existing.write_bytes(b"x")
-    with pytest.raises(InputError, match="--force"):
+    with pytest.raises(InputError, match="already exists") as caught:
         train(checkpoint_path=existing)
+    assert caught.value.keys == ("force",)  # the CLI adds --force
 
 
 def write_pngs(folder, n=12):
@@ -233,6 +234,14 @@ def test_cli_train_writes_a_loadable_checkpoint_and_refuses_to_overwrite(tmp_pat
     assert training["steps"] == 5 and training["n_images"] == 12 and training["complete"]
     assert ckpt.provenance["command"].startswith("flowtame train")
 
+    summary = run_cli("train", data, "-o", tmp_path / "again.safetensors", *TINY_FLAGS, "--no-lu", "--device",
+                      "cpu", "--json", "-", "--quiet")
+    report = json.loads(summary.stdout)  # the library's TrainResult.report
+    assert report["sha256"] == load_checkpoint(tmp_path / "again.safetensors").sha256
+    assert report["output"] == str(tmp_path / "again.safetensors") and report["n_images"] == 12
+    assert report["steps_done"] == 5 and report["architecture"] == "glow" and report["source"] == str(data)
+    assert report["hyperparameters"] == ckpt.spec.to_dict() and report["training"]["steps"] == 5
+
     again = run_cli("train", data, "-o", out, *TINY_FLAGS)
     assert again.exit_code == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
     assert load_checkpoint(out).sha256 == ckpt.sha256
@@ -242,4 +251,5 @@ def test_cli_train_rejects_flags_of_another_architecture(tmp_path, run_cli):
     data = write_pngs(tmp_path / "images", n=4)
     result = run_cli("train", data, "-o", tmp_path / "m.safetensors", "--arch", "nice", "--image-size", "8",
                      "--channels", "1", "--n-flow", "4")
-    assert result.exit_code == 2 and "--n-flow does not apply to --arch nice" in result.stderr
+    assert result.exit_code == 2 and "n_flow does not apply to architecture nice" in result.stderr
+    assert "[--n-flow, --hidden, --n-couplings, --n-hidden-layers]" in result.stderr  # the flags, added by the CLI

@@ -215,7 +215,7 @@ def test_train_keeps_its_state_when_the_checkpoint_cannot_be_written(tmp_path, m
     straight = train(tmp_path / "straight.safetensors")
     out = tmp_path / "model.safetensors"
     _full_disk_for(monkeypatch, "model.safetensors")
-    with pytest.raises(FlowtameError, match=r"no space left on the device\); the run is kept in .*--resume"):
+    with pytest.raises(FlowtameError, match=r"no space left on the device\); the run is kept in .*resuming"):
         train(out)
     assert resume_state_path(out).is_file() and not out.exists() and _leftovers(tmp_path) == []
     monkeypatch.undo()

@@ -36,10 +36,10 @@ from flowtame.methods.toy import (
     NO_MODE,
     GaussianMixture,
     VectorTamingMethod,
-    batched_vector_nll,
     fit_flow,
     five_gaussians,
     replay_anchor_points,
+    vector_set_nll,
 )
 
 FORGET_MODE = "middle"
@@ -94,7 +94,7 @@ def log_density_grid(model: MultiScaleFlow, limit: float, size: int) -> Tensor:
     """log p [size, size] in nats on a regular grid over [-limit, limit]², rows = y (bottom first)."""
     axis = torch.linspace(-limit, limit, size)
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
-    return -batched_vector_nll(model, grid).reshape(size, size)
+    return -vector_set_nll(model, grid).reshape(size, size)
 
 
 def plot(path: Path, mixture: GaussianMixture, densities: dict[str, Tensor], samples: dict[str, Tensor],
@@ -149,7 +149,7 @@ def main() -> None:
     with torch.no_grad():
         before = model.sample(args.samples, generator=torch.Generator().manual_seed(latent_seed))
     density_before = log_density_grid(model, 3.0, 160)
-    held_before = batched_vector_nll(model, held_remember).mean().item()
+    held_before = vector_set_nll(model, held_remember).mean().item()
 
     taming_gen = torch.Generator().manual_seed(args.seed + 3)
     anchor_points = None
@@ -178,7 +178,7 @@ def main() -> None:
           f"{d_after.min().item():+.2f}..{d_after.max().item():+.2f} after")
     with torch.no_grad():
         after = model.sample(args.samples, generator=torch.Generator().manual_seed(latent_seed))
-    held_after = batched_vector_nll(model, held_remember).mean().item()
+    held_after = vector_set_nll(model, held_remember).mean().item()
     print(f"held-out remember-mode NLL: {held_before:.3f} -> {held_after:.3f} nats; "
           f"remember mean NLL {method.base_mean.item():.3f} -> {method.mu_r.item():.3f} nats")
 

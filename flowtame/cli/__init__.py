@@ -12,10 +12,12 @@ import signal
 import sys
 import threading
 import warnings
+from typing import Annotated
 
 import typer
 
 from flowtame import __version__
+from flowtame.cli._common import error_line
 from flowtame.errors import FlowtameError, StopSignal, signal_number, stop_signals
 
 app = typer.Typer(
@@ -36,7 +38,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the "
+                                                                                              "version.")] = False,
 ) -> None:
     """flowtame: tame normalizing flows."""
 
@@ -58,7 +61,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except FlowtameError as exc:
-        typer.echo(f"flowtame: error: {exc}", err=True)
+        typer.echo(f"flowtame: error: {error_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as exc:
         signum = signal_number(exc)
@@ -102,9 +105,10 @@ def _usage_error_line(exc: Exception) -> str | None:
     Typer's usage errors (click's classes up to Typer 0.2x, Typer's own since) are recognised by the interface
     they all share — ``format_message()`` and an integer ``exit_code`` — so no click import is needed.
     """
-    if not (callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)):
+    format_message = getattr(exc, "format_message", None)
+    if not (callable(format_message) and isinstance(getattr(exc, "exit_code", None), int)):
         return None
-    message = " ".join(str(exc.format_message()).split())
+    message = " ".join(str(format_message()).split())
     ctx = getattr(exc, "ctx", None)
     command = getattr(ctx, "command_path", None)
     return f"{command}: {message}" if command else message

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from flowtame.cli import app
+from flowtame.cli._common import command_line
 from flowtame.errors import InputError
 from flowtame.io.checkpoint import save_checkpoint
 from flowtame.io.convert import SOURCE_FORMATS, ConversionWarning, convert_rosinality
@@ -18,44 +20,47 @@ from flowtame.io.fileio import check_output_path
 
 @app.command()
 def convert(
-    source: Path = typer.Argument(..., help="The checkpoint to import (a PyTorch state dict, read "
-                                            "weights-only)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the flowtame .safetensors file."),
-    source_format: str = typer.Option("rosinality-glow", "--from",
-                                      help=f"Format of SOURCE: {', '.join(SOURCE_FORMATS)}."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Side of the square training images "
-                                          "(pixels); required for rosinality-glow, read from the weights (and "
-                                          "checked) for y0ast-glow and tarflow."),
-    n_bits: int | None = typer.Option(None, "--n-bits", help="Bits per value the model was trained on (1-8); "
-                                      "required for rosinality-glow, default 8 for y0ast-glow and tarflow."),
-    channels: int | None = typer.Option(None, "--channels", help="Input channels (1 or 3); checked."),
-    n_flow: int | None = typer.Option(None, "--n-flow", help="rosinality-glow: flow steps per block; checked."),
-    n_block: int | None = typer.Option(None, "--n-block", help="rosinality-glow: number of blocks; tarflow: "
-                                       "number of flow blocks; checked."),
-    affine: bool | None = typer.Option(None, "--affine/--additive", help="Coupling type; checked."),
-    conv_lu: bool | None = typer.Option(None, "--lu/--no-lu",
-                                        help="LU 1x1 convs in all but the last block (rosinality's conv_lu; "
-                                             "its last block is always LU); checked."),
-    hidden: int | None = typer.Option(None, "--hidden", help="rosinality-glow: coupling hidden width; checked."),
-    hparams: Path | None = typer.Option(None, "--hparams", help="y0ast-glow: the hparams.json its train.py "
-                                        "wrote (K, L, hidden_channels, flow_coupling, flow_permutation, "
-                                        "LU_decomposed, learn_top); checked against the weights."),
-    permutations: Path | None = typer.Option(None, "--permutations", help="y0ast-glow with flow_permutation "
-                                             "shuffle: a JSON list of the channel orders, one per flow step "
-                                             "(that code does not save them)."),
-    patch_size: int | None = typer.Option(None, "--patch-size", help="tarflow: patch size (else from the file "
-                                          "name); checked."),
-    width: int | None = typer.Option(None, "--width", help="tarflow: transformer width (else from the file "
-                                     "name); checked."),
-    layers_per_block: int | None = typer.Option(None, "--layers-per-block", help="tarflow: attention layers per "
-                                                "block (else from the file name); checked."),
-    heads: int | None = typer.Option(None, "--heads", help="tarflow: attention heads (default: width / 64, that "
-                                     "code's head size)."),
-    class_label: int | None = typer.Option(None, "--class", help="tarflow, class-conditional models: evaluate "
-                                           "and sample this class (default: unconditional, the mean class "
-                                           "embedding)."),
-    notes: str | None = typer.Option(None, "--notes", help="Free text kept in the checkpoint's provenance."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    source: Annotated[Path, typer.Argument(help="The checkpoint to import (a PyTorch state dict, read weights-only).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the flowtame .safetensors file.")],
+    source_format: Annotated[str, typer.Option(
+        "--from", help=f"Format of SOURCE: {', '.join(SOURCE_FORMATS)}.")] = "rosinality-glow",
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", help="Side of the square training images (pixels); required for rosinality-glow, "
+                             "read from the weights (and checked) for y0ast-glow and tarflow.")] = None,
+    n_bits: Annotated[int | None, typer.Option("--n-bits", help="Bits per value the model was trained on "
+                                                                "(1-8); required for rosinality-glow, "
+                                                                "default 8 for y0ast-glow and tarflow.")] = None,
+    channels: Annotated[int | None, typer.Option("--channels", help="Input channels (1 or 3); checked.")] = None,
+    n_flow: Annotated[int | None, typer.Option("--n-flow", help="rosinality-glow: flow steps per block; "
+                                                                "checked.")] = None,
+    n_block: Annotated[int | None, typer.Option("--n-block", help="rosinality-glow: number of blocks; "
+                                                                  "tarflow: number of flow blocks; checked.")] = None,
+    affine: Annotated[bool | None, typer.Option("--affine/--additive", help="Coupling type; checked.")] = None,
+    conv_lu: Annotated[bool | None, typer.Option("--lu/--no-lu", help="LU 1x1 convs in all but the last "
+                                                                      "block (rosinality's conv_lu; its last "
+                                                                      "block is always LU); checked.")] = None,
+    hidden: Annotated[int | None, typer.Option("--hidden", help="rosinality-glow: coupling hidden width; "
+                                                                "checked.")] = None,
+    hparams: Annotated[Path | None, typer.Option(
+        "--hparams", help="y0ast-glow: the hparams.json its train.py wrote (K, L, hidden_channels, "
+                          "flow_coupling, flow_permutation, LU_decomposed, learn_top); checked against the "
+                          "weights.")] = None,
+    permutations: Annotated[Path | None, typer.Option(
+        "--permutations", help="y0ast-glow with flow_permutation shuffle: a JSON list of the channel orders, "
+                               "one per flow step (that code does not save them).")] = None,
+    patch_size: Annotated[int | None, typer.Option("--patch-size", help="tarflow: patch size (else from the "
+                                                                        "file name); checked.")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="tarflow: transformer width (else from the "
+                                                              "file name); checked.")] = None,
+    layers_per_block: Annotated[int | None, typer.Option(
+        "--layers-per-block", help="tarflow: attention layers per block (else from the file name); checked.")] = None,
+    heads: Annotated[int | None, typer.Option("--heads", help="tarflow: attention heads (default: width / "
+                                                              "64, that code's head size).")] = None,
+    class_label: Annotated[int | None, typer.Option(
+        "--class", help="tarflow, class-conditional models: evaluate and sample this class (default: "
+                        "unconditional, the mean class embedding).")] = None,
+    notes: Annotated[str | None, typer.Option("--notes", help="Free text kept in the checkpoint's provenance.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
 ) -> None:
     """Convert a Glow (rosinality/glow-pytorch, y0ast/Glow-PyTorch) or TarFlow (apple/ml-tarflow) checkpoint
     to a flowtame checkpoint, exactly.
@@ -72,6 +77,7 @@ def convert(
     if source_format not in SOURCE_FORMATS:
         raise InputError(f"--from {source_format}: unknown source format "
                          f"(known: {', '.join(SOURCE_FORMATS)})")
+    flags: dict[str, dict[str, object]]  # per source format, the flags that do not apply to it
     flags = {"rosinality-glow": {"--patch-size": patch_size, "--width": width, "--heads": heads,
                                  "--layers-per-block": layers_per_block, "--class": class_label,
                                  "--hparams": hparams, "--permutations": permutations},
@@ -89,19 +95,19 @@ def convert(
         if source_format == "y0ast-glow":
             checkpoint = convert_y0ast(source, hparams=hparams, image_size=image_size, channels=channels,
                                        n_bits=8 if n_bits is None else n_bits, permutations=permutations,
-                                       notes=notes)
+                                       notes=notes, command=command_line())
         elif source_format == "tarflow":
             checkpoint = convert_tarflow(source, patch_size=patch_size, width=width, n_block=n_block,
                                          layers_per_block=layers_per_block, heads=heads, image_size=image_size,
                                          channels=channels, n_bits=8 if n_bits is None else n_bits,
-                                         class_label=class_label, notes=notes)
+                                         class_label=class_label, notes=notes, command=command_line())
         else:
             if image_size is None or n_bits is None:
                 raise InputError("--from rosinality-glow needs --image-size and --n-bits (the weights do not "
                                  "hold them)")
             checkpoint = convert_rosinality(source, image_size=image_size, n_bits=n_bits, channels=channels,
                                             n_flow=n_flow, n_block=n_block, affine=affine, conv_lu=conv_lu,
-                                            hidden=hidden, notes=notes)
+                                            hidden=hidden, notes=notes, command=command_line())
     for warning in caught:
         typer.echo(f"flowtame: warning: {warning.message}", err=True)
     sha256 = save_checkpoint(output, checkpoint, force=force)

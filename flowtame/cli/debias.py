@@ -2,131 +2,133 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 import time
-import warnings
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.live import Live
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import console, emit_json, err_console, is_interactive, state_path_for
+from flowtame.cli._common import (
+    check_outputs,
+    command_line,
+    console,
+    emit_json,
+    err_console,
+    is_interactive,
+    state_path_for,
+    warnings_after,
+)
 from flowtame.data.embedded import resolve_model_path
 from flowtame.engine.loop import keep_run_after_failed_write
 from flowtame.errors import CheckFailedError, InputError, InterruptedRun, OutputWriteError
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
-from flowtame.io.fileio import check_output_path
 
-#: Options whose value may be a path; the provenance's command line shows them redacted.
-_PATH_OPTIONS = ("--group", "-g", "--remember", "-r", "--other", "--classifier", "--output", "-o", "--report")
-
-
-def redacted_command(argv: list[str]) -> str:
-    """The command line with every path replaced by ``<path>`` (group names are kept: ``NAME=<path>``)."""
-    out, hide_next = [], False
-    for arg in argv:
-        if hide_next:
-            name, sep, _ = arg.partition("=")
-            out.append(f"{name}=<path>" if sep and out[-1] in ("--group", "-g") else "<path>")
-            hide_next = False
-            continue
-        option, sep, value = arg.partition("=")
-        if option in ("--group", "-g") and sep and "=" in value:
-            out.append(f"{option}={value.partition('=')[0]}=<path>")
-        elif option in _PATH_OPTIONS and sep:
-            out.append(f"{option}=<path>")
-        else:
-            out.append(arg)
-            hide_next = arg in _PATH_OPTIONS
-    return shlex.join(["flowtame", *out])
+#: Options whose value may be a path; the provenance's command line shows them as ``<path>`` (group names kept).
+PATH_OPTIONS = {option: "<path>" for option in ("--group", "-g", "--remember", "-r", "--other", "--classifier",
+                                                 "--output", "-o", "--report", "--config")}
+GROUP_OPTIONS = ("--group", "-g")
 
 
+# Over 80 lines on purpose: most are the option declarations (one per option, with its help); the body
+# only parses, calls the library and renders.
 @app.command("debias")
 def debias_command(
-    model: str = typer.Argument(..., help="Base checkpoint (.safetensors) or embedded:glow-digits. Never modified."),
-    group: list[str] = typer.Option(..., "--group", "-g", help="NAME=PATH: a group's images (folder, image, "
-                                    "list file, embedded:digits...). Two or more."),
-    target: list[str] = typer.Option(..., "--target", "-t", help="NAME=FRACTION in (0,1): the wanted share of "
-                                     "samples. For every group, or all but one (the rest is implied)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Debiased checkpoint to write (.safetensors)."),
-    report: str = typer.Option(None, "--report", help="Write the JSON report here ('-' = stdout)."),
-    remember: str = typer.Option(None, "--remember", "-r", help="Images whose likelihood distribution must "
-                                 "stay as it was [all the groups' images]."),
-    other: str = typer.Option(None, "--other", help="Images of none of the groups (group images in it are "
-                              "left out): samples classified as 'other' are not counted, so frequencies are "
-                              "relative among the groups [every sample is assigned to a group]."),
-    classifier: Path = typer.Option(None, "--classifier", help="TorchScript module: images [B,C,H,W] in "
-                                    "[-0.5,0.5) -> logits [B, groups (+1 'other' with --other)] in --group "
-                                    "order [a logistic regression on the base model's latents]."),
-    tolerance: float = typer.Option(None, help="Stop when every frequency is this close to its target [0.02]."),
-    samples: int = typer.Option(None, help="Samples per measurement (one fixed draw) [1024]."),
-    temperature: float = typer.Option(None, help="Sampling temperature [0.5, the authors']."),
-    measure_every: int = typer.Option(None, help="Measure the frequencies every N iterations [10]."),
-    max_iters: int = typer.Option(None, help="Iteration budget [400]."),
-    lr: float = typer.Option(None, help="Adam peak learning rate, scaled down as the gaps close [2e-5]."),
-    warmup: int = typer.Option(None, help="Linear learning-rate warm-up iterations [20]."),
-    batch_size: int = typer.Option(None, help="Images per group, and remember images, per iteration [16]."),
-    alpha: float = typer.Option(None, help="Weight of the group loss, L = a*L_G + (1-a)*L_R [0.6]."),
-    gamma: float = typer.Option(None, help="Weight of the KL terms inside L_R [0.6]."),
-    soft_delta: float = typer.Option(None, help="Over-represented groups' NLL is pushed up to "
-                                     "mu_R + soft_delta*sigma_R at most [2]."),
-    seed: int = typer.Option(None, help="Seed of the sample draw, the classifier split and the batches [0]."),
-    check_draw: bool = typer.Option(None, "--check-draw/--no-check-draw", help="Measure base and result again "
-                                    "on an independent draw (seed+1) the stopping rule never saw [on]."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved state."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
-    strict: bool = typer.Option(False, "--strict", help="Treat unreadable image files as errors."),
-    require_converged: bool = typer.Option(False, "--require-converged",
-                                           help="Exit 1 when the targets were not reached."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view; plain log lines only at the end."),
+    model: Annotated[str, typer.Argument(help="Base checkpoint (.safetensors) or embedded:glow-digits. Never "
+                                              "modified.")],
+    group: Annotated[list[str], typer.Option("--group", "-g", help="NAME=PATH: a group's images (folder, image, "
+                                                                   "list file, embedded:digits...). Two or more.")],
+    target: Annotated[list[str], typer.Option("--target", "-t", help="NAME=FRACTION in (0,1): the wanted share of "
+                                                                     "samples. For every group, or all but one (the "
+                                                                     "rest is implied).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Debiased checkpoint to write (.safetensors).")],
+    report: Annotated[str, typer.Option("--report", help="Write the JSON report here ('-' = stdout).")] = None,
+    remember: Annotated[str, typer.Option("--remember", "-r", help="Images whose likelihood distribution "
+                                                                   "must stay as it was [all the groups' "
+                                                                   "images].")] = None,
+    other: Annotated[str, typer.Option("--other", help="Images of none of the groups (group images in it are "
+                                                       "left out): samples classified as 'other' are not "
+                                                       "counted, so frequencies are relative among the "
+                                                       "groups [every sample is assigned to a group].")] = None,
+    classifier: Annotated[Path, typer.Option(
+        "--classifier", help="TorchScript module: images [B,C,H,W] in [-0.5,0.5) -> logits [B, groups (+1 "
+                             "'other' with --other)] in --group order [a logistic regression on the base "
+                             "model's latents].")] = None,
+    config: Annotated[Path, typer.Option("--config", help="YAML file with any of the keys below (and the "
+                                                          "other DebiasConfig keys); flags win.")] = None,
+    tolerance: Annotated[float, typer.Option(help="Stop when every frequency is this close to its target "
+                                                  "[0.02].")] = None,
+    samples: Annotated[int, typer.Option(help="Samples per measurement (one fixed draw) [1024].")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature [0.5, the authors'].")] = None,
+    measure_every: Annotated[int, typer.Option(help="Measure the frequencies every N iterations [10].")] = None,
+    max_iters: Annotated[int, typer.Option(help="Iteration budget [400].")] = None,
+    lr: Annotated[float, typer.Option(help="Adam peak learning rate, scaled down as the gaps close [2e-5].")] = None,
+    warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up iterations [20].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per group, and remember images, per iteration [16].")] = None,
+    alpha: Annotated[float, typer.Option(help="Weight of the group loss, L = a*L_G + (1-a)*L_R [0.6].")] = None,
+    gamma: Annotated[float, typer.Option(help="Weight of the KL terms inside L_R [0.6].")] = None,
+    soft_delta: Annotated[float, typer.Option(help="Over-represented groups' NLL is pushed up to mu_R + "
+                                                   "soft_delta*sigma_R at most [2].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sample draw, the classifier split and the batches "
+                                           "[0].")] = None,
+    check_draw: Annotated[bool, typer.Option(
+        "--check-draw/--no-check-draw", help="Measure base and result again on an independent draw (seed+1) "
+                                             "the stopping rule never saw [on].")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its saved state.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Treat unreadable image files as errors.")] = False,
+    require_converged: Annotated[bool, typer.Option("--require-converged", help="Exit 1 when the targets "
+                                                                                "were not reached.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live view; plain log lines only at the "
+                                                              "end.")] = False,
 ) -> None:
     """Rebalance how often MODEL generates each --group, toward the --target fractions.
 
     Example: flowtame debias base.safetensors --group male=./male --group female=./female
     --target male=0.5 -o balanced.safetensors --report debias.json
     """
+    options = dict(locals())  # first: every option; those named like DebiasConfig keys are the config's flags
     from flowtame.data.images import open_images
-    from flowtame.jobs.debias import DebiasConfig, debias, parse_groups, parse_targets
+    from flowtame.jobs.debias import config_keys, debias, make_config, parse_groups, parse_targets, read_config_file
 
     sources = parse_groups(group)
     targets = parse_targets(target, list(sources))
-    flags = dict(tolerance=tolerance, samples=samples, temperature=temperature, measure_every=measure_every,
-                 max_iters=max_iters, lr=lr, warmup=warmup, batch_size=batch_size, alpha=alpha, gamma=gamma,
-                 soft_delta=soft_delta, seed=seed, check_draw=check_draw)
-    config = DebiasConfig(**{k: v for k, v in flags.items() if v is not None})
-    inputs = [resolve_model_path(model), *sources.values(), remember, other, classifier]
-    check_output_path(output, force or resume, inputs)
-    if report not in (None, "-"):
-        check_output_path(report, force or resume, inputs)
+    settings = make_config(read_config_file(config) if config else {},
+                           {key: value for key, value in options.items() if key in config_keys()})
+    inputs = [resolve_model_path(model), *sources.values(), remember, other, classifier, config]
+    check_outputs(force or resume, output, report, inputs=inputs)
     if classifier is not None and not classifier.is_file():
-        raise InputError(f"{classifier}: no such classifier file")
+        raise InputError(f"{classifier}: no such classifier file", keys=("classifier",))
     state_path = state_path_for(output)
     base = load_checkpoint(resolve_model_path(model))
     if base.data_spec is None:
         raise InputError(f"{model}: debiasing needs an image model")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_after():
         group_sets = {name: open_images(source, base.data_spec, strict=strict) for name, source in sources.items()}
         remember_set = open_images(remember, base.data_spec, strict=strict) if remember else None
         other_set = open_images(other, base.data_spec, strict=strict) if other else None
-    for w in caught:
-        err_console.print(f"[yellow]warning:[/] {w.message}")
-
-    view = _LiveView(config, list(sources), quiet)
+    view = _LiveView(settings, list(sources), quiet)
     try:
         with view:
-            outcome = debias(base, group_sets, targets, config, remember_set=remember_set, other_set=other_set,
+            outcome = debias(base, group_sets, targets, settings, remember_set=remember_set, other_set=other_set,
                              classifier_path=classifier, device=device, state_path=state_path, resume=resume,
-                             callback=view.update, command=redacted_command(sys.argv[1:]))
+                             callback=view.update, command=command_line(PATH_OPTIONS, GROUP_OPTIONS))
     except InterruptedRun as exc:
-        partial = getattr(exc, "partial_report", None)
-        if partial is not None and report not in (None, "-"):
-            emit_json(report, partial)
+        if exc.partial_report is not None and report not in (None, "-"):
+            emit_json(report, exc.partial_report)
         raise
+    _finish(outcome, output, state_path, report, quiet)
+    if require_converged and not outcome.report["converged"]:
+        raise CheckFailedError(f"{output}: written, but the targets were not reached within "
+                               f"{settings.tolerance} in {outcome.report['iterations']} iterations")
+
+
+def _finish(outcome, output: Path, state_path: Path, report: str | None, quiet: bool) -> None:
+    """Write checkpoint and report (a failed write keeps the finished run as resumable state), drop the resume
+    state, print the summary and any failed check."""
     try:
         sha = save_checkpoint(output, outcome.checkpoint, force=True)
         outcome.report["output"] = {"path": str(output), "sha256": sha}
@@ -137,9 +139,6 @@ def debias_command(
         state_path.unlink()
     _print_summary(outcome.report, output, sha, quiet or report == "-")
     _warn_failed_checks(outcome.report)
-    if require_converged and not outcome.report["converged"]:
-        raise CheckFailedError(f"{output}: written, but the targets were not reached within "
-                               f"{config.tolerance} in {outcome.report['iterations']} iterations")
 
 
 class _LiveView:

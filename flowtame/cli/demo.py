@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import console
+from flowtame.cli._common import command_line, console
 
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("flowtame-demo"), "--out", help="Folder for every artifact of the demo."),
-    digit: int = typer.Option(3, help="The digit class whose images are forgotten."),
-    k: int = typer.Option(4, help="How many images of that digit to forget."),
-    device: str = typer.Option("cpu", help="auto | cpu | cuda | cuda:N."),
+    out: Annotated[Path, typer.Option("--out", help="Folder for every artifact of the demo.")] = Path("flowtame-demo"),
+    digit: Annotated[int, typer.Option(help="The digit class whose images are forgotten.")] = 3,
+    k: Annotated[int, typer.Option(help="How many images of that digit to forget.")] = 4,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "cpu",
 ) -> None:
     """Stats, tame (forget a few images of one digit), evaluate, and before/after samples on the embedded
     Glow and digits, in a few minutes on a laptop CPU.
@@ -25,7 +26,8 @@ def demo(
     """
     from flowtame.jobs.demo import run_demo
 
-    result = run_demo(out, digit=digit, k=k, device=device, log=lambda line: console.print(line, highlight=False))
+    result = run_demo(out, digit=digit, k=k, device=device, log=lambda line: console.print(line, highlight=False),
+                      command=command_line())
     evaluation = result.report["evaluation"]
     table = Table(title="before -> after (paired evaluation noise)")
     for column in ("set", "n", "mean BPD base -> tamed", "change", "QD [95% CI]", "forgotten"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -12,11 +13,10 @@ from rich.progress import MofNCompleteColumn, Progress, TaskID
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import console, emit_json, is_interactive
+from flowtame.cli._common import check_outputs, console, emit_json, is_interactive
 from flowtame.data.embedded import resolve_model_path
 from flowtame.errors import CheckFailedError
 from flowtame.io.checkpoint import load_checkpoint
-from flowtame.io.fileio import check_output_path
 
 
 @contextlib.contextmanager
@@ -93,43 +93,44 @@ def _checks_table(block: dict) -> Table:
 
 @app.command()
 def evaluate(
-    base_model: str = typer.Argument(..., metavar="BASE", help="The base checkpoint."),
-    tamed_model: str = typer.Argument(..., metavar="TAMED", help="The tamed checkpoint."),
-    forget: str = typer.Option(..., "--forget", help="The forget set D_F (folder, image, list file or "
-                                                     "embedded:digits...)."),
-    remember: str = typer.Option(..., "--remember", help="The remember set D_R; fixes μ_R, σ_R per model."),
-    forget_unseen: str = typer.Option(None, "--forget-unseen", help="Unseen images of what was forgotten "
-                                                                    "(D'_F)."),
-    holdout: list[str] = typer.Option(None, "--holdout", help="A held-out set (repeatable)."),
-    neighbours: int = typer.Option(0, "--neighbours", help="Also evaluate the K remember images nearest to "
-                                                          "the forget set in the base model's latent space."),
-    delta: float = typer.Option(4.0, "--delta", help="Forget threshold μ_R + δσ_R, in σ_R units."),
-    epsilon: float = typer.Option(None, "--epsilon", help="Margin: forgotten when d > -ε (σ_R units) "
-                                                         "[0.15·δ]."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the dequantization noise (same for both models) and "
-                                               "of the bootstrap."),
-    forget_draws: int = typer.Option(8, "--forget-draws", min=1,
-                                     help="Noise draws averaged into each forget image's NLL (one draw moves "
-                                          "an image by up to ~0.6 σ_R; see docs/report-schema.md)."),
-    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the QD interval."),
-    json_path: str = typer.Option(None, "--json", help="Write the report as JSON ('-' = stdout only)."),
-    plot: Path = typer.Option(None, "--plot", help="Write NLL histograms before/after as a PNG."),
-    check: bool = typer.Option(False, "--check", help="Exit with code 1 when a check fails."),
-    min_forgotten_fraction: float = typer.Option(1.0, help="Check: forget images forgotten, at least."),
-    max_remember_qd: float = typer.Option(0.01, help="Check: QD(remember), at most."),
-    max_holdout_qd: float = typer.Option(0.02, help="Check: QD of each holdout set, at most."),
-    max_neighbours_qd: float = typer.Option(0.02, help="Check: QD(neighbours), at most."),
-    max_remember_bpd_increase: float = typer.Option(0.01, help="Check: relative increase of the remember "
-                                                               "set's mean BPD, at most (0.01 = 1%)."),
-    min_normality_p: float = typer.Option(0.001, help="Check: KS normality p of the remember NLL under the "
-                                                      "tamed model, above."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images per likelihood batch."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16/fp16 autocast on CUDA."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first unreadable image instead of "
-                                                        "skipping it."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--plot files."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no tables."),
+    base_model: Annotated[str, typer.Argument(metavar="BASE", help="The base checkpoint.")],
+    tamed_model: Annotated[str, typer.Argument(metavar="TAMED", help="The tamed checkpoint.")],
+    forget: Annotated[str, typer.Option("--forget", help="The forget set D_F (folder, image, list file or "
+                                                         "embedded:digits...).")],
+    remember: Annotated[str, typer.Option("--remember", help="The remember set D_R; fixes μ_R, σ_R per model.")],
+    forget_unseen: Annotated[str, typer.Option("--forget-unseen", help="Unseen images of what was forgotten "
+                                                                       "(D'_F).")] = None,
+    holdout: Annotated[list[str], typer.Option("--holdout", help="A held-out set (repeatable).")] = None,
+    neighbours: Annotated[int, typer.Option("--neighbours", help="Also evaluate the K remember images nearest "
+                                                                 "to the forget set in the base model's latent "
+                                                                 "space.")] = 0,
+    delta: Annotated[float, typer.Option("--delta", help="Forget threshold μ_R + δσ_R, in σ_R units.")] = 4.0,
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Margin: forgotten when d > -ε (σ_R units) "
+                                                             "[0.15·δ].")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise (same for both models) "
+                                                     "and of the bootstrap.")] = 0,
+    forget_draws: Annotated[int, typer.Option(
+        "--forget-draws", min=1, help="Noise draws averaged into each forget image's NLL (one draw moves an "
+                                      "image by up to ~0.6 σ_R; see docs/report-schema.md).")] = 8,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the QD interval.")] = 1000,
+    json_path: Annotated[str, typer.Option("--json", help="Write the report as JSON ('-' = stdout only).")] = None,
+    plot: Annotated[Path, typer.Option("--plot", help="Write NLL histograms before/after as a PNG.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Exit with code 1 when a check fails.")] = False,
+    min_forgotten_fraction: Annotated[float, typer.Option(help="Check: forget images forgotten, at least.")] = 1.0,
+    max_remember_qd: Annotated[float, typer.Option(help="Check: QD(remember), at most.")] = 0.01,
+    max_holdout_qd: Annotated[float, typer.Option(help="Check: QD of each holdout set, at most.")] = 0.02,
+    max_neighbours_qd: Annotated[float, typer.Option(help="Check: QD(neighbours), at most.")] = 0.02,
+    max_remember_bpd_increase: Annotated[float, typer.Option(help="Check: relative increase of the remember "
+                                                                  "set's mean BPD, at most (0.01 = 1%).")] = 0.01,
+    min_normality_p: Annotated[float, typer.Option(help="Check: KS normality p of the remember NLL under "
+                                                        "the tamed model, above.")] = 0.001,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per likelihood batch.")] = 256,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16/fp16 autocast on CUDA.")] = "fp32",
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of "
+                                                          "skipping it.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing --json/--plot files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no tables.")] = False,
 ) -> None:
     """Compare TAMED with BASE on the forget, remember and held-out sets (nats, BPD, q, QD, KS).
 
@@ -144,20 +145,13 @@ def evaluate(
 
     inputs = [resolve_model_path(base_model), resolve_model_path(tamed_model), forget, remember, forget_unseen,
               *(holdout or [])]
-    if json_path not in (None, "-"):
-        check_output_path(json_path, force, inputs)
-    if plot is not None:
-        check_output_path(plot, force, inputs)
+    check_outputs(force, json_path, plot, inputs=inputs)
     base = load_checkpoint(resolve_model_path(base_model))
     tamed = load_checkpoint(resolve_model_path(tamed_model))
     check_models(base, tamed)
-    data_spec = base.data_spec
-    sources = {"forget": forget, "remember": remember}
-    if forget_unseen:
-        sources["forget_unseen"] = forget_unseen
-    for source in holdout or []:
-        sources.setdefault(f"holdout:{source}", source)
-    sets = {name: open_images(source, data_spec, strict=strict) for name, source in sources.items()}
+    sources = {"forget": forget, "remember": remember, "forget_unseen": forget_unseen,
+               **{f"holdout:{source}": source for source in holdout or []}}
+    sets = {name: open_images(source, base.data_spec, strict=strict) for name, source in sources.items() if source}
     tolerances = Tolerances(min_forgotten_fraction=min_forgotten_fraction, max_remember_qd=max_remember_qd,
                             max_holdout_qd=max_holdout_qd, max_neighbours_qd=max_neighbours_qd,
                             max_remember_bpd_increase=max_remember_bpd_increase,
@@ -170,28 +164,37 @@ def evaluate(
     block = evaluate_models(base, tamed, sets, delta=delta, epsilon=epsilon, seed=seed, neighbours=neighbours,
                             batch_size=batch_size, device=device, precision=precision, n_boot=n_boot,
                             tolerances=tolerances, precomputed=nll, forget_draws=forget_draws)
-    report = build_report(base, tamed, block)
-    emit_json(json_path, report)
+    emit_json(json_path, build_report(base, tamed, block))
     if plot is not None:
-        from flowtame.figures.plots import plot_nll_histograms
-        from flowtame.likelihood.statistics import NormalFit
-
-        threshold = block["threshold"]
-        panels = {f"{model} ({when})": {name: nll[(model, name)] for name in ("remember", "forget")}
-                  for model, when in (("base", "before"), ("tamed", "after"))}
-        fits = {f"{model} ({when})": NormalFit(threshold[model]["mu_nats"], threshold[model]["sigma_nats"])
-                for model, when in (("base", "before"), ("tamed", "after"))}
-        plot_nll_histograms(plot, panels, fits=fits, delta=threshold["delta"], epsilon=threshold["epsilon"],
-                            num_dims=block["num_dims"], force=force)
+        _plot(plot, nll, block, force)
     if show:
-        for name, set_block in block["sets"].items():
-            console.print(_set_table(name, set_block, block["threshold"]["epsilon"]))
-        console.print(_threshold_table(block))
-        for warning in block["warnings"]:
-            console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
-        console.print(_checks_table(block))
-        console.print("[bold green]all checks passed[/bold green]" if block["passed"]
-                      else "[bold red]some checks failed[/bold red]")
+        _print_tables(block)
     if check and not block["passed"]:
         failed = [_format_check(c) for c in block["checks"] if not c["passed"]]
         raise CheckFailedError(f"{len(failed)} check(s) failed: {'; '.join(failed)}")
+
+
+def _plot(path: Path, nll: dict, block: dict, force: bool) -> None:
+    """Remember and forget NLL histograms of both models, with each model's remember fit and threshold."""
+    from flowtame.figures.plots import plot_nll_histograms
+    from flowtame.likelihood.statistics import NormalFit
+
+    threshold = block["threshold"]
+    panels = {f"{model} ({when})": {name: nll[(model, name)] for name in ("remember", "forget")}
+              for model, when in (("base", "before"), ("tamed", "after"))}
+    fits = {f"{model} ({when})": NormalFit(threshold[model]["mu_nats"], threshold[model]["sigma_nats"])
+            for model, when in (("base", "before"), ("tamed", "after"))}
+    plot_nll_histograms(path, panels, fits=fits, delta=threshold["delta"], epsilon=threshold["epsilon"],
+                        num_dims=block["num_dims"], force=force)
+
+
+def _print_tables(block: dict) -> None:
+    """Per-set tables, the threshold table, the warnings and the checks."""
+    for name, set_block in block["sets"].items():
+        console.print(_set_table(name, set_block, block["threshold"]["epsilon"]))
+    console.print(_threshold_table(block))
+    for warning in block["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    console.print(_checks_table(block))
+    console.print("[bold green]all checks passed[/bold green]" if block["passed"]
+                  else "[bold red]some checks failed[/bold red]")

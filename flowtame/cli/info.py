@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -16,8 +17,8 @@ from flowtame.io.fileio import check_not_an_input
 
 @app.command()
 def info(
-    model: str = typer.Argument(..., help="A flowtame .safetensors checkpoint, or 'embedded:glow-digits'."),
-    json_path: str = typer.Option(None, "--json", help="Also write the description as JSON ('-' = stdout)."),
+    model: Annotated[str, typer.Argument(help="A flowtame .safetensors checkpoint, or 'embedded:glow-digits'.")],
+    json_path: Annotated[str, typer.Option("--json", help="Also write the description as JSON ('-' = stdout).")] = None,
 ) -> None:
     """Show a checkpoint's architecture, parameter count, data spec, provenance and sha256.
 

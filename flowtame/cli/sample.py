@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -17,17 +18,19 @@ from flowtame.io.fileio import check_output_path
 
 @app.command()
 def sample(
-    models: list[str] = typer.Argument(..., help="One or more checkpoints (or 'embedded:glow-digits'); "
-                                                 "one grid row each."),
-    n: int = typer.Option(16, "-n", "--num-samples", help="Samples per model (grid columns)."),
-    temperature: float = typer.Option(0.7, "--temperature", "-t", help="Noise scale (standard deviations)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the shared noise draw."),
-    output: Path = typer.Option(..., "-o", "--output", help="Grid PNG to write."),
-    out_dir: Path = typer.Option(None, "--out-dir", help="Also write every sample as its own PNG here."),
-    scale: int = typer.Option(None, "--scale", help="Integer upscaling (nearest neighbour); default makes "
-                                                   "tiles at least 64 pixels wide."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (noise is drawn on the CPU)."),
+    *,
+    models: Annotated[list[str], typer.Argument(help="One or more checkpoints (or 'embedded:glow-digits'); one grid "
+                                                     "row each.")],
+    n: Annotated[int, typer.Option("-n", "--num-samples", help="Samples per model (grid columns).")] = 16,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="Noise scale (standard deviations).")] = 0.7,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the shared noise draw.")] = 0,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Grid PNG to write.")],
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Also write every sample as its own PNG here.")] = None,
+    scale: Annotated[int, typer.Option("--scale", help="Integer upscaling (nearest neighbour); default makes "
+                                                       "tiles at least 64 pixels wide.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (noise is drawn on the "
+                                                         "CPU).")] = "auto",
 ) -> None:
     """Sample a grid in which every model decodes the very same latents (drawn once from --seed).
 

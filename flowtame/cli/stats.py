@@ -6,21 +6,18 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Annotated
 
-import numpy as np
 import typer
-from rich.progress import MofNCompleteColumn, Progress
+from rich.progress import MofNCompleteColumn, Progress, TaskID
 from rich.table import Table
 from rich.text import Text
 
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, is_interactive
 from flowtame.data.embedded import resolve_model_path
-from flowtame.errors import InputError
 from flowtame.io.checkpoint import load_checkpoint
 from flowtame.io.fileio import check_output_path
-
-SCHEMA_VERSION = 1
 
 
 class _EchoHandler(logging.Handler):
@@ -42,17 +39,19 @@ def _warnings_to_stderr() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _progress(live: bool, label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A Rich progress bar for one source while ``live``; None (no callback) otherwise."""
+def _progress(live: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """Rich progress bars, one per source, while ``live``; None (no callback) otherwise."""
     if not live:
         yield None
         return
     with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console,
                   transient=True) as bar:
-        task = bar.add_task(f"NLL {label}", total=None)
+        tasks: dict[str, TaskID] = {}
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def update(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"NLL {name}", total=None)
+            bar.update(tasks[name], completed=done, total=total)
 
         yield update
 
@@ -93,23 +92,23 @@ def _stats_table(report: dict) -> Table:
 
 @app.command()
 def stats(
-    model: str = typer.Argument(..., help="A flowtame checkpoint, or 'embedded:glow-digits'."),
-    data: list[str] = typer.Argument(..., help="Image sources: folders, image files, .txt lists of image "
-                                               "paths, or embedded:digits[:all|train|test][:CLASS]."),
-    json_path: str = typer.Option(None, "--json", help="Write the statistics as JSON ('-' = stdout only)."),
-    per_image: Path = typer.Option(None, "--per-image", help="Write one CSV row per image: source, path, "
-                                                             "key, nll_nats, bpd."),
-    plot: Path = typer.Option(None, "--plot", help="Write a PNG: per source, the NLL histogram (BPD) and its "
-                                                   "fitted normal."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the dequantization noise (same seed, same noise for "
-                                               "every model)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16/fp16 autocast on CUDA."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first unreadable image instead of "
-                                                        "skipping it with a warning."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--per-image/--plot files."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no per-source lines, no table."),
+    model: Annotated[str, typer.Argument(help="A flowtame checkpoint, or 'embedded:glow-digits'.")],
+    data: Annotated[list[str], typer.Argument(help="Image sources: folders, image files, .txt lists of image paths, "
+                                                   "or embedded:digits[:all|train|test][:CLASS].")],
+    json_path: Annotated[str, typer.Option("--json", help="Write the statistics as JSON ('-' = stdout only).")] = None,
+    per_image: Annotated[Path, typer.Option("--per-image", help="Write one CSV row per image: source, path, "
+                                                                "key, nll_nats, bpd.")] = None,
+    plot: Annotated[Path, typer.Option("--plot", help="Write a PNG: per source, the NLL histogram (BPD) and "
+                                                      "its fitted normal.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise (same seed, same noise "
+                                                     "for every model).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16/fp16 autocast on CUDA.")] = "fp32",
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of "
+                                                          "skipping it with a warning.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing --json/--per-image/--plot files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no per-source lines, no table.")] = False,
 ) -> None:
     """Per-image NLL of MODEL on each DATA source: mean, std, range and quantiles in nats and BPD, with
     KS (against the fitted normal) and D'Agostino-Pearson normality tests.
@@ -118,59 +117,35 @@ def stats(
 
     Example: flowtame stats base.safetensors ./celeba faces.txt --json stats.json --plot nll.png
     """
-    from flowtame.data.images import open_images
-    from flowtame.likelihood.nll import compute_nll, per_image_csv_file
-    from flowtame.likelihood.statistics import fit_normal, summarize_nll
+    from flowtame.jobs.stats import likelihood_stats
+    from flowtame.likelihood.nll import per_image_csv_file
 
     for output in (json_path if json_path != "-" else None, per_image, plot):
         if output is not None:
             check_output_path(output, force, [resolve_model_path(model), *data])
     ckpt = load_checkpoint(resolve_model_path(model))
-    if ckpt.data_spec is None:
-        raise InputError(f"{model}: a {ckpt.architecture} model has no image data spec; stats needs an image "
-                         "model")
-    image_sets = [open_images(source, ckpt.data_spec, strict=strict) for source in data]
     show = json_path != "-" and not quiet
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "command": "stats",
-        "model": {"name": model, "path": str(ckpt.path), "sha256": ckpt.sha256,
-                  "architecture": ckpt.architecture},
-        "data": ckpt.data_spec.to_dict(),
-        "num_dims": ckpt.data_spec.num_dims,
-        "seed": seed,
-        "precision": precision,
-        "sources": [],
-    }
-    results = []
     csv_file = per_image_csv_file(per_image) if per_image is not None else contextlib.nullcontext()
-    with _warnings_to_stderr(), csv_file as csv_stream:
-        for image_set in image_sets:
-            with _progress(is_interactive(not show), image_set.name) as progress:
-                result = compute_nll(ckpt.model, image_set, seed=seed, batch_size=batch_size, device=device,
-                                     precision=precision, progress=progress, per_image_csv=csv_stream)
-            bad = ~np.isfinite(result.nll)
-            if bad.any():
-                raise InputError(f"{model}: non-finite NLL for {int(bad.sum())} image(s) of {image_set.name} "
-                                 f"(first: {result.paths[int(np.argmax(bad))]})")
-            results.append(result)
-            report["sources"].append({
-                "name": image_set.name,
-                **summarize_nll(result.nll, result.num_dims),
-                "skipped": len(result.skipped),
-                "skipped_files": [{"path": path, "reason": reason} for path, reason in result.skipped],
-                "images_per_second": result.images_per_second,
-            })
-            if not quiet:
-                typer.echo(f"{image_set.name}: {len(result)} image(s), {len(result.skipped)} skipped, "
-                           f"{result.images_per_second:.1f} images/s", err=True)
+    with _warnings_to_stderr(), csv_file as csv_stream, _progress(is_interactive(not show)) as progress:
+        outcome = likelihood_stats(ckpt, model, data, seed=seed, batch_size=batch_size, device=device,
+                                   precision=precision, strict=strict, per_image_csv=csv_stream, progress=progress)
+    report = outcome.report
+    if not quiet:
+        for source in report["sources"]:
+            typer.echo(f"{source['name']}: {source['n']} image(s), {source['skipped']} skipped, "
+                       f"{source['images_per_second']:.1f} images/s", err=True)
     emit_json(json_path, report)
     if plot is not None:
-        from flowtame.figures.plots import plot_nll_histograms
-
-        fits = {r.name: fit_normal(r.nll) for r in results if len(r) >= 2}
-        plot_nll_histograms(plot, {r.name: {r.name: r.nll} for r in results},
-                            fits={name: fit for name, fit in fits.items() if fit.std > 0},
-                            num_dims=ckpt.data_spec.num_dims, force=force)
+        _plot(plot, outcome.results, report["num_dims"], force)
     if show:
         console.print(_stats_table(report))
+
+
+def _plot(path: Path, results: list, num_dims: int, force: bool) -> None:
+    """Per source, the NLL histogram (BPD) and its fitted normal (sources of one image or no spread: no fit)."""
+    from flowtame.figures.plots import plot_nll_histograms
+    from flowtame.likelihood.statistics import fit_normal
+
+    fits = {r.name: fit_normal(r.nll) for r in results if len(r) >= 2}
+    plot_nll_histograms(path, {r.name: {r.name: r.nll} for r in results},
+                        fits={name: fit for name, fit in fits.items() if fit.std > 0}, num_dims=num_dims, force=force)

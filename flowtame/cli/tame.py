@@ -3,136 +3,162 @@
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.live import Live
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import console, emit_json, err_console, is_interactive, state_path_for
+from flowtame.cli._common import (
+    check_outputs,
+    command_line,
+    console,
+    emit_json,
+    is_interactive,
+    state_path_for,
+    warnings_after,
+)
 from flowtame.data.embedded import resolve_model_path
 from flowtame.engine.loop import keep_run_after_failed_write
 from flowtame.errors import CheckFailedError, InterruptedRun, OutputWriteError, signal_number
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
-from flowtame.io.fileio import check_output_path
+
+#: Provenance keeps the forget images' digests, never their paths: these options' values are redacted.
+FORGET_OPTIONS = {"--forget": "<forget source>", "-f": "<forget source>"}
 
 
+# Over 80 lines on purpose: most are the option declarations (one per option, with its help); the body
+# only parses, calls the library and renders.
 @app.command("tame")
 def tame_command(
-    model: str = typer.Argument(..., help="Base checkpoint (.safetensors) or embedded:glow-digits. Never modified."),
-    forget: list[str] = typer.Option(..., "--forget", "-f", help="Images to forget (folder, image, list file, "
-                                     "embedded:digits...). Repeat for several requests."),
-    remember: str = typer.Option(..., "--remember", "-r", help="Images whose distribution must stay as it was."),
-    output: Path = typer.Option(..., "--output", "-o", help="Tamed checkpoint to write (.safetensors)."),
-    report: str = typer.Option(None, "--report", help="Write the JSON report here ('-' = stdout)."),
-    holdout: list[str] = typer.Option(None, "--holdout", help="Held-out images to evaluate on (repeatable)."),
-    config: Path = typer.Option(None, "--config", help="YAML file with any of the keys below; flags win."),
-    preset_name: str = typer.Option(None, "--preset", help="Start from a shipped preset: 'paper' = the "
-                                    "authors' exact loss and hyperparameters."),
-    method: str = typer.Option(None, help="taming (default) | neggrad | selective-amnesia (baselines)."),
-    delta: float = typer.Option(None, help="Threshold in remember std units: mu_R + delta*sigma_R [4]."),
-    epsilon: float = typer.Option(None, help="Stop when |d| < epsilon for every forget image [0.15*delta]."),
-    alpha: float = typer.Option(None, help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15]."),
-    gamma: float = typer.Option(None, help="Weight of the KL terms inside L_R [0.6]."),
-    lr: float = typer.Option(None, help="Adam peak learning rate [2e-4]; the calibration may lower it."),
-    step_sigma: float = typer.Option(None, help="Calibrate the learning rate so that one step moves the remember "
-                                     "mean NLL by at most this many sigma_R (first order, worst case); "
-                                     "0: use --lr as given [0.5]."),
-    batch_size: int = typer.Option(None, help="Forget and remember images per iteration (each) [32]."),
-    max_iters: int = typer.Option(None, help="Iteration budget [800]."),
-    refresh_every: int = typer.Option(None, help="Re-estimate mu_R, sigma_R every N iterations [10]."),
-    refresh_size: int = typer.Option(None, help="Remember images used for each re-estimate [256]."),
-    warmup: int = typer.Option(None, help="Linear learning-rate warm-up iterations [20]."),
-    grad_clip: float = typer.Option(None, help="Clip the gradient norm to this value."),
-    forget_loss: str = typer.Option(None, help="huber | squared | sigmoid (the paper's)."),
-    forget_unit: str = typer.Option(None, help="Unit of the forget gap: sigma | bpd (the paper's) | nats."),
-    kl_estimate: str = typer.Option(None, help="N_T estimate: refreshed | batch (the paper's)."),
-    threshold_gradient: bool = typer.Option(None, "--threshold-gradient/--no-threshold-gradient",
-                                            help="Differentiate the forget loss through mu_R + delta*sigma_R."),
-    settle_decay: float = typer.Option(None, help="Per-iteration learning-rate decay while every forget image "
-                                       "is within 2*epsilon of the threshold (1 = off) [0.97]."),
-    stop_margin: float = typer.Option(None, help="Stop only when every forget image's d (in sigma_R) is above "
-                                      "-epsilon + this margin, so it still counts as forgotten on noise the run "
-                                      "never saw (0 = the paper's |d| < epsilon; docs/method.md) [0]."),
-    forget_draws: int = typer.Option(None, help="Noise draws averaged into each forget image's NLL in the "
-                                     "stopping test and the report [8]."),
-    max_remember_drift: float = typer.Option(None, help="Stopping guard: refuse to stop while the remember set's "
-                                             "mean NLL is up by more than this fraction (0 = off) [0.008 for taming, "
-                                             "0.05 for the baselines]."),
-    max_remember_jump: float = typer.Option(None, help="Blow-up guard: roll back and halve the learning rate when "
-                                            "a remember batch's mean BPD is this fraction above the base "
-                                            "model's (0 = off) [0.25]."),
-    freeze: str = typer.Option(None, help="Parameters held fixed: coupling-outputs (each coupling network's "
-                               "zero-initialized last layer) | none [coupling-outputs for taming, none for "
-                               "the baselines]."),
-    seed: int = typer.Option(None, help="Seed: CPU runs are bit-for-bit repeatable [0]."),
-    eval_seed: int = typer.Option(None, help="Seed of the fixed evaluation / stopping-check noise [0]."),
-    precision: str = typer.Option(None, help="fp32 | bf16 | fp16 (autocast, CUDA only)."),
-    sa_lambda: float = typer.Option(None, help="selective-amnesia: EWC penalty weight lambda."),
-    sa_replay_weight: float = typer.Option(None, help="selective-amnesia: weight of generative replay."),
-    sa_fisher_samples: int = typer.Option(None, help="selective-amnesia: base-model samples for the Fisher."),
-    sa_surrogate: str = typer.Option(None, help="selective-amnesia: 'uniform' noise images or a folder."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its saved state."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
-    strict: bool = typer.Option(False, "--strict", help="Treat unreadable image files as errors."),
-    require_converged: bool = typer.Option(False, "--require-converged",
-                                           help="Exit 1 when the stopping criterion was not reached."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view; plain log lines only at the end."),
+    model: Annotated[str, typer.Argument(help="Base checkpoint (.safetensors) or embedded:glow-digits. Never "
+                                              "modified.")],
+    forget: Annotated[list[str], typer.Option("--forget", "-f", help="Images to forget (folder, image, list file, "
+                                                                     "embedded:digits...). Repeat for several "
+                                                                     "requests.")],
+    remember: Annotated[str, typer.Option("--remember", "-r", help="Images whose distribution must stay as it was.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Tamed checkpoint to write (.safetensors).")],
+    report: Annotated[str, typer.Option("--report", help="Write the JSON report here ('-' = stdout).")] = None,
+    holdout: Annotated[list[str], typer.Option("--holdout", help="Held-out images to evaluate on "
+                                                                 "(repeatable).")] = None,
+    config: Annotated[Path, typer.Option("--config", help="YAML file with any of the keys below; flags win.")] = None,
+    preset_name: Annotated[str, typer.Option("--preset", help="Start from a shipped preset: 'paper' = the "
+                                                              "authors' exact loss and hyperparameters.")] = None,
+    method: Annotated[str, typer.Option(help="taming (default) | neggrad | selective-amnesia (baselines).")] = None,
+    delta: Annotated[float, typer.Option(help="Threshold in remember std units: mu_R + delta*sigma_R [4].")] = None,
+    epsilon: Annotated[float, typer.Option(help="Stop when |d| < epsilon for every forget image [0.15*delta].")] = None,
+    alpha: Annotated[float, typer.Option(help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15].")] = None,
+    gamma: Annotated[float, typer.Option(help="Weight of the KL terms inside L_R [0.6].")] = None,
+    lr: Annotated[float, typer.Option(help="Adam peak learning rate [2e-4]; the calibration may lower it.")] = None,
+    step_sigma: Annotated[float, typer.Option(help="Calibrate the learning rate so that one step moves the "
+                                                   "remember mean NLL by at most this many sigma_R (first "
+                                                   "order, worst case); 0: use --lr as given [0.5].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Forget and remember images per iteration (each) [32].")] = None,
+    max_iters: Annotated[int, typer.Option(help="Iteration budget [800].")] = None,
+    refresh_every: Annotated[int, typer.Option(help="Re-estimate mu_R, sigma_R every N iterations [10].")] = None,
+    refresh_size: Annotated[int, typer.Option(help="Remember images used for each re-estimate [256].")] = None,
+    warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up iterations [20].")] = None,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value.")] = None,
+    forget_loss: Annotated[str, typer.Option(help="huber | squared | sigmoid (the paper's).")] = None,
+    forget_unit: Annotated[str, typer.Option(help="Unit of the forget gap: sigma | bpd (the paper's) | nats.")] = None,
+    kl_estimate: Annotated[str, typer.Option(help="N_T estimate: refreshed | batch (the paper's).")] = None,
+    threshold_gradient: Annotated[bool, typer.Option(
+        "--threshold-gradient/--no-threshold-gradient", help="Differentiate the forget loss through mu_R + "
+                                                             "delta*sigma_R.")] = None,
+    settle_decay: Annotated[float, typer.Option(help="Per-iteration learning-rate decay while every forget "
+                                                     "image is within 2*epsilon of the threshold (1 = off) "
+                                                     "[0.97].")] = None,
+    stop_margin: Annotated[float, typer.Option(help="Stop only when every forget image's d (in sigma_R) is "
+                                                    "above -epsilon + this margin, so it still counts as "
+                                                    "forgotten on noise the run never saw (0 = the paper's "
+                                                    "|d| < epsilon; docs/method.md) [0].")] = None,
+    forget_draws: Annotated[int, typer.Option(help="Noise draws averaged into each forget image's NLL in the "
+                                                   "stopping test and the report [8].")] = None,
+    max_remember_drift: Annotated[float, typer.Option(
+        help="Stopping guard: refuse to stop while the remember set's mean NLL is up by more than this "
+             "fraction (0 = off) [0.008 for taming, 0.05 for the baselines].")] = None,
+    max_remember_jump: Annotated[float, typer.Option(help="Blow-up guard: roll back and halve the learning "
+                                                          "rate when a remember batch's mean BPD is this "
+                                                          "fraction above the base model's (0 = off) [0.25].")] = None,
+    freeze: Annotated[str, typer.Option(help="Parameters held fixed: coupling-outputs (each coupling "
+                                             "network's zero-initialized last layer) | none "
+                                             "[coupling-outputs for taming, none for the baselines].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed: CPU runs are bit-for-bit repeatable [0].")] = None,
+    eval_seed: Annotated[int, typer.Option(help="Seed of the fixed evaluation / stopping-check noise [0].")] = None,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast, CUDA only).")] = None,
+    sa_lambda: Annotated[float, typer.Option(help="selective-amnesia: EWC penalty weight lambda.")] = None,
+    sa_replay_weight: Annotated[float, typer.Option(help="selective-amnesia: weight of generative replay.")] = None,
+    sa_fisher_samples: Annotated[int, typer.Option(help="selective-amnesia: base-model samples for the "
+                                                        "Fisher.")] = None,
+    sa_surrogate: Annotated[str, typer.Option(help="selective-amnesia: 'uniform' noise images or a folder.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its saved state.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Treat unreadable image files as errors.")] = False,
+    require_converged: Annotated[bool, typer.Option("--require-converged", help="Exit 1 when the stopping "
+                                                                                "criterion was not reached.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live view; plain log lines only at the "
+                                                              "end.")] = False,
 ) -> None:
     """Tame MODEL so every --forget image reaches the likelihood threshold, keeping --remember intact.
 
     Example: flowtame tame base.safetensors --forget ./person --remember ./celeba -o tamed.safetensors
     --report report.json
     """
-    from flowtame.data.images import open_images
-    from flowtame.jobs.tame import make_config, preset, read_config_file, tame, taming_evaluation
+    options = dict(locals())  # first: every option; those named like config keys are the config's flags
+    from flowtame.jobs.tame import config_keys, make_config, preset, read_config_file
 
-    layers = []
-    if preset_name:
-        layers.append(preset(preset_name))
-    if config:
-        layers.append(read_config_file(config))
-    flags = dict(method=method, delta=delta, epsilon=epsilon, alpha=alpha, gamma=gamma, lr=lr, step_sigma=step_sigma,
-                 batch_size=batch_size, max_iters=max_iters, refresh_every=refresh_every,
-                 refresh_size=refresh_size, warmup=warmup, grad_clip=grad_clip, forget_loss=forget_loss,
-                 forget_unit=forget_unit, kl_estimate=kl_estimate, threshold_gradient=threshold_gradient,
-                 settle_decay=settle_decay, stop_margin=stop_margin, forget_draws=forget_draws,
-                 max_remember_drift=max_remember_drift, max_remember_jump=max_remember_jump,
-                 freeze=freeze, seed=seed, eval_seed=eval_seed,
-                 precision=precision, sa_lambda=sa_lambda, sa_replay_weight=sa_replay_weight,
-                 sa_fisher_samples=sa_fisher_samples, sa_surrogate=sa_surrogate)
+    flags = {key: value for key, value in options.items() if key in config_keys()}
+    layers = ([preset(preset_name)] if preset_name else []) + ([read_config_file(config)] if config else [])
     cfg = make_config(*layers, flags)
     inputs = [resolve_model_path(model), *forget, remember, *(holdout or []), config, sa_surrogate]
-    check_output_path(output, force or resume, inputs)
-    if report not in (None, "-"):
-        check_output_path(report, force or resume, inputs)
-    state_path = state_path_for(output)
+    check_outputs(force or resume, output, report, inputs=inputs)
     base = load_checkpoint(resolve_model_path(model))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    forget_sets, remember_set, holdout_sets = _open_sets(base, forget, remember, holdout or [], strict)
+    outcome = _run(base, forget_sets, remember_set, cfg, device=device, output=output, report=report,
+                   resume=resume, quiet=quiet)
+    _finish(base, outcome, holdout_sets, cfg, device=device, output=output, report=report, quiet=quiet,
+            require_converged=require_converged)
+
+
+def _open_sets(base, forget: list[str], remember: str, holdout: list[str], strict: bool) -> tuple:
+    """The forget sets, the remember set and the holdout sets (named ``holdout:SOURCE``) of the command."""
+    from flowtame.data.images import open_images
+
+    with warnings_after():
         forget_sets = [open_images(f, base.data_spec, strict=strict) for f in forget]
         remember_set = open_images(remember, base.data_spec, strict=strict)
-        holdout_sets = {f"holdout:{h}": open_images(h, base.data_spec, strict=strict) for h in holdout or []}
-    for w in caught:
-        err_console.print(f"[yellow]warning:[/] {w.message}")
+        holdout_sets = {f"holdout:{h}": open_images(h, base.data_spec, strict=strict) for h in holdout}
+    return forget_sets, remember_set, holdout_sets
+
+
+def _run(base, forget_sets: list, remember_set, cfg, *, device: str, output: Path, report: str | None,
+         resume: bool, quiet: bool):
+    """The tame job under the live view; on Ctrl-C the partial report is written before exiting."""
+    from flowtame.jobs.tame import tame
 
     view = _LiveView(cfg, quiet)
     try:
-        with view:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                outcome = tame(base, forget_sets, remember_set, cfg, device=device, state_path=state_path,
-                               resume=resume, callback=view.update)
-            for w in caught:
-                err_console.print(f"[yellow]warning:[/] {w.message}")
+        with view, warnings_after():
+            return tame(base, forget_sets, remember_set, cfg, device=device, state_path=state_path_for(output),
+                        resume=resume, callback=view.update, command=command_line(FORGET_OPTIONS))
     except InterruptedRun as exc:
-        partial = getattr(exc, "partial_report", None)
-        if partial is not None and report not in (None, "-"):
-            emit_json(report, partial)
+        if exc.partial_report is not None and report not in (None, "-"):
+            emit_json(report, exc.partial_report)
         raise
+
+
+def _finish(base, outcome, holdout_sets: dict, cfg, *, device: str, output: Path, report: str | None,
+            quiet: bool, require_converged: bool) -> None:
+    """Evaluate on the holdout sets, write checkpoint and report, drop the resume state, print the summary.
+
+    A failed write or a stop at this point keeps the finished run as resumable state (``--resume`` then
+    writes the outputs without training)."""
+    from flowtame.jobs.tame import taming_evaluation
+
+    state_path = state_path_for(output)
     try:
         outcome.report["evaluation"] = taming_evaluation(base, outcome, holdout_sets, cfg, device=device)
         sha = save_checkpoint(output, outcome.checkpoint, force=True)

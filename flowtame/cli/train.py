@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-import shlex
-import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -20,46 +17,21 @@ from rich.progress import (
 )
 
 from flowtame.cli import app
-from flowtame.cli._common import console, emit_json, err_console, is_interactive
+from flowtame.cli._common import check_outputs, command_line, console, emit_json, err_console, is_interactive
 from flowtame.errors import InputError
-from flowtame.io.fileio import check_output_path
-
-#: Hyperparameter flags: spec field -> the flag that sets it (valid where the architecture's spec has it).
-ARCH_FLAGS = {
-    "n_flow": "--n-flow", "n_block": "--n-block", "hidden": "--hidden", "affine": "--affine/--additive",
-    "conv_lu": "--lu/--no-lu", "n_scales": "--n-scales", "n_res_blocks": "--n-res-blocks",
-    "n_couplings": "--n-couplings", "n_hidden_layers": "--n-hidden-layers", "patch_size": "--patch-size",
-    "width": "--width", "layers_per_block": "--layers-per-block", "heads": "--heads",
-}
 
 
-def build_spec(architecture: str, channels: int, image_size: int, options: dict[str, Any]) -> Any:
-    """The architecture's spec from the image shape and the hyperparameter flags that were given.
+def _load_images(data: str, data_spec, strict: bool):
+    """The training images (uint8 [N, C, S, S]); skipped files are summed up in one warning line."""
+    from flowtame.data.images import open_images
 
-    ``options`` maps spec fields (keys of :data:`ARCH_FLAGS`) to flag values, None for a flag not given (the
-    spec's default applies); ``conv_lu`` is one bool for every flow step. Raises InputError for an unknown
-    architecture, a flag the architecture does not take, or invalid values.
-    """
-    from flowtame.flows import ARCHITECTURES, make_spec
-
-    if architecture not in ARCHITECTURES:
-        known = ", ".join(sorted(name for name, a in ARCHITECTURES.items() if a.kind == "image"))
-        raise InputError(f"--arch {architecture}: unknown architecture (image architectures: {known})")
-    fields = {f.name for f in dataclasses.fields(ARCHITECTURES[architecture].spec_class)}
-    given = {name: value for name, value in options.items() if value is not None}
-    for name in given:
-        if name not in fields:
-            takes = ", ".join(ARCH_FLAGS[f] for f in ARCH_FLAGS if f in fields) or "none"
-            raise InputError(f"{ARCH_FLAGS[name]} does not apply to --arch {architecture} "
-                             f"(its flags: {takes})")
-    lu = given.pop("conv_lu", None)
-    try:
-        spec = make_spec(architecture, {"channels": channels, "image_size": image_size, **given})
-        if lu is not None:
-            spec = make_spec(architecture, {**spec.to_dict(), "conv_lu": [lu] * len(spec.conv_lu)})
-    except ValueError as exc:
-        raise InputError(f"--arch {architecture}: {exc}") from None
-    return spec
+    image_set = open_images(data, data_spec, strict=strict)
+    images, _ = image_set.load_tensor()
+    if image_set.skipped:
+        path, reason = image_set.skipped[0]
+        err_console.print(f"[yellow]warning:[/] {len(image_set.skipped)} file(s) of {data} skipped "
+                          f"(first: {path}: {reason})")
+    return images
 
 
 class _ProgressView:
@@ -97,57 +69,59 @@ class _ProgressView:
 
 @app.command("train")
 def train_command(
-    data: str = typer.Argument(..., help="Training images: a folder, an image, a .txt list of paths, or "
-                                         "embedded:digits[:all|train|test][:CLASS]."),
-    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (.safetensors)."),
-    arch: str = typer.Option("glow", "--arch", help="glow | realnvp | nice | tarflow."),
-    image_size: int = typer.Option(32, "--image-size", help="Images are resized and centre-cropped to this."),
-    channels: int = typer.Option(3, "--channels", help="1 (grayscale) or 3 (RGB)."),
-    n_bits: int = typer.Option(5, "--n-bits", help="Bits per value the model sees (1-8)."),
-    n_flow: int = typer.Option(None, "--n-flow", help="glow: flow steps per level (default: 8)."),
-    n_block: int = typer.Option(None, "--n-block", help="glow: levels; 2**n must divide "
-                               "the image size (default: 3); tarflow: flow blocks (default: 4)."),
-    hidden: int = typer.Option(None, "--hidden", help="Width of the coupling "
-                              "networks (default: per architecture)."),
-    affine: bool = typer.Option(None, "--affine/--additive", help="glow: affine or additive coupling "
-                                "(default: additive)."),
-    lu: bool = typer.Option(None, "--lu/--no-lu", help="glow: LU-parameterized 1x1 "
-                            "convolutions (default: lu)."),
-    n_scales: int = typer.Option(None, "--n-scales", help="realnvp: scales (default: 2)."),
-    n_res_blocks: int = typer.Option(None, "--n-res-blocks", help="realnvp: residual blocks (default: 2)."),
-    n_couplings: int = typer.Option(None, "--n-couplings", help="nice: coupling layers (default: 4)."),
-    n_hidden_layers: int = typer.Option(None, "--n-hidden-layers", help="nice: hidden layers (default: 5)."),
-    patch_size: int = typer.Option(None, "--patch-size", help="tarflow: patch side in pixels; must divide the "
-                                   "image size (default: 4)."),
-    width: int = typer.Option(None, "--width", help="tarflow: transformer width (default: 256)."),
-    layers_per_block: int = typer.Option(None, "--layers-per-block", help="tarflow: attention layers per flow "
-                                         "block (default: 2)."),
-    heads: int = typer.Option(None, "--heads", help="tarflow: attention heads; must divide the width "
-                              "(default: 4)."),
-    steps: int = typer.Option(2000, "--steps", help="Optimizer steps."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per step."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam peak learning rate."),
-    warmup: int = typer.Option(200, "--warmup", help="Linear learning-rate warm-up steps."),
-    decay: int = typer.Option(0, "--decay", help="Decay the learning rate linearly towards 0 over the last "
-                              "N steps (0 = constant after warm-up)."),
-    grad_clip: float = typer.Option(50.0, "--grad-clip", help="Clip the gradient norm (loss in BPD) to this; "
-                                    "0 = no clipping."),
-    seed: int = typer.Option(0, "--seed", help="Seed of weights, batch order and noise: CPU runs repeat "
-                             "bit for bit."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also write the checkpoint and the "
-                                         "resumable state every N steps (0 = only at the end)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT's resumable state (same data "
-                                "and settings; --steps may be larger)."),
-    sample_every: int = typer.Option(0, "--sample-every", help="Write an 8x8 grid of temperature-0.7 samples "
-                                     "every N steps (0 = never)."),
-    sample_dir: Path = typer.Option(None, "--sample-dir", help="Folder for the sample grids "
-                                    "(default: OUTPUT's name + '-samples')."),
-    json_path: str = typer.Option(None, "--json", help="Write a summary (settings, BPD, history) as JSON "
-                                  "('-' = stdout)."),
-    strict: bool = typer.Option(False, "--strict", help="Treat unreadable image files as errors."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing OUTPUT."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only the final line."),
+    data: Annotated[str, typer.Argument(help="Training images: a folder, an image, a .txt list of paths, or "
+                                             "embedded:digits[:all|train|test][:CLASS].")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")],
+    arch: Annotated[str, typer.Option("--arch", help="glow | realnvp | nice | tarflow.")] = "glow",
+    image_size: Annotated[int, typer.Option("--image-size", help="Images are resized and centre-cropped to "
+                                                                 "this.")] = 32,
+    channels: Annotated[int, typer.Option("--channels", help="1 (grayscale) or 3 (RGB).")] = 3,
+    n_bits: Annotated[int, typer.Option("--n-bits", help="Bits per value the model sees (1-8).")] = 5,
+    n_flow: Annotated[int, typer.Option("--n-flow", help="glow: flow steps per level (default: 8).")] = None,
+    n_block: Annotated[int, typer.Option("--n-block", help="glow: levels; 2**n must divide the image size "
+                                                           "(default: 3); tarflow: flow blocks (default: 4).")] = None,
+    hidden: Annotated[int, typer.Option("--hidden", help="Width of the coupling networks (default: per "
+                                                         "architecture).")] = None,
+    affine: Annotated[bool, typer.Option("--affine/--additive", help="glow: affine or additive coupling "
+                                                                     "(default: additive).")] = None,
+    conv_lu: Annotated[bool, typer.Option("--lu/--no-lu", help="glow: LU-parameterized 1x1 convolutions "
+                                                               "(default: lu).")] = None,
+    n_scales: Annotated[int, typer.Option("--n-scales", help="realnvp: scales (default: 2).")] = None,
+    n_res_blocks: Annotated[int, typer.Option("--n-res-blocks", help="realnvp: residual blocks (default: 2).")] = None,
+    n_couplings: Annotated[int, typer.Option("--n-couplings", help="nice: coupling layers (default: 4).")] = None,
+    n_hidden_layers: Annotated[int, typer.Option("--n-hidden-layers", help="nice: hidden layers (default: 5).")] = None,
+    patch_size: Annotated[int, typer.Option("--patch-size", help="tarflow: patch side in pixels; must divide "
+                                                                 "the image size (default: 4).")] = None,
+    width: Annotated[int, typer.Option("--width", help="tarflow: transformer width (default: 256).")] = None,
+    layers_per_block: Annotated[int, typer.Option("--layers-per-block", help="tarflow: attention layers per "
+                                                                             "flow block (default: 2).")] = None,
+    heads: Annotated[int, typer.Option("--heads", help="tarflow: attention heads; must divide the width "
+                                                       "(default: 4).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Adam peak learning rate.")] = 1e-3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Linear learning-rate warm-up steps.")] = 200,
+    decay: Annotated[int, typer.Option("--decay", help="Decay the learning rate linearly towards 0 over the "
+                                                       "last N steps (0 = constant after warm-up).")] = 0,
+    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip the gradient norm (loss in BPD) to "
+                                                                 "this; 0 = no clipping.")] = 50.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of weights, batch order and noise: CPU runs repeat "
+                                                     "bit for bit.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Also write the checkpoint and the "
+                                                                             "resumable state every N steps (0 "
+                                                                             "= only at the end).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT's resumable state (same "
+                                                          "data and settings; --steps may be larger).")] = False,
+    sample_every: Annotated[int, typer.Option("--sample-every", help="Write an 8x8 grid of temperature-0.7 "
+                                                                     "samples every N steps (0 = never).")] = 0,
+    sample_dir: Annotated[Path, typer.Option("--sample-dir", help="Folder for the sample grids (default: "
+                                                                  "OUTPUT's name + '-samples').")] = None,
+    json_path: Annotated[str, typer.Option("--json", help="Write a summary (settings, BPD, history) as JSON "
+                                                          "('-' = stdout).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Treat unreadable image files as errors.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display; only the final line.")] = False,
 ) -> None:
     """Train a fresh flow on DATA by maximum likelihood and write it as a flowtame checkpoint.
 
@@ -157,28 +131,18 @@ def train_command(
     Example: flowtame train embedded:digits:train -o digits.safetensors --arch glow --image-size 16
     --channels 1 --n-block 2 --hidden 128 --steps 2000
     """
-    from flowtame.data.images import open_images
+    options = dict(locals())  # first: every option (the architecture's hyperparameters among them)
     from flowtame.data.quantization import DataSpec
-    from flowtame.jobs.train import BPD_WINDOW, train_model
+    from flowtame.jobs.train import ARCHITECTURE_OPTIONS, model_spec, train_model
 
-    check_output_path(output, force or resume, [data])
-    if json_path not in (None, "-"):
-        check_output_path(json_path, force or resume, [data, output])
+    check_outputs(force or resume, output, inputs=[data])
+    check_outputs(force or resume, json_path, inputs=[data, output])
     try:
         data_spec = DataSpec(image_size=image_size, channels=channels, n_bits=n_bits)
     except ValueError as exc:
         raise InputError(f"--image-size/--channels/--n-bits: {exc}") from None
-    spec = build_spec(arch, channels, image_size, {
-        "n_flow": n_flow, "n_block": n_block, "hidden": hidden, "affine": affine, "conv_lu": lu,
-        "n_scales": n_scales, "n_res_blocks": n_res_blocks, "n_couplings": n_couplings,
-        "n_hidden_layers": n_hidden_layers, "patch_size": patch_size, "width": width,
-        "layers_per_block": layers_per_block, "heads": heads})
-    image_set = open_images(data, data_spec, strict=strict)
-    images, _ = image_set.load_tensor()
-    if image_set.skipped:
-        path, reason = image_set.skipped[0]
-        err_console.print(f"[yellow]warning:[/] {len(image_set.skipped)} file(s) of {data} skipped "
-                          f"(first: {path}: {reason})")
+    spec = model_spec(arch, channels, image_size, {key: options[key] for key in ARCHITECTURE_OPTIONS})
+    images = _load_images(data, data_spec, strict)
     out = err_console if json_path == "-" else console  # keep stdout for the JSON
     if not quiet:
         out.print(f"training {arch} on {images.shape[0]} image(s) of {data} "
@@ -190,19 +154,20 @@ def train_command(
             images, arch, spec, data_spec, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
             grad_clip=grad_clip or None, seed=seed, decay_steps=decay, device=device, checkpoint_path=output,
             checkpoint_every=checkpoint_every, resume=resume, force=force, sample_every=sample_every,
-            sample_dir=sample_dir, callback=view.update, command=shlex.join(["flowtame", *sys.argv[1:]]))
+            sample_dir=sample_dir, callback=view.update, command=command_line())
+    emit_json(json_path, result.report(data, int(images.shape[0])))
+    _print_done(result, out, quiet)
+
+
+def _print_done(result, out: Console, quiet: bool) -> None:
+    """Where the resumable state is (unless quiet) and the one-line result."""
+    from flowtame.jobs.train import BPD_WINDOW
+
     ckpt = result.checkpoint
-    emit_json(json_path, {
-        "output": str(output), "sha256": ckpt.sha256, "state_path": str(result.state_path),
-        "architecture": arch, "hyperparameters": spec.to_dict(), "data": data_spec.to_dict(),
-        "source": data, "n_images": int(images.shape[0]), "parameters": ckpt.num_parameters,
-        "training": dataclasses.asdict(result.settings), "steps_done": result.steps,
-        "train_bpd": result.train_bpd, "wall_seconds": result.wall_seconds, "history": result.history,
-    })
     if not quiet:
         out.print(f"resumable state: {result.state_path} (continue with --resume and more --steps; "
-                      "delete it when done)", highlight=False, soft_wrap=True)
-    out.print(f"trained {arch} ({ckpt.num_parameters:,} parameters) for {result.steps} steps in "
+                  "delete it when done)", highlight=False, soft_wrap=True)
+    out.print(f"trained {ckpt.architecture} ({ckpt.num_parameters:,} parameters) for {result.steps} steps in "
               f"{result.wall_seconds:.1f} s: train BPD {result.train_bpd:.4f} (mean of the last "
-              f"{min(result.steps, BPD_WINDOW)} steps); wrote {output} (sha256 {ckpt.sha256})",
+              f"{min(result.steps, BPD_WINDOW)} steps); wrote {ckpt.path} (sha256 {ckpt.sha256})",
               highlight=False, soft_wrap=True)

@@ -63,11 +63,16 @@ def discrete_nll(log_prob: Tensor, num_dims: int, n_bits: int) -> Tensor:
     return -log_prob + num_dims * n_bits * math.log(2.0)
 
 
+def nats_per_bpd(num_dims: int) -> float:
+    """How many nats one bit per dimension is for an image of ``num_dims`` values: D ln 2."""
+    return num_dims * math.log(2.0)
+
+
 def nats_to_bpd(nll: Tensor | np.ndarray | float, num_dims: int):
     """NLL in nats -> bits per dimension."""
-    return nll / (num_dims * math.log(2.0))
+    return nll / nats_per_bpd(num_dims)
 
 
 def bpd_to_nats(bpd: Tensor | np.ndarray | float, num_dims: int):
     """Bits per dimension -> NLL in nats."""
-    return bpd * (num_dims * math.log(2.0))
+    return bpd * nats_per_bpd(num_dims)

@@ -49,7 +49,7 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
             raise InputError(f"device {spec!r}: expected auto, cpu, cuda or cuda:N with N a GPU index")
         if not torch.cuda.is_available():
             raise InputError(f"device {spec!r}: CUDA is not available on this machine "
-                             "(no GPU visible, or torch was built without CUDA); use --device cpu")
+                             "(no GPU visible, or torch was built without CUDA); use cpu", keys=("device",))
         index = int(index_text)
         count = torch.cuda.device_count()
         if index >= count:
@@ -76,10 +76,10 @@ def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
 def check_precision(device: torch.device, precision: str) -> None:
     """Raise InputError unless ``precision`` is one of :data:`PRECISIONS` and usable on ``device``."""
     if precision not in PRECISIONS:
-        raise InputError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        raise InputError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}", keys=("precision",))
     if precision != "fp32" and device.type != "cuda":
         raise InputError(f"precision {precision!r}: mixed precision is only supported on CUDA; "
-                         f"use --precision fp32 on {device.type}")
+                         f"use fp32 on {device.type}", keys=("precision",))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """The training engine shared by tame, debias and the baselines.
 
 A *method* supplies the loss of each iteration and decides when it is done; the engine owns everything
-else: Adam with linear warm-up, gradient clipping, optional autocast on CUDA, roll-back of non-finite
+else: Adam with linear warm-up, gradient clipping, mixed precision (CUDA only, through
+:func:`~flowtame.engine.devices.autocast_context`), roll-back of non-finite
 (or blown-up) steps with a bounded number of learning-rate reductions, a clean stop on Ctrl-C with a resumable state
 file (safetensors, never a pickle), resume to the bit-identical result on CPU, timing and a trajectory.
 
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from flowtame.engine.devices import autocast_context
 from flowtame.errors import (
     CheckpointError,
     InterruptedRun,
@@ -134,7 +136,7 @@ def _by(signum: int) -> str:
 def keep_run_after_failed_write(error: OutputWriteError, save_state: Callable[[], None] | None,
                                 state_path: str | Path | None, *, saved: bool = False) -> OutputWriteError:
     """The error to raise when a run's outputs cannot be written: first ``save_state()`` (the resumable
-    state at ``state_path``; ``saved`` = already written), so ``--resume`` continues without losing the work."""
+    state at ``state_path``; ``saved`` = already written), so resuming continues without losing the work."""
     if state_path is None or (save_state is None and not saved):
         return error
     try:
@@ -143,7 +145,8 @@ def keep_run_after_failed_write(error: OutputWriteError, save_state: Callable[[]
     except OutputWriteError as again:
         return OutputWriteError(f"{error}; the run's resumable state could not be written either ({again})")
     return OutputWriteError(f"{error}; the run is kept in {state_path}: make room (or fix the path) and rerun "
-                            "the same command with --resume to continue from there without losing the work done")
+                            "the same command resuming, to continue from there without losing the work done",
+                            keys=("resume",))
 
 
 def _learning_rate(config: EngineConfig, iteration: int, scale: float) -> float:
@@ -219,7 +222,7 @@ class Engine:
         """Restore a state written by :meth:`save_state` (same model shape and method)."""
         path = Path(path)
         if not path.is_file():
-            raise CheckpointError(f"{path}: no resumable state here (nothing to --resume)")
+            raise CheckpointError(f"{path}: no resumable state here (nothing to resume)", keys=("resume",))
         try:
             from safetensors import safe_open
 
@@ -257,12 +260,7 @@ class Engine:
     # ----------------------------------------------------------------- the loop
     def _autocast(self):
         device = self.params[0].device if self.params else torch.device("cpu")
-        if device.type == "cuda" and self.config.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        import contextlib
-
-        return contextlib.nullcontext()
+        return autocast_context(device, self.config.precision)
 
     def _lagged(self) -> bool:
         if self.config.lagged_metrics is not None:
@@ -362,8 +360,8 @@ class Engine:
                         self.save_state(state_path)
                     raise InterruptedRun(
                         f"interrupted{_by(self._stop.signum)} at iteration {self.iteration}"
-                        + (f"; state saved to {state_path}, continue with --resume" if state_path else ""),
-                        self._stop.signum)
+                        + (f"; state saved to {state_path}, continue by resuming" if state_path else ""),
+                        self._stop.signum, keys=("resume",) if state_path else ())
                 if self.converged:
                     break
                 if self.iteration >= self.config.max_iters:
@@ -395,8 +393,9 @@ class Engine:
         """Restore the last good snapshot and lower the learning rate; the method's ``rolled_back(model)``, when
         it has one, then re-measures what it estimated from the discarded weights (e.g. remember statistics)."""
         if self.lr_reductions >= self.config.max_nan_retries:
-            advice = getattr(self.method, "divergence_advice", lambda: "try a smaller --lr")()
-            raise TrainingDivergedError(f"{problem}, after {self.lr_reductions} learning-rate reductions; {advice}")
+            advice = getattr(self.method, "divergence_advice", lambda: "try a smaller lr")()
+            raise TrainingDivergedError(f"{problem}, after {self.lr_reductions} learning-rate reductions; {advice}",
+                                        keys=("lr",))
         self._restore(self._last_good)
         self.lr_scale *= self.config.lr_backoff
         self.lr_reductions += 1

@@ -13,8 +13,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from flowtame.data.quantization import nats_per_bpd
 from flowtame.io.fileio import atomic_path, check_output_path
 from flowtame.likelihood.statistics import NormalFit
+from flowtame.likelihood.threshold import forget_threshold
 
 #: Sets with fewer images than this are drawn as marks on the axis (a rug) instead of a histogram.
 RUG_BELOW = 20
@@ -24,7 +26,7 @@ def _scale(num_dims: int | None) -> tuple[float, str]:
     """Factor from nats to the plotted unit, and its name: BPD when ``num_dims`` is given, else nats."""
     if num_dims is None:
         return 1.0, "nats"
-    return 1.0 / (num_dims * math.log(2.0)), "BPD"
+    return 1.0 / nats_per_bpd(num_dims), "BPD"
 
 
 def plot_nll_histograms(
@@ -57,7 +59,7 @@ def plot_nll_histograms(
     high = max(float(v.max()) for v in values if v.size)
     for fit in fits.values():
         if delta is not None:
-            high = max(high, (fit.mean + delta * fit.std) * factor)
+            high = max(high, forget_threshold(fit.mean, fit.std, delta) * factor)
     margin = 0.05 * (high - low or 1.0)
     edges = np.linspace(low - margin, high + margin, bins + 1)
 
@@ -84,7 +86,7 @@ def plot_nll_histograms(
             density = np.exp(-0.5 * ((grid - mean) / std) ** 2) / (std * math.sqrt(2.0 * math.pi))
             ax.plot(grid, density, color="black", linewidth=1, label="remember fit N(μ_R, σ_R²)")
             if delta is not None:
-                ax.axvline(mean + delta * std, color="crimson", linewidth=1.5,
+                ax.axvline(forget_threshold(mean, std, delta), color="crimson", linewidth=1.5,
                            label=f"threshold μ_R + {delta:g}σ_R")
                 if epsilon:
                     ax.axvline(mean + (delta - epsilon) * std, color="crimson", linewidth=1, linestyle=":",

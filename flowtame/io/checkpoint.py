@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,12 +65,12 @@ class Checkpoint:
 
 def make_provenance(parent_sha256: str | None = None, command: str | None = None, notes: str | None = None,
                     **extra: Any) -> dict:
-    """Standard provenance block; ``command`` defaults to this process's command line."""
+    """Standard provenance block; ``command`` is the command line the caller passes in (None: not recorded)."""
     return {
         "flowtame_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "parent_sha256": parent_sha256,
-        "command": command if command is not None else shlex.join(["flowtame", *sys.argv[1:]]),
+        "command": command,
         "notes": notes,
         **extra,
     }

@@ -232,7 +232,7 @@ def _check_flags(path: Path, found: RosinalityStructure, channels: int | None, n
 def convert_rosinality(pt_path: str | Path, *, image_size: int, n_bits: int, channels: int | None = None,
                        n_flow: int | None = None, n_block: int | None = None, affine: bool | None = None,
                        conv_lu: bool | None = None, hidden: int | None = None,
-                       notes: str | None = None) -> Checkpoint:
+                       notes: str | None = None, command: str | None = None) -> Checkpoint:
     """Convert a rosinality/glow-pytorch Glow state dict (``.pt``) into a flowtame Glow :class:`Checkpoint`.
 
     Args:
@@ -244,6 +244,7 @@ def convert_rosinality(pt_path: str | Path, *, image_size: int, n_bits: int, cha
             given they must agree with it. ``conv_lu`` has rosinality's meaning: the 1x1 convolution type of
             every block but the last (the last block is always LU there).
         notes: free text stored in the provenance.
+        command: the command line to record in the provenance (None: not recorded).
 
     Returns:
         An in-memory checkpoint (model in eval mode, on the CPU, float32) with provenance
@@ -304,6 +305,6 @@ def convert_rosinality(pt_path: str | Path, *, image_size: int, n_bits: int, cha
                    f"from its first batch")
         warnings.warn(message, ConversionWarning, stacklevel=2)
         extra["conversion_warnings"] = [message]
-    provenance = make_provenance(parent_sha256=sha256_file(path), notes=notes,
+    provenance = make_provenance(parent_sha256=sha256_file(path), command=command, notes=notes,
                                  source_format="rosinality-glow", **extra)
     return Checkpoint(model=model, architecture="glow", spec=spec, data_spec=data_spec, provenance=provenance)

@@ -134,7 +134,8 @@ def _image_geometry(path: Path, found: TarFlowStructure, patch_size: int) -> tup
 def convert_tarflow(pth_path: str | Path, *, patch_size: int | None = None, width: int | None = None,
                     n_block: int | None = None, layers_per_block: int | None = None, heads: int | None = None,
                     image_size: int | None = None, channels: int | None = None, n_bits: int = 8,
-                    class_label: int | None = None, notes: str | None = None) -> Checkpoint:
+                    class_label: int | None = None, notes: str | None = None,
+                    command: str | None = None) -> Checkpoint:
     """Convert an apple/ml-tarflow state dict (``.pth``) into a flowtame TarFlow :class:`Checkpoint`.
 
     Hyperparameters: the flags given, the rest from the file name (:func:`parse_file_name`); with neither, an
@@ -179,7 +180,8 @@ def convert_tarflow(pth_path: str | Path, *, patch_size: int | None = None, widt
     model.load_state_dict(_map_tensors(path, state, model.state_dict(), found), strict=True)
     model.eval()
     extra = {"tarflow_file_name": {"dataset": named.dataset, "noise_std": named.noise_std}} if named else {}
-    provenance = make_provenance(parent_sha256=sha256_file(path), notes=notes, source_format="tarflow", **extra)
+    provenance = make_provenance(parent_sha256=sha256_file(path), command=command, notes=notes,
+                                 source_format="tarflow", **extra)
     return Checkpoint(model=model, architecture="tarflow", spec=spec, data_spec=data_spec, provenance=provenance)
 
 

@@ -186,7 +186,7 @@ def _source_key(key: str, n_flow: int, n_block: int) -> str | None:
 
 def convert_y0ast(pt_path: str | Path, *, hparams: str | Path | None = None, image_size: int | None = None,
                   channels: int | None = None, n_bits: int = 8, permutations: str | Path | None = None,
-                  notes: str | None = None) -> Checkpoint:
+                  notes: str | None = None, command: str | None = None) -> Checkpoint:
     """Convert a y0ast/Glow-PyTorch Glow state dict into a flowtame Glow :class:`Checkpoint`.
 
     Args:
@@ -241,7 +241,8 @@ def convert_y0ast(pt_path: str | Path, *, hparams: str | Path | None = None, ima
                               f"a y0ast Glow of this structure)")
     model.load_state_dict(mapped, strict=True)
     model.eval()
-    provenance = make_provenance(parent_sha256=sha256_file(path), notes=notes, source_format="y0ast-glow")
+    provenance = make_provenance(parent_sha256=sha256_file(path), command=command, notes=notes,
+                                 source_format="y0ast-glow")
     return Checkpoint(model=model, architecture="glow", spec=spec, data_spec=data_spec, provenance=provenance)
 
 

@@ -105,7 +105,7 @@ def check_output_path(path: str | Path, force: bool, inputs: Iterable[str | Path
     except OSError as exc:  # e.g. a name longer than the file system allows
         raise OutputWriteError(f"{path}: cannot write ({write_error_reason(exc)})") from None
     if exists and not force:
-        raise OutputExistsError(f"{path}: already exists (use --force to overwrite)")
+        raise OutputExistsError(f"{path}: already exists (overwriting needs force)", keys=("force",))
     if exists and path.is_dir():
         raise OutputExistsError(f"{path}: is a directory, not a file")
     return path

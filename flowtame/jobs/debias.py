@@ -33,6 +33,7 @@ Units: NLL in nats per image unless marked BPD; frequencies are fractions of the
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import statistics
 import time
@@ -50,8 +51,9 @@ from torch import Tensor, nn
 
 from flowtame import __version__
 from flowtame.data.images import ImageSet, dequantization_noise
-from flowtame.data.quantization import DataSpec, quantize
+from flowtame.data.quantization import DataSpec, nats_per_bpd, quantize
 from flowtame.engine.devices import (
+    check_precision,
     distinct_indices,
     loop_generator,
     random_indices,
@@ -62,14 +64,16 @@ from flowtame.engine.devices import (
     uniform_noise,
 )
 from flowtame.engine.loop import Engine, EngineConfig
-from flowtame.errors import DataError, InputError, InterruptedRun
+from flowtame.errors import DataError, InputError, InterruptedRun, config_error
 from flowtame.flows.base import MultiScaleFlow
+from flowtame.io import config as io_config
 from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.io.fileio import json_safe, sha256_file
 from flowtame.likelihood.evaluation import Tolerances, summarize_evaluation
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
 from flowtame.likelihood.statistics import subset_correction
-from flowtame.methods.objective import nats_per_bpd, remember_loss
+from flowtame.likelihood.threshold import forget_threshold
+from flowtame.methods.objective import remember_loss
 
 REPORT_SCHEMA_VERSION = 1
 #: Group names: letters, digits and ``_ . -`` (they become JSON keys and column labels).
@@ -95,14 +99,15 @@ def parse_groups(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         name, sep, source = item.partition("=")
         if not sep or not source:
-            raise InputError(f"--group {item!r}: expected NAME=PATH (e.g. --group male=./male)")
+            raise InputError(f"group {item!r}: expected NAME=PATH (e.g. male=./male)", keys=("group",))
         if not GROUP_NAME.match(name):
-            raise InputError(f"--group {item!r}: a group name may hold only letters, digits, '_', '.' and '-'")
+            raise InputError(f"group {item!r}: a group name may hold only letters, digits, '_', '.' and '-'",
+                             keys=("group",))
         if name in groups:
-            raise InputError(f"--group {name}: given twice")
+            raise InputError(f"group {name}: given twice", keys=("group",))
         groups[name] = source
     if len(groups) < 2:
-        raise InputError(f"debiasing needs at least two --group NAME=PATH, got {len(groups)}")
+        raise InputError(f"debiasing needs at least two groups (NAME=PATH), got {len(groups)}", keys=("group",))
     return groups
 
 
@@ -116,31 +121,33 @@ def parse_targets(items: Sequence[str], group_names: Sequence[str]) -> dict[str,
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
-            raise InputError(f"--target {item!r}: expected NAME=FRACTION (e.g. --target male=0.5)")
+            raise InputError(f"target {item!r}: expected NAME=FRACTION (e.g. male=0.5)", keys=("target",))
         if name not in group_names:
-            raise InputError(f"--target {item!r}: no group named {name!r} (groups: {', '.join(group_names)})")
+            raise InputError(f"target {item!r}: no group named {name!r} (groups: {', '.join(group_names)})",
+                             keys=("target",))
         if name in given:
-            raise InputError(f"--target {name}: given twice")
+            raise InputError(f"target {name}: given twice", keys=("target",))
         try:
             fraction = float(value)
         except ValueError:
-            raise InputError(f"--target {item!r}: {value!r} is not a number") from None
+            raise InputError(f"target {item!r}: {value!r} is not a number", keys=("target",)) from None
         if not 0 < fraction < 1:
-            raise InputError(f"--target {item!r}: a target fraction must lie strictly between 0 and 1")
+            raise InputError(f"target {item!r}: a target fraction must lie strictly between 0 and 1",
+                             keys=("target",))
         given[name] = fraction
     missing = [name for name in group_names if name not in given]
     total = sum(given.values())
     if len(missing) > 1:
-        raise InputError(f"--target: give a target for every group but at most one (missing: "
-                         f"{', '.join(missing)})")
+        raise InputError(f"targets: give a target for every group but at most one (missing: "
+                         f"{', '.join(missing)})", keys=("target",))
     if len(missing) == 1:
         rest = 1.0 - total
         if not 0 < rest < 1:
-            raise InputError(f"--target: the targets given add up to {total:g}, leaving {rest:g} for "
-                             f"{missing[0]!r}; targets must lie in (0, 1) and add up to 1")
+            raise InputError(f"targets: the targets given add up to {total:g}, leaving {rest:g} for "
+                             f"{missing[0]!r}; targets must lie in (0, 1) and add up to 1", keys=("target",))
         given[missing[0]] = rest
     elif abs(total - 1.0) > TARGET_SUM_SLACK:
-        raise InputError(f"--target: the targets add up to {total:g}; they must add up to 1")
+        raise InputError(f"targets: the targets add up to {total:g}; they must add up to 1", keys=("target",))
     return {name: given[name] for name in group_names}
 
 
@@ -361,8 +368,8 @@ class TorchScriptClassifier:
         if not torch.is_tensor(out) or tuple(out.shape) != (images.shape[0], self.num_classes):
             shape = list(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise InputError(f"{self.path}: the classifier must return logits of shape [B, {self.num_classes}] "
-                             f"(one per --group in --group order, then 'other' if --other is given) for images "
-                             f"[B, C, H, W]; got {shape}")
+                             f"(one per group in the groups' order, then 'other' if other images are given) for "
+                             f"images [B, C, H, W]; got {shape}", keys=("classifier",))
         return out.float()
 
     def describe(self) -> dict[str, Any]:
@@ -494,7 +501,26 @@ class DebiasConfig:
         if not 0 < self.held_out_fraction < 1 or not self.classifier_weight_decay >= 0:
             problems.append("held_out_fraction must lie in (0, 1) and classifier_weight_decay be non-negative")
         if problems:
-            raise InputError("bad debiasing configuration: " + "; ".join(problems))
+            raise config_error("debiasing", problems, vars(self))
+
+
+def config_keys() -> set[str]:
+    """The keys of a debias config file or layer: :class:`DebiasConfig`'s fields."""
+    return {f.name for f in dataclasses.fields(DebiasConfig)}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML debias config (:func:`flowtame.io.config.read_config_file`): :func:`config_keys`, with dashes
+    or underscores; unknown keys are an error."""
+    return io_config.read_config_file(path, config_keys())
+
+
+def make_config(*layers: Mapping[str, Any]) -> DebiasConfig:
+    """Merge key dicts left to right (later wins; None values are skipped) into a DebiasConfig."""
+    try:
+        return DebiasConfig(**io_config.merge_layers(*layers))
+    except TypeError as exc:
+        raise InputError(f"bad debiasing configuration: {exc}") from None
 
 
 @dataclass
@@ -617,7 +643,7 @@ class DebiasMethod:
         x, rows = self._batch()
         nll = nll_nats(model, x, self.data.data_spec)
         *group_nll, nll_remember = nll.split(rows)
-        threshold = self.mu_r + self.config.soft_delta * self.sigma_r
+        threshold = forget_threshold(self.mu_r, self.sigma_r, self.config.soft_delta)
         loss_groups = nll.new_zeros(())
         for weight, values in zip(self.weights, group_nll, strict=True):
             raise_term = values.mean() / self.nats_per_bpd
@@ -769,6 +795,7 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
     if data_spec is None:
         raise InputError(f"{base.path}: debiasing needs an image model")
     dev = resolve_device(device)
+    check_precision(dev, config.precision)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -808,7 +835,7 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
     seconds["measurement"] = time.perf_counter() - clock
     if before["assigned"] == 0:
         raise InputError(f"none of the {config.samples} samples of the base model was assigned to a group; "
-                         "use more --samples or another --temperature")
+                         "use more samples or another temperature", keys=("samples", "temperature"))
 
     data, base_remember_nll = prepare_data(base_model, group_pixels, remember_pixels, remember_keys, data_spec,
                                            config, generator, dev)

@@ -19,10 +19,10 @@ from flowtame.figures.plots import plot_nll_histograms
 from flowtame.figures.sampling import sample_grid, save_png
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 from flowtame.io.fileio import write_json_atomic
+from flowtame.jobs.stats import likelihood_stats
 from flowtame.jobs.tame import TameConfig, make_config, tame, taming_evaluation
-from flowtame.likelihood.nll import compute_nll
 from flowtame.likelihood.protocol import median_nearest, write_pngs
-from flowtame.likelihood.statistics import fit_normal, summarize_nll
+from flowtame.likelihood.statistics import fit_normal
 
 MODEL = "embedded:glow-digits"
 REMEMBER = "embedded:digits:train"
@@ -31,7 +31,8 @@ HOLDOUT = "embedded:digits:test"
 
 @dataclass
 class DemoResult:
-    """What the demo wrote and measured; ``report`` is the tame report (with its evaluation block)."""
+    """What the demo wrote and measured; ``stats`` is the stats report (``flowtame stats --json``'s shape),
+    ``report`` the tame report (with its evaluation block)."""
 
     out: Path
     stats: dict[str, Any]
@@ -42,8 +43,11 @@ class DemoResult:
 
 def run_demo(out: str | Path, *, digit: int = 3, k: int = 4, device: str = "cpu", force: bool = False,
              config: TameConfig | None = None, log: Callable[[str], None] = print,
-             callback: Callable[[int, dict[str, float]], None] | None = None) -> DemoResult:
+             callback: Callable[[int, dict[str, float]], None] | None = None,
+             command: str | None = None) -> DemoResult:
     """Forget ``k`` images of ``digit`` (nearest the class's median likelihood) from the embedded Glow.
+
+    ``command``: the command line recorded in the tamed checkpoint's provenance (None: not recorded).
 
     Writes into ``out``: stats.json, forget/*.png, tamed.safetensors, report.json, nll.png, samples.png.
     """
@@ -55,12 +59,10 @@ def run_demo(out: str | Path, *, digit: int = 3, k: int = 4, device: str = "cpu"
     config = config or make_config({})
 
     log(f"[1/5] likelihood statistics of {REMEMBER} and {HOLDOUT} under {MODEL}")
-    stats = {"schema_version": 1, "model": MODEL, "sets": {}}
-    for source in (REMEMBER, HOLDOUT):
-        result = compute_nll(base.model, open_images(source, spec), seed=config.eval_seed, device=device)
-        stats["sets"][source] = summarize_nll(result.nll, spec.num_dims)
-        s = stats["sets"][source]["bpd"]
-        log(f"      {source}: n={result.nll.size}  mean {s['mean']:.4f} BPD  std {s['std']:.4f}  "
+    stats = likelihood_stats(base, MODEL, [REMEMBER, HOLDOUT], seed=config.eval_seed, device=device).report
+    for source in stats["sources"]:
+        s = source["bpd"]
+        log(f"      {source['name']}: n={source['n']}  mean {s['mean']:.4f} BPD  std {s['std']:.4f}  "
             f"median {s['quantiles']['50']:.4f}")
     write_json_atomic(out / "stats.json", stats)
 
@@ -77,7 +79,7 @@ def run_demo(out: str | Path, *, digit: int = 3, k: int = 4, device: str = "cpu"
     forget_set = open_images(forget_dir, spec)
     remember_set = open_images(REMEMBER, spec)
     holdout = {f"holdout:{HOLDOUT}": open_images(HOLDOUT, spec)}
-    outcome = tame(base, [forget_set], remember_set, config, device=device, callback=callback)
+    outcome = tame(base, [forget_set], remember_set, config, device=device, callback=callback, command=command)
     report = outcome.report
     log(f"      {'converged' if report['converged'] else 'did NOT converge'} after {report['iterations']} "
         f"iterations, {report['wall_seconds']:.1f} s; final d of the forget images: "

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shlex
-import sys
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -24,16 +22,26 @@ import yaml
 
 from flowtame import __version__
 from flowtame.data.images import ImageSet, dequantization_noise
-from flowtame.engine.devices import loop_generator, place_model, resolve_device, trainable_copy, training_rows
+from flowtame.data.quantization import nats_per_bpd
+from flowtame.engine.devices import (
+    check_precision,
+    loop_generator,
+    place_model,
+    resolve_device,
+    trainable_copy,
+    training_rows,
+)
 from flowtame.engine.loop import Engine, EngineConfig
-from flowtame.errors import DataError, InputError, InterruptedRun
+from flowtame.errors import DataError, InputError, InterruptedRun, config_error
 from flowtame.flows.base import coupling_output_parameters
+from flowtame.io import config as io_config
 from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.likelihood.nll import dequantized, pixel_nll
 from flowtame.likelihood.statistics import subset_correction
+from flowtame.likelihood.threshold import default_epsilon, threshold_distance
 from flowtame.methods.calibration import calibrate_lr
-from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS, nats_per_bpd
-from flowtame.methods.taming import KL_ESTIMATES, METHODS, TamingData
+from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS
+from flowtame.methods.taming import KL_ESTIMATES, METHODS, TamingData, settings_section
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -46,6 +54,9 @@ class TameConfig:
     """Every knob of ``flowtame tame``; each is a flag and a YAML key (flags win over the file).
 
     NLL statistics are in nats; ``delta`` and ``epsilon`` in remember standard deviations (sigma_R).
+    ``method_settings``: the settings of the methods that have their own (section name -> the method's
+    settings object, e.g. ``selective_amnesia`` -> :class:`~flowtame.methods.baselines.SelectiveAmnesiaSettings`),
+    built from mappings and filled with defaults here; :func:`make_config` also accepts their flat keys.
     """
 
     method: str = "taming"
@@ -75,18 +86,14 @@ class TameConfig:
     eval_seed: int = 0
     precision: str = "fp32"
     trajectory_every: int = 10
-    # selective-amnesia baseline (seed 001, adapted to flows; see docs/method.md)
-    sa_lambda: float = 100.0
-    sa_replay_weight: float = 1.0
-    sa_fisher_samples: int = 256
-    sa_surrogate: str = "uniform"
+    method_settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.epsilon is None:
-            self.epsilon = 0.15 * self.delta
+            self.epsilon = default_epsilon(self.delta)
         problems = [f"{name} must be a finite number" for name, value in vars(self).items()
                     if isinstance(value, float) and not math.isfinite(value)]
-        _load_baselines()
+        problems += self._build_method_settings()
         if self.method not in METHODS:
             problems.append(f"method must be one of {', '.join(METHODS)}")
         if self.forget_loss not in FORGET_LOSSES:
@@ -125,12 +132,65 @@ class TameConfig:
         if self.freeze is not None and self.freeze not in FREEZE_RULES:
             problems.append(f"freeze must be one of {', '.join(FREEZE_RULES)}")
         if problems:
-            raise InputError("bad taming configuration: " + "; ".join(problems))
+            raise config_error("taming", problems, vars(self))
+
+    def _build_method_settings(self) -> list[str]:
+        """Replace each section of ``method_settings`` by its method's settings object (defaults for a missing
+        one); returns the problems found (the settings classes raise their own InputError for bad values)."""
+        classes = _settings_classes()
+        problems = [f"method_settings: no method has settings {section!r}"
+                    for section in sorted(set(self.method_settings) - set(classes))]
+        for section, cls in classes.items():
+            value = self.method_settings.get(section, {})
+            if isinstance(value, cls):
+                continue
+            if not isinstance(value, Mapping):
+                problems.append(f"{section} must be a mapping of settings")
+                continue
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                problems.append(f"{section}: unknown key(s) {', '.join(unknown)}")
+                continue
+            self.method_settings[section] = cls(**value)
+        return problems
 
 
-def _load_baselines() -> None:
-    """The baseline methods register themselves in ``flowtame.methods.taming.METHODS`` when imported."""
-    import flowtame.methods.baselines  # noqa: F401
+def _settings_classes() -> dict[str, Any]:
+    """Config section -> settings class, for every registered method that has settings of its own."""
+    return {settings_section(name): cls.settings_class for name, cls in METHODS.items()
+            if cls.settings_class is not None}
+
+
+def _flat_keys() -> dict[str, tuple[str, str]]:
+    """Flat config keys of the methods' settings (e.g. ``sa_lambda``) -> (section, field)."""
+    return {flat: (section, name) for section, cls in _settings_classes().items()
+            for flat, name in getattr(cls, "FLAT_KEYS", {}).items()}
+
+
+def config_keys() -> set[str]:
+    """Every key a tame config file or layer may hold: TameConfig's fields, the methods' sections and their
+    flat keys."""
+    return ({f.name for f in dataclasses.fields(TameConfig)} - {"method_settings"}) | set(_settings_classes()) \
+        | set(_flat_keys())
+
+
+def _nest_method_keys(layer: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A config layer split into its TameConfig keys and its methods' settings (section -> field -> value),
+    flat keys and sections alike; None values (flags not given) are dropped."""
+    flat, sections = _flat_keys(), _settings_classes()
+    plain: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in layer.items():
+        if value is None:
+            continue
+        if key in flat:
+            section, name = flat[key]
+            nested.setdefault(section, {})[name] = value
+        elif key in sections and isinstance(value, Mapping):
+            nested.setdefault(key, {}).update({str(k).replace("-", "_"): v for k, v in value.items()})
+        else:
+            plain[key] = value
+    return plain, nested
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -142,33 +202,24 @@ def preset(name: str) -> dict[str, Any]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config; keys may use dashes or underscores. Unknown keys are an error."""
-    path = Path(path)
-    if path.exists() and not path.is_file():  # a FIFO would block the read forever
-        raise InputError(f"{path}: not a regular file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: a config file must be a mapping of keys to values")
-    config = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    known = {f.name for f in dataclasses.fields(TameConfig)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise InputError(f"{path}: unknown key(s) {', '.join(unknown)}")
-    return config
+    """Read a YAML tame config (:func:`flowtame.io.config.read_config_file`): keys of :func:`config_keys`,
+    with dashes or underscores; unknown keys are an error."""
+    return io_config.read_config_file(path, config_keys())
 
 
-def make_config(*layers: dict[str, Any]) -> TameConfig:
-    """Merge key dicts left to right (later wins; None values are skipped) into a TameConfig."""
+def make_config(*layers: Mapping[str, Any]) -> TameConfig:
+    """Merge key dicts left to right (later wins, per key and per method setting; None values are skipped)
+    into a TameConfig. A method's settings may come as flat keys (``sa_lambda``) or as its section
+    (``selective_amnesia: {ewc_lambda: ...}``)."""
     merged: dict[str, Any] = {}
+    settings: dict[str, dict[str, Any]] = {}
     for layer in layers:
-        merged.update({k: v for k, v in layer.items() if v is not None})
+        plain, nested = _nest_method_keys(layer)
+        merged.update(plain)
+        for section, values in nested.items():
+            settings.setdefault(section, {}).update(values)
     try:
-        return TameConfig(**merged)
+        return TameConfig(**merged, method_settings=settings)
     except TypeError as exc:
         raise InputError(f"bad taming configuration: {exc}") from None
 
@@ -199,18 +250,22 @@ def _load_forget(forget_sets: Sequence[ImageSet]) -> tuple[torch.Tensor, torch.T
 def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageSet, config: TameConfig, *,
          device: str = "auto",
          state_path: str | Path | None = None, resume: bool = False,
-         callback: Callable[[int, dict[str, float]], None] | None = None) -> TameOutcome:
+         callback: Callable[[int, dict[str, float]], None] | None = None,
+         command: str | None = None) -> TameOutcome:
     """Tame ``base`` so every image of every forget set reaches the threshold; returns model and report.
 
+    ``command``: the command line to record in the provenance (the caller redacts it; None: not recorded).
+
     The base checkpoint's model is never modified (a copy is trained). Raises InterruptedRun on Ctrl-C
-    (with ``partial_report`` attached and the resume state written to ``state_path``).
+    (its ``partial_report`` set and the resume state written to ``state_path``).
     """
     if not forget_sets:
-        raise InputError("taming needs at least one --forget source")
+        raise InputError("taming needs at least one forget source", keys=("forget",))
     data_spec = base.data_spec
     if data_spec is None:
         raise InputError(f"{base.path}: taming needs an image model")
     dev = resolve_device(device)
+    check_precision(dev, config.precision)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -315,7 +370,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     tamed_forget_nll = pixel_nll(model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
                                  draws=config.forget_draws)
     mu_t, sigma_t = float(tamed_remember_nll.mean()), float(tamed_remember_nll.std(ddof=1))
-    d_final = (tamed_forget_nll - (mu_t + config.delta * sigma_t)) / sigma_t
+    d_final = threshold_distance(tamed_forget_nll, mu_t, sigma_t, config.delta)
     per_bpd = nats_per_bpd(data_spec.num_dims)
     requests = []
     for index, image_set in enumerate(forget_sets):
@@ -341,7 +396,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
                                    "mean_bpd": mu_t / per_bpd, "std_bpd": sigma_t / per_bpd}},
         requests=requests, trajectory=result.trajectory)
     provenance = make_provenance(
-        command=redacted_command(sys.argv), parent_sha256=base.sha256, method=config.method,
+        command=command, parent_sha256=base.sha256, method=config.method,
         hyperparameters=asdict(config),
         forget_digests=[sorted(k for k, r in zip(forget_keys, forget_request.tolist(), strict=True) if r == i)
                         for i in range(len(forget_sets))],
@@ -353,24 +408,6 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
            ("base", "forget"): base_forget_nll, ("tamed", "forget"): tamed_forget_nll}
     save_state = None if state_path is None else partial(engine.save_state, state_path)
     return TameOutcome(checkpoint=tamed, report=report, nll=nll, save_state=save_state)
-
-
-def redacted_command(argv: Sequence[str]) -> str:
-    """The command line with every --forget source replaced: provenance keeps digests, never paths."""
-    words = ["flowtame"]
-    hide_next = False
-    for word in argv[1:]:
-        if hide_next:
-            words.append("<forget source>")
-            hide_next = False
-        elif word in ("--forget", "-f"):
-            words.append(word)
-            hide_next = True
-        elif word.startswith("--forget="):
-            words.append("--forget=<forget source>")
-        else:
-            words.append(word)
-    return shlex.join(words)
 
 
 def freeze_parameters(model: torch.nn.Module, rule: str) -> list[str]:

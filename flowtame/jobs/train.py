@@ -21,6 +21,7 @@ more steps.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowtame.data.quantization import DataSpec, dequantize, nats_to_bpd, quantize
+from flowtame.data.quantization import DataSpec, nats_to_bpd
 from flowtame.engine.devices import resolve_device
 from flowtame.engine.loop import Engine, EngineConfig, keep_run_after_failed_write
 from flowtame.errors import (
@@ -45,10 +46,10 @@ from flowtame.errors import (
     signal_number,
 )
 from flowtame.figures.sampling import make_grid, sample_images, save_png
-from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model
+from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model, make_spec
 from flowtame.io.checkpoint import Checkpoint, make_provenance, save_checkpoint
 from flowtame.io.fileio import check_output_path
-from flowtame.likelihood.nll import nll_nats
+from flowtame.likelihood.nll import dequantized, nll_nats
 
 #: The reported training BPD is the mean batch loss over at most this many final steps.
 BPD_WINDOW = 100
@@ -123,6 +124,18 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     state_path: Path | None = None
 
+    def report(self, source: str, n_images: int) -> dict[str, Any]:
+        """The run's summary (``flowtame train --json``): output, settings, data, train BPD, history;
+        ``source`` names the training images and ``n_images`` counts them."""
+        ckpt = self.checkpoint
+        return {
+            "output": str(ckpt.path), "sha256": ckpt.sha256, "state_path": str(self.state_path),
+            "architecture": ckpt.architecture, "hyperparameters": ckpt.spec.to_dict(),
+            "data": ckpt.data_spec.to_dict() if ckpt.data_spec else None, "source": source, "n_images": n_images,
+            "parameters": ckpt.num_parameters, "training": asdict(self.settings), "steps_done": self.steps,
+            "train_bpd": self.train_bpd, "wall_seconds": self.wall_seconds, "history": self.history,
+        }
+
 
 def resume_state_path(checkpoint_path: str | Path) -> Path:
     """Where the resumable state of a run that writes ``checkpoint_path`` lives: beside it."""
@@ -144,12 +157,6 @@ def images_digest(images: Tensor) -> str:
     digest = hashlib.sha256(json.dumps(list(images.shape)).encode())
     digest.update(images.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def batch_bpd(model: MultiScaleFlow, pixels: Tensor, noise: Tensor, data_spec: DataSpec) -> Tensor:
-    """Discrete NLL in BPD, shape [B], of uint8 ``pixels`` [B, C, H, W] dequantized by ``noise`` in [0, 1)."""
-    x = dequantize(quantize(pixels, data_spec.n_bits), data_spec.n_bits, noise)
-    return nats_to_bpd(nll_nats(model, x, data_spec), data_spec.num_dims)
 
 
 class MaximumLikelihood:
@@ -189,7 +196,8 @@ class MaximumLikelihood:
         self.in_step = True
         pixels = self.images[self.next_batch()]
         noise = torch.rand(pixels.shape, generator=self.generator)
-        return batch_bpd(model, pixels.to(self.device), noise.to(self.device), self.data_spec).mean(), {}
+        x = dequantized(pixels.to(self.device), noise.to(self.device), self.data_spec.n_bits)
+        return nats_to_bpd(nll_nats(model, x, self.data_spec), self.data_spec.num_dims).mean(), {}
 
     def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         self.recent_bpd = [*self.recent_bpd, logged["loss"]][-BPD_WINDOW:]
@@ -212,6 +220,39 @@ class MaximumLikelihood:
         self.order = tensors["order"].cpu() if "order" in tensors else None
         self.position = int(meta["position"])
         self.recent_bpd = [float(v) for v in meta["recent_bpd"]]
+
+
+#: Hyperparameters a caller may set when training (spec fields; each applies where the architecture's spec has it).
+ARCHITECTURE_OPTIONS = ("n_flow", "n_block", "hidden", "affine", "conv_lu", "n_scales", "n_res_blocks",
+                        "n_couplings", "n_hidden_layers", "patch_size", "width", "layers_per_block", "heads")
+
+
+def model_spec(architecture: str, channels: int, image_size: int, options: dict[str, Any]) -> Any:
+    """The architecture's spec from the image shape and the hyperparameters that were given.
+
+    ``options`` maps :data:`ARCHITECTURE_OPTIONS` to values, None for one not given (the spec's default
+    applies); ``conv_lu`` is one bool for every flow step. Raises InputError (its ``keys`` the settings at
+    fault) for an unknown architecture, a setting the architecture does not take, or invalid values.
+    """
+    if architecture not in ARCHITECTURES:
+        known = ", ".join(sorted(name for name, a in ARCHITECTURES.items() if a.kind == "image"))
+        raise InputError(f"architecture {architecture!r}: unknown (image architectures: {known})",
+                         keys=("architecture",))
+    fields = {f.name for f in dataclasses.fields(ARCHITECTURES[architecture].spec_class)}
+    given = {name: value for name, value in options.items() if value is not None}
+    for name in given:
+        if name not in fields:
+            takes = [option for option in ARCHITECTURE_OPTIONS if option in fields]
+            raise InputError(f"{name} does not apply to architecture {architecture} (its settings: "
+                             f"{', '.join(takes) or 'none'})", keys=(name, *takes))
+    lu = given.pop("conv_lu", None)
+    try:
+        spec = make_spec(architecture, {"channels": channels, "image_size": image_size, **given})
+        if lu is not None:
+            spec = make_spec(architecture, {**spec.to_dict(), "conv_lu": [lu] * len(spec.conv_lu)})
+    except ValueError as exc:
+        raise InputError(f"architecture {architecture}: {exc}", keys=("architecture",)) from None
+    return spec
 
 
 def _check_inputs(images: Tensor, architecture: str, spec: Any, data_spec: DataSpec, batch_size: int) -> None:
@@ -263,28 +304,11 @@ def write_sample_grid(checkpoint: Checkpoint, path: str | Path, *, n: int = GRID
 
 
 def train_model(
-    images: Tensor,
-    architecture: str,
-    spec: Any,
-    data_spec: DataSpec,
-    *,
-    steps: int = 2000,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    warmup_steps: int = 200,
-    grad_clip: float | None = 50.0,
-    seed: int = 0,
-    decay_steps: int = 0,
-    device: str | torch.device = "cpu",
-    checkpoint_path: str | Path | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = False,
-    force: bool = False,
-    sample_every: int = 0,
-    sample_dir: str | Path | None = None,
-    callback: Callable[[TrainProgress], None] | None = None,
-    command: str | None = None,
-    notes: str | None = None,
+    images: Tensor, architecture: str, spec: Any, data_spec: DataSpec, *, steps: int = 2000, batch_size: int = 64,
+    lr: float = 1e-3, warmup_steps: int = 200, grad_clip: float | None = 50.0, seed: int = 0, decay_steps: int = 0,
+    device: str | torch.device = "cpu", checkpoint_path: str | Path | None = None, checkpoint_every: int = 0,
+    resume: bool = False, force: bool = False, sample_every: int = 0, sample_dir: str | Path | None = None,
+    callback: Callable[[TrainProgress], None] | None = None, command: str | None = None, notes: str | None = None,
 ) -> TrainResult:
     """Train a fresh ``architecture`` model with hyperparameters ``spec`` on uint8 ``images`` [N, C, H, W].
 
@@ -309,12 +333,7 @@ def train_model(
     settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                              grad_clip=grad_clip, seed=seed, decay_steps=decay_steps)
     _check_inputs(images, architecture, spec, data_spec, batch_size)
-    if checkpoint_every < 0 or sample_every < 0:
-        raise InputError("checkpoint_every and sample_every must be non-negative (0 = never)")
-    if sample_every and sample_dir is None:
-        raise InputError("sample_every needs a sample_dir to write the grids to")
-    if resume and checkpoint_path is None:
-        raise InputError("resume needs the checkpoint_path whose resumable state to continue from")
+    _check_run_options(checkpoint_path, checkpoint_every, sample_every, sample_dir, resume)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     state_path = resume_state_path(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint_path is not None:
@@ -322,43 +341,23 @@ def train_model(
     dev = resolve_device(device)
 
     data_sha256 = images_digest(images)
-    fingerprint = json.loads(json.dumps({
-        "architecture": architecture, "hyperparameters": spec.to_dict(), "data": data_spec.to_dict(),
-        "n_images": int(images.shape[0]), "data_sha256": data_sha256,
-        **{k: v for k, v in asdict(settings).items() if k != "steps"},
-    }))
-    with torch.random.fork_rng(devices=[]):  # the seed decides the initial weights; global RNG untouched
-        torch.manual_seed(seed)
-        model = build_model(architecture, spec)
-    model.to(dev)
+    fingerprint = _fingerprint(architecture, spec, data_spec, int(images.shape[0]), data_sha256, settings)
+    model = _fresh_model(architecture, spec, seed).to(dev)
     generator = torch.Generator().manual_seed(seed)
     method = MaximumLikelihood(images.detach().cpu(), data_spec, batch_size, generator, dev, fingerprint)
     checkpoint = Checkpoint(model=model, architecture=architecture, spec=spec, data_spec=data_spec)
-
-    def save(step: int, wall_seconds: float) -> None:
-        """Checkpoint and resumable state at ``step`` (both atomic)."""
-        _check_finite(model, step)
-        train_bpd = float(np.mean(method.recent_bpd)) if method.recent_bpd else None
-        checkpoint.provenance = make_provenance(
-            command=command if command is not None else "flowtame.jobs.train.train_model(...)", notes=notes,
-            training={**asdict(settings), "step": step, "complete": step >= steps, "train_bpd": train_bpd,
-                      "wall_seconds": round(wall_seconds, 1), "device": str(dev),
-                      "n_images": int(images.shape[0]), "data_sha256": data_sha256,
-                      "torch_version": torch.__version__})
-        engine.save_state(state_path)  # first: a checkpoint that cannot be written leaves the run resumable
-        try:
-            checkpoint.sha256 = save_checkpoint(checkpoint_path, checkpoint, force=True)
-        except OutputWriteError as exc:
-            raise keep_run_after_failed_write(exc, None, state_path, saved=True) from None
-        checkpoint.path = checkpoint_path
+    training_meta = {**asdict(settings), "device": str(dev), "n_images": int(images.shape[0]),
+                     "data_sha256": data_sha256, "torch_version": torch.__version__}
+    writer = _CheckpointWriter(checkpoint, checkpoint_path, state_path, method, training_meta,
+                               command if command is not None else "flowtame.jobs.train.train_model(...)", notes)
 
     def on_step(step: int, logged: dict[str, float]) -> None:
         method.in_step = False
         engine.lr_scale = lr_factor(step, steps, decay_steps)  # for the next step (0-based index ``step``)
         if checkpoint_path is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
-            save(step, logged["elapsed"])
+            writer.write(engine, step, logged["elapsed"])
         if sample_every and step % sample_every == 0:
-            write_sample_grid(checkpoint, Path(sample_dir) / f"step-{step:06d}.png", seed=seed)
+            write_sample_grid(checkpoint, Path(str(sample_dir)) / f"step-{step:06d}.png", seed=seed)
         if callback is not None:
             callback(TrainProgress(step=step, steps=steps, loss_bpd=logged["loss"], lr=logged["lr"],
                                    grad_norm=logged["grad_norm"], elapsed_s=logged["elapsed"]))
@@ -373,27 +372,10 @@ def train_model(
             raise InputError(f"{state_path}: the run is already at step {engine.iteration}, "
                              f"beyond steps={steps}")
     engine.lr_scale = lr_factor(engine.iteration, steps, decay_steps)
-    try:
-        engine.run(state_path=state_path)
-    except KeyboardInterrupt as exc:
-        signum = signal_number(exc)
-        if state_path is None or method.in_step:
-            raise InterruptedRun(f"interrupted during step {engine.iteration + 1}; no resumable state written"
-                                 + (f" (the last one in {state_path} may be continued with --resume)"
-                                    if state_path is not None and state_path.exists() else ""), signum) from None
-        engine.save_state(state_path)
-        raise InterruptedRun(f"interrupted after step {engine.iteration}; state saved to {state_path}, "
-                             "continue with --resume", signum) from None
-    except TrainingDivergedError:
-        if not method.in_step:  # a weight check of save(): its message says what happened
-            raise
-        raise TrainingDivergedError(
-            f"training diverged at step {engine.iteration + 1} of {steps}: the loss or its gradient is NaN "
-            "or infinite; nothing was written for this step (a lower learning rate, a longer warm-up or "
-            "gradient clipping may help)") from None
+    _run_training(engine, method, state_path, steps)
     model.eval()
     if checkpoint_path is not None:
-        save(engine.iteration, engine.elapsed)
+        writer.write(engine, engine.iteration, engine.elapsed)
     else:
         _check_finite(model, engine.iteration)
     history = [{"step": p["iteration"], "loss_bpd": p["loss"], "lr": p["lr"], "grad_norm": p["grad_norm"],
@@ -401,3 +383,86 @@ def train_model(
     train_bpd = float(np.mean(method.recent_bpd)) if method.recent_bpd else float("nan")
     return TrainResult(checkpoint=checkpoint, settings=settings, steps=engine.iteration, train_bpd=train_bpd,
                        wall_seconds=engine.elapsed, history=history, state_path=state_path)
+
+
+def _fingerprint(architecture: str, spec: Any, data_spec: DataSpec, n_images: int, data_sha256: str,
+                 settings: TrainSettings) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the state (JSON round-tripped)."""
+    return json.loads(json.dumps({
+        "architecture": architecture, "hyperparameters": spec.to_dict(), "data": data_spec.to_dict(),
+        "n_images": n_images, "data_sha256": data_sha256,
+        **{k: v for k, v in asdict(settings).items() if k != "steps"},
+    }))
+
+
+def _fresh_model(architecture: str, spec: Any, seed: int) -> MultiScaleFlow:
+    """A new model whose initial weights ``seed`` decides; the global RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(architecture, spec)
+
+
+def _check_run_options(checkpoint_path: str | Path | None, checkpoint_every: int, sample_every: int,
+                       sample_dir: str | Path | None, resume: bool) -> None:
+    """InputError for checkpointing, sampling and resume options that do not fit together."""
+    if checkpoint_every < 0 or sample_every < 0:
+        raise InputError("checkpoint_every and sample_every must be non-negative (0 = never)",
+                         keys=("checkpoint_every", "sample_every"))
+    if sample_every and sample_dir is None:
+        raise InputError("sample_every needs a sample_dir to write the grids to", keys=("sample_dir",))
+    if resume and checkpoint_path is None:
+        raise InputError("resume needs the checkpoint_path whose resumable state to continue from")
+
+
+@dataclass
+class _CheckpointWriter:
+    """Writes the checkpoint being trained and its resumable state (both atomic) at a step."""
+
+    checkpoint: Checkpoint
+    path: Path | None
+    state_path: Path | None
+    method: MaximumLikelihood
+    training: dict[str, Any]  # the settings and data facts recorded in the provenance
+    command: str
+    notes: str | None
+
+    def write(self, engine: Engine, step: int, wall_seconds: float) -> None:
+        """Checkpoint (provenance: settings, step, train BPD so far) and resumable state at ``step``."""
+        assert self.path is not None and self.state_path is not None
+        _check_finite(self.checkpoint.model, step)
+        recent = self.method.recent_bpd
+        self.checkpoint.provenance = make_provenance(
+            command=self.command, notes=self.notes,
+            training={**self.training, "step": step, "complete": step >= self.training["steps"],
+                      "train_bpd": float(np.mean(recent)) if recent else None,
+                      "wall_seconds": round(wall_seconds, 1)})
+        engine.save_state(self.state_path)  # first: a checkpoint that cannot be written leaves the run resumable
+        try:
+            self.checkpoint.sha256 = save_checkpoint(self.path, self.checkpoint, force=True)
+        except OutputWriteError as exc:
+            raise keep_run_after_failed_write(exc, None, self.state_path, saved=True) from None
+        self.checkpoint.path = self.path
+
+
+def _run_training(engine: Engine, method: MaximumLikelihood, state_path: Path | None, steps: int) -> None:
+    """Run the engine to the end; Ctrl-C -> InterruptedRun after saving the state between steps, a non-finite
+    loss -> TrainingDivergedError saying what may help."""
+    try:
+        engine.run(state_path=state_path)
+    except KeyboardInterrupt as exc:
+        signum = signal_number(exc)
+        if state_path is None or method.in_step:
+            earlier = state_path is not None and state_path.exists()
+            raise InterruptedRun(f"interrupted during step {engine.iteration + 1}; no resumable state written"
+                                 + (f" (the last one in {state_path} may be continued by resuming)" if earlier
+                                    else ""), signum, keys=("resume",) if earlier else ()) from None
+        engine.save_state(state_path)
+        raise InterruptedRun(f"interrupted after step {engine.iteration}; state saved to {state_path}, "
+                             "continue by resuming", signum, keys=("resume",)) from None
+    except TrainingDivergedError:
+        if not method.in_step:  # a weight check of save(): its message says what happened
+            raise
+        raise TrainingDivergedError(
+            f"training diverged at step {engine.iteration + 1} of {steps}: the loss or its gradient is NaN "
+            "or infinite; nothing was written for this step (a lower learning rate, a longer warm-up or "
+            "gradient clipping may help)") from None

@@ -37,11 +37,12 @@ import numpy as np
 import torch
 
 from flowtame import __version__
-from flowtame.data.quantization import nats_to_bpd, quantize
+from flowtame.data.quantization import nats_per_bpd, nats_to_bpd, quantize
 from flowtame.engine.devices import resolve_device
 from flowtame.errors import InputError
 from flowtame.io.checkpoint import Checkpoint
 from flowtame.likelihood import statistics as st
+from flowtame.likelihood.threshold import default_epsilon, forget_threshold
 
 SCHEMA_VERSION = 1
 MODELS = ("base", "tamed")
@@ -51,8 +52,6 @@ FORGET_DRAWS = 8
 RESERVED_SETS = ("neighbours",)
 #: Remember-NLL normality p-values below this add a warning to the report.
 NORMALITY_WARNING_P = 0.05
-#: ε as a fraction of δ when not given (the released code's 0.15·δ).
-DEFAULT_EPSILON_FRACTION = 0.15
 NEIGHBOUR_METRIC = ("euclidean distance between the base model's concatenated, flattened latents "
                     "(encode of each image at the centre of its quantization bins), "
                     "minimum over forget images")
@@ -194,7 +193,8 @@ def find_neighbours(base: Checkpoint, forget, remember, k: int, *, batch_size: i
     """
     candidates = len(remember) - (int(exclude.sum()) if exclude is not None else 0)
     if not 1 <= k <= candidates:
-        raise InputError(f"--neighbours {k}: must be between 1 and the remember set's size ({candidates})")
+        raise InputError(f"neighbours {k}: must be between 1 and the remember set's size ({candidates})",
+                         keys=("neighbours",))
     dev = resolve_device(device)
     model_was_on = next(base.model.parameters()).device
     base.model.to(dev)
@@ -213,8 +213,8 @@ def find_neighbours(base: Checkpoint, forget, remember, k: int, *, batch_size: i
 
 
 def _threshold_block(fit: st.NormalFit, delta: float, num_dims: int) -> dict[str, float]:
-    to_bpd = 1.0 / (num_dims * math.log(2.0))
-    threshold = fit.mean + delta * fit.std
+    to_bpd = 1.0 / nats_per_bpd(num_dims)
+    threshold = forget_threshold(fit.mean, fit.std, delta)
     return {"mu_nats": fit.mean, "sigma_nats": fit.std, "mu_bpd": fit.mean * to_bpd,
             "sigma_bpd": fit.std * to_bpd, "threshold_nats": threshold, "threshold_bpd": threshold * to_bpd}
 
@@ -276,7 +276,7 @@ def summarize_evaluation(nll: Mapping[tuple[str, str], np.ndarray], num_dims: in
     Returns the JSON-ready block documented in ``docs/report-schema.md``.
     """
     if epsilon is None:
-        epsilon = DEFAULT_EPSILON_FRACTION * delta
+        epsilon = default_epsilon(delta)
     if not delta > 0 or not epsilon >= 0:
         raise InputError(f"delta must be positive and epsilon non-negative, got delta={delta}, "
                          f"epsilon={epsilon}")

@@ -1,5 +1,17 @@
 """The exact likelihood engine: per-image discrete NLL (nats) and bits per dimension (BPD) of a flow.
 
+The whole NLL API (every NLL flowtame computes goes through these four; unit conversions are
+:func:`flowtame.data.quantization.nats_to_bpd` / ``bpd_to_nats`` / ``nats_per_bpd``):
+
+- :func:`nll_nats`: one batch of model inputs -> NLL in nats [B], differentiable (training losses).
+- :func:`batched_nll`: the same without gradients, in batches (refresh sets, check draws).
+- :func:`pixel_nll`: a whole in-memory set (uint8 rows and their keys) -> per-image nats, float64 [N], on the
+  keyed evaluation noise of a seed (the job's remember and forget NLLs).
+- :func:`compute_nll`: a whole streamed :class:`~flowtame.data.images.ImageSet` -> :class:`NLLResult`
+  (per-image nats and BPD, keys, skipped files, throughput; optional per-image CSV).
+
+With ``data_spec=None`` the first two return the continuous NLL ``-log p(x)`` of vector data (toy flows).
+
 For an image with uint8 pixels p, quantized values x = quantize(p, n_bits) and dequantization noise
 u ~ U(0, 1)^D drawn from (seed, key) (:func:`flowtame.data.images.dequantization_noise`), the discrete NLL in nats is
 ``-log p_model(x + u / n_bins) + D log(n_bins)`` and BPD = NLL / (D ln 2)
@@ -26,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from flowtame.data.images import ImageSet, dequantization_noise
-from flowtame.data.quantization import DataSpec, dequantize, discrete_nll, nats_to_bpd, quantize
+from flowtame.data.quantization import DataSpec, discrete_nll, nats_to_bpd, quantize
 from flowtame.engine.devices import autocast_context, check_precision, place_model, resolve_device
 from flowtame.errors import InputError
 from flowtame.flows.base import MultiScaleFlow
@@ -59,9 +71,15 @@ class NLLResult:
         return len(self.nll)
 
 
-def nll_nats(model: MultiScaleFlow, x_dequantized: Tensor, data_spec: DataSpec) -> Tensor:
-    """Discrete NLL in nats, float32 [B], of dequantized inputs [B, C, S, S]; differentiable (training)."""
-    return discrete_nll(model.log_prob(x_dequantized).float(), data_spec.num_dims, data_spec.n_bits)
+def nll_nats(model: nn.Module, x: Tensor, data_spec: DataSpec | None = None) -> Tensor:
+    """NLL in nats [B] of one batch of model inputs; differentiable (training).
+
+    With ``data_spec``: the discrete NLL (float32) of dequantized images ``x`` [B, C, S, S]. Without: the
+    continuous NLL ``-log p(x)`` of vectors ``x`` [B, dim], in the model's dtype.
+    """
+    if data_spec is None:
+        return -model.log_prob(x)
+    return discrete_nll(model.log_prob(x).float(), data_spec.num_dims, data_spec.n_bits)
 
 
 def default_num_workers(image_set: ImageSet, device: torch.device, batch_size: int) -> int:
@@ -160,13 +178,8 @@ def compute_nll(
         with _csv_stream(per_image_csv) as out, torch.inference_mode(), autocast_context(device, precision):
             sink = _CsvSink(out, image_set.name)
             for batch in batches:
-                bins = quantize(batch.pixels.to(device, non_blocking=True), spec.n_bits)
-                total_nll = nll_nats(model, dequantize(bins, spec.n_bits, batch.noise.to(device, non_blocking=True)),
-                                     spec).double()
-                for draw in range(1, draws):
-                    noise = dequantization_noise(batch.keys, seed, tuple(batch.pixels.shape[1:]), draw)
-                    total_nll += nll_nats(model, dequantize(bins, spec.n_bits, noise.to(device)), spec).double()
-                batch_nll = (total_nll / draws).cpu().numpy()
+                batch_nll = _keyed_nll(model, batch.pixels.to(device, non_blocking=True), batch.keys, spec, seed,
+                                       draws, first_noise=batch.noise.to(device, non_blocking=True)).cpu().numpy()
                 nll[len(keys):len(keys) + len(batch_nll)] = batch_nll
                 sink.write(batch.paths, batch.keys, batch_nll, nats_to_bpd(batch_nll, spec.num_dims))
                 keys.extend(batch.keys)
@@ -198,25 +211,34 @@ def dequantized(pixels: Tensor, noise: Tensor, n_bits: int) -> Tensor:
 
 
 @torch.no_grad()
-def batched_nll(model: nn.Module, x: Tensor, data_spec: DataSpec, batch_size: int = 256) -> Tensor:
-    """Discrete NLL in nats [N] of already-dequantized inputs, without gradients."""
+def batched_nll(model: nn.Module, x: Tensor, data_spec: DataSpec | None = None, batch_size: int = 256) -> Tensor:
+    """:func:`nll_nats` [N] of model inputs ``x`` [N, ...] without gradients, ``batch_size`` rows at a time."""
     return torch.cat([nll_nats(model, x[i:i + batch_size], data_spec) for i in range(0, x.shape[0], batch_size)])
 
 
-def pixel_nll(model: torch.nn.Module, pixels: torch.Tensor, keys: Sequence[str], data_spec, seed: int,
-              device: torch.device, batch_size: int = 256, draws: int = 1) -> np.ndarray:
-    """Discrete NLL (nats, float64 [N]) of uint8 images with the keyed evaluation noise of ``seed``.
+def _keyed_nll(model: nn.Module, pixels: Tensor, keys: Sequence[str], data_spec: DataSpec, seed: int, draws: int,
+               first_noise: Tensor | None = None) -> Tensor:
+    """NLL (nats, float64 [B]) of uint8 ``pixels`` [B, ...] on ``model``'s device, averaged over ``draws`` keyed
+    noise draws of ``seed`` (draw 0 is ``first_noise`` when given: the same noise, already at hand)."""
+    device = pixels.device
+    total: Tensor | None = None
+    for draw in range(draws):
+        noise = first_noise if draw == 0 and first_noise is not None else \
+            dequantization_noise(keys, seed, tuple(pixels.shape[1:]), draw).to(device)
+        nll = nll_nats(model, dequantized(pixels, noise, data_spec.n_bits), data_spec).double()
+        total = nll if total is None else total + nll
+    assert total is not None
+    return total / draws
 
-    ``draws`` > 1 averages over that many keyed draws, as :func:`compute_nll` does.
+
+def pixel_nll(model: nn.Module, pixels: Tensor, keys: Sequence[str], data_spec: DataSpec, seed: int,
+              device: torch.device, batch_size: int = 256, draws: int = 1) -> np.ndarray:
+    """Discrete NLL (nats, float64 [N]) of uint8 images [N, C, S, S] with the keyed evaluation noise of ``seed``.
+
+    The model is used as it is (device, train/eval mode); ``draws`` > 1 averages over that many keyed draws,
+    as :func:`compute_nll` does.
     """
-    out = []
     with torch.no_grad():
-        for i in range(0, pixels.shape[0], batch_size):
-            chunk = pixels[i:i + batch_size].to(device)
-            total = torch.zeros(chunk.shape[0], dtype=torch.float64, device=device)
-            for draw in range(draws):
-                noise = dequantization_noise(keys[i:i + batch_size], seed, tuple(pixels.shape[1:]), draw)
-                x = dequantized(chunk, noise.to(device), data_spec.n_bits)
-                total += batched_nll(model, x, data_spec, batch_size).double()
-            out.append((total / draws).cpu())
-    return torch.cat(out).numpy()
+        return torch.cat([_keyed_nll(model, pixels[i:i + batch_size].to(device), keys[i:i + batch_size], data_spec,
+                                     seed, draws).cpu()
+                          for i in range(0, pixels.shape[0], batch_size)]).numpy()

@@ -23,6 +23,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
 
+from flowtame.data.quantization import nats_to_bpd
+from flowtame.likelihood import threshold as _threshold
+
 #: Percentiles reported by :func:`summarize_nll` (keys are their string form).
 SUMMARY_PERCENTILES: tuple[int, ...] = (1, 5, 25, 50, 75, 95, 99)
 #: The fewest values D'Agostino's K² test accepts (its skewness test needs 8).
@@ -119,7 +122,7 @@ def summarize_nll(nll_nats: ArrayLike, num_dims: int) -> dict:
         raise ValueError("cannot summarize an empty set of NLL values")
     if num_dims < 1:
         raise ValueError(f"num_dims must be positive, got {num_dims}")
-    bpd = nats / (num_dims * math.log(2.0))
+    bpd = nats_to_bpd(nats, num_dims)
     return {
         "n": int(nats.size),
         "nats": _describe(nats),
@@ -145,7 +148,7 @@ def threshold_distance(nll: ArrayLike, fit: NormalFit, delta: float) -> np.ndarr
     d > 0: beyond the threshold (less likely than it); an image counts as forgotten when ``d > -ε``.
     """
     _check_fit(fit)
-    return (_as_1d(nll, "nll") - (fit.mean + delta * fit.std)) / fit.std
+    return _threshold.threshold_distance(_as_1d(nll, "nll"), fit.mean, fit.std, delta)
 
 
 def forgotten_fraction(nll: ArrayLike, fit: NormalFit, delta: float, epsilon: float) -> float:

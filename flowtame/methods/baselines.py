@@ -35,7 +35,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -43,9 +44,10 @@ from torch.func import functional_call, grad, vmap
 
 from flowtame.data.quantization import DataSpec
 from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
-from flowtame.errors import CheckpointError, InputError
+from flowtame.errors import CheckpointError, InputError, config_error
 from flowtame.likelihood.nll import dequantized, nll_nats
-from flowtame.methods.taming import METHODS, TamingData, TamingMethod
+from flowtame.likelihood.threshold import forget_threshold
+from flowtame.methods.taming import METHODS, TamingData, TamingMethod, settings_section
 
 #: Per-sample gradients are computed this many values at a time at most (chunk x parameters), so the
 #: Fisher's memory stays near 4 bytes x this (128 MiB) whatever the model's size.
@@ -65,7 +67,7 @@ class _ForgottenStopping(TamingMethod):
 
     def forget_hinge(self, nll_forget: Tensor) -> Tensor:
         """``mean relu(μ_R + δσ_R - NLL) / (D ln 2)``: BPD short of the threshold, averaged over the batch [Bf]."""
-        threshold = self.mu_r + self.delta * self.sigma_r
+        threshold = forget_threshold(self.mu_r, self.sigma_r, self.delta)
         return torch.relu(threshold - nll_forget).mean() / self.nats_per_bpd
 
     def diverged(self, logged: dict[str, float]) -> str | None:
@@ -97,20 +99,50 @@ class NegGrad(_ForgottenStopping):
         return loss, {"loss_forget": loss_forget, "loss_remember": remember_bpd, "remember_bpd": remember_bpd}
 
 
+@dataclass(frozen=True)
+class SelectiveAmnesiaSettings:
+    """Selective Amnesia's own settings (``TameConfig.method_settings["selective_amnesia"]``).
+
+    ``ewc_lambda``: EWC penalty weight; ``replay_weight``: weight of generative replay; ``fisher_samples``:
+    base-model samples for the Fisher and the replay pool; ``surrogate``: ``uniform`` noise images or an image
+    source. In a config file: a ``selective_amnesia:`` section with these keys, or the flat keys of
+    :data:`FLAT_KEYS` (``sa_lambda`` ...; the ``--sa-*`` flags), which remain accepted.
+    """
+
+    ewc_lambda: float = 100.0
+    replay_weight: float = 1.0
+    fisher_samples: int = 256
+    surrogate: str = "uniform"
+
+    #: Flat config keys (and flags) -> fields.
+    FLAT_KEYS: ClassVar[dict[str, str]] = {"sa_lambda": "ewc_lambda", "sa_replay_weight": "replay_weight",
+                                           "sa_fisher_samples": "fisher_samples", "sa_surrogate": "surrogate"}
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (math.isfinite(self.ewc_lambda) and math.isfinite(self.replay_weight)):
+            problems.append("sa_lambda and sa_replay_weight must be finite numbers")
+        if self.fisher_samples < 1 or self.ewc_lambda < 0 or self.replay_weight < 0:
+            problems.append("sa_fisher_samples must be >= 1, sa_lambda and sa_replay_weight >= 0")
+        if problems:
+            raise config_error("selective-amnesia", problems, self.FLAT_KEYS)
+
+
 class SelectiveAmnesia(_ForgottenStopping):
     """Selective Amnesia (seed 001) for unconditional flows, plus the bounded forget term on D_F.
 
-    At construction (once): ``config.sa_fisher_samples`` samples of the frozen base model at temperature
-    :attr:`replay_temperature` (no gradient) form the replay pool, and the diagonal Fisher is computed on
-    them at θ* (the base weights) with vectorized per-sample gradients. Each iteration makes ONE forward
-    and backward over ``[forget batch; surrogate batch; replay batch]`` (``batch_size`` rows each, fresh
-    dequantization noise for images; the uniform surrogate is fresh noise itself): the rows that taming uses
+    At construction (once): ``fisher_samples`` (:class:`SelectiveAmnesiaSettings`) samples of the frozen
+    base model at temperature :attr:`replay_temperature` (no gradient) form the replay pool, and the diagonal
+    Fisher is computed on them at θ* (the base weights) with vectorized per-sample gradients. Each iteration
+    makes ONE forward and backward over ``[forget batch; surrogate batch; replay batch]`` (``batch_size`` rows
+    each, fresh dequantization noise for images; the uniform surrogate is fresh noise itself): the rows that taming uses
     for the remember batch carry the surrogate and replay images here. Replay draws come from the fixed
     pool, as the authors' diffusion runs replayed a pre-generated set, so no model runs besides the one
     being trained. Resume rebuilds pool and Fisher from the same seed and checks they match the saved run.
     """
 
     name = "selective-amnesia"
+    settings_class = SelectiveAmnesiaSettings
     #: Temperature (latent standard deviations) of the replay and Fisher samples.
     replay_temperature = 1.0
 
@@ -118,15 +150,13 @@ class SelectiveAmnesia(_ForgottenStopping):
                  **kwargs: Any):
         super().__init__(data, config=config, base_model=base_model, **kwargs)
         if config is None or base_model is None:
-            raise ValueError("selective-amnesia needs the TameConfig (sa_* keys) and the frozen base model")
-        if config.sa_fisher_samples < 1 or config.sa_lambda < 0 or config.sa_replay_weight < 0:
-            raise InputError("selective-amnesia: sa_fisher_samples must be >= 1, sa_lambda and "
-                             "sa_replay_weight >= 0")
-        self.sa_lambda = config.sa_lambda
-        self.replay_weight = config.sa_replay_weight
-        self.surrogate = None if config.sa_surrogate == "uniform" else load_surrogate(
-            config.sa_surrogate, data.data_spec).to(data.device)
-        self.replay_pool = draw_samples(base_model, config.sa_fisher_samples, self.replay_temperature,
+            raise ValueError("selective-amnesia needs the TameConfig (its settings) and the frozen base model")
+        settings: SelectiveAmnesiaSettings = config.method_settings[settings_section(self.name)]
+        self.sa_lambda = settings.ewc_lambda
+        self.replay_weight = settings.replay_weight
+        self.surrogate = None if settings.surrogate == "uniform" else load_surrogate(
+            settings.surrogate, data.data_spec).to(data.device)
+        self.replay_pool = draw_samples(base_model, settings.fisher_samples, self.replay_temperature,
                                         self.setup_generator).to(data.device)
         self.anchor = {name: p.detach().clone() for name, p in base_model.named_parameters()}
         self.fisher = diagonal_fisher(base_model, self.replay_pool, data.data_spec)
@@ -183,12 +213,12 @@ class SelectiveAmnesia(_ForgottenStopping):
 
 
 def load_surrogate(source: str, data_spec: DataSpec) -> Tensor:
-    """The surrogate images of ``--sa-surrogate SOURCE`` (any image source): uint8 [N, C, S, S]."""
+    """The surrogate images of ``sa_surrogate`` SOURCE (any image source): uint8 [N, C, S, S]."""
     from flowtame.data.images import open_images
 
     pixels, _ = open_images(source, data_spec).load_tensor()
     if pixels.shape[0] == 0:
-        raise InputError(f"--sa-surrogate {source}: no images")
+        raise InputError(f"sa_surrogate {source}: no images", keys=("sa_surrogate",))
     return pixels
 
 

@@ -9,10 +9,10 @@ scale inside the sigmoid of the paper's loss) and is an explicit choice: ``"bpd"
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from flowtame.likelihood.threshold import forget_threshold
 
 FORGET_LOSSES = ("sigmoid", "squared", "huber")
 FORGET_UNITS = ("bpd", "nats", "sigma")
@@ -26,11 +26,6 @@ def kl_normal(mean_p: Tensor, std_p: Tensor, mean_q: Tensor, std_q: Tensor) -> T
 def symmetric_kl(mean_b: Tensor, std_b: Tensor, mean_t: Tensor, std_t: Tensor) -> Tensor:
     """KL(N_B || N_T) + KL(N_T || N_B) (paper Eq. 11, both directions)."""
     return kl_normal(mean_b, std_b, mean_t, std_t) + kl_normal(mean_t, std_t, mean_b, std_b)
-
-
-def threshold_distance(nll: Tensor, mu: Tensor, sigma: Tensor, delta: float) -> Tensor:
-    """Signed distance to the forget threshold in remember std units (Eq. 8): (NLL - (mu + delta*sigma)) / sigma."""
-    return (nll - (mu + delta * sigma)) / sigma
 
 
 def forget_loss(nll: Tensor, mu: Tensor, sigma: Tensor, *, delta: float, kind: str, unit: str,
@@ -48,7 +43,7 @@ def forget_loss(nll: Tensor, mu: Tensor, sigma: Tensor, *, delta: float, kind: s
     if kind not in FORGET_LOSSES or unit not in FORGET_UNITS:
         raise ValueError(f"unknown forget loss {kind!r} / unit {unit!r}")
     scale = {"bpd": nats_per_bpd, "sigma": sigma, "nats": 1.0}[unit]
-    gap = (nll - (mu + delta * sigma)) / scale
+    gap = (nll - forget_threshold(mu, sigma, delta)) / scale
     if kind == "sigmoid":
         return torch.sigmoid(gap.square()).mean()
     if kind == "squared":
@@ -64,7 +59,3 @@ def remember_loss(nll_remember: Tensor, base_mean: Tensor, base_std: Tensor, tam
     kl = symmetric_kl(base_mean, base_std, tamed_mean, tamed_std)
     return (1 - gamma) * nll_term + gamma * kl, nll_term, kl
 
-
-def nats_per_bpd(num_dims: int) -> float:
-    """How many nats one bit per dimension is for an image of ``num_dims`` values: D ln 2."""
-    return num_dims * math.log(2.0)

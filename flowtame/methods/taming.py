@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowtame.data.quantization import DataSpec
+from flowtame.data.quantization import DataSpec, nats_per_bpd
 from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
-from flowtame.methods.objective import forget_loss, nats_per_bpd, remember_loss, threshold_distance
+from flowtame.likelihood.threshold import threshold_distance
+from flowtame.methods.objective import forget_loss, remember_loss
 
 #: The settling decay never takes the learning rate below this fraction of its peak.
 MIN_SETTLE_FACTOR = 0.05
@@ -95,6 +96,9 @@ class TamingMethod:
     #: Stopping guard unless the config says otherwise: stop only while the remember set's mean NLL is at most
     #: 0.8% above N_B's, a margin under ``evaluate --check``'s default 1% bound (docs/method.md "Stopping").
     default_max_remember_drift = 0.008
+    #: The method's own settings (a frozen dataclass built from the config's ``method_settings`` section named
+    #: like the method, dashes as underscores), or None for a method without any.
+    settings_class: type | None = None
 
     def __init__(self, data: TamingData, *, delta: float, epsilon: float, alpha: float, gamma: float,
                  batch_size: int, refresh_every: int, forget_loss_kind: str, forget_unit: str,
@@ -357,4 +361,10 @@ class TamingMethod:
 
 #: Method name -> class; baselines register here (``flowtame.methods.baselines``). Every class takes the
 #: TamingMethod constructor arguments plus ``config`` (the TameConfig) and ``base_model`` (frozen, eval).
+#: A method's own settings are ``config.method_settings[settings_section(name)]`` (:attr:`settings_class`).
 METHODS: dict[str, type[TamingMethod]] = {"taming": TamingMethod}
+
+
+def settings_section(method: str) -> str:
+    """The config section of a method's own settings: its name with dashes as underscores."""
+    return method.replace("-", "_")

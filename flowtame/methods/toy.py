@@ -24,8 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowtame.data.quantization import nats_per_bpd
 from flowtame.flows.base import MultiScaleFlow
-from flowtame.methods.objective import forget_loss, nats_per_bpd, remember_loss, threshold_distance
+from flowtame.likelihood.nll import batched_nll, nll_nats
+from flowtame.likelihood.threshold import default_epsilon, threshold_distance
+from flowtame.methods.objective import forget_loss, remember_loss
 
 #: Default radius of :meth:`GaussianMixture.assign`, in mixture standard deviations. For a 2-D Gaussian
 #: the mass beyond r standard deviations is exp(-r²/2): 3.4e-4 at r = 4.
@@ -102,15 +105,14 @@ def five_gaussians(half_side: float = 1.5, std: float = 0.2) -> GaussianMixture:
     return GaussianMixture(centres, std, ("upper-left", "upper-right", "lower-left", "lower-right", "middle"))
 
 
-def vector_nll(model: MultiScaleFlow, x: Tensor) -> Tensor:
-    """NLL [N] in nats of the continuous density, ``-log p(x)``; differentiable."""
-    return -model.log_prob(x)
+#: Rows per no-grad likelihood pass over vectors (:func:`vector_set_nll`).
+VECTOR_BATCH = 4096
 
 
-@torch.no_grad()
-def batched_vector_nll(model: MultiScaleFlow, x: Tensor, batch_size: int = 4096) -> Tensor:
-    """:func:`vector_nll` without gradients, in batches."""
-    return torch.cat([vector_nll(model, x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+def vector_set_nll(model: MultiScaleFlow, x: Tensor) -> Tensor:
+    """Continuous NLL (nats) [N] of vectors ``x`` [N, dim] without gradients: :func:`batched_nll` in batches of
+    :data:`VECTOR_BATCH`."""
+    return batched_nll(model, x, batch_size=VECTOR_BATCH)
 
 
 def fit_flow(model: MultiScaleFlow, data: Tensor, *, steps: int, batch_size: int, lr: float,
@@ -123,10 +125,10 @@ def fit_flow(model: MultiScaleFlow, data: Tensor, *, steps: int, batch_size: int
     for _ in range(steps):
         batch = data[torch.randint(data.shape[0], (batch_size,), generator=generator)]
         optimizer.zero_grad(set_to_none=True)
-        vector_nll(model, batch).mean().backward()
+        nll_nats(model, batch).mean().backward()
         optimizer.step()
         schedule.step()
-    return batched_vector_nll(model, data).mean().item()
+    return vector_set_nll(model, data).mean().item()
 
 
 @torch.no_grad()
@@ -180,21 +182,21 @@ class VectorTamingMethod:
             raise ValueError(f"anchor points must be [N >= 1, {remember.shape[1]}], got {list(anchor_points.shape)}")
         self.forget, self.remember = forget, remember
         self.delta = delta
-        self.epsilon = 0.15 * delta if epsilon is None else epsilon
+        self.epsilon = default_epsilon(delta) if epsilon is None else epsilon
         self.alpha, self.gamma = alpha, gamma
         self.batch_size = batch_size
         self.refresh_every = refresh_every
         self.forget_loss_kind, self.forget_unit = forget_loss_kind, forget_unit
         self.generator = generator
         self.nats_per_bpd = nats_per_bpd(forget.shape[1])
-        base_nll = batched_vector_nll(model, remember)
+        base_nll = vector_set_nll(model, remember)
         self.base_remember_nll = base_nll  #: [R] nats, under the base model
         self.base_mean, self.base_std = base_nll.mean(), base_nll.std()
         self.anchor = anchor
         self.anchor_points = remember if anchor_points is None else anchor_points
         self.anchor_base_nll = None
         if anchor:
-            self.anchor_base_nll = base_nll if anchor_points is None else batched_vector_nll(model, anchor_points)
+            self.anchor_base_nll = base_nll if anchor_points is None else vector_set_nll(model, anchor_points)
         if refresh_size is None or refresh_size >= remember.shape[0]:
             self.refresh_points = remember
             self.mean_offset, self.std_ratio = 0.0, 1.0
@@ -220,7 +222,7 @@ class VectorTamingMethod:
         if self.anchor:
             anchor_idx = torch.randint(self.anchor_points.shape[0], (self.batch_size,), generator=self.generator)
             rows.append(self.anchor_points[anchor_idx])
-        nll = vector_nll(model, torch.cat(rows))
+        nll = nll_nats(model, torch.cat(rows))
         nll_forget, nll_remember = nll[:forget_idx.numel()], nll[forget_idx.numel():][:self.batch_size]
         loss_forget = forget_loss(nll_forget, self.mu_r, self.sigma_r, delta=self.delta,
                                   kind=self.forget_loss_kind, unit=self.forget_unit, nats_per_bpd=self.nats_per_bpd)
@@ -243,7 +245,7 @@ class VectorTamingMethod:
     @torch.no_grad()
     def refresh(self, model: MultiScaleFlow) -> None:
         """Re-estimate mu_R, sigma_R (nats) under the current weights."""
-        nll = batched_vector_nll(model, self.refresh_points)
+        nll = vector_set_nll(model, self.refresh_points)
         self.mu_r = nll.mean() + self.mean_offset
         self.sigma_r = nll.std() * self.std_ratio
         self.refreshes += 1
@@ -251,7 +253,7 @@ class VectorTamingMethod:
     @torch.no_grad()
     def check_distances(self, model: MultiScaleFlow) -> Tensor:
         """d [F] of every forget point under the current weights, against the current mu_R, sigma_R."""
-        return threshold_distance(batched_vector_nll(model, self.forget), self.mu_r, self.sigma_r, self.delta)
+        return threshold_distance(vector_set_nll(model, self.forget), self.mu_r, self.sigma_r, self.delta)
 
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         if logged["max_abs_d"] < self.epsilon:
