@@ -14,7 +14,7 @@ from rich.table import Table
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, is_interactive
 from flowtame.data.embedded import resolve_model_path
-from flowtame.errors import CheckFailedError
+from flowtame.errors import CheckFailedError, InputError
 from flowtame.io.checkpoint import load_checkpoint
 from flowtame.io.fileio import check_output_path
 
@@ -123,6 +123,22 @@ def evaluate(
                                                                "set's mean BPD, at most (0.01 = 1%)."),
     min_normality_p: float = typer.Option(0.001, help="Check: KS normality p of the remember NLL under the "
                                                       "tamed model, above."),
+    retrained: str = typer.Option(None, "--retrained", help="Audit: a model trained without the forget set "
+                                                            "(the gold standard; forget quality, leakage)."),
+    generation_audit: int = typer.Option(0, "--generation-audit", min=0, metavar="M",
+                                         help="Audit: M samples per model from shared latents; share near a "
+                                              "forget image (needs --holdout)."),
+    generation_temperature: float = typer.Option(0.7, help="Generation audit: sampling temperature."),
+    radius_quantile: float = typer.Option(0.05, help="Generation audit: radius = this quantile of the held-out "
+                                                     "images' distance to their nearest training image."),
+    max_membership_auc_gap: float = typer.Option(None, help="Check (opt-in): |AUC - 0.5| of the loss attack on "
+                                                            "the tamed model, at most."),
+    max_privacy_leakage: float = typer.Option(None, help="Check (opt-in): |relative leakage| against "
+                                                         "--retrained, at most."),
+    min_forget_quality: float = typer.Option(None, help="Check (opt-in): KS p of tamed vs --retrained NLL on "
+                                                        "the forget set, at least."),
+    max_generation_share: float = typer.Option(None, help="Check (opt-in): the tamed model's share of samples "
+                                                          "near a forget image, at most."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per likelihood batch."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16/fp16 autocast on CUDA."),
@@ -140,6 +156,7 @@ def evaluate(
     --holdout ./test --neighbours 16 --json report.json --plot nll.png --check
     """
     from flowtame.data.images import open_images
+    from flowtame.likelihood.auditing import AuditTolerances
     from flowtame.likelihood.evaluation import Tolerances, build_report, check_models, collect_nll, evaluate_models
 
     if json_path not in (None, "-"):
@@ -168,6 +185,15 @@ def evaluate(
     block = evaluate_models(base, tamed, sets, delta=delta, epsilon=epsilon, seed=seed, neighbours=neighbours,
                             batch_size=batch_size, device=device, precision=precision, n_boot=n_boot,
                             tolerances=tolerances, precomputed=nll, forget_draws=forget_draws)
+    audit_tolerances = AuditTolerances(max_membership_auc_gap=max_membership_auc_gap,
+                                       max_privacy_leakage=max_privacy_leakage,
+                                       min_forget_quality=min_forget_quality,
+                                       max_generation_share=max_generation_share)
+    if _audits_requested(holdout, retrained, generation_audit, audit_tolerances):
+        _run_audits(block, base, tamed, sets, nll, retrained=retrained, generation=generation_audit,
+                    temperature=generation_temperature, radius_quantile=radius_quantile, n_boot=n_boot,
+                    tolerances=audit_tolerances, device=device, batch_size=batch_size, precision=precision,
+                    strict=strict)
     report = build_report(base, tamed, block)
     emit_json(json_path, report)
     if plot is not None:
@@ -187,9 +213,100 @@ def evaluate(
         console.print(_threshold_table(block))
         for warning in block["warnings"]:
             console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+        if block.get("audits"):
+            for table in _audit_tables(block["audits"]):
+                console.print(table)
+            if block["audits"]["goals"]["tension"]:
+                console.print(f"[yellow]tension:[/yellow] {escape(block['audits']['goals']['tension'])}")
         console.print(_checks_table(block))
         console.print("[bold green]all checks passed[/bold green]" if block["passed"]
                       else "[bold red]some checks failed[/bold red]")
     if check and not block["passed"]:
         failed = [_format_check(c) for c in block["checks"] if not c["passed"]]
         raise CheckFailedError(f"{len(failed)} check(s) failed: {'; '.join(failed)}")
+
+
+def _audits_requested(holdout, retrained, generation: int, tolerances) -> bool:
+    """Whether the audits run: always with --holdout; asking for one without it is a usage error."""
+    asked = retrained is not None or generation > 0 or any(v is not None for v in tolerances.to_dict().values())
+    if asked and not holdout:
+        raise InputError("the audits (--retrained, --generation-audit, audit bounds) need --holdout: held-out "
+                         "images the models never saw, from the forget images' distribution")
+    return bool(holdout)
+
+
+def _run_audits(block: dict, base, tamed, sets: dict, nll: dict, *, retrained: str | None, generation: int,
+                temperature: float, radius_quantile: float, n_boot: int, tolerances, device: str, batch_size: int,
+                precision: str, strict: bool) -> None:
+    """Membership, retrained and generation audits added to ``block`` (see flowtame.likelihood.auditing)."""
+    import numpy as np
+
+    from flowtame.figures.sampling import sample_images
+    from flowtame.likelihood.auditing import AuditSets, add_audits
+    from flowtame.likelihood.evaluation import check_models
+
+    holdout_names = [name for name in sets if name.startswith("holdout:")]
+    known = {(m, name): nll[(m, name)] for m in ("base", "tamed") for name in ("forget", "forget_unseen", "remember")
+             if (m, name) in nll}
+    for m in ("base", "tamed"):
+        known[(m, "holdout")] = np.concatenate([nll[(m, name)] for name in holdout_names])
+    retrained_ckpt = None
+    if retrained is not None:
+        retrained_ckpt = load_checkpoint(resolve_model_path(retrained))
+        check_models(base, retrained_ckpt)
+    samples, sampling = None, None
+    if generation:
+        models = {"base": base, "tamed": tamed, **({"retrained": retrained_ckpt} if retrained_ckpt else {})}
+        drawn = sample_images(list(models.values()), generation, temperature, block["seed"])
+        samples = dict(zip(models, drawn, strict=True))
+        sampling = {"samples": generation, "temperature": temperature, "seed": block["seed"]}
+    audit_sets = AuditSets(forget=[sets["forget"]], remember=sets["remember"],
+                           holdout=[sets[name] for name in holdout_names], forget_unseen=sets.get("forget_unseen"))
+    add_audits(block, base, tamed, audit_sets, retrained=retrained_ckpt, samples=samples, sampling=sampling,
+               known=known, n_boot=n_boot, radius_quantile=radius_quantile, tolerances=tolerances, device=device,
+               batch_size=batch_size, precision=precision)
+
+
+def _audit_tables(audits: dict) -> list[Table]:
+    """The membership attacks per model, the goals, and (when run) the retrained and generation audits."""
+    membership = audits["membership"]
+    table = Table(title=escape(f"membership audit: {membership['n_members']} forget vs {membership['n_nonmembers']} "
+                               "held-out images (AUC 0.5 = indistinguishable)"), title_justify="left")
+    for column in ("attack", "model", "AUC [95%]", "TPR@1%FPR", "TPR@5%FPR", "outlier TPR@5%FPR"):
+        table.add_column(column, justify="left" if column in ("attack", "model") else "right")
+    for attack, models in membership["attacks"].items():
+        for model, a in models.items():
+            table.add_row(attack, model, escape(f"{a['auc']:.3f} [{a['auc_ci_low']:.3f}, {a['auc_ci_high']:.3f}]"),
+                          f"{a['tpr']['0.01']['value']:.2f}", f"{a['tpr']['0.05']['value']:.2f}",
+                          f"{a['tpr_outlier']['0.05']['value']:.2f}")
+    tables = [table]
+    goals = audits["goals"]
+    table = Table(title="goals", title_justify="left")
+    for column in ("goal", "figure", "met"):
+        table.add_column(column)
+    table.add_row("suppression (beyond μ_R + δσ_R)", f"forgotten {goals['suppression']['forgotten_fraction']:.0%}",
+                  str(goals["suppression"]["met"]))
+    never = goals["never_trained_on"]
+    table.add_row("never trained on (loss AUC ∋ 0.5)", f"AUC {never['auc']:.3f}, {never['reading']}",
+                  str(never["met"]))
+    tables.append(table)
+    if audits["retrained"] is not None:
+        table = Table(title="retrained gold standard (its own μ_R, σ_R)", title_justify="left")
+        for column in ("set", "retrained mean NLL", "retrained q", "forget quality tamed (KS p)", "base (KS p)"):
+            table.add_column(column, justify="left" if column == "set" else "right")
+        for name, s in audits["retrained"]["sets"].items():
+            quality = s["forget_quality"]
+            table.add_row(name, f"{s['mean_nll']:.3f}", f"{s['q']:.4f}", f"{quality['tamed']['pvalue']:.3g}",
+                          f"{quality['base']['pvalue']:.3g}")
+        tables.append(table)
+    if audits["generation"] is not None:
+        generation = audits["generation"]
+        table = Table(title=f"generation audit: radius {generation['radius']:.3g} (latent units)",
+                      title_justify="left")
+        for column in ("model", "within radius [95%]", "nearest is forget"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for model, g in generation["models"].items():
+            table.add_row(model, escape(f"{g['share']:.2%} [{g['ci_low']:.2%}, {g['ci_high']:.2%}]"),
+                          f"{g['share_nearest']:.2%}")
+        tables.append(table)
+    return tables
