@@ -31,6 +31,12 @@ def tame_command(
     preset_name: str = typer.Option(None, "--preset", help="Start from a shipped preset: 'paper' = the "
                                     "authors' exact loss and hyperparameters."),
     method: str = typer.Option(None, help="taming (default) | neggrad | selective-amnesia (baselines)."),
+    target: str = typer.Option(None, help="Where to stop: threshold (the paper's mu_R + delta*sigma_R: "
+                               "suppression) | holdout (the --holdout images' NLL interquartile band: forget to "
+                               "the level of never-seen images; docs/audits.md) [threshold]."),
+    generation_audit: int = typer.Option(0, "--generation-audit", min=0, metavar="M",
+                                         help="With --holdout: also audit M samples per model from shared "
+                                              "latents (share near a forget image)."),
     delta: float = typer.Option(None, help="Threshold in remember std units: mu_R + delta*sigma_R [4]."),
     epsilon: float = typer.Option(None, help="Stop when |d| < epsilon for every forget image [0.15*delta]."),
     alpha: float = typer.Option(None, help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15]."),
@@ -84,14 +90,14 @@ def tame_command(
     --report report.json
     """
     from flowtame.data.images import open_images
-    from flowtame.jobs.tame import make_config, preset, read_config_file, tame, taming_evaluation
+    from flowtame.jobs.tame import make_config, preset, read_config_file, tame, taming_audits, taming_evaluation
 
     layers = []
     if preset_name:
         layers.append(preset(preset_name))
     if config:
         layers.append(read_config_file(config))
-    flags = dict(method=method, delta=delta, epsilon=epsilon, alpha=alpha, gamma=gamma, lr=lr,
+    flags = dict(method=method, target=target, delta=delta, epsilon=epsilon, alpha=alpha, gamma=gamma, lr=lr,
                  batch_size=batch_size, max_iters=max_iters, refresh_every=refresh_every,
                  refresh_size=refresh_size, warmup=warmup, grad_clip=grad_clip, forget_loss=forget_loss,
                  forget_unit=forget_unit, kl_estimate=kl_estimate, threshold_gradient=threshold_gradient,
@@ -120,7 +126,7 @@ def tame_command(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 outcome = tame(base, forget_sets, remember_set, cfg, device=device, state_path=state_path,
-                               resume=resume, callback=view.update)
+                               resume=resume, callback=view.update, target_holdout=list(holdout_sets.values()))
             for w in caught:
                 err_console.print(f"[yellow]warning:[/] {w.message}")
     except InterruptedRun as exc:
@@ -130,6 +136,9 @@ def tame_command(
         raise
     evaluation = taming_evaluation(base, outcome, holdout_sets, cfg, device=device)
     outcome.report["evaluation"] = evaluation
+    if holdout_sets:
+        taming_audits(base, outcome, forget_sets, remember_set, holdout_sets, cfg, device=device,
+                      generation_samples=generation_audit)
     sha = save_checkpoint(output, outcome.checkpoint, force=True)
     outcome.report["output"] = {"path": str(output), "sha256": sha}
     emit_json(report, outcome.report)

@@ -37,6 +37,8 @@ REPORT_SCHEMA_VERSION = 1
 
 #: Parameter groups ``freeze`` may hold fixed during taming (see :func:`freeze_parameters`).
 FREEZE_RULES = ("coupling-outputs", "none")
+#: Where taming stops (see :func:`stopping_target`): the paper's threshold, or the held-out images' NLL band.
+TARGETS = ("threshold", "holdout")
 
 
 @dataclass
@@ -72,6 +74,8 @@ class TameConfig:
     eval_seed: int = 0
     precision: str = "fp32"
     trajectory_every: int = 10
+    # threshold: the paper's mu_R + delta*sigma_R (suppression); holdout: the held-out images' NLL band
+    target: str = "threshold"
     # selective-amnesia baseline (seed 001, adapted to flows; see docs/method.md)
     sa_lambda: float = 100.0
     sa_replay_weight: float = 1.0
@@ -90,6 +94,8 @@ class TameConfig:
             problems.append(f"forget_loss must be one of {', '.join(FORGET_LOSSES)}")
         if self.forget_unit not in FORGET_UNITS:
             problems.append(f"forget_unit must be one of {', '.join(FORGET_UNITS)}")
+        if self.target not in TARGETS:
+            problems.append(f"target must be one of {', '.join(TARGETS)}")
         if self.kl_estimate not in ("refreshed", "batch"):
             problems.append("kl_estimate must be refreshed or batch")
         if not 0 <= self.alpha <= 1 or not 0 <= self.gamma <= 1:
@@ -188,8 +194,12 @@ def _load_forget(forget_sets: Sequence[ImageSet]) -> tuple[torch.Tensor, torch.T
 def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageSet, config: TameConfig, *,
          device: str = "auto",
          state_path: str | Path | None = None, resume: bool = False,
-         callback: Callable[[int, dict[str, float]], None] | None = None) -> TameOutcome:
+         callback: Callable[[int, dict[str, float]], None] | None = None,
+         target_holdout: Sequence[ImageSet] = ()) -> TameOutcome:
     """Tame ``base`` so every image of every forget set reaches the threshold; returns model and report.
+
+    With ``config.target == "holdout"`` the stopping band is the held-out images' NLL band instead
+    (``target_holdout``, required then; :func:`stopping_target`).
 
     The base checkpoint's model is never modified (a copy is trained). Raises InterruptedRun on Ctrl-C
     (with ``partial_report`` attached and the resume state written to ``state_path``).
@@ -225,6 +235,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     base_forget_nll = pixel_nll(base_model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
                                 draws=config.forget_draws)
     base_mean, base_std = float(base_remember_nll.mean()), float(base_remember_nll.std(ddof=1))
+    delta, epsilon, target, base_holdout_nll = stopping_target(base, base_remember_nll, target_holdout, config,
+                                                               device=dev)
 
     n_refresh = min(config.refresh_size, remember_pixels.shape[0])
     refresh_idx = torch.randperm(remember_pixels.shape[0], generator=generator)[:n_refresh].sort().values
@@ -250,7 +262,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         whole_remember_nll=lambda m: torch.from_numpy(remember_nll(m)),
     )
     method = METHODS[config.method](
-        data, delta=config.delta, epsilon=config.epsilon, alpha=config.alpha, gamma=config.gamma,
+        data, delta=delta, epsilon=epsilon, alpha=config.alpha, gamma=config.gamma,
         batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
         forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=batches,
         setup_generator=generator,
@@ -275,6 +287,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         "device": str(dev),
         "base": {"path": str(base.path) if base.path else None, "sha256": base.sha256},
         "data": data_spec.to_dict(),
+        "target": target,
         "frozen": {"rule": config.freeze, "tensors": len(frozen),
                    "values": sum(parameters[name].numel() for name in frozen)},
         "sets": {"forget": [s.name for s in forget_sets], "remember": remember_set.name,
@@ -297,7 +310,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     tamed_forget_nll = pixel_nll(model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
                                  draws=config.forget_draws)
     mu_t, sigma_t = float(tamed_remember_nll.mean()), float(tamed_remember_nll.std(ddof=1))
-    d_final = (tamed_forget_nll - (mu_t + config.delta * sigma_t)) / sigma_t
+    d_final = (tamed_forget_nll - (mu_t + delta * sigma_t)) / sigma_t
     per_bpd = nats_per_bpd(data_spec.num_dims)
     requests = []
     for index, image_set in enumerate(forget_sets):
@@ -306,8 +319,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
             "name": image_set.name, "n": int(mask.sum()),
             "d_min": float(d_final[mask].min()), "d_max": float(d_final[mask].max()),
             "max_abs_d": float(np.abs(d_final[mask]).max()),
-            "forgotten_fraction": float((d_final[mask] > -config.epsilon).mean()),
-            "reached_threshold": bool((np.abs(d_final[mask]) < config.epsilon).all()),
+            "forgotten_fraction": float((d_final[mask] > -epsilon).mean()),
+            "reached_threshold": bool((np.abs(d_final[mask]) < epsilon).all()),
         })
     converged = bool(result.converged)
     report.update(
@@ -332,6 +345,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
                        provenance=provenance)
     nll = {("base", "remember"): base_remember_nll, ("tamed", "remember"): tamed_remember_nll,
            ("base", "forget"): base_forget_nll, ("tamed", "forget"): tamed_forget_nll}
+    if base_holdout_nll is not None:
+        nll[("base", "holdout")] = base_holdout_nll
     return TameOutcome(checkpoint=tamed, report=report, nll=nll)
 
 
@@ -380,9 +395,65 @@ def taming_evaluation(base: Checkpoint, outcome: TameOutcome, holdout_sets: dict
     from flowtame.likelihood.evaluation import summarize_evaluation
     from flowtame.likelihood.nll import compute_nll
 
-    table = dict(outcome.nll)
+    table = {key: value for key, value in outcome.nll.items() if key[1] in ("remember", "forget")}
     for name, image_set in holdout_sets.items():
         for model_name, model in (("base", base.model), ("tamed", outcome.checkpoint.model)):
             table[(model_name, name)] = compute_nll(model, image_set, seed=config.eval_seed, device=device).nll
+    outcome.nll.update({key: value for key, value in table.items() if key[1] in holdout_sets})
     return summarize_evaluation(table, base.data_spec.num_dims, delta=config.delta, epsilon=config.epsilon,
                                 seed=config.eval_seed, forget_draws=config.forget_draws)
+
+
+def stopping_target(base: Checkpoint, base_remember_nll: np.ndarray, holdout: Sequence[ImageSet],
+                    config: TameConfig, *, device: torch.device
+                    ) -> tuple[float, float, dict[str, Any], np.ndarray | None]:
+    """The stopping rule's (δ, ε) in σ_R units, the report's ``target`` block and the base holdout NLL.
+
+    ``threshold``: the configured δ, ε (the paper's suppression: every forget image at μ_R + δσ_R).
+    ``holdout``: "forget to the level of never-seen data": under the base model, the held-out images' NLL
+    interquartile band [Q25, Q75] (one keyed draw each, ``eval_seed``) written as μ_R + (δ ± ε)σ_R
+    (:func:`flowtame.likelihood.audits.holdout_target`), so the unchanged rule |d| < ε stops the run when every
+    forget image's NLL sits inside the band held-out images occupy. δ, ε are fixed in σ_R units, like the
+    paper's δ, and follow the tamed model's re-estimated μ_R, σ_R.
+    """
+    if config.target == "threshold":
+        return config.delta, config.epsilon, {"kind": "threshold", "delta": config.delta,
+                                              "epsilon": config.epsilon}, None
+    from flowtame.likelihood.audits import holdout_target
+    from flowtame.likelihood.nll import compute_nll
+
+    if not holdout:
+        raise InputError("--target holdout needs --holdout: held-out images of the forget images' kind that the "
+                         "model never saw")
+    holdout_nll = np.concatenate([compute_nll(base.model, s, seed=config.eval_seed, device=device).nll
+                                  for s in holdout])
+    try:
+        found = holdout_target(base_remember_nll, holdout_nll)
+    except ValueError as exc:
+        raise InputError(f"--target holdout: {exc}") from None
+    if not config.stop_margin < found.epsilon:
+        raise InputError(f"--target holdout: stop_margin {config.stop_margin} must be below the band's "
+                         f"half-width {found.epsilon:.3f} sigma_R")
+    return found.delta, found.epsilon, found.to_dict(), holdout_nll
+
+
+def taming_audits(base: Checkpoint, outcome: TameOutcome, forget_sets: Sequence[ImageSet], remember_set: ImageSet,
+                  holdout_sets: dict[str, ImageSet], config: TameConfig, *, device: str = "auto",
+                  generation_samples: int = 0, temperature: float = 0.7) -> dict[str, Any]:
+    """Add the audits (membership, goals; generation with ``generation_samples``) to ``outcome.report``'s
+    evaluation block, after :func:`taming_evaluation`, reusing the NLLs already computed."""
+    from flowtame.figures.sampling import sample_images
+    from flowtame.likelihood.auditing import AuditSets, add_audits
+
+    block = outcome.report["evaluation"]
+    known = {key: value for key, value in outcome.nll.items() if key[1] in ("remember", "forget")}
+    for model in ("base", "tamed"):
+        known[(model, "holdout")] = np.concatenate([outcome.nll[(model, name)] for name in holdout_sets])
+    samples, sampling = None, None
+    if generation_samples:
+        drawn = sample_images([base, outcome.checkpoint], generation_samples, temperature, config.eval_seed)
+        samples = {"base": drawn[0], "tamed": drawn[1]}
+        sampling = {"samples": generation_samples, "temperature": temperature, "seed": config.eval_seed}
+    sets = AuditSets(forget=list(forget_sets), remember=remember_set, holdout=list(holdout_sets.values()))
+    return add_audits(block, base, outcome.checkpoint, sets, samples=samples, sampling=sampling, known=known,
+                      device=device)

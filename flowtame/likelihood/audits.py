@@ -120,11 +120,12 @@ def attack_summary(members: ArrayLike, nonmembers: ArrayLike, *, n_boot: int = 1
             "tpr": tprs[0], "tpr_outlier": tprs[1]}
 
 
-def relative_leakage(auc_model: float, auc_retrained: float) -> float:
+def relative_leakage(auc_model: float, auc_retrained: float) -> float | None:
     """MUSE's privacy leakage ``(AUC_model - AUC_retrained) / AUC_retrained``: 0 = as private as retraining,
-    positive = remembers more, negative = over-unlearned (the forget set stands out as unlikely)."""
-    if not auc_retrained > 0:
-        raise ValueError(f"the retrained model's AUC must be positive, got {auc_retrained}")
+    positive = remembers more, negative = over-unlearned (the forget set stands out as unlikely); None when
+    the retrained model's AUC is 0 (undefined)."""
+    if auc_retrained <= 0:
+        return None
     return (auc_model - auc_retrained) / auc_retrained
 
 
@@ -238,6 +239,8 @@ def generation_share(samples: dict[str, NearestDistances], radius: float) -> dic
     """Per model: samples whose nearest training image is a forget image (``nearest_forget``) and, of them,
     those within ``radius`` (``within_radius``), as counts, shares and Clopper–Pearson intervals; and
     McNemar's test of each model against "base" on the paired flags (same latents)."""
+    if len({d.forget.size for d in samples.values()}) > 1:
+        raise ValueError("every model needs the same number of samples (drawn from the same latents)")
     flags = {m: d.nearest_is_forget() & (d.forget <= radius) for m, d in samples.items()}
     models = {}
     for name, dist in samples.items():
