@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -117,8 +118,10 @@ def test_holdout_target_by_hand():
     # mu 1, sigma sqrt(2); band [5, 7] -> delta = (6 - 1)/sqrt 2, epsilon = 1/sqrt 2
     assert target.delta == pytest.approx(5 / math.sqrt(2)) and target.epsilon == pytest.approx(1 / math.sqrt(2))
     assert (target.low_nats, target.high_nats, target.median_nats) == (5.0, 7.0, 6.0)
+    below = au.holdout_target([10.0, 12.0], [4.0, 5.0, 6.0])  # held-out images more likely than D_R: delta < 0
+    assert below.delta == pytest.approx((5 - 11) / math.sqrt(2)) and below.epsilon == pytest.approx(0.5 / math.sqrt(2))
     with pytest.raises(ValueError, match="cannot serve as a target"):
-        au.holdout_target([10.0, 12.0], [4.0, 5.0, 6.0])
+        au.holdout_target([10.0, 12.0], [4.0, 4.0, 4.0])
 
 
 def test_generation_audit_of_a_model_that_samples_only_forget_images():
@@ -140,3 +143,36 @@ def test_generation_audit_of_a_model_that_samples_only_forget_images():
     assert block["models"]["base"]["ci_low"] == pytest.approx(0.025 ** (1 / m))  # Clopper-Pearson, m of m
     assert block["models"]["tamed"]["share"] == 0.0
     assert block["change_vs_base"]["tamed"]["only_before"] == m
+
+
+@pytest.mark.slow
+def test_evaluate_runs_the_audits_on_the_embedded_model(run_cli, tmp_path, assert_valid_report):
+    """The embedded Glow against itself: members are train threes, non-members test threes. The same model as
+    tamed and retrained: reference attack at exactly 0.5, forget quality p = 1, leakage 0; the base model
+    recognises its training images a little (AUC above 0.5), so an opt-in AUC-gap bound of 0.05 fails."""
+    path = tmp_path / "audit.json"
+    result = run_cli("evaluate", "embedded:glow-digits", "embedded:glow-digits", "--forget", "embedded:digits:train:3",
+                     "--remember", "embedded:digits:test", "--holdout", "embedded:digits:test:3",
+                     "--retrained", "embedded:glow-digits", "--generation-audit", "64", "--forget-draws", "1",
+                     "--n-boot", "200", "--device", "cpu", "--json", path, "--quiet",
+                     "--max-membership-auc-gap", "0.05", "--max-privacy-leakage", "0.01", "--check")
+    assert result.exit_code == 1, result.stderr
+    report = json.loads(path.read_text())
+    assert_valid_report(report, "evaluation.schema.json")
+    audits = report["evaluation"]["audits"]
+    loss = audits["membership"]["attacks"]["loss"]
+    assert 0.55 < loss["base"]["auc"] < 0.8 and loss["tamed"] == loss["base"] == loss["retrained"]
+    assert audits["membership"]["attacks"]["reference"]["tamed"]["auc"] == 0.5
+    assert audits["membership"]["relative_leakage"]["loss"]["tamed"] == 0.0
+    assert audits["retrained"]["forget_quality"] == 1.0
+    shares = {m: g["share_nearest"] for m, g in audits["generation"]["models"].items()}
+    assert shares["base"] == shares["tamed"] == shares["retrained"]  # the same model decodes the same latents
+    failed = {c["name"] for c in report["evaluation"]["checks"] if not c["passed"]}
+    assert failed == {"forget.forgotten_fraction", "membership.auc_gap"}
+    assert "membership.auc_gap" in result.stderr
+
+
+def test_audits_need_a_holdout(run_cli, tmp_path):
+    result = run_cli("evaluate", "embedded:glow-digits", "embedded:glow-digits", "--forget", "embedded:digits:test:3",
+                     "--remember", "embedded:digits:test", "--retrained", "embedded:glow-digits", "--quiet")
+    assert result.exit_code == 2 and "need --holdout" in result.stderr and "Traceback" not in result.stderr

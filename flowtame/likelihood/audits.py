@@ -276,8 +276,9 @@ def holdout_target(remember_nll: ArrayLike, holdout_nll: ArrayLike, band: tuple[
     """δ, ε that put the stopping band |d| < ε on the held-out images' NLL band under the base model.
 
     ``δ = (mid - μ_R)/σ_R`` and ``ε = (high - low) / (2σ_R)``, with low, high the held-out NLL's ``band``
-    quantiles and mid their midpoint; ``μ_R, σ_R`` the remember NLL's mean and std (ddof 1). Raises
-    ValueError when the band's midpoint is not above μ_R (the rule needs δ > 0).
+    quantiles and mid their midpoint; ``μ_R, σ_R`` the remember NLL's mean and std (ddof 1). δ may be
+    negative or zero: held-out images of one kind (a digit class, a person) can be more likely than the
+    remember set's average, and the rule |d| < ε does not need δ > 0. Raises ValueError on an empty band.
     """
     remember, holdout = _scores(remember_nll, "remember NLL"), _scores(holdout_nll, "holdout NLL")
     if remember.size < 2 or holdout.size < 2:
@@ -285,9 +286,9 @@ def holdout_target(remember_nll: ArrayLike, holdout_nll: ArrayLike, band: tuple[
     mu, sigma = float(remember.mean()), float(remember.std(ddof=1))
     low, high = (float(v) for v in np.quantile(holdout, band))
     mid = (low + high) / 2.0
-    if not mid > mu or not high > low:
-        raise ValueError(f"the held-out images' NLL band [{low:.1f}, {high:.1f}] nats is not above the remember "
-                         f"set's mean {mu:.1f}: the held-out set cannot serve as a target")
+    if not high > low or not sigma > 0:
+        raise ValueError(f"the held-out images' NLL band [{low:.1f}, {high:.1f}] nats is empty: the held-out set "
+                         "cannot serve as a target")
     return HoldoutTarget(delta=(mid - mu) / sigma, epsilon=(high - low) / (2.0 * sigma),
                          median_nats=float(np.median(holdout)), low_nats=low, high_nats=high,
                          holdout_n=int(holdout.size))
