@@ -420,12 +420,11 @@ def stopping_target(base: Checkpoint, base_remember_nll: np.ndarray, holdout: Se
         return config.delta, config.epsilon, {"kind": "threshold", "delta": config.delta,
                                               "epsilon": config.epsilon}, None
     from flowtame.likelihood.audits import holdout_target
-    from flowtame.likelihood.nll import compute_nll
 
     if not holdout:
         raise InputError("--target holdout needs --holdout: held-out images of the forget images' kind that the "
                          "model never saw")
-    holdout_nll = np.concatenate([compute_nll(base.model, s, seed=config.eval_seed, device=device).nll
+    holdout_nll = np.concatenate([pixel_nll(base.model, *s.load_tensor(), base.data_spec, config.eval_seed, device)
                                   for s in holdout])
     try:
         found = holdout_target(base_remember_nll, holdout_nll)
