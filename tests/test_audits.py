@@ -176,3 +176,19 @@ def test_audits_need_a_holdout(run_cli, tmp_path):
     result = run_cli("evaluate", "embedded:glow-digits", "embedded:glow-digits", "--forget", "embedded:digits:test:3",
                      "--remember", "embedded:digits:test", "--retrained", "embedded:glow-digits", "--quiet")
     assert result.exit_code == 2 and "need --holdout" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sample_command_audits_generation(run_cli, tmp_path):
+    """Two rows from the same model decode the same latents: identical shares, no discordant sample."""
+    out = tmp_path / "audit.json"
+    result = run_cli("sample", "embedded:glow-digits", "embedded:glow-digits", "-n", "24", "-o", tmp_path / "grid.png",
+                     "--device", "cpu", "--audit-forget", "embedded:digits:train:3", "--audit-remember",
+                     "embedded:digits:train", "--audit-holdout", "embedded:digits:test", "--audit-json", out)
+    assert result.exit_code == 0, result.stderr
+    block = json.loads(out.read_text())
+    first, second = block["models"].values()
+    assert first == second and first["samples"] == 24 and block["holdout_n"] > 100
+    assert list(block["change_vs_base"].values()) == [{"only_before": 0, "only_after": 0, "pvalue": 1.0}]
+    assert "within" in result.stdout
+    partial = run_cli("sample", "embedded:glow-digits", "-o", tmp_path / "g2.png", "--audit-forget", "x")
+    assert partial.exit_code == 2 and "together" in partial.stderr

@@ -238,7 +238,7 @@ def generation_radius(holdout: NearestDistances, quantile: float = DEFAULT_RADIU
 def generation_share(samples: dict[str, NearestDistances], radius: float) -> dict:
     """Per model: samples whose nearest training image is a forget image (``nearest_forget``) and, of them,
     those within ``radius`` (``within_radius``), as counts, shares and Clopper–Pearson intervals; and
-    McNemar's test of each model against "base" on the paired flags (same latents)."""
+    McNemar's test of each model against the first (the base) on the paired flags (same latents)."""
     if len({d.forget.size for d in samples.values()}) > 1:
         raise ValueError("every model needs the same number of samples (drawn from the same latents)")
     flags = {m: d.nearest_is_forget() & (d.forget <= radius) for m, d in samples.items()}
@@ -251,7 +251,8 @@ def generation_share(samples: dict[str, NearestDistances], radius: float) -> dic
         models[name] = {"samples": m, "within_radius": within, "share": within / m, "ci_low": low,
                         "ci_high": high, "nearest_forget": nearest, "share_nearest": nearest / m,
                         "nearest_ci_low": nearest_low, "nearest_ci_high": nearest_high}
-    change = {m: mcnemar_exact(flags["base"], flags[m]) for m in samples if m != "base" and "base" in samples}
+    first = next(iter(samples))
+    change = {m: mcnemar_exact(flags[first], flags[m]) for m in samples if m != first}
     return {"radius": float(radius), "models": models, "change_vs_base": change}
 
 
