@@ -154,7 +154,8 @@ def test_evaluate_runs_the_audits_on_the_embedded_model(run_cli, tmp_path, asser
     result = run_cli("evaluate", "embedded:glow-digits", "embedded:glow-digits", "--forget", "embedded:digits:train:3",
                      "--remember", "embedded:digits:test", "--holdout", "embedded:digits:test:3",
                      "--retrained", "embedded:glow-digits", "--generation-audit", "64", "--forget-draws", "1",
-                     "--n-boot", "200", "--device", "cpu", "--json", path, "--quiet",
+                     "--n-boot", "200", "--device", "cpu", "--json", path, "--quiet", "--audit-plot",
+                     tmp_path / "roc.png",
                      "--max-membership-auc-gap", "0.05", "--max-privacy-leakage", "0.01", "--check")
     assert result.exit_code == 1, result.stderr
     report = json.loads(path.read_text())
@@ -170,6 +171,7 @@ def test_evaluate_runs_the_audits_on_the_embedded_model(run_cli, tmp_path, asser
     failed = {c["name"] for c in report["evaluation"]["checks"] if not c["passed"]}
     assert failed == {"forget.forgotten_fraction", "membership.auc_gap"}
     assert "membership.auc_gap" in result.stderr
+    assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_audits_need_a_holdout(run_cli, tmp_path):
@@ -192,3 +194,13 @@ def test_sample_command_audits_generation(run_cli, tmp_path):
     assert "within" in result.stdout
     partial = run_cli("sample", "embedded:glow-digits", "-o", tmp_path / "g2.png", "--audit-forget", "x")
     assert partial.exit_code == 2 and "together" in partial.stderr
+
+
+def test_roc_curve_by_hand():
+    from flowtame.figures.audit_plots import roc_curve
+
+    fpr, tpr = roc_curve(np.array([3.0, 1.0]), np.array([2.0, 0.0]))
+    # thresholds 3, 2, 1, 0: flagged members 1/2, 1/2, 1, 1; non-members 0, 1/2, 1/2, 1
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1]
+    area = float(np.sum(np.diff(fpr) * tpr[1:]))
+    assert area == pytest.approx(au.roc_auc([3.0, 1.0], [2.0, 0.0]))  # the step curve's area is the AUC

@@ -131,6 +131,8 @@ def evaluate(
     generation_temperature: float = typer.Option(0.7, help="Generation audit: sampling temperature."),
     radius_quantile: float = typer.Option(0.05, help="Generation audit: radius = this quantile of the held-out "
                                                      "images' distance to their nearest training image."),
+    audit_plot: Path = typer.Option(None, "--audit-plot", help="Write the membership audit's ROC curves and NLL "
+                                                               "histograms (forget vs held-out) per model as a PNG."),
     max_membership_auc_gap: float = typer.Option(None, help="Check (opt-in): |AUC - 0.5| of the loss attack on "
                                                             "the tamed model, at most."),
     max_privacy_leakage: float = typer.Option(None, help="Check (opt-in): |relative leakage| against "
@@ -163,6 +165,8 @@ def evaluate(
         check_output_path(json_path, force)
     if plot is not None:
         check_output_path(plot, force)
+    if audit_plot is not None:
+        check_output_path(audit_plot, force)
     base = load_checkpoint(resolve_model_path(base_model))
     tamed = load_checkpoint(resolve_model_path(tamed_model))
     check_models(base, tamed)
@@ -189,11 +193,11 @@ def evaluate(
                                        max_privacy_leakage=max_privacy_leakage,
                                        min_forget_quality=min_forget_quality,
                                        max_generation_share=max_generation_share)
-    if _audits_requested(holdout, retrained, generation_audit, audit_tolerances):
+    if _audits_requested(holdout, retrained, generation_audit, audit_tolerances, audit_plot):
         _run_audits(block, base, tamed, sets, nll, retrained=retrained, generation=generation_audit,
                     temperature=generation_temperature, radius_quantile=radius_quantile, n_boot=n_boot,
                     tolerances=audit_tolerances, device=device, batch_size=batch_size, precision=precision,
-                    strict=strict)
+                    plot=audit_plot, force=force)
     report = build_report(base, tamed, block)
     emit_json(json_path, report)
     if plot is not None:
@@ -226,9 +230,10 @@ def evaluate(
         raise CheckFailedError(f"{len(failed)} check(s) failed: {'; '.join(failed)}")
 
 
-def _audits_requested(holdout, retrained, generation: int, tolerances) -> bool:
+def _audits_requested(holdout, retrained, generation: int, tolerances, plot) -> bool:
     """Whether the audits run: always with --holdout; asking for one without it is a usage error."""
-    asked = retrained is not None or generation > 0 or any(v is not None for v in tolerances.to_dict().values())
+    asked = (retrained is not None or generation > 0 or plot is not None
+             or any(v is not None for v in tolerances.to_dict().values()))
     if asked and not holdout:
         raise InputError("the audits (--retrained, --generation-audit, audit bounds) need --holdout: held-out "
                          "images the models never saw, from the forget images' distribution")
@@ -237,7 +242,7 @@ def _audits_requested(holdout, retrained, generation: int, tolerances) -> bool:
 
 def _run_audits(block: dict, base, tamed, sets: dict, nll: dict, *, retrained: str | None, generation: int,
                 temperature: float, radius_quantile: float, n_boot: int, tolerances, device: str, batch_size: int,
-                precision: str, strict: bool) -> None:
+                precision: str, plot: Path | None, force: bool) -> None:
     """Membership, retrained and generation audits added to ``block`` (see flowtame.likelihood.auditing)."""
     import numpy as np
 
@@ -262,9 +267,15 @@ def _run_audits(block: dict, base, tamed, sets: dict, nll: dict, *, retrained: s
         sampling = {"samples": generation, "temperature": temperature, "seed": block["seed"]}
     audit_sets = AuditSets(forget=[sets["forget"]], remember=sets["remember"],
                            holdout=[sets[name] for name in holdout_names], forget_unseen=sets.get("forget_unseen"))
+    scores: dict = {}
     add_audits(block, base, tamed, audit_sets, retrained=retrained_ckpt, samples=samples, sampling=sampling,
                known=known, n_boot=n_boot, radius_quantile=radius_quantile, tolerances=tolerances, device=device,
-               batch_size=batch_size, precision=precision)
+               batch_size=batch_size, precision=precision, membership_nll=scores)
+    if plot is not None:
+        from flowtame.figures.audit_plots import plot_membership
+
+        aucs = {m: a["auc"] for m, a in block["audits"]["membership"]["attacks"]["loss"].items()}
+        plot_membership(plot, scores["forget"], scores["holdout"], aucs, force=force)
 
 
 def _audit_tables(audits: dict) -> list[Table]:

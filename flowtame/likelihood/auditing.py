@@ -161,7 +161,7 @@ def add_audits(block: dict[str, Any], base: Checkpoint, tamed: Checkpoint, sets:
                sampling: Mapping[str, Any] | None = None, known: Mapping[tuple[str, str], np.ndarray] | None = None,
                n_boot: int = 1000, radius_quantile: float = au.DEFAULT_RADIUS_QUANTILE,
                tolerances: AuditTolerances | None = None, device: str = "auto", batch_size: int = 256,
-               precision: str = "fp32") -> dict[str, Any]:
+               precision: str = "fp32", membership_nll: dict[str, Any] | None = None) -> dict[str, Any]:
     """Add ``audits`` to an evaluation ``block`` (in place; also returned) and its checks to ``block["checks"]``.
 
     ``sets.holdout`` is required (the non-members). ``known``: NLL already computed, keyed ``(model, name)``
@@ -170,7 +170,8 @@ def add_audits(block: dict[str, Any], base: Checkpoint, tamed: Checkpoint, sets:
     excluding forget images). ``samples``: model name -> uint8 samples [M, C, H, W] from shared latents, for the
     generation audit (``sampling`` records how they were drawn). Costs: a likelihood pass per model and set
     not known; with ``retrained``, its passes over the remember, forget and held-out sets; with ``samples``,
-    one base-model encoding of every sample, the forget, held-out and remember images.
+    one base-model encoding of every sample, the forget, held-out and remember images. ``membership_nll``: a
+    dict filled with the membership audit's NLL, ``{"forget": {model: [N_F]}, "holdout": {model: [N_H]}}``.
     """
     if not sets.holdout:
         raise InputError("the membership audit needs held-out images (--holdout): the forget images are "
@@ -182,6 +183,8 @@ def add_audits(block: dict[str, Any], base: Checkpoint, tamed: Checkpoint, sets:
     if draws == 1:
         known.update({(m, "forget@1"): known[(m, "forget")] for m in models if (m, "forget") in known})
     forget, holdout = _membership_nll(models, sets, known, **passes)
+    if membership_nll is not None:
+        membership_nll.update(forget=forget, holdout=holdout)
     membership = au.membership_audit(forget, holdout, n_boot=n_boot, seed=seed)
     membership["nonmembers"] = [s.name for s in sets.holdout]
     audits: dict[str, Any] = {"membership": membership, "retrained": None, "generation": None}
