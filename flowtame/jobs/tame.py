@@ -49,6 +49,8 @@ class TameConfig:
     """
 
     method: str = "taming"
+    # threshold: the paper's mu_R + delta*sigma_R (suppression); holdout: the held-out images' NLL band
+    target: str = "threshold"
     delta: float = 4.0
     epsilon: float | None = None
     alpha: float = 0.15
@@ -74,8 +76,6 @@ class TameConfig:
     eval_seed: int = 0
     precision: str = "fp32"
     trajectory_every: int = 10
-    # threshold: the paper's mu_R + delta*sigma_R (suppression); holdout: the held-out images' NLL band
-    target: str = "threshold"
     # selective-amnesia baseline (seed 001, adapted to flows; see docs/method.md)
     sa_lambda: float = 100.0
     sa_replay_weight: float = 1.0
