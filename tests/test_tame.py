@@ -226,7 +226,7 @@ def test_target_holdout_stops_in_the_held_out_band(run_cli, workspace, assert_va
     for rank in np.argsort(nll)[:2]:
         Image.fromarray(pixels[candidates[rank], 0].numpy()).save(likely / f"{rank:04d}.png")
     out = ws["root"] / "target-holdout.safetensors"
-    args = tame_args(ws, out, "--target", "holdout", "--holdout", unseen)
+    args = tame_args(ws, out, "--target", "holdout", "--holdout", unseen, "--generation-audit", "32")
     args[args.index(ws["forget"])] = likely
     result = run_cli(*args)
     assert result.exit_code == 0, result.stderr
@@ -243,6 +243,7 @@ def test_target_holdout_stops_in_the_held_out_band(run_cli, workspace, assert_va
     assert band[0] < forget["tamed_mean_nll"] < band[1]  # inside it after, under the tamed model's own normal
     audits = report["evaluation"]["audits"]
     assert audits["goals"]["suppression"]["met"] is False  # nowhere near mu_R + 4 sigma_R: not suppressed
+    assert set(audits["generation"]["models"]) == {"base", "tamed"} and audits["generation"]["samples"] == 32
     assert audits["membership"]["n_members"] == 2 and audits["membership"]["attacks"]["loss"]["tamed"]["auc"] < 1
     # the base model had the two threes more likely than every unseen one (members), the tamed one no longer
     loss = audits["membership"]["attacks"]["loss"]
