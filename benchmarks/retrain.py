@@ -40,14 +40,18 @@ from flowtame.figures.sampling import sample_images
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint
 from flowtame.jobs.tame import make_config, tame
 from flowtame.jobs.train import train_model
-from flowtame.likelihood.auditing import AuditSets, add_audits
+from flowtame.likelihood.auditing import AuditSets, AuditTolerances, add_audits
 from flowtame.likelihood.evaluation import FORGET_DRAWS, summarize_evaluation
 from flowtame.likelihood.nll import pixel_nll
 
 METHODS = {"taming (defaults)": METHOD_LAYERS["taming (defaults)"],
            "taming (target holdout)": [{"target": "holdout"}],
            "neggrad": METHOD_LAYERS["neggrad"],
-           "SA (D_R surrogate)": METHOD_LAYERS["SA (D_R surrogate)"]}
+           "SA (D_R surrogate)": METHOD_LAYERS["SA (D_R surrogate)"],
+           # not trained: the base itself and the retrained model audited as if they were tamed (the CI gate)
+           "untouched base": None, "retrained": None}
+#: The opt-in bounds every row is checked against (the CI gate both ways).
+GATE = AuditTolerances(max_membership_auc_gap=0.1, max_privacy_leakage=0.1)
 CPU = torch.device("cpu")
 
 
@@ -98,7 +102,7 @@ def audit_row(base: Checkpoint, tamed: Checkpoint, retrained: Checkpoint, sets: 
     drawn = sample_images([base, tamed, retrained], samples, 0.7, 0) if samples else None
     add_audits(block, base, tamed, AuditSets(forget=[sets["forget"]], remember=sets["remember"],
                                              holdout=[sets["members_holdout"]], forget_unseen=sets["forget_unseen"]),
-               retrained=retrained, known=known, n_boot=1000, device="cpu",
+               retrained=retrained, known=known, n_boot=1000, device="cpu", tolerances=GATE,
                samples=None if drawn is None else dict(zip(("base", "tamed", "retrained"), drawn, strict=True)),
                sampling=None if drawn is None else {"samples": samples, "temperature": 0.7, "seed": 0})
     audits = block["audits"]
@@ -118,6 +122,7 @@ def audit_row(base: Checkpoint, tamed: Checkpoint, retrained: Checkpoint, sets: 
         "forget_mean_nll_retrained": retrained_sets["forget"]["mean_nll"],
         "holdout_bpd_change": block["sets"]["holdout:other classes"]["bpd_change_relative"],
         "qd_remember": block["sets"]["remember"]["qd"],
+        "gate": {c["name"]: c["passed"] for c in block["checks"] if c["name"].startswith("membership.")},
     }
     if audits["generation"] is not None:
         g = audits["generation"]["models"]
@@ -141,8 +146,16 @@ def run_k(base: Checkpoint, digit: int, k: int, cache: Path, samples: int, surro
     rows = {}
     for label in methods:
         layers = METHODS[label]
-        config = make_config(*with_surrogate(layers, proto, surrogate), {"seed": 0})
         print(f"  {label} ...", end="", flush=True)
+        if layers is None:
+            model = base if label == "untouched base" else retrained
+            row = audit_row(base, model, retrained, sets, base_table, retrained_table, samples)
+            row.update(iterations=0, converged=False, loop_seconds=retrain_seconds if model is retrained else 0.0,
+                       target=None)
+            rows[label] = row
+            print(f" AUC {row['auc']:.3f}, gate {row['gate']}", flush=True)
+            continue
+        config = make_config(*with_surrogate(layers, proto, surrogate), {"seed": 0})
         outcome = tame(base, [proto.forget], proto.remember, config, device="cpu", target_holdout=[test_digit])
         report = outcome.report
         row = audit_row(base, outcome.checkpoint, retrained, sets, base_table, retrained_table, samples)
@@ -157,12 +170,13 @@ def run_k(base: Checkpoint, digit: int, k: int, cache: Path, samples: int, surro
 def print_rows(result: dict[str, Any]) -> None:
     print(f"\nk = {result['k']} (retraining: {result['retrain_seconds']:.0f} s)")
     print(f"{'method':26s} {'iters':>5s} {'loop s':>7s} {'forgot':>6s} {'FQ D_F':>8s} {'FQ Dp_F':>8s} {'AUC':>6s} "
-          f"{'AUC_re':>6s} {'leak':>7s} {'gen share':>10s} {'holdout BPD':>11s}")
+          f"{'AUC_re':>6s} {'leak':>7s} {'gen share':>10s} {'holdout BPD':>11s}  gate (AUC gap, leakage <= 0.1)")
     for label, r in result["rows"].items():
         gen = r.get("generation", {}).get("tamed")
         print(f"{label:26s} {r['iterations']:5d} {r['loop_seconds']:7.1f} {r['forgotten']:6.0%} "
               f"{r['forget_quality']:8.3g} {r['forget_quality_unseen']:8.3g} {r['auc']:6.3f} {r['auc_retrained']:6.3f} "
-              f"{r['leakage']:+7.3f} {'' if gen is None else f'{gen[0]:.1%}':>10s} {r['holdout_bpd_change']:+11.2%}")
+              f"{r['leakage']:+7.3f} {'' if gen is None else f'{gen[0]:.1%}':>10s} {r['holdout_bpd_change']:+11.2%}  "
+              f"{' '.join('pass' if ok else 'FAIL' for ok in r['gate'].values())}")
 
 
 def main() -> None:
