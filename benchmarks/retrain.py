@@ -39,7 +39,7 @@ from flowtame.data.images import open_images
 from flowtame.figures.sampling import sample_images
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint
 from flowtame.jobs.tame import make_config, tame
-from flowtame.jobs.train import train_model
+from flowtame.jobs.train import resume_state_path, train_model
 from flowtame.likelihood.auditing import AuditSets, AuditTolerances, add_audits
 from flowtame.likelihood.evaluation import FORGET_DRAWS, summarize_evaluation
 from flowtame.likelihood.nll import pixel_nll
@@ -72,6 +72,7 @@ def retrain(base: Checkpoint, forget_keys: set[str], path: Path) -> tuple[Checkp
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
+    resume_state_path(path).unlink(missing_ok=True)  # only needed to continue training, as in train_embedded.sh
     timing.write_text(json.dumps({"seconds": seconds, "images": len(keep)}))
     return load_checkpoint(path), seconds
 
