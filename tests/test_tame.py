@@ -208,3 +208,54 @@ def test_mixed_precision_on_the_cpu_is_refused_as_stats_refuses_it(tmp_path, run
                      workspace["remember"], "-o", out, "--device", "cpu", "--precision", "bf16")
     assert result.exit_code == 2 and "only supported on CUDA" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_target_holdout_stops_in_the_held_out_band(run_cli, workspace, assert_valid_report):
+    """--target holdout: the forget threes end inside the band unseen threes occupy, not at mu_R + 4 sigma_R;
+    the report's audits show suppression not met and the membership reading."""
+    ws = workspace
+    labels = np.load(os.path.join(os.path.dirname(__file__), "..", "flowtame", "assets", "digits.npz"))["labels"]
+    pixels, _ = open_images("embedded:digits:all", SPEC).load_tensor()
+    unseen = ws["root"] / "unseen-threes"
+    unseen.mkdir()
+    for i in [i for i in range(1400, 1797) if labels[i] == 3]:
+        Image.fromarray(pixels[i, 0].numpy()).save(unseen / f"{i:04d}.png")
+    from flowtame.likelihood.nll import compute_nll
+
+    # the two training threes the base model finds most likely: well below the unseen threes' band
+    candidates = [i for i in range(1200) if labels[i] == 3]
+    train_threes = ws["root"] / "train-threes"
+    train_threes.mkdir()
+    for i in candidates:
+        Image.fromarray(pixels[i, 0].numpy()).save(train_threes / f"{i:04d}.png")
+    base = load_checkpoint(ws["base"])
+    nll = compute_nll(base.model, open_images(train_threes, SPEC), seed=0, device="cpu").nll
+    likely = ws["root"] / "likely-threes"
+    likely.mkdir()
+    for rank in np.argsort(nll)[:2]:
+        Image.fromarray(pixels[candidates[rank], 0].numpy()).save(likely / f"{rank:04d}.png")
+    out = ws["root"] / "target-holdout.safetensors"
+    args = tame_args(ws, out, "--target", "holdout", "--holdout", unseen, "--generation-audit", "32")
+    args[args.index(ws["forget"])] = likely
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((ws["root"] / "target-holdout.safetensors.json").read_text())
+    assert_valid_report(report, "tame-report.schema.json")
+    target = report["target"]
+    assert target["kind"] == "holdout" and target["delta"] < 4 and target["epsilon"] > 0
+    assert target["low_nats"] < target["median_nats"] < target["high_nats"]
+    assert report["converged"] and report["requests"][0]["reached_threshold"] and report["iterations"] > 10
+    assert report["requests"][0]["max_abs_d"] < target["epsilon"]
+    forget, fit = report["evaluation"]["sets"]["forget"], report["evaluation"]["threshold"]["tamed"]
+    assert forget["base_mean_nll"] < target["low_nats"]  # below the band before taming
+    band = [fit["mu_nats"] + (target["delta"] + sign * target["epsilon"]) * fit["sigma_nats"] for sign in (-1, 1)]
+    assert band[0] < forget["tamed_mean_nll"] < band[1]  # inside it after, under the tamed model's own normal
+    audits = report["evaluation"]["audits"]
+    assert audits["goals"]["suppression"]["met"] is False  # nowhere near mu_R + 4 sigma_R: not suppressed
+    assert set(audits["generation"]["models"]) == {"base", "tamed"} and audits["generation"]["samples"] == 32
+    assert audits["membership"]["n_members"] == 2 and audits["membership"]["attacks"]["loss"]["tamed"]["auc"] < 1
+    # the base model had the two threes more likely than every unseen one (members), the tamed one no longer
+    loss = audits["membership"]["attacks"]["loss"]
+    assert loss["base"]["auc"] == 1.0 and loss["tamed"]["auc"] < 0.9
+    missing = run_cli(*tame_args(ws, ws["root"] / "x.safetensors", "--target", "holdout"))
+    assert missing.exit_code == 2 and "--target holdout needs --holdout" in missing.stderr

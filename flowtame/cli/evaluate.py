@@ -15,7 +15,7 @@ from rich.table import Table
 from flowtame.cli import app
 from flowtame.cli._common import check_outputs, console, emit_json, is_interactive
 from flowtame.data.embedded import resolve_model_path
-from flowtame.errors import CheckFailedError
+from flowtame.errors import CheckFailedError, InputError
 from flowtame.io.checkpoint import load_checkpoint
 
 
@@ -124,6 +124,27 @@ def evaluate(
                                                                   "set's mean BPD, at most (0.01 = 1%).")] = 0.01,
     min_normality_p: Annotated[float, typer.Option(help="Check: KS normality p of the remember NLL under "
                                                         "the tamed model, above.")] = 0.001,
+    retrained: Annotated[str, typer.Option("--retrained", help="Audit: a model trained without the forget set "
+                                                               "(the gold standard; forget quality, "
+                                                               "leakage).")] = None,
+    generation_audit: Annotated[int, typer.Option("--generation-audit", min=0, metavar="M",
+                                                  help="Audit: M samples per model from shared latents; share "
+                                                       "near a forget image (needs --holdout).")] = 0,
+    generation_temperature: Annotated[float, typer.Option(help="Generation audit: sampling temperature.")] = 0.7,
+    radius_quantile: Annotated[float, typer.Option(help="Generation audit: radius = this quantile of the "
+                                                        "held-out images' distance to their nearest training "
+                                                        "image.")] = 0.05,
+    audit_plot: Annotated[Path, typer.Option("--audit-plot", help="Write the membership audit's ROC curves and "
+                                                                  "NLL histograms (forget vs held-out) per model "
+                                                                  "as a PNG.")] = None,
+    max_membership_auc_gap: Annotated[float, typer.Option(help="Check (opt-in): |AUC - 0.5| of the loss attack "
+                                                               "on the tamed model, at most.")] = None,
+    max_privacy_leakage: Annotated[float, typer.Option(help="Check (opt-in): |relative leakage| against "
+                                                            "--retrained, at most.")] = None,
+    min_forget_quality: Annotated[float, typer.Option(help="Check (opt-in): KS p of tamed vs --retrained NLL "
+                                                           "on the forget set, at least.")] = None,
+    max_generation_share: Annotated[float, typer.Option(help="Check (opt-in): the tamed model's share of "
+                                                             "samples near a forget image, at most.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per likelihood batch.")] = 256,
     precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16/fp16 autocast on CUDA.")] = "fp32",
@@ -141,11 +162,12 @@ def evaluate(
     --holdout ./test --neighbours 16 --json report.json --plot nll.png --check
     """
     from flowtame.data.images import open_images
+    from flowtame.likelihood.auditing import AuditTolerances
     from flowtame.likelihood.evaluation import Tolerances, build_report, check_models, collect_nll, evaluate_models
 
     inputs = [resolve_model_path(base_model), resolve_model_path(tamed_model), forget, remember, forget_unseen,
-              *(holdout or [])]
-    check_outputs(force, json_path, plot, inputs=inputs)
+              *(holdout or []), retrained]
+    check_outputs(force, json_path, plot, audit_plot, inputs=inputs)
     base = load_checkpoint(resolve_model_path(base_model))
     tamed = load_checkpoint(resolve_model_path(tamed_model))
     check_models(base, tamed)
@@ -164,7 +186,17 @@ def evaluate(
     block = evaluate_models(base, tamed, sets, delta=delta, epsilon=epsilon, seed=seed, neighbours=neighbours,
                             batch_size=batch_size, device=device, precision=precision, n_boot=n_boot,
                             tolerances=tolerances, precomputed=nll, forget_draws=forget_draws)
-    emit_json(json_path, build_report(base, tamed, block))
+    audit_tolerances = AuditTolerances(max_membership_auc_gap=max_membership_auc_gap,
+                                       max_privacy_leakage=max_privacy_leakage,
+                                       min_forget_quality=min_forget_quality,
+                                       max_generation_share=max_generation_share)
+    if _audits_requested(holdout, retrained, generation_audit, audit_tolerances, audit_plot):
+        _run_audits(block, base, tamed, sets, nll, retrained=retrained, generation=generation_audit,
+                    temperature=generation_temperature, radius_quantile=radius_quantile, n_boot=n_boot,
+                    tolerances=audit_tolerances, device=device, batch_size=batch_size, precision=precision,
+                    plot=audit_plot, force=force)
+    report = build_report(base, tamed, block)
+    emit_json(json_path, report)
     if plot is not None:
         _plot(plot, nll, block, force)
     if show:
@@ -195,6 +227,104 @@ def _print_tables(block: dict) -> None:
     console.print(_threshold_table(block))
     for warning in block["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    if block.get("audits"):
+        for table in _audit_tables(block["audits"]):
+            console.print(table)
+        if block["audits"]["goals"]["tension"]:
+            console.print(f"[yellow]tension:[/yellow] {escape(block['audits']['goals']['tension'])}")
     console.print(_checks_table(block))
     console.print("[bold green]all checks passed[/bold green]" if block["passed"]
                   else "[bold red]some checks failed[/bold red]")
+
+
+def _audits_requested(holdout, retrained, generation: int, tolerances, plot) -> bool:
+    """Whether the audits run: always with --holdout; asking for one without it is a usage error."""
+    asked = (retrained is not None or generation > 0 or plot is not None
+             or any(v is not None for v in tolerances.to_dict().values()))
+    if asked and not holdout:
+        raise InputError("the audits (--retrained, --generation-audit, audit bounds) need --holdout: held-out "
+                         "images the models never saw, from the forget images' distribution")
+    return bool(holdout)
+
+
+def _run_audits(block: dict, base, tamed, sets: dict, nll: dict, *, retrained: str | None, generation: int,
+                temperature: float, radius_quantile: float, n_boot: int, tolerances, device: str, batch_size: int,
+                precision: str, plot: Path | None, force: bool) -> None:
+    """Membership, retrained and generation audits added to ``block`` (see flowtame.likelihood.auditing)."""
+    import numpy as np
+
+    from flowtame.figures.sampling import sample_images
+    from flowtame.likelihood.auditing import AuditSets, add_audits
+    from flowtame.likelihood.evaluation import check_models
+
+    holdout_names = [name for name in sets if name.startswith("holdout:")]
+    known = {(m, name): nll[(m, name)] for m in ("base", "tamed") for name in ("forget", "forget_unseen", "remember")
+             if (m, name) in nll}
+    for m in ("base", "tamed"):
+        known[(m, "holdout")] = np.concatenate([nll[(m, name)] for name in holdout_names])
+    retrained_ckpt = None
+    if retrained is not None:
+        retrained_ckpt = load_checkpoint(resolve_model_path(retrained))
+        check_models(base, retrained_ckpt)
+    samples, sampling = None, None
+    if generation:
+        models = {"base": base, "tamed": tamed, **({"retrained": retrained_ckpt} if retrained_ckpt else {})}
+        drawn = sample_images(list(models.values()), generation, temperature, block["seed"])
+        samples = dict(zip(models, drawn, strict=True))
+        sampling = {"samples": generation, "temperature": temperature, "seed": block["seed"]}
+    audit_sets = AuditSets(forget=[sets["forget"]], remember=sets["remember"],
+                           holdout=[sets[name] for name in holdout_names], forget_unseen=sets.get("forget_unseen"))
+    scores: dict = {}
+    add_audits(block, base, tamed, audit_sets, retrained=retrained_ckpt, samples=samples, sampling=sampling,
+               known=known, n_boot=n_boot, radius_quantile=radius_quantile, tolerances=tolerances, device=device,
+               batch_size=batch_size, precision=precision, membership_nll=scores)
+    if plot is not None:
+        from flowtame.figures.audit_plots import plot_membership
+
+        aucs = {m: a["auc"] for m, a in block["audits"]["membership"]["attacks"]["loss"].items()}
+        plot_membership(plot, scores["forget"], scores["holdout"], aucs, force=force)
+
+
+def _audit_tables(audits: dict) -> list[Table]:
+    """The membership attacks per model, the goals, and (when run) the retrained and generation audits."""
+    membership = audits["membership"]
+    table = Table(title=escape(f"membership audit: {membership['n_members']} forget vs {membership['n_nonmembers']} "
+                               "held-out images (AUC 0.5 = indistinguishable)"), title_justify="left")
+    for column in ("attack", "model", "AUC [95%]", "TPR@1%FPR", "TPR@5%FPR", "outlier TPR@5%FPR"):
+        table.add_column(column, justify="left" if column in ("attack", "model") else "right")
+    for attack, models in membership["attacks"].items():
+        for model, a in models.items():
+            table.add_row(attack, model, escape(f"{a['auc']:.3f} [{a['auc_ci_low']:.3f}, {a['auc_ci_high']:.3f}]"),
+                          f"{a['tpr']['0.01']['value']:.2f}", f"{a['tpr']['0.05']['value']:.2f}",
+                          f"{a['tpr_outlier']['0.05']['value']:.2f}")
+    tables = [table]
+    goals = audits["goals"]
+    table = Table(title="goals", title_justify="left")
+    for column in ("goal", "figure", "met"):
+        table.add_column(column)
+    table.add_row("suppression (beyond μ_R + δσ_R)", f"forgotten {goals['suppression']['forgotten_fraction']:.0%}",
+                  str(goals["suppression"]["met"]))
+    never = goals["never_trained_on"]
+    table.add_row("never trained on (loss AUC ∋ 0.5)", f"AUC {never['auc']:.3f}, {never['reading']}",
+                  str(never["met"]))
+    tables.append(table)
+    if audits["retrained"] is not None:
+        table = Table(title="retrained gold standard (its own μ_R, σ_R)", title_justify="left")
+        for column in ("set", "retrained mean NLL", "retrained q", "forget quality tamed (KS p)", "base (KS p)"):
+            table.add_column(column, justify="left" if column == "set" else "right")
+        for name, s in audits["retrained"]["sets"].items():
+            quality = s["forget_quality"]
+            table.add_row(name, f"{s['mean_nll']:.3f}", f"{s['q']:.4f}", f"{quality['tamed']['pvalue']:.3g}",
+                          f"{quality['base']['pvalue']:.3g}")
+        tables.append(table)
+    if audits["generation"] is not None:
+        generation = audits["generation"]
+        table = Table(title=f"generation audit: radius {generation['radius']:.3g} (latent units)",
+                      title_justify="left")
+        for column in ("model", "within radius [95%]", "nearest is forget"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for model, g in generation["models"].items():
+            table.add_row(model, escape(f"{g['share']:.2%} [{g['ci_low']:.2%}, {g['ci_high']:.2%}]"),
+                          f"{g['share_nearest']:.2%}")
+        tables.append(table)
+    return tables

@@ -47,6 +47,13 @@ def tame_command(
     preset_name: Annotated[str, typer.Option("--preset", help="Start from a shipped preset: 'paper' = the "
                                                               "authors' exact loss and hyperparameters.")] = None,
     method: Annotated[str, typer.Option(help="taming (default) | neggrad | selective-amnesia (baselines).")] = None,
+    target: Annotated[str, typer.Option(help="Where to stop: threshold (the paper's mu_R + delta*sigma_R: "
+                                             "suppression) | holdout (the --holdout images' NLL interquartile "
+                                             "band: forget to the level of never-seen images; docs/audits.md) "
+                                             "[threshold].")] = None,
+    generation_audit: Annotated[int, typer.Option("--generation-audit", min=0, metavar="M",
+                                                  help="With --holdout: also audit M samples per model from "
+                                                       "shared latents (share near a forget image).")] = 0,
     delta: Annotated[float, typer.Option(help="Threshold in remember std units: mu_R + delta*sigma_R [4].")] = None,
     epsilon: Annotated[float, typer.Option(help="Stop when |d| < epsilon for every forget image [0.15*delta].")] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15].")] = None,
@@ -117,10 +124,10 @@ def tame_command(
     check_outputs(force or resume, output, report, inputs=inputs)
     base = load_checkpoint(resolve_model_path(model))
     forget_sets, remember_set, holdout_sets = _open_sets(base, forget, remember, holdout or [], strict)
-    outcome = _run(base, forget_sets, remember_set, cfg, device=device, output=output, report=report,
-                   resume=resume, quiet=quiet)
-    _finish(base, outcome, holdout_sets, cfg, device=device, output=output, report=report, quiet=quiet,
-            require_converged=require_converged)
+    outcome = _run(base, forget_sets, remember_set, holdout_sets, cfg, device=device, output=output,
+                   report=report, resume=resume, quiet=quiet)
+    _finish(base, outcome, (forget_sets, remember_set, holdout_sets), cfg, device=device, output=output,
+            report=report, quiet=quiet, require_converged=require_converged, generation_audit=generation_audit)
 
 
 def _open_sets(base, forget: list[str], remember: str, holdout: list[str], strict: bool) -> tuple:
@@ -134,8 +141,8 @@ def _open_sets(base, forget: list[str], remember: str, holdout: list[str], stric
     return forget_sets, remember_set, holdout_sets
 
 
-def _run(base, forget_sets: list, remember_set, cfg, *, device: str, output: Path, report: str | None,
-         resume: bool, quiet: bool):
+def _run(base, forget_sets: list, remember_set, holdout_sets: dict, cfg, *, device: str, output: Path,
+         report: str | None, resume: bool, quiet: bool):
     """The tame job under the live view; on Ctrl-C the partial report is written before exiting."""
     from flowtame.jobs.tame import tame
 
@@ -143,24 +150,31 @@ def _run(base, forget_sets: list, remember_set, cfg, *, device: str, output: Pat
     try:
         with view, warnings_after():
             return tame(base, forget_sets, remember_set, cfg, device=device, state_path=state_path_for(output),
-                        resume=resume, callback=view.update, command=command_line(FORGET_OPTIONS))
+                        resume=resume, callback=view.update, target_holdout=list(holdout_sets.values()),
+                        command=command_line(FORGET_OPTIONS))
     except InterruptedRun as exc:
         if exc.partial_report is not None and report not in (None, "-"):
             emit_json(report, exc.partial_report)
         raise
 
 
-def _finish(base, outcome, holdout_sets: dict, cfg, *, device: str, output: Path, report: str | None,
-            quiet: bool, require_converged: bool) -> None:
-    """Evaluate on the holdout sets, write checkpoint and report, drop the resume state, print the summary.
+def _finish(base, outcome, sets: tuple, cfg, *, device: str, output: Path, report: str | None,
+            quiet: bool, require_converged: bool, generation_audit: int) -> None:
+    """Evaluate on the holdout sets (with the audits when there are any), write checkpoint and report, drop the
+    resume state, print the summary. ``sets``: the forget sets, the remember set and the holdout sets.
 
     A failed write or a stop at this point keeps the finished run as resumable state (``--resume`` then
     writes the outputs without training)."""
-    from flowtame.jobs.tame import taming_evaluation
+    from flowtame.jobs.tame import taming_audits, taming_evaluation
+
+    forget_sets, remember_set, holdout_sets = sets
 
     state_path = state_path_for(output)
     try:
         outcome.report["evaluation"] = taming_evaluation(base, outcome, holdout_sets, cfg, device=device)
+        if holdout_sets:
+            taming_audits(base, outcome, forget_sets, remember_set, holdout_sets, cfg, device=device,
+                          generation_samples=generation_audit)
         sha = save_checkpoint(output, outcome.checkpoint, force=True)
         outcome.report["output"] = {"path": str(output), "sha256": sha}
         emit_json(report, outcome.report)

@@ -47,6 +47,8 @@ REPORT_SCHEMA_VERSION = 1
 
 #: Parameter groups ``freeze`` may hold fixed during taming (see :func:`freeze_parameters`).
 FREEZE_RULES = ("coupling-outputs", "none")
+#: Where taming stops (see :func:`stopping_target`): the paper's threshold, or the held-out images' NLL band.
+TARGETS = ("threshold", "holdout")
 
 
 @dataclass
@@ -60,6 +62,8 @@ class TameConfig:
     """
 
     method: str = "taming"
+    # threshold: the paper's mu_R + delta*sigma_R (suppression); holdout: the held-out images' NLL band
+    target: str = "threshold"
     delta: float = 4.0
     epsilon: float | None = None
     alpha: float = 0.15
@@ -100,6 +104,8 @@ class TameConfig:
             problems.append(f"forget_loss must be one of {', '.join(FORGET_LOSSES)}")
         if self.forget_unit not in FORGET_UNITS:
             problems.append(f"forget_unit must be one of {', '.join(FORGET_UNITS)}")
+        if self.target not in TARGETS:
+            problems.append(f"target must be one of {', '.join(TARGETS)}")
         if self.kl_estimate not in KL_ESTIMATES:
             problems.append(f"kl_estimate must be one of {', '.join(KL_ESTIMATES)}")
         if not 0 <= self.alpha <= 1 or not 0 <= self.gamma <= 1:
@@ -251,10 +257,12 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
          device: str = "auto",
          state_path: str | Path | None = None, resume: bool = False,
          callback: Callable[[int, dict[str, float]], None] | None = None,
-         command: str | None = None) -> TameOutcome:
+         target_holdout: Sequence[ImageSet] = (), command: str | None = None) -> TameOutcome:
     """Tame ``base`` so every image of every forget set reaches the threshold; returns model and report.
 
-    ``command``: the command line to record in the provenance (the caller redacts it; None: not recorded).
+    With ``config.target == "holdout"`` the stopping band is the held-out images' NLL band instead
+    (``target_holdout``, required then; :func:`stopping_target`). ``command``: the command line to record in
+    the provenance (the caller redacts it; None: not recorded).
 
     The base checkpoint's model is never modified (a copy is trained). Raises InterruptedRun on Ctrl-C
     (its ``partial_report`` set and the resume state written to ``state_path``).
@@ -291,6 +299,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     base_forget_nll = pixel_nll(base_model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
                                 draws=config.forget_draws)
     base_mean, base_std = float(base_remember_nll.mean()), float(base_remember_nll.std(ddof=1))
+    delta, epsilon, target, base_holdout_nll = stopping_target(base, base_remember_nll, target_holdout, config,
+                                                               device=dev)
 
     n_refresh = min(config.refresh_size, remember_pixels.shape[0])
     refresh_idx = torch.randperm(remember_pixels.shape[0], generator=generator)[:n_refresh].sort().values
@@ -316,7 +326,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         whole_remember_nll=lambda m: torch.from_numpy(remember_nll(m)),
     )
     method = METHODS[config.method](
-        data, delta=config.delta, epsilon=config.epsilon, alpha=config.alpha, gamma=config.gamma,
+        data, delta=delta, epsilon=epsilon, alpha=config.alpha, gamma=config.gamma,
         batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
         forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=batches,
         setup_generator=generator,
@@ -348,6 +358,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         "base": {"path": str(base.path) if base.path else None, "sha256": base.sha256},
         "data": data_spec.to_dict(),
         "calibration": calibration.to_dict() if calibration is not None else None,
+        "target": target,
         "frozen": {"rule": config.freeze, "tensors": len(frozen),
                    "values": sum(parameters[name].numel() for name in frozen)},
         "sets": {"forget": [s.name for s in forget_sets], "remember": remember_set.name,
@@ -370,7 +381,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     tamed_forget_nll = pixel_nll(model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
                                  draws=config.forget_draws)
     mu_t, sigma_t = float(tamed_remember_nll.mean()), float(tamed_remember_nll.std(ddof=1))
-    d_final = threshold_distance(tamed_forget_nll, mu_t, sigma_t, config.delta)
+    d_final = threshold_distance(tamed_forget_nll, mu_t, sigma_t, delta)
     per_bpd = nats_per_bpd(data_spec.num_dims)
     requests = []
     for index, image_set in enumerate(forget_sets):
@@ -379,8 +390,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
             "name": image_set.name, "n": int(mask.sum()),
             "d_min": float(d_final[mask].min()), "d_max": float(d_final[mask].max()),
             "max_abs_d": float(np.abs(d_final[mask]).max()),
-            "forgotten_fraction": float((d_final[mask] > -config.epsilon).mean()),
-            "reached_threshold": bool((np.abs(d_final[mask]) < config.epsilon).all()),
+            "forgotten_fraction": float((d_final[mask] > -epsilon).mean()),
+            "reached_threshold": bool((np.abs(d_final[mask]) < epsilon).all()),
         })
     converged = bool(result.converged)
     report.update(
@@ -406,6 +417,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
                        provenance=provenance)
     nll = {("base", "remember"): base_remember_nll, ("tamed", "remember"): tamed_remember_nll,
            ("base", "forget"): base_forget_nll, ("tamed", "forget"): tamed_forget_nll}
+    if base_holdout_nll is not None:
+        nll[("base", "holdout")] = base_holdout_nll
     save_state = None if state_path is None else partial(engine.save_state, state_path)
     return TameOutcome(checkpoint=tamed, report=report, nll=nll, save_state=save_state)
 
@@ -437,9 +450,64 @@ def taming_evaluation(base: Checkpoint, outcome: TameOutcome, holdout_sets: dict
     from flowtame.likelihood.evaluation import summarize_evaluation
     from flowtame.likelihood.nll import compute_nll
 
-    table = dict(outcome.nll)
+    table = {key: value for key, value in outcome.nll.items() if key[1] in ("remember", "forget")}
     for name, image_set in holdout_sets.items():
         for model_name, model in (("base", base.model), ("tamed", outcome.checkpoint.model)):
             table[(model_name, name)] = compute_nll(model, image_set, seed=config.eval_seed, device=device).nll
+    outcome.nll.update({key: value for key, value in table.items() if key[1] in holdout_sets})
     return summarize_evaluation(table, base.data_spec.num_dims, delta=config.delta, epsilon=config.epsilon,
                                 seed=config.eval_seed, forget_draws=config.forget_draws)
+
+
+def stopping_target(base: Checkpoint, base_remember_nll: np.ndarray, holdout: Sequence[ImageSet],
+                    config: TameConfig, *, device: torch.device
+                    ) -> tuple[float, float, dict[str, Any], np.ndarray | None]:
+    """The stopping rule's (δ, ε) in σ_R units, the report's ``target`` block and the base holdout NLL.
+
+    ``threshold``: the configured δ, ε (the paper's suppression: every forget image at μ_R + δσ_R).
+    ``holdout``: "forget to the level of never-seen data": under the base model, the held-out images' NLL
+    interquartile band [Q25, Q75] (one keyed draw each, ``eval_seed``) written as μ_R + (δ ± ε)σ_R
+    (:func:`flowtame.likelihood.audits.holdout_target`), so the unchanged rule |d| < ε stops the run when every
+    forget image's NLL sits inside the band held-out images occupy. δ, ε are fixed in σ_R units, like the
+    paper's δ, and follow the tamed model's re-estimated μ_R, σ_R.
+    """
+    if config.target == "threshold":
+        return config.delta, config.epsilon, {"kind": "threshold", "delta": config.delta,
+                                              "epsilon": config.epsilon}, None
+    from flowtame.likelihood.audits import holdout_target
+
+    if not holdout:
+        raise InputError("--target holdout needs --holdout: held-out images of the forget images' kind that the "
+                         "model never saw")
+    holdout_nll = np.concatenate([pixel_nll(base.model, *s.load_tensor(), base.data_spec, config.eval_seed, device)
+                                  for s in holdout])
+    try:
+        found = holdout_target(base_remember_nll, holdout_nll)
+    except ValueError as exc:
+        raise InputError(f"--target holdout: {exc}") from None
+    if not config.stop_margin < found.epsilon:
+        raise InputError(f"--target holdout: stop_margin {config.stop_margin} must be below the band's "
+                         f"half-width {found.epsilon:.3f} sigma_R")
+    return found.delta, found.epsilon, found.to_dict(), holdout_nll
+
+
+def taming_audits(base: Checkpoint, outcome: TameOutcome, forget_sets: Sequence[ImageSet], remember_set: ImageSet,
+                  holdout_sets: dict[str, ImageSet], config: TameConfig, *, device: str = "auto",
+                  generation_samples: int = 0, temperature: float = 0.7) -> dict[str, Any]:
+    """Add the audits (membership, goals; generation with ``generation_samples``) to ``outcome.report``'s
+    evaluation block, after :func:`taming_evaluation`, reusing the NLLs already computed."""
+    from flowtame.figures.sampling import sample_images
+    from flowtame.likelihood.auditing import AuditSets, add_audits
+
+    block = outcome.report["evaluation"]
+    known = {key: value for key, value in outcome.nll.items() if key[1] in ("remember", "forget")}
+    for model in ("base", "tamed"):
+        known[(model, "holdout")] = np.concatenate([outcome.nll[(model, name)] for name in holdout_sets])
+    samples, sampling = None, None
+    if generation_samples:
+        drawn = sample_images([base, outcome.checkpoint], generation_samples, temperature, config.eval_seed)
+        samples = {"base": drawn[0], "tamed": drawn[1]}
+        sampling = {"samples": generation_samples, "temperature": temperature, "seed": config.eval_seed}
+    sets = AuditSets(forget=list(forget_sets), remember=remember_set, holdout=list(holdout_sets.values()))
+    return add_audits(block, base, outcome.checkpoint, sets, samples=samples, sampling=sampling, known=known,
+                      device=device)
