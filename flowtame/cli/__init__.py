@@ -2,12 +2,15 @@
 
 Each command lives in its own module of this package and registers itself on ``app``. Library errors
 (:class:`flowtame.errors.FlowtameError`) become one line on stderr and their exit code; Ctrl-C exits 130,
-SIGTERM 143, SIGHUP 129 (docs/exit-codes.md).
+SIGTERM 143, SIGHUP 129 (docs/exit-codes.md). Under torchrun every command runs inside
+:func:`flowtame.engine.distributed.distributed_context`, and library errors are printed by rank 0 only
+(a failure on another rank reaches rank 0 as a :class:`~flowtame.engine.distributed.PeerFailure`).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -18,6 +21,7 @@ import typer
 
 from flowtame import __version__
 from flowtame.cli._common import error_line
+from flowtame.engine.distributed import distributed_context
 from flowtame.errors import FlowtameError, StopSignal, signal_number, stop_signals
 
 app = typer.Typer(
@@ -59,9 +63,11 @@ def main() -> None:
     warnings.showwarning = _one_line_warning
     previous = _stop_signals_interrupt()
     try:
-        app(standalone_mode=False)
+        with distributed_context():
+            app(standalone_mode=False)
     except FlowtameError as exc:
-        typer.echo(f"flowtame: error: {error_line(exc)}", err=True)
+        if _rank() == 0:  # under torchrun rank 0 prints the one line (another rank's error as PeerFailure)
+            typer.echo(f"flowtame: error: {error_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as exc:
         signum = signal_number(exc)
@@ -82,6 +88,14 @@ def main() -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _rank() -> int:
+    """This process's torchrun rank from its environment (0 without torchrun); valid after the group is gone."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _stop_signals_interrupt() -> dict:

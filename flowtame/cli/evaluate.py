@@ -15,6 +15,7 @@ from rich.table import Table
 from flowtame.cli import app
 from flowtame.cli._common import check_outputs, console, emit_json, is_interactive
 from flowtame.data.embedded import resolve_model_path
+from flowtame.engine import distributed
 from flowtame.errors import CheckFailedError, InputError
 from flowtame.io.checkpoint import load_checkpoint
 
@@ -180,7 +181,7 @@ def evaluate(
                             min_normality_p=min_normality_p)
     show = json_path != "-" and not quiet
     # The NLL are collected first so the plot can use them; evaluate_models then reuses them.
-    with _progress(is_interactive(not show)) as progress:
+    with _progress(is_interactive(not show) and distributed.current().is_main) as progress:
         nll = collect_nll(base, tamed, sets, seed=seed, batch_size=batch_size, device=device,
                           precision=precision, progress=progress, forget_draws=forget_draws)
     block = evaluate_models(base, tamed, sets, delta=delta, epsilon=epsilon, seed=seed, neighbours=neighbours,
@@ -195,6 +196,8 @@ def evaluate(
                     temperature=generation_temperature, radius_quantile=radius_quantile, n_boot=n_boot,
                     tolerances=audit_tolerances, device=device, batch_size=batch_size, precision=precision,
                     plot=audit_plot, force=force)
+    if not distributed.current().is_main:
+        return  # under torchrun: rank 0 alone reports, writes and checks
     report = build_report(base, tamed, block)
     emit_json(json_path, report)
     if plot is not None:

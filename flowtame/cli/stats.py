@@ -16,6 +16,7 @@ from rich.text import Text
 from flowtame.cli import app
 from flowtame.cli._common import console, emit_json, is_interactive
 from flowtame.data.embedded import resolve_model_path
+from flowtame.engine import distributed
 from flowtame.io.checkpoint import load_checkpoint
 from flowtame.io.fileio import check_output_path
 
@@ -125,10 +126,13 @@ def stats(
             check_output_path(output, force, [resolve_model_path(model), *data])
     ckpt = load_checkpoint(resolve_model_path(model))
     show = json_path != "-" and not quiet
-    csv_file = per_image_csv_file(per_image) if per_image is not None else contextlib.nullcontext()
-    with _warnings_to_stderr(), csv_file as csv_stream, _progress(is_interactive(not show)) as progress:
+    main_rank = distributed.current().is_main  # under torchrun only rank 0 shows progress and writes
+    csv_file = per_image_csv_file(per_image) if per_image is not None and main_rank else contextlib.nullcontext()
+    with _warnings_to_stderr(), csv_file as csv_stream, _progress(is_interactive(not show) and main_rank) as progress:
         outcome = likelihood_stats(ckpt, model, data, seed=seed, batch_size=batch_size, device=device,
                                    precision=precision, strict=strict, per_image_csv=csv_stream, progress=progress)
+    if not main_rank:
+        return
     report = outcome.report
     if not quiet:
         for source in report["sources"]:

@@ -312,6 +312,7 @@ class ImageSet:
         self.data_spec = data_spec
         self.strict = strict
         self.skipped: list[tuple[str, str]] = []
+        self.shard_skipped: list[tuple[str, str]] = []
         self._reader = reader
         self._names = reader.names
         self._good: list[int] | None = None
@@ -330,6 +331,11 @@ class ImageSet:
     def in_memory(self) -> bool:
         """True when the images are already in memory (embedded data): decoding them costs next to nothing."""
         return isinstance(self._reader, _ArrayReader)
+
+    @property
+    def validated(self) -> bool:
+        """True once the set has been read through (its good images, keys and skipped files are known)."""
+        return self._good is not None
 
     def validate(self) -> None:
         """Read the set through once (unless done), filling ``skipped`` and the keys; pixels are not kept."""
@@ -369,18 +375,29 @@ class ImageSet:
         return torch.cat([b.pixels for b in batches]), [key for b in batches for key in b.keys]
 
     def iter_batches(self, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
-                     noise_seed: int | None = None) -> Iterator[ImageBatch]:
+                     noise_seed: int | None = None, positions: range | None = None) -> Iterator[ImageBatch]:
         """Stream the good images in order, ``batch_size`` files at a time (fewer images when some fail).
 
         Decoding runs in ``num_workers`` DataLoader worker processes (0 = in this process). With
         ``noise_seed``, each batch carries its dequantization noise (:func:`dequantization_noise`). The first
         complete pass records bad files (warning, ``skipped``; DataError with ``strict``) and raises DataError
         when no file is good; later passes read only the good files and raise DataError if one has changed.
+
+        ``positions``: read only these positions of the pass (among the files on a first pass, among the good
+        images after it), e.g. one rank's shard. Such a partial pass records nothing on the set; its bad files
+        are in ``shard_skipped`` afterwards, and :meth:`adopt_first_pass` records the whole pass once the
+        shards are put together.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         first_pass = self._good is None
         indices = range(self.num_files) if first_pass else self._good
+        partial_pass = positions is not None
+        if partial_pass:
+            indices = [indices[p] for p in positions]
+            first_keys = [] if first_pass else [self._keys[p] for p in positions]
+        else:
+            first_keys = self._keys
         loader = DataLoader(
             _ReadDataset(self._reader, self.data_spec, indices),
             batch_size=batch_size,
@@ -403,21 +420,29 @@ class ImageSet:
                     raise DataError(f"{path}: {reason}")
                 logger.warning("%s: skipped: %s", path, reason)
                 skipped.append((path, reason))
-            if not first_pass and batch.keys != self._keys[len(keys):len(keys) + len(batch.keys)]:
+            if not first_pass and batch.keys != first_keys[len(keys):len(keys) + len(batch.keys)]:
                 raise DataError(f"{self.name}: an image changed since the set was first read")
             good.extend(batch.indices)
             keys.extend(batch.keys)
             if batch.keys:
                 yield replace(batch, files_done=files_done)
-        if first_pass:
-            if not good:
-                path, reason = skipped[0]
-                if len(skipped) == 1:
-                    raise DataError(f"{path}: {reason}")
-                raise DataError(f"{self.name}: none of its {len(skipped)} files could be read "
-                                f"(first: {path}: {reason})")
-            self.skipped = skipped
-            self._good, self._keys = good, keys
+        if partial_pass:
+            self.shard_skipped = skipped
+        elif first_pass:
+            self.adopt_first_pass(good, keys, skipped)
+
+    def adopt_first_pass(self, good: list[int], keys: list[str], skipped: list[tuple[str, str]]) -> None:
+        """Record a first pass read elsewhere (the shards of several ranks put together, in file order):
+        the good files' positions, their keys and the (path, reason) of the bad files. DataError when no
+        file is good."""
+        if not good:
+            path, reason = skipped[0]
+            if len(skipped) == 1:
+                raise DataError(f"{path}: {reason}")
+            raise DataError(f"{self.name}: none of its {len(skipped)} files could be read "
+                            f"(first: {path}: {reason})")
+        self.skipped = list(skipped)
+        self._good, self._keys = list(good), list(keys)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Where computations run and at which precision.
 
-- :func:`resolve_device` turns ``auto|cpu|cuda|cuda:N`` into a :class:`torch.device` (``auto`` = the first
+- :func:`resolve_device` turns ``auto|cpu|cuda|cuda:N`` into a :class:`torch.device` (under torchrun with NCCL,
+  ``auto`` and ``cuda`` are the rank's ``cuda:LOCAL_RANK``; otherwise ``auto`` = the first
   CUDA GPU when one is visible, else the CPU), with one clear :class:`~flowtame.errors.InputError` when a GPU
   is asked for and none is there.
 - :func:`autocast_context` is the one place mixed precision is switched on: ``fp32`` everywhere, ``bf16`` or
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from flowtame.engine.distributed import current
 from flowtame.errors import InputError
 
 if TYPE_CHECKING:
@@ -39,6 +41,9 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         text = str(spec)
     else:
         text = str(spec).strip().lower()
+    rank_device = current().device
+    if rank_device is not None and text in ("auto", "cuda"):
+        return rank_device  # under torchrun with NCCL: this rank's GPU (cuda:LOCAL_RANK)
     if text == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if text == "cpu":

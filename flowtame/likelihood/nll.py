@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from flowtame.data.images import ImageSet, dequantization_noise
 from flowtame.data.quantization import DataSpec, discrete_nll, nats_to_bpd, quantize
+from flowtame.engine import distributed
 from flowtame.engine.devices import autocast_context, check_precision, place_model, resolve_device
 from flowtame.errors import InputError
 from flowtame.flows.base import MultiScaleFlow
@@ -165,33 +166,25 @@ def compute_nll(
     device = resolve_device(device)
     check_precision(device, precision)
     workers = default_num_workers(image_set, device, batch_size) if num_workers is None else num_workers
-    total = image_set.num_files
-    nll = np.empty(total, dtype=np.float64)
-    keys: list[str] = []
-    paths: list[str] = []
+    context = distributed.current()
     was_training = model.training
     place_model(model, device).eval()
     start = time.perf_counter()
     try:
-        batches = image_set.iter_batches(batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                                         noise_seed=seed)
-        with _csv_stream(per_image_csv) as out, torch.inference_mode(), autocast_context(device, precision):
-            sink = _CsvSink(out, image_set.name)
-            for batch in batches:
-                batch_nll = _keyed_nll(model, batch.pixels.to(device, non_blocking=True), batch.keys, spec, seed,
-                                       draws, first_noise=batch.noise.to(device, non_blocking=True)).cpu().numpy()
-                nll[len(keys):len(keys) + len(batch_nll)] = batch_nll
-                sink.write(batch.paths, batch.keys, batch_nll, nats_to_bpd(batch_nll, spec.num_dims))
-                keys.extend(batch.keys)
-                paths.extend(batch.paths)
-                if progress is not None:
-                    progress(batch.files_done, total)
+        if context.active:
+            nll, keys, paths = _sharded_pass(model, image_set, context, seed=seed, batch_size=batch_size,
+                                             device=device, precision=precision, num_workers=workers,
+                                             progress=progress, per_image_csv=per_image_csv, draws=draws)
+        else:
+            with _csv_stream(per_image_csv) as out:
+                nll, keys, paths, _ = _pass(model, image_set, None, _CsvSink(out, image_set.name), seed=seed,
+                                         batch_size=batch_size, device=device, precision=precision,
+                                         num_workers=workers, progress=progress, draws=draws)
     finally:
         model.train(was_training)
     elapsed = time.perf_counter() - start
     if progress is not None:
-        progress(total, total)
-    nll = nll[:len(keys)].copy()
+        progress(image_set.num_files, image_set.num_files)
     return NLLResult(
         name=image_set.name,
         nll=nll,
@@ -203,6 +196,67 @@ def compute_nll(
         num_dims=spec.num_dims,
         seed=seed,
     )
+
+
+def _pass(model: nn.Module, image_set: ImageSet, positions: range | None, sink: _CsvSink, *, seed: int,
+          batch_size: int, device: torch.device, precision: str, num_workers: int,
+          progress: ProgressCallback | None, draws: int) -> tuple[np.ndarray, list[str], list[str], list[int]]:
+    """One streamed likelihood pass over ``positions`` of ``image_set`` (None: all of it) -> (nats float64 [n],
+    keys [n], paths [n], file positions [n]) of its good images in order, rows written to ``sink`` as they
+    come."""
+    total = image_set.num_files if positions is None else len(positions)
+    spec = image_set.data_spec
+    nll = np.empty(total, dtype=np.float64)
+    keys: list[str] = []
+    paths: list[str] = []
+    indices: list[int] = []
+    batches = image_set.iter_batches(batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
+                                     noise_seed=seed, positions=positions)
+    with torch.inference_mode(), autocast_context(device, precision):
+        for batch in batches:
+            batch_nll = _keyed_nll(model, batch.pixels.to(device, non_blocking=True), batch.keys, spec, seed,
+                                   draws, first_noise=batch.noise.to(device, non_blocking=True)).cpu().numpy()
+            nll[len(keys):len(keys) + len(batch_nll)] = batch_nll
+            sink.write(batch.paths, batch.keys, batch_nll, nats_to_bpd(batch_nll, spec.num_dims))
+            keys.extend(batch.keys)
+            paths.extend(batch.paths)
+            indices.extend(batch.indices)
+            if progress is not None:
+                progress(batch.files_done, total)
+    return nll[:len(keys)].copy(), keys, paths, indices
+
+
+def _sharded_pass(model: nn.Module, image_set: ImageSet, context: distributed.DistContext, *,
+                  per_image_csv: str | Path | TextIO | None, **options) -> tuple[np.ndarray, list[str], list[str]]:
+    """:func:`_pass` under torchrun: this rank reads its contiguous shard (:func:`~flowtame.engine.distributed.
+    shard_range`) of the pass, so each image is evaluated once, on the noise of its own key (the same as in
+    one process); the shards are all-gathered in rank order (= the one-process order) and recorded on the set
+    when it was its first pass. Only rank 0 reports progress (its own shard) and writes the per-image rows.
+    A failure on any rank raises on every rank (:meth:`~flowtame.engine.distributed.DistContext.agree`)."""
+    first_pass = not image_set.validated
+    n = image_set.num_files if first_pass else len(image_set)
+    positions = context.shard(n)
+    if not context.is_main:
+        options["progress"] = None
+    failure: BaseException | None = None
+    local: tuple = (np.empty(0), [], [], [], [])
+    try:
+        local = (*_pass(model, image_set, positions, _CsvSink(None, image_set.name), **options),
+                 list(image_set.shard_skipped))
+    except Exception as exc:  # reported to every rank by agree(), then re-raised here
+        failure = exc
+    context.agree(failure)
+    shards = context.all_gather(local)
+    nll = np.concatenate([shard[0] for shard in shards]).astype(np.float64)
+    keys = [key for shard in shards for key in shard[1]]
+    paths = [path for shard in shards for path in shard[2]]
+    if first_pass:
+        image_set.adopt_first_pass([index for shard in shards for index in shard[3]], keys,
+                                   [skip for shard in shards for skip in shard[4]])
+    if context.is_main:
+        with _csv_stream(per_image_csv) as out:
+            _CsvSink(out, image_set.name).write(paths, keys, nll, nats_to_bpd(nll, image_set.data_spec.num_dims))
+    return nll, keys, paths
 
 
 def dequantized(pixels: Tensor, noise: Tensor, n_bits: int) -> Tensor:

@@ -1,0 +1,148 @@
+"""Several processes (``torchrun``) on one job: who this process is, and the few collectives the passes need.
+
+A process started by ``torchrun`` finds ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` in its environment;
+:func:`distributed_context` then joins the process group (NCCL on CUDA with device ``cuda:LOCAL_RANK``, Gloo
+on the CPU) and tears it down on the way out. Without those variables (or with ``WORLD_SIZE=1``) nothing is
+initialized and :func:`current` says rank 0 of 1: one process behaves exactly as without this module.
+
+Errors: a rank that fails inside a sharded pass tells the others through :meth:`DistContext.agree` (an
+all-gather of its error line), so every rank raises at the same point: the failing rank its own error, the
+others a :class:`PeerFailure` carrying the first failing rank's line; rank 0 prints one line, the other ranks
+print nothing for an error rank 0 already reported, and all exit non-zero. A rank that dies outright (killed,
+out of memory) is caught by torchrun's elastic agent, which stops the remaining ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from flowtame.errors import FlowtameError
+
+#: How long a collective waits for the other ranks before failing (a rank stuck elsewhere).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+class PeerFailure(FlowtameError):
+    """Another rank failed; ``exit_code`` is that rank's and the message its error line, prefixed by its rank."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job: ``rank`` of ``world_size`` (0 of 1 without torchrun), ``local_rank`` on
+    its machine, and the ``device`` its rank uses (``cuda:LOCAL_RANK`` under NCCL, else None: the job's own)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that prints, shows progress and writes files (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        """True when several ranks take part (a process group is up)."""
+        return self.world_size > 1
+
+    def shard(self, n: int) -> range:
+        """This rank's positions among ``n`` items (:func:`shard_range`)."""
+        return shard_range(n, self.rank, self.world_size)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` for one process."""
+        if not self.active:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def agree(self, failure: BaseException | None) -> None:
+        """Collective: raise on every rank when any rank failed (``failure`` is this rank's exception or None).
+
+        The failing rank re-raises its own exception; the others raise :class:`PeerFailure` with the lowest failing
+        rank's line and exit code. With one process a failure is simply re-raised.
+        """
+        if not self.active:
+            if failure is not None:
+                raise failure
+            return
+        mine = None if failure is None else (str(failure) or type(failure).__name__,
+                                             getattr(failure, "exit_code", 1))
+        reports = self.all_gather(mine)
+        if failure is not None:
+            raise failure
+        for rank, report in enumerate(reports):
+            if report is not None:
+                line, code = report
+                raise PeerFailure(f"rank {rank}: {line}", code if isinstance(code, int) else 1)
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """Contiguous positions of rank ``rank`` among ``n`` items split over ``world_size`` ranks.
+
+    The first ``n % world_size`` ranks get one item more; every position belongs to exactly one rank and no
+    item is repeated (ranks beyond ``n`` get an empty range), so concatenating the shards in rank order
+    gives back ``range(n)``.
+    """
+    if world_size < 1 or not 0 <= rank < world_size or n < 0:
+        raise ValueError(f"bad shard: n={n}, rank={rank}, world_size={world_size}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+_CURRENT = DistContext()
+
+
+def current() -> DistContext:
+    """The context of this process (rank 0 of 1 outside :func:`distributed_context` or without torchrun)."""
+    return _CURRENT
+
+
+def _from_environment() -> DistContext:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else None
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+@contextlib.contextmanager
+def distributed_context() -> Iterator[DistContext]:
+    """Join the torchrun job described by the environment for the duration of the block, then leave it.
+
+    NCCL with ``torch.cuda.set_device(LOCAL_RANK)`` when CUDA is available, Gloo otherwise. Without torchrun
+    (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) it yields rank 0 of 1 and initializes nothing.
+    """
+    global _CURRENT
+    context = _from_environment()
+    if not context.active:
+        yield context
+        return
+    if context.device is not None:
+        torch.cuda.set_device(context.device)
+        dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=context.device)
+    else:
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+    previous, _CURRENT = _CURRENT, context
+    try:
+        yield context
+    finally:
+        _CURRENT = previous
+        dist.destroy_process_group()
