@@ -126,3 +126,15 @@ def test_a_failing_rank_ends_the_run_with_one_line(tmp_path: Path) -> None:
     assert lines == [f"flowtame: error: rank 1: {folder / 'z_bad.png'}: not an image (or a format Pillow cannot "
                      "read)"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["tame", "train"])
+def test_commands_without_distributed_support_refuse_several_ranks(tmp_path: Path, command: str) -> None:
+    """Checked from the environment torchrun sets, before any process group: no rendezvous needed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    done = subprocess.run([sys.executable, "-m", "flowtame", command, "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"flowtame: error: {command} does not run under torchrun yet (world size 2); "
+                                   "only stats and evaluate do: run it as one process (docs/scaling-out.md)")
+    assert list(tmp_path.iterdir()) == []

@@ -22,7 +22,7 @@ import typer
 from flowtame import __version__
 from flowtame.cli._common import error_line
 from flowtame.engine.distributed import distributed_context
-from flowtame.errors import FlowtameError, StopSignal, signal_number, stop_signals
+from flowtame.errors import FlowtameError, InputError, StopSignal, signal_number, stop_signals
 
 app = typer.Typer(
     name="flowtame",
@@ -63,6 +63,7 @@ def main() -> None:
     warnings.showwarning = _one_line_warning
     previous = _stop_signals_interrupt()
     try:
+        _check_distributed_command(sys.argv[1:])
         with distributed_context():
             app(standalone_mode=False)
     except FlowtameError as exc:
@@ -88,6 +89,20 @@ def main() -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+#: Commands that run under torchrun (their likelihood passes are sharded); the others refuse several ranks.
+DISTRIBUTED_COMMANDS = ("stats", "evaluate")
+
+
+def _check_distributed_command(args: list[str]) -> None:
+    """Under torchrun with several ranks, refuse (InputError) a command that does not run distributed yet:
+    every rank would run all of it and write its outputs."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    command = next((arg for arg in args if not arg.startswith("-")), None)
+    if world.isdigit() and int(world) > 1 and command is not None and command not in DISTRIBUTED_COMMANDS:
+        raise InputError(f"{command} does not run under torchrun yet (world size {world}); only "
+                         f"{' and '.join(DISTRIBUTED_COMMANDS)} do: run it as one process (docs/scaling-out.md)")
 
 
 def _rank() -> int:

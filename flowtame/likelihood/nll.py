@@ -183,7 +183,7 @@ def compute_nll(
     finally:
         model.train(was_training)
     elapsed = time.perf_counter() - start
-    if progress is not None:
+    if progress is not None and context.is_main:
         progress(image_set.num_files, image_set.num_files)
     return NLLResult(
         name=image_set.name,
