@@ -20,6 +20,7 @@ u ~ U(0, 1)^D drawn from (seed, key) (:func:`flowtame.data.images.dequantization
 :func:`compute_nll` streams an image set through a DataLoader in batches under ``torch.inference_mode``
 (memory does not grow with the number of images, apart from the N results) and writes per-image rows to a
 CSV as they come. Batching changes nothing but float rounding: an image's noise depends only on (seed, key).
+Under torchrun the pass is split over the ranks (docs/scaling-out.md), with the same per-image noise.
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def compute_nll(
     (None: :func:`default_num_workers`), pinned and copied asynchronously on CUDA. ``progress(files_done,
     files_total)`` is called after each batch. ``per_image_csv``: a path (written atomically, with a header)
     or an open text stream (rows only, for several sets in one file), columns :data:`PER_IMAGE_CSV_COLUMNS`.
+    Under torchrun (:mod:`flowtame.engine.distributed`) every rank must call it alike: each evaluates its
+    contiguous shard once and every rank returns the whole result in one-process order; only rank 0 reports
+    progress and writes rows.
     Raises InputError when the model's input shape is not the set's, DataError for bad sources.
     """
     if batch_size < 1:
