@@ -74,6 +74,7 @@ from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nl
 from flowtame.likelihood.statistics import subset_correction
 from flowtame.likelihood.threshold import forget_threshold
 from flowtame.methods.objective import remember_loss
+from flowtame.methods.remember import RememberNormal
 
 REPORT_SCHEMA_VERSION = 1
 #: Group names: letters, digits and ``_ . -`` (they become JSON keys and column labels).
@@ -597,12 +598,12 @@ class DebiasMethod:
         self.config = config
         self.generator = generator
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
-        self.mu_r = data.base_mean.clone()
-        self.sigma_r = data.base_std.clone()
+        #: N_T: mu_R, sigma_R of the model being changed (refresh with subset correction, resume state).
+        self.normal = RememberNormal(data.base_mean, data.base_std, data.subset_correction)
         measured = frequencies_of(initial)
         self._set_frequencies(torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64))
         self.trajectory: list[dict[str, Any]] = [
-            {"iteration": 0, **initial, "remember_mean_bpd": float(self.mu_r) / self.nats_per_bpd}]
+            {"iteration": 0, **initial, "remember_mean_bpd": float(self.normal.mu) / self.nats_per_bpd}]
 
     def _set_frequencies(self, frequencies: Tensor) -> None:
         """Adopt measured frequencies [G] (float64, CPU): the loss weights, the learning-rate factor and the
@@ -643,15 +644,15 @@ class DebiasMethod:
         x, rows = self._batch()
         nll = nll_nats(model, x, self.data.data_spec)
         *group_nll, nll_remember = nll.split(rows)
-        threshold = forget_threshold(self.mu_r, self.sigma_r, self.config.soft_delta)
+        threshold = forget_threshold(self.normal.mu, self.normal.sigma, self.config.soft_delta)
         loss_groups = nll.new_zeros(())
         for weight, values in zip(self.weights, group_nll, strict=True):
             raise_term = values.mean() / self.nats_per_bpd
             lower_term = torch.relu(threshold - values).mean() / self.nats_per_bpd
             loss_groups = loss_groups + torch.relu(weight) * raise_term + torch.relu(-weight) * lower_term
         batch_mean, batch_std = nll_remember.mean(), nll_remember.std()
-        tamed_mean = self.mu_r + (batch_mean - batch_mean.detach())
-        tamed_std = self.sigma_r + (batch_std - batch_std.detach())
+        tamed_mean = self.normal.mu + (batch_mean - batch_mean.detach())
+        tamed_std = self.normal.sigma + (batch_std - batch_std.detach())
         loss_remember, remember_bpd, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                         tamed_mean, tamed_std, gamma=self.config.gamma,
                                                         nats_per_bpd=self.nats_per_bpd)
@@ -665,10 +666,7 @@ class DebiasMethod:
     @torch.no_grad()
     def refresh(self, model: nn.Module) -> None:
         """Re-estimate μ_R, σ_R (nats) of the current model on the fixed refresh subset, corrected."""
-        nll = batched_nll(model, self.data.refresh, self.data.data_spec)
-        offset, ratio = self.data.subset_correction
-        self.mu_r = nll.mean() + offset
-        self.sigma_r = nll.std() * ratio
+        self.normal.update(batched_nll(model, self.data.refresh, self.data.data_spec))
 
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         if (iteration + 1) % self.config.measure_every:
@@ -677,20 +675,20 @@ class DebiasMethod:
         measured = frequencies_of(table)
         self.refresh(model)
         self.trajectory.append({"iteration": iteration + 1, **table,
-                                "remember_mean_bpd": float(self.mu_r) / self.nats_per_bpd})
+                                "remember_mean_bpd": float(self.normal.mu) / self.nats_per_bpd})
         self._set_frequencies(torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64))
         logged["max_gap"] = float(self.max_gap)
         return within_tolerance(measured, dict(zip(self.group_names, self.targets.tolist(), strict=True)),
                                 self.config.tolerance)
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return {"mu_r": self.mu_r.reshape(1), "sigma_r": self.sigma_r.reshape(1), "frequencies": self.frequencies}
+        return {**self.normal.state_tensors(), "frequencies": self.frequencies}
 
     def state_meta(self) -> dict[str, Any]:
-        return {"trajectory": self.trajectory}
+        return {**self.normal.state_meta(), "trajectory": self.trajectory}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.mu_r, self.sigma_r = tensors["mu_r"].reshape(()), tensors["sigma_r"].reshape(())
+        self.normal.load_state(tensors, meta)
         self._set_frequencies(tensors["frequencies"].cpu().double())
         self.trajectory = meta["trajectory"]
 
