@@ -40,7 +40,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,7 +48,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowtame import __version__
 from flowtame.data.images import ImageSet, dequantization_noise
 from flowtame.data.quantization import DataSpec, nats_per_bpd, quantize
 from flowtame.engine.devices import (
@@ -63,11 +61,11 @@ from flowtame.engine.devices import (
     training_rows,
     uniform_noise,
 )
-from flowtame.engine.loop import Engine, EngineConfig
-from flowtame.errors import DataError, InputError, InterruptedRun, config_error
+from flowtame.engine.loop import EngineConfig, EngineResult, run_for_report, start_engine, state_saver
+from flowtame.errors import DataError, InputError, config_error
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.io import config as io_config
-from flowtame.io.checkpoint import Checkpoint, make_provenance
+from flowtame.io.checkpoint import Checkpoint, make_provenance, report_header
 from flowtame.io.fileio import json_safe, sha256_file
 from flowtame.likelihood.evaluation import Tolerances, summarize_evaluation
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
@@ -768,35 +766,24 @@ def _other_images(other_set: ImageSet, group_keys: Sequence[Sequence[str]]) -> t
     return pixels[keep], len(keys) - len(keep)
 
 
-def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[str, float], config: DebiasConfig,
-           *, remember_set: ImageSet | None = None, other_set: ImageSet | None = None,
-           classifier_path: str | Path | None = None, device: str = "auto", state_path: str | Path | None = None,
-           resume: bool = False, callback: Callable[[int, dict[str, float]], None] | None = None,
-           command: str | None = None) -> DebiasOutcome:
-    """Tame ``base`` until the frequency of each group among its samples is within tolerance of its target.
+@dataclass
+class _DebiasSets:
+    """The loaded images (uint8 [N, C, H, W] each): every group's with its keys, the remember set with its keys,
+    the classifier's classes (the groups, then the other images when given) and how many other images were
+    left out as group images."""
 
-    ``groups``: name -> image set (two or more); ``targets``: name -> fraction for every group (see
-    :func:`parse_targets`); ``remember_set``: the images whose NLL distribution must stay as it was (default:
-    all the groups' images together); ``other_set``: images of none of the groups (those that are group
-    images are left out): the classifier gets an extra class for them, and samples it assigns there are not
-    counted, so frequencies are relative among the groups; ``classifier_path``: a TorchScript classifier
-    instead of the latent logistic regression. ``command`` goes into the provenance (pass one without
-    paths). The base model is never modified. Raises InterruptedRun on Ctrl-C with ``partial_report``
-    attached and the resume state written to ``state_path``.
-    """
-    names = list(groups)
-    if len(names) < 2:
-        raise InputError("debiasing needs at least two groups")
-    if list(targets) != names:
-        raise InputError("debias() needs one target per group, in the groups' order (see parse_targets)")
-    data_spec = base.data_spec
-    if data_spec is None:
-        raise InputError(f"{base.path}: debiasing needs an image model")
-    dev = resolve_device(device)
-    check_precision(dev, config.precision)
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    group_pixels: list[Tensor]
+    group_keys: list[list[str]]
+    remember: Tensor
+    remember_keys: list[str]
+    class_pixels: list[Tensor]
+    other_excluded: int
 
+
+def _load_debias_sets(groups: Mapping[str, ImageSet], remember_set: ImageSet | None,
+                      other_set: ImageSet | None) -> _DebiasSets:
+    """Load and check the groups (at least 2 images each, disjoint), the remember set (default: the groups'
+    images together) and the other images."""
     group_pixels, group_keys = _load_groups(groups)
     for (name, image_set), pixels in zip(groups.items(), group_pixels, strict=True):
         if pixels.shape[0] < 2:
@@ -815,16 +802,80 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
     if other_set is not None:
         other_pixels, other_excluded = _other_images(other_set, group_keys)
         class_pixels.append(other_pixels)
+    return _DebiasSets(group_pixels, group_keys, remember_pixels, list(remember_keys), class_pixels,
+                       other_excluded)
+
+
+def _group_classifier(base_model: nn.Module, class_pixels: Sequence[Tensor], n_bits: int, config: DebiasConfig,
+                      classifier_path: str | Path | None, dev: torch.device) -> GroupClassifier:
+    """The latent logistic classifier fitted on ``class_pixels``, or the TorchScript one at ``classifier_path``."""
+    if classifier_path is None:
+        return fit_latent_classifier(
+            base_model, class_pixels, n_bits, held_out_fraction=config.held_out_fraction,
+            weight_decay=config.classifier_weight_decay, max_iter=config.classifier_max_iter, seed=config.seed)
+    return load_torchscript_classifier(classifier_path, class_pixels, n_bits, dev)
+
+
+def _debias_report(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[str, float],
+                   config: DebiasConfig, dev: torch.device, sets: _DebiasSets, remember_set: ImageSet | None,
+                   other_set: ImageSet | None, classifier: GroupClassifier,
+                   before: dict[str, Any]) -> dict[str, Any]:
+    """The report up to the run: settings, sets, classifier, measurement and the base model's frequencies."""
+    names = list(groups)
+    return {
+        **report_header(REPORT_SCHEMA_VERSION, {"command": "debias"}, config, dev, base),
+        "groups": [{"name": n, "source": s.name, "n": int(p.shape[0]), "target": targets[n],
+                    "skipped_files": len(s.skipped)}
+                   for (n, s), p in zip(groups.items(), sets.group_pixels, strict=True)],
+        "targets": dict(targets),
+        "remember": {"source": remember_set.name if remember_set else "union of the groups",
+                     "n": int(sets.remember.shape[0])},
+        "other": None if other_set is None else {"source": other_set.name,
+                                                 "n": int(sets.class_pixels[-1].shape[0]),
+                                                 "excluded_group_images": sets.other_excluded},
+        "classifier": {**classifier.describe(), "classes": [*names, *(["(other)"] if other_set else [])]},
+        "measurement": {"samples": config.samples, "temperature": config.temperature, "seed": config.seed,
+                        "tolerance": config.tolerance, "interval": "Wilson 95%"},
+        "frequencies": {"before": before},
+    }
+
+
+def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[str, float], config: DebiasConfig,
+           *, remember_set: ImageSet | None = None, other_set: ImageSet | None = None,
+           classifier_path: str | Path | None = None, device: str = "auto", state_path: str | Path | None = None,
+           resume: bool = False, callback: Callable[[int, dict[str, float]], None] | None = None,
+           command: str | None = None) -> DebiasOutcome:
+    """Tame ``base`` until the frequency of each group among its samples is within tolerance of its target.
+
+    ``groups``: name -> image set (two or more); ``targets``: name -> fraction for every group (see
+    :func:`parse_targets`); ``remember_set``: the images whose NLL distribution must stay as it was (default:
+    all the groups' images together); ``other_set``: images of none of the groups (those that are group
+    images are left out): the classifier gets an extra class for them, and samples it assigns there are not
+    counted, so frequencies are relative among the groups; ``classifier_path``: a TorchScript classifier
+    instead of the latent logistic regression. ``command`` goes into the provenance (pass one without
+    paths). The base model is never modified. Raises InterruptedRun on Ctrl-C with ``partial_report``
+    attached and the resume state written to ``state_path``.
+    Steps: load the sets, fit the classifier and measure the base model, build the method and its engine,
+    run, measure and report (:func:`_debiased_outcome`).
+    """
+    names = list(groups)
+    if len(names) < 2:
+        raise InputError("debiasing needs at least two groups")
+    if list(targets) != names:
+        raise InputError("debias() needs one target per group, in the groups' order (see parse_targets)")
+    data_spec = base.data_spec
+    if data_spec is None:
+        raise InputError(f"{base.path}: debiasing needs an image model")
+    dev = resolve_device(device)
+    check_precision(dev, config.precision)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    sets = _load_debias_sets(groups, remember_set, other_set)
 
     base_model = base.model.to(dev).eval()
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    if classifier_path is None:
-        classifier: GroupClassifier = fit_latent_classifier(
-            base_model, class_pixels, data_spec.n_bits, held_out_fraction=config.held_out_fraction,
-            weight_decay=config.classifier_weight_decay, max_iter=config.classifier_max_iter, seed=config.seed)
-    else:
-        classifier = load_torchscript_classifier(classifier_path, class_pixels, data_spec.n_bits, dev)
+    classifier = _group_classifier(base_model, sets.class_pixels, data_spec.n_bits, config, classifier_path, dev)
     seconds["classifier"] = time.perf_counter() - clock
     clock = time.perf_counter()
     meter = FrequencyMeter.draw(base_model, config.samples, config.temperature, config.seed, classifier,
@@ -835,55 +886,44 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
         raise InputError(f"none of the {config.samples} samples of the base model was assigned to a group; "
                          "use more samples or another temperature", keys=("samples", "temperature"))
 
-    data, base_remember_nll = prepare_data(base_model, group_pixels, remember_pixels, remember_keys, data_spec,
-                                           config, generator, dev)
+    data, base_remember_nll = prepare_data(base_model, sets.group_pixels, sets.remember, sets.remember_keys,
+                                           data_spec, config, generator, dev)
     model = trainable_copy(base, dev)
     batches = loop_generator(generator, dev, config.seed)
     method = DebiasMethod(data, meter, names, targets, config, batches, before)
-    engine = Engine(model, method, EngineConfig(
+    engine = start_engine(model, method, EngineConfig(
         lr=config.lr, warmup=config.warmup, max_iters=config.max_iters, grad_clip=config.grad_clip,
         precision=config.precision, trajectory_every=config.measure_every),
-        generators={"batches": batches}, callback=callback)
-    if resume:
-        engine.load_state(state_path)
+        batches=batches, callback=callback, state_path=state_path, resume=resume)
 
-    report: dict[str, Any] = {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "flowtame_version": __version__,
-        "command": "debias",
-        "config": asdict(config),
-        "device": str(dev),
-        "base": {"path": str(base.path) if base.path else None, "sha256": base.sha256},
-        "data": data_spec.to_dict(),
-        "groups": [{"name": n, "source": s.name, "n": int(p.shape[0]), "target": targets[n],
-                    "skipped_files": len(s.skipped)}
-                   for (n, s), p in zip(groups.items(), group_pixels, strict=True)],
-        "targets": dict(targets),
-        "remember": {"source": remember_set.name if remember_set else "union of the groups",
-                     "n": int(remember_pixels.shape[0])},
-        "other": None if other_set is None else {"source": other_set.name, "n": int(class_pixels[-1].shape[0]),
-                                                 "excluded_group_images": other_excluded},
-        "classifier": {**classifier.describe(), "classes": [*names, *(["(other)"] if other_set else [])]},
-        "measurement": {"samples": config.samples, "temperature": config.temperature, "seed": config.seed,
-                        "tolerance": config.tolerance, "interval": "Wilson 95%"},
-        "frequencies": {"before": before},
-    }
+    report = _debias_report(base, groups, targets, config, dev, sets, remember_set, other_set, classifier, before)
     already = within_tolerance(frequencies_of(before), targets, config.tolerance)
-    try:
-        result = None if already else engine.run(state_path=state_path)
-    except InterruptedRun as exc:
-        report.update(iterations=engine.iteration, converged=False, interrupted=True,
-                      wall_seconds=engine.elapsed, trajectory=method.trajectory,
-                      engine_trajectory=engine.trajectory)
-        exc.partial_report = report
-        raise
+    result = None if already else run_for_report(
+        engine, state_path, report,
+        lambda: {"trajectory": method.trajectory, "engine_trajectory": engine.trajectory})
     model.eval()
+    return _debiased_outcome(base, base_model, model, method, result, report, sets, targets, config, classifier,
+                             base_remember_nll, seconds, dev, command=command,
+                             save_state=state_saver(engine, state_path))
+
+
+def _debiased_outcome(base: Checkpoint, base_model: nn.Module, model: nn.Module, method: DebiasMethod,
+                      result: EngineResult | None, report: dict[str, Any], sets: _DebiasSets,
+                      targets: Mapping[str, float], config: DebiasConfig, classifier: GroupClassifier,
+                      base_remember_nll: np.ndarray, seconds: dict[str, float], dev: torch.device, *,
+                      command: str | None, save_state: Callable[[], None] | None) -> DebiasOutcome:
+    """After the run (``result`` None when the base model was already within tolerance): the frequencies after,
+    the check draw, the preservation evaluation, the report's results and the checkpoint with provenance."""
+    data_spec = base.data_spec
+    assert data_spec is not None
+    names = method.group_names
+    before = report["frequencies"]["before"]
     iterations = result.iterations if result else 0
     last = method.trajectory[-1]
     if last["iteration"] == iterations:  # measured at the last iteration already (same model, same draw)
         after = {key: last[key] for key in before}
     else:
-        after = frequency_table(meter.assign(model), names)
+        after = frequency_table(method.meter.assign(model), names)
     converged = within_tolerance(frequencies_of(after), targets, config.tolerance)
     if config.check_draw:
         clock = time.perf_counter()
@@ -897,8 +937,8 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
     wall = result.wall_seconds if result else 0.0
     report["frequencies"]["after"] = after
     clock = time.perf_counter()
-    evaluation = _preservation(base_model, model, names, group_pixels, group_keys, remember_pixels, remember_keys,
-                               base_remember_nll, data_spec, config, dev)
+    evaluation = _preservation(base_model, model, names, sets.group_pixels, sets.group_keys, sets.remember,
+                               sets.remember_keys, base_remember_nll, data_spec, config, dev)
     seconds["evaluation"] = time.perf_counter() - clock
     report.update(
         iterations=iterations, converged=converged, interrupted=False, wall_seconds=wall,
@@ -910,12 +950,11 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
     provenance = make_provenance(
         parent_sha256=base.sha256, command=command if command is not None else "flowtame.jobs.debias.debias()",
         method="debias", hyperparameters=asdict(config), targets=dict(targets),
-        group_digests={n: sorted(keys) for n, keys in zip(names, group_keys, strict=True)},
+        group_digests={n: sorted(keys) for n, keys in zip(names, sets.group_keys, strict=True)},
         digest_kind="sha256 of the preprocessed uint8 pixels", classifier=classifier.kind,
         frequencies_before=json_safe(frequencies_of(before)), frequencies_after=json_safe(frequencies_of(after)),
         mu_r_nats=tamed_normal["mu_nats"], sigma_r_nats=tamed_normal["sigma_nats"],
         converged=converged, iterations=iterations)
     debiased = Checkpoint(model=model, architecture=base.architecture, spec=base.spec, data_spec=data_spec,
                           provenance=provenance)
-    save_state = None if state_path is None else partial(engine.save_state, state_path)
     return DebiasOutcome(checkpoint=debiased, report=report, save_state=save_state)
