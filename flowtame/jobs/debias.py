@@ -48,9 +48,8 @@ from torch import Tensor, nn
 from flowtame.data.images import ImageSet
 from flowtame.data.quantization import DataSpec
 from flowtame.engine.devices import (
-    check_precision,
     loop_generator,
-    resolve_device,
+    seeded_run,
     trainable_copy,
 )
 from flowtame.engine.loop import EngineConfig, EngineResult, run_for_report, start_engine, state_saver
@@ -344,10 +343,7 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
     data_spec = base.data_spec
     if data_spec is None:
         raise InputError(f"{base.path}: debiasing needs an image model")
-    dev = resolve_device(device)
-    check_precision(dev, config.precision)
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_debias_sets(groups, remember_set, other_set)
 
     base_model = base.model.to(dev).eval()

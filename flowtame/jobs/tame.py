@@ -23,10 +23,9 @@ import yaml
 from flowtame.data.images import ImageSet, dequantization_noise
 from flowtame.data.quantization import nats_per_bpd
 from flowtame.engine.devices import (
-    check_precision,
     loop_generator,
     place_model,
-    resolve_device,
+    seeded_run,
     trainable_copy,
     training_rows,
 )
@@ -362,10 +361,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     data_spec = base.data_spec
     if data_spec is None:
         raise InputError(f"{base.path}: taming needs an image model")
-    dev = resolve_device(device)
-    check_precision(dev, config.precision)
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_sets(forget_sets, remember_set)
 
     base_model = place_model(base.model, dev).eval()
