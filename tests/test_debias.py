@@ -18,7 +18,9 @@ from flowtame.errors import InputError
 from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from flowtame.io.fileio import sha256_file
-from flowtame.jobs.debias import (
+from flowtame.jobs.debias import parse_groups, parse_targets
+from flowtame.likelihood.nll import pixel_nll
+from flowtame.methods.debias import (
     DebiasConfig,
     DebiasMethod,
     bin_centres,
@@ -27,13 +29,10 @@ from flowtame.jobs.debias import (
     frequency_table,
     held_out_split,
     load_torchscript_classifier,
-    parse_groups,
-    parse_targets,
     prepare_data,
     wilson_interval,
     within_tolerance,
 )
-from flowtame.likelihood.nll import pixel_nll
 
 ZERO, ONE = "embedded:digits:all:0", "embedded:digits:all:1"
 

@@ -11,13 +11,14 @@ import typer
 from flowtame.cli import app
 from flowtame.cli._common import command_line
 from flowtame.errors import InputError
-from flowtame.io.checkpoint import save_checkpoint
+from flowtame.io.checkpoint import Checkpoint, save_checkpoint
 from flowtame.io.convert import SOURCE_FORMATS, ConversionWarning, convert_rosinality
 from flowtame.io.convert_tarflow import convert_tarflow
 from flowtame.io.convert_y0ast import convert_y0ast
 from flowtame.io.fileio import check_output_path
 
 
+# Over 80 lines only for its Annotated option declarations and help text; the work is in flowtame.io.convert*.
 @app.command()
 def convert(
     source: Annotated[Path, typer.Argument(help="The checkpoint to import (a PyTorch state dict, read weights-only).")],
@@ -77,18 +78,9 @@ def convert(
     if source_format not in SOURCE_FORMATS:
         raise InputError(f"--from {source_format}: unknown source format "
                          f"(known: {', '.join(SOURCE_FORMATS)})")
-    flags: dict[str, dict[str, object]]  # per source format, the flags that do not apply to it
-    flags = {"rosinality-glow": {"--patch-size": patch_size, "--width": width, "--heads": heads,
-                                 "--layers-per-block": layers_per_block, "--class": class_label,
-                                 "--hparams": hparams, "--permutations": permutations},
-             "y0ast-glow": {"--patch-size": patch_size, "--width": width, "--heads": heads, "--n-flow": n_flow,
-                            "--layers-per-block": layers_per_block, "--class": class_label, "--n-block": n_block,
-                            "--affine/--additive": affine, "--lu/--no-lu": conv_lu, "--hidden": hidden},
-             "tarflow": {"--n-flow": n_flow, "--affine/--additive": affine, "--lu/--no-lu": conv_lu,
-                         "--hidden": hidden, "--hparams": hparams, "--permutations": permutations}}
-    for flag, value in flags[source_format].items():
-        if value is not None:
-            raise InputError(f"{flag} does not apply to --from {source_format}")
+    _check_flags(source_format, patch_size=patch_size, width=width, heads=heads, layers_per_block=layers_per_block,
+                 class_label=class_label, hparams=hparams, permutations=permutations, n_flow=n_flow,
+                 n_block=n_block, affine=affine, conv_lu=conv_lu, hidden=hidden)
     output = check_output_path(output, force, [source, hparams, permutations])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConversionWarning)
@@ -111,23 +103,46 @@ def convert(
     for warning in caught:
         typer.echo(f"flowtame: warning: {warning.message}", err=True)
     sha256 = save_checkpoint(output, checkpoint, force=force)
+    typer.echo(_summary(output, checkpoint, sha256))
+
+
+#: Per source format, the flags that do not apply to it (flag -> convert's parameter).
+NOT_APPLICABLE = {
+    "rosinality-glow": {"--patch-size": "patch_size", "--width": "width", "--heads": "heads",
+                        "--layers-per-block": "layers_per_block", "--class": "class_label",
+                        "--hparams": "hparams", "--permutations": "permutations"},
+    "y0ast-glow": {"--patch-size": "patch_size", "--width": "width", "--heads": "heads", "--n-flow": "n_flow",
+                   "--layers-per-block": "layers_per_block", "--class": "class_label", "--n-block": "n_block",
+                   "--affine/--additive": "affine", "--lu/--no-lu": "conv_lu", "--hidden": "hidden"},
+    "tarflow": {"--n-flow": "n_flow", "--affine/--additive": "affine", "--lu/--no-lu": "conv_lu",
+                "--hidden": "hidden", "--hparams": "hparams", "--permutations": "permutations"}}
+
+
+def _check_flags(source_format: str, **values: object) -> None:
+    """InputError when a flag that does not apply to ``source_format`` was given (``values``: by parameter)."""
+    for flag, name in NOT_APPLICABLE[source_format].items():
+        if values[name] is not None:
+            raise InputError(f"{flag} does not apply to --from {source_format}")
+
+
+def _summary(output: Path, checkpoint: Checkpoint, sha256: str) -> str:
+    """The line convert prints: the imported model's structure, size and digest."""
     spec = checkpoint.spec
     if checkpoint.architecture == "tarflow":
         conditioning = (f", {spec.num_classes} classes, evaluated "
                         f"{'unconditionally' if spec.class_label is None else f'for class {spec.class_label}'}"
                         if spec.num_classes else "")
-        typer.echo(f"wrote {output}: tarflow {spec.channels}x{spec.image_size}x{spec.image_size} "
-                   f"({spec.n_block} blocks x {spec.layers_per_block} layers, patch {spec.patch_size}, width "
-                   f"{spec.width}, {spec.heads} head{'s' if spec.heads > 1 else ''}{conditioning}, "
-                   f"{checkpoint.data_spec.n_bits} bits), "
-                   f"{checkpoint.num_parameters:,} parameters, sha256 {sha256}")
-        return
+        return (f"wrote {output}: tarflow {spec.channels}x{spec.image_size}x{spec.image_size} "
+                f"({spec.n_block} blocks x {spec.layers_per_block} layers, patch {spec.patch_size}, width "
+                f"{spec.width}, {spec.heads} head{'s' if spec.heads > 1 else ''}{conditioning}, "
+                f"{checkpoint.data_spec.n_bits} bits), "
+                f"{checkpoint.num_parameters:,} parameters, sha256 {sha256}")
     convs = "LU" if all(spec.conv_lu) else ("plain" if not any(spec.conv_lu) else
                                             "".join("L" if v else "P" for v in spec.conv_lu))
     if spec.permutation != "invconv":
         convs = f"none ({spec.permutation} permutations)"
     coupling = "affine" if spec.affine else "additive"
-    typer.echo(f"wrote {output}: glow {spec.channels}x{spec.image_size}x{spec.image_size} "
-               f"({spec.n_block} blocks x {spec.n_flow} flows, {coupling} coupling, "
-               f"1x1 convs {convs}, hidden {spec.hidden}, {checkpoint.data_spec.n_bits} bits), "
-               f"{checkpoint.num_parameters:,} parameters, sha256 {sha256}")
+    return (f"wrote {output}: glow {spec.channels}x{spec.image_size}x{spec.image_size} "
+            f"({spec.n_block} blocks x {spec.n_flow} flows, {coupling} coupling, "
+            f"1x1 convs {convs}, hidden {spec.hidden}, {checkpoint.data_spec.n_bits} bits), "
+            f"{checkpoint.num_parameters:,} parameters, sha256 {sha256}")

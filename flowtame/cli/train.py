@@ -67,6 +67,7 @@ class _ProgressView:
                           f"grad norm {p.grad_norm:.3g}  {p.elapsed_s:.1f} s", highlight=False, soft_wrap=True)
 
 
+# Over 80 lines only for its Annotated option declarations and help text; the work is in flowtame.jobs.train.
 @app.command("train")
 def train_command(
     data: Annotated[str, typer.Argument(help="Training images: a folder, an image, a .txt list of paths, or "

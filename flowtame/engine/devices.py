@@ -87,6 +87,15 @@ def check_precision(device: torch.device, precision: str) -> None:
                          f"use fp32 on {device.type}", keys=("precision",))
 
 
+def seeded_run(device: str, precision: str, seed: int) -> tuple[torch.device, torch.Generator]:
+    """A job's start: the resolved device (``precision`` checked on it), torch's global seed set to ``seed``,
+    and a CPU generator seeded with ``seed`` for the job's own draws."""
+    dev = resolve_device(device)
+    check_precision(dev, precision)
+    torch.manual_seed(seed)
+    return dev, torch.Generator().manual_seed(seed)
+
+
 @contextlib.contextmanager
 def autocast_context(device: torch.device | str, precision: str) -> Iterator[None]:
     """A context in which forward passes run at ``precision``: fp32 (no autocast) or bf16/fp16 CUDA autocast.

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -402,6 +403,36 @@ class Engine:
         rolled_back = getattr(self.method, "rolled_back", None)
         if rolled_back is not None:
             rolled_back(self.model)
+
+
+def start_engine(model: nn.Module, method: Method, config: EngineConfig, *, batches: torch.Generator,
+                 callback: Callable[[int, dict[str, float]], None] | None, state_path: str | Path | None,
+                 resume: bool) -> Engine:
+    """A job's engine: the method draws its batches from ``batches`` (saved with the resume state); with
+    ``resume`` the run continues from ``state_path``."""
+    engine = Engine(model, method, config, generators={"batches": batches}, callback=callback)
+    if resume:
+        engine.load_state(state_path)
+    return engine
+
+
+def run_for_report(engine: Engine, state_path: str | Path | None, report: dict[str, Any],
+                   interrupted: Callable[[], dict[str, Any]] = dict) -> EngineResult:
+    """``engine.run(state_path)``; on Ctrl-C ``report`` is completed as the partial report (iterations so far,
+    not converged, interrupted, wall seconds, then the keys ``interrupted()`` returns), attached to the
+    :class:`InterruptedRun`, which is re-raised."""
+    try:
+        return engine.run(state_path=state_path)
+    except InterruptedRun as exc:
+        report.update(iterations=engine.iteration, converged=False, interrupted=True,
+                      wall_seconds=engine.elapsed, **interrupted())
+        exc.partial_report = report
+        raise
+
+
+def state_saver(engine: Engine, state_path: str | Path | None) -> Callable[[], None] | None:
+    """Writes the finished run's resumable state to ``state_path`` when called (None without a path)."""
+    return None if state_path is None else partial(engine.save_state, state_path)
 
 
 class _Staged:

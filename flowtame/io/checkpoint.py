@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,16 @@ def make_provenance(parent_sha256: str | None = None, command: str | None = None
         "notes": notes,
         **extra,
     }
+
+
+def report_header(schema_version: int, job: dict[str, Any], config: Any, device: Any,
+                  base: Checkpoint) -> dict[str, Any]:
+    """The first keys of a job's JSON report: versions, ``job`` (what the job is, e.g. ``{"kind": "tame"}``),
+    its settings (a dataclass), the device and the base checkpoint it started from (path, sha256, data)."""
+    return {"schema_version": schema_version, "flowtame_version": __version__, **job,
+            "config": asdict(config), "device": str(device),
+            "base": {"path": str(base.path) if base.path else None, "sha256": base.sha256},
+            "data": base.data_spec.to_dict() if base.data_spec is not None else None}
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint, force: bool = False) -> str:

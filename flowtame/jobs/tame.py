@@ -20,22 +20,20 @@ import numpy as np
 import torch
 import yaml
 
-from flowtame import __version__
 from flowtame.data.images import ImageSet, dequantization_noise
 from flowtame.data.quantization import nats_per_bpd
 from flowtame.engine.devices import (
-    check_precision,
     loop_generator,
     place_model,
-    resolve_device,
+    seeded_run,
     trainable_copy,
     training_rows,
 )
-from flowtame.engine.loop import Engine, EngineConfig
-from flowtame.errors import DataError, InputError, InterruptedRun, config_error
+from flowtame.engine.loop import EngineConfig, EngineResult, run_for_report, start_engine, state_saver
+from flowtame.errors import DataError, InputError, config_error
 from flowtame.flows.base import coupling_output_parameters
 from flowtame.io import config as io_config
-from flowtame.io.checkpoint import Checkpoint, make_provenance
+from flowtame.io.checkpoint import Checkpoint, make_provenance, report_header
 from flowtame.likelihood.nll import dequantized, pixel_nll
 from flowtame.likelihood.statistics import subset_correction
 from flowtame.likelihood.threshold import default_epsilon, threshold_distance
@@ -253,6 +251,95 @@ def _load_forget(forget_sets: Sequence[ImageSet]) -> tuple[torch.Tensor, torch.T
     return torch.cat(pixels), torch.cat(requests), keys
 
 
+@dataclass
+class _TamingSets:
+    """The loaded sets: forget uint8 [F,C,H,W] with the source index [F] of each image and its keys, the
+    remember set uint8 [R,C,H,W] (forget images left out) with its keys, and how many were left out."""
+
+    forget: torch.Tensor
+    forget_request: torch.Tensor
+    forget_keys: list[str]
+    remember: torch.Tensor
+    remember_keys: list[str]
+    excluded: int
+
+
+def _load_sets(forget_sets: Sequence[ImageSet], remember_set: ImageSet) -> _TamingSets:
+    """Load the forget and remember images; remember images that are also forget images are left out."""
+    forget_pixels, forget_request, forget_keys = _load_forget(forget_sets)
+    remember_pixels, remember_keys = remember_set.load_tensor()
+    forget_key_set = set(forget_keys)
+    keep = [i for i, k in enumerate(remember_keys) if k not in forget_key_set]
+    excluded = len(remember_keys) - len(keep)
+    if excluded:
+        warnings.warn(f"{remember_set.name}: {excluded} remember image(s) are also forget images "
+                      f"(same pixels); excluded from the remember set", stacklevel=3)
+        remember_pixels = remember_pixels[keep]
+        remember_keys = [remember_keys[i] for i in keep]
+    if remember_pixels.shape[0] < 2:
+        raise DataError(f"{remember_set.name}: the remember set needs at least 2 images")
+    return _TamingSets(forget_pixels, forget_request, forget_keys, remember_pixels, remember_keys, excluded)
+
+
+def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll: Callable[[Any], np.ndarray],
+                 config: TameConfig, generator: torch.Generator, dev: torch.device, data_spec: Any
+                 ) -> tuple[TamingData, tuple[float, float]]:
+    """The method's data on ``dev`` (the refresh subset drawn from ``generator``) and the subset correction."""
+    n_refresh = min(config.refresh_size, sets.remember.shape[0])
+    refresh_idx = torch.randperm(sets.remember.shape[0], generator=generator)[:n_refresh].sort().values
+    refresh_keys = [sets.remember_keys[i] for i in refresh_idx.tolist()]
+    refresh_noise = dequantization_noise(refresh_keys, config.eval_seed, tuple(sets.remember.shape[1:]))
+    data = TamingData(
+        data_spec=data_spec,
+        forget=sets.forget.to(dev),
+        forget_request=sets.forget_request.to(dev),
+        forget_check_noise=torch.stack([
+            dequantization_noise(sets.forget_keys, config.eval_seed, tuple(sets.forget.shape[1:]), draw)
+            for draw in range(config.forget_draws)]).to(dev),
+        remember=training_rows(sets.remember, dev),
+        refresh=dequantized(sets.remember[refresh_idx], refresh_noise, data_spec.n_bits).to(dev),
+        base_mean=torch.tensor(float(base_remember_nll.mean()), device=dev),
+        base_std=torch.tensor(float(base_remember_nll.std(ddof=1)), device=dev),
+        whole_remember_nll=lambda m: torch.from_numpy(remember_nll(m)),
+    )
+    return data, subset_correction(base_remember_nll, refresh_idx.numpy())
+
+
+def _forget_requests(forget_sets: Sequence[ImageSet], forget_request: torch.Tensor, d_final: np.ndarray,
+                     epsilon: float) -> list[dict[str, Any]]:
+    """The report's per-source block: each forget source's final distances d [F] and whether it is forgotten."""
+    requests = []
+    for index, image_set in enumerate(forget_sets):
+        mask = forget_request.numpy() == index
+        requests.append({
+            "name": image_set.name, "n": int(mask.sum()),
+            "d_min": float(d_final[mask].min()), "d_max": float(d_final[mask].max()),
+            "max_abs_d": float(np.abs(d_final[mask]).max()),
+            "forgotten_fraction": float((d_final[mask] > -epsilon).mean()),
+            "reached_threshold": bool((np.abs(d_final[mask]) < epsilon).all()),
+        })
+    return requests
+
+
+def _normal_block(mean: float, std: float, per_bpd: float) -> dict[str, float]:
+    return {"mean_nats": mean, "std_nats": std, "mean_bpd": mean / per_bpd, "std_bpd": std / per_bpd}
+
+
+def _build_method(config: TameConfig, data: TamingData, *, delta: float, epsilon: float,
+                  correction: tuple[float, float], batches: torch.Generator, setup_generator: torch.Generator,
+                  base_model: torch.nn.Module) -> Any:
+    """The configured method (``config.method`` in :data:`METHODS`) on ``data``, drawing from ``batches``."""
+    return METHODS[config.method](
+        data, delta=delta, epsilon=epsilon, alpha=config.alpha, gamma=config.gamma,
+        batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
+        forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=batches,
+        setup_generator=setup_generator,
+        threshold_gradient=config.threshold_gradient, settle_decay=config.settle_decay,
+        stop_margin=config.stop_margin, max_remember_drift=config.max_remember_drift,
+        max_remember_jump=config.max_remember_jump, subset_correction=correction,
+        config=config, base_model=base_model)
+
+
 def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageSet, config: TameConfig, *,
          device: str = "auto",
          state_path: str | Path | None = None, resume: bool = False,
@@ -266,133 +353,84 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
 
     The base checkpoint's model is never modified (a copy is trained). Raises InterruptedRun on Ctrl-C
     (its ``partial_report`` set and the resume state written to ``state_path``).
+    Steps: load the sets, measure the base model, build the method and its engine, run, measure and report
+    (:func:`_tamed_outcome`).
     """
     if not forget_sets:
         raise InputError("taming needs at least one forget source", keys=("forget",))
     data_spec = base.data_spec
     if data_spec is None:
         raise InputError(f"{base.path}: taming needs an image model")
-    dev = resolve_device(device)
-    check_precision(dev, config.precision)
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-
-    forget_pixels, forget_request, forget_keys = _load_forget(forget_sets)
-    remember_pixels, remember_keys = remember_set.load_tensor()
-    forget_key_set = set(forget_keys)
-    keep = [i for i, k in enumerate(remember_keys) if k not in forget_key_set]
-    excluded = len(remember_keys) - len(keep)
-    if excluded:
-        warnings.warn(f"{remember_set.name}: {excluded} remember image(s) are also forget images "
-                      f"(same pixels); excluded from the remember set", stacklevel=2)
-        remember_pixels = remember_pixels[keep]
-        remember_keys = [remember_keys[i] for i in keep]
-    if remember_pixels.shape[0] < 2:
-        raise DataError(f"{remember_set.name}: the remember set needs at least 2 images")
+    dev, generator = seeded_run(device, config.precision, config.seed)
+    sets = _load_sets(forget_sets, remember_set)
 
     base_model = place_model(base.model, dev).eval()
-    def remember_nll(m: torch.nn.Module) -> np.ndarray:
-        """The whole remember set's NLL (nats [R]) on the evaluation's keyed noise: the report's N_B and N_T."""
-        return pixel_nll(m, remember_pixels, remember_keys, data_spec, config.eval_seed, dev)
-
+    remember_nll = partial(pixel_nll, pixels=sets.remember, keys=sets.remember_keys, data_spec=data_spec,
+                           seed=config.eval_seed, device=dev)
     base_remember_nll = remember_nll(base_model)
-    base_forget_nll = pixel_nll(base_model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
+    base_forget_nll = pixel_nll(base_model, sets.forget, sets.forget_keys, data_spec, config.eval_seed, dev,
                                 draws=config.forget_draws)
-    base_mean, base_std = float(base_remember_nll.mean()), float(base_remember_nll.std(ddof=1))
     delta, epsilon, target, base_holdout_nll = stopping_target(base, base_remember_nll, target_holdout, config,
                                                                device=dev)
-
-    n_refresh = min(config.refresh_size, remember_pixels.shape[0])
-    refresh_idx = torch.randperm(remember_pixels.shape[0], generator=generator)[:n_refresh].sort().values
-    refresh_keys = [remember_keys[i] for i in refresh_idx.tolist()]
-    refresh_noise = dequantization_noise(refresh_keys, config.eval_seed, tuple(remember_pixels.shape[1:]))
-    refresh_x = dequantized(remember_pixels[refresh_idx], refresh_noise, data_spec.n_bits).to(dev)
+    data, correction = _taming_data(sets, base_remember_nll, remember_nll, config, generator, dev, data_spec)
 
     model = trainable_copy(base, dev)
     frozen = freeze_parameters(model, config.freeze)
     batches = loop_generator(generator, dev, config.seed)
     parameters = dict(model.named_parameters())
-    data = TamingData(
-        data_spec=data_spec,
-        forget=forget_pixels.to(dev),
-        forget_request=forget_request.to(dev),
-        forget_check_noise=torch.stack([
-            dequantization_noise(forget_keys, config.eval_seed, tuple(forget_pixels.shape[1:]), draw)
-            for draw in range(config.forget_draws)]).to(dev),
-        remember=training_rows(remember_pixels, dev),
-        refresh=refresh_x,
-        base_mean=torch.tensor(base_mean, device=dev),
-        base_std=torch.tensor(base_std, device=dev),
-        whole_remember_nll=lambda m: torch.from_numpy(remember_nll(m)),
-    )
-    method = METHODS[config.method](
-        data, delta=delta, epsilon=epsilon, alpha=config.alpha, gamma=config.gamma,
-        batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
-        forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=batches,
-        setup_generator=generator,
-        threshold_gradient=config.threshold_gradient, settle_decay=config.settle_decay,
-        stop_margin=config.stop_margin, max_remember_drift=config.max_remember_drift,
-        max_remember_jump=config.max_remember_jump,
-        subset_correction=subset_correction(base_remember_nll, refresh_idx.numpy()),
-        config=config, base_model=base_model)
+    method = _build_method(config, data, delta=delta, epsilon=epsilon, correction=correction, batches=batches,
+                           setup_generator=generator, base_model=base_model)
     calibration = None
     if config.step_sigma is not None and config.method == "taming":
-        calibration = calibrate_lr(model, refresh_x, data_spec, lr_cap=config.lr, step_sigma=config.step_sigma,
-                                   sigma=base_std)
+        calibration = calibrate_lr(model, data.refresh, data_spec, lr_cap=config.lr, step_sigma=config.step_sigma,
+                                   sigma=float(base_remember_nll.std(ddof=1)))
         method.calibration = calibration
-    engine = Engine(model, method, EngineConfig(
+    engine = start_engine(model, method, EngineConfig(
         lr=calibration.lr if calibration is not None else config.lr, warmup=config.warmup,
         max_iters=config.max_iters, grad_clip=config.grad_clip,
         precision=config.precision, trajectory_every=config.trajectory_every),
-        generators={"batches": batches}, callback=callback)
-    if resume:
-        engine.load_state(state_path)
+        batches=batches, callback=callback, state_path=state_path, resume=resume)
 
     report: dict[str, Any] = {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "flowtame_version": __version__,
-        "kind": "tame",
-        "method": config.method,
-        "config": asdict(config),
-        "device": str(dev),
-        "base": {"path": str(base.path) if base.path else None, "sha256": base.sha256},
-        "data": data_spec.to_dict(),
+        **report_header(REPORT_SCHEMA_VERSION, {"kind": "tame", "method": config.method}, config, dev, base),
         "calibration": calibration.to_dict() if calibration is not None else None,
         "target": target,
         "frozen": {"rule": config.freeze, "tensors": len(frozen),
                    "values": sum(parameters[name].numel() for name in frozen)},
         "sets": {"forget": [s.name for s in forget_sets], "remember": remember_set.name,
-                 "remember_n": int(remember_pixels.shape[0]), "remember_excluded_duplicates": excluded,
+                 "remember_n": int(sets.remember.shape[0]), "remember_excluded_duplicates": sets.excluded,
                  "skipped_files": {s.name: len(s.skipped) for s in (*forget_sets, remember_set)}},
     }
-    try:
-        result = engine.run(state_path=state_path)
-    except InterruptedRun as exc:
-        report.update(iterations=engine.iteration, converged=False, interrupted=True,
-                      wall_seconds=engine.elapsed, trajectory=engine.trajectory)
-        exc.partial_report = report
-        raise
+    result = run_for_report(engine, state_path, report, lambda: {"trajectory": engine.trajectory})
     model.eval()
+    nll = {("base", "remember"): base_remember_nll, ("base", "forget"): base_forget_nll}
+    if base_holdout_nll is not None:
+        nll[("base", "holdout")] = base_holdout_nll
+    return _tamed_outcome(base, model, method, result, report, nll, sets, forget_sets, remember_nll, config,
+                          command=command, delta=delta, epsilon=epsilon, dev=dev,
+                          save_state=state_saver(engine, state_path))
 
+
+def _tamed_outcome(base: Checkpoint, model: torch.nn.Module, method: Any, result: EngineResult,
+                   report: dict[str, Any], nll: dict[tuple[str, str], np.ndarray], sets: _TamingSets,
+                   forget_sets: Sequence[ImageSet], remember_nll: Callable[[Any], np.ndarray], config: TameConfig,
+                   *, command: str | None, delta: float, epsilon: float, dev: torch.device,
+                   save_state: Callable[[], None] | None) -> TameOutcome:
+    """After the run: the tamed model's NLLs, the report's results and the tamed checkpoint with provenance.
+    ``nll`` holds the base model's NLLs (remember, forget, and holdout when measured)."""
+    data_spec = base.data_spec
+    assert data_spec is not None
     if result.converged and method.final_remember_nll is not None:  # the stop's whole-set pass, same weights
         tamed_remember_nll = method.final_remember_nll.numpy()
     else:
         tamed_remember_nll = remember_nll(model)
-    tamed_forget_nll = pixel_nll(model, forget_pixels, forget_keys, data_spec, config.eval_seed, dev,
+    tamed_forget_nll = pixel_nll(model, sets.forget, sets.forget_keys, data_spec, config.eval_seed, dev,
                                  draws=config.forget_draws)
+    base_remember_nll = nll[("base", "remember")]
+    base_mean, base_std = float(base_remember_nll.mean()), float(base_remember_nll.std(ddof=1))
     mu_t, sigma_t = float(tamed_remember_nll.mean()), float(tamed_remember_nll.std(ddof=1))
     d_final = threshold_distance(tamed_forget_nll, mu_t, sigma_t, delta)
     per_bpd = nats_per_bpd(data_spec.num_dims)
-    requests = []
-    for index, image_set in enumerate(forget_sets):
-        mask = forget_request.numpy() == index
-        requests.append({
-            "name": image_set.name, "n": int(mask.sum()),
-            "d_min": float(d_final[mask].min()), "d_max": float(d_final[mask].max()),
-            "max_abs_d": float(np.abs(d_final[mask]).max()),
-            "forgotten_fraction": float((d_final[mask] > -epsilon).mean()),
-            "reached_threshold": bool((np.abs(d_final[mask]) < epsilon).all()),
-        })
     converged = bool(result.converged)
     report.update(
         iterations=result.iterations, converged=converged, interrupted=False,
@@ -401,26 +439,23 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         lr_reductions=result.lr_reductions, refreshes=method.refreshes,
         early_refreshes=getattr(method, "early_refreshes", 0), confirmations=method.confirmations,
         drift_refusals=method.drift_refusals, whole_set_refusals=method.whole_set_refusals,
-        remember_normal={"base": {"mean_nats": base_mean, "std_nats": base_std,
-                                  "mean_bpd": base_mean / per_bpd, "std_bpd": base_std / per_bpd},
-                         "tamed": {"mean_nats": mu_t, "std_nats": sigma_t,
-                                   "mean_bpd": mu_t / per_bpd, "std_bpd": sigma_t / per_bpd}},
-        requests=requests, trajectory=result.trajectory)
+        remember_normal={"base": _normal_block(base_mean, base_std, per_bpd),
+                         "tamed": _normal_block(mu_t, sigma_t, per_bpd)},
+        requests=_forget_requests(forget_sets, sets.forget_request, d_final, epsilon), trajectory=result.trajectory)
     provenance = make_provenance(
         command=command, parent_sha256=base.sha256, method=config.method,
         hyperparameters=asdict(config),
-        forget_digests=[sorted(k for k, r in zip(forget_keys, forget_request.tolist(), strict=True) if r == i)
-                        for i in range(len(forget_sets))],
+        forget_digests=[sorted(k for k, r in zip(sets.forget_keys, sets.forget_request.tolist(), strict=True)
+                               if r == i) for i in range(len(forget_sets))],
         digest_kind="sha256 of the preprocessed uint8 pixels",
         mu_r_nats=mu_t, sigma_r_nats=sigma_t, converged=converged, iterations=result.iterations)
     tamed = Checkpoint(model=model, architecture=base.architecture, spec=base.spec, data_spec=data_spec,
                        provenance=provenance)
-    nll = {("base", "remember"): base_remember_nll, ("tamed", "remember"): tamed_remember_nll,
-           ("base", "forget"): base_forget_nll, ("tamed", "forget"): tamed_forget_nll}
-    if base_holdout_nll is not None:
-        nll[("base", "holdout")] = base_holdout_nll
-    save_state = None if state_path is None else partial(engine.save_state, state_path)
-    return TameOutcome(checkpoint=tamed, report=report, nll=nll, save_state=save_state)
+    table = {("base", "remember"): base_remember_nll, ("tamed", "remember"): tamed_remember_nll,
+             ("base", "forget"): nll[("base", "forget")], ("tamed", "forget"): tamed_forget_nll}
+    if ("base", "holdout") in nll:
+        table[("base", "holdout")] = nll[("base", "holdout")]
+    return TameOutcome(checkpoint=tamed, report=report, nll=table, save_state=save_state)
 
 
 def freeze_parameters(model: torch.nn.Module, rule: str) -> list[str]:

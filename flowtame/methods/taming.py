@@ -20,6 +20,10 @@ from flowtame.engine.devices import distinct_indices, random_indices, take_rows,
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
 from flowtame.likelihood.threshold import threshold_distance
 from flowtame.methods.objective import forget_loss, remember_loss
+from flowtame.methods.remember import STALE_SIGMA, TRACK_WEIGHT, RememberNormal
+
+__all__ = ["KL_ESTIMATES", "METHODS", "STALE_SIGMA", "TRACK_WEIGHT", "TamingData", "TamingMethod",
+           "settings_section"]
 
 #: The settling decay never takes the learning rate below this fraction of its peak.
 MIN_SETTLE_FACTOR = 0.05
@@ -29,12 +33,6 @@ MIN_SETTLE_FACTOR = 0.05
 SCREEN_WEIGHT = 0.3
 #: N_T estimators (``kl_estimate``): ``refreshed`` (default), ``batch`` (the paper's).
 KL_ESTIMATES = ("refreshed", "batch")
-#: Weight of each remember batch's mean and std in their exponential average (the staleness test).
-TRACK_WEIGHT = 0.3
-#: Refresh early when the batches' average mean or std is this many sigma_R away from the refreshed value
-#: (its noise is ~0.07 sigma_R for the mean and ~0.05 for the std at batch 32): the value is stale, and the KL
-#: would keep pushing the same way for the rest of the refresh interval (docs/method.md "Blow-ups").
-STALE_SIGMA = 0.25
 
 
 @dataclass
@@ -124,27 +122,58 @@ class TamingMethod:
         self.max_remember_drift = max_remember_drift
         self.max_remember_jump = max_remember_jump
         self.lr_factor = 1.0
-        self.mean_offset, self.std_ratio = subset_correction
         self.config = config
         self.base_model = base_model
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
         self.base_bpd = float(data.base_mean) / self.nats_per_bpd
-        self.mu_r = data.base_mean.clone()
-        self.sigma_r = data.base_std.clone()
-        self.track_mean, self.track_std = self.mu_r.clone(), self.sigma_r.clone()
+        #: N_T: mu_R, sigma_R of the model being tamed (refresh, early refresh, subset correction, resume state).
+        self.normal = RememberNormal(data.base_mean, data.base_std, subset_correction)
         self.calibration = None  # set by the tame job when the learning rate was calibrated
-        # the refresh subset's own (uncorrected) NLL mean and std at the latest refresh, nats
-        self.subset_mean, self.subset_std = self.mu_r - self.mean_offset, self.sigma_r / self.std_ratio
         self.latest_d = torch.full((data.forget.shape[0],), float("inf"), device=data.device)
         self.last_confirm = -confirm_gap
         self.confirmed_d: Tensor | None = None
-        self.refreshes = 0
-        self.early_refreshes = 0
         self.confirmations = 0
         self.drift_refusals = 0
         self.whole_set_refusals = 0
         #: The whole remember set's NLL [R] (float64, CPU) under the weights the run stopped with, for the report.
         self.final_remember_nll: Tensor | None = None
+
+    # ------------------------------------------------------------------ the remember normal's figures
+    @property
+    def mu_r(self) -> Tensor:
+        return self.normal.mu
+
+    @mu_r.setter
+    def mu_r(self, value: Tensor) -> None:
+        self.normal.mu = value
+
+    @property
+    def sigma_r(self) -> Tensor:
+        return self.normal.sigma
+
+    @sigma_r.setter
+    def sigma_r(self, value: Tensor) -> None:
+        self.normal.sigma = value
+
+    @property
+    def track_mean(self) -> Tensor:
+        return self.normal.track_mean
+
+    @property
+    def mean_offset(self) -> float:
+        return self.normal.mean_offset
+
+    @property
+    def std_ratio(self) -> float:
+        return self.normal.std_ratio
+
+    @property
+    def refreshes(self) -> int:
+        return self.normal.refreshes
+
+    @property
+    def early_refreshes(self) -> int:
+        return self.normal.early_refreshes
 
     # ------------------------------------------------------------------ batches
     def _batch(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -179,8 +208,7 @@ class TamingMethod:
         """
         batch_mean, batch_std = nll_remember.mean(), nll_remember.std()
         # an exponential average of the remember batches: tells when the refreshed value went stale
-        self.track_mean = self.track_mean + TRACK_WEIGHT * (batch_mean.detach() - self.track_mean)
-        self.track_std = self.track_std + TRACK_WEIGHT * (batch_std.detach() - self.track_std)
+        self.normal.track(batch_mean, batch_std)
         if self.kl_estimate == "refreshed":
             tamed_mean = self.mu_r + (batch_mean - batch_mean.detach())
             tamed_std = self.sigma_r + (batch_std - batch_std.detach())
@@ -207,12 +235,7 @@ class TamingMethod:
         (``subset_correction``), so at iteration 0 it equals N_B exactly; a whole-set check that disagrees
         re-measures that correction under the current weights (:meth:`whole_set_agrees`).
         """
-        nll = batched_nll(model, self.data.refresh, self.data.data_spec)
-        self.subset_mean, self.subset_std = nll.mean(), nll.std()
-        self.mu_r = self.subset_mean + self.mean_offset
-        self.sigma_r = self.subset_std * self.std_ratio
-        self.track_mean, self.track_std = self.mu_r.clone(), self.sigma_r.clone()
-        self.refreshes += 1
+        self.normal.update(batched_nll(model, self.data.refresh, self.data.data_spec))
 
     def diverged(self, logged: dict[str, float]) -> str | None:
         """A reason to roll back: this iteration's remember batch is ``max_remember_jump`` above N_B (mean BPD).
@@ -241,7 +264,7 @@ class TamingMethod:
 
     def remember_drift(self) -> float:
         """Relative rise of the remember set's mean NLL (latest refresh) over the base model's N_B mean."""
-        return float((self.mu_r - self.data.base_mean) / self.data.base_mean)
+        return self.normal.drift()
 
     def remember_kept(self) -> bool:
         """False (and counted) when the remember mean NLL rose by more than ``max_remember_drift``."""
@@ -277,9 +300,7 @@ class TamingMethod:
         self.latest_d.copy_(d)
         # the subset's correction drifted with the weights: re-measure it, so that training and the next
         # confirmations aim at the band the whole set defines
-        self.mean_offset = float(mean - self.subset_mean)
-        self.std_ratio = float(std / self.subset_std)
-        self.mu_r, self.sigma_r = mean, std
+        self.normal.remeasure(mean, std)
         return False
 
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
@@ -323,40 +344,31 @@ class TamingMethod:
         if (iteration + 1) % self.refresh_every == 0:
             self.refresh(model)
         elif self.kl_estimate == "refreshed" and self.stale():
-            self.early_refreshes += 1
+            self.normal.early_refreshes += 1
             self.refresh(model)
         return False
 
     def stale(self) -> bool:
         """Whether the remember batches' exponential average left the refreshed mu_R, sigma_R by more than
         :data:`STALE_SIGMA` sigma_R: the model moved since the refresh, and the KL's pull is out of date."""
-        limit = STALE_SIGMA * self.sigma_r
-        return bool((self.track_mean - self.mu_r).abs() > limit or (self.track_std - self.sigma_r).abs() > limit)
+        return self.normal.stale()
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return {"mu_r": self.mu_r.reshape(1), "sigma_r": self.sigma_r.reshape(1), "latest_d": self.latest_d,
-                "track": torch.stack([self.track_mean, self.track_std]).reshape(2)}
+        return {**self.normal.state_tensors(), "latest_d": self.latest_d}
 
     def state_meta(self) -> dict[str, Any]:
-        return {"last_confirm": self.last_confirm, "refreshes": self.refreshes,
-                "early_refreshes": self.early_refreshes,
+        return {"last_confirm": self.last_confirm, **self.normal.state_meta(),
                 "confirmations": self.confirmations, "lr_factor": self.lr_factor,
-                "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals,
-                "subset_correction": [self.mean_offset, self.std_ratio]}
+                "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.mu_r, self.sigma_r = tensors["mu_r"].reshape(()), tensors["sigma_r"].reshape(())
+        self.normal.load_state(tensors, meta)
         self.latest_d = tensors["latest_d"].clone()
-        if "track" in tensors:
-            self.track_mean, self.track_std = tensors["track"][0].clone(), tensors["track"][1].clone()
         self.last_confirm = meta["last_confirm"]
-        self.refreshes = meta["refreshes"]
-        self.early_refreshes = meta.get("early_refreshes", 0)
         self.confirmations = meta["confirmations"]
         self.lr_factor = meta["lr_factor"]
         self.drift_refusals = meta.get("drift_refusals", 0)
         self.whole_set_refusals = meta.get("whole_set_refusals", 0)
-        self.mean_offset, self.std_ratio = meta.get("subset_correction", (self.mean_offset, self.std_ratio))
 
 
 #: Method name -> class; baselines register here (``flowtame.methods.baselines``). Every class takes the

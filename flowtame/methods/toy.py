@@ -29,6 +29,7 @@ from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll, nll_nats
 from flowtame.likelihood.threshold import default_epsilon, threshold_distance
 from flowtame.methods.objective import forget_loss, remember_loss
+from flowtame.methods.remember import RememberNormal
 
 #: Default radius of :meth:`GaussianMixture.assign`, in mixture standard deviations. For a 2-D Gaussian
 #: the mass beyond r standard deviations is exp(-r²/2): 3.4e-4 at r = 4.
@@ -199,17 +200,29 @@ class VectorTamingMethod:
             self.anchor_base_nll = base_nll if anchor_points is None else vector_set_nll(model, anchor_points)
         if refresh_size is None or refresh_size >= remember.shape[0]:
             self.refresh_points = remember
-            self.mean_offset, self.std_ratio = 0.0, 1.0
+            correction = (0.0, 1.0)
         else:
             subset = torch.randperm(remember.shape[0], generator=generator)[:refresh_size]
             self.refresh_points = remember[subset]
-            self.mean_offset = (self.base_mean - base_nll[subset].mean()).item()
-            self.std_ratio = (self.base_std / base_nll[subset].std()).item()
-        self.mu_r, self.sigma_r = self.base_mean.clone(), self.base_std.clone()
+            correction = ((self.base_mean - base_nll[subset].mean()).item(),
+                          (self.base_std / base_nll[subset].std()).item())
+        #: N_T: mu_R, sigma_R of the model being tamed (refresh with subset correction, resume state).
+        self.normal = RememberNormal(self.base_mean, self.base_std, correction)
         self.latest_d = torch.full((forget.shape[0],), float("inf"))
         self.confirmed_d: Tensor | None = None
-        self.refreshes = 0
         self.confirmations = 0
+
+    @property
+    def mu_r(self) -> Tensor:
+        return self.normal.mu
+
+    @property
+    def sigma_r(self) -> Tensor:
+        return self.normal.sigma
+
+    @property
+    def refreshes(self) -> int:
+        return self.normal.refreshes
 
     def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
         n_forget = self.forget.shape[0]
@@ -245,10 +258,7 @@ class VectorTamingMethod:
     @torch.no_grad()
     def refresh(self, model: MultiScaleFlow) -> None:
         """Re-estimate mu_R, sigma_R (nats) under the current weights."""
-        nll = vector_set_nll(model, self.refresh_points)
-        self.mu_r = nll.mean() + self.mean_offset
-        self.sigma_r = nll.std() * self.std_ratio
-        self.refreshes += 1
+        self.normal.update(vector_set_nll(model, self.refresh_points))
 
     @torch.no_grad()
     def check_distances(self, model: MultiScaleFlow) -> Tensor:
@@ -267,13 +277,12 @@ class VectorTamingMethod:
         return False
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return {"mu_r": self.mu_r.reshape(1), "sigma_r": self.sigma_r.reshape(1), "latest_d": self.latest_d}
+        return {**self.normal.state_tensors(), "latest_d": self.latest_d}
 
     def state_meta(self) -> dict[str, Any]:
-        return {"refreshes": self.refreshes, "confirmations": self.confirmations}
+        return {**self.normal.state_meta(), "confirmations": self.confirmations}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.mu_r, self.sigma_r = tensors["mu_r"].reshape(()), tensors["sigma_r"].reshape(())
+        self.normal.load_state(tensors, meta)
         self.latest_d = tensors["latest_d"].clone()
-        self.refreshes = meta["refreshes"]
         self.confirmations = meta["confirmations"]
