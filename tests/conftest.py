@@ -63,3 +63,22 @@ def assert_valid_report():
         jsonschema.Draft202012Validator(schema, registry=registry).validate(json.loads(json.dumps(report)))
 
     return check
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """An untrained, perturbed 8x8 Glow checkpoint for the embedded digits: enough to drive the commands (the
+    signal, write-error and debias tests), not to judge a method. Never modified by the tests that use it."""
+    from flowtame.data.quantization import DataSpec
+    from flowtame.flows.glow import GlowSpec, build_glow
+    from flowtame.io.checkpoint import Checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    spec = GlowSpec(channels=1, image_size=8, n_flow=1, n_block=2, hidden=8)
+    model = build_glow(spec)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    save_checkpoint(path, Checkpoint(model.eval(), "glow", spec, DataSpec(image_size=8, channels=1, n_bits=5)))
+    return path

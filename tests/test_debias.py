@@ -12,11 +12,10 @@ import torch
 
 from flowtame.data.embedded import resolve_model_path
 from flowtame.data.images import open_images
-from flowtame.data.quantization import DataSpec, quantize
+from flowtame.data.quantization import quantize
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import InputError
-from flowtame.flows.glow import GlowSpec, build_glow
-from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from flowtame.io.checkpoint import load_checkpoint
 from flowtame.io.fileio import sha256_file
 from flowtame.jobs.debias import parse_groups, parse_targets
 from flowtame.likelihood.nll import pixel_nll
@@ -195,20 +194,6 @@ def test_torchscript_classifier_is_checked_and_scored(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the CLI, small
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """An untrained (perturbed) 8x8 Glow: enough to drive the command, not to judge the method."""
-    torch.manual_seed(0)
-    spec = GlowSpec(channels=1, image_size=8, n_flow=1, n_block=2, hidden=8)
-    model = build_glow(spec)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    path = tmp_path_factory.mktemp("debias") / "tiny.safetensors"
-    save_checkpoint(path, Checkpoint(model.eval(), "glow", spec, DataSpec(image_size=8, channels=1, n_bits=5)))
-    return path
 
 
 def _tiny_args(base, out, *extra):

@@ -18,8 +18,8 @@ import torch
 
 from flowtame.data.quantization import DataSpec
 from flowtame.errors import InterruptedRun
-from flowtame.flows.glow import GlowSpec, build_glow
-from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from flowtame.flows.glow import GlowSpec
+from flowtame.io.checkpoint import load_checkpoint
 
 STOPS = [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)]
 
@@ -33,20 +33,6 @@ def _default_dispositions():
     for sig, handler in previous.items():
         signal.signal(sig, handler)
 FORGET, REMEMBER = "embedded:digits:test:3", "embedded:digits:test:1"
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """An untrained, perturbed 8x8 Glow (as in test_debias): enough to drive the commands."""
-    torch.manual_seed(0)
-    spec = GlowSpec(channels=1, image_size=8, n_flow=1, n_block=2, hidden=8)
-    model = build_glow(spec)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    path = tmp_path_factory.mktemp("signals") / "tiny.safetensors"
-    save_checkpoint(path, Checkpoint(model.eval(), "glow", spec, DataSpec(8, 1, 5)))
-    return path
 
 
 def _tame(base, out, *extra):

@@ -31,20 +31,6 @@ REAL_SAVE_FILE = safetensors.torch.save_file
 ENOSPC_TEXT = "Error while serializing: I/O error: No space left on device (os error 28)"  # as on a full tmpfs
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """An untrained, perturbed 8x8 Glow for the embedded digits: enough to drive the commands."""
-    torch.manual_seed(0)
-    spec = GlowSpec(channels=1, image_size=8, n_flow=1, n_block=2, hidden=8)
-    model = build_glow(spec)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    path = tmp_path_factory.mktemp("writes") / "tiny.safetensors"
-    save_checkpoint(path, Checkpoint(model.eval(), "glow", spec, DataSpec(8, 1, 5)))
-    return path
-
-
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
