@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_assertions import assert_one_line_error
 from torch import nn
 
 from flowtame.data.quantization import discrete_nll
@@ -50,17 +51,6 @@ def sha256(path: Path) -> str:
 def convert_args(source: Path, output: Path, *extra: str) -> list[str]:
     return ["convert", str(source), "-o", str(output), "--from", "rosinality-glow", "--image-size", "16",
             "--n-bits", "5", *extra]
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    """Exit 2, exactly one stderr line that contains every fragment, no traceback anywhere."""
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("flowtame: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    assert "Traceback" not in result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_assertions import assert_one_line_error
 from PIL import Image
 
 from flowtame.data.quantization import DataSpec, discrete_nll
@@ -27,15 +28,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "tarflow" / "tarflow-rgb16-p4"
 FLAGS = ("--patch-size", "4", "--width", "64", "--n-block", "4", "--layers-per-block", "2")
 REL_TOL = 1e-4
 DECODE_TOL = 1e-3
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("flowtame: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    assert "Traceback" not in result.stdout + result.stderr
 
 
 def convert_args(source: Path, output: Path, *extra: str) -> list[str]:
