@@ -109,9 +109,10 @@ def _load_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def foreign_family(state: dict[str, Tensor], expected: str) -> str | None:
-    """A one-line reason when ``state``'s keys are those of another family than ``expected`` (a source format
-    or "flowtame"), else None: a flowtame checkpoint, a rosinality or y0ast Glow, a TarFlow."""
+def check_family(path: Path, state: dict[str, Tensor], expected: str) -> None:
+    """Raise CheckpointError (one line naming ``path`` and the family) when ``state``'s keys are those of another
+    family than ``expected`` (a source format or "flowtame"): a flowtame checkpoint, a rosinality or y0ast Glow,
+    a TarFlow."""
     families = (
         ("flowtame", ("levels.",), "holds flowtame-style keys ('levels...'); a flowtame checkpoint needs no "
                                    "conversion"),
@@ -124,8 +125,7 @@ def foreign_family(state: dict[str, Tensor], expected: str) -> str | None:
     )
     for name, prefixes, reason in families:
         if name != expected and any(key.startswith(prefixes) for key in state):
-            return reason
-    return None
+            raise CheckpointError(f"{path}: {reason}")
 
 
 def infer_structure(path: Path, state: dict[str, Tensor]) -> RosinalityStructure:
@@ -134,9 +134,7 @@ def infer_structure(path: Path, state: dict[str, Tensor]) -> RosinalityStructure
     Raises CheckpointError naming the first key that does not belong to a rosinality Glow, and when the
     blocks do not all have the same number of flows.
     """
-    family = foreign_family(state, "rosinality-glow")
-    if family is not None:
-        raise CheckpointError(f"{path}: {family}")
+    check_family(path, state, "rosinality-glow")
     flows: dict[int, set[int]] = {}
     for key in state:
         match = _KEY.fullmatch(key)

@@ -28,7 +28,7 @@ from flowtame.data.quantization import DataSpec
 from flowtame.errors import CheckpointError, InputError
 from flowtame.flows.tarflow import TarFlowSpec, build_tarflow
 from flowtame.io.checkpoint import Checkpoint, make_provenance
-from flowtame.io.convert import _load_state_dict, foreign_family
+from flowtame.io.convert import _load_state_dict, check_family
 from flowtame.io.fileio import sha256_file
 
 FILE_NAME = re.compile(r"(?P<dataset>.+)_model_(?P<patch_size>\d+)_(?P<width>\d+)_(?P<n_block>\d+)_"
@@ -78,9 +78,7 @@ class TarFlowStructure:
 
 def infer_tarflow_structure(path: Path, state: dict[str, Tensor]) -> TarFlowStructure:
     """The structure of an ml-tarflow state dict; CheckpointError (one line) when it is not one."""
-    family = foreign_family(state, "tarflow")
-    if family is not None:
-        raise CheckpointError(f"{path}: {family}")
+    check_family(path, state, "tarflow")
     blocks: dict[int, set[int]] = {}
     for key in state:
         match = _BLOCK.fullmatch(key)

@@ -30,7 +30,7 @@ from flowtame.data.quantization import DataSpec
 from flowtame.errors import CheckpointError, InputError
 from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint, make_provenance
-from flowtame.io.convert import _load_state_dict, foreign_family
+from flowtame.io.convert import _load_state_dict, check_family
 from flowtame.io.fileio import sha256_file
 
 _STEP = re.compile(r"flow\.layers\.(\d+)\.actnorm\.bias")
@@ -77,9 +77,7 @@ def _shape(path: Path, state: dict[str, Tensor], key: str, ndim: int) -> tuple[i
 
 def infer_y0ast_structure(path: Path, state: dict[str, Tensor]) -> Y0astStructure:
     """The structure of a y0ast Glow state dict; CheckpointError (one line) when it is not one."""
-    family = foreign_family(state, "y0ast-glow")
-    if family is not None:
-        raise CheckpointError(f"{path}: {family}")
+    check_family(path, state, "y0ast-glow")
     if any(key.startswith(("project_ycond.", "project_class.")) for key in state):
         raise CheckpointError(f"{path}: a class-conditional y0ast Glow (y_condition, 'project_ycond' keys); "
                               f"flowtame converts unconditional ones only")
