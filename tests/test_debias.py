@@ -7,6 +7,7 @@ import os
 import signal
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +30,8 @@ from flowtame.methods.debias import (
     held_out_split,
     load_torchscript_classifier,
     prepare_data,
+    progress_rate,
+    reach_verdict,
     wilson_interval,
     within_tolerance,
 )
@@ -279,12 +282,17 @@ class _StubMeter:
         self.labels = torch.tensor(labels)
         self.calls = 0
 
-    def assign(self, model):
+    @property
+    def samples(self):
+        return self.labels.numel()
+
+    def assign(self, model, limit=None):
         self.calls += 1
-        return self.labels
+        return self.labels[:limit]
 
 
 def _method(tiny_base, targets, initial_labels, meter=None, **config):
+    meter = _StubMeter(initial_labels) if meter is None else meter
     base = load_checkpoint(tiny_base)
     data_spec = base.data_spec
     groups = [open_images(source, data_spec).load_tensor() for source in (ZERO, ONE)]
@@ -488,3 +496,77 @@ def test_config_file_same_rules_as_tame_flags_win(tmp_path, run_cli):
     cfg.write_text("tolerance: 0.7\n")
     result = run_cli(*args)
     assert result.exit_code == 2 and "tolerance must lie in (0, 0.5) [--tolerance]" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ the early verdict
+
+
+def test_progress_rate_is_the_least_squares_slope_with_its_standard_error():
+    rng = np.random.default_rng(0)
+    its = np.arange(10, 90, 10)
+    shares = 0.3 + 0.002 * its + rng.normal(0, 0.01, its.size)
+    slope, se = progress_rate(its, shares, floor=0.0)
+    (fit_slope, _), cov = np.polyfit(its, shares, 1, cov=True)
+    assert slope == pytest.approx(fit_slope) and se == pytest.approx(np.sqrt(cov[0, 0]))  # both n - 2 dof
+    assert progress_rate([0, 10, 20], [0.0, 0.1, 0.2], floor=0.01)[1] == pytest.approx(0.01 / np.sqrt(200))
+
+
+def test_reach_verdict_on_a_stalled_and_on_a_steady_trajectory():
+    its = [20, 30, 40, 50]
+    common = {"tolerance": 0.02, "max_iters": 400, "z": 2.0, "min_points": 4, "floor": 1 / 1024}
+    stalled = reach_verdict("zero", its, [0.690, 0.692, 0.691, 0.693], 0.8, **common)
+    assert stalled is not None and stalled.budget_left == 350 and stalled.gap == pytest.approx(0.087)
+    assert stalled.reachable < stalled.gap and "cannot reach the target" in stalled.message()
+    # 0.5 points per 10 iterations: 0.085 left needs ~170 of the 350 iterations left; no verdict
+    assert reach_verdict("zero", its, [0.70, 0.705, 0.71, 0.715], 0.8, **common) is None
+    # moving away from the target: a verdict that says so
+    away = reach_verdict("zero", its, [0.30, 0.29, 0.28, 0.27], 0.8, **common)
+    assert away is not None and away.needed is None and "not moving toward" in away.message()
+    assert reach_verdict("zero", its[:3], [0.69, 0.69, 0.69], 0.8, **common) is None  # too few points
+    assert reach_verdict("zero", its, [0.69] * 4, 0.70, **common) is None  # within tolerance already
+
+
+def _measure_steps(method, model, meter, shares, every=5):
+    """Feed the method one measurement per share (zero's share of 1,000 stub samples); after_step's results."""
+    results = []
+    for k, share in enumerate(shares, start=1):
+        count = round(1000 * share)
+        meter.labels = torch.tensor([0] * count + [1] * (1000 - count))
+        results.append(method.after_step(model, k * every - 1, {"max_gap": 0.0}))
+    return results
+
+
+def test_method_gives_up_early_on_an_unreachable_target_and_not_on_a_reachable_one(tiny_base):
+    model = load_checkpoint(tiny_base).model
+    start = [0] * 300 + [1] * 700
+    meter = _StubMeter(start)
+    _, _, stalled = _method(tiny_base, {"zero": 0.8, "one": 0.2}, start, meter, measure_every=5, max_iters=400,
+                            warmup=0, screen_samples=0)
+    _measure_steps(stalled, model, meter, [0.300, 0.301, 0.300])
+    assert stalled.gave_up is None  # three points: too few to judge
+    _measure_steps(stalled, model, meter, [0.301], every=20)
+    assert stalled.verdict is not None and stalled.verdict.iteration == 20 and stalled.gave_up.startswith(
+        "cannot reach the target: zero is at 0.301 against 0.800 after 20 iterations")
+    meter = _StubMeter(start)
+    _, _, steady = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, measure_every=5, max_iters=400,
+                           warmup=0, screen_samples=0)
+    results = _measure_steps(steady, model, meter, [0.30 + 0.01 * k for k in range(1, 20)])
+    # reached at 0.48-0.49 (the band's edge, up to float rounding), never given up on the way
+    assert steady.gave_up is None and results[-1] is True and not any(results[:17])
+
+
+def test_cli_unreachable_target_stops_early_with_one_line_and_exit_1_when_required(run_cli, tiny_base, tmp_path):
+    out = tmp_path / "o.safetensors"
+    # a learning rate of 1e-12 moves nothing: the target is out of reach, and the run must say so early
+    args = ["debias", tiny_base, "--group", f"zero={ZERO}", "--group", f"one={ONE}", "--target", "zero=0.9",
+            "-o", out, "--report", f"{out}.json", "--samples", "256", "--max-iters", "200", "--measure-every", "10",
+            "--batch-size", "4", "--warmup", "0", "--lr", "1e-12", "--step-sigma", "0", "--no-check-draw", "--quiet",
+            "--require-converged"]
+    result = run_cli(*args)
+    assert result.exit_code == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "stopped early" in line]
+    assert len(lines) == 1 and "cannot reach the target" in lines[0] and "raise --max-iters" not in lines[0]
+    report = json.loads((tmp_path / "o.safetensors.json").read_text())
+    assert report["converged"] is False and report["iterations"] == 40 < 200  # 4 measurements, every 10
+    assert report["verdict"]["budget_left"] == 160 and report["verdict"]["rate_high"] * 160 < report["verdict"]["gap"]
+    assert out.exists()  # outputs written, as for any unconverged run

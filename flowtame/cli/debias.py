@@ -65,7 +65,14 @@ def debias_command(
     temperature: Annotated[float, typer.Option(help="Sampling temperature [0.5, the authors'].")] = None,
     measure_every: Annotated[int, typer.Option(help="Measure the frequencies every N iterations [10].")] = None,
     max_iters: Annotated[int, typer.Option(help="Iteration budget [400].")] = None,
-    lr: Annotated[float, typer.Option(help="Adam peak learning rate, scaled down as the gaps close [2e-5].")] = None,
+    lr: Annotated[float, typer.Option(help="Adam peak learning rate, scaled down as the gaps close; the "
+                                           "calibration may lower it [2e-5].")] = None,
+    step_sigma: Annotated[float, typer.Option(help="Calibrate the learning rate so that one step moves the remember "
+                                                   "mean NLL by at most this many sigma_R, as tame does (0: off) "
+                                                   "[0.5].")] = None,
+    verdict: Annotated[bool, typer.Option("--verdict/--no-verdict", help="Stop early when the measured progress "
+                                                                         "says the targets cannot be reached "
+                                                                         "within --max-iters [on].")] = None,
     warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up iterations [20].")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per group, and remember images, per iteration [16].")] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the group loss, L = a*L_G + (1-a)*L_R [0.6].")] = None,
@@ -140,6 +147,14 @@ def _finish(outcome, output: Path, state_path: Path, report: str | None, quiet: 
         state_path.unlink()
     _print_summary(outcome.report, output, sha, quiet or report == "-")
     _warn_failed_checks(outcome.report)
+    _say_verdict(outcome.report)
+
+
+def _say_verdict(report: dict) -> None:
+    """The early "cannot reach" verdict, one stderr line, when the run stopped on it (quiet or not)."""
+    verdict = report.get("verdict")
+    if verdict is not None:
+        err_console.print(f"[yellow]stopped early:[/] {report['verdict_message']}", highlight=False)
 
 
 class _LiveView:

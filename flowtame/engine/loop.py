@@ -72,9 +72,11 @@ class Method(Protocol):
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         """Called after the optimizer step with the logged scalars as floats; True when converged.
 
-        A method may also expose ``lr_factor`` (float): the engine multiplies the learning rate by it, and
+        A method may also expose ``lr_factor`` (float): the engine multiplies the learning rate by it,
         ``diverged(logged) -> str | None``: a reason to treat this iteration like a non-finite loss (roll back
-        to the last good weights and lower the learning rate), e.g. a blow-up of the remember NLL.
+        to the last good weights and lower the learning rate), e.g. a blow-up of the remember NLL, and
+        ``gave_up`` (str or None): once set, the run stops after this iteration, unconverged (e.g. debias's
+        early verdict that its targets are out of reach).
         """
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -316,12 +318,16 @@ class Engine:
         done = iteration + 1
         self.elapsed = time.perf_counter() - start
         logged["elapsed"] = self.elapsed
-        if done % self.config.trajectory_every == 0 or self.converged or done == 1:
+        if done % self.config.trajectory_every == 0 or self.converged or done == 1 or self._gave_up():
             self.trajectory.append({"iteration": done, **logged})
         if done % self.config.snapshot_every == 0:
             self._last_good = self._snapshot()
         if self.callback is not None:
             self.callback(done, logged)
+
+    def _gave_up(self) -> bool:
+        """Whether the method says its run cannot succeed (its ``gave_up`` reason is set)."""
+        return bool(getattr(self.method, "gave_up", None))
 
     def run(self, state_path: str | Path | None = None) -> EngineResult:
         """Iterate until the method converges or ``max_iters``; Ctrl-C saves ``state_path`` and raises.
@@ -363,7 +369,7 @@ class Engine:
                         f"interrupted{_by(self._stop.signum)} at iteration {self.iteration}"
                         + (f"; state saved to {state_path}, continue by resuming" if state_path else ""),
                         self._stop.signum, keys=("resume",) if state_path else ())
-                if self.converged:
+                if self.converged or self._gave_up():
                     break
                 if self.iteration >= self.config.max_iters:
                     if pending is None:
@@ -383,7 +389,7 @@ class Engine:
                 if pending is not None:
                     healthy = judge(pending)
                     pending = None
-                    if not healthy or self.converged:
+                    if not healthy or self.converged or self._gave_up():
                         continue  # this iteration's gradients are dropped
                 staged.lr = self._step()
                 pending = staged

@@ -59,6 +59,7 @@ from flowtame.io.checkpoint import Checkpoint, make_provenance, report_header
 from flowtame.io.fileio import json_safe
 from flowtame.likelihood.evaluation import Tolerances, summarize_evaluation
 from flowtame.likelihood.nll import pixel_nll
+from flowtame.methods.calibration import calibrate_lr
 from flowtame.methods.debias import (
     DebiasConfig,
     DebiasMethod,
@@ -365,12 +366,17 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
     model = trainable_copy(base, dev)
     batches = loop_generator(generator, dev, config.seed)
     method = DebiasMethod(data, meter, names, targets, config, batches, before)
+    if config.step_sigma is not None:  # tame's calibration: lr is a cap, fitted to how sharp the model is
+        method.calibration = calibrate_lr(model, data.refresh, data_spec, lr_cap=config.lr,
+                                          step_sigma=config.step_sigma, sigma=float(data.base_std))
     engine = start_engine(model, method, EngineConfig(
-        lr=config.lr, warmup=config.warmup, max_iters=config.max_iters, grad_clip=config.grad_clip,
+        lr=method.calibration.lr if method.calibration is not None else config.lr, warmup=config.warmup,
+        max_iters=config.max_iters, grad_clip=config.grad_clip,
         precision=config.precision, trajectory_every=config.measure_every),
         batches=batches, callback=callback, state_path=state_path, resume=resume)
 
     report = _debias_report(base, groups, targets, config, dev, sets, remember_set, other_set, classifier, before)
+    report["calibration"] = method.calibration.to_dict() if method.calibration is not None else None
     already = within_tolerance(frequencies_of(before), targets, config.tolerance)
     result = None if already else run_for_report(
         engine, state_path, report,
@@ -394,7 +400,7 @@ def _debiased_outcome(base: Checkpoint, base_model: nn.Module, model: nn.Module,
     before = report["frequencies"]["before"]
     iterations = result.iterations if result else 0
     last = method.trajectory[-1]
-    if last["iteration"] == iterations:  # measured at the last iteration already (same model, same draw)
+    if last["iteration"] == iterations and last["samples"] == method.meter.samples:  # measured in full already
         after = {key: last[key] for key in before}
     else:
         after = frequency_table(method.meter.assign(model), names)
@@ -415,6 +421,11 @@ def _debiased_outcome(base: Checkpoint, base_model: nn.Module, model: nn.Module,
                                sets.remember_keys, base_remember_nll, data_spec, config, dev)
     seconds["evaluation"] = time.perf_counter() - clock
     report.update(
+        verdict=method.verdict.to_dict() if method.verdict is not None and not converged else None,
+        verdict_message=method.gave_up if method.verdict is not None and not converged else None,
+        measurements={"full_draw": method.full_measurements,
+                      "screen": len(method.trajectory) - 1 - method.full_measurements,
+                      "refreshes": method.normal.refreshes},
         iterations=iterations, converged=converged, interrupted=False, wall_seconds=wall,
         seconds_per_iteration=wall / max(iterations, 1), lr_reductions=result.lr_reductions if result else 0,
         seconds={"taming": wall, **seconds},

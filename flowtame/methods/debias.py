@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -83,6 +83,97 @@ def within_tolerance(frequencies: Mapping[str, float], targets: Mapping[str, flo
     """True when every group's frequency is within ``tolerance`` (absolute, in fraction units) of its target
     (never when a frequency is NaN)."""
     return all(abs(frequencies[name] - target) <= tolerance for name, target in targets.items())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Can the target be reached?
+
+
+@dataclass(frozen=True)
+class ReachVerdict:
+    """Why a run stops early: at the measured progress rate the target cannot be reached within the budget.
+
+    ``rate``: the group's measured move toward its target, frequency per iteration (least-squares slope over
+    the latest measurements), ``rate_se`` its standard error and ``rate_high`` = rate + z·se (the optimistic
+    bound the verdict uses); ``gap``: how far the latest measurement is outside the tolerance band (frequency);
+    ``budget_left``: iterations left; ``reachable``: rate_high·budget_left, the most the run could still move;
+    ``needed``: gap / rate (iterations at the measured rate; None when it is not moving toward the target).
+    """
+
+    group: str
+    iteration: int
+    share: float
+    target: float
+    rate: float
+    rate_se: float
+    rate_high: float
+    gap: float
+    budget_left: int
+    reachable: float
+    needed: int | None
+    points: int
+
+    def message(self) -> str:
+        """The one line a user reads: the verdict, the figures behind it and what to change."""
+        pace = f"{100 * self.rate * 100:+.2f} ± {100 * self.rate_se * 100:.2f} points per 100 iterations"
+        advice = (f"it would need about {self.needed} more iterations at this rate: raise --max-iters, or ask for "
+                  "a nearer target" if self.needed is not None else
+                  "the frequency is not moving toward the target: ask for a nearer target, or allow larger steps "
+                  "(a larger --lr; --step-sigma 0 lifts the calibration's cap) at the remember set's risk")
+        return (f"cannot reach the target: {self.group} is at {self.share:.3f} against {self.target:.3f} after "
+                f"{self.iteration} iterations and moves {pace} ({self.points} measurements); even at "
+                f"{100 * self.rate_high * 100:+.2f} the {self.budget_left} iterations left would move it "
+                f"{self.reachable:+.3f} of the {self.gap:.3f} needed; {advice}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def progress_rate(iterations: Sequence[int], progress: Sequence[float], floor: float) -> tuple[float, float]:
+    """Least-squares slope of ``progress`` [n] over ``iterations`` [n] and its standard error (per iteration).
+
+    The residual standard deviation (n - 2 degrees of freedom) is floored at ``floor`` (the measurement's
+    resolution, e.g. one sample's share), so that a trajectory that happens to be straight is not taken as
+    exact. Needs n >= 3 distinct iterations.
+    """
+    x = np.asarray(iterations, dtype=np.float64)
+    y = np.asarray(progress, dtype=np.float64)
+    if x.size < 3:
+        raise ValueError("a progress rate needs at least 3 measurements")
+    centred = x - x.mean()
+    sxx = float(centred @ centred)
+    slope = float(centred @ (y - y.mean())) / sxx
+    residual = y - y.mean() - slope * centred
+    sd = max(float(np.sqrt(residual @ residual / (x.size - 2))), floor)
+    return slope, sd / np.sqrt(sxx)
+
+
+def reach_verdict(group: str, iterations: Sequence[int], shares: Sequence[float], target: float, *,
+                  tolerance: float, max_iters: int, z: float, min_points: int, floor: float) -> ReachVerdict | None:
+    """A :class:`ReachVerdict` when ``group``'s shares [n] measured at ``iterations`` [n] (past the warm-up)
+    say its target cannot be reached within ``max_iters``; None while it still can (or too few points).
+
+    Uses the latest ``2 * min_points`` measurements at most (the current pace, not the warm-up's). The
+    projection is optimistic on purpose: the rate's upper bound (``z`` standard errors above the slope) held
+    for every iteration left, although the learning rate shrinks as the gap closes; so a verdict means the
+    target is out of reach even if the model kept its best plausible pace.
+    """
+    if len(shares) < min_points:
+        return None
+    its, values = list(iterations)[-2 * min_points:], list(shares)[-2 * min_points:]
+    direction = 1.0 if target >= values[0] else -1.0
+    gap = abs(target - values[-1]) - tolerance
+    if gap <= 0:
+        return None
+    rate, se = progress_rate(its, [direction * (v - values[0]) for v in values], floor)
+    left = max_iters - its[-1]
+    high = rate + z * se
+    if high * left >= gap:
+        return None
+    needed = int(np.ceil(gap / rate)) if rate > 0 else None
+    return ReachVerdict(group=group, iteration=int(its[-1]), share=float(values[-1]), target=float(target),
+                        rate=rate, rate_se=se, rate_high=high, gap=gap, budget_left=int(left),
+                        reachable=high * left, needed=needed, points=len(its))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,14 +406,18 @@ class FrequencyMeter:
         return self.noise[0].shape[0]
 
     @torch.no_grad()
-    def assign(self, model: MultiScaleFlow) -> Tensor:
-        """Class of every sample, long [N] on the CPU (0..G-1 a group, G other); the model runs in eval mode."""
+    def assign(self, model: MultiScaleFlow, limit: int | None = None) -> Tensor:
+        """Class of every sample, long [N] on the CPU (0..G-1 a group, G other); the model runs in eval mode.
+
+        ``limit``: only the draw's first ``limit`` samples (the screen: same noise, a fraction of the cost)."""
+        count = self.samples if limit is None else min(limit, self.samples)
         was_training = model.training
         model.eval()
         try:
             out = []
-            for start in range(0, self.samples, MEASURE_BATCH):
-                x = model.decode_noise([eps[start:start + MEASURE_BATCH] for eps in self.noise])
+            for start in range(0, count, MEASURE_BATCH):
+                stop = min(start + MEASURE_BATCH, count)
+                x = model.decode_noise([eps[start:stop] for eps in self.noise])
                 out.append(self.classifier.logits(bin_centres(x, self.n_bits)).argmax(1).cpu())
         finally:
             model.train(was_training)
@@ -342,6 +437,16 @@ class DebiasConfig:
     target gets the full weight 1; nearer, proportionally less; and the learning rate is scaled by the
     largest gap over ``gap_scale``, clipped to [``min_lr_factor``, 1]. ``check_draw``: after the run, measure
     base and debiased model again on an independent draw (seed ``seed + 1``) that the stopping rule never saw.
+    ``step_sigma``: ``tame``'s learning-rate calibration (:func:`flowtame.methods.calibration.calibrate_lr`):
+    ``lr`` is a cap, lowered so that one step moves the remember mean NLL by at most ``step_sigma`` σ_R to
+    first order (None or 0: ``lr`` as given). ``screen_samples``: measurements decode only this prefix of the
+    fixed draw while it says the targets are farther than the tolerance plus its own 95% half width; the full
+    draw is decoded when they may be within reach (every stop is judged on the full draw; 0: always the full
+    draw). ``refresh_every``: μ_R, σ_R are re-estimated at a measurement when this many iterations passed since
+    the last refresh, or earlier when the remember batches say the value went stale. ``verdict``: stop early
+    when the measured progress rate says the targets cannot be reached within ``max_iters``
+    (:func:`reach_verdict`, after ``verdict_points`` measurements past the warm-up, optimistic by
+    ``verdict_z`` standard errors).
     """
 
     tolerance: float = 0.02
@@ -357,8 +462,14 @@ class DebiasConfig:
     soft_delta: float = 2.0
     gap_scale: float = 0.2
     min_lr_factor: float = 0.25
+    step_sigma: float | None = 0.5
     check_draw: bool = True
     refresh_size: int = 512
+    refresh_every: int = 30
+    screen_samples: int = 256
+    verdict: bool = True
+    verdict_points: int = 4
+    verdict_z: float = 2.0
     held_out_fraction: float = 0.2
     classifier_weight_decay: float = 1e-2
     classifier_max_iter: int = 300
@@ -383,6 +494,14 @@ class DebiasConfig:
             problems.append("gap_scale must be positive and refresh_size at least 2")
         if not 0 < self.min_lr_factor <= 1:
             problems.append("min_lr_factor must lie in (0, 1]")
+        if self.step_sigma == 0:
+            self.step_sigma = None  # 0 turns the calibration off: lr is used as given
+        if self.step_sigma is not None and not self.step_sigma > 0:
+            problems.append("step_sigma must be positive (0 turns the calibration off)")
+        if self.screen_samples < 0 or self.refresh_every < 1:
+            problems.append("screen_samples must be non-negative and refresh_every at least 1")
+        if self.verdict_points < 3 or not self.verdict_z >= 0:
+            problems.append("verdict_points must be at least 3 and verdict_z non-negative")
         if not 0 < self.held_out_fraction < 1 or not self.classifier_weight_decay >= 0:
             problems.append("held_out_fraction must lie in (0, 1) and classifier_weight_decay be non-negative")
         if problems:
@@ -469,6 +588,37 @@ class DebiasMethod:
         self._set_frequencies(torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64))
         self.trajectory: list[dict[str, Any]] = [
             {"iteration": 0, **initial, "remember_mean_bpd": float(self.normal.mu) / self.nats_per_bpd}]
+        #: The group the early verdict follows: the one farthest from its target at the start.
+        gaps = (self.targets - torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64)).abs()
+        self.lead = self.group_names[int(torch.nan_to_num(gaps, nan=0.0).argmax())]
+        #: Decode the whole draw at the next measurement (else its screen prefix only).
+        self.full_next = self._within_reach(initial, initial["assigned"] * self.screen_fraction)
+        self.last_refresh = 0
+        self.full_measurements = 0
+        #: Set when the measured progress says the targets cannot be reached: the engine stops (unconverged).
+        self.verdict: ReachVerdict | None = None
+        self.gave_up: str | None = None
+        self.calibration: Any = None  # set by the job when the learning rate was calibrated
+
+    @property
+    def screen_fraction(self) -> float:
+        """The share of the draw a screen measurement decodes (1 when screening is off)."""
+        screen = self.config.screen_samples
+        return 1.0 if not screen or screen >= self.meter.samples else screen / self.meter.samples
+
+    def _within_reach(self, table: Mapping[str, Any], assigned: float) -> bool:
+        """Whether every group of ``table`` may be within tolerance of its target once measured on the full draw:
+        its share within the tolerance plus the 95% half width of a share measured on ``assigned`` samples."""
+        if self.screen_fraction == 1.0:
+            return True
+        for name, target in zip(self.group_names, self.targets.tolist(), strict=True):
+            share = table["groups"][name]["frequency"]
+            if assigned < 1 or share != share:  # nothing assigned or NaN: measure in full
+                return True
+            half = 1.96 * (max(share * (1 - share), 0.25 / assigned) / assigned) ** 0.5
+            if abs(share - target) > self.config.tolerance + half:
+                return False
+        return True
 
     def _set_frequencies(self, frequencies: Tensor) -> None:
         """Adopt measured frequencies [G] (float64, CPU): the loss weights, the learning-rate factor and the
@@ -516,6 +666,7 @@ class DebiasMethod:
             lower_term = torch.relu(threshold - values).mean() / self.nats_per_bpd
             loss_groups = loss_groups + torch.relu(weight) * raise_term + torch.relu(-weight) * lower_term
         batch_mean, batch_std = nll_remember.mean(), nll_remember.std()
+        self.normal.track(batch_mean, batch_std)  # tells when the refreshed mu_R, sigma_R went stale
         tamed_mean = self.normal.mu + (batch_mean - batch_mean.detach())
         tamed_std = self.normal.sigma + (batch_std - batch_std.detach())
         loss_remember, remember_bpd, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
@@ -533,26 +684,65 @@ class DebiasMethod:
         """Re-estimate μ_R, σ_R (nats) of the current model on the fixed refresh subset, corrected."""
         self.normal.update(batched_nll(model, self.data.refresh, self.data.data_spec))
 
+    def _measure(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """(frequency table, its screen-prefix table, whether the full draw was decoded) for the current model."""
+        screen = int(round(self.screen_fraction * self.meter.samples))
+        if screen == self.meter.samples or not self.full_next:
+            table = frequency_table(self.meter.assign(model, screen), self.group_names)
+            return table, table, screen == self.meter.samples
+        labels = self.meter.assign(model)
+        return frequency_table(labels, self.group_names), frequency_table(labels[:screen], self.group_names), True
+
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
-        if (iteration + 1) % self.config.measure_every:
+        """At every ``measure_every``-th iteration: measure (screen or full draw), refresh μ_R, σ_R when due,
+        update weights and step size; converged when a full measurement is within tolerance; sets
+        :attr:`gave_up` when :func:`reach_verdict` says the targets are out of reach."""
+        done = iteration + 1
+        if done % self.config.measure_every:
             return False
-        table = frequency_table(self.meter.assign(model), self.group_names)
+        table, screened, full = self._measure(model)
+        self.full_measurements += int(full)
+        if done - self.last_refresh >= self.config.refresh_every or self.normal.stale():
+            self.refresh(model)
+            self.last_refresh = done
         measured = frequencies_of(table)
-        self.refresh(model)
-        self.trajectory.append({"iteration": iteration + 1, **table,
+        self.trajectory.append({"iteration": done, **table, "full_draw": full,
+                                "screen": None if full and screened is table else frequencies_of(screened),
                                 "remember_mean_bpd": float(self.normal.mu) / self.nats_per_bpd})
         self._set_frequencies(torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64))
         logged["max_gap"] = float(self.max_gap)
-        return within_tolerance(measured, dict(zip(self.group_names, self.targets.tolist(), strict=True)),
-                                self.config.tolerance)
+        self.full_next = self._within_reach(screened, screened["assigned"])
+        targets = dict(zip(self.group_names, self.targets.tolist(), strict=True))
+        converged = full and within_tolerance(measured, targets, self.config.tolerance)
+        if not converged and self.config.verdict:
+            self._judge_reach(screened["assigned"])
+        return converged
+
+    def _judge_reach(self, assigned: int) -> None:
+        """Set :attr:`verdict` and :attr:`gave_up` when the lead group's screen shares since the warm-up say its
+        target is out of reach (:func:`reach_verdict`; ``assigned``: the screen's assigned samples)."""
+        points = [(t["iteration"], (t["screen"] or frequencies_of(t))[self.lead]) for t in self.trajectory[1:]
+                  if t["iteration"] >= self.config.warmup]
+        if not points or assigned < 1 or any(share != share for _, share in points):
+            return
+        target = float(self.targets[self.group_names.index(self.lead)])
+        self.verdict = reach_verdict(self.lead, [i for i, _ in points], [f for _, f in points], target,
+                                     tolerance=self.config.tolerance, max_iters=self.config.max_iters,
+                                     z=self.config.verdict_z, min_points=self.config.verdict_points,
+                                     floor=1.0 / assigned)
+        self.gave_up = self.verdict.message() if self.verdict else None
 
     def state_tensors(self) -> dict[str, Tensor]:
         return {**self.normal.state_tensors(), "frequencies": self.frequencies}
 
     def state_meta(self) -> dict[str, Any]:
-        return {**self.normal.state_meta(), "trajectory": self.trajectory}
+        return {**self.normal.state_meta(), "trajectory": self.trajectory, "full_next": self.full_next,
+                "last_refresh": self.last_refresh, "full_measurements": self.full_measurements}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.normal.load_state(tensors, meta)
         self._set_frequencies(tensors["frequencies"].cpu().double())
         self.trajectory = meta["trajectory"]
+        self.full_next = meta["full_next"]
+        self.last_refresh = meta["last_refresh"]
+        self.full_measurements = meta["full_measurements"]
