@@ -1,20 +1,22 @@
-"""Where one ``debias`` iteration's time goes on a zoo model (issue 22): the parts of a measurement and a step.
+"""Where one ``debias`` iteration's time goes on a zoo model (issue 22), before and after the issue's changes.
 
 For a zoo model (benchmarks/zoo_models.py, built and cached there) and the groups zero and one of its digits,
 times each part that :class:`flowtame.methods.debias.DebiasMethod` runs, on the CPU with the configured
-threads:
+threads, all in one process so that the columns share the machine's load:
 
-- ``decode``: the fixed draw (``--samples`` latents) decoded by the model being debiased (eval mode, no grad);
+- ``decode``: the fixed draw decoded by the model being debiased (eval mode, no grad): all ``samples``
+  (1024), and the screen prefix (``screen_samples``, 256);
 - ``classify``: those samples assigned by the latent logistic classifier (encoded by the base model);
 - ``refresh``: mu_R, sigma_R re-estimated on the refresh subset (``refresh_size`` remember images);
 - ``step``: one training iteration (forward/backward over the groups' and the remember batch, Adam's step),
   the mean of ``--steps`` iterations run by the engine.
 
-Per iteration = step + (decode + classify + refresh) / measure_every, for the settings given (the shipped
-defaults unless ``--override``). ``--json`` appends the result to a file (one entry per call).
+Per iteration, before (every measurement decodes the whole draw and refreshes):
+``step + (decode + classify + refresh) / measure_every``; after, far from the target (screen measurements,
+refresh every ``refresh_every``): ``step + (decode_screen + classify_screen) / measure_every + refresh /
+refresh_every``; after, near the target (whole draw): the same with the whole draw's decode and classify.
 
-    python benchmarks/debias_profile.py --models wide-glow tuning-glow --threads 1
-    python benchmarks/debias_profile.py --models wide-glow --override '{"refresh_size": 256}' --label after
+    python benchmarks/debias_profile.py --models wide-glow tuning-glow --threads 1 --json profile.json
 """
 
 from __future__ import annotations
@@ -82,27 +84,32 @@ def profile(name: str, cache: Path, override: dict[str, Any], steps: int) -> dic
     generator = torch.Generator().manual_seed(0)
     data, _ = prepare_data(base_model, groups, remember, keys, spec, config, generator, torch.device("cpu"))
     model = trainable_copy(base, torch.device("cpu"))
-    decode_s, samples = timed(lambda: _decode(model, meter))
-    classify_s, labels = timed(lambda: _classify(meter, samples))
-    refresh_s, _ = timed(lambda: batched_nll(model.eval(), data.refresh, spec))
-    before = frequency_table(labels, list(GROUP_DIGITS))
+    parts = {}
+    for label, count in (("", config.samples), ("_screen", config.screen_samples)):
+        parts[f"decode{label}_s"], samples = timed(lambda count=count: _decode(model, meter, count))
+        parts[f"classify{label}_s"], labels = timed(lambda samples=samples: _classify(meter, samples))
+        if not label:
+            before = frequency_table(labels, list(GROUP_DIGITS))
+    parts["refresh_s"], _ = timed(lambda: batched_nll(model.eval(), data.refresh, spec))
     batches = loop_generator(generator, torch.device("cpu"), 0)
     method = DebiasMethod(data, meter, list(GROUP_DIGITS), {"zero": 0.5, "one": 0.5}, config, batches, before)
     method.after_step = lambda *_: False  # time the steps alone
     engine = Engine(model, method, EngineConfig(lr=config.lr, max_iters=steps, warmup=0))
-    step_s = engine.run().wall_seconds / steps
-    measure_s = decode_s + classify_s + refresh_s
+    step = parts["step_s"] = engine.run().wall_seconds / steps
+    every, full = config.measure_every, parts["decode_s"] + parts["classify_s"]
+    screen = parts["decode_screen_s"] + parts["classify_screen_s"]
     return {"model": name, "parameters": base.num_parameters, "samples": config.samples,
-            "refresh_size": int(data.refresh.shape[0]), "measure_every": config.measure_every,
-            "decode_s": decode_s, "classify_s": classify_s, "refresh_s": refresh_s, "step_s": step_s,
-            "per_iteration_s": step_s + measure_s / config.measure_every,
-            "measurement_share": measure_s / config.measure_every / (step_s + measure_s / config.measure_every)}
+            "screen_samples": config.screen_samples, "refresh_size": int(data.refresh.shape[0]),
+            "measure_every": every, "refresh_every": config.refresh_every, **parts,
+            "before_per_iteration_s": step + (full + parts["refresh_s"]) / every,
+            "after_far_per_iteration_s": step + screen / every + parts["refresh_s"] / config.refresh_every,
+            "after_near_per_iteration_s": step + full / every + parts["refresh_s"] / config.refresh_every}
 
 
 @torch.no_grad()
-def _decode(model: torch.nn.Module, meter: FrequencyMeter) -> list[torch.Tensor]:
+def _decode(model: torch.nn.Module, meter: FrequencyMeter, count: int) -> list[torch.Tensor]:
     model.eval()
-    return [model.decode_noise([eps[i:i + 256] for eps in meter.noise]) for i in range(0, meter.samples, 256)]
+    return [model.decode_noise([eps[i:min(i + 256, count)] for eps in meter.noise]) for i in range(0, count, 256)]
 
 
 @torch.no_grad()
@@ -128,9 +135,11 @@ def main() -> None:
         row = {"label": args.label, "override": args.override, "threads": args.threads,
                **profile(name, args.cache, args.override, args.steps)}
         rows.append(row)
-        print(f"{args.label:10s} {name:12s} decode {row['decode_s']:6.2f} s  classify {row['classify_s']:6.2f} s  "
-              f"refresh {row['refresh_s']:6.2f} s  step {row['step_s']:5.2f} s  -> {row['per_iteration_s']:5.2f} s/it "
-              f"({100 * row['measurement_share']:.0f}% measuring)", flush=True)
+        print(f"{name:13s} decode {row['decode_s']:5.2f} / {row['decode_screen_s']:5.2f} s  classify "
+              f"{row['classify_s']:5.2f} / {row['classify_screen_s']:5.2f} s  refresh {row['refresh_s']:5.2f} s  "
+              f"step {row['step_s']:5.2f} s  per iteration: before {row['before_per_iteration_s']:5.2f} s, after "
+              f"{row['after_far_per_iteration_s']:5.2f} s far / {row['after_near_per_iteration_s']:5.2f} s near",
+              flush=True)
     if args.json:
         previous = json.loads(args.json.read_text()) if args.json.exists() else []
         args.json.write_text(json.dumps(previous + rows, indent=1))

@@ -570,3 +570,20 @@ def test_cli_unreachable_target_stops_early_with_one_line_and_exit_1_when_requir
     assert report["converged"] is False and report["iterations"] == 40 < 200  # 4 measurements, every 10
     assert report["verdict"]["budget_left"] == 160 and report["verdict"]["rate_high"] * 160 < report["verdict"]["gap"]
     assert out.exists()  # outputs written, as for any unconverged run
+
+
+def test_far_measurements_decode_the_screen_prefix_and_only_the_whole_draw_can_stop(tiny_base):
+    model = load_checkpoint(tiny_base).model
+    meter = _StubMeter([0] * 300 + [1] * 700)
+    _, _, method = _method(tiny_base, {"zero": 0.8, "one": 0.2}, [0] * 300 + [1] * 700, meter, measure_every=5,
+                           screen_samples=250, verdict=False, refresh_every=10)
+    within = [0] * 800 + [1] * 200  # zero's share 0.8 in the whole draw, but 1.0 in its first 250 samples
+    meter.labels = torch.tensor(within)
+    assert method.after_step(model, 4, {"max_gap": 0.0}) is False  # far at the start: screened, even if inside
+    assert method.trajectory[-1]["samples"] == 250 and method.trajectory[-1]["full_draw"] is False
+    meter.labels = torch.tensor([0] * 200 + [1] * 50 + [0] * 590 + [1] * 160)  # prefix 0.8, whole draw 0.79
+    assert method.after_step(model, 9, {"max_gap": 0.0}) is False and method.trajectory[-1]["samples"] == 250
+    assert method.after_step(model, 14, {"max_gap": 0.0}) is True  # decoded in full: within 0.02
+    assert method.trajectory[-1]["full_draw"] is True and method.trajectory[-1]["samples"] == 1000
+    assert method.trajectory[-1]["screen"]["zero"] == pytest.approx(0.8)
+    assert method.full_measurements == 1 and method.normal.refreshes == 1  # refreshed at 10 only (every 10)
