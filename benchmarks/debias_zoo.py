@@ -134,9 +134,9 @@ def _share(table: dict[str, Any], name: str) -> str:
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The zoo table as Markdown, one line per model x target."""
     lines = ["| model | target | group: natural → target | converged | iters | wall s | s/it | lr (calibrated) | "
-             "before [95%] | after [95%] | check draw before → after | remember QD | remember ΔBPD | "
-             "holdout ΔBPD | why not |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | --- |"]
+             "before [95%] | after [95%] | it. per point | check draw before → after | remember QD | "
+             "remember ΔBPD | holdout ΔBPD | why not |",
+             "| --- | --- | --- | --- |" + " ---: |" * 4 + " --- | --- | ---: | --- |" + " ---: |" * 3 + " --- |"]
     for r in rows:
         d = r["debias"]
         name = next(n for n, t in d["targets"].items() if t > d["before"]["groups"][n]["frequency"])
@@ -144,14 +144,34 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         check_text = ("–" if not check else f"{check['before']['groups'][name]['frequency']:.3f} → "
                       f"{check['after']['groups'][name]['frequency']:.3f}")
         lr = d["calibration"]["lr"] if d.get("calibration") else d["config"]["lr"]
+        moved = 100 * (d["after"]["groups"][name]["frequency"] - d["before"]["groups"][name]["frequency"])
+        per_point = f"{d['iterations'] / moved:.1f}" if moved > 0 else "no move"
         lines.append(
             f"| {r['model']} | {r['target']} | {name}: {d['before']['groups'][name]['frequency']:.3f} → "
             f"{d['targets'][name]:.3f} | {'yes' if d['converged'] else 'no'} | {d['iterations']} | "
             f"{d['total_seconds']:.0f} | {d['seconds_per_iteration']:.2f} | {lr:.2g} | "
-            f"{_share(d['before'], name)} | {_share(d['after'], name)} | {check_text} | {d['remember_qd']:+.4f} | "
+            f"{_share(d['before'], name)} | {_share(d['after'], name)} | {per_point} | {check_text} | "
+            f"{d['remember_qd']:+.4f} | "
             f"{100 * d['remember_bpd_change']:+.2f}% | {100 * d['holdout_bpd_change']:+.2f}% | "
             f"{why_not(d) or '–'} |")
     return lines
+
+
+def time_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Where each row's wall time went (seconds, from the report's ``seconds`` block)."""
+    parts = ("classifier", "measurement", "calibration", "taming", "check_draw", "evaluation")
+    lines = ["| model | target | " + " | ".join(parts) + " | loop measurements (full / screen) | refreshes |",
+             "| --- | --- |" + " ---: |" * (len(parts) + 2)]
+    for r in rows:
+        d, m = r["debias"], r["debias"].get("measurements") or {}
+        lines.append(f"| {r['model']} | {r['target']} | " + " | ".join(
+            _fmt(d["seconds"].get(p)) for p in parts) + f" | {m.get('full_draw', '–')} / {m.get('screen', '–')} | "
+            f"{m.get('refreshes', '–')} |")
+    return lines
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
 
 
 def print_results(results: dict[str, Any]) -> None:
@@ -159,10 +179,15 @@ def print_results(results: dict[str, Any]) -> None:
           f"{results.get('machine')}\ncommand: {results.get('command')}\n")
     for line in table_lines(results["rows"]):
         print(line)
+    print()
+    for line in time_lines(results["rows"]):
+        print(line)
     print(f"\nwall s: the debias() call (classifier, measurements, calibration, loop, check draw, evaluation); "
           f"s/it: the loop's seconds per iteration; before/after: the rarer group's share on the fixed draw "
           f"({results['rows'][0]['debias']['config']['samples'] if results['rows'] else '?'} samples); "
-          f"holdout: the test split, all digits. Run time {results.get('total_seconds', 0):.0f} s.")
+          f"it. per point: iterations per point of share moved on the fixed draw; holdout: the test split, all "
+          f"digits; time table: seconds of each part of the call (taming = the loop). "
+          f"Run time {results.get('total_seconds', 0):.0f} s.")
 
 
 def model_sets(name: str, base: Checkpoint, cache: Path) -> tuple[dict[str, Any], Any, Any]:

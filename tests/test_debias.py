@@ -587,3 +587,20 @@ def test_far_measurements_decode_the_screen_prefix_and_only_the_whole_draw_can_s
     assert method.trajectory[-1]["full_draw"] is True and method.trajectory[-1]["samples"] == 1000
     assert method.trajectory[-1]["screen"]["zero"] == pytest.approx(0.8)
     assert method.full_measurements == 1 and method.normal.refreshes == 1  # refreshed at 10 only (every 10)
+
+
+def test_an_overshoot_halves_the_step_and_restarts_the_verdict_series(tiny_base):
+    model = load_checkpoint(tiny_base).model
+    start = [0] * 300 + [1] * 700
+    meter = _StubMeter(start)
+    _, _, method = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, measure_every=5, warmup=0,
+                           screen_samples=0, max_iters=400)
+    _measure_steps(method, model, meter, [0.35, 0.45])
+    assert method.overshoots == 0 and method.lr_factor == pytest.approx(0.25)  # gap 0.05 / 0.2, at the floor
+    _measure_steps(method, model, meter, [0.70], every=15)  # iteration 15: crossed 0.5, landed 0.2 beyond it
+    assert method.overshoots == 1 and method.last_crossing == 15 and method.lr_factor == pytest.approx(0.5)
+    _measure_steps(method, model, meter, [0.49], every=20)  # back within the tolerance: stops, no overshoot
+    assert method.overshoots == 1
+    # the verdict only reads the measurements since the crossing: none before iteration 15 counts
+    _measure_steps(method, model, meter, [0.60], every=25)
+    assert method.overshoots == 2 and method.last_crossing == 25 and method.verdict is None

@@ -367,8 +367,10 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
     batches = loop_generator(generator, dev, config.seed)
     method = DebiasMethod(data, meter, names, targets, config, batches, before)
     if config.step_sigma is not None:  # tame's calibration: lr is a cap, fitted to how sharp the model is
+        clock = time.perf_counter()
         method.calibration = calibrate_lr(model, data.refresh, data_spec, lr_cap=config.lr,
                                           step_sigma=config.step_sigma, sigma=float(data.base_std))
+        seconds["calibration"] = time.perf_counter() - clock
     engine = start_engine(model, method, EngineConfig(
         lr=method.calibration.lr if method.calibration is not None else config.lr, warmup=config.warmup,
         max_iters=config.max_iters, grad_clip=config.grad_clip,
@@ -425,7 +427,7 @@ def _debiased_outcome(base: Checkpoint, base_model: nn.Module, model: nn.Module,
         verdict_message=method.gave_up if method.verdict is not None and not converged else None,
         measurements={"full_draw": method.full_measurements,
                       "screen": len(method.trajectory) - 1 - method.full_measurements,
-                      "refreshes": method.normal.refreshes},
+                      "refreshes": method.normal.refreshes, "overshoots": method.overshoots},
         iterations=iterations, converged=converged, interrupted=False, wall_seconds=wall,
         seconds_per_iteration=wall / max(iterations, 1), lr_reductions=result.lr_reductions if result else 0,
         seconds={"taming": wall, **seconds},

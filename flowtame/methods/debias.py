@@ -566,8 +566,8 @@ class DebiasMethod:
     the fixed subset, with the base model's subset correction), updates the weights and ``lr_factor`` (the
     engine's learning-rate multiplier, ``clip(max_g |gap_g| / gap_scale, min_lr_factor, 1)``: Adam's steps do
     not shrink with the loss weights, so the step size itself is made proportional to the remaining gap, or
-    the frequencies overshoot and oscillate), and reports convergence when every group is within
-    ``tolerance`` of its target.
+    the frequencies overshoot and oscillate; and halved each time the lead group's share crosses its target
+    all the same), and reports convergence when every group is within ``tolerance`` of its target.
     """
 
     name = "debias"
@@ -584,6 +584,10 @@ class DebiasMethod:
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
         #: N_T: mu_R, sigma_R of the model being changed (refresh with subset correction, resume state).
         self.normal = RememberNormal(data.base_mean, data.base_std, data.subset_correction)
+        #: Times the lead group's share crossed its target (from one side to the other, outside the tolerance):
+        #: each halves the step size; and the iteration of the latest crossing (the verdict's series starts there).
+        self.overshoots = 0
+        self.last_crossing = 0
         measured = frequencies_of(initial)
         self._set_frequencies(torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64))
         self.trajectory: list[dict[str, Any]] = [
@@ -636,9 +640,21 @@ class DebiasMethod:
 
     def _lr_factor(self, frequencies: Tensor) -> float:
         """The engine's learning-rate multiplier: ``clip(max_g |target_g - frequency_g| / gap_scale,
-        min_lr_factor, 1)`` (NaN frequencies: 1) — steps shrink as the frequencies near their targets."""
+        min_lr_factor, 1)`` (NaN frequencies: 1) — steps shrink as the frequencies near their targets — halved for
+        every overshoot (:meth:`_count_crossing`)."""
         gap = float(torch.nan_to_num((self.targets - frequencies).abs(), nan=float("inf")).max())
-        return min(1.0, max(self.config.min_lr_factor, gap / self.config.gap_scale))
+        return min(1.0, max(self.config.min_lr_factor, gap / self.config.gap_scale)) * 0.5 ** self.overshoots
+
+    def _count_crossing(self, measured: Mapping[str, float], iteration: int) -> None:
+        """Halve the step size (count an overshoot) when the lead group's share went from one side of its target
+        to the other since the previous measurement and landed outside the tolerance: the steps were too large
+        for how strongly this model's samples respond, and the loop would swing around the target."""
+        index = self.group_names.index(self.lead)
+        target = float(self.targets[index])
+        before, now = float(self.frequencies[index]) - target, measured[self.lead] - target
+        if before * now < 0 and abs(now) > self.config.tolerance:
+            self.overshoots += 1
+            self.last_crossing = iteration
 
     def _batch(self) -> tuple[Tensor, list[int]]:
         """(inputs [G*B + B, C, H, W] with fresh noise, rows per group then remember)."""
@@ -706,6 +722,7 @@ class DebiasMethod:
             self.refresh(model)
             self.last_refresh = done
         measured = frequencies_of(table)
+        self._count_crossing(measured, done)
         self.trajectory.append({"iteration": done, **table, "full_draw": full,
                                 "screen": None if full and screened is table else frequencies_of(screened),
                                 "remember_mean_bpd": float(self.normal.mu) / self.nats_per_bpd})
@@ -721,8 +738,9 @@ class DebiasMethod:
     def _judge_reach(self, assigned: int) -> None:
         """Set :attr:`verdict` and :attr:`gave_up` when the lead group's screen shares since the warm-up say its
         target is out of reach (:func:`reach_verdict`; ``assigned``: the screen's assigned samples)."""
+        start = max(self.config.warmup, self.last_crossing)
         points = [(t["iteration"], (t["screen"] or frequencies_of(t))[self.lead]) for t in self.trajectory[1:]
-                  if t["iteration"] >= self.config.warmup]
+                  if t["iteration"] >= start]
         if not points or assigned < 1 or any(share != share for _, share in points):
             return
         target = float(self.targets[self.group_names.index(self.lead)])
@@ -737,10 +755,12 @@ class DebiasMethod:
 
     def state_meta(self) -> dict[str, Any]:
         return {**self.normal.state_meta(), "trajectory": self.trajectory, "full_next": self.full_next,
-                "last_refresh": self.last_refresh, "full_measurements": self.full_measurements}
+                "last_refresh": self.last_refresh, "full_measurements": self.full_measurements,
+                "overshoots": self.overshoots, "last_crossing": self.last_crossing}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.normal.load_state(tensors, meta)
+        self.overshoots, self.last_crossing = meta["overshoots"], meta["last_crossing"]
         self._set_frequencies(tensors["frequencies"].cpu().double())
         self.trajectory = meta["trajectory"]
         self.full_next = meta["full_next"]
