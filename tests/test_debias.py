@@ -21,6 +21,7 @@ from flowtame.io.fileio import sha256_file
 from flowtame.jobs.debias import parse_groups, parse_targets
 from flowtame.likelihood.nll import pixel_nll
 from flowtame.methods.debias import (
+    REGROWTH,
     DebiasConfig,
     DebiasMethod,
     bin_centres,
@@ -600,7 +601,10 @@ def test_an_overshoot_halves_the_step_and_restarts_the_verdict_series(tiny_base)
     _measure_steps(method, model, meter, [0.70], every=15)  # iteration 15: crossed 0.5, landed 0.2 beyond it
     assert method.overshoots == 1 and method.last_crossing == 15 and method.lr_factor == pytest.approx(0.5)
     _measure_steps(method, model, meter, [0.49], every=20)  # back within the tolerance: stops, no overshoot
-    assert method.overshoots == 1
+    assert method.overshoots == 1 and method.step_scale == pytest.approx(0.5 * REGROWTH)  # growing back
     # the verdict only reads the measurements since the crossing: none before iteration 15 counts
     _measure_steps(method, model, meter, [0.60], every=25)
     assert method.overshoots == 2 and method.last_crossing == 25 and method.verdict is None
+    assert method.step_scale == pytest.approx(0.25 * REGROWTH)
+    _measure_steps(method, model, meter, [0.58, 0.57, 0.56, 0.55, 0.54, 0.53, 0.52], every=30)
+    assert method.step_scale == 1.0  # seven measurements without a crossing: back to full (capped)

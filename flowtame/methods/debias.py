@@ -31,6 +31,8 @@ from flowtame.likelihood.threshold import forget_threshold
 from flowtame.methods.objective import remember_loss
 from flowtame.methods.remember import RememberNormal
 
+#: After an overshoot halved debias's step size, each measurement without one multiplies it by this (up to 1).
+REGROWTH = 1.25
 #: Samples are decoded and classified this many at a time.
 MEASURE_BATCH = 256
 CLASSIFIER_KINDS = ("latent-logistic", "torchscript")
@@ -567,7 +569,8 @@ class DebiasMethod:
     engine's learning-rate multiplier, ``clip(max_g |gap_g| / gap_scale, min_lr_factor, 1)``: Adam's steps do
     not shrink with the loss weights, so the step size itself is made proportional to the remaining gap, or
     the frequencies overshoot and oscillate; and halved each time the lead group's share crosses its target
-    all the same), and reports convergence when every group is within ``tolerance`` of its target.
+    all the same, grown back by :data:`REGROWTH` at each measurement without a crossing), and reports
+    convergence when every group is within ``tolerance`` of its target.
     """
 
     name = "debias"
@@ -584,10 +587,12 @@ class DebiasMethod:
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
         #: N_T: mu_R, sigma_R of the model being changed (refresh with subset correction, resume state).
         self.normal = RememberNormal(data.base_mean, data.base_std, data.subset_correction)
-        #: Times the lead group's share crossed its target (from one side to the other, outside the tolerance):
-        #: each halves the step size; and the iteration of the latest crossing (the verdict's series starts there).
+        #: Times the lead group's share crossed its target (from one side to the other, outside the tolerance),
+        #: the iteration of the latest crossing (the verdict's series starts there) and the step-size scale they
+        #: set: halved at each crossing, grown by :data:`REGROWTH` (up to 1) at each measurement without one.
         self.overshoots = 0
         self.last_crossing = 0
+        self.step_scale = 1.0
         measured = frequencies_of(initial)
         self._set_frequencies(torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64))
         self.trajectory: list[dict[str, Any]] = [
@@ -643,18 +648,23 @@ class DebiasMethod:
         min_lr_factor, 1)`` (NaN frequencies: 1) — steps shrink as the frequencies near their targets — halved for
         every overshoot (:meth:`_count_crossing`)."""
         gap = float(torch.nan_to_num((self.targets - frequencies).abs(), nan=float("inf")).max())
-        return min(1.0, max(self.config.min_lr_factor, gap / self.config.gap_scale)) * 0.5 ** self.overshoots
+        return min(1.0, max(self.config.min_lr_factor, gap / self.config.gap_scale)) * self.step_scale
 
     def _count_crossing(self, measured: Mapping[str, float], iteration: int) -> None:
         """Halve the step size (count an overshoot) when the lead group's share went from one side of its target
         to the other since the previous measurement and landed outside the tolerance: the steps were too large
-        for how strongly this model's samples respond, and the loop would swing around the target."""
+        for how strongly this model's samples respond, and the loop would swing around the target. Without a
+        crossing the scale grows back by :data:`REGROWTH` (at most to 1), so that it does not stall short of the
+        band (the sign rule of Rprop, per measurement)."""
         index = self.group_names.index(self.lead)
         target = float(self.targets[index])
         before, now = float(self.frequencies[index]) - target, measured[self.lead] - target
         if before * now < 0 and abs(now) > self.config.tolerance:
             self.overshoots += 1
             self.last_crossing = iteration
+            self.step_scale *= 0.5
+        else:
+            self.step_scale = min(1.0, self.step_scale * REGROWTH)
 
     def _batch(self) -> tuple[Tensor, list[int]]:
         """(inputs [G*B + B, C, H, W] with fresh noise, rows per group then remember)."""
@@ -756,11 +766,12 @@ class DebiasMethod:
     def state_meta(self) -> dict[str, Any]:
         return {**self.normal.state_meta(), "trajectory": self.trajectory, "full_next": self.full_next,
                 "last_refresh": self.last_refresh, "full_measurements": self.full_measurements,
-                "overshoots": self.overshoots, "last_crossing": self.last_crossing}
+                "overshoots": self.overshoots, "last_crossing": self.last_crossing, "step_scale": self.step_scale}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.normal.load_state(tensors, meta)
         self.overshoots, self.last_crossing = meta["overshoots"], meta["last_crossing"]
+        self.step_scale = meta["step_scale"]
         self._set_frequencies(tensors["frequencies"].cpu().double())
         self.trajectory = meta["trajectory"]
         self.full_next = meta["full_next"]
