@@ -121,7 +121,7 @@ class ReachVerdict:
         advice = (f"it would need about {self.needed} more iterations at this rate: raise --max-iters, or ask for "
                   "a nearer target" if self.needed is not None else
                   "the frequency is not moving toward the target: ask for a nearer target, or allow larger steps "
-                  "(a larger --lr; --step-sigma 0 lifts the calibration's cap) at the remember set's risk")
+                  "(a larger --lr, or --step-sigma 0 to use --lr as given) at the remember set's risk")
         return (f"cannot reach the target: {self.group} is at {self.share:.3f} against {self.target:.3f} after "
                 f"{self.iteration} iterations and moves {pace} ({self.points} measurements); even at "
                 f"{100 * self.rate_high * 100:+.2f} the {self.budget_left} iterations left would move it "
@@ -734,7 +734,7 @@ class DebiasMethod:
         measured = frequencies_of(table)
         self._count_crossing(measured, done)
         self.trajectory.append({"iteration": done, **table, "full_draw": full,
-                                "screen": None if full and screened is table else frequencies_of(screened),
+                                "screen": frequencies_of(screened) if screened is not table else None,
                                 "remember_mean_bpd": float(self.normal.mu) / self.nats_per_bpd})
         self._set_frequencies(torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64))
         logged["max_gap"] = float(self.max_gap)
