@@ -92,7 +92,7 @@ def main() -> None:
 
 
 #: Commands that run under torchrun (their likelihood passes are sharded); the others refuse several ranks.
-DISTRIBUTED_COMMANDS = ("stats", "evaluate")
+DISTRIBUTED_COMMANDS = ("stats", "evaluate", "tame")
 
 
 def _check_distributed_command(args: list[str]) -> None:
@@ -102,7 +102,7 @@ def _check_distributed_command(args: list[str]) -> None:
     command = next((arg for arg in args if not arg.startswith("-")), None)
     if world.isdigit() and int(world) > 1 and command is not None and command not in DISTRIBUTED_COMMANDS:
         raise InputError(f"{command} does not run under torchrun yet (world size {world}); only "
-                         f"{' and '.join(DISTRIBUTED_COMMANDS)} do: run it as one process (docs/scaling-out.md)")
+                         f"{', '.join(DISTRIBUTED_COMMANDS)} do: run it as one process (docs/scaling-out.md)")
 
 
 def _rank() -> int:
