@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import signal
 import threading
 import time
@@ -466,7 +467,9 @@ class Engine:
     def _lost(self, exc: RuntimeError, state_path: str | Path | None) -> RankLost:
         """A collective failed under torchrun: write the latest snapshot's resumable state (every surviving rank
         writes the same bytes atomically, so it is kept whichever rank died) and say where."""
-        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        # Gloo's lines start with its source location and end in advice: keep the first sentence of the rest
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        cause = cause.split(". ")[0].rstrip(".")
         message = f"training stopped at iteration {self.iteration}: a collective failed, another rank " \
                   f"probably died ({cause})"
         if state_path is None or self._resume_point is None:
