@@ -92,7 +92,7 @@ def main() -> None:
 
 
 #: Commands that run under torchrun (their likelihood passes are sharded); the others refuse several ranks.
-DISTRIBUTED_COMMANDS = ("stats", "evaluate", "tame", "debias")
+DISTRIBUTED_COMMANDS = ("stats", "evaluate", "tame", "debias", "train")
 
 
 def _check_distributed_command(args: list[str]) -> None:
