@@ -5,11 +5,18 @@ A process started by ``torchrun`` finds ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RAN
 on the CPU) and tears it down on the way out. Without those variables (or with ``WORLD_SIZE=1``) nothing is
 initialized and :func:`current` says rank 0 of 1: one process behaves exactly as without this module.
 
+Training (the engine, :mod:`flowtame.engine.loop`) evaluates each batch's rows shard by shard through
+DistributedDataParallel with :meth:`DistContext.map_rows`, which gathers every row's value on every rank and
+carries the gradient that DDP's average turns into the one-process gradient; the ranks agree on stops and
+logged figures with the small control collectives :meth:`DistContext.gather_flags` and
+:meth:`DistContext.broadcast_floats` (a Gloo group on the CPU, also under NCCL).
+
 Errors: a rank that fails inside a sharded pass tells the others through :meth:`DistContext.agree` (an
 all-gather of its error line), so every rank raises at the same point: the failing rank its own error, the
 others a :class:`PeerFailure` carrying the first failing rank's line; rank 0 prints one line, the other ranks
 print nothing for an error rank 0 already reported, and all exit non-zero. A rank that dies outright (killed,
-out of memory) is caught by torchrun's elastic agent, which stops the remaining ranks.
+out of memory) is caught by torchrun's elastic agent, which stops the remaining ranks; during training the
+others' next collective fails and they raise :class:`RankLost` after saving the resumable state.
 """
 
 from __future__ import annotations

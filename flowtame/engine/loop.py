@@ -466,7 +466,8 @@ class Engine:
 
     def _lost(self, exc: RuntimeError, state_path: str | Path | None) -> RankLost:
         """A collective failed under torchrun: write the latest snapshot's resumable state (every surviving rank
-        writes the same bytes atomically, so it is kept whichever rank died) and say where."""
+        writes the same state atomically, only the recorded wall time differs, so it is kept whichever rank
+        died) and say where."""
         # Gloo's lines start with its source location and end in advice: keep the first sentence of the rest
         cause = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
         cause = cause.split(". ")[0].rstrip(".")
