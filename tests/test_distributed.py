@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,23 +181,23 @@ with distributed_context() as ctx:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
     reference = copy.deepcopy(model)
     ddp = DistributedDataParallel(model)
-    for rows in (7, 1):  # shards of 4 and 3 rows; then one row, rank 1 has none
+    for rows in (7, 1):  # shards of 4 and 3 rows; then one row: rank 1 has none, yet its backward reaches DDP
         x = torch.randn(rows, 3, dtype=torch.float64)  # the same batch on every rank (same seed)
         values = ctx.map_rows(lambda r: ddp(r).squeeze(1), x)
         one = reference(x).squeeze(1)
         assert torch.equal(values.detach(), one.detach()), (values, one)
-        if rows > 1:
-            loss, expected = loss_of(values), loss_of(one)
-            assert loss.item() == expected.item()
-            model.zero_grad()
-            reference.zero_grad()
-            loss.backward()
-            expected.backward()
-            for mine, theirs in zip(model.parameters(), reference.parameters()):
-                assert torch.allclose(mine.grad, theirs.grad, rtol=1e-12, atol=1e-15), (mine.grad, theirs.grad)
+        loss, expected = (loss_of(values), loss_of(one)) if rows > 1 else (values.square().sum(), one.square().sum())
+        assert loss.item() == expected.item()
+        model.zero_grad()
+        reference.zero_grad()
+        loss.backward()
+        expected.backward()
+        for mine, theirs in zip(model.parameters(), reference.parameters()):
+            assert torch.allclose(mine.grad, theirs.grad, rtol=1e-12, atol=1e-15), (mine.grad, theirs.grad)
         with torch.no_grad():
             assert torch.equal(ctx.map_rows(lambda r: reference(r).squeeze(1), x), one.detach())
     print(f"rank {ctx.rank} ok", flush=True)
+    del ddp, values, loss  # DDP goes before its process group (else an abort at exit, now and then)
 """
 
 
@@ -337,7 +338,9 @@ def test_a_killed_rank_ends_tame_cleanly_and_resume_completes_it(tame_workspace,
     assert done.returncode != 0
     lines = _flowtame_lines(done.stderr)
     assert len(lines) == 1 and "another rank probably died" in lines[0], done.stderr[-3000:]
-    assert f"the state of iteration 50 is saved to {state}" in lines[0] and lines[0].endswith("[--resume]")
+    saved = re.search(rf"the state of iteration (\d+) is saved to {re.escape(str(state))}, continue by resuming",
+                      lines[0])
+    assert saved and int(saved[1]) % 10 == 0 and int(saved[1]) >= 50 and lines[0].endswith("[--resume]")
     assert not out.exists() and not Path(f"{out}.json").exists() and state.is_file()
     # another world size is refused in one line, and the state is kept
     refused = _run(_tame_args(tame_workspace, out, "-q", "--resume"), tmp_path, None)

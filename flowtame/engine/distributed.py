@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -223,4 +224,5 @@ def distributed_context() -> Iterator[DistContext]:
         yield context
     finally:
         _CURRENT = previous
+        gc.collect()  # objects bound to the group (a DistributedDataParallel in a reference cycle) go first
         dist.destroy_process_group()

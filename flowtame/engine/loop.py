@@ -185,13 +185,13 @@ class Engine:
         self.callback = callback
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.context = distributed.current()
-        #: What the method's loss gets: the model, or under torchrun its sharded DDP view (:class:`_ShardedFlow`).
+        #: What the method's loss gets: the model, or under torchrun, during :meth:`run`, its sharded DDP view
+        #: (:class:`_ShardedFlow`).
         self.loss_model: Any = model
         self._resume_point: dict[str, Any] | None = None
         if self.context.active:
             # the same learning rate on every rank, whatever rounding a calibration met on each
             config = self.config = dataclasses.replace(config, lr=self.context.broadcast_floats([config.lr])[0])
-            self.loss_model = _ShardedFlow(model, self.context)
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, foreach=True)
         self.iteration = 0
         self.lr_scale = 1.0
@@ -384,6 +384,8 @@ class Engine:
         start = time.perf_counter() - self.elapsed
         if self.context.active:
             self._resume_point = self._point(self._last_good)
+            # DDP lives for the run only: it must be gone before its process group is destroyed
+            self.loss_model = _ShardedFlow(self.model, self.context)
         with self._stop:
             try:
                 self._iterate(state_path, start)
@@ -391,6 +393,8 @@ class Engine:
                 if not self.context.active:
                     raise
                 raise self._lost(exc, state_path) from None
+            finally:
+                self.loss_model = self.model
         self.elapsed = time.perf_counter() - start
         return EngineResult(self.iteration, self.converged, self.elapsed, self.lr_reductions, self.trajectory)
 
