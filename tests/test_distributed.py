@@ -2,7 +2,8 @@
 rank, Ctrl-C and resume under torchrun.
 
 The two-rank runs start ``python -m torch.distributed.run`` (torchrun) as a subprocess with the test's own
-interpreter, so it finds this environment's torch; each takes ~10 s on the 2-core CI machine.
+interpreter, so it finds this environment's torch; each takes ~10 s on the 2-core CI machine (the tame, debias
+and train comparisons, marked slow, ~2.5 min together).
 """
 
 from __future__ import annotations
@@ -423,3 +424,32 @@ def test_train_on_two_ranks_matches_one_process(tmp_path) -> None:
                                                           "one.safetensors.resume.safetensors", "two.safetensors",
                                                           "two.safetensors.json",
                                                           "two.safetensors.resume.safetensors"]
+
+
+def test_a_stop_signal_during_a_failure_keeps_the_failure_line(run_cli, monkeypatch) -> None:
+    """torchrun sends SIGTERM to the ranks that survive a dead one; arriving while a rank is already on its way
+    out with RankLost, it must not turn the error into "interrupted" (exit 143)."""
+    import signal as signals
+
+    import flowtame.cli as cli
+    from flowtame.engine.distributed import RankLost
+    from flowtame.errors import StopSignal
+
+    def failing_app(**_kwargs) -> None:
+        try:
+            raise RankLost("training stopped at iteration 7: a collective failed", keys=("resume",))
+        finally:
+            raise StopSignal(signals.SIGTERM)  # what the SIGTERM handler raises, mid-unwinding
+
+    monkeypatch.setattr(cli, "app", failing_app)
+    result = run_cli("tame")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == ("flowtame: error: training stopped at iteration 7: a collective failed "
+                                     "[--resume]")
+
+    def stopped_app(**_kwargs) -> None:
+        raise StopSignal(signals.SIGTERM)
+
+    monkeypatch.setattr(cli, "app", stopped_app)
+    stopped = run_cli("tame")
+    assert (stopped.exit_code, stopped.stderr.strip()) == (143, "flowtame: interrupted by SIGTERM")  # a plain stop
