@@ -67,6 +67,8 @@ class EngineConfig:
     max_nan_retries: int = 3
     lr_backoff: float = 0.5
     snapshot_every: int = 10
+    #: Under torchrun: iterations between the in-memory resumable states written when a rank dies.
+    resume_every: int = 10
     trajectory_every: int = 10
     precision: str = "fp32"
     #: Judge each iteration's scalars one iteration late, so the host never waits for the GPU
@@ -359,8 +361,9 @@ class Engine:
             self.trajectory.append({"iteration": done, **logged})
         if done % self.config.snapshot_every == 0:
             self._last_good = self._snapshot()
-            if self.context.active:
-                self._resume_point = self._point(self._last_good)
+        if self.context.active and done % self.config.resume_every == 0:
+            snapshot = self._last_good if done % self.config.snapshot_every == 0 else self._snapshot()
+            self._resume_point = self._point(snapshot)
         if self.callback is not None:
             self.callback(done, logged)
 
