@@ -103,7 +103,6 @@ class DistContext:
                 line, code = report
                 raise PeerFailure(f"rank {rank}: {line}", code if isinstance(code, int) else 1)
 
-
     def gather_rows(self, local: Tensor, n: int) -> Tensor:
         """Collective: this rank's rows ``local`` [len(shard(n)), ...] of an ``n``-row result -> all ``n`` rows
         in rank order (= the one-process order), the same on every rank; ``local`` itself for one process.
