@@ -23,7 +23,10 @@ def main() -> None:
              "`--resume`); see",
              "[exit-codes.md](exit-codes.md) for what each kind of stop leaves on disk.", "",
              "MODEL arguments accept `embedded:glow-digits`; DATA arguments accept a folder (recursive), an image,",
-             "a text file listing image paths, or `embedded:digits[:SPLIT][:CLASS]`.", ""]
+             "a text file listing image paths, or `embedded:digits[:SPLIT][:CLASS]`.", "",
+             "`stats`, `evaluate`, `tame`, `debias` and `train` also run over several processes, GPUs or machines",
+             "under `torchrun ... -m flowtame COMMAND ...` with the same options ([scaling-out.md](scaling-out.md)).",
+             ""]
     for name in COMMANDS:
         result = runner.invoke(app, [name, "--help"], terminal_width=110, color=False)
         parts += [f"## flowtame {name}", "", "```", result.output.rstrip(), "```", ""]

@@ -135,3 +135,15 @@ def test_non_integer_hyperparameters_are_one_line(run_cli, good, hyperparameter)
     result = run_cli("info", bad)
     assert result.exit_code == 2
     assert result.stderr.startswith(f"flowtame: error: {bad}: ")
+
+
+def test_info_json_file_refuses_to_overwrite_without_force(run_cli, good, tmp_path):
+    target = tmp_path / "info.json"
+    target.write_text("keep me")
+    refused = run_cli("info", good, "--json", target)
+    assert refused.exit_code == 2
+    assert target.read_text() == "keep me"
+    assert "--force" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    forced = run_cli("info", good, "--json", target, "--force")
+    assert forced.exit_code == 0, forced.stderr
+    assert json.loads(target.read_text())["architecture"] == "glow"

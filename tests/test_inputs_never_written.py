@@ -89,6 +89,7 @@ def test_every_other_command_refuses_its_inputs_as_outputs(run_cli, files):
              "--force")
     _refused(run_cli, files, "stats", base, listing, "--json", listing, "--force")
     _refused(run_cli, files, "stats", base, images, "--plot", images / "3.png", "--force")
+    _refused(run_cli, files, "stats", base, listing, "--plot", images / "0.png", "--force")  # listed image
     _refused(run_cli, files, "info", base, "--json", base)
 
 
@@ -97,6 +98,10 @@ def test_the_helper_passes_other_paths_and_skips_embedded_sources_and_stdout(fil
     check_not_an_input(files["root"] / "report.json", [files["images"]])  # not an image: never read as one
     with pytest.raises(InputError, match="lies in an input"):
         check_not_an_input(files["images"] / "new.png", [files["images"]])
+    with pytest.raises(InputError, match="is listed in an input"):  # an image a .txt list names
+        check_not_an_input(files["images"] / "1.png", [files["list"]])
+    check_not_an_input(files["images"] / "2.png", [files["list"]])  # not listed
+    check_not_an_input(files["images"] / "1.png", [files["config"]])  # not a list: never read as one
 
 
 @pytest.mark.skipif(shutil.which("flowtame") is None, reason="the flowtame console script is not installed")

@@ -67,10 +67,11 @@ def main() -> None:
         with distributed_context():
             app(standalone_mode=False)
     except FlowtameError as exc:
-        if _rank() == 0:  # under torchrun rank 0 prints the one line (another rank's error as PeerFailure)
-            typer.echo(f"flowtame: error: {error_line(exc)}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(exc)
     except KeyboardInterrupt as exc:
+        failure = _failure_behind(exc)
+        if failure is not None:
+            _fail(failure)
         signum = signal_number(exc)
         typer.echo("flowtame: interrupted" + ("" if signum == signal.SIGINT else
                                               f" by {signal.Signals(signum).name}"), err=True)
@@ -91,8 +92,28 @@ def main() -> None:
             signal.signal(sig, handler)
 
 
+def _fail(exc: FlowtameError) -> None:
+    """Print a library error's one line (under torchrun on rank 0 only; another rank's error arrives there as a
+    PeerFailure) and exit with its code."""
+    if _rank() == 0:
+        typer.echo(f"flowtame: error: {error_line(exc)}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _failure_behind(interrupt: BaseException) -> FlowtameError | None:
+    """The library error the command was already failing with when a stop signal interrupted its way out, if
+    any: under torchrun a rank that dies makes the others fail, and torchrun then sends them SIGTERM, which
+    must not replace their error line."""
+    seen = interrupt.__context__
+    while seen is not None:
+        if isinstance(seen, FlowtameError):
+            return seen
+        seen = seen.__context__
+    return None
+
+
 #: Commands that run under torchrun (their likelihood passes are sharded); the others refuse several ranks.
-DISTRIBUTED_COMMANDS = ("stats", "evaluate")
+DISTRIBUTED_COMMANDS = ("stats", "evaluate", "tame", "debias", "train")
 
 
 def _check_distributed_command(args: list[str]) -> None:
@@ -102,7 +123,7 @@ def _check_distributed_command(args: list[str]) -> None:
     command = next((arg for arg in args if not arg.startswith("-")), None)
     if world.isdigit() and int(world) > 1 and command is not None and command not in DISTRIBUTED_COMMANDS:
         raise InputError(f"{command} does not run under torchrun yet (world size {world}); only "
-                         f"{' and '.join(DISTRIBUTED_COMMANDS)} do: run it as one process (docs/scaling-out.md)")
+                         f"{', '.join(DISTRIBUTED_COMMANDS)} do: run it as one process (docs/scaling-out.md)")
 
 
 def _rank() -> int:

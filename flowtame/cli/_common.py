@@ -24,13 +24,13 @@ def is_interactive(quiet: bool = False) -> bool:
 
 
 @contextlib.contextmanager
-def warnings_after() -> Iterator[None]:
+def warnings_after(show: bool = True) -> Iterator[None]:
     """Warnings raised in the block, printed once it succeeds as ``warning:`` lines on stderr (each one, even
-    repeats)."""
+    repeats); with ``show`` False (a torchrun rank other than 0, which meets the same ones) dropped."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
-    for w in caught:
+    for w in caught if show else ():
         err_console.print(f"[yellow]warning:[/] {w.message}")
 
 

@@ -22,6 +22,7 @@ from flowtame.cli._common import (
     warnings_after,
 )
 from flowtame.data.embedded import resolve_model_path
+from flowtame.engine import distributed
 from flowtame.engine.loop import keep_run_after_failed_write
 from flowtame.errors import CheckFailedError, InputError, InterruptedRun, OutputWriteError
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
@@ -114,21 +115,23 @@ def debias_command(
     base = load_checkpoint(resolve_model_path(model))
     if base.data_spec is None:
         raise InputError(f"{model}: debiasing needs an image model")
-    with warnings_after():
+    main_rank = distributed.current().is_main  # under torchrun only rank 0 shows, warns and writes
+    with warnings_after(main_rank):
         group_sets = {name: open_images(source, base.data_spec, strict=strict) for name, source in sources.items()}
         remember_set = open_images(remember, base.data_spec, strict=strict) if remember else None
         other_set = open_images(other, base.data_spec, strict=strict) if other else None
-    view = _LiveView(settings, list(sources), quiet)
+    view = _LiveView(settings, list(sources), quiet or not main_rank)
     try:
         with view:
             outcome = debias(base, group_sets, targets, settings, remember_set=remember_set, other_set=other_set,
                              classifier_path=classifier, device=device, state_path=state_path, resume=resume,
                              callback=view.update, command=command_line(PATH_OPTIONS, GROUP_OPTIONS))
     except InterruptedRun as exc:
-        if exc.partial_report is not None and report not in (None, "-"):
+        if exc.partial_report is not None and report not in (None, "-") and main_rank:
             emit_json(report, exc.partial_report)
         raise
-    _finish(outcome, output, state_path, report, quiet)
+    if main_rank:
+        _finish(outcome, output, state_path, report, quiet)
     if require_converged and not outcome.report["converged"]:
         raise CheckFailedError(f"{output}: written, but the targets were not reached within "
                                f"{settings.tolerance} in {outcome.report['iterations']} iterations")

@@ -9,23 +9,22 @@ import typer
 from rich.table import Table
 
 from flowtame.cli import app
-from flowtame.cli._common import console, emit_json
+from flowtame.cli._common import check_outputs, console, emit_json
 from flowtame.data.embedded import resolve_model_path
 from flowtame.io.checkpoint import load_checkpoint
-from flowtame.io.fileio import check_not_an_input
 
 
 @app.command()
 def info(
     model: Annotated[str, typer.Argument(help="A flowtame .safetensors checkpoint, or 'embedded:glow-digits'.")],
     json_path: Annotated[str, typer.Option("--json", help="Also write the description as JSON ('-' = stdout).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
 ) -> None:
     """Show a checkpoint's architecture, parameter count, data spec, provenance and sha256.
 
     Example: flowtame info base.safetensors --json - | jq .provenance
     """
-    if json_path not in (None, "-"):
-        check_not_an_input(json_path, [resolve_model_path(model)])
+    check_outputs(force, json_path, inputs=[resolve_model_path(model)])
     ckpt = load_checkpoint(resolve_model_path(model))
     description = ckpt.info()
     if json_path == "-":

@@ -21,6 +21,7 @@ from flowtame.cli._common import (
     warnings_after,
 )
 from flowtame.data.embedded import resolve_model_path
+from flowtame.engine import distributed
 from flowtame.engine.loop import keep_run_after_failed_write
 from flowtame.errors import CheckFailedError, InterruptedRun, OutputWriteError, signal_number
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
@@ -135,7 +136,7 @@ def _open_sets(base, forget: list[str], remember: str, holdout: list[str], stric
     """The forget sets, the remember set and the holdout sets (named ``holdout:SOURCE``) of the command."""
     from flowtame.data.images import open_images
 
-    with warnings_after():
+    with warnings_after(distributed.current().is_main):
         forget_sets = [open_images(f, base.data_spec, strict=strict) for f in forget]
         remember_set = open_images(remember, base.data_spec, strict=strict)
         holdout_sets = {f"holdout:{h}": open_images(h, base.data_spec, strict=strict) for h in holdout}
@@ -144,17 +145,19 @@ def _open_sets(base, forget: list[str], remember: str, holdout: list[str], stric
 
 def _run(base, forget_sets: list, remember_set, holdout_sets: dict, cfg, *, device: str, output: Path,
          report: str | None, resume: bool, quiet: bool):
-    """The tame job under the live view; on Ctrl-C the partial report is written before exiting."""
+    """The tame job under the live view; on Ctrl-C the partial report is written before exiting. Under
+    torchrun only rank 0 shows the view, prints warnings and writes the partial report."""
     from flowtame.jobs.tame import tame
 
-    view = _LiveView(cfg, quiet)
+    main_rank = distributed.current().is_main
+    view = _LiveView(cfg, quiet or not main_rank)
     try:
-        with view, warnings_after():
+        with view, warnings_after(main_rank):
             return tame(base, forget_sets, remember_set, cfg, device=device, state_path=state_path_for(output),
                         resume=resume, callback=view.update, target_holdout=list(holdout_sets.values()),
                         command=command_line(FORGET_OPTIONS))
     except InterruptedRun as exc:
-        if exc.partial_report is not None and report not in (None, "-"):
+        if exc.partial_report is not None and report not in (None, "-") and main_rank:
             emit_json(report, exc.partial_report)
         raise
 
@@ -165,7 +168,8 @@ def _finish(base, outcome, sets: tuple, cfg, *, device: str, output: Path, repor
     resume state, print the summary. ``sets``: the forget sets, the remember set and the holdout sets.
 
     A failed write or a stop at this point keeps the finished run as resumable state (``--resume`` then
-    writes the outputs without training)."""
+    writes the outputs without training). Under torchrun every rank evaluates (the passes are sharded) and
+    only rank 0 writes and prints."""
     from flowtame.jobs.tame import taming_audits, taming_evaluation
 
     forget_sets, remember_set, holdout_sets = sets
@@ -176,6 +180,8 @@ def _finish(base, outcome, sets: tuple, cfg, *, device: str, output: Path, repor
         if holdout_sets:
             taming_audits(base, outcome, forget_sets, remember_set, holdout_sets, cfg, device=device,
                           generation_samples=generation_audit)
+        if not distributed.current().is_main:
+            return
         sha = save_checkpoint(output, outcome.checkpoint, force=True)
         outcome.report["output"] = {"path": str(output), "sha256": sha}
         emit_json(report, outcome.report)

@@ -18,6 +18,7 @@ from rich.progress import (
 
 from flowtame.cli import app
 from flowtame.cli._common import check_outputs, command_line, console, emit_json, err_console, is_interactive
+from flowtame.engine import distributed
 from flowtame.errors import InputError
 
 
@@ -27,7 +28,7 @@ def _load_images(data: str, data_spec, strict: bool):
 
     image_set = open_images(data, data_spec, strict=strict)
     images, _ = image_set.load_tensor()
-    if image_set.skipped:
+    if image_set.skipped and distributed.current().is_main:
         path, reason = image_set.skipped[0]
         err_console.print(f"[yellow]warning:[/] {len(image_set.skipped)} file(s) of {data} skipped "
                           f"(first: {path}: {reason})")
@@ -145,6 +146,8 @@ def train_command(
     spec = model_spec(arch, channels, image_size, {key: options[key] for key in ARCHITECTURE_OPTIONS})
     images = _load_images(data, data_spec, strict)
     out = err_console if json_path == "-" else console  # keep stdout for the JSON
+    main_rank = distributed.current().is_main  # under torchrun only rank 0 prints and writes
+    quiet = quiet or not main_rank
     if not quiet:
         out.print(f"training {arch} on {images.shape[0]} image(s) of {data} "
                       f"({channels}x{image_size}x{image_size}, {n_bits} bits)", highlight=False, soft_wrap=True)
@@ -156,8 +159,9 @@ def train_command(
             grad_clip=grad_clip or None, seed=seed, decay_steps=decay, device=device, checkpoint_path=output,
             checkpoint_every=checkpoint_every, resume=resume, force=force, sample_every=sample_every,
             sample_dir=sample_dir, callback=view.update, command=command_line())
-    emit_json(json_path, result.report(data, int(images.shape[0])))
-    _print_done(result, out, quiet)
+    if main_rank:
+        emit_json(json_path, result.report(data, int(images.shape[0])))
+        _print_done(result, out, quiet)
 
 
 def _print_done(result, out: Console, quiet: bool) -> None:

@@ -456,7 +456,9 @@ def _folder_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _list_files(list_file: Path) -> list[Path]:
+def list_file_paths(list_file: Path) -> list[Path]:
+    """The image paths a ``.txt`` list names (relative ones taken relative to the list's folder); DataError when
+    the list cannot be read or names none."""
     try:
         with open_regular_file(list_file) as fh:
             lines = fh.read().decode("utf-8").splitlines()
@@ -509,7 +511,7 @@ def open_images(source: str | Path, data_spec: DataSpec, *, strict: bool = False
     if path.is_dir():
         files = _folder_files(path)
     elif path.suffix.lower() == LIST_EXTENSION:
-        files = _list_files(path)
+        files = list_file_paths(path)
     elif path.suffix.lower() in IMAGE_EXTENSIONS:
         files = [path]
     else:

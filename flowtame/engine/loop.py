@@ -8,14 +8,25 @@ file (safetensors, never a pickle), resume to the bit-identical result on CPU, t
 
 The engine does one forward/backward per iteration (whatever the method puts in its loss). It reads the
 scalars the method asks to log back to the host once per iteration; on CUDA that read lags one iteration
-behind, so the hot loop has no host sync (:meth:`Engine.run`). The model wrapper can be
-``torch.nn.parallel.DistributedDataParallel`` later without changing the method protocol.
+behind, so the hot loop has no host sync (:meth:`Engine.run`).
+
+Under torchrun (:mod:`flowtame.engine.distributed`) the model is wrapped in
+``torch.nn.parallel.DistributedDataParallel`` and the method's loss sees a flow whose ``log_prob`` of the whole
+batch is computed shard by shard (:meth:`~flowtame.engine.distributed.DistContext.map_rows`): every rank draws
+the same batch, evaluates its rows, and holds every row's value, so the loss, the logged figures and every
+decision are the one-process ones, and DDP's averaged gradient is the one-process gradient. Each iteration the
+ranks also agree (two small collectives on the CPU) on whether to stop (any rank's Ctrl-C or SIGTERM) and on the
+logged figures (rank 0's), so all act on the same iteration. A rank that dies makes the next collective fail on
+the others: they write the resumable state of the latest snapshot and stop (:class:`RankLost`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
+import re
 import signal
 import threading
 import time
@@ -29,7 +40,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from flowtame.engine import distributed
 from flowtame.engine.devices import autocast_context
+from flowtame.engine.distributed import RankLost
 from flowtame.errors import (
     CheckpointError,
     InterruptedRun,
@@ -54,6 +67,8 @@ class EngineConfig:
     max_nan_retries: int = 3
     lr_backoff: float = 0.5
     snapshot_every: int = 10
+    #: Under torchrun: iterations between the in-memory resumable states written when a rank dies.
+    resume_every: int = 10
     trajectory_every: int = 10
     precision: str = "fp32"
     #: Judge each iteration's scalars one iteration late, so the host never waits for the GPU
@@ -173,6 +188,14 @@ class Engine:
         self.generators = generators or {}
         self.callback = callback
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.context = distributed.current()
+        #: What the method's loss gets: the model, or under torchrun, during :meth:`run`, its sharded DDP view
+        #: (:class:`_ShardedFlow`).
+        self.loss_model: Any = model
+        self._resume_point: dict[str, Any] | None = None
+        if self.context.active:
+            # the same learning rate on every rank, whatever rounding a calibration met on each
+            config = self.config = dataclasses.replace(config, lr=self.context.broadcast_floats([config.lr])[0])
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, foreach=True)
         self.iteration = 0
         self.lr_scale = 1.0
@@ -193,31 +216,42 @@ class Engine:
         self.model.load_state_dict(snapshot["model"])
         self.optimizer.load_state_dict(_clone_optimizer_state(snapshot["optimizer"]))
 
+    def _point(self, snapshot: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything :meth:`save_state` writes, as of now (``snapshot``: model and optimizer of
+        :meth:`_snapshot` instead of the live ones; the rest is then copied, so later iterations leave it)."""
+        point = {
+            "model": self.model.state_dict() if snapshot is None else snapshot["model"],
+            "optimizer": self.optimizer.state_dict() if snapshot is None else snapshot["optimizer"],
+            "rng": {name: gen.get_state() for name, gen in self.generators.items()},
+            "method": self.method.state_tensors(),
+            "meta": {"iteration": self.iteration, "converged": self.converged, "lr_scale": self.lr_scale,
+                     "lr_reductions": self.lr_reductions, "elapsed": self.elapsed, "trajectory": self.trajectory,
+                     "method_meta": self.method.state_meta()},
+        }
+        if snapshot is not None:
+            point["method"] = {k: v.detach().clone() for k, v in point["method"].items()}
+            point["meta"] = copy.deepcopy(point["meta"])
+        return point
+
     def save_state(self, path: str | Path) -> None:
-        """Write everything needed to continue (model, Adam moments, RNGs, method state) atomically."""
+        """Write everything needed to continue (model, Adam moments, RNGs, method state) atomically; under
+        torchrun only rank 0 writes (every rank holds the same state)."""
+        if self.context.is_main:
+            self._write_state(path, self._point())
+
+    def _write_state(self, path: str | Path, point: dict[str, Any]) -> None:
         tensors: dict[str, Tensor] = {}
-        for key, value in self.model.state_dict().items():
+        for key, value in point["model"].items():
             tensors[f"model.{key}"] = value
-        opt = self.optimizer.state_dict()
-        for index, state in opt["state"].items():
+        for index, state in point["optimizer"]["state"].items():
             for name, value in state.items():
                 tensors[f"optim.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-        for name, gen in self.generators.items():
-            tensors[f"rng.{name}"] = gen.get_state()
-        for key, value in self.method.state_tensors().items():
+        for name, value in point["rng"].items():
+            tensors[f"rng.{name}"] = value
+        for key, value in point["method"].items():
             tensors[f"method.{key}"] = value
-        meta = {
-            "format": STATE_FORMAT,
-            "method": self.method.name,
-            "iteration": self.iteration,
-            "converged": self.converged,
-            "lr_scale": self.lr_scale,
-            "lr_reductions": self.lr_reductions,
-            "elapsed": self.elapsed,
-            "trajectory": self.trajectory,
-            "config": asdict(self.config),
-            "method_meta": self.method.state_meta(),
-        }
+        meta = {"format": STATE_FORMAT, "method": self.method.name, **point["meta"],
+                "config": asdict(self.config), "world_size": self.context.world_size}
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
         save_safetensors_atomic(path, tensors, {"engine": json.dumps(meta)})
 
@@ -236,6 +270,11 @@ class Engine:
             raise CheckpointError(f"{path}: unreadable resume state ({str(exc).splitlines()[0]})") from None
         if meta.get("format") != STATE_FORMAT or meta.get("method") != self.method.name:
             raise CheckpointError(f"{path}: not a resume state of method {self.method.name!r}")
+        saved_world = meta.get("world_size", 1)
+        if saved_world != self.context.world_size:
+            raise CheckpointError(f"{path}: saved by a run on {saved_world} process(es), this run has "
+                                  f"{self.context.world_size}: resume with the same number of processes "
+                                  "(torchrun --nnodes x --nproc-per-node)", keys=("resume",))
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             self.model.load_state_dict(model_state)
@@ -266,6 +305,8 @@ class Engine:
         return autocast_context(device, self.config.precision)
 
     def _lagged(self) -> bool:
+        if self.context.active:
+            return False  # the ranks agree on each iteration's figures as they come (Engine.run)
         if self.config.lagged_metrics is not None:
             return self.config.lagged_metrics
         return bool(self.params) and self.params[0].device.type == "cuda"
@@ -275,7 +316,7 @@ class Engine:
         and the method's metrics, nothing read back to the host."""
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss, metrics = self.method.loss(self.model, self.iteration)
+            loss, metrics = self.method.loss(self.loss_model, self.iteration)
         loss.backward()
         if self.config.grad_clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
@@ -322,6 +363,9 @@ class Engine:
             self.trajectory.append({"iteration": done, **logged})
         if done % self.config.snapshot_every == 0:
             self._last_good = self._snapshot()
+        if self.context.active and done % self.config.resume_every == 0:
+            snapshot = self._last_good if done % self.config.snapshot_every == 0 else self._snapshot()
+            self._resume_point = self._point(snapshot)
         if self.callback is not None:
             self.callback(done, logged)
 
@@ -339,62 +383,114 @@ class Engine:
         then undone by the roll-back to the last good snapshot (taken only from judged steps). The method
         sees the same weights in ``after_step`` either way; its refreshed statistics reach the loss one
         iteration later when lagged.
+
+        Under torchrun metrics are unlagged, and each iteration starts with the ranks agreeing on whether to
+        stop (:meth:`_stop_agreed`) and reads the figures rank 0 logged (:meth:`_agreed`); a failed collective
+        (a rank died) writes the latest snapshot's resumable state and raises :class:`RankLost`.
         """
         self.model.train()
         self._last_good = self._snapshot()
+        start = time.perf_counter() - self.elapsed
+        if self.context.active:
+            self._resume_point = self._point(self._last_good)
+            # DDP lives for the run only: it must be gone before its process group is destroyed
+            self.loss_model = _ShardedFlow(self.model, self.context)
+        with self._stop:
+            try:
+                self._iterate(state_path, start)
+            except RuntimeError as exc:
+                if not self.context.active:
+                    raise
+                raise self._lost(exc, state_path) from None
+            finally:
+                self.loss_model = self.model
+        self.elapsed = time.perf_counter() - start
+        return EngineResult(self.iteration, self.converged, self.elapsed, self.lr_reductions, self.trajectory)
+
+    def _judge(self, staged: _Staged, start: float) -> bool:
+        """Judge a stepped iteration's scalars (lagged mode): roll back, or record it."""
+        logged = staged.read()
+        if not self._healthy(logged, staged.iteration):
+            return False
+        self._record(logged, staged.iteration, start)
+        return True
+
+    def _iterate(self, state_path: str | Path | None, start: float) -> None:
+        """The loop of :meth:`run` (inside its stop flag)."""
         lagged = self._lagged()
         staging = _HostStaging()
         pending: _Staged | None = None  # the latest stepped iteration whose scalars are not judged yet
-        start = time.perf_counter() - self.elapsed
-
-        def judge(staged: _Staged) -> bool:
-            logged = staged.read()
-            if not self._healthy(logged, staged.iteration):
-                return False
-            self._record(logged, staged.iteration, start)
-            return True
-
-        with self._stop:
-            while True:
-                if self._stop.requested:
-                    if pending is not None:
-                        judge(pending)
-                        pending = None
-                    if self.converged:
-                        break
-                    self.elapsed = time.perf_counter() - start
-                    if state_path is not None:
-                        self.save_state(state_path)
-                    raise InterruptedRun(
-                        f"interrupted{_by(self._stop.signum)} at iteration {self.iteration}"
-                        + (f"; state saved to {state_path}, continue by resuming" if state_path else ""),
-                        self._stop.signum, keys=("resume",) if state_path else ())
-                if self.converged or self._gave_up():
-                    break
-                if self.iteration >= self.config.max_iters:
-                    if pending is None:
-                        break
-                    judge(pending)
-                    pending = None
-                    continue
-                names, values = self._forward_backward()
-                staged = staging.stage(names, values, self.iteration)
-                if not lagged:
-                    logged = staged.read()
-                    if not self._healthy(logged, staged.iteration):
-                        continue
-                    logged["lr"] = self._step()
-                    self._record(logged, staged.iteration, start)
-                    continue
+        while True:
+            if self._stop_agreed():
                 if pending is not None:
-                    healthy = judge(pending)
+                    self._judge(pending, start)
                     pending = None
-                    if not healthy or self.converged or self._gave_up():
-                        continue  # this iteration's gradients are dropped
-                staged.lr = self._step()
-                pending = staged
-        self.elapsed = time.perf_counter() - start
-        return EngineResult(self.iteration, self.converged, self.elapsed, self.lr_reductions, self.trajectory)
+                if self.converged:
+                    break
+                self.elapsed = time.perf_counter() - start
+                if state_path is not None:
+                    self.save_state(state_path)
+                raise InterruptedRun(
+                    f"interrupted{_by(self._stop.signum)} at iteration {self.iteration}"
+                    + (f"; state saved to {state_path}, continue by resuming" if state_path else ""),
+                    self._stop.signum, keys=("resume",) if state_path else ())
+            if self.converged or self._gave_up():
+                break
+            if self.iteration >= self.config.max_iters:
+                if pending is None:
+                    break
+                self._judge(pending, start)
+                pending = None
+                continue
+            names, values = self._forward_backward()
+            staged = staging.stage(names, values, self.iteration)
+            if not lagged:
+                logged = self._agreed(staged.read())
+                if not self._healthy(logged, staged.iteration):
+                    continue
+                logged["lr"] = self._step()
+                self._record(logged, staged.iteration, start)
+                continue
+            if pending is not None:
+                healthy = self._judge(pending, start)
+                pending = None
+                if not healthy or self.converged or self._gave_up():
+                    continue  # this iteration's gradients are dropped
+            staged.lr = self._step()
+            pending = staged
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop now: this process's stop request; under torchrun (a collective, every iteration)
+        any rank's, and every rank adopts rank 0's ``converged`` (equal on every rank by construction; adopting
+        it guarantees no rank leaves the loop alone)."""
+        if not self.context.active:
+            return self._stop.requested
+        flags = self.context.gather_flags([self._stop.requested, self.converged])
+        self.converged = flags[0][1]
+        return any(requested for requested, _ in flags)
+
+    def _agreed(self, logged: dict[str, float]) -> dict[str, float]:
+        """The iteration's logged figures every rank acts on: rank 0's under torchrun (the loss and metrics
+        come from gathered per-row values and the gradient norm from DDP's all-reduced gradient, so they are
+        the same on every rank; taking rank 0's makes the guards' decisions identical by construction)."""
+        if not self.context.active:
+            return logged
+        return dict(zip(logged, self.context.broadcast_floats(list(logged.values())), strict=True))
+
+    def _lost(self, exc: RuntimeError, state_path: str | Path | None) -> RankLost:
+        """A collective failed under torchrun: write the latest snapshot's resumable state (every surviving rank
+        writes the same state atomically, only the recorded wall time differs, so it is kept whichever rank
+        died) and say where."""
+        # Gloo's lines start with its source location and end in advice: keep the first sentence of the rest
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        cause = cause.split(". ")[0].rstrip(".")
+        message = f"training stopped at iteration {self.iteration}: a collective failed, another rank " \
+                  f"probably died ({cause})"
+        if state_path is None or self._resume_point is None:
+            return RankLost(message)
+        self._write_state(state_path, self._resume_point)
+        return RankLost(f"{message}; the state of iteration {self._resume_point['meta']['iteration']} is saved to "
+                        f"{state_path}, continue by resuming with the same number of processes", keys=("resume",))
 
     def _roll_back(self, problem: str) -> None:
         """Restore the last good snapshot and lower the learning rate; the method's ``rolled_back(model)``, when
@@ -486,3 +582,45 @@ def _clone_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
                   for k, s in state["state"].items()},
         "param_groups": [dict(g) for g in state["param_groups"]],
     }
+
+
+class _LogProb(nn.Module):
+    """A flow's ``log_prob`` as a module's ``forward``: what DistributedDataParallel wraps (it hooks its
+    gradient all-reduce into ``forward``)."""
+
+    def __init__(self, flow: nn.Module):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.flow.log_prob(x)
+
+
+class _ShardedFlow:
+    """What a method's loss sees under torchrun: ``log_prob(x)`` [B] of the whole batch ``x``, each rank
+    evaluating its contiguous shard through DistributedDataParallel
+    (:meth:`~flowtame.engine.distributed.DistContext.map_rows`); every other attribute is the flow's own.
+    One forward with gradient per iteration, as DDP requires."""
+
+    def __init__(self, flow: nn.Module, context: distributed.DistContext):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self._flow = flow
+        self._context = context
+        for param in flow.parameters():
+            # a weight with size-1 dims that place_model made channels-last (say [1,16,1,1]) is also contiguous,
+            # but with strides autograd does not give its gradient; DDP's buckets copy the weights' strides and
+            # would warn about the mismatch each run: the canonical strides, same memory order, avoid it
+            if param.is_contiguous() and param.stride() != torch.empty(param.shape, device="meta").stride():
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
+        device_ids = [context.device] if context.device is not None else None
+        # buffers are synced once, at construction (every rank loads the same weights; training changes none);
+        # gradients live in DDP's buckets (no copy, and no warning about channels-last weights' grad strides)
+        self._ddp = DistributedDataParallel(_LogProb(flow), device_ids=device_ids, forward_sync_buffers=False,
+                                            gradient_as_bucket_view=True)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self._context.map_rows(self._ddp, x)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._flow, name)

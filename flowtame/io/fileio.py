@@ -19,8 +19,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from flowtame.data.images import IMAGE_EXTENSIONS
-from flowtame.errors import InputError, OutputExistsError, OutputWriteError
+from flowtame.data.images import IMAGE_EXTENSIONS, LIST_EXTENSION, list_file_paths
+from flowtame.errors import DataError, InputError, OutputExistsError, OutputWriteError
 
 _REASONS = {
     errno.ENOSPC: "no space left on the device",
@@ -76,7 +76,8 @@ def check_not_an_input(output: str | Path, inputs: Iterable[str | Path | None]) 
     """Refuse to write ``output`` over one of the command's ``inputs``, whatever ``--force`` says.
 
     The same file is caught by path, through a symlink or a hard link (same device and inode); an image file
-    inside an input folder counts as that folder's input. Embedded sources (``embedded:...``) and ``-`` (stdout)
+    inside an input folder counts as that folder's input, and an image a ``.txt`` list names as that list's.
+    Embedded sources (``embedded:...``) and ``-`` (stdout)
     are skipped; pass checkpoint paths resolved (an embedded model's file is an input too). Raises InputError.
     """
     output = Path(output)
@@ -89,10 +90,25 @@ def check_not_an_input(output: str | Path, inputs: Iterable[str | Path | None]) 
             out_identity is not None and out_identity == _identity(source_path))
         in_folder = (source_path.is_dir() and output.suffix.lower() in IMAGE_EXTENSIONS
                      and _inside(output, source_path))
-        if same or in_folder:
-            what = "is" if same else "lies in"
+        listed = not same and not in_folder and _listed_by(output, source_path)
+        if same or in_folder or listed:
+            what = "is" if same else ("is listed in" if listed else "lies in")
             raise InputError(f"{output}: {what} an input of this command ({source}); refusing to write over it "
                              "(--force does not change this): choose another output path")
+
+
+def _listed_by(output: Path, source: Path) -> bool:
+    """Whether ``source`` is a readable ``.txt`` image list that names ``output`` (an unreadable list is the
+    data loader's error to report, not this check's)."""
+    if source.suffix.lower() != LIST_EXTENSION or not source.is_file():
+        return False
+    try:
+        listed = list_file_paths(source)
+    except DataError:
+        return False
+    out_identity = _identity(output)
+    return any(os.path.abspath(entry) == os.path.abspath(output)
+               or (out_identity is not None and out_identity == _identity(entry)) for entry in listed)
 
 
 def check_output_path(path: str | Path, force: bool, inputs: Iterable[str | Path | None] = ()) -> Path:

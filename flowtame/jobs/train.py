@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from flowtame.data.quantization import DataSpec, nats_to_bpd
+from flowtame.engine import distributed
 from flowtame.engine.devices import resolve_device
 from flowtame.engine.loop import Engine, EngineConfig, keep_run_after_failed_write
 from flowtame.errors import (
@@ -192,12 +193,27 @@ class MaximumLikelihood:
         self.position += self.batch_size
         return indices
 
-    def loss(self, model: MultiScaleFlow, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
-        self.in_step = True
+    def draw(self) -> Tensor:
+        """The next batch of model inputs [batch_size, C, H, W]: its images with fresh noise."""
         pixels = self.images[self.next_batch()]
         noise = torch.rand(pixels.shape, generator=self.generator)
-        x = dequantized(pixels.to(self.device), noise.to(self.device), self.data_spec.n_bits)
-        return nats_to_bpd(nll_nats(model, x, self.data_spec), self.data_spec.num_dims).mean(), {}
+        return dequantized(pixels.to(self.device), noise.to(self.device), self.data_spec.n_bits)
+
+    def loss(self, model: MultiScaleFlow, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
+        self.in_step = True
+        return nats_to_bpd(nll_nats(model, self.draw(), self.data_spec), self.data_spec.num_dims).mean(), {}
+
+    @torch.no_grad()
+    def initialize_on_first_batch(self, model: MultiScaleFlow) -> None:
+        """Run the first step's batch through ``model`` (training mode, no gradient) and leave the draws as
+        they were: layers with a data-dependent initialization (Glow's ActNorm) take it from the whole batch,
+        as in one process. Under torchrun each rank's first training forward sees only its shard of the
+        batch, so they must be initialized before."""
+        state, order, position = self.generator.get_state(), self.order, self.position
+        model.train()
+        model.log_prob(self.draw())
+        self.generator.set_state(state)
+        self.order, self.position = order, position
 
     def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         self.recent_bpd = [*self.recent_bpd, logged["loss"]][-BPD_WINDOW:]
@@ -356,12 +372,14 @@ def train_model(
         engine.lr_scale = lr_factor(step, steps, decay_steps)  # for the next step (0-based index ``step``)
         if checkpoint_path is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
             writer.write(engine, step, logged["elapsed"])
-        if sample_every and step % sample_every == 0:
+        if sample_every and step % sample_every == 0 and distributed.current().is_main:
             write_sample_grid(checkpoint, Path(str(sample_dir)) / f"step-{step:06d}.png", seed=seed)
         if callback is not None:
             callback(TrainProgress(step=step, steps=steps, loss_bpd=logged["loss"], lr=logged["lr"],
                                    grad_norm=logged["grad_norm"], elapsed_s=logged["elapsed"]))
 
+    if distributed.current().active and not resume:
+        method.initialize_on_first_batch(model)
     engine = Engine(model, method, EngineConfig(
         lr=lr, warmup=warmup_steps, max_iters=steps, grad_clip=grad_clip, max_nan_retries=0,
         snapshot_every=steps + 1, trajectory_every=HISTORY_EVERY),
@@ -437,6 +455,8 @@ class _CheckpointWriter:
                       "train_bpd": float(np.mean(recent)) if recent else None,
                       "wall_seconds": round(wall_seconds, 1)})
         engine.save_state(self.state_path)  # first: a checkpoint that cannot be written leaves the run resumable
+        if not distributed.current().is_main:  # under torchrun rank 0 writes (every rank holds the same weights)
+            return
         try:
             self.checkpoint.sha256 = save_checkpoint(self.path, self.checkpoint, force=True)
         except OutputWriteError as exc:

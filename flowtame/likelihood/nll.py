@@ -270,8 +270,16 @@ def dequantized(pixels: Tensor, noise: Tensor, n_bits: int) -> Tensor:
 
 @torch.no_grad()
 def batched_nll(model: nn.Module, x: Tensor, data_spec: DataSpec | None = None, batch_size: int = 256) -> Tensor:
-    """:func:`nll_nats` [N] of model inputs ``x`` [N, ...] without gradients, ``batch_size`` rows at a time."""
-    return torch.cat([nll_nats(model, x[i:i + batch_size], data_spec) for i in range(0, x.shape[0], batch_size)])
+    """:func:`nll_nats` [N] of model inputs ``x`` [N, ...] without gradients, ``batch_size`` rows at a time.
+
+    Under torchrun every rank must call it alike: each evaluates its contiguous shard of the rows and every
+    rank returns all N values (:meth:`~flowtame.engine.distributed.DistContext.map_rows`)."""
+
+    def rows_nll(rows: Tensor) -> Tensor:
+        return torch.cat([nll_nats(model, rows[i:i + batch_size], data_spec)
+                          for i in range(0, rows.shape[0], batch_size)])
+
+    return distributed.current().map_rows(rows_nll, x)
 
 
 def _keyed_nll(model: nn.Module, pixels: Tensor, keys: Sequence[str], data_spec: DataSpec, seed: int, draws: int,
@@ -294,9 +302,14 @@ def pixel_nll(model: nn.Module, pixels: Tensor, keys: Sequence[str], data_spec: 
     """Discrete NLL (nats, float64 [N]) of uint8 images [N, C, S, S] with the keyed evaluation noise of ``seed``.
 
     The model is used as it is (device, train/eval mode); ``draws`` > 1 averages over that many keyed draws,
-    as :func:`compute_nll` does.
+    as :func:`compute_nll` does. Under torchrun every rank must call it alike: each evaluates its contiguous
+    shard of the images (on the same keyed noise) and every rank returns all N values.
     """
+    context = distributed.current()
+    part = context.shard(pixels.shape[0])
     with torch.no_grad():
-        return torch.cat([_keyed_nll(model, pixels[i:i + batch_size].to(device), keys[i:i + batch_size], data_spec,
-                                     seed, draws).cpu()
-                          for i in range(0, pixels.shape[0], batch_size)]).numpy()
+        local = [_keyed_nll(model, pixels[i:min(i + batch_size, part.stop)].to(device),
+                            keys[i:min(i + batch_size, part.stop)], data_spec, seed, draws).cpu()
+                 for i in range(part.start, part.stop, batch_size)]
+    mine = torch.cat(local) if local else torch.empty(0, dtype=torch.float64)
+    return context.gather_rows(mine, pixels.shape[0]).numpy()
