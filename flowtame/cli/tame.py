@@ -63,6 +63,12 @@ def tame_command(
     step_sigma: Annotated[float, typer.Option(help="Calibrate the learning rate so that one step moves the "
                                                    "remember mean NLL by at most this many sigma_R (first "
                                                    "order, worst case); 0: use --lr as given [0.5].")] = None,
+    anchor: Annotated[float, typer.Option(help="Weight of the per-image anchor to the base model, "
+                                               "mean((NLL - NLL_base)/sigma_B)^2 on the remember batch, which "
+                                               "replaces the mean remember NLL in L_R; 0: the paper's mean "
+                                               "NLL [ANCHOR].")] = None,
+    lookalikes: Annotated[int, typer.Option(help="With the anchor: hold the forget set's N nearest remember "
+                                                 "images (base latent space) in every batch [16].")] = None,
     batch_size: Annotated[int, typer.Option(help="Forget and remember images per iteration (each) [32].")] = None,
     max_iters: Annotated[int, typer.Option(help="Iteration budget [800].")] = None,
     refresh_every: Annotated[int, typer.Option(help="Re-estimate mu_R, sigma_R every N iterations [10].")] = None,

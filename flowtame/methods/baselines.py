@@ -59,6 +59,7 @@ class _ForgottenStopping(TamingMethod):
 
     default_freeze = "none"  # the baselines train every parameter, as published
     default_max_remember_drift = 0.05  # only refuses a model whose every likelihood fell (see TamingMethod)
+    anchored = False  # run as published: no per-image anchor to the base model
 
     def __init__(self, data: TamingData, **kwargs: Any):
         super().__init__(data, **kwargs)
