@@ -66,10 +66,10 @@ class TameConfig:
     delta: float = 4.0
     epsilon: float | None = None
     alpha: float = 0.15
-    gamma: float = 0.6
+    gamma: float = 0.0
     lr: float = 2e-4
-    step_sigma: float | None = 0.5
-    anchor: float = 0.0
+    step_sigma: float | None = 2.0
+    anchor: float = 0.2
     lookalikes: int = 16
     batch_size: int = 32
     max_iters: int = 800
