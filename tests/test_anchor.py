@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from flowtame.data.quantization import nats_per_bpd
 from flowtame.data.images import open_images
+from flowtame.data.quantization import nats_per_bpd
 from flowtame.errors import InputError
 from flowtame.io.checkpoint import Checkpoint
 from flowtame.jobs.tame import make_config, preset
@@ -77,7 +77,6 @@ def test_a_run_too_slow_for_its_budget_says_so_early_with_what_to_change():
     base, _ = tiny_glow()
     method = make_method("taming", base, max_iters=300)
     method.check_progress(1, {"mean_d": -4.0, "min_d": -4.5})
-    edge = method.lower_edge
     # pace 0.01 sigma_R per iteration, farthest image (-4.5 - edge) short: ~390 more iterations > 300
     with pytest.warns(UserWarning, match=r"0\.010 sigma_R per iteration .* over the budget of 300.*--alpha"):
         method.check_progress(50, {"mean_d": -3.5, "min_d": -4.5})

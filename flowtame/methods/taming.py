@@ -352,6 +352,8 @@ class TamingMethod:
         """At :data:`PROGRESS_CHECK` iterations, project the forget images' average pace (smoothed mean d per
         iteration since the first) onto the farthest image's gap; when that needs more than ``max_iters``,
         warn (once, also in the report) with what to change, instead of spending the whole budget silently."""
+        if "mean_d" not in logged:
+            return
         if self.progress_start is None:
             self.progress_start = logged["mean_d"]
             return
