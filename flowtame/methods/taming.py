@@ -227,8 +227,8 @@ class TamingMethod:
         nll_forget, nll_remember = nll[:n_forget], nll[n_forget:n_forget + n_remember]
         if self.anchor_weight > 0:
             assert self.base_model is not None
-            with torch.no_grad():
-                base_nll = nll_nats(self.base_model, x[n_forget:], self.data.data_spec)
+            # no gradient; under torchrun each rank evaluates only its shard of the rows
+            base_nll = batched_nll(self.base_model, x[n_forget:], self.data.data_spec)
             loss, metrics = self.objective(model, nll_forget, nll_remember, anchor=(nll[n_forget:], base_nll))
         else:
             loss, metrics = self.objective(model, nll_forget, nll_remember)
