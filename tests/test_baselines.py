@@ -159,7 +159,8 @@ def test_selective_amnesia_objective_by_hand():
 def test_selective_amnesia_batch_is_forget_surrogate_replay():
     model, _ = tiny_glow()
     method = make_method("selective-amnesia", model)
-    x, forget_idx, n_forget = method._batch()
+    x, forget_idx, n_forget, n_rest = method._batch()
+    assert n_rest == x.shape[0] - n_forget
     assert n_forget == 3 and forget_idx.tolist() == [0, 1, 2]
     assert x.shape == (3 + 2 * method.batch_size, 1, 8, 8)
     surrogate, replay = x[3:3 + method.batch_size], x[3 + method.batch_size:]
@@ -173,7 +174,7 @@ def test_surrogate_folder(forget_folder):
     model, _ = tiny_glow()
     method = make_method("selective-amnesia", model, sa_surrogate=str(forget_folder))
     assert method.surrogate.shape == (3, 1, 8, 8) and method.surrogate.dtype == torch.uint8
-    x, _, _ = method._batch()
+    x, _, _, _ = method._batch()
     images = dequantized(method.surrogate, torch.zeros(3, 1, 8, 8), DATA_SPEC.n_bits)
     bins = torch.floor((x[3:3 + method.batch_size] + 0.5) * 32) / 32 - 0.5  # undo the noise
     assert all((images.flatten(1) == row).all(1).any() for row in bins.flatten(1))
@@ -285,7 +286,7 @@ def test_taming_screen_smooths_each_images_training_d(monkeypatch):
     import flowtame.methods.taming as methods
 
     model, _ = tiny_glow()
-    method = make_method("taming", model)
+    method = make_method("taming", model, anchor=0)  # the fake NLLs below are the tamed model's only
     mu, sigma, delta = float(method.mu_r), float(method.sigma_r), method.delta
     remember = torch.linspace(mu - sigma, mu + sigma, 4)
 

@@ -116,7 +116,9 @@ def test_a_forced_blow_up_is_contained_by_the_calibration(tiny_base):
     calibration = outcome.report["calibration"]
     assert outcome.report["lr_reductions"] == 0
     assert calibration["lr"] < calibration["lr_cap"] == 0.3
-    assert calibration["lr"] * calibration["sensitivity"] == pytest.approx(0.5 * calibration["sigma"], rel=1e-6)
+    assert calibration["step_sigma"] == make_config({}).step_sigma
+    assert calibration["lr"] * calibration["sensitivity"] == pytest.approx(calibration["step_sigma"] * calibration["sigma"],
+                                                                          rel=1e-6)
 
 
 def test_paper_preset_is_not_calibrated():

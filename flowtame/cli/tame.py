@@ -59,11 +59,17 @@ def tame_command(
     delta: Annotated[float, typer.Option(help="Threshold in remember std units: mu_R + delta*sigma_R [4].")] = None,
     epsilon: Annotated[float, typer.Option(help="Stop when |d| < epsilon for every forget image [0.15*delta].")] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15].")] = None,
-    gamma: Annotated[float, typer.Option(help="Weight of the KL terms inside L_R [0.6].")] = None,
+    gamma: Annotated[float, typer.Option(help="Weight of the KL terms inside L_R [0; the paper's 0.6].")] = None,
     lr: Annotated[float, typer.Option(help="Adam peak learning rate [2e-4]; the calibration may lower it.")] = None,
     step_sigma: Annotated[float, typer.Option(help="Calibrate the learning rate so that one step moves the "
                                                    "remember mean NLL by at most this many sigma_R (first "
-                                                   "order, worst case); 0: use --lr as given [0.5].")] = None,
+                                                   "order, worst case); 0: use --lr as given [2].")] = None,
+    anchor: Annotated[float, typer.Option(help="Weight of the per-image anchor to the base model, "
+                                               "mean((NLL - NLL_base)/sigma_B)^2 on the remember batch, which "
+                                               "replaces the mean remember NLL in L_R; 0: the paper's mean "
+                                               "NLL [0.2].")] = None,
+    lookalikes: Annotated[int, typer.Option(help="With the anchor: hold the forget set's N nearest remember "
+                                                 "images (base latent space) in every batch [16].")] = None,
     batch_size: Annotated[int, typer.Option(help="Forget and remember images per iteration (each) [32].")] = None,
     max_iters: Annotated[int, typer.Option(help="Iteration budget [800].")] = None,
     refresh_every: Annotated[int, typer.Option(help="Re-estimate mu_R, sigma_R every N iterations [10].")] = None,

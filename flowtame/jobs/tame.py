@@ -34,6 +34,7 @@ from flowtame.errors import DataError, InputError, config_error
 from flowtame.flows.base import coupling_output_parameters
 from flowtame.io import config as io_config
 from flowtame.io.checkpoint import Checkpoint, make_provenance, report_header
+from flowtame.likelihood.evaluation import nearest_rows
 from flowtame.likelihood.nll import dequantized, pixel_nll
 from flowtame.likelihood.statistics import subset_correction
 from flowtame.likelihood.threshold import default_epsilon, threshold_distance
@@ -65,9 +66,11 @@ class TameConfig:
     delta: float = 4.0
     epsilon: float | None = None
     alpha: float = 0.15
-    gamma: float = 0.6
+    gamma: float = 0.0
     lr: float = 2e-4
-    step_sigma: float | None = 0.5
+    step_sigma: float | None = 2.0
+    anchor: float = 0.2
+    lookalikes: int = 16
     batch_size: int = 32
     max_iters: int = 800
     refresh_every: int = 10
@@ -129,6 +132,10 @@ class TameConfig:
             self.step_sigma = None  # 0 turns the calibration off: lr is used as given
         if self.step_sigma is not None and self.step_sigma < 0:
             problems.append("step_sigma must be positive (0 turns the calibration off)")
+        if self.anchor < 0:
+            problems.append("anchor must be at least 0 (0 turns the anchor off)")
+        if self.lookalikes < 0:
+            problems.append("lookalikes must be at least 0 (0: none)")
         if self.forget_draws < 1:
             problems.append("forget_draws must be at least 1")
         if self.freeze is None and self.method in METHODS:
@@ -282,9 +289,13 @@ def _load_sets(forget_sets: Sequence[ImageSet], remember_set: ImageSet) -> _Tami
 
 
 def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll: Callable[[Any], np.ndarray],
-                 config: TameConfig, generator: torch.Generator, dev: torch.device, data_spec: Any
-                 ) -> tuple[TamingData, tuple[float, float]]:
-    """The method's data on ``dev`` (the refresh subset drawn from ``generator``) and the subset correction."""
+                 config: TameConfig, generator: torch.Generator, dev: torch.device, data_spec: Any,
+                 base: Checkpoint) -> tuple[TamingData, tuple[float, float]]:
+    """The method's data on ``dev`` (the refresh subset drawn from ``generator``) and the subset correction;
+    with the anchor on, the ``config.lookalikes`` remember images nearest the forget set under ``base``."""
+    lookalikes = None
+    if config.anchor > 0 and config.lookalikes > 0 and METHODS[config.method].anchored:
+        lookalikes = nearest_rows(base, sets.forget, sets.remember, config.lookalikes, device=dev)
     n_refresh = min(config.refresh_size, sets.remember.shape[0])
     refresh_idx = torch.randperm(sets.remember.shape[0], generator=generator)[:n_refresh].sort().values
     refresh_keys = [sets.remember_keys[i] for i in refresh_idx.tolist()]
@@ -301,6 +312,7 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
         base_mean=torch.tensor(float(base_remember_nll.mean()), device=dev),
         base_std=torch.tensor(float(base_remember_nll.std(ddof=1)), device=dev),
         whole_remember_nll=lambda m: torch.from_numpy(remember_nll(m)),
+        lookalikes=lookalikes,
     )
     return data, subset_correction(base_remember_nll, refresh_idx.numpy())
 
@@ -372,7 +384,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
                                 draws=config.forget_draws)
     delta, epsilon, target, base_holdout_nll = stopping_target(base, base_remember_nll, target_holdout, config,
                                                                device=dev)
-    data, correction = _taming_data(sets, base_remember_nll, remember_nll, config, generator, dev, data_spec)
+    data, correction = _taming_data(sets, base_remember_nll, remember_nll, config, generator, dev, data_spec, base)
 
     model = trainable_copy(base, dev)
     frozen = freeze_parameters(model, config.freeze)
@@ -439,6 +451,7 @@ def _tamed_outcome(base: Checkpoint, model: torch.nn.Module, method: Any, result
         lr_reductions=result.lr_reductions, refreshes=method.refreshes,
         early_refreshes=getattr(method, "early_refreshes", 0), confirmations=method.confirmations,
         drift_refusals=method.drift_refusals, whole_set_refusals=method.whole_set_refusals,
+        progress_warning=getattr(method, "progress_warning", None),
         remember_normal={"base": _normal_block(base_mean, base_std, per_bpd),
                          "tamed": _normal_block(mu_t, sigma_t, per_bpd)},
         requests=_forget_requests(forget_sets, sets.forget_request, d_final, epsilon), trajectory=result.trajectory)

@@ -212,6 +212,19 @@ def find_neighbours(base: Checkpoint, forget, remember, k: int, *, batch_size: i
     return Neighbours(indices=order, distances=distances[order])
 
 
+def nearest_rows(base: Checkpoint, forget_pixels: torch.Tensor, remember_pixels: torch.Tensor, k: int, *,
+                 device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """Indices (long [min(k, R)], CPU, nearest first) of the remember images (uint8 [R,C,H,W]) nearest the
+    forget images (uint8 [F,C,H,W]) by :func:`find_neighbours`'s metric (bin-centre latents of the base model,
+    minimum over the forget images)."""
+    forget_latents = torch.cat([_bin_centre_latents(base, forget_pixels[i:i + batch_size], device)
+                                for i in range(0, forget_pixels.shape[0], batch_size)])
+    distances = torch.cat([torch.cdist(_bin_centre_latents(base, remember_pixels[i:i + batch_size], device),
+                                       forget_latents).min(1).values
+                           for i in range(0, remember_pixels.shape[0], batch_size)])
+    return torch.from_numpy(np.argsort(distances.numpy(), kind="stable")[:k].copy())
+
+
 def _threshold_block(fit: st.NormalFit, delta: float, num_dims: int) -> dict[str, float]:
     to_bpd = 1.0 / nats_per_bpd(num_dims)
     threshold = forget_threshold(fit.mean, fit.std, delta)

@@ -59,6 +59,7 @@ class _ForgottenStopping(TamingMethod):
 
     default_freeze = "none"  # the baselines train every parameter, as published
     default_max_remember_drift = 0.05  # only refuses a model whose every likelihood fell (see TamingMethod)
+    anchored = False  # run as published: no per-image anchor to the base model
 
     def __init__(self, data: TamingData, **kwargs: Any):
         super().__init__(data, **kwargs)
@@ -161,8 +162,8 @@ class SelectiveAmnesia(_ForgottenStopping):
         self.anchor = {name: p.detach().clone() for name, p in base_model.named_parameters()}
         self.fisher = diagonal_fisher(base_model, self.replay_pool, data.data_spec)
 
-    def _batch(self) -> tuple[Tensor, Tensor, int]:
-        """([forget; surrogate; replay] inputs [Bf+2B,...], forget indices [Bf], Bf)."""
+    def _batch(self) -> tuple[Tensor, Tensor, int, int]:
+        """([forget; surrogate; replay] inputs [Bf+2B,...], forget indices [Bf], Bf, 2B)."""
         d, n = self.data, self.batch_size
         gen = self.generator
         forget_idx = distinct_indices(gen, n, d.forget.shape[0]).to(d.device)
@@ -175,7 +176,7 @@ class SelectiveAmnesia(_ForgottenStopping):
             surrogate = dequantized(pixels, uniform_noise(gen, pixels.shape, d.device), d.data_spec.n_bits)
         replay = take_rows(self.replay_pool, random_indices(gen, self.replay_pool.shape[0], n), d.device)
         x = torch.cat([dequantized(forget_pixels, forget_noise, d.data_spec.n_bits), surrogate, replay])
-        return x, forget_idx, forget_idx.numel()
+        return x, forget_idx, forget_idx.numel(), 2 * n
 
     def ewc_penalty(self, model: nn.Module) -> Tensor:
         """``Σ_i F_i (θ_i - θ*_i)²`` over every parameter, in nats (F in nats² per squared parameter unit)."""

@@ -52,10 +52,26 @@ def forget_loss(nll: Tensor, mu: Tensor, sigma: Tensor, *, delta: float, kind: s
     return torch.where(gap.abs() < width, gap.square() / (2 * width), gap.abs() - width / 2).mean()
 
 
+def anchor_loss(nll: Tensor, base_nll: Tensor, base_std: Tensor) -> Tensor:
+    """Per-image anchor to the base model: ``mean_i ((NLL_theta(x_i) - NLL_base(x_i)) / sigma_B)^2``.
+
+    ``nll`` [B] (with gradient) and ``base_nll`` [B] (no gradient) are nats on the same dequantized images;
+    ``base_std`` is sigma_B (nats). Its pull on each image is proportional to that image's current deviation,
+    measured every step (a closed loop), unlike the KL's, whose coefficient is frozen between refreshes.
+    """
+    return ((nll - base_nll) / base_std).square().mean()
+
+
 def remember_loss(nll_remember: Tensor, base_mean: Tensor, base_std: Tensor, tamed_mean: Tensor,
-                  tamed_std: Tensor, *, gamma: float, nats_per_bpd: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(L_R, mean NLL term in BPD, symmetric KL) with ``L_R = (1-gamma)*A + gamma*(KL(B||T) + KL(T||B))``."""
+                  tamed_std: Tensor, *, gamma: float, nats_per_bpd: float, anchor: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """(L_R, mean NLL term in BPD, symmetric KL) with ``L_R = (1-gamma)*A + gamma*(KL(B||T) + KL(T||B))``.
+
+    ``anchor``: a (weighted) :func:`anchor_loss` that takes A's place, ``L_R = (1-gamma)*anchor + gamma*KL``;
+    A, the mean remember NLL, keeps training the model (lowering every NLL), which the anchor does not.
+    The mean NLL term is returned (for the logs) either way.
+    """
     nll_term = nll_remember.mean() / nats_per_bpd
     kl = symmetric_kl(base_mean, base_std, tamed_mean, tamed_std)
-    return (1 - gamma) * nll_term + gamma * kl, nll_term, kl
-
+    first = nll_term if anchor is None else anchor
+    return (1 - gamma) * first + gamma * kl, nll_term, kl

@@ -8,6 +8,8 @@ against the *current* model's remember statistics, satisfies |d| < epsilon.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +21,7 @@ from flowtame.data.quantization import DataSpec, nats_per_bpd
 from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
 from flowtame.likelihood.threshold import threshold_distance
-from flowtame.methods.objective import forget_loss, remember_loss
+from flowtame.methods.objective import anchor_loss, forget_loss, remember_loss
 from flowtame.methods.remember import STALE_SIGMA, TRACK_WEIGHT, RememberNormal
 
 __all__ = ["KL_ESTIMATES", "METHODS", "STALE_SIGMA", "TRACK_WEIGHT", "TamingData", "TamingMethod",
@@ -31,6 +33,8 @@ MIN_SETTLE_FACTOR = 0.05
 #: One fresh noise draw moves d by up to ~0.6 sigma_R on small models; the smoothing keeps the screen from
 #: waiting for every image's noise to be lucky at once.
 SCREEN_WEIGHT = 0.3
+#: Iteration at which the forget images' pace is projected to the budget (:meth:`TamingMethod.check_progress`).
+PROGRESS_CHECK = 50
 #: N_T estimators (``kl_estimate``): ``refreshed`` (default), ``batch`` (the paper's).
 KL_ESTIMATES = ("refreshed", "batch")
 
@@ -47,7 +51,8 @@ class TamingData:
     sigma_R; ``base_mean``/``base_std``: N_B in nats, fitted once over the whole remember set under the base
     model. ``whole_remember_nll(model)``, when given, is the NLL (nats, float64 [R]) of the whole remember set
     on the evaluation's keyed noise, exactly as the report computes it: a confirmation that passes on the
-    refresh subset is then re-judged against the whole set's normal before the run stops.
+    refresh subset is then re-judged against the whole set's normal before the run stops. ``lookalikes``:
+    long [L] (CPU), rows of ``remember`` nearest the forget set, held by the anchor in every batch.
     """
 
     data_spec: DataSpec
@@ -59,6 +64,7 @@ class TamingData:
     base_mean: Tensor
     base_std: Tensor
     whole_remember_nll: Callable[[nn.Module], Tensor] | None = None
+    lookalikes: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -97,6 +103,8 @@ class TamingMethod:
     #: The method's own settings (a frozen dataclass built from the config's ``method_settings`` section named
     #: like the method, dashes as underscores), or None for a method without any.
     settings_class: type | None = None
+    #: Whether the config's ``anchor`` applies (the baselines run as published, without it).
+    anchored = True
 
     def __init__(self, data: TamingData, *, delta: float, epsilon: float, alpha: float, gamma: float,
                  batch_size: int, refresh_every: int, forget_loss_kind: str, forget_unit: str,
@@ -124,6 +132,10 @@ class TamingMethod:
         self.lr_factor = 1.0
         self.config = config
         self.base_model = base_model
+        #: Weight of the per-image anchor to the base model on the remember batch (0: off; see :meth:`loss`).
+        self.anchor_weight = float(getattr(config, "anchor", 0.0) or 0.0) if self.anchored else 0.0
+        if self.anchor_weight > 0 and base_model is None:
+            raise ValueError("the anchor term needs the frozen base model")
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
         self.base_bpd = float(data.base_mean) / self.nats_per_bpd
         #: N_T: mu_R, sigma_R of the model being tamed (refresh, early refresh, subset correction, resume state).
@@ -135,6 +147,9 @@ class TamingMethod:
         self.confirmations = 0
         self.drift_refusals = 0
         self.whole_set_refusals = 0
+        #: mean d of the forget images at the first iteration, and the early warning when their pace is too slow
+        self.progress_start: float | None = None
+        self.progress_warning: str | None = None
         #: The whole remember set's NLL [R] (float64, CPU) under the weights the run stopped with, for the report.
         self.final_remember_nll: Tensor | None = None
 
@@ -176,22 +191,47 @@ class TamingMethod:
         return self.normal.early_refreshes
 
     # ------------------------------------------------------------------ batches
-    def _batch(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(inputs [Bf+Br,...] with fresh noise, forget indices [Bf], number of forget rows)."""
+    def _batch(self) -> tuple[Tensor, Tensor, int, int]:
+        """(inputs [Bf+Br+Bl,...] with fresh noise, forget indices [Bf], Bf, Br): forget rows, ``batch_size``
+        random remember rows and, with the anchor on and ``data.lookalikes`` given, :meth:`lookalike_rows`
+        of the forget set's nearest remember images."""
         d = self.data
         forget_idx = distinct_indices(self.generator, self.batch_size, d.forget.shape[0]).to(d.device)
         remember = take_rows(d.remember, random_indices(self.generator, d.remember.shape[0], self.batch_size),
                              d.device)
-        pixels = torch.cat([d.forget[forget_idx], remember])
+        parts = [d.forget[forget_idx], remember]
+        if self.lookalike_rows > 0:
+            assert d.lookalikes is not None
+            pick = distinct_indices(self.generator, self.lookalike_rows, d.lookalikes.shape[0])
+            parts.append(take_rows(d.remember, d.lookalikes[pick.to(d.lookalikes.device)], d.device))
+        pixels = torch.cat(parts)
         noise = uniform_noise(self.generator, pixels.shape, d.device)
-        return dequantized(pixels, noise, d.data_spec.n_bits), forget_idx, forget_idx.numel()
+        return dequantized(pixels, noise, d.data_spec.n_bits), forget_idx, forget_idx.numel(), remember.shape[0]
+
+    @property
+    def lookalike_rows(self) -> int:
+        """Look-alike rows per batch: a quarter of ``batch_size`` (at least 1), at most all of
+        ``data.lookalikes``; 0 without the anchor or look-alikes."""
+        looks = self.data.lookalikes
+        if self.anchor_weight <= 0 or looks is None or looks.numel() == 0:
+            return 0
+        return min(looks.numel(), max(1, self.batch_size // 4))
 
     # ------------------------------------------------------------------ engine protocol
     def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
-        x, forget_idx, n_forget = self._batch()
+        """This iteration's loss (:meth:`objective`) from one forward over [forget; remember; look-alikes].
+        With the anchor on, the frozen base model's NLLs of the remember and look-alike rows (same
+        dequantized images, no gradient) go with them."""
+        x, forget_idx, n_forget, n_remember = self._batch()
         nll = nll_nats(model, x, self.data.data_spec)
-        nll_forget, nll_remember = nll[:n_forget], nll[n_forget:]
-        loss, metrics = self.objective(model, nll_forget, nll_remember)
+        nll_forget, nll_remember = nll[:n_forget], nll[n_forget:n_forget + n_remember]
+        if self.anchor_weight > 0:
+            assert self.base_model is not None
+            with torch.no_grad():
+                base_nll = nll_nats(self.base_model, x[n_forget:], self.data.data_spec)
+            loss, metrics = self.objective(model, nll_forget, nll_remember, anchor=(nll[n_forget:], base_nll))
+        else:
+            loss, metrics = self.objective(model, nll_forget, nll_remember)
         d_now = threshold_distance(nll_forget.detach(), self.mu_r, self.sigma_r, self.delta)
         previous = self.latest_d[forget_idx]
         self.latest_d[forget_idx] = torch.where(previous.isfinite(), previous + SCREEN_WEIGHT * (d_now - previous),
@@ -200,10 +240,12 @@ class TamingMethod:
                        mean_d=self.latest_d.mean(), mu_r=self.mu_r, sigma_r=self.sigma_r)
         return loss, metrics
 
-    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor
-                  ) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor,
+                  anchor: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss from this iteration's per-image NLLs (nats); subclasses (baselines) replace it.
 
+        ``anchor``: (NLL [N] of the remember and look-alike rows under the model, the base model's [N]) when
+        the anchor is on; its term then replaces the remember NLL term A (see :func:`remember_loss`).
         Must return the scalar loss and at least ``loss_forget``, ``loss_remember``, ``remember_bpd``.
         """
         batch_mean, batch_std = nll_remember.mean(), nll_remember.std()
@@ -220,12 +262,15 @@ class TamingMethod:
             mu, sigma = self.mu_r, self.sigma_r
         loss_forget = forget_loss(nll_forget, mu, sigma, delta=self.delta, kind=self.forget_loss_kind,
                                   unit=self.forget_unit, nats_per_bpd=self.nats_per_bpd)
+        anchor_term = None if anchor is None else self.anchor_weight * anchor_loss(*anchor, self.data.base_std)
         loss_remember, nll_term, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                     tamed_mean, tamed_std, gamma=self.gamma,
-                                                    nats_per_bpd=self.nats_per_bpd)
+                                                    nats_per_bpd=self.nats_per_bpd, anchor=anchor_term)
         loss = self.alpha * loss_forget + (1 - self.alpha) * loss_remember
-        return loss, {"loss_forget": loss_forget, "loss_remember": loss_remember, "remember_bpd": nll_term,
-                      "kl": kl}
+        metrics = {"loss_forget": loss_forget, "loss_remember": loss_remember, "remember_bpd": nll_term, "kl": kl}
+        if anchor_term is not None:
+            metrics["anchor"] = anchor_term.detach() / self.anchor_weight
+        return loss, metrics
 
     @torch.no_grad()
     def refresh(self, model: nn.Module) -> None:
@@ -303,7 +348,33 @@ class TamingMethod:
         self.normal.remeasure(mean, std)
         return False
 
+    def check_progress(self, iteration: int, logged: dict[str, float]) -> None:
+        """At :data:`PROGRESS_CHECK` iterations, project the forget images' average pace (smoothed mean d per
+        iteration since the first) onto the farthest image's gap; when that needs more than ``max_iters``,
+        warn (once, also in the report) with what to change, instead of spending the whole budget silently."""
+        if "mean_d" not in logged:
+            return
+        if self.progress_start is None:
+            self.progress_start = logged["mean_d"]
+            return
+        budget = getattr(self.config, "max_iters", None)
+        gap = self.lower_edge - logged["min_d"]
+        if iteration != PROGRESS_CHECK or budget is None or gap <= 0:
+            return
+        pace = (logged["mean_d"] - self.progress_start) / iteration
+        needed = iteration + gap / pace if pace > 0 else math.inf
+        if needed <= budget:
+            return
+        self.progress_warning = (
+            f"after {iteration} iterations the forget images gain {pace:.3f} sigma_R per iteration and the "
+            f"farthest is {gap:.2f} sigma_R short: about {needed:.0f} iterations at this pace, over the budget "
+            f"of {budget}; the remember term holds them back: try a larger --alpha (now {self.alpha:g}) or "
+            f"--max-iters {int(min(needed, 1e6)) + 50}")
+        warnings.warn(self.progress_warning, stacklevel=2)
+
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
+        if self.progress_warning is None:
+            self.check_progress(iteration, logged)
         if logged["max_abs_d"] < 2 * self.epsilon:
             # settling: Adam's steps do not shrink with the gradient, so near the threshold the images would
             # jitter across the +-epsilon band; decay the learning rate while they are close
@@ -359,7 +430,8 @@ class TamingMethod:
     def state_meta(self) -> dict[str, Any]:
         return {"last_confirm": self.last_confirm, **self.normal.state_meta(),
                 "confirmations": self.confirmations, "lr_factor": self.lr_factor,
-                "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals}
+                "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals,
+                "progress_start": self.progress_start, "progress_warning": self.progress_warning}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.normal.load_state(tensors, meta)
@@ -369,6 +441,8 @@ class TamingMethod:
         self.lr_factor = meta["lr_factor"]
         self.drift_refusals = meta.get("drift_refusals", 0)
         self.whole_set_refusals = meta.get("whole_set_refusals", 0)
+        self.progress_start = meta.get("progress_start")
+        self.progress_warning = meta.get("progress_warning")
 
 
 #: Method name -> class; baselines register here (``flowtame.methods.baselines``). Every class takes the

@@ -1,0 +1,114 @@
+"""The per-image anchor to the base model (issue 23): its formula, its place in taming's loss, and that the
+baselines and the paper's preset run without it."""
+
+import copy
+
+import pytest
+import torch
+
+from flowtame.data.images import open_images
+from flowtame.data.quantization import nats_per_bpd
+from flowtame.errors import InputError
+from flowtame.io.checkpoint import Checkpoint
+from flowtame.jobs.tame import make_config, preset
+from flowtame.likelihood.evaluation import find_neighbours, nearest_rows
+from flowtame.likelihood.nll import dequantized, nll_nats
+from flowtame.methods.objective import anchor_loss
+from tests.test_baselines import DATA_SPEC, REMEMBER, make_method, tiny_glow
+
+
+def test_anchor_loss_is_the_mean_squared_deviation_in_base_standard_deviations():
+    nll = torch.tensor([10.0, 12.0, 7.0], requires_grad=True)
+    base_nll = torch.tensor([11.0, 12.0, 4.0])
+    sigma = torch.tensor(2.0)
+    value = anchor_loss(nll, base_nll, sigma)
+    assert float(value.detach()) == pytest.approx(((-1 / 2) ** 2 + 0 + (3 / 2) ** 2) / 3)
+    value.backward()
+    # the pull on each image is proportional to its own deviation: 2 (nll - base) / (sigma^2 B)
+    assert nll.grad.tolist() == pytest.approx([2 * -1 / 4 / 3, 0.0, 2 * 3 / 4 / 3])
+
+
+def fixed_batch(method, seed: int = 3):
+    """Replace the method's batch draw by one fixed batch (2 forget rows, then 4 remember rows)."""
+    d = method.data
+    pixels = torch.cat([d.forget[:2], d.remember[:4]])
+    x = dequantized(pixels, torch.rand(pixels.shape, generator=torch.Generator().manual_seed(seed)),
+                    DATA_SPEC.n_bits)
+    method._batch = lambda: (x, torch.tensor([0, 1]), 2, 4)
+    return x
+
+
+def test_the_anchor_replaces_the_mean_nll_term_on_the_remember_rows_against_the_frozen_base():
+    base, _ = tiny_glow()
+    moved = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    losses = {}
+    for weight in (0.0, 3.0):
+        method = make_method("taming", base, anchor=weight, gamma=0.25)
+        x = fixed_batch(method)
+        losses[weight], metrics = method.loss(moved, 0)
+    with torch.no_grad():
+        nll = nll_nats(moved, x[2:], DATA_SPEC)
+        by_hand = ((nll - nll_nats(base, x[2:], DATA_SPEC)) / method.data.base_std).square().mean()
+        mean_term = nll.mean() / nats_per_bpd(DATA_SPEC.num_dims)
+    assert float(by_hand) > 1e-4  # the moved model really deviates
+    assert float(metrics["anchor"]) == pytest.approx(float(by_hand), rel=1e-5)
+    # L_R = (1-gamma)*A + gamma*KL becomes (1-gamma)*anchor*by_hand + gamma*KL
+    expected = (1 - method.alpha) * (1 - 0.25) * (3.0 * by_hand - mean_term)
+    assert float((losses[3.0] - losses[0.0]).detach()) == pytest.approx(float(expected), rel=1e-4)
+    # on the base model itself the anchor is zero: the same images, the same weights
+    method = make_method("taming", base, anchor=3.0, gamma=0.25)
+    fixed_batch(method)
+    assert float(method.loss(copy.deepcopy(base), 0)[1]["anchor"]) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_baselines_and_the_paper_preset_run_without_the_anchor():
+    base, _ = tiny_glow()
+    assert make_method("neggrad", base, anchor=3.0).anchor_weight == 0.0
+    assert make_method("taming", base, anchor=3.0).anchor_weight == 3.0
+    assert make_config(preset("paper")).anchor == 0
+    with pytest.raises(InputError, match="anchor"):
+        make_config({"anchor": -1.0})
+
+
+def test_a_run_too_slow_for_its_budget_says_so_early_with_what_to_change():
+    base, _ = tiny_glow()
+    method = make_method("taming", base, max_iters=300)
+    method.check_progress(1, {"mean_d": -4.0, "min_d": -4.5})
+    # pace 0.01 sigma_R per iteration, farthest image (-4.5 - edge) short: ~390 more iterations > 300
+    with pytest.warns(UserWarning, match=r"0\.010 sigma_R per iteration .* over the budget of 300.*--alpha"):
+        method.check_progress(50, {"mean_d": -3.5, "min_d": -4.5})
+    assert "about" in method.progress_warning and method.state_meta()["progress_warning"] == method.progress_warning
+    # a pace that fits the budget stays quiet
+    quick = make_method("taming", base, max_iters=300)
+    quick.check_progress(1, {"mean_d": -4.0, "min_d": -4.5})
+    quick.check_progress(50, {"mean_d": -2.0, "min_d": -2.5})
+    assert quick.progress_warning is None
+
+
+def test_lookalike_rows_come_from_the_forget_sets_nearest_remember_images():
+    base, _ = tiny_glow()
+    method = make_method("taming", base, anchor=1.0, batch_size=8)
+    remember = method.data.remember
+    method.data.lookalikes = torch.tensor([5, 2, 7])
+    x, _, n_forget, n_remember = method._batch()
+    assert n_remember == 8 and method.lookalike_rows == 2 and x.shape[0] == n_forget + 8 + 2
+    pixels = (x[n_forget + 8:] + 0.5) * 2 ** DATA_SPEC.n_bits  # undo dequantization: floor gives the bins
+    bins = (remember[[5, 2, 7]].float() / 2 ** (8 - DATA_SPEC.n_bits)).floor()
+    for row in pixels.floor():
+        assert any(torch.equal(row, b) for b in bins)
+    # without the anchor no look-alike rows are drawn
+    plain = make_method("taming", base, anchor=0.0, batch_size=8)
+    plain.data.lookalikes = torch.tensor([5, 2, 7])
+    assert plain.lookalike_rows == 0 and plain._batch()[0].shape[0] == plain._batch()[2] + 8
+
+
+def test_lookalikes_are_the_neighbours_evaluate_judges():
+    model, spec = tiny_glow()
+    base = Checkpoint(model=model, architecture="glow", spec=spec, data_spec=DATA_SPEC)
+    forget, remember = open_images("embedded:digits:test:3", DATA_SPEC), open_images(REMEMBER, DATA_SPEC)
+    expected = find_neighbours(base, forget, remember, 5, device="cpu").indices
+    got = nearest_rows(base, forget.load_tensor()[0], remember.load_tensor()[0], 5, device=torch.device("cpu"))
+    assert got.tolist() == expected.tolist()
