@@ -708,8 +708,9 @@ def test_debias_anchor_is_the_hand_computed_per_image_pull_to_the_base_model(tin
                               anchor=0.3)
     model = load_checkpoint(tiny_base).model
     spec = base.data_spec
-    x, rows = method._batch()
-    method._batch = lambda: (x, rows)
+    x, rows, mask = method._batch()
+    assert mask is not None and mask.tolist() == [1.0] * rows[-1]  # no group keys given: every row anchored
+    method._batch = lambda: (x, rows, mask)
     loss, metrics = method.loss(model, 0)
     assert float(loss) == 0.0  # the base model itself: no pull at all (the mean NLL term A would not be 0)
     with torch.no_grad():
@@ -722,3 +723,24 @@ def test_debias_anchor_is_the_hand_computed_per_image_pull_to_the_base_model(tin
     expected = 0.3 * float(z.square().mean())
     assert expected > 1e-3 and float(loss) == pytest.approx(expected, rel=1e-4)
     assert float(metrics["anchor"]) == pytest.approx(expected / 0.3, rel=1e-4)
+    # rows that are group images (mask 0) are not pulled: they count 0 in the batch mean
+    half = torch.tensor([1.0, 0.0] * (rows[-1] // 2))
+    method._batch = lambda: (x, rows, half)
+    loss, _ = method.loss(model, 0)
+    assert float(loss) == pytest.approx(0.3 * float((half * z.square()).mean()), rel=1e-4)
+    assert float(loss) < expected
+
+
+def test_remember_images_that_are_group_images_are_not_anchored(tiny_base):
+    base = load_checkpoint(tiny_base)
+    spec = base.data_spec
+    zeros, ones = (open_images(source, spec).load_tensor() for source in (ZERO, ONE))
+    remember = torch.cat([zeros[0], ones[0]])
+    keys = zeros[1] + ones[1]
+    config = DebiasConfig()
+    data, _ = prepare_data(base.model, [zeros[0]], remember, keys, spec, config, torch.Generator().manual_seed(0),
+                           torch.device("cpu"), group_keys=[zeros[1]])
+    assert data.anchored.tolist() == [0.0] * len(zeros[1]) + [1.0] * len(ones[1])
+    every, _ = prepare_data(base.model, [zeros[0], ones[0]], remember, keys, spec, config,
+                            torch.Generator().manual_seed(0), torch.device("cpu"), group_keys=[zeros[1], ones[1]])
+    assert every.anchored is None  # nothing left to anchor but group images: the anchor holds every row

@@ -363,7 +363,7 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
                          "use more samples or another temperature", keys=("samples", "temperature"))
 
     data, base_remember_nll = prepare_data(base_model, sets.group_pixels, sets.remember, sets.remember_keys,
-                                           data_spec, config, generator, dev)
+                                           data_spec, config, generator, dev, group_keys=sets.group_keys)
     model = trainable_copy(base, dev)
     batches = loop_generator(generator, dev, config.seed)
     method = DebiasMethod(data, meter, names, targets, config, batches, before, base_model=base_model,

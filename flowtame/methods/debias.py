@@ -551,7 +551,10 @@ class DebiasData:
     ``groups``: uint8 [N_g, C, H, W] per group (on the device); ``remember``: uint8 [R, C, H, W] (CPU, pinned
     on CUDA); ``refresh``: float [S, C, H, W], a fixed remember subset dequantized with fixed noise;
     ``base_mean``, ``base_std``: N_B in nats over the whole remember set; ``subset_correction``: (mean offset
-    nats, std ratio) mapping refresh-subset statistics to whole-set ones.
+    nats, std ratio) mapping refresh-subset statistics to whole-set ones. ``anchored``: float [R] (where
+    ``remember`` lives), 1 for the remember images the anchor holds, 0 for those that are also group images (the
+    group term moves them on purpose); None when every remember image is a group image (the anchor then holds
+    them all, and resists the move: give a remember set beyond the groups).
     """
 
     data_spec: DataSpec
@@ -561,14 +564,17 @@ class DebiasData:
     base_mean: Tensor
     base_std: Tensor
     subset_correction: tuple[float, float]
+    anchored: Tensor | None = None
 
 
 def prepare_data(base_model: nn.Module, group_pixels: Sequence[Tensor], remember_pixels: Tensor,
                  remember_keys: Sequence[str], data_spec: DataSpec, config: DebiasConfig, generator: torch.Generator,
-                 device: torch.device) -> tuple[DebiasData, np.ndarray]:
+                 device: torch.device, group_keys: Sequence[Sequence[str]] = ()) -> tuple[DebiasData, np.ndarray]:
     """:class:`DebiasData` for a run, and the base model's remember NLL (nats, float64 [R], one keyed noise
     draw of ``config.eval_seed``; N_B is its normal fit). The refresh subset (``config.refresh_size`` remember
-    images) is drawn with ``generator``."""
+    images) is drawn with ``generator``; remember images whose key is in ``group_keys`` are not anchored."""
+    in_groups = {key for keys in group_keys for key in keys}
+    anchored = torch.tensor([key not in in_groups for key in remember_keys], dtype=torch.float32)
     base_remember_nll = pixel_nll(base_model, remember_pixels, remember_keys, data_spec, config.eval_seed, device)
     n_refresh = min(config.refresh_size, remember_pixels.shape[0])
     refresh_idx = torch.randperm(remember_pixels.shape[0], generator=generator)[:n_refresh].sort().values
@@ -581,7 +587,8 @@ def prepare_data(base_model: nn.Module, group_pixels: Sequence[Tensor], remember
         refresh=dequantized(remember_pixels[refresh_idx], refresh_noise, data_spec.n_bits).to(device),
         base_mean=torch.tensor(float(base_remember_nll.mean()), device=device),
         base_std=torch.tensor(float(base_remember_nll.std(ddof=1)), device=device),
-        subset_correction=subset_correction(base_remember_nll, refresh_idx.numpy()))
+        subset_correction=subset_correction(base_remember_nll, refresh_idx.numpy()),
+        anchored=training_rows(anchored, device) if bool(anchored.any()) else None)
     return data, base_remember_nll
 
 
@@ -599,7 +606,8 @@ class DebiasMethod:
     under-represented). ``L_R`` is taming's remember loss (:func:`~flowtame.methods.objective.remember_loss`)
     with N_B fixed and N_T's value refreshed; with ``anchor`` > 0 its first term is the per-image anchor of the
     remember batch to ``base_model`` (:func:`~flowtame.methods.objective.anchor_loss`, the base model's NLLs of
-    the same dequantized images), as in ``tame``.
+    the same dequantized images), as in ``tame``; remember rows that are group images count 0 in its mean (the
+    group term moves them on purpose; ``DebiasData.anchored``).
 
     ``after_step`` re-measures the frequencies every ``measure_every`` iterations (and refreshes μ_R, σ_R on
     the fixed subset, with the base model's subset correction), updates the weights and ``lr_factor`` (the
@@ -721,8 +729,9 @@ class DebiasMethod:
         else:
             self.step_scale = min(1.0, self.step_scale * REGROWTH)
 
-    def _batch(self) -> tuple[Tensor, list[int]]:
-        """(inputs [G*B + B, C, H, W] with fresh noise, rows per group then remember)."""
+    def _batch(self) -> tuple[Tensor, list[int], Tensor | None]:
+        """(inputs [G*B + B, C, H, W] with fresh noise, rows per group then remember, the remember rows' anchor
+        mask [B] (float, 1 = anchored; None: every row))."""
         d, size = self.data, self.config.batch_size
         parts, rows = [], []
         for pixels in d.groups:
@@ -734,10 +743,11 @@ class DebiasMethod:
         rows.append(size)
         pixels = torch.cat(parts)
         noise = uniform_noise(self.generator, pixels.shape, pixels.device)
-        return dequantized(pixels, noise, d.data_spec.n_bits), rows
+        mask = None if d.anchored is None else take_rows(d.anchored, remember_index, d.base_mean.device)
+        return dequantized(pixels, noise, d.data_spec.n_bits), rows, mask
 
     def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
-        x, rows = self._batch()
+        x, rows, mask = self._batch()
         nll = nll_nats(model, x, self.data.data_spec)
         *group_nll, nll_remember = nll.split(rows)
         threshold = forget_threshold(self.normal.mu, self.normal.sigma, self.config.soft_delta)
@@ -755,7 +765,9 @@ class DebiasMethod:
             assert self.base_model is not None
             with torch.no_grad():
                 base_nll = nll_nats(self.base_model, x[-rows[-1]:], self.data.data_spec)
-            anchor_term = self.anchor_weight * anchor_loss(nll_remember, base_nll, self.data.base_std)
+            held = nll_remember if mask is None else nll_remember * mask  # group images: no pull (0 - 0)
+            anchor_term = self.anchor_weight * anchor_loss(held, base_nll if mask is None else base_nll * mask,
+                                                           self.data.base_std)
         loss_remember, remember_bpd, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                         tamed_mean, tamed_std, gamma=self.config.gamma,
                                                         nats_per_bpd=self.nats_per_bpd, anchor=anchor_term)
