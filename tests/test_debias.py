@@ -348,7 +348,8 @@ def test_measurement_updates_weights_and_step_size_and_stops_within_tolerance(ti
     model = load_checkpoint(tiny_base).model
     assert method.after_step(model, 4, logged) is True and meter.calls == 1  # iteration 5: |0.31 - 0.3| <= 0.02
     assert logged["max_gap"] == pytest.approx(0.01)
-    assert method.weights.tolist() == pytest.approx([-0.05, 0.05])  # over-represented zero is now lowered
+    # over-represented zero is now lowered: -0.01 / 0.2; no integral part inside the tolerance (no wind-up)
+    assert method.weights.tolist() == pytest.approx([-0.05, 0.05]) and method.integral.tolist() == [0.0, 0.0]
     # 0.01 / 0.2 = 0.05, floored at min_lr_factor 0.25; and the share moved 0.21 in 5 iterations at factor 1,
     # less its jitter (2 standard errors of 0.31 over 100 samples, 0.0925): 0.0235 per iteration per unit
     # factor, 0.005875 at 0.25, over the shortest interval (2) 0.01175 > half the remaining gap (at least the
@@ -701,6 +702,24 @@ def test_the_remember_drift_guard_refuses_a_stop_until_the_mean_is_back(tiny_bas
     assert method.trajectory[-1]["remember_drift"] == pytest.approx(0.02)
     rise["value"] = 1.005
     assert method.after_step(model, 99, {"max_gap": 0.0}) is True and method.drift_refusals == 1
+    assert method.gave_up is None
+
+
+def test_the_run_gives_up_when_the_drift_guard_keeps_refusing_the_stop(tiny_base):
+    model = load_checkpoint(tiny_base).model
+    start = [0] * 300 + [1] * 700
+    meter = _StubMeter(start)
+    _, _, method = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, measure_every=5, warmup=0,
+                           screen_samples=0, verdict=False, max_remember_drift=0.008)
+
+    def refresh(_model):
+        method.normal.mu = method.data.base_mean * 1.02
+
+    method.refresh = refresh
+    assert _measure_steps(method, model, meter, [0.50, 0.49]) == [False, False] and method.gave_up is None
+    assert _measure_steps(method, model, meter, [0.51], every=15) == [False] and method.drift_refusals == 3
+    assert method.gave_up.startswith("cannot reach the target within the remember bound: zero is at 0.510")
+    assert "up 2.00% against the bound 0.80% (3 stops refused)" in method.gave_up
 
 
 def test_debias_anchor_is_the_hand_computed_per_image_pull_to_the_base_model(tiny_base):
@@ -744,3 +763,21 @@ def test_remember_images_that_are_group_images_are_not_anchored(tiny_base):
     every, _ = prepare_data(base.model, [zeros[0], ones[0]], remember, keys, spec, config,
                             torch.Generator().manual_seed(0), torch.device("cpu"), group_keys=[zeros[1], ones[1]])
     assert every.anchored is None  # nothing left to anchor but group images: the anchor holds every row
+
+
+def test_weights_integrate_a_steady_shortfall_and_reset_at_an_overshoot(tiny_base):
+    model = load_checkpoint(tiny_base).model
+    start = [0] * 300 + [1] * 700
+    meter = _StubMeter(start)
+    _, _, method = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, measure_every=5, warmup=0,
+                           screen_samples=0, verdict=False)
+    method._plan_next = lambda *args: None
+    weights = []
+    for k in range(1, 4):  # held at 0.45 (a spring against the group term): the weight must keep growing
+        _measure_steps(method, model, meter, [0.45], every=5 * k)
+        weights.append(method.weights[0].item())
+    # 0.05 / 0.2 = 0.25 proportional, plus 0.5 * 0.25 per measurement
+    assert weights == pytest.approx([0.375, 0.5, 0.625])
+    _measure_steps(method, model, meter, [0.60], every=20)  # crossed: the integral restarts from 0
+    assert method.overshoots == 1 and method.integral.tolist() == [0.0, 0.0]
+    assert method.weights.tolist() == pytest.approx([-0.5, 0.5])

@@ -161,9 +161,9 @@ def _finish(outcome, output: Path, state_path: Path, report: str | None, quiet: 
 
 
 def _say_verdict(report: dict) -> None:
-    """The early "cannot reach" verdict, one stderr line, when the run stopped on it (quiet or not)."""
-    verdict = report.get("verdict")
-    if verdict is not None:
+    """The early "cannot reach" verdict (the progress rate's, or the remember-drift guard's), one stderr line,
+    when the run stopped on it (quiet or not)."""
+    if report.get("verdict_message"):
         err_console.print(f"[yellow]stopped early:[/] {report['verdict_message']}", highlight=False)
 
 

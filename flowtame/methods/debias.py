@@ -33,6 +33,13 @@ from flowtame.methods.remember import RememberNormal
 
 #: After an overshoot halved debias's step size, each measurement without one multiplies it by this (up to 1).
 REGROWTH = 1.25
+#: Each measurement adds this times the gaps over ``gap_scale`` to the loss weights' integral part (reset at an
+#: overshoot): with weights proportional to the gap alone, the anchor's restoring pull holds a share short of its
+#: target (a proportional controller against a spring); the integral removes that steady offset.
+INTEGRAL_GAIN = 0.5
+#: After this many stops refused by the remember-drift guard the run gives up (unconverged, with the figures):
+#: the target is reachable here only at a remember cost above ``max_remember_drift``.
+DRIFT_REFUSALS_TO_GIVE_UP = 3
 #: The measurement interval never falls below this many iterations (a screen costs a few iterations' time on the
 #: width-512 Glows); when the share would still move too far in it, the step is scaled down instead.
 MIN_MEASURE_INTERVAL = 2
@@ -602,8 +609,9 @@ class DebiasMethod:
     ``A_g`` = mean NLL of group g's batch in BPD (descending it raises the group's likelihood),
     ``H_g`` = mean ``max(τ - NLL, 0)`` in BPD with the soft threshold ``τ = μ_R + δ_soft σ_R`` (ascending NLL
     until τ, the mirror of A_g with the same gradient scale, 1 per BPD), and
-    ``w_g = clip((target_g - frequency_g) / gap_scale, -1, 1)`` from the latest measurement (positive:
-    under-represented). ``L_R`` is taming's remember loss (:func:`~flowtame.methods.objective.remember_loss`)
+    ``w_g = clip((target_g - frequency_g) / gap_scale + I_g, -1, 1)`` from the latest measurement (positive:
+    under-represented), ``I_g`` the clipped sum over measurements of :data:`INTEGRAL_GAIN` times the same ratio,
+    reset to 0 at an overshoot. ``L_R`` is taming's remember loss (:func:`~flowtame.methods.objective.remember_loss`)
     with N_B fixed and N_T's value refreshed; with ``anchor`` > 0 its first term is the per-image anchor of the
     remember batch to ``base_model`` (:func:`~flowtame.methods.objective.anchor_loss`, the base model's NLLs of
     the same dequantized images), as in ``tame``; remember rows that are group images count 0 in its mean (the
@@ -646,6 +654,8 @@ class DebiasMethod:
         self.overshoots = 0
         self.last_crossing = 0
         self.step_scale = 1.0
+        #: I_g [G] (float64, CPU): the loss weights' integral part.
+        self.integral = torch.zeros(len(self.group_names), dtype=torch.float64)
         measured = frequencies_of(initial)
         self._set_frequencies(torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64))
         self.trajectory: list[dict[str, Any]] = [
@@ -704,7 +714,7 @@ class DebiasMethod:
     def _weights(self, frequencies: Tensor) -> Tensor:
         """w_g [G] (float32, on the device) from measured frequencies [G] (NaN, no sample assigned: 0)."""
         gap = torch.nan_to_num((self.targets - frequencies) / self.config.gap_scale)
-        return gap.clamp(-1, 1).float().to(self.data.base_mean.device)
+        return (gap + self.integral).clamp(-1, 1).float().to(self.data.base_mean.device)
 
     def _lr_factor(self, frequencies: Tensor) -> float:
         """The engine's learning-rate multiplier: ``clip(max_g |target_g - frequency_g| / gap_scale,
@@ -726,6 +736,7 @@ class DebiasMethod:
             self.overshoots += 1
             self.last_crossing = iteration
             self.step_scale *= 0.5
+            self.integral.zero_()
         else:
             self.step_scale = min(1.0, self.step_scale * REGROWTH)
 
@@ -815,6 +826,11 @@ class DebiasMethod:
         converged = at_target and self._remember_kept()
         self._count_crossing(measured, done)
         used_factor = self.lr_factor
+        if not self.last_crossing == done:  # integrate the gaps outside the tolerance (no wind-up inside it)
+            gaps = torch.nan_to_num(torch.tensor([targets[n] - measured[n] for n in self.group_names],
+                                                 dtype=torch.float64))
+            gaps = torch.where(gaps.abs() > self.config.tolerance, gaps, torch.zeros_like(gaps))
+            self.integral = (self.integral + INTEGRAL_GAIN * gaps / self.config.gap_scale).clamp(-1, 1)
         self.trajectory.append({"iteration": done, **table, "full_draw": full,
                                 "screen": frequencies_of(screened) if screened is not table else None,
                                 "remember_mean_bpd": float(self.normal.mu) / self.nats_per_bpd,
@@ -823,7 +839,14 @@ class DebiasMethod:
         self._plan_next(frequencies_of(screened)[self.lead], screened["assigned"], done, used_factor)
         logged["max_gap"] = float(self.max_gap)
         self.full_next = self._within_reach(screened, screened["assigned"])
-        if not converged and self.config.verdict:
+        if at_target and not converged and self.drift_refusals >= DRIFT_REFUSALS_TO_GIVE_UP:
+            self.gave_up = (
+                f"cannot reach the target within the remember bound: {self.lead} is at {measured[self.lead]:.3f} "
+                f"(within {self.config.tolerance:g} of its target) after {done} iterations, but the remember "
+                f"set's mean NLL is up {100 * self.normal.drift():.2f}% against the bound "
+                f"{100 * (self.config.max_remember_drift or 0):.2f}% ({self.drift_refusals} stops refused); ask "
+                "for a nearer target, or allow more (--max-remember-drift) at the remember set's cost")
+        elif not converged and self.config.verdict:
             self._judge_reach(screened["assigned"])
         return converged
 
@@ -891,7 +914,7 @@ class DebiasMethod:
         self.gave_up = self.verdict.message() if self.verdict else None
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return {**self.normal.state_tensors(), "frequencies": self.frequencies}
+        return {**self.normal.state_tensors(), "frequencies": self.frequencies, "integral": self.integral}
 
     def state_meta(self) -> dict[str, Any]:
         return {**self.normal.state_meta(), "trajectory": self.trajectory, "full_next": self.full_next,
@@ -906,6 +929,7 @@ class DebiasMethod:
         self.step_scale = meta["step_scale"]
         self.next_measure, self.last_measure = meta["next_measure"], meta["last_measure"]
         self.last_screen_share, self.drift_refusals = meta["last_screen_share"], meta["drift_refusals"]
+        self.integral = tensors["integral"].cpu().double()
         self._set_frequencies(tensors["frequencies"].cpu().double())
         self.trajectory = meta["trajectory"]
         self.full_next = meta["full_next"]
