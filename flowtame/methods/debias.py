@@ -826,11 +826,8 @@ class DebiasMethod:
         converged = at_target and self._remember_kept()
         self._count_crossing(measured, done)
         used_factor = self.lr_factor
-        if not self.last_crossing == done:  # integrate the gaps outside the tolerance (no wind-up inside it)
-            gaps = torch.nan_to_num(torch.tensor([targets[n] - measured[n] for n in self.group_names],
-                                                 dtype=torch.float64))
-            gaps = torch.where(gaps.abs() > self.config.tolerance, gaps, torch.zeros_like(gaps))
-            self.integral = (self.integral + INTEGRAL_GAIN * gaps / self.config.gap_scale).clamp(-1, 1)
+        if self.last_crossing != done:  # an overshoot just reset the integral
+            self._integrate(measured, targets)
         self.trajectory.append({"iteration": done, **table, "full_draw": full,
                                 "screen": frequencies_of(screened) if screened is not table else None,
                                 "remember_mean_bpd": float(self.normal.mu) / self.nats_per_bpd,
@@ -849,6 +846,14 @@ class DebiasMethod:
         elif not converged and self.config.verdict:
             self._judge_reach(screened["assigned"])
         return converged
+
+    def _integrate(self, measured: Mapping[str, float], targets: Mapping[str, float]) -> None:
+        """Add :data:`INTEGRAL_GAIN` times each group's gap over ``gap_scale`` to :attr:`integral` (clipped to
+        [-1, 1]); gaps within the tolerance add nothing (no wind-up while the share sits in the band)."""
+        gaps = torch.nan_to_num(torch.tensor([targets[n] - measured[n] for n in self.group_names],
+                                             dtype=torch.float64))
+        gaps = torch.where(gaps.abs() > self.config.tolerance, gaps, torch.zeros_like(gaps))
+        self.integral = (self.integral + INTEGRAL_GAIN * gaps / self.config.gap_scale).clamp(-1, 1)
 
     def _remember_kept(self) -> bool:
         """False (and counted) when the remember mean NLL (latest refresh, corrected to the whole set) rose by more
