@@ -731,7 +731,7 @@ def test_debias_anchor_is_the_hand_computed_per_image_pull_to_the_base_model(tin
     assert mask is not None and mask.tolist() == [1.0] * rows[-1]  # no group keys given: every row anchored
     method._batch = lambda: (x, rows, mask)
     loss, metrics = method.loss(model, 0)
-    assert float(loss) == 0.0  # the base model itself: no pull at all (the mean NLL term A would not be 0)
+    assert loss.item() == 0.0  # the base model itself: no pull at all (the mean NLL term A would not be 0)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
@@ -740,14 +740,14 @@ def test_debias_anchor_is_the_hand_computed_per_image_pull_to_the_base_model(tin
     with torch.no_grad():
         z = (nll_nats(model, remember, spec) - nll_nats(base.model, remember, spec)) / float(method.data.base_std)
     expected = 0.3 * float(z.square().mean())
-    assert expected > 1e-3 and float(loss) == pytest.approx(expected, rel=1e-4)
+    assert expected > 1e-3 and loss.item() == pytest.approx(expected, rel=1e-4)
     assert float(metrics["anchor"]) == pytest.approx(expected / 0.3, rel=1e-4)
     # rows that are group images (mask 0) are not pulled: they count 0 in the batch mean
     half = torch.tensor([1.0, 0.0] * (rows[-1] // 2))
     method._batch = lambda: (x, rows, half)
     loss, _ = method.loss(model, 0)
-    assert float(loss) == pytest.approx(0.3 * float((half * z.square()).mean()), rel=1e-4)
-    assert float(loss) < expected
+    assert loss.item() == pytest.approx(0.3 * float((half * z.square()).mean()), rel=1e-4)
+    assert loss.item() < expected
 
 
 def test_remember_images_that_are_group_images_are_not_anchored(tiny_base):
