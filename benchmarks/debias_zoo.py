@@ -103,8 +103,10 @@ def debias_row(base: Checkpoint, groups: dict[str, Any], remember, holdout, targ
         "holdout_bpd_before": holdout_before, "holdout_bpd_after": holdout_after,
         "holdout_bpd_change": holdout_after / holdout_before - 1,
         "verdict": report.get("verdict"), "verdict_message": report.get("verdict_message"),
+        "remember_drift": report.get("remember_drift"),
         "measurements": report.get("measurements"), "config": report["config"],
         "trajectory": [{"iteration": t["iteration"], "samples": t["samples"],
+                        "stop_refused": t.get("stop_refused"), "remember_drift": t.get("remember_drift"),
                         **{n: t["groups"][n]["frequency"] for n in targets}} for t in report["trajectory"]],
     }
 
@@ -119,6 +121,8 @@ def why_not(row: dict[str, Any]) -> str:
             needed = f", needs ~{verdict['needed']} it." if verdict["needed"] else ", not moving toward it"
             reasons.append(f"verdict at it. {verdict['iteration']}: {pace:+.2f} ± {100 * 100 * verdict['rate_se']:.2f} "
                            f"pts/100 it.{needed}")
+        elif row.get("verdict_message"):  # the remember-drift guard gave up
+            reasons.append(row["verdict_message"].split(";")[0])
         else:
             reasons.append(f"budget of {row['config']['max_iters']} it. spent")
     if row["holdout_bpd_change"] > MAX_HOLDOUT_BPD_CHANGE:

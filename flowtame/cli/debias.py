@@ -77,7 +77,14 @@ def debias_command(
     warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up iterations [20].")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per group, and remember images, per iteration [16].")] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the group loss, L = a*L_G + (1-a)*L_R [0.6].")] = None,
-    gamma: Annotated[float, typer.Option(help="Weight of the KL terms inside L_R [0.6].")] = None,
+    gamma: Annotated[float, typer.Option(help="Weight of the KL terms inside L_R [0; the paper's 0.6].")] = None,
+    anchor: Annotated[float, typer.Option(help="Weight of the per-image anchor to the base model, "
+                                               "mean((NLL - NLL_base)/sigma_B)^2 on the remember batch, which "
+                                               "replaces the mean remember NLL in L_R (as in tame); 0: the "
+                                               "paper's mean NLL [0.2].")] = None,
+    max_remember_drift: Annotated[float, typer.Option(
+        help="Stopping guard (as tame's): refuse to stop, and report unconverged, while the remember set's mean "
+             "NLL is up by more than this fraction (0 = off) [0.008].")] = None,
     soft_delta: Annotated[float, typer.Option(help="Over-represented groups' NLL is pushed up to mu_R + "
                                                    "soft_delta*sigma_R at most [2].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample draw, the classifier split and the batches "
@@ -154,9 +161,9 @@ def _finish(outcome, output: Path, state_path: Path, report: str | None, quiet: 
 
 
 def _say_verdict(report: dict) -> None:
-    """The early "cannot reach" verdict, one stderr line, when the run stopped on it (quiet or not)."""
-    verdict = report.get("verdict")
-    if verdict is not None:
+    """The early "cannot reach" verdict (the progress rate's, or the remember-drift guard's), one stderr line,
+    when the run stopped on it (quiet or not)."""
+    if report.get("verdict_message"):
         err_console.print(f"[yellow]stopped early:[/] {report['verdict_message']}", highlight=False)
 
 

@@ -355,17 +355,19 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
     clock = time.perf_counter()
     meter = FrequencyMeter.draw(base_model, config.samples, config.temperature, config.seed, classifier,
                                 data_spec.n_bits)
-    before = frequency_table(meter.assign(base_model), names)
+    labels = meter.assign(base_model)
+    before = frequency_table(labels, names)
     seconds["measurement"] = time.perf_counter() - clock
     if before["assigned"] == 0:
         raise InputError(f"none of the {config.samples} samples of the base model was assigned to a group; "
                          "use more samples or another temperature", keys=("samples", "temperature"))
 
     data, base_remember_nll = prepare_data(base_model, sets.group_pixels, sets.remember, sets.remember_keys,
-                                           data_spec, config, generator, dev)
+                                           data_spec, config, generator, dev, group_keys=sets.group_keys)
     model = trainable_copy(base, dev)
     batches = loop_generator(generator, dev, config.seed)
-    method = DebiasMethod(data, meter, names, targets, config, batches, before)
+    method = DebiasMethod(data, meter, names, targets, config, batches, before, base_model=base_model,
+                          initial_screen=frequency_table(labels[:config.screen_samples or None], names))
     if config.step_sigma is not None:  # tame's calibration: lr is a cap, fitted to how sharp the model is
         clock = time.perf_counter()
         method.calibration = calibrate_lr(model, data.refresh, data_spec, lr_cap=config.lr,
@@ -406,7 +408,6 @@ def _debiased_outcome(base: Checkpoint, base_model: nn.Module, model: nn.Module,
         after = {key: last[key] for key in before}
     else:
         after = frequency_table(method.meter.assign(model), names)
-    converged = within_tolerance(frequencies_of(after), targets, config.tolerance)
     if config.check_draw:
         clock = time.perf_counter()
         check = FrequencyMeter.draw(base_model, config.samples, config.temperature, config.seed + 1, classifier,
@@ -422,9 +423,14 @@ def _debiased_outcome(base: Checkpoint, base_model: nn.Module, model: nn.Module,
     evaluation = _preservation(base_model, model, names, sets.group_pixels, sets.group_keys, sets.remember,
                                sets.remember_keys, base_remember_nll, data_spec, config, dev)
     seconds["evaluation"] = time.perf_counter() - clock
+    drift = evaluation["sets"]["remember"]["bpd_change_relative"]  # the whole set's, as the guard's bound means
+    kept = config.max_remember_drift is None or drift <= config.max_remember_drift
+    converged = within_tolerance(frequencies_of(after), targets, config.tolerance) and kept
     report.update(
+        remember_drift={"bound": config.max_remember_drift, "final": drift, "within_bound": kept,
+                        "stop_refusals": method.drift_refusals},
         verdict=method.verdict.to_dict() if method.verdict is not None and not converged else None,
-        verdict_message=method.gave_up if method.verdict is not None and not converged else None,
+        verdict_message=method.gave_up if not converged else None,
         measurements={"full_draw": method.full_measurements,
                       "screen": len(method.trajectory) - 1 - method.full_measurements,
                       "refreshes": method.normal.refreshes, "overshoots": method.overshoots},

@@ -28,11 +28,25 @@ from flowtame.io.fileio import sha256_file
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
 from flowtame.likelihood.statistics import subset_correction
 from flowtame.likelihood.threshold import forget_threshold
-from flowtame.methods.objective import remember_loss
+from flowtame.methods.objective import anchor_loss, remember_loss
 from flowtame.methods.remember import RememberNormal
 
 #: After an overshoot halved debias's step size, each measurement without one multiplies it by this (up to 1).
 REGROWTH = 1.25
+#: Each measurement adds this times the gaps over ``gap_scale`` to the loss weights' integral part (reset at an
+#: overshoot): with weights proportional to the gap alone, the anchor's restoring pull holds a share short of its
+#: target (a proportional controller against a spring); the integral removes that steady offset.
+INTEGRAL_GAIN = 0.5
+#: After this many stops refused by the remember-drift guard the run gives up (unconverged, with the figures):
+#: the target is reachable here only at a remember cost above ``max_remember_drift``.
+DRIFT_REFUSALS_TO_GIVE_UP = 3
+#: The measurement interval never falls below this many iterations (a screen costs a few iterations' time on the
+#: width-512 Glows); when the share would still move too far in it, the step is scaled down instead.
+MIN_MEASURE_INTERVAL = 2
+#: The overshoot control never scales the step below this (a share that moves that fast is re-measured anyway).
+MIN_STEP_SCALE = 1 / 16
+#: tame's default bound on the remember set's relative mean-NLL rise at a stop (``max_remember_drift``).
+DEFAULT_MAX_REMEMBER_DRIFT = 0.008
 #: Samples are decoded and classified this many at a time.
 MEASURE_BATCH = 256
 CLASSIFIER_KINDS = ("latent-logistic", "torchscript")
@@ -129,6 +143,14 @@ class ReachVerdict:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def jitter(share: float, assigned: int) -> float:
+    """Two binomial standard errors of a share measured on ``assigned`` samples (p(1-p) floored at 1/(4n)):
+    moves of the fixed draw's share smaller than this are not taken as a trend (infinite with no sample)."""
+    if assigned < 1 or share != share:
+        return float("inf")
+    return 2.0 * (max(share * (1 - share), 0.25 / assigned) / assigned) ** 0.5
 
 
 def progress_rate(iterations: Sequence[int], progress: Sequence[float], floor: float) -> tuple[float, float]:
@@ -448,7 +470,15 @@ class DebiasConfig:
     the last refresh, or earlier when the remember batches say the value went stale. ``verdict``: stop early
     when the measured progress rate says the targets cannot be reached within ``max_iters``
     (:func:`reach_verdict`, after ``verdict_points`` measurements past the warm-up, optimistic by
-    ``verdict_z`` standard errors).
+    ``verdict_z`` standard errors). ``anchor``, ``gamma``: ``tame``'s remember term
+    (:func:`flowtame.methods.objective.remember_loss`): the per-image anchor to the base model replaces the mean
+    remember NLL (which lowers every NLL, i.e. keeps training the model), the symmetric KL weighs ``gamma``
+    (0: off); ``anchor`` 0 with ``gamma`` 0.6 is the paper's term. ``max_remember_drift``: as ``tame``'s, a run
+    stops as converged only while the remember set's mean NLL rose by at most this fraction over the base
+    model's (0 or None: no bound). ``measure_fraction``: the overshoot control: the next measurement comes before
+    the lead group's share, at its measured rate, could move more than this fraction of its remaining gap
+    (between ``MIN_MEASURE_INTERVAL`` and ``measure_every`` iterations; the step is scaled down when even the
+    shortest interval would move it farther).
     """
 
     tolerance: float = 0.02
@@ -460,7 +490,10 @@ class DebiasConfig:
     warmup: int = 20
     batch_size: int = 16
     alpha: float = 0.6
-    gamma: float = 0.6
+    gamma: float = 0.0
+    anchor: float = 0.2
+    max_remember_drift: float | None = DEFAULT_MAX_REMEMBER_DRIFT
+    measure_fraction: float = 0.5
     soft_delta: float = 2.0
     gap_scale: float = 0.2
     min_lr_factor: float = 0.25
@@ -502,6 +535,14 @@ class DebiasConfig:
             problems.append("step_sigma must be positive (0 turns the calibration off)")
         if self.screen_samples < 0 or self.refresh_every < 1:
             problems.append("screen_samples must be non-negative and refresh_every at least 1")
+        if self.anchor < 0:
+            problems.append("anchor must be at least 0 (0 turns the anchor off)")
+        if self.max_remember_drift == 0:
+            self.max_remember_drift = None  # 0 turns the guard off, as in tame
+        if self.max_remember_drift is not None and not self.max_remember_drift > 0:
+            problems.append("max_remember_drift must be positive (0 turns the guard off)")
+        if not 0 < self.measure_fraction <= 1:
+            problems.append("measure_fraction must lie in (0, 1]")
         if self.verdict_points < 3 or not self.verdict_z >= 0:
             problems.append("verdict_points must be at least 3 and verdict_z non-negative")
         if not 0 < self.held_out_fraction < 1 or not self.classifier_weight_decay >= 0:
@@ -517,7 +558,10 @@ class DebiasData:
     ``groups``: uint8 [N_g, C, H, W] per group (on the device); ``remember``: uint8 [R, C, H, W] (CPU, pinned
     on CUDA); ``refresh``: float [S, C, H, W], a fixed remember subset dequantized with fixed noise;
     ``base_mean``, ``base_std``: N_B in nats over the whole remember set; ``subset_correction``: (mean offset
-    nats, std ratio) mapping refresh-subset statistics to whole-set ones.
+    nats, std ratio) mapping refresh-subset statistics to whole-set ones. ``anchored``: float [R] (where
+    ``remember`` lives), 1 for the remember images the anchor holds, 0 for those that are also group images (the
+    group term moves them on purpose); None when every remember image is a group image (the anchor then holds
+    them all, and resists the move: give a remember set beyond the groups).
     """
 
     data_spec: DataSpec
@@ -527,14 +571,17 @@ class DebiasData:
     base_mean: Tensor
     base_std: Tensor
     subset_correction: tuple[float, float]
+    anchored: Tensor | None = None
 
 
 def prepare_data(base_model: nn.Module, group_pixels: Sequence[Tensor], remember_pixels: Tensor,
                  remember_keys: Sequence[str], data_spec: DataSpec, config: DebiasConfig, generator: torch.Generator,
-                 device: torch.device) -> tuple[DebiasData, np.ndarray]:
+                 device: torch.device, group_keys: Sequence[Sequence[str]] = ()) -> tuple[DebiasData, np.ndarray]:
     """:class:`DebiasData` for a run, and the base model's remember NLL (nats, float64 [R], one keyed noise
     draw of ``config.eval_seed``; N_B is its normal fit). The refresh subset (``config.refresh_size`` remember
-    images) is drawn with ``generator``."""
+    images) is drawn with ``generator``; remember images whose key is in ``group_keys`` are not anchored."""
+    in_groups = {key for keys in group_keys for key in keys}
+    anchored = torch.tensor([key not in in_groups for key in remember_keys], dtype=torch.float32)
     base_remember_nll = pixel_nll(base_model, remember_pixels, remember_keys, data_spec, config.eval_seed, device)
     n_refresh = min(config.refresh_size, remember_pixels.shape[0])
     refresh_idx = torch.randperm(remember_pixels.shape[0], generator=generator)[:n_refresh].sort().values
@@ -547,7 +594,8 @@ def prepare_data(base_model: nn.Module, group_pixels: Sequence[Tensor], remember
         refresh=dequantized(remember_pixels[refresh_idx], refresh_noise, data_spec.n_bits).to(device),
         base_mean=torch.tensor(float(base_remember_nll.mean()), device=device),
         base_std=torch.tensor(float(base_remember_nll.std(ddof=1)), device=device),
-        subset_correction=subset_correction(base_remember_nll, refresh_idx.numpy()))
+        subset_correction=subset_correction(base_remember_nll, refresh_idx.numpy()),
+        anchored=training_rows(anchored, device) if bool(anchored.any()) else None)
     return data, base_remember_nll
 
 
@@ -561,8 +609,13 @@ class DebiasMethod:
     ``A_g`` = mean NLL of group g's batch in BPD (descending it raises the group's likelihood),
     ``H_g`` = mean ``max(τ - NLL, 0)`` in BPD with the soft threshold ``τ = μ_R + δ_soft σ_R`` (ascending NLL
     until τ, the mirror of A_g with the same gradient scale, 1 per BPD), and
-    ``w_g = clip((target_g - frequency_g) / gap_scale, -1, 1)`` from the latest measurement (positive:
-    under-represented). ``L_R`` is taming's remember loss with N_B fixed and N_T's value refreshed.
+    ``w_g = clip((target_g - frequency_g) / gap_scale + I_g, -1, 1)`` from the latest measurement (positive:
+    under-represented), ``I_g`` the clipped sum over measurements of :data:`INTEGRAL_GAIN` times the same ratio,
+    reset to 0 at an overshoot. ``L_R`` is taming's remember loss (:func:`~flowtame.methods.objective.remember_loss`)
+    with N_B fixed and N_T's value refreshed; with ``anchor`` > 0 its first term is the per-image anchor of the
+    remember batch to ``base_model`` (:func:`~flowtame.methods.objective.anchor_loss`, the base model's NLLs of
+    the same dequantized images), as in ``tame``; remember rows that are group images count 0 in its mean (the
+    group term moves them on purpose; ``DebiasData.anchored``).
 
     ``after_step`` re-measures the frequencies every ``measure_every`` iterations (and refreshes μ_R, σ_R on
     the fixed subset, with the base model's subset correction), updates the weights and ``lr_factor`` (the
@@ -570,15 +623,23 @@ class DebiasMethod:
     not shrink with the loss weights, so the step size itself is made proportional to the remaining gap, or
     the frequencies overshoot and oscillate; and halved each time the lead group's share crosses its target
     all the same, grown back by :data:`REGROWTH` at each measurement without a crossing), and reports
-    convergence when every group is within ``tolerance`` of its target.
+    convergence when every group is within ``tolerance`` of its target on the full draw and the remember mean NLL
+    (refreshed then) rose by at most ``max_remember_drift`` (else the stop is refused and counted). The next
+    measurement is planned from the lead group's observed rate (:meth:`_plan_next`): the overshoot control.
     """
 
     name = "debias"
 
     def __init__(self, data: DebiasData, meter: FrequencyMeter, group_names: Sequence[str],
                  targets: Mapping[str, float], config: DebiasConfig, generator: torch.Generator,
-                 initial: Mapping[str, Any]):
+                 initial: Mapping[str, Any], *, base_model: nn.Module | None = None,
+                 initial_screen: Mapping[str, Any] | None = None):
         self.data = data
+        self.base_model = base_model
+        #: Weight of the per-image anchor to the base model in the remember term (0: the mean NLL term A).
+        self.anchor_weight = float(config.anchor)
+        if self.anchor_weight > 0 and base_model is None:
+            raise ValueError("the anchor term needs the frozen base model")
         self.meter = meter
         self.group_names = list(group_names)
         self.targets = torch.tensor([targets[n] for n in self.group_names], dtype=torch.float64)
@@ -593,6 +654,8 @@ class DebiasMethod:
         self.overshoots = 0
         self.last_crossing = 0
         self.step_scale = 1.0
+        #: I_g [G] (float64, CPU): the loss weights' integral part.
+        self.integral = torch.zeros(len(self.group_names), dtype=torch.float64)
         measured = frequencies_of(initial)
         self._set_frequencies(torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64))
         self.trajectory: list[dict[str, Any]] = [
@@ -600,6 +663,16 @@ class DebiasMethod:
         #: The group the early verdict follows: the one farthest from its target at the start.
         gaps = (self.targets - torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64)).abs()
         self.lead = self.group_names[int(torch.nan_to_num(gaps, nan=0.0).argmax())]
+        lead_index = self.group_names.index(self.lead)
+        #: +1 when the lead group's share must rise to its target, -1 when it must fall.
+        self.lead_direction = 1.0 if float(self.targets[lead_index]) >= measured[self.lead] else -1.0
+        #: The overshoot control's state: the iteration of the next and of the latest measurement and the lead
+        #: group's screen-prefix share then (the rate is read on the same samples every time).
+        self.next_measure = config.measure_every
+        self.last_measure = 0
+        self.last_screen_share = frequencies_of(initial_screen or initial)[self.lead]
+        #: Stops refused because the remember mean NLL rose by more than ``max_remember_drift``.
+        self.drift_refusals = 0
         #: Decode the whole draw at the next measurement (else its screen prefix only).
         self.full_next = self._within_reach(initial, initial["assigned"] * self.screen_fraction)
         self.last_refresh = 0
@@ -641,7 +714,7 @@ class DebiasMethod:
     def _weights(self, frequencies: Tensor) -> Tensor:
         """w_g [G] (float32, on the device) from measured frequencies [G] (NaN, no sample assigned: 0)."""
         gap = torch.nan_to_num((self.targets - frequencies) / self.config.gap_scale)
-        return gap.clamp(-1, 1).float().to(self.data.base_mean.device)
+        return (gap + self.integral).clamp(-1, 1).float().to(self.data.base_mean.device)
 
     def _lr_factor(self, frequencies: Tensor) -> float:
         """The engine's learning-rate multiplier: ``clip(max_g |target_g - frequency_g| / gap_scale,
@@ -663,11 +736,13 @@ class DebiasMethod:
             self.overshoots += 1
             self.last_crossing = iteration
             self.step_scale *= 0.5
+            self.integral.zero_()
         else:
             self.step_scale = min(1.0, self.step_scale * REGROWTH)
 
-    def _batch(self) -> tuple[Tensor, list[int]]:
-        """(inputs [G*B + B, C, H, W] with fresh noise, rows per group then remember)."""
+    def _batch(self) -> tuple[Tensor, list[int], Tensor | None]:
+        """(inputs [G*B + B, C, H, W] with fresh noise, rows per group then remember, the remember rows' anchor
+        mask [B] (float, 1 = anchored; None: every row))."""
         d, size = self.data, self.config.batch_size
         parts, rows = [], []
         for pixels in d.groups:
@@ -679,10 +754,11 @@ class DebiasMethod:
         rows.append(size)
         pixels = torch.cat(parts)
         noise = uniform_noise(self.generator, pixels.shape, pixels.device)
-        return dequantized(pixels, noise, d.data_spec.n_bits), rows
+        mask = None if d.anchored is None else take_rows(d.anchored, remember_index, d.base_mean.device)
+        return dequantized(pixels, noise, d.data_spec.n_bits), rows, mask
 
     def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
-        x, rows = self._batch()
+        x, rows, mask = self._batch()
         nll = nll_nats(model, x, self.data.data_spec)
         *group_nll, nll_remember = nll.split(rows)
         threshold = forget_threshold(self.normal.mu, self.normal.sigma, self.config.soft_delta)
@@ -695,12 +771,22 @@ class DebiasMethod:
         self.normal.track(batch_mean, batch_std)  # tells when the refreshed mu_R, sigma_R went stale
         tamed_mean = self.normal.mu + (batch_mean - batch_mean.detach())
         tamed_std = self.normal.sigma + (batch_std - batch_std.detach())
+        anchor_term = None
+        if self.anchor_weight > 0:
+            assert self.base_model is not None
+            with torch.no_grad():
+                base_nll = nll_nats(self.base_model, x[-rows[-1]:], self.data.data_spec)
+            held = nll_remember if mask is None else nll_remember * mask  # group images: no pull (0 - 0)
+            anchor_term = self.anchor_weight * anchor_loss(held, base_nll if mask is None else base_nll * mask,
+                                                           self.data.base_std)
         loss_remember, remember_bpd, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                         tamed_mean, tamed_std, gamma=self.config.gamma,
-                                                        nats_per_bpd=self.nats_per_bpd)
+                                                        nats_per_bpd=self.nats_per_bpd, anchor=anchor_term)
         loss = self.config.alpha * loss_groups + (1 - self.config.alpha) * loss_remember
         metrics = {"loss_groups": loss_groups, "loss_remember": loss_remember, "remember_bpd": remember_bpd,
                    "kl": kl, "max_gap": self.max_gap}
+        if anchor_term is not None:
+            metrics["anchor"] = anchor_term.detach() / self.anchor_weight
         for name, values in zip(self.group_names, group_nll, strict=True):
             metrics[f"bpd/{name}"] = values.mean() / self.nats_per_bpd
         return loss, metrics
@@ -720,34 +806,106 @@ class DebiasMethod:
         return frequency_table(labels, self.group_names), frequency_table(labels[:screen], self.group_names), True
 
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
-        """At every ``measure_every``-th iteration: measure (screen or full draw), refresh μ_R, σ_R when due,
-        update weights and step size; converged when a full measurement is within tolerance; sets
-        :attr:`gave_up` when :func:`reach_verdict` says the targets are out of reach."""
+        """At the planned measuring iteration (:meth:`_plan_next`; every ``measure_every`` at most): measure
+        (screen or full draw), refresh μ_R, σ_R when due (and before any stop), update weights and step size;
+        converged when a full measurement is within tolerance and the remember drift within its bound
+        (:meth:`_remember_kept`); sets :attr:`gave_up` when :func:`reach_verdict` says the targets are out of
+        reach."""
         done = iteration + 1
-        if done % self.config.measure_every:
+        if done < self.next_measure:
             return False
         table, screened, full = self._measure(model)
         self.full_measurements += int(full)
-        if done - self.last_refresh >= self.config.refresh_every or self.normal.stale():
+        measured = frequencies_of(table)
+        targets = dict(zip(self.group_names, self.targets.tolist(), strict=True))
+        at_target = full and within_tolerance(measured, targets, self.config.tolerance)
+        guarded = at_target and self.config.max_remember_drift is not None
+        if guarded or done - self.last_refresh >= self.config.refresh_every or self.normal.stale():
             self.refresh(model)
             self.last_refresh = done
-        measured = frequencies_of(table)
+        converged = at_target and self._remember_kept()
         self._count_crossing(measured, done)
+        used_factor = self.lr_factor
+        if self.last_crossing != done:  # an overshoot just reset the integral
+            self._integrate(measured, targets)
         self.trajectory.append({"iteration": done, **table, "full_draw": full,
                                 "screen": frequencies_of(screened) if screened is not table else None,
-                                "remember_mean_bpd": float(self.normal.mu) / self.nats_per_bpd})
+                                "remember_mean_bpd": float(self.normal.mu) / self.nats_per_bpd,
+                                "remember_drift": self.normal.drift(), "stop_refused": at_target and not converged})
         self._set_frequencies(torch.tensor([measured[n] for n in self.group_names], dtype=torch.float64))
+        self._plan_next(frequencies_of(screened)[self.lead], screened["assigned"], done, used_factor)
         logged["max_gap"] = float(self.max_gap)
         self.full_next = self._within_reach(screened, screened["assigned"])
-        targets = dict(zip(self.group_names, self.targets.tolist(), strict=True))
-        converged = full and within_tolerance(measured, targets, self.config.tolerance)
-        if not converged and self.config.verdict:
+        if at_target and not converged and self.drift_refusals >= DRIFT_REFUSALS_TO_GIVE_UP:
+            self.gave_up = (
+                f"cannot reach the target within the remember bound: {self.lead} is at {measured[self.lead]:.3f} "
+                f"(within {self.config.tolerance:g} of its target) after {done} iterations, but the remember "
+                f"set's mean NLL is up {100 * self.normal.drift():.2f}% against the bound "
+                f"{100 * (self.config.max_remember_drift or 0):.2f}% ({self.drift_refusals} stops refused); ask "
+                "for a nearer target, or allow more (--max-remember-drift) at the remember set's cost")
+        elif not converged and self.config.verdict:
             self._judge_reach(screened["assigned"])
         return converged
+
+    def _integrate(self, measured: Mapping[str, float], targets: Mapping[str, float]) -> None:
+        """Add :data:`INTEGRAL_GAIN` times each group's gap over ``gap_scale`` to :attr:`integral` (clipped to
+        [-1, 1]); gaps within the tolerance add nothing (no wind-up while the share sits in the band)."""
+        gaps = torch.nan_to_num(torch.tensor([targets[n] - measured[n] for n in self.group_names],
+                                             dtype=torch.float64))
+        gaps = torch.where(gaps.abs() > self.config.tolerance, gaps, torch.zeros_like(gaps))
+        self.integral = (self.integral + INTEGRAL_GAIN * gaps / self.config.gap_scale).clamp(-1, 1)
+
+    def _remember_kept(self) -> bool:
+        """False (and counted) when the remember mean NLL (latest refresh, corrected to the whole set) rose by more
+        than ``max_remember_drift`` over the base model's: a stop there would carry that collateral silently."""
+        bound = self.config.max_remember_drift
+        if bound is None or self.normal.drift() <= bound:
+            return True
+        self.drift_refusals += 1
+        return False
+
+    def _warm(self, iterations: float) -> float:
+        """The engine's warm-up factor of the learning rate after ``iterations`` iterations."""
+        return min(1.0, max(iterations, 1.0) / self.config.warmup) if self.config.warmup > 0 else 1.0
+
+    def _plan_next(self, screen_share: float, assigned: int, done: int, used_factor: float) -> None:
+        """The overshoot control: from the lead group's move toward its target on the screen prefix since the
+        previous measurement (``screen_share`` now, of ``assigned`` samples, measured at ``done``, with the
+        learning-rate factor ``used_factor`` in between), less the jitter a share of that many samples shows from
+        one measurement to the next (:func:`jitter`: the model's small changes flip samples both ways), predict
+        its rate (share per iteration, proportional to the learning rate: the new factor and warm-up)
+        and measure next after as many iterations as keep the predicted move under ``measure_fraction`` of the
+        remaining gap (at least the tolerance), between :data:`MIN_MEASURE_INTERVAL` and ``measure_every``; when
+        even the shortest interval would move it farther, scale the step down to fit (at least
+        :data:`MIN_STEP_SCALE`)."""
+        index = self.group_names.index(self.lead)
+        toward = 1.0 if float(self.targets[index]) >= self.last_screen_share else -1.0
+        moved = toward * (screen_share - self.last_screen_share) - jitter(screen_share, assigned)
+        span = done - self.last_measure
+        self.last_screen_share, self.last_measure = screen_share, done
+        interval = self.config.measure_every
+        if moved > 0 and span > 0 and used_factor > 0:  # NaN shares compare False: no plan
+            per_lr = moved / span / (used_factor * self._warm(done - span / 2))
+            rate = per_lr * self.lr_factor * self._warm(done + 1)
+            allowed = self.config.measure_fraction * max(abs(float(self.targets[index] - self.frequencies[index])),
+                                                         self.config.tolerance)
+            interval = int(min(self.config.measure_every, max(MIN_MEASURE_INTERVAL, allowed // rate)))
+            if rate * interval > allowed:
+                self.step_scale = max(MIN_STEP_SCALE, self.step_scale * allowed / (rate * interval))
+                self.lr_factor = self._lr_factor(self.frequencies)
+            self.trajectory[-1]["predicted_rate"] = rate
+        self.trajectory[-1]["step_scale"] = self.step_scale
+        self.next_measure = done + interval
 
     def _judge_reach(self, assigned: int) -> None:
         """Set :attr:`verdict` and :attr:`gave_up` when the lead group's screen shares since the warm-up say its
         target is out of reach (:func:`reach_verdict`; ``assigned``: the screen's assigned samples)."""
+        index = self.group_names.index(self.lead)
+        if self.lead_direction * float(self.targets[index] - self.frequencies[index]) < 0:
+            # past the target: an overshoot the weights and the step control bring back, not a lost cause
+            self.verdict, self.gave_up = None, None
+            self.trajectory[-1]["past_target"] = True
+            return
         start = max(self.config.warmup, self.last_crossing)
         points = [(t["iteration"], (t["screen"] or frequencies_of(t))[self.lead]) for t in self.trajectory[1:]
                   if t["iteration"] >= start]
@@ -761,17 +919,22 @@ class DebiasMethod:
         self.gave_up = self.verdict.message() if self.verdict else None
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return {**self.normal.state_tensors(), "frequencies": self.frequencies}
+        return {**self.normal.state_tensors(), "frequencies": self.frequencies, "integral": self.integral}
 
     def state_meta(self) -> dict[str, Any]:
         return {**self.normal.state_meta(), "trajectory": self.trajectory, "full_next": self.full_next,
                 "last_refresh": self.last_refresh, "full_measurements": self.full_measurements,
-                "overshoots": self.overshoots, "last_crossing": self.last_crossing, "step_scale": self.step_scale}
+                "overshoots": self.overshoots, "last_crossing": self.last_crossing, "step_scale": self.step_scale,
+                "next_measure": self.next_measure, "last_measure": self.last_measure,
+                "last_screen_share": self.last_screen_share, "drift_refusals": self.drift_refusals}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.normal.load_state(tensors, meta)
         self.overshoots, self.last_crossing = meta["overshoots"], meta["last_crossing"]
         self.step_scale = meta["step_scale"]
+        self.next_measure, self.last_measure = meta["next_measure"], meta["last_measure"]
+        self.last_screen_share, self.drift_refusals = meta["last_screen_share"], meta["drift_refusals"]
+        self.integral = tensors["integral"].cpu().double()
         self._set_frequencies(tensors["frequencies"].cpu().double())
         self.trajectory = meta["trajectory"]
         self.full_next = meta["full_next"]
