@@ -33,6 +33,11 @@ MIN_SETTLE_FACTOR = 0.05
 #: One fresh noise draw moves d by up to ~0.6 sigma_R on small models; the smoothing keeps the screen from
 #: waiting for every image's noise to be lucky at once.
 SCREEN_WEIGHT = 0.3
+#: Per-iteration growth of a straggler's forget weight (:meth:`TamingMethod.after_step`), and its bound.
+#: With the anchor on, the forget pull on an image that stays short of the band while the others are close
+#: is balanced by the anchor on its look-alikes; growing that image's weight moves the balance past the edge.
+STRAGGLER_GROWTH = 1.05
+MAX_FORGET_WEIGHT = 8.0
 #: Iteration at which the forget images' pace is projected to the budget (:meth:`TamingMethod.check_progress`).
 PROGRESS_CHECK = 50
 #: N_T estimators (``kl_estimate``): ``refreshed`` (default), ``batch`` (the paper's).
@@ -142,6 +147,8 @@ class TamingMethod:
         self.normal = RememberNormal(data.base_mean, data.base_std, subset_correction)
         self.calibration = None  # set by the tame job when the learning rate was calibrated
         self.latest_d = torch.full((data.forget.shape[0],), float("inf"), device=data.device)
+        #: Per forget image: the weight of its forget term [F] (1 until it straggles; see :meth:`after_step`).
+        self.forget_weight = torch.ones(data.forget.shape[0], device=data.device)
         self.last_confirm = -confirm_gap
         self.confirmed_d: Tensor | None = None
         self.confirmations = 0
@@ -229,7 +236,8 @@ class TamingMethod:
             assert self.base_model is not None
             # no gradient; under torchrun each rank evaluates only its shard of the rows
             base_nll = batched_nll(self.base_model, x[n_forget:], self.data.data_spec)
-            loss, metrics = self.objective(model, nll_forget, nll_remember, anchor=(nll[n_forget:], base_nll))
+            loss, metrics = self.objective(model, nll_forget, nll_remember, anchor=(nll[n_forget:], base_nll),
+                                           forget_weight=self.forget_weight[forget_idx])
         else:
             loss, metrics = self.objective(model, nll_forget, nll_remember)
         d_now = threshold_distance(nll_forget.detach(), self.mu_r, self.sigma_r, self.delta)
@@ -241,11 +249,13 @@ class TamingMethod:
         return loss, metrics
 
     def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor,
-                  anchor: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                  anchor: tuple[Tensor, Tensor] | None = None, forget_weight: Tensor | None = None
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss from this iteration's per-image NLLs (nats); subclasses (baselines) replace it.
 
         ``anchor``: (NLL [N] of the remember and look-alike rows under the model, the base model's [N]) when
         the anchor is on; its term then replaces the remember NLL term A (see :func:`remember_loss`).
+        ``forget_weight``: [Bf] weights of the forget rows' terms (None: all 1).
         Must return the scalar loss and at least ``loss_forget``, ``loss_remember``, ``remember_bpd``.
         """
         batch_mean, batch_std = nll_remember.mean(), nll_remember.std()
@@ -261,7 +271,7 @@ class TamingMethod:
         else:
             mu, sigma = self.mu_r, self.sigma_r
         loss_forget = forget_loss(nll_forget, mu, sigma, delta=self.delta, kind=self.forget_loss_kind,
-                                  unit=self.forget_unit, nats_per_bpd=self.nats_per_bpd)
+                                  unit=self.forget_unit, nats_per_bpd=self.nats_per_bpd, weight=forget_weight)
         anchor_term = None if anchor is None else self.anchor_weight * anchor_loss(*anchor, self.data.base_std)
         loss_remember, nll_term, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                     tamed_mean, tamed_std, gamma=self.gamma,
@@ -375,13 +385,18 @@ class TamingMethod:
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         if self.progress_warning is None:
             self.check_progress(iteration, logged)
-        if logged["max_abs_d"] < 2 * self.epsilon:
+        close = logged["max_abs_d"] < 2 * self.epsilon
+        short = self.latest_d < self.lower_edge  # after a refused confirmation: what the check draws found
+        if close and not bool(short.any()):
             # settling: Adam's steps do not shrink with the gradient, so near the threshold the images would
-            # jitter across the +-epsilon band; decay the learning rate while they are close
+            # jitter across the +-epsilon band; decay the learning rate while they are close and none is short
             self.lr_factor = max(MIN_SETTLE_FACTOR, self.lr_factor * self.settle_decay)
         else:
-            # an image drifted back out of the band: recover the learning rate at the same pace
+            # an image is out of the band or short of it: recover the learning rate at the same pace
             self.lr_factor = min(1.0, self.lr_factor / self.settle_decay)
+        if close and self.anchor_weight > 0:
+            # a straggler: its forget pull grows (bounded) until it outweighs the anchor on its look-alikes
+            self.forget_weight[short] = (self.forget_weight[short] * STRAGGLER_GROWTH).clamp(max=MAX_FORGET_WEIGHT)
         return self.screen_and_confirm(model, iteration, logged)
 
     @property
@@ -425,7 +440,7 @@ class TamingMethod:
         return self.normal.stale()
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return {**self.normal.state_tensors(), "latest_d": self.latest_d}
+        return {**self.normal.state_tensors(), "latest_d": self.latest_d, "forget_weight": self.forget_weight}
 
     def state_meta(self) -> dict[str, Any]:
         return {"last_confirm": self.last_confirm, **self.normal.state_meta(),
@@ -436,6 +451,8 @@ class TamingMethod:
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.normal.load_state(tensors, meta)
         self.latest_d = tensors["latest_d"].clone()
+        if "forget_weight" in tensors:
+            self.forget_weight = tensors["forget_weight"].clone()
         self.last_confirm = meta["last_confirm"]
         self.confirmations = meta["confirmations"]
         self.lr_factor = meta["lr_factor"]
