@@ -483,3 +483,34 @@ def test_settling_decays_the_learning_rate_near_the_threshold_and_recovers_away_
         factors.append(method.lr_factor)
     assert factors[:7] == [0.5, 0.25, 0.125, 0.25, 0.5, 1.0, 1.0]  # a straggler is not left at a crawl
     assert factors[-1] == pytest.approx(0.05)  # the floor, MIN_SETTLE_FACTOR
+
+
+def test_a_straggler_stops_the_settling_and_its_forget_weight_grows_to_a_bound(monkeypatch):
+    from flowtame.methods.taming import MAX_FORGET_WEIGHT, STRAGGLER_GROWTH
+
+    model, _ = tiny_glow()
+    method = make_method("taming", model, settle_decay=0.5)
+    assert method.anchor_weight > 0  # the default anchor: the balance a straggler stalls against
+    monkeypatch.setattr(method, "refresh", lambda _model: None)
+    eps = method.epsilon
+    near = {"max_abs_d": 1.5 * eps}
+    method.latest_d.copy_(torch.tensor([0.1, -0.2, -1.3 * eps]))  # two in the band, one short of its edge
+    method.after_step(model, 1, near)
+    assert method.lr_factor == 1.0  # no settling while an image is short
+    assert method.forget_weight.tolist() == pytest.approx([1.0, 1.0, STRAGGLER_GROWTH])
+    for _ in range(200):
+        method.after_step(model, 1, near)
+    assert method.forget_weight.tolist() == pytest.approx([1.0, 1.0, MAX_FORGET_WEIGHT])
+    assert method.lr_factor == 1.0
+    method.latest_d[2] = -0.1  # it reached the band: settling resumes, its weight is kept
+    method.after_step(model, 1, near)
+    assert method.lr_factor == 0.5 and method.forget_weight[2] == pytest.approx(MAX_FORGET_WEIGHT)
+    far = {"max_abs_d": 3 * eps}
+    method.latest_d[0] = -3 * eps  # far from the band (early in a run): no image is a straggler yet
+    method.after_step(model, 1, far)
+    assert method.forget_weight[0] == 1.0
+    # the weight enters the loss: a heavier straggler pulls its forget term harder
+    _, light = method.loss(model, 0)
+    method.forget_weight.fill_(MAX_FORGET_WEIGHT)
+    _, heavy = method.loss(model, 0)
+    assert heavy["loss_forget"].item() > light["loss_forget"].item()
