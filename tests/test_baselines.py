@@ -485,7 +485,7 @@ def test_settling_decays_the_learning_rate_near_the_threshold_and_recovers_away_
     assert factors[-1] == pytest.approx(0.05)  # the floor, MIN_SETTLE_FACTOR
 
 
-def test_a_straggler_stops_the_settling_and_its_forget_weight_grows_to_a_bound(monkeypatch):
+def test_a_stragglers_forget_weight_grows_to_a_bound_while_the_others_are_close(monkeypatch):
     from flowtame.methods.taming import MAX_FORGET_WEIGHT, STRAGGLER_GROWTH
 
     model, _ = tiny_glow()
@@ -496,15 +496,13 @@ def test_a_straggler_stops_the_settling_and_its_forget_weight_grows_to_a_bound(m
     near = {"max_abs_d": 1.5 * eps}
     method.latest_d.copy_(torch.tensor([0.1, -0.2, -1.3 * eps]))  # two in the band, one short of its edge
     method.after_step(model, 1, near)
-    assert method.lr_factor == 1.0  # no settling while an image is short
     assert method.forget_weight.tolist() == pytest.approx([1.0, 1.0, STRAGGLER_GROWTH])
     for _ in range(200):
         method.after_step(model, 1, near)
     assert method.forget_weight.tolist() == pytest.approx([1.0, 1.0, MAX_FORGET_WEIGHT])
-    assert method.lr_factor == 1.0
-    method.latest_d[2] = -0.1  # it reached the band: settling resumes, its weight is kept
+    method.latest_d[2] = -0.1  # it reached the band: its weight is kept (the balance stays past the edge)
     method.after_step(model, 1, near)
-    assert method.lr_factor == 0.5 and method.forget_weight[2] == pytest.approx(MAX_FORGET_WEIGHT)
+    assert method.forget_weight[2] == pytest.approx(MAX_FORGET_WEIGHT)
     far = {"max_abs_d": 3 * eps}
     method.latest_d[0] = -3 * eps  # far from the band (early in a run): no image is a straggler yet
     method.after_step(model, 1, far)

@@ -386,16 +386,18 @@ class TamingMethod:
         if self.progress_warning is None:
             self.check_progress(iteration, logged)
         close = logged["max_abs_d"] < 2 * self.epsilon
-        short = self.latest_d < self.lower_edge  # after a refused confirmation: what the check draws found
-        if close and not bool(short.any()):
+        if close:
             # settling: Adam's steps do not shrink with the gradient, so near the threshold the images would
-            # jitter across the +-epsilon band; decay the learning rate while they are close and none is short
+            # jitter across the +-epsilon band; decay the learning rate while they are close
             self.lr_factor = max(MIN_SETTLE_FACTOR, self.lr_factor * self.settle_decay)
         else:
-            # an image is out of the band or short of it: recover the learning rate at the same pace
+            # an image drifted back out of the band: recover the learning rate at the same pace
             self.lr_factor = min(1.0, self.lr_factor / self.settle_decay)
         if close and self.anchor_weight > 0:
-            # a straggler: its forget pull grows (bounded) until it outweighs the anchor on its look-alikes
+            # a straggler (short of the band while all are close; after a refused confirmation, short on the
+            # check draws): a larger step only reaches the same balance with the anchor on its look-alikes
+            # sooner, so its forget pull grows instead (bounded) until the balance lies past the band's edge
+            short = self.latest_d < self.lower_edge
             self.forget_weight[short] = (self.forget_weight[short] * STRAGGLER_GROWTH).clamp(max=MAX_FORGET_WEIGHT)
         return self.screen_and_confirm(model, iteration, logged)
 
