@@ -512,3 +512,8 @@ def test_a_stragglers_forget_weight_grows_to_a_bound_while_the_others_are_close(
     method.forget_weight.fill_(MAX_FORGET_WEIGHT)
     _, heavy = method.loss(model, 0)
     assert heavy["loss_forget"].item() > light["loss_forget"].item()
+    unanchored = make_method("taming", model, anchor=0)  # no anchor, no balance to outweigh: weights stay 1
+    monkeypatch.setattr(unanchored, "refresh", lambda _model: None)
+    unanchored.latest_d.copy_(torch.tensor([0.1, -0.2, -1.3 * eps]))
+    unanchored.after_step(model, 1, near)
+    assert unanchored.forget_weight.tolist() == [1.0, 1.0, 1.0]
