@@ -33,10 +33,10 @@ MIN_SETTLE_FACTOR = 0.05
 #: One fresh noise draw moves d by up to ~0.6 sigma_R on small models; the smoothing keeps the screen from
 #: waiting for every image's noise to be lucky at once.
 SCREEN_WEIGHT = 0.3
-#: Per-iteration growth of a straggler's forget weight (:meth:`TamingMethod.after_step`), and its bound.
-#: With the anchor on, the forget pull on an image that stays short of the band while the others are close
-#: is balanced by the anchor on its look-alikes; growing that image's weight moves the balance past the edge.
-STRAGGLER_GROWTH = 1.05
+#: Growth of a straggler's forget weight per refused confirmation (:meth:`TamingMethod.grow_stragglers`), and
+#: its bound. With the anchor on, the forget pull on an image the check finds short of the band is balanced by
+#: the anchor on its look-alikes; growing that image's weight moves the balance past the edge.
+STRAGGLER_GROWTH = 1.25
 MAX_FORGET_WEIGHT = 8.0
 #: Iteration at which the forget images' pace is projected to the budget (:meth:`TamingMethod.check_progress`).
 PROGRESS_CHECK = 50
@@ -385,20 +385,13 @@ class TamingMethod:
     def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         if self.progress_warning is None:
             self.check_progress(iteration, logged)
-        close = logged["max_abs_d"] < 2 * self.epsilon
-        if close:
+        if logged["max_abs_d"] < 2 * self.epsilon:
             # settling: Adam's steps do not shrink with the gradient, so near the threshold the images would
             # jitter across the +-epsilon band; decay the learning rate while they are close
             self.lr_factor = max(MIN_SETTLE_FACTOR, self.lr_factor * self.settle_decay)
         else:
             # an image drifted back out of the band: recover the learning rate at the same pace
             self.lr_factor = min(1.0, self.lr_factor / self.settle_decay)
-        if close and self.anchor_weight > 0:
-            # a straggler (short of the band while all are close; after a refused confirmation, short on the
-            # check draws): a larger step only reaches the same balance with the anchor on its look-alikes
-            # sooner, so its forget pull grows instead (bounded) until the balance lies past the band's edge
-            short = self.latest_d < self.lower_edge
-            self.forget_weight[short] = (self.forget_weight[short] * STRAGGLER_GROWTH).clamp(max=MAX_FORGET_WEIGHT)
         return self.screen_and_confirm(model, iteration, logged)
 
     @property
@@ -427,6 +420,7 @@ class TamingMethod:
             forget_nll = self.check_nll(model)
             self.confirmed_d = threshold_distance(forget_nll, self.mu_r, self.sigma_r, self.delta)
             self.latest_d.copy_(self.confirmed_d)
+            self.grow_stragglers(self.confirmed_d)
             return (bool(self.reached(self.confirmed_d).all()) and self.remember_kept()
                     and self.whole_set_agrees(model, forget_nll))
         if (iteration + 1) % self.refresh_every == 0:
@@ -435,6 +429,17 @@ class TamingMethod:
             self.normal.early_refreshes += 1
             self.refresh(model)
         return False
+
+    def grow_stragglers(self, d: Tensor) -> None:
+        """After a confirmation (d [F] on the check draws): with the anchor on, each image found short of the
+        band has its forget weight multiplied by :data:`STRAGGLER_GROWTH`, at most :data:`MAX_FORGET_WEIGHT`.
+        The screen passed, so the others are close: a straggler that stays short is held by its balance with
+        the anchor on its look-alikes, which a larger step only reaches sooner; a stronger pull moves it. The
+        weight is kept once the image is in the band (dropping it would bring the balance back)."""
+        if self.anchor_weight <= 0:
+            return
+        short = d < self.lower_edge
+        self.forget_weight[short] = (self.forget_weight[short] * STRAGGLER_GROWTH).clamp(max=MAX_FORGET_WEIGHT)
 
     def stale(self) -> bool:
         """Whether the remember batches' exponential average left the refreshed mu_R, sigma_R by more than
