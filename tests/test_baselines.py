@@ -483,3 +483,38 @@ def test_settling_decays_the_learning_rate_near_the_threshold_and_recovers_away_
         factors.append(method.lr_factor)
     assert factors[:7] == [0.5, 0.25, 0.125, 0.25, 0.5, 1.0, 1.0]  # a straggler is not left at a crawl
     assert factors[-1] == pytest.approx(0.05)  # the floor, MIN_SETTLE_FACTOR
+
+
+def test_a_stragglers_forget_weight_grows_per_refused_confirmation_to_a_bound(monkeypatch):
+    from flowtame.methods.taming import MAX_FORGET_WEIGHT, STRAGGLER_GROWTH
+
+    model, _ = tiny_glow()
+    method = make_method("taming", model)
+    assert method.anchor_weight > 0  # the default anchor: the balance a straggler stalls against
+    monkeypatch.setattr(method, "refresh", lambda _model: None)
+    eps = method.epsilon
+    passing = {"min_d": 0.0, "max_abs_d": 0.0}  # the screen passes: every image close on the training noise
+    confirm_at(monkeypatch, method, [0.1, -0.2, -1.3 * eps])  # the check finds the third one short
+    assert method.after_step(model, 10, passing) is False
+    assert method.forget_weight.tolist() == pytest.approx([1.0, 1.0, STRAGGLER_GROWTH])
+    lr_factor = method.lr_factor
+    for i in range(2, 40):
+        assert method.after_step(model, 10 * i, passing) is False
+    assert method.confirmations == 39
+    assert method.forget_weight.tolist() == pytest.approx([1.0, 1.0, MAX_FORGET_WEIGHT])  # bounded
+    assert method.lr_factor <= lr_factor  # the settling is unchanged: a stronger pull, not a larger step
+    method.after_step(model, 5, {"min_d": -3 * eps, "max_abs_d": 3 * eps})  # no confirmation: nothing grows
+    confirm_at(monkeypatch, method, [0.1, -0.2, -0.1])  # in the band now: the weight is kept, the run stops
+    assert method.after_step(model, 500, passing) is True
+    assert method.forget_weight[2] == pytest.approx(MAX_FORGET_WEIGHT)
+    # the weight enters the loss: a heavier straggler pulls its forget term harder
+    method.forget_weight.fill_(1.0)
+    _, light = method.loss(model, 0)
+    method.forget_weight.fill_(MAX_FORGET_WEIGHT)
+    _, heavy = method.loss(model, 0)
+    assert heavy["loss_forget"].item() > light["loss_forget"].item()
+    unanchored = make_method("taming", model, anchor=0)  # no anchor, no balance to outweigh: weights stay 1
+    monkeypatch.setattr(unanchored, "refresh", lambda _model: None)
+    confirm_at(monkeypatch, unanchored, [0.1, -0.2, -1.3 * eps])
+    unanchored.after_step(model, 10, passing)
+    assert unanchored.confirmations == 1 and unanchored.forget_weight.tolist() == [1.0, 1.0, 1.0]

@@ -91,6 +91,10 @@ def test_forget_loss_squared_in_sigma_units_by_hand():
                       huber_width=1.0)
     # |d| >= 1: |d| - 1/2; |d| < 1: d^2 / 2
     assert got.item() == pytest.approx((3.5 + 0.0 + (10 / 15) ** 2 / 2) / 3, rel=1e-12)
+    weighted = forget_loss(nll, t(250.0), t(15.0), delta=4.0, kind="huber", unit="sigma", nats_per_bpd=1.0,
+                           huber_width=1.0, weight=t([4.0, 1.0, 0.5]))
+    # each image's term scaled before the mean: a straggler's pull grows without weakening the others'
+    assert weighted.item() == pytest.approx((4 * 3.5 + 0.0 + 0.5 * (10 / 15) ** 2 / 2) / 3, rel=1e-12)
 
 
 def test_forget_losses_are_minimal_at_the_threshold_and_push_towards_it():

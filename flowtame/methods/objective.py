@@ -29,7 +29,7 @@ def symmetric_kl(mean_b: Tensor, std_b: Tensor, mean_t: Tensor, std_t: Tensor) -
 
 
 def forget_loss(nll: Tensor, mu: Tensor, sigma: Tensor, *, delta: float, kind: str, unit: str,
-                nats_per_bpd: float, huber_width: float = 0.3) -> Tensor:
+                nats_per_bpd: float, huber_width: float = 0.3, weight: Tensor | None = None) -> Tensor:
     """Forget loss over a batch of forget images (Eq. 9); ``nll``, ``mu``, ``sigma`` in nats.
 
     - ``sigmoid``: the paper's ``mean sigmoid(Δ²)``, Δ = NLL - (mu + delta*sigma) expressed in ``unit``;
@@ -38,18 +38,21 @@ def forget_loss(nll: Tensor, mu: Tensor, sigma: Tensor, *, delta: float, kind: s
     - ``huber``: ``mean huber(Δ)`` with its quadratic zone |Δ| < ``huber_width`` (in remember standard
       deviations, converted to ``unit``): a constant pull far from the threshold, so an image does not stall
       short of it when the remember term pushes back, that fades smoothly inside the stopping band.
-    All are minimal at the threshold, matching the stopping rule |d| < epsilon.
+    All are minimal at the threshold, matching the stopping rule |d| < epsilon. ``weight`` [B] scales each
+    image's term before the mean (None: all 1).
     """
     if kind not in FORGET_LOSSES or unit not in FORGET_UNITS:
         raise ValueError(f"unknown forget loss {kind!r} / unit {unit!r}")
     scale = {"bpd": nats_per_bpd, "sigma": sigma, "nats": 1.0}[unit]
     gap = (nll - forget_threshold(mu, sigma, delta)) / scale
     if kind == "sigmoid":
-        return torch.sigmoid(gap.square()).mean()
-    if kind == "squared":
-        return gap.square().mean()
-    width = huber_width * sigma.detach() / scale
-    return torch.where(gap.abs() < width, gap.square() / (2 * width), gap.abs() - width / 2).mean()
+        terms = torch.sigmoid(gap.square())
+    elif kind == "squared":
+        terms = gap.square()
+    else:
+        width = huber_width * sigma.detach() / scale
+        terms = torch.where(gap.abs() < width, gap.square() / (2 * width), gap.abs() - width / 2)
+    return (terms if weight is None else weight * terms).mean()
 
 
 def anchor_loss(nll: Tensor, base_nll: Tensor, base_std: Tensor) -> Tensor:

@@ -33,6 +33,11 @@ MIN_SETTLE_FACTOR = 0.05
 #: One fresh noise draw moves d by up to ~0.6 sigma_R on small models; the smoothing keeps the screen from
 #: waiting for every image's noise to be lucky at once.
 SCREEN_WEIGHT = 0.3
+#: Growth of a straggler's forget weight per refused confirmation (:meth:`TamingMethod.grow_stragglers`), and
+#: its bound. With the anchor on, the forget pull on an image the check finds short of the band is balanced by
+#: the anchor on its look-alikes; growing that image's weight moves the balance past the edge.
+STRAGGLER_GROWTH = 1.25
+MAX_FORGET_WEIGHT = 8.0
 #: Iteration at which the forget images' pace is projected to the budget (:meth:`TamingMethod.check_progress`).
 PROGRESS_CHECK = 50
 #: N_T estimators (``kl_estimate``): ``refreshed`` (default), ``batch`` (the paper's).
@@ -142,6 +147,8 @@ class TamingMethod:
         self.normal = RememberNormal(data.base_mean, data.base_std, subset_correction)
         self.calibration = None  # set by the tame job when the learning rate was calibrated
         self.latest_d = torch.full((data.forget.shape[0],), float("inf"), device=data.device)
+        #: Per forget image: the weight of its forget term [F] (1 until it straggles; see :meth:`after_step`).
+        self.forget_weight = torch.ones(data.forget.shape[0], device=data.device)
         self.last_confirm = -confirm_gap
         self.confirmed_d: Tensor | None = None
         self.confirmations = 0
@@ -229,7 +236,8 @@ class TamingMethod:
             assert self.base_model is not None
             # no gradient; under torchrun each rank evaluates only its shard of the rows
             base_nll = batched_nll(self.base_model, x[n_forget:], self.data.data_spec)
-            loss, metrics = self.objective(model, nll_forget, nll_remember, anchor=(nll[n_forget:], base_nll))
+            loss, metrics = self.objective(model, nll_forget, nll_remember, anchor=(nll[n_forget:], base_nll),
+                                           forget_weight=self.forget_weight[forget_idx])
         else:
             loss, metrics = self.objective(model, nll_forget, nll_remember)
         d_now = threshold_distance(nll_forget.detach(), self.mu_r, self.sigma_r, self.delta)
@@ -241,11 +249,13 @@ class TamingMethod:
         return loss, metrics
 
     def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor,
-                  anchor: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                  anchor: tuple[Tensor, Tensor] | None = None, forget_weight: Tensor | None = None
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss from this iteration's per-image NLLs (nats); subclasses (baselines) replace it.
 
         ``anchor``: (NLL [N] of the remember and look-alike rows under the model, the base model's [N]) when
         the anchor is on; its term then replaces the remember NLL term A (see :func:`remember_loss`).
+        ``forget_weight``: [Bf] weights of the forget rows' terms (None: all 1).
         Must return the scalar loss and at least ``loss_forget``, ``loss_remember``, ``remember_bpd``.
         """
         batch_mean, batch_std = nll_remember.mean(), nll_remember.std()
@@ -261,7 +271,7 @@ class TamingMethod:
         else:
             mu, sigma = self.mu_r, self.sigma_r
         loss_forget = forget_loss(nll_forget, mu, sigma, delta=self.delta, kind=self.forget_loss_kind,
-                                  unit=self.forget_unit, nats_per_bpd=self.nats_per_bpd)
+                                  unit=self.forget_unit, nats_per_bpd=self.nats_per_bpd, weight=forget_weight)
         anchor_term = None if anchor is None else self.anchor_weight * anchor_loss(*anchor, self.data.base_std)
         loss_remember, nll_term, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                     tamed_mean, tamed_std, gamma=self.gamma,
@@ -410,6 +420,7 @@ class TamingMethod:
             forget_nll = self.check_nll(model)
             self.confirmed_d = threshold_distance(forget_nll, self.mu_r, self.sigma_r, self.delta)
             self.latest_d.copy_(self.confirmed_d)
+            self.grow_stragglers(self.confirmed_d)
             return (bool(self.reached(self.confirmed_d).all()) and self.remember_kept()
                     and self.whole_set_agrees(model, forget_nll))
         if (iteration + 1) % self.refresh_every == 0:
@@ -419,13 +430,24 @@ class TamingMethod:
             self.refresh(model)
         return False
 
+    def grow_stragglers(self, d: Tensor) -> None:
+        """After a confirmation (d [F] on the check draws): with the anchor on, each image found short of the
+        band has its forget weight multiplied by :data:`STRAGGLER_GROWTH`, at most :data:`MAX_FORGET_WEIGHT`.
+        The screen passed, so the others are close: a straggler that stays short is held by its balance with
+        the anchor on its look-alikes, which a larger step only reaches sooner; a stronger pull moves it. The
+        weight is kept once the image is in the band (dropping it would bring the balance back)."""
+        if self.anchor_weight <= 0:
+            return
+        short = d < self.lower_edge
+        self.forget_weight[short] = (self.forget_weight[short] * STRAGGLER_GROWTH).clamp(max=MAX_FORGET_WEIGHT)
+
     def stale(self) -> bool:
         """Whether the remember batches' exponential average left the refreshed mu_R, sigma_R by more than
         :data:`STALE_SIGMA` sigma_R: the model moved since the refresh, and the KL's pull is out of date."""
         return self.normal.stale()
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return {**self.normal.state_tensors(), "latest_d": self.latest_d}
+        return {**self.normal.state_tensors(), "latest_d": self.latest_d, "forget_weight": self.forget_weight}
 
     def state_meta(self) -> dict[str, Any]:
         return {"last_confirm": self.last_confirm, **self.normal.state_meta(),
@@ -436,6 +458,8 @@ class TamingMethod:
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.normal.load_state(tensors, meta)
         self.latest_d = tensors["latest_d"].clone()
+        if "forget_weight" in tensors:
+            self.forget_weight = tensors["forget_weight"].clone()
         self.last_confirm = meta["last_confirm"]
         self.confirmations = meta["confirmations"]
         self.lr_factor = meta["lr_factor"]
