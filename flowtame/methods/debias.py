@@ -30,6 +30,7 @@ from flowtame.likelihood.statistics import subset_correction
 from flowtame.likelihood.threshold import forget_threshold
 from flowtame.methods.objective import anchor_loss, remember_loss
 from flowtame.methods.remember import RememberNormal
+from flowtame.methods.taming import DEFAULT_MAX_REMEMBER_DRIFT
 
 #: After an overshoot halved debias's step size, each measurement without one multiplies it by this (up to 1).
 REGROWTH = 1.25
@@ -45,8 +46,6 @@ DRIFT_REFUSALS_TO_GIVE_UP = 3
 MIN_MEASURE_INTERVAL = 2
 #: The overshoot control never scales the step below this (a share that moves that fast is re-measured anyway).
 MIN_STEP_SCALE = 1 / 16
-#: tame's default bound on the remember set's relative mean-NLL rise at a stop (``max_remember_drift``).
-DEFAULT_MAX_REMEMBER_DRIFT = 0.008
 #: Samples are decoded and classified this many at a time.
 MEASURE_BATCH = 256
 CLASSIFIER_KINDS = ("latent-logistic", "torchscript")
@@ -769,13 +768,12 @@ class DebiasMethod:
             loss_groups = loss_groups + torch.relu(weight) * raise_term + torch.relu(-weight) * lower_term
         batch_mean, batch_std = nll_remember.mean(), nll_remember.std()
         self.normal.track(batch_mean, batch_std)  # tells when the refreshed mu_R, sigma_R went stale
-        tamed_mean = self.normal.mu + (batch_mean - batch_mean.detach())
-        tamed_std = self.normal.sigma + (batch_std - batch_std.detach())
+        tamed_mean, tamed_std = self.normal.estimate(batch_mean, batch_std)
         anchor_term = None
         if self.anchor_weight > 0:
             assert self.base_model is not None
-            with torch.no_grad():
-                base_nll = nll_nats(self.base_model, x[-rows[-1]:], self.data.data_spec)
+            # no gradient; under torchrun each rank evaluates only its shard of the rows
+            base_nll = batched_nll(self.base_model, x[-rows[-1]:], self.data.data_spec)
             held = nll_remember if mask is None else nll_remember * mask  # group images: no pull (0 - 0)
             anchor_term = self.anchor_weight * anchor_loss(held, base_nll if mask is None else base_nll * mask,
                                                            self.data.base_std)

@@ -53,6 +53,11 @@ class RememberNormal:
         self.track_mean = self.track_mean + TRACK_WEIGHT * (batch_mean.detach() - self.track_mean)
         self.track_std = self.track_std + TRACK_WEIGHT * (batch_std.detach() - self.track_std)
 
+    def estimate(self, batch_mean: Tensor, batch_std: Tensor) -> tuple[Tensor, Tensor]:
+        """N_T for the KL: the refreshed mu_R, sigma_R as values, with the gradient of this remember batch's NLL
+        mean and std (nats) — a low-noise value that still tells the step which way the batch moves it."""
+        return self.mu + (batch_mean - batch_mean.detach()), self.sigma + (batch_std - batch_std.detach())
+
     def stale(self) -> bool:
         """Whether the remember batches' exponential average left the refreshed mu_R, sigma_R by more than
         :data:`STALE_SIGMA` sigma_R: the model moved since the refresh, and the KL's pull is out of date."""

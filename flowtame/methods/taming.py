@@ -40,6 +40,9 @@ STRAGGLER_GROWTH = 1.25
 MAX_FORGET_WEIGHT = 8.0
 #: Iteration at which the forget images' pace is projected to the budget (:meth:`TamingMethod.check_progress`).
 PROGRESS_CHECK = 50
+#: Default bound on the remember set's relative mean-NLL rise at a stop (``max_remember_drift``), a margin under
+#: ``evaluate --check``'s 1% bound; ``debias`` uses the same.
+DEFAULT_MAX_REMEMBER_DRIFT = 0.008
 #: N_T estimators (``kl_estimate``): ``refreshed`` (default), ``batch`` (the paper's).
 KL_ESTIMATES = ("refreshed", "batch")
 
@@ -104,7 +107,7 @@ class TamingMethod:
     default_freeze = "coupling-outputs"
     #: Stopping guard unless the config says otherwise: stop only while the remember set's mean NLL is at most
     #: 0.8% above N_B's, a margin under ``evaluate --check``'s default 1% bound (docs/method.md "Stopping").
-    default_max_remember_drift = 0.008
+    default_max_remember_drift = DEFAULT_MAX_REMEMBER_DRIFT
     #: The method's own settings (a frozen dataclass built from the config's ``method_settings`` section named
     #: like the method, dashes as underscores), or None for a method without any.
     settings_class: type | None = None
@@ -262,8 +265,7 @@ class TamingMethod:
         # an exponential average of the remember batches: tells when the refreshed value went stale
         self.normal.track(batch_mean, batch_std)
         if self.kl_estimate == "refreshed":
-            tamed_mean = self.mu_r + (batch_mean - batch_mean.detach())
-            tamed_std = self.sigma_r + (batch_std - batch_std.detach())
+            tamed_mean, tamed_std = self.normal.estimate(batch_mean, batch_std)
         else:
             tamed_mean, tamed_std = batch_mean, batch_std
         if self.threshold_gradient:
