@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from flowtame.data.quantization import DataSpec
-from flowtame.errors import CheckpointError, InputError, InterruptedRun, TrainingDivergedError
+from flowtame.errors import CheckpointError, InputError, InterruptedRun, OutputWriteError, TrainingDivergedError
 from flowtame.flows import MultiScaleFlow, make_spec
 from flowtame.io.checkpoint import load_checkpoint
 from flowtame.jobs.train import resume_state_path, train_model
@@ -172,6 +172,29 @@ def test_periodic_checkpoints_and_sample_grids(tmp_path):
     assert grids == ["step-000003.png", "step-000006.png"]
     with Image.open(tmp_path / "grids" / "step-000006.png") as grid:
         assert grid.mode == "L" and grid.size[0] == grid.size[1] > 8 * 8
+
+
+def test_a_sample_grid_that_cannot_be_written_keeps_a_resumable_state(tmp_path, monkeypatch):
+    """A full disk while writing step 4's grid: one OutputWriteError naming the grid, the state after step 4
+    saved, and resuming (once the grid can be written) ends with the weights of an uninterrupted run."""
+    import flowtame.jobs.train as train_job
+    path = tmp_path / "model.safetensors"
+    real_write = train_job.write_sample_grid
+
+    def full_disk_at_step_4(checkpoint, grid_path, **kwargs):
+        if "step-000004" in str(grid_path):
+            raise OutputWriteError(f"{grid_path}: cannot write (no space left on the device)")
+        return real_write(checkpoint, grid_path, **kwargs)
+
+    monkeypatch.setattr(train_job, "write_sample_grid", full_disk_at_step_4)
+    with pytest.raises(OutputWriteError, match=r"step-000004\.png: cannot write.*after step 4 was saved"):
+        train(steps=8, checkpoint_path=path, sample_every=2, sample_dir=tmp_path / "grids")
+    assert resume_state_path(path).exists() and not path.exists()
+    monkeypatch.setattr(train_job, "write_sample_grid", real_write)
+    resumed = train(steps=8, checkpoint_path=path, sample_every=2, sample_dir=tmp_path / "grids", resume=True)
+    straight = train(steps=8)
+    assert resumed.steps == 8
+    assert_same_weights(weights(resumed), weights(straight))
 
 
 def test_resume_refuses_other_settings_and_missing_state(tmp_path):

@@ -479,6 +479,15 @@ def _run_training(engine: Engine, method: MaximumLikelihood, state_path: Path | 
         engine.save_state(state_path)
         raise InterruptedRun(f"interrupted after step {engine.iteration}; state saved to {state_path}, "
                              "continue by resuming", signum, keys=("resume",)) from None
+    except OutputWriteError as exc:  # a sample grid or periodic checkpoint between steps could not be written
+        if state_path is None or method.in_step:
+            raise
+        try:
+            engine.save_state(state_path)
+        except OutputWriteError:
+            raise exc from None
+        raise OutputWriteError(f"{exc}; the run's state after step {engine.iteration} was saved to {state_path}, "
+                               "continue by resuming once the output can be written", keys=("resume",)) from None
     except TrainingDivergedError:
         if not method.in_step:  # a weight check of save(): its message says what happened
             raise
