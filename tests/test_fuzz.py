@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -161,3 +162,30 @@ def test_a_header_asking_for_a_giant_model_is_refused_before_it_is_built(tmp_pat
     path.write_bytes(struct.pack("<Q", len(text)) + text + CHECKPOINT[HEADER_END:])
     with pytest.raises(FlowtameError, match="far larger than the"):
         load_checkpoint(path)
+
+
+def test_a_giant_header_is_refused_before_anything_is_built_on_a_real_device(tmp_path, monkeypatch):
+    """The size check runs on the meta device: a module's ``__init__`` temporaries (e.g. the QR of a random
+    rotation, made before any tensor is registered) are never allocated for a model that does not fit."""
+    import flowtame.io.checkpoint as checkpoint_module
+    header = json.loads(CHECKPOINT[8:HEADER_END])
+    hyperparameters = json.loads(header["__metadata__"]["hyperparameters"])
+    header["__metadata__"]["hyperparameters"] = json.dumps({**hyperparameters, "hidden": 3000})
+    text = json.dumps(header).encode()
+    path = tmp_path / "giant.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + CHECKPOINT[HEADER_END:])
+    devices = []
+    real_build = checkpoint_module.build_model
+
+    def recording_build(architecture, spec):
+        devices.append(torch.empty(0).device.type)
+        return real_build(architecture, spec)
+
+    monkeypatch.setattr(checkpoint_module, "build_model", recording_build)
+    with pytest.raises(FlowtameError, match="far larger than the"):
+        load_checkpoint(path)
+    assert devices == ["meta"]
+    (tmp_path / "fine.safetensors").write_bytes(CHECKPOINT)
+    devices.clear()
+    assert load_checkpoint(tmp_path / "fine.safetensors").model is not None
+    assert devices == ["meta", "cpu"]

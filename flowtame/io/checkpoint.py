@@ -134,7 +134,9 @@ def _size_limit(path: Path, limit: int):
 
     A file's hyperparameters cannot honestly describe a model much larger than the tensors the file holds, so
     a damaged or crafted header (say ``hidden`` = 40000) fails at once instead of allocating and initializing
-    gigabytes. Each tensor is counted when it is registered, before its module initializes it.
+    gigabytes. Each tensor is counted when it is registered, before its module initializes it; the loader
+    builds on the meta device under this limit first, so temporaries an ``__init__`` makes before registering
+    (a random rotation's QR, say) are never allocated for a model that does not fit either.
     """
     count = 0
 
@@ -188,8 +190,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             raise CheckpointError(f"{path}: data spec ({data_spec.channels}x{data_spec.image_size}) disagrees with "
                                   f"the model ({spec.channels}x{spec.image_size})")
     try:
-        with _size_limit(path, 4 * sum(t.numel() for t in tensors.values()) + 2**20):
-            model = build_model(architecture, spec)
+        with _size_limit(path, 4 * sum(t.numel() for t in tensors.values()) + 2**20), torch.device("meta"):
+            build_model(architecture, spec)  # shapes only: nothing allocated, not even an init's temporaries
+        model = build_model(architecture, spec)
     except (TypeError, ValueError, RuntimeError, ArithmeticError, MemoryError) as exc:
         raise CheckpointError(f"{path}: cannot build {architecture} from its hyperparameters ({exc})") from None
     expected = model.state_dict()
