@@ -117,9 +117,7 @@ def test_debias_stops_cleanly_on_sigterm(run_cli, tiny_base, tmp_path, monkeypat
     import flowtame.cli.debias as debias_cli
 
     def args(out, *extra):
-        return ["debias", tiny_base, "--group", "zero=embedded:digits:all:0", "--group", "one=embedded:digits:all:1",
-                "--target", "zero=0.3", "-o", out, "--report", f"{out}.json", "--samples", "64", "--max-iters", "6",
-                "--measure-every", "2", "--batch-size", "4", "--quiet", *extra]
+        return _debias_args(tiny_base, out, *extra)
 
     straight = tmp_path / "straight.safetensors"
     assert run_cli(*args(straight)).exit_code == 0
@@ -131,6 +129,41 @@ def test_debias_stops_cleanly_on_sigterm(run_cli, tiny_base, tmp_path, monkeypat
     monkeypatch.undo()
     assert run_cli(*args(out, "--resume")).exit_code == 0
     assert _same_weights(straight, out)
+
+
+def _debias_args(tiny_base, out, *extra):
+    return ["debias", tiny_base, "--group", "zero=embedded:digits:all:0", "--group", "one=embedded:digits:all:1",
+            "--target", "zero=0.3", "-o", out, "--report", f"{out}.json", "--samples", "64", "--max-iters", "6",
+            "--measure-every", "2", "--batch-size", "4", "--quiet", *extra]
+
+
+def test_debias_stopped_while_measuring_after_training_keeps_the_finished_run(run_cli, tiny_base, tmp_path,
+                                                                              monkeypatch):
+    """A SIGTERM during the final measurement and evaluation (which takes minutes on a large model) keeps the
+    trained weights as resumable state; resuming writes the outputs without training again."""
+    import flowtame.jobs.debias as debias_job
+
+    straight = tmp_path / "straight.safetensors"
+    assert run_cli(*_debias_args(tiny_base, straight)).exit_code == 0
+    original = debias_job._preservation
+
+    def preservation_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(debias_job, "_preservation", preservation_then_sigterm)
+    out = tmp_path / "out.safetensors"
+    first = run_cli(*_debias_args(tiny_base, out))
+    assert first.exit_code == 143 and "after training by SIGTERM" in first.stderr and "--resume" in first.stderr
+    assert not out.exists() and (tmp_path / "out.safetensors.resume.safetensors").is_file()
+    monkeypatch.undo()
+    calls = []
+    monkeypatch.setattr(debias_job.DebiasMethod, "loss", lambda *a, **k: calls.append(1))
+    resumed = run_cli(*_debias_args(tiny_base, out, "--resume"))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert calls == [] and _same_weights(straight, out)
+    report = json.loads(Path(f"{out}.json").read_text())
+    assert report["iterations"] == json.loads(Path(f"{straight}.json").read_text())["iterations"]
 
 
 def test_train_stops_cleanly_on_sighup(tmp_path):

@@ -22,6 +22,7 @@ the others: they write the resumable state of the latest snapshot and stop (:cla
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -30,7 +31,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -49,6 +50,7 @@ from flowtame.errors import (
     OutputWriteError,
     StopSignal,
     TrainingDivergedError,
+    signal_number,
     stop_signals,
 )
 from flowtame.io.fileio import save_safetensors_atomic
@@ -165,6 +167,25 @@ def keep_run_after_failed_write(error: OutputWriteError, save_state: Callable[[]
     return OutputWriteError(f"{error}; the run is kept in {state_path}: make room (or fix the path) and rerun "
                             "the same command resuming, to continue from there without losing the work done",
                             keys=("resume",))
+
+
+@contextlib.contextmanager
+def keep_finished_run(save_state: Callable[[], None] | None, state_path: str | Path | None) -> Iterator[None]:
+    """Around the work after a finished run (final measurements, evaluation): a stop request there (Ctrl-C,
+    SIGTERM, SIGHUP) first saves the finished run's resumable state, then raises :class:`InterruptedRun`
+    saying how to finish (resuming skips the training it holds)."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if save_state is not None:
+            save_state()
+            where = (f"the finished run is kept in {state_path}: rerun the same command resuming, to write the "
+                     "outputs without training again")
+        else:
+            where = "without a state path the finished run could not be kept"
+        raise InterruptedRun(f"interrupted after training{_by(signal_number(exc))}, while measuring and "
+                             f"evaluating; {where}", signal_number(exc),
+                             keys=("resume",) if save_state is not None else ()) from None
 
 
 def _learning_rate(config: EngineConfig, iteration: int, scale: float) -> float:

@@ -52,7 +52,14 @@ from flowtame.engine.devices import (
     seeded_run,
     trainable_copy,
 )
-from flowtame.engine.loop import EngineConfig, EngineResult, run_for_report, start_engine, state_saver
+from flowtame.engine.loop import (
+    EngineConfig,
+    EngineResult,
+    keep_finished_run,
+    run_for_report,
+    start_engine,
+    state_saver,
+)
 from flowtame.errors import DataError, InputError
 from flowtame.io import config as io_config
 from flowtame.io.checkpoint import Checkpoint, make_provenance, report_header
@@ -386,9 +393,10 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
         engine, state_path, report,
         lambda: {"trajectory": method.trajectory, "engine_trajectory": engine.trajectory})
     model.eval()
-    return _debiased_outcome(base, base_model, model, method, result, report, sets, targets, config, classifier,
-                             base_remember_nll, seconds, dev, command=command,
-                             save_state=state_saver(engine, state_path))
+    save_state = state_saver(engine, state_path)
+    with keep_finished_run(save_state, state_path):
+        return _debiased_outcome(base, base_model, model, method, result, report, sets, targets, config,
+                                 classifier, base_remember_nll, seconds, dev, command=command, save_state=save_state)
 
 
 def _debiased_outcome(base: Checkpoint, base_model: nn.Module, model: nn.Module, method: DebiasMethod,

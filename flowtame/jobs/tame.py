@@ -29,7 +29,14 @@ from flowtame.engine.devices import (
     trainable_copy,
     training_rows,
 )
-from flowtame.engine.loop import EngineConfig, EngineResult, run_for_report, start_engine, state_saver
+from flowtame.engine.loop import (
+    EngineConfig,
+    EngineResult,
+    keep_finished_run,
+    run_for_report,
+    start_engine,
+    state_saver,
+)
 from flowtame.errors import DataError, InputError, config_error
 from flowtame.flows.base import coupling_output_parameters
 from flowtame.io import config as io_config
@@ -418,9 +425,10 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     nll = {("base", "remember"): base_remember_nll, ("base", "forget"): base_forget_nll}
     if base_holdout_nll is not None:
         nll[("base", "holdout")] = base_holdout_nll
-    return _tamed_outcome(base, model, method, result, report, nll, sets, forget_sets, remember_nll, config,
-                          command=command, delta=delta, epsilon=epsilon, dev=dev,
-                          save_state=state_saver(engine, state_path))
+    save_state = state_saver(engine, state_path)
+    with keep_finished_run(save_state, state_path):
+        return _tamed_outcome(base, model, method, result, report, nll, sets, forget_sets, remember_nll, config,
+                              command=command, delta=delta, epsilon=epsilon, dev=dev, save_state=save_state)
 
 
 def _tamed_outcome(base: Checkpoint, model: torch.nn.Module, method: Any, result: EngineResult,
