@@ -151,15 +151,21 @@ def test_checkpoint_with_odd_hyperparameters_loads_or_raises_a_checkpoint_error(
     _loads_or_own_error(load_checkpoint, data, ".safetensors")
 
 
-def test_a_header_asking_for_a_giant_model_is_refused_before_it_is_built(tmp_path):
-    """Found by the fuzzer above: ``hidden`` = 3000 made the loader allocate and initialize ~0.6 GB (40000:
-    15 GB) before noticing that the tensors do not fit; now the build stops at the first oversized tensor."""
+def _giant_header_file(tmp_path: Path) -> Path:
+    """The embedded checkpoint with ``hidden`` = 3000 in its header (~0.6 GB of weights it does not hold)."""
     header = json.loads(CHECKPOINT[8:HEADER_END])
     hyperparameters = json.loads(header["__metadata__"]["hyperparameters"])
     header["__metadata__"]["hyperparameters"] = json.dumps({**hyperparameters, "hidden": 3000})
     text = json.dumps(header).encode()
     path = tmp_path / "giant.safetensors"
     path.write_bytes(struct.pack("<Q", len(text)) + text + CHECKPOINT[HEADER_END:])
+    return path
+
+
+def test_a_header_asking_for_a_giant_model_is_refused_before_it_is_built(tmp_path):
+    """Found by the fuzzer above: ``hidden`` = 3000 made the loader allocate and initialize ~0.6 GB (40000:
+    15 GB) before noticing that the tensors do not fit; now the build stops at the first oversized tensor."""
+    path = _giant_header_file(tmp_path)
     with pytest.raises(FlowtameError, match="far larger than the"):
         load_checkpoint(path)
 
@@ -168,12 +174,7 @@ def test_a_giant_header_is_refused_before_anything_is_built_on_a_real_device(tmp
     """The size check runs on the meta device: a module's ``__init__`` temporaries (e.g. the QR of a random
     rotation, made before any tensor is registered) are never allocated for a model that does not fit."""
     import flowtame.io.checkpoint as checkpoint_module
-    header = json.loads(CHECKPOINT[8:HEADER_END])
-    hyperparameters = json.loads(header["__metadata__"]["hyperparameters"])
-    header["__metadata__"]["hyperparameters"] = json.dumps({**hyperparameters, "hidden": 3000})
-    text = json.dumps(header).encode()
-    path = tmp_path / "giant.safetensors"
-    path.write_bytes(struct.pack("<Q", len(text)) + text + CHECKPOINT[HEADER_END:])
+    path = _giant_header_file(tmp_path)
     devices = []
     real_build = checkpoint_module.build_model
 
