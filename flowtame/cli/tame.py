@@ -68,6 +68,9 @@ def tame_command(
                                                "mean((NLL - NLL_base)/sigma_B)^2 on the remember batch, which "
                                                "replaces the mean remember NLL in L_R; 0: the paper's mean "
                                                "NLL [0.2].")] = None,
+    anchor_shift: Annotated[float, typer.Option(help="With the anchor: weight of the common shift's term, "
+                                                     "(mean (NLL - NLL_base)/sigma_B)^2 on the remember "
+                                                     "batch, what a held-out set's BPD change sees [0].")] = None,
     lookalikes: Annotated[int, typer.Option(help="With the anchor: hold the forget set's N nearest remember "
                                                  "images (base latent space) in every batch [16].")] = None,
     batch_size: Annotated[int, typer.Option(help="Forget and remember images per iteration (each) [32].")] = None,

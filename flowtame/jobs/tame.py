@@ -70,6 +70,7 @@ class TameConfig:
     lr: float = 2e-4
     step_sigma: float | None = 2.0
     anchor: float = 0.2
+    anchor_shift: float = 0.0
     lookalikes: int = 16
     batch_size: int = 32
     max_iters: int = 800
@@ -134,6 +135,8 @@ class TameConfig:
             problems.append("step_sigma must be positive (0 turns the calibration off)")
         if self.anchor < 0:
             problems.append("anchor must be at least 0 (0 turns the anchor off)")
+        if self.anchor_shift < 0:
+            problems.append("anchor_shift must be at least 0 (0 turns the shift term off)")
         if self.lookalikes < 0:
             problems.append("lookalikes must be at least 0 (0: none)")
         if self.forget_draws < 1:

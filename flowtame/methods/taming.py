@@ -21,7 +21,7 @@ from flowtame.data.quantization import DataSpec, nats_per_bpd
 from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
 from flowtame.likelihood.threshold import threshold_distance
-from flowtame.methods.objective import anchor_loss, forget_loss, remember_loss
+from flowtame.methods.objective import anchor_loss, forget_loss, remember_loss, shift_loss
 from flowtame.methods.remember import STALE_SIGMA, TRACK_WEIGHT, RememberNormal
 
 __all__ = ["KL_ESTIMATES", "METHODS", "STALE_SIGMA", "TRACK_WEIGHT", "TamingData", "TamingMethod",
@@ -142,6 +142,9 @@ class TamingMethod:
         self.base_model = base_model
         #: Weight of the per-image anchor to the base model on the remember batch (0: off; see :meth:`loss`).
         self.anchor_weight = float(getattr(config, "anchor", 0.0) or 0.0) if self.anchored else 0.0
+        #: With the anchor on: weight of the common shift's term (:func:`~flowtame.methods.objective.shift_loss`)
+        #: on the random remember rows (0: off).
+        self.shift_weight = float(getattr(config, "anchor_shift", 0.0) or 0.0) if self.anchor_weight > 0 else 0.0
         if self.anchor_weight > 0 and base_model is None:
             raise ValueError("the anchor term needs the frozen base model")
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
@@ -257,7 +260,8 @@ class TamingMethod:
         """The loss from this iteration's per-image NLLs (nats); subclasses (baselines) replace it.
 
         ``anchor``: (NLL [N] of the remember and look-alike rows under the model, the base model's [N]) when
-        the anchor is on; its term then replaces the remember NLL term A (see :func:`remember_loss`).
+        the anchor is on; its term, plus ``shift_weight`` times the common shift's term on the first
+        ``len(nll_remember)`` rows, then replaces the remember NLL term A (see :func:`remember_loss`).
         ``forget_weight``: [Bf] weights of the forget rows' terms (None: all 1).
         Must return the scalar loss and at least ``loss_forget``, ``loss_remember``, ``remember_bpd``.
         """
@@ -274,14 +278,23 @@ class TamingMethod:
             mu, sigma = self.mu_r, self.sigma_r
         loss_forget = forget_loss(nll_forget, mu, sigma, delta=self.delta, kind=self.forget_loss_kind,
                                   unit=self.forget_unit, nats_per_bpd=self.nats_per_bpd, weight=forget_weight)
-        anchor_term = None if anchor is None else self.anchor_weight * anchor_loss(*anchor, self.data.base_std)
+        anchor_term = shift = None
+        if anchor is not None:
+            anchor_term = self.anchor_weight * anchor_loss(*anchor, self.data.base_std)
+            if self.shift_weight > 0:
+                # the random remember rows only (the look-alikes that follow them are not a sample of the set)
+                rows = nll_remember.shape[0]
+                shift = shift_loss(anchor[0][:rows], anchor[1][:rows], self.data.base_std)
+                anchor_term = anchor_term + self.shift_weight * shift
         loss_remember, nll_term, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                     tamed_mean, tamed_std, gamma=self.gamma,
                                                     nats_per_bpd=self.nats_per_bpd, anchor=anchor_term)
         loss = self.alpha * loss_forget + (1 - self.alpha) * loss_remember
         metrics = {"loss_forget": loss_forget, "loss_remember": loss_remember, "remember_bpd": nll_term, "kl": kl}
-        if anchor_term is not None:
-            metrics["anchor"] = anchor_term.detach() / self.anchor_weight
+        if anchor is not None:
+            metrics["anchor"] = anchor_loss(anchor[0].detach(), anchor[1], self.data.base_std)
+        if shift is not None:
+            metrics["shift"] = shift.detach()
         return loss, metrics
 
     @torch.no_grad()
