@@ -453,8 +453,8 @@ def _tamed_outcome(base: Checkpoint, model: torch.nn.Module, method: Any, result
         seconds_per_iteration=result.wall_seconds / max(result.iterations, 1),
         lr_reductions=result.lr_reductions, refreshes=method.refreshes,
         early_refreshes=getattr(method, "early_refreshes", 0), confirmations=method.confirmations,
-        drift_refusals=method.drift_refusals, whole_set_refusals=method.whole_set_refusals,
-        progress_warning=getattr(method, "progress_warning", None),
+        drift_refusals=method.drift_refusals, shift_factor=getattr(method, "shift_factor", 0.0),
+        whole_set_refusals=method.whole_set_refusals, progress_warning=getattr(method, "progress_warning", None),
         remember_normal={"base": _normal_block(base_mean, base_std, per_bpd),
                          "tamed": _normal_block(mu_t, sigma_t, per_bpd)},
         requests=_forget_requests(forget_sets, sets.forget_request, d_final, epsilon), trajectory=result.trajectory)
