@@ -70,7 +70,7 @@ class TameConfig:
     lr: float = 2e-4
     step_sigma: float | None = 2.0
     anchor: float = 0.2
-    anchor_shift: float = 0.0
+    anchor_shift: float = 2.0
     lookalikes: int = 16
     batch_size: int = 32
     max_iters: int = 800
