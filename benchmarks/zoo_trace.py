@@ -1,0 +1,86 @@
+"""Per-iteration trace of one zoo run (issue 23, round 3b): why a model forgets slowly.
+
+Runs :func:`zoo.tame_row` (the package's defaults + ``--override``) on one zoo model and k, and records after
+every step the method's state: each forget image's latest confirmed d (sigma_R), the training forwards' min d
+and max |d|, the remember drift (relative rise of the remember mean NLL over the base model's), shift_factor,
+drift / whole-set refusals, confirmations, the forget weights and the settle lr factor. Writes the trace and
+the scored row as JSON, and prints a summary every ``--every`` iterations.
+
+    python benchmarks/zoo_trace.py --model realnvp --k 8 --json /work/cache/zoo/d24/base.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from protocol import build_protocol  # noqa: E402
+from zoo import NEIGHBOURS, tame_row, write_json  # noqa: E402
+from zoo_models import DEFAULT_CACHE, ZOO, build, digits_source  # noqa: E402
+
+from flowtame.io.checkpoint import load_checkpoint  # noqa: E402
+from flowtame.methods.taming import TamingMethod  # noqa: E402
+
+
+def traced(trace: list[dict[str, Any]], every: int):
+    """A replacement for :meth:`TamingMethod.after_step` that calls it, then appends the method's state."""
+    original = TamingMethod.after_step
+
+    def after_step(self: TamingMethod, model: torch.nn.Module, iteration: int, logged: dict[str, float]) -> bool:
+        confirmations = self.confirmations
+        done = original(self, model, iteration, logged)
+        entry = {"it": iteration, "min_d": logged.get("min_d"), "max_abs_d": logged.get("max_abs_d"),
+                 "mean_d": logged.get("mean_d"), "remember_bpd": logged.get("remember_bpd"),
+                 "drift": self.remember_drift(), "shift_factor": self.shift_factor,
+                 "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals,
+                 "confirmations": self.confirmations, "lr_factor": self.lr_factor,
+                 "forget_weight": [round(float(w), 3) for w in self.forget_weight.flatten()]}
+        if self.confirmations > confirmations and self.confirmed_d is not None:
+            entry["confirmed_d"] = [round(float(v), 3) for v in self.confirmed_d.flatten()]
+        trace.append(entry)
+        if iteration % every == 0 or "confirmed_d" in entry or done:
+            print(f"{iteration:4d} min_d {entry['min_d']:+.2f} max|d| {entry['max_abs_d']:.2f} "
+                  f"drift {100 * entry['drift']:.3f}% shift x{entry['shift_factor']:g} "
+                  f"refusals {entry['drift_refusals']}/{entry['whole_set_refusals']} "
+                  f"conf {entry['confirmations']} lr_f {entry['lr_factor']:.2f} "
+                  f"w {max(entry['forget_weight']):.2f}" + (f" d {entry['confirmed_d']}" if "confirmed_d" in entry
+                                                            else ""), flush=True)
+        return done
+
+    return after_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="realnvp", choices=list(ZOO))
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--digit", type=int, default=3)
+    parser.add_argument("--override", type=json.loads, default={}, help="TameConfig keys as JSON")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--every", type=int, default=20, help="print a line every N iterations [20]")
+    parser.add_argument("--json", type=Path, required=True, help="write the trace and the scored row here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = load_checkpoint(build(args.model, args.cache))
+    proto = build_protocol(base, args.digit, args.k, NEIGHBOURS, source=digits_source(args.model, args.cache))
+    trace: list[dict[str, Any]] = []
+    TamingMethod.after_step = traced(trace, args.every)  # type: ignore[method-assign]
+    with tempfile.TemporaryDirectory(prefix="flowtame-trace-") as workdir:
+        row = tame_row(base, proto, args.override, Path(workdir))
+    write_json(args.json, {"model": args.model, "k": args.k, "override": args.override, "row": row,
+                           "trace": trace})
+    keys = ("converged", "iterations", "total_seconds", "holdout_delta_bpd", "check_passes", "aborted")
+    print({key: row.get(key) for key in keys})
+
+
+if __name__ == "__main__":
+    main()
