@@ -180,7 +180,6 @@ class TamingMethod:
         self.progress_warning: str | None = None
         #: The whole remember set's NLL [R] (float64, CPU) under the weights the run stopped with, for the report.
         self.final_remember_nll: Tensor | None = None
-        self.whole_nll: Tensor | None = None
 
     # ------------------------------------------------------------------ the remember normal's figures
     @property
@@ -352,22 +351,12 @@ class TamingMethod:
         """Relative rise of the remember set's mean NLL (latest refresh) over the base model's N_B mean."""
         return self.normal.drift()
 
-    def remember_kept(self, model: nn.Module | None = None) -> bool:
+    def remember_kept(self) -> bool:
         """False (and counted) when the remember mean NLL rose by more than ``max_remember_drift``; a refusal
         also switches on (then grows) the common shift's term, the pull that brings the mean back
-        (docs/method.md "Holding the common shift").
-
-        With ``model`` and ``data.whole_remember_nll``, a refresh subset past the guard is re-judged on the
-        whole remember set (paired with the base model's noise, the drift the report measures), and mu_R,
-        sigma_R and the subset correction are re-measured there: the subset's drift carries its correction's
-        own drift (issue 23, RealNVP k = 8: subset +0.40% against the whole set's +0.23%)."""
+        (docs/method.md "Holding the common shift")."""
         if self.max_remember_drift is None or self.remember_drift() <= self.max_remember_drift:
             return True
-        if model is not None and self.data.whole_remember_nll is not None:
-            self.whole_nll = self.data.whole_remember_nll(model)
-            self.normal.remeasure(self.whole_nll.mean().to(self.normal.mu), self.whole_nll.std().to(self.normal.mu))
-            if self.remember_drift() <= self.max_remember_drift:
-                return True
         self.drift_refusals += 1
         self.shift_factor = 1.0 if self.shift_factor == 0 else min(MAX_SHIFT_FACTOR, self.shift_factor * SHIFT_GROWTH)
         return False
@@ -388,7 +377,7 @@ class TamingMethod:
         counts as not forgotten (docs/method.md "Stopping")."""
         if self.data.whole_remember_nll is None:
             return True
-        nll = self.whole_nll if self.whole_nll is not None else self.data.whole_remember_nll(model)
+        nll = self.data.whole_remember_nll(model)
         mean, std = nll.mean().to(forget_nll), nll.std().to(forget_nll)
         d = threshold_distance(forget_nll, mean, std, self.delta)
         if bool(self.reached(d).all()):
@@ -465,8 +454,7 @@ class TamingMethod:
             self.confirmed_d = threshold_distance(forget_nll, self.mu_r, self.sigma_r, self.delta)
             self.latest_d.copy_(self.confirmed_d)
             self.grow_stragglers(self.confirmed_d)
-            self.whole_nll = None  # the whole set's NLL [R] under these weights, when measured
-            return (bool(self.reached(self.confirmed_d).all()) and self.remember_kept(model)
+            return (bool(self.reached(self.confirmed_d).all()) and self.remember_kept()
                     and self.whole_set_agrees(model, forget_nll))
         if (iteration + 1) % self.refresh_every == 0:
             self.refresh(model)
