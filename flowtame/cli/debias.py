@@ -81,7 +81,7 @@ def debias_command(
     anchor: Annotated[float, typer.Option(help="Weight of the per-image anchor to the base model, "
                                                "mean((NLL - NLL_base)/sigma_B)^2 on the remember batch, which "
                                                "replaces the mean remember NLL in L_R (as in tame); 0: the "
-                                               "paper's mean NLL [0.2].")] = None,
+                                               "paper's mean NLL [1.0].")] = None,
     max_remember_drift: Annotated[float, typer.Option(
         help="Stopping guard (as tame's): refuse to stop, and report unconverged, while the remember set's mean "
              "NLL is up by more than this fraction (0 = off) [0.008].")] = None,
