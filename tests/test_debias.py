@@ -571,6 +571,24 @@ def test_method_gives_up_early_on_an_unreachable_target_and_not_on_a_reachable_o
     assert steady.gave_up is None and results[-1] is True and not any(results[:17])
 
 
+def test_the_verdict_says_when_the_remember_drift_is_already_past_its_bound(tiny_base):
+    model = load_checkpoint(tiny_base).model
+    start = [0] * 300 + [1] * 700
+    lines = {}
+    for rise in (1.003, 1.015):  # the refreshed remember mean: 0.3% (within 0.8%), then 1.5% above the base's
+        meter = _StubMeter(start)
+        _, _, method = _method(tiny_base, {"zero": 0.8, "one": 0.2}, start, meter, measure_every=5, max_iters=400,
+                               warmup=0, screen_samples=0, refresh_every=1, max_remember_drift=0.008)
+        method.refresh = lambda _model, m=method, r=rise: setattr(m.normal, "mu", m.data.base_mean * r)
+        _measure_steps(method, model, meter, [0.300, 0.301, 0.300, 0.301])
+        assert method.verdict is not None
+        lines[rise] = method.gave_up
+    assert lines[1.003] == method.verdict.message()  # within the bound: the rate's verdict alone
+    assert lines[1.015].startswith(method.verdict.message()) and lines[1.015].endswith(
+        "the remember set's mean NLL is already up 1.50% (bound 0.80%), so a stop at the target would be refused "
+        "as well")
+
+
 def test_cli_unreachable_target_stops_early_with_one_line_and_exit_1_when_required(run_cli, tiny_base, tmp_path):
     out = tmp_path / "o.safetensors"
     # a learning rate of 1e-12 moves nothing: the target is out of reach, and the run must say so early

@@ -920,6 +920,11 @@ class DebiasMethod:
                                      z=self.config.verdict_z, min_points=self.config.verdict_points,
                                      floor=1.0 / assigned)
         self.gave_up = self.verdict.message() if self.verdict else None
+        bound = self.config.max_remember_drift
+        if self.gave_up and bound is not None and self.normal.drift() > bound:
+            # the collateral is already past the guard's bound: the target is out of reach within it, too
+            self.gave_up += (f"; the remember set's mean NLL is already up {100 * self.normal.drift():.2f}% (bound "
+                             f"{100 * bound:.2f}%), so a stop at the target would be refused as well")
 
     def state_tensors(self) -> dict[str, Tensor]:
         return {**self.normal.state_tensors(), "frequencies": self.frequencies, "integral": self.integral}
