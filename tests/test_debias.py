@@ -213,6 +213,8 @@ def test_cli_writes_checkpoint_report_and_private_provenance(run_cli, tiny_base,
     result = run_cli(*_tiny_args(tiny_base, out))
     assert result.exit_code == 0, result.stderr
     assert sha256_file(tiny_base) == base_sha
+    # no --remember: the remember set is the groups' images, and the run says what that means (once)
+    assert result.stderr.count("warning: no --remember: the remember set is the groups' own images") == 1
     report = json.loads((tmp_path / "out.safetensors.json").read_text())
     assert report["schema_version"] == 1 and report["command"] == "debias"
     assert_valid_report(report, "debias-report.schema.json")
@@ -432,8 +434,10 @@ def test_debias_embedded_digits_reaches_the_target_and_preserves_the_remember_se
 
 def test_cli_other_class_counts_only_the_groups(run_cli, tiny_base, tmp_path):
     out = tmp_path / "o.safetensors"
-    result = run_cli(*_tiny_args(tiny_base, out, "--other", "embedded:digits:all", "--no-check-draw"))
+    result = run_cli(*_tiny_args(tiny_base, out, "--other", "embedded:digits:all", "--no-check-draw",
+                                 "--remember", "embedded:digits:test"))
     assert result.exit_code == 0, result.stderr
+    assert "no --remember" not in result.stderr  # a remember set beyond the groups: nothing to warn about
     report = json.loads((tmp_path / "o.safetensors.json").read_text())
     assert report["classifier"]["classes"] == ["zero", "one", "(other)"]
     assert report["other"] == {"source": "embedded:digits:all", "n": 1797 - 360, "excluded_group_images": 360}

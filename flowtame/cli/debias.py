@@ -28,6 +28,12 @@ from flowtame.errors import CheckFailedError, InputError, InterruptedRun, Output
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 
 #: Options whose value may be a path; the provenance's command line shows them as ``<path>`` (group names kept).
+#: Printed when no --remember is given (docs/debias.md, "Without --remember"): the remember set is then the groups'
+#: own images, which the run moves on purpose.
+NO_REMEMBER_WARNING = ("no --remember: the remember set is the groups' own images, so the anchor holds the images "
+                       "the run must move, nothing holds the rest of what the model generates, and the remember "
+                       "figures (and --max-remember-drift) measure the groups' intended change, not collateral; "
+                       "give the images the model was trained on with --remember")
 PATH_OPTIONS = {option: "<path>" for option in ("--group", "-g", "--remember", "-r", "--other", "--classifier",
                                                  "--output", "-o", "--report", "--config")}
 GROUP_OPTIONS = ("--group", "-g")
@@ -127,6 +133,8 @@ def debias_command(
         group_sets = {name: open_images(source, base.data_spec, strict=strict) for name, source in sources.items()}
         remember_set = open_images(remember, base.data_spec, strict=strict) if remember else None
         other_set = open_images(other, base.data_spec, strict=strict) if other else None
+    if remember_set is None and main_rank:
+        err_console.print(f"[yellow]warning:[/] {NO_REMEMBER_WARNING}", highlight=False)
     view = _LiveView(settings, list(sources), quiet or not main_rank)
     try:
         with view:
