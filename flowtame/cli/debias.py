@@ -133,8 +133,6 @@ def debias_command(
         group_sets = {name: open_images(source, base.data_spec, strict=strict) for name, source in sources.items()}
         remember_set = open_images(remember, base.data_spec, strict=strict) if remember else None
         other_set = open_images(other, base.data_spec, strict=strict) if other else None
-    if remember_set is None and main_rank:
-        err_console.print(f"[yellow]warning:[/] {NO_REMEMBER_WARNING}", highlight=False)
     view = _LiveView(settings, list(sources), quiet or not main_rank)
     try:
         with view:
@@ -146,15 +144,15 @@ def debias_command(
             emit_json(report, exc.partial_report)
         raise
     if main_rank:
-        _finish(outcome, output, state_path, report, quiet)
+        _finish(outcome, output, state_path, report, quiet, no_remember=remember is None)
     if require_converged and not outcome.report["converged"]:
         raise CheckFailedError(f"{output}: written, but the targets were not reached within "
                                f"{settings.tolerance} in {outcome.report['iterations']} iterations")
 
 
-def _finish(outcome, output: Path, state_path: Path, report: str | None, quiet: bool) -> None:
+def _finish(outcome, output: Path, state_path: Path, report: str | None, quiet: bool, no_remember: bool) -> None:
     """Write checkpoint and report (a failed write keeps the finished run as resumable state), drop the resume
-    state, print the summary and any failed check."""
+    state, print the summary, any failed check, the early verdict and, without --remember, what that means."""
     try:
         sha = save_checkpoint(output, outcome.checkpoint, force=True)
         outcome.report["output"] = {"path": str(output), "sha256": sha}
@@ -166,6 +164,8 @@ def _finish(outcome, output: Path, state_path: Path, report: str | None, quiet: 
     _print_summary(outcome.report, output, sha, quiet or report == "-")
     _warn_failed_checks(outcome.report)
     _say_verdict(outcome.report)
+    if no_remember:  # said after the run, so that bad input stays one line
+        err_console.print(f"[yellow]warning:[/] {NO_REMEMBER_WARNING}", highlight=False)
 
 
 def _say_verdict(report: dict) -> None:
