@@ -13,8 +13,8 @@ from flowtame.io.checkpoint import Checkpoint
 from flowtame.jobs.tame import make_config, preset
 from flowtame.likelihood.evaluation import find_neighbours, nearest_rows
 from flowtame.likelihood.nll import dequantized, nll_nats
-from flowtame.methods.objective import anchor_loss
-from tests.test_baselines import DATA_SPEC, REMEMBER, make_method, tiny_glow
+from flowtame.methods.objective import anchor_loss, shift_loss
+from tests.test_baselines import DATA_SPEC, REMEMBER, confirm_at, make_method, tiny_glow
 
 
 def test_anchor_loss_is_the_mean_squared_deviation_in_base_standard_deviations():
@@ -26,6 +26,21 @@ def test_anchor_loss_is_the_mean_squared_deviation_in_base_standard_deviations()
     value.backward()
     # the pull on each image is proportional to its own deviation: 2 (nll - base) / (sigma^2 B)
     assert nll.grad.tolist() == pytest.approx([2 * -1 / 4 / 3, 0.0, 2 * 3 / 4 / 3])
+
+
+def test_shift_loss_is_the_squared_mean_deviation_in_base_standard_deviations():
+    nll = torch.tensor([10.0, 12.0, 7.0], requires_grad=True, dtype=torch.float64)
+    base_nll = torch.tensor([11.0, 12.0, 4.0], dtype=torch.float64)
+    sigma = torch.tensor(2.0, dtype=torch.float64)
+    value = shift_loss(nll, base_nll, sigma)
+    # deviations -1/2, 0, 3/2: their mean 1/3, squared
+    assert float(value.detach()) == pytest.approx((1 / 3) ** 2)
+    value.backward()
+    # every image gets the same pull, 2 * mean / (sigma B): a common shift, not each image's own deviation
+    assert nll.grad.tolist() == pytest.approx([2 * (1 / 3) / 2 / 3] * 3)
+    # deviations that cancel cost nothing here (the anchor's mean of squares charges them)
+    assert float(shift_loss(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]), sigma)) == 0.0
+    assert float(anchor_loss(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]), sigma)) == pytest.approx(0.25)
 
 
 def fixed_batch(method, seed: int = 3):
@@ -62,6 +77,68 @@ def test_the_anchor_replaces_the_mean_nll_term_on_the_remember_rows_against_the_
     method = make_method("taming", base, anchor=3.0, gamma=0.25)
     fixed_batch(method)
     assert float(method.loss(copy.deepcopy(base), 0)[1]["anchor"]) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_the_shift_term_adds_its_weight_times_the_remember_rows_squared_mean_deviation():
+    base, _ = tiny_glow()
+    moved = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    losses = {}
+    for shift in (0.0, 5.0):
+        method = make_method("taming", base, anchor=1.0, anchor_shift=shift, gamma=0.25)
+        method.shift_factor = 1.0  # as after the first drift refusal
+        method.data.lookalikes = torch.tensor([5, 2])
+        x = fixed_batch(method)
+        # 2 forget rows, 3 remember rows, then 1 look-alike row the shift term must leave out
+        method._batch = lambda x=x: (x, torch.tensor([0, 1]), 2, 3)
+        losses[shift], metrics = method.loss(moved, 0)
+    with torch.no_grad():
+        by_hand = ((nll_nats(moved, x[2:5], DATA_SPEC) - nll_nats(base, x[2:5], DATA_SPEC))
+                   / method.data.base_std).mean().square()
+    assert float(by_hand) > 1e-6
+    assert float(metrics["shift"]) == pytest.approx(float(by_hand), rel=1e-5)
+    expected = (1 - method.alpha) * (1 - 0.25) * 5.0 * by_hand
+    assert float((losses[5.0] - losses[0.0]).detach()) == pytest.approx(float(expected), rel=1e-4)
+    # zero at the base model; off without the anchor (the paper's remember term has no base model)
+    method = make_method("taming", base, anchor=1.0, anchor_shift=5.0)
+    method.shift_factor = 1.0
+    fixed_batch(method)
+    assert float(method.loss(copy.deepcopy(base), 0)[1]["shift"]) == pytest.approx(0.0, abs=1e-12)
+    assert make_method("taming", base, anchor=0.0, anchor_shift=5.0).shift_weight == 0.0
+    with pytest.raises(InputError, match="anchor_shift"):
+        make_config({"anchor_shift": -1.0})
+
+
+def test_the_shift_term_switches_on_at_a_drift_refusal_and_grows_with_each_one(monkeypatch):
+    """Off while the run goes well; a confirmation refused because the remember mean rose past
+    max_remember_drift switches it on, each further refusal doubles it, up to 8x; a resumed run keeps it."""
+    base, _ = tiny_glow()
+    moved = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    method = make_method("taming", base, anchor=1.0, anchor_shift=5.0)
+    fixed_batch(method)
+    assert method.shift_factor == 0.0 and "shift" not in method.loss(moved, 0)[1]
+    monkeypatch.setattr(method, "refresh", lambda _model: None)
+    confirm_at(monkeypatch, method, [0.1, -0.1, 0.2])
+    method.mu_r = method.data.base_mean * (1 + 2 * method.max_remember_drift)
+    factors = []
+    for i in range(6):
+        assert method.after_step(base, 10 * (i + 1), {"min_d": 0.0, "max_abs_d": 0.0}) is False
+        factors.append(method.shift_factor)
+    assert factors == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0] and method.drift_refusals == 6
+    assert "shift" in method.loss(moved, 0)[1]
+    resumed = make_method("taming", base, anchor=1.0, anchor_shift=5.0)
+    resumed.load_state(method.state_tensors(), method.state_meta())
+    assert resumed.shift_factor == 8.0
+    # without the anchor nothing grows into the loss: the paper's term and the baselines stay as published
+    plain = make_method("taming", base, anchor=0.0, anchor_shift=5.0)
+    plain.shift_factor = 8.0
+    fixed_batch(plain)
+    assert "shift" not in plain.loss(moved, 0)[1]
 
 
 def test_baselines_and_the_paper_preset_run_without_the_anchor():

@@ -68,6 +68,11 @@ def tame_command(
                                                "mean((NLL - NLL_base)/sigma_B)^2 on the remember batch, which "
                                                "replaces the mean remember NLL in L_R; 0: the paper's mean "
                                                "NLL [0.2].")] = None,
+    anchor_shift: Annotated[float, typer.Option(help="With the anchor: weight of the common shift's term, "
+                                                     "(mean (NLL - NLL_base)/sigma_B)^2 on the remember "
+                                                     "batch, switched on when a stop is refused for the "
+                                                     "remember drift, doubled per refusal up to 8x; 0: "
+                                                     "off [2].")] = None,
     lookalikes: Annotated[int, typer.Option(help="With the anchor: hold the forget set's N nearest remember "
                                                  "images (base latent space) in every batch [16].")] = None,
     batch_size: Annotated[int, typer.Option(help="Forget and remember images per iteration (each) [32].")] = None,
@@ -93,7 +98,7 @@ def tame_command(
                                                    "stopping test and the report [8].")] = None,
     max_remember_drift: Annotated[float, typer.Option(
         help="Stopping guard: refuse to stop while the remember set's mean NLL is up by more than this "
-             "fraction (0 = off) [0.008 for taming, 0.05 for the baselines].")] = None,
+             "fraction (0 = off) [0.003 for taming, 0.05 for the baselines].")] = None,
     max_remember_jump: Annotated[float, typer.Option(help="Blow-up guard: roll back and halve the learning "
                                                           "rate when a remember batch's mean BPD is this "
                                                           "fraction above the base model's (0 = off) [0.25].")] = None,

@@ -70,6 +70,7 @@ class TameConfig:
     lr: float = 2e-4
     step_sigma: float | None = 2.0
     anchor: float = 0.2
+    anchor_shift: float = 2.0
     lookalikes: int = 16
     batch_size: int = 32
     max_iters: int = 800
@@ -134,6 +135,8 @@ class TameConfig:
             problems.append("step_sigma must be positive (0 turns the calibration off)")
         if self.anchor < 0:
             problems.append("anchor must be at least 0 (0 turns the anchor off)")
+        if self.anchor_shift < 0:
+            problems.append("anchor_shift must be at least 0 (0 turns the shift term off)")
         if self.lookalikes < 0:
             problems.append("lookalikes must be at least 0 (0: none)")
         if self.forget_draws < 1:
@@ -450,8 +453,8 @@ def _tamed_outcome(base: Checkpoint, model: torch.nn.Module, method: Any, result
         seconds_per_iteration=result.wall_seconds / max(result.iterations, 1),
         lr_reductions=result.lr_reductions, refreshes=method.refreshes,
         early_refreshes=getattr(method, "early_refreshes", 0), confirmations=method.confirmations,
-        drift_refusals=method.drift_refusals, whole_set_refusals=method.whole_set_refusals,
-        progress_warning=getattr(method, "progress_warning", None),
+        drift_refusals=method.drift_refusals, shift_factor=getattr(method, "shift_factor", 0.0),
+        whole_set_refusals=method.whole_set_refusals, progress_warning=getattr(method, "progress_warning", None),
         remember_normal={"base": _normal_block(base_mean, base_std, per_bpd),
                          "tamed": _normal_block(mu_t, sigma_t, per_bpd)},
         requests=_forget_requests(forget_sets, sets.forget_request, d_final, epsilon), trajectory=result.trajectory)
