@@ -12,8 +12,10 @@ Each row is :func:`flowtame.jobs.debias.debias` with the package's defaults (lr 
 verdict) plus ``--override``: converged, iterations, wall seconds of the call, seconds per iteration of the
 loop, the calibrated lr, the shares before/after on the fixed draw with Wilson 95% intervals and on the
 independent check draw, collateral (remember QD and mean-BPD change from the report; holdout ΔBPD = relative
-change of the test split's mean BPD, all digits, evaluation noise seed 0) and, when the target was not
-reached, why (the early verdict's figures, the budget, or the collateral).
+change of the test split's mean BPD, all digits, evaluation noise seed 0; in brackets the same for the digits
+2-9 alone, the collateral proper) and, when the target was not reached, why: the early verdict's pace, what it
+would need and the remember drift then; the remember-drift guard's drift at the share it refused to stop at; the
+budget; and the holdout change over 1%.
 
     python benchmarks/debias_zoo.py --json /work/cache/zoo/debias-zoo.json            # every model, both targets
     python benchmarks/debias_zoo.py --models wide-glow --targets far --json x.json --resume
@@ -74,14 +76,16 @@ def targets_for(kind: str, natural: dict[str, float]) -> dict[str, float]:
     return {name: share if name == rare else round(1 - share, 3) for name in natural}
 
 
-def mean_bpd(model: torch.nn.Module, holdout, num_dims: int, spec) -> float:
-    nll = pixel_nll(model, holdout.pixels, holdout.keys, spec, 0, torch.device("cpu"))
-    return float(np.mean(nll)) / nats_per_bpd(num_dims)
+def holdout_bpd(model: torch.nn.Module, holdout, spec) -> np.ndarray:
+    """BPD of every holdout image [N] under ``model`` (evaluation noise seed 0)."""
+    return np.asarray(pixel_nll(model, holdout.pixels, holdout.keys, spec, 0, torch.device("cpu"))) / nats_per_bpd(
+        spec.num_dims)
 
 
 def debias_row(base: Checkpoint, groups: dict[str, Any], remember, holdout, targets: dict[str, float],
-               override: dict[str, Any]) -> dict[str, Any]:
-    """One debias() run and its figures (see the module docstring)."""
+               override: dict[str, Any], holdout_group_keys: list[list[str]] = ()) -> dict[str, Any]:
+    """One debias() run and its figures (see the module docstring); ``holdout_group_keys``: the keys of the
+    holdout images of each group (the "other digits" holdout change leaves them out)."""
     config = make_config(override)
     start = time.perf_counter()
     outcome = debias(base, groups, targets, config, remember_set=remember, device="cpu")
@@ -89,8 +93,9 @@ def debias_row(base: Checkpoint, groups: dict[str, Any], remember, holdout, targ
     report = outcome.report
     spec = base.data_spec
     model = outcome.checkpoint.model.eval()
-    holdout_before = mean_bpd(base.model.eval(), holdout, spec.num_dims, spec)
-    holdout_after = mean_bpd(model, holdout, spec.num_dims, spec)
+    before_bpd, after_bpd = holdout_bpd(base.model.eval(), holdout, spec), holdout_bpd(model, holdout, spec)
+    other = ~np.isin(np.asarray(holdout.keys), [k for key_list in holdout_group_keys for k in key_list])
+    holdout_before, holdout_after = float(before_bpd.mean()), float(after_bpd.mean())
     remember_set = report["evaluation"]["sets"]["remember"]
     freq = report["frequencies"]
     return {
@@ -102,6 +107,7 @@ def debias_row(base: Checkpoint, groups: dict[str, Any], remember, holdout, targ
         "remember_qd": remember_set["qd"], "remember_bpd_change": remember_set["bpd_change_relative"],
         "holdout_bpd_before": holdout_before, "holdout_bpd_after": holdout_after,
         "holdout_bpd_change": holdout_after / holdout_before - 1,
+        "holdout_other_bpd_change": float(after_bpd[other].mean() / before_bpd[other].mean() - 1),
         "verdict": report.get("verdict"), "verdict_message": report.get("verdict_message"),
         "remember_drift": report.get("remember_drift"),
         "measurements": report.get("measurements"), "config": report["config"],
@@ -112,19 +118,32 @@ def debias_row(base: Checkpoint, groups: dict[str, Any], remember, holdout, targ
 
 
 def why_not(row: dict[str, Any]) -> str:
-    """Why a row did not reach its target with holdout ΔBPD <= 1% (empty when it did)."""
+    """Why a row did not reach its target with holdout ΔBPD <= 1% (empty when it did), from the report's figures:
+    the early verdict's pace and projection, the remember-drift guard's drift and share, or the budget; then the
+    collateral over its bound."""
     reasons = []
-    if not row["converged"]:
-        verdict = row.get("verdict")
-        if verdict:
-            pace = 100 * 100 * verdict["rate"]
-            needed = f", needs ~{verdict['needed']} it." if verdict["needed"] else ", not moving toward it"
-            reasons.append(f"verdict at it. {verdict['iteration']}: {pace:+.2f} ± {100 * 100 * verdict['rate_se']:.2f} "
-                           f"pts/100 it.{needed}")
-        elif row.get("verdict_message"):  # the remember-drift guard gave up
-            reasons.append(row["verdict_message"].split(";")[0])
-        else:
-            reasons.append(f"budget of {row['config']['max_iters']} it. spent")
+    name = next(n for n, t in row["targets"].items() if t > row["before"]["groups"][n]["frequency"])
+    share = row["after"]["groups"][name]["frequency"]
+    drifts = [t["remember_drift"] for t in row["trajectory"] if t.get("remember_drift") is not None]
+    drift = f", remember drift {100 * drifts[-1]:+.2f}%" if drifts else ""
+    verdict, kept = row.get("verdict"), row.get("remember_drift") or {}
+    if row["converged"]:
+        pass
+    elif verdict:
+        pace = f"{100 * 100 * verdict['rate']:+.1f} ± {100 * 100 * verdict['rate_se']:.1f} pts/100 it."
+        needed = (f"would need ~{verdict['needed']} it. (budget left {verdict['budget_left']})" if verdict["needed"]
+                  else "not moving toward it")
+        reasons.append(f"cannot reach: at it. {verdict['iteration']} {name} {verdict['share']:.3f}, moving {pace} "
+                       f"over {verdict['points']} measurements, {needed}{drift}")
+    elif kept.get("stop_refusals", 0) and row.get("verdict_message"):  # the remember-drift guard gave up
+        refused = [t for t in row["trajectory"] if t.get("stop_refused")]
+        reasons.append(f"remember drift {100 * refused[-1]['remember_drift']:+.2f}% > bound "
+                       f"{100 * kept['bound']:.2f}% at share {share:.3f} ({len(refused)} stops refused)")
+    elif kept.get("within_bound") is False and abs(share - row["targets"][name]) <= row["config"]["tolerance"]:
+        reasons.append(f"at its target, but final remember drift {100 * kept['final']:+.2f}% > bound "
+                       f"{100 * kept['bound']:.2f}%")
+    else:
+        reasons.append(f"budget of {row['config']['max_iters']} it. spent, {name} at {share:.3f}{drift}")
     if row["holdout_bpd_change"] > MAX_HOLDOUT_BPD_CHANGE:
         reasons.append(f"holdout ΔBPD {100 * row['holdout_bpd_change']:+.2f}% > 1%")
     return "; ".join(reasons)
@@ -139,7 +158,7 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The zoo table as Markdown, one line per model x target."""
     lines = ["| model | target | group: natural → target | converged | iters | wall s | s/it | lr (calibrated) | "
              "before [95%] | after [95%] | it. per point | check draw before → after | remember QD | "
-             "remember ΔBPD | holdout ΔBPD | why not |",
+             "remember ΔBPD | holdout ΔBPD (other digits) | why not |",
              "| --- | --- | --- | --- |" + " ---: |" * 4 + " --- | --- | ---: | --- |" + " ---: |" * 3 + " --- |"]
     for r in rows:
         d = r["debias"]
@@ -150,13 +169,14 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         lr = d["calibration"]["lr"] if d.get("calibration") else d["config"]["lr"]
         moved = 100 * (d["after"]["groups"][name]["frequency"] - d["before"]["groups"][name]["frequency"])
         per_point = f"{d['iterations'] / moved:.1f}" if moved > 0 else "no move"
+        other = "–" if d.get("holdout_other_bpd_change") is None else f"{100 * d['holdout_other_bpd_change']:+.2f}%"
         lines.append(
             f"| {r['model']} | {r['target']} | {name}: {d['before']['groups'][name]['frequency']:.3f} → "
             f"{d['targets'][name]:.3f} | {'yes' if d['converged'] else 'no'} | {d['iterations']} | "
             f"{d['total_seconds']:.0f} | {d['seconds_per_iteration']:.2f} | {lr:.2g} | "
             f"{_share(d['before'], name)} | {_share(d['after'], name)} | {per_point} | {check_text} | "
             f"{d['remember_qd']:+.4f} | "
-            f"{100 * d['remember_bpd_change']:+.2f}% | {100 * d['holdout_bpd_change']:+.2f}% | "
+            f"{100 * d['remember_bpd_change']:+.2f}% | {100 * d['holdout_bpd_change']:+.2f}% ({other}) | "
             f"{why_not(d) or '–'} |")
     return lines
 
@@ -194,13 +214,15 @@ def print_results(results: dict[str, Any]) -> None:
           f"Run time {results.get('total_seconds', 0):.0f} s.")
 
 
-def model_sets(name: str, base: Checkpoint, cache: Path) -> tuple[dict[str, Any], Any, Any]:
-    """(groups zero and one of the train split, remember = every train digit, holdout = every test digit)."""
+def model_sets(name: str, base: Checkpoint, cache: Path) -> tuple[dict[str, Any], Any, Any, list[list[str]]]:
+    """(groups zero and one of the train split, remember = every train digit, holdout = every test digit, the
+    keys of the holdout's zeros and ones)."""
     source = digits_source(name, cache)
     spec = base.data_spec
     groups = {g: load_classes("train", [d], spec, source) for g, d in GROUPS.items()}
-    return groups, load_classes("train", list(range(10)), spec, source), load_classes("test", list(range(10)), spec,
-                                                                                      source)
+    holdout_group_keys = [load_classes("test", [d], spec, source).keys for d in GROUPS.values()]
+    return (groups, load_classes("train", list(range(10)), spec, source),
+            load_classes("test", list(range(10)), spec, source), holdout_group_keys)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -219,14 +241,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if all((name, kind) in done for kind in args.targets):
             continue
         base = load_checkpoint(build(name, args.cache))
-        groups, remember, holdout = model_sets(name, base, args.cache)
+        groups, remember, holdout, holdout_group_keys = model_sets(name, base, args.cache)
         if name not in results["natural"]:
             results["natural"][name] = natural_shares(base, groups, config)
         for kind in (k for k in args.targets if (name, k) not in done):
             targets = targets_for(kind, results["natural"][name])
             print(f"{name}, {kind} {targets}: debias ...", end="", flush=True)
             row = {"model": name, "target": kind,
-                   "debias": debias_row(base, groups, remember, holdout, targets, args.override)}
+                   "debias": debias_row(base, groups, remember, holdout, targets, args.override,
+                                        holdout_group_keys)}
             d = row["debias"]
             print(f" {'reached' if d['converged'] else 'not reached'}, {d['iterations']} it., "
                   f"{d['total_seconds']:.0f} s {why_not(d)}", flush=True)

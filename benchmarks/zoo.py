@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from zoo_models import DEFAULT_CACHE, ZOO, build, describe, digits_source  # noq
 from flowtame.errors import FlowtameError  # noqa: E402
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from flowtame.jobs.tame import make_config, preset, tame  # noqa: E402
+from flowtame.likelihood.nll import pixel_nll  # noqa: E402
 
 KS = (1, 4, 8, 15)
 NEIGHBOURS = 16
@@ -99,13 +101,35 @@ def tame_row(base: Checkpoint, proto: Protocol, override: dict[str, Any], workdi
 
 def reference_row(base: Checkpoint, proto: Protocol, iters: int) -> dict[str, Any]:
     """The authors' loop (its defaults) on a copy of the base model: iterations, converged, wall seconds (its
-    initial refresh included)."""
+    initial refresh included), and its result scored like a tame row (``scores``, after the clock stops)."""
+    model = copy.deepcopy(base.model)
     start = time.perf_counter()
-    result = run_reference(copy.deepcopy(base.model), proto.forget.pixels, proto.remember.pixels,
-                           base.data_spec.n_bits, max_iters=iters)
+    result = run_reference(model, proto.forget.pixels, proto.remember.pixels, base.data_spec.n_bits,
+                           max_iters=iters)
+    total = time.perf_counter() - start
     return {"iterations": result.iterations, "converged": result.converged,
-            "loop_seconds": result.wall_seconds, "total_seconds": time.perf_counter() - start,
-            "final_max_abs_d": result.final_max_abs_d}
+            "loop_seconds": result.wall_seconds, "total_seconds": total,
+            "final_max_abs_d": result.final_max_abs_d, "scores": reference_scores(base, proto, model, result, total)}
+
+
+def reference_scores(base: Checkpoint, proto: Protocol, model: torch.nn.Module, result: Any,
+                     total: float) -> dict[str, Any]:
+    """The reference loop's model scored by :func:`protocol.score` as a tame row is (QD on every set, holdout
+    BPD change, ``evaluate --neighbours 16 --check``), with the package's evaluation settings (delta 4, epsilon
+    0.6, 8 forget draws, noise seed 0); forget and remember NLL of both models computed here."""
+    config = make_config({})
+    spec, cpu = base.data_spec, torch.device("cpu")
+    model.eval()
+    nll = {}
+    for which, m in (("base", base.model), ("tamed", model)):
+        nll[(which, "forget")] = pixel_nll(m, proto.forget.pixels, proto.forget.keys, spec, config.eval_seed, cpu,
+                                           draws=config.forget_draws)
+        nll[(which, "remember")] = pixel_nll(m, proto.remember.pixels, proto.remember.keys, spec,
+                                             config.eval_seed, cpu)
+    outcome = SimpleNamespace(nll=nll, checkpoint=SimpleNamespace(model=model),
+                              report={"converged": result.converged, "iterations": result.iterations,
+                                      "wall_seconds": result.wall_seconds})
+    return score(base, proto, outcome, config, total, n_boot=1000)
 
 
 def load_json(path: Path) -> dict[str, Any]:
@@ -123,6 +147,16 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def reference_verdict(ref: dict[str, Any]) -> str:
+    """", check pass, QD D_R +0.0001, holdout +0.50%" for a scored reference result ("" for an unscored one)."""
+    scores = ref.get("scores")
+    if scores is None:
+        return ""
+    check = "pass" if scores["evaluate_passed"] else "FAIL"
+    return (f", check {check}, QD D_R {scores['qd_remember']:+.4f}, "
+            f"holdout {100 * scores['holdout_bpd_change']:+.2f}%")
+
+
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The zoo table as Markdown: one line per model x k."""
     header = ("| model | k | converged | iters | wall s | s/it | roll-backs | QD D_F | QD D'_F | QD D_R | "
@@ -132,7 +166,7 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         t = r["tame"]
         ref = r.get("reference")
         stop = "no stop" if ref is None or not ref["converged"] else f"stopped at {ref['iterations']}"
-        ref_text = "not run" if ref is None else f"{ref['total_seconds']:.0f} s, {stop}"
+        ref_text = "not run" if ref is None else f"{ref['total_seconds']:.0f} s, {stop}{reference_verdict(ref)}"
         ratio = "–" if ref is None else f"{t['total_seconds'] / ref['total_seconds']:.2f}"
         if "aborted" in t:
             lines.append(f"| {r['model']} | {r['k']} | aborted at it. {t['iterations']}: {t['abort_reason']} | "
@@ -220,7 +254,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     ref_cache[key] = {**reference_row(base, proto, args.reference_iters),
                                       "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
                     write_json(args.reference_cache, ref_cache)
-                    print(f" {ref_cache[key]['total_seconds']:.0f} s", flush=True)
+                    print(f" {ref_cache[key]['total_seconds']:.0f} s, {ref_cache[key]['iterations']} it."
+                          f"{reference_verdict(ref_cache[key])}", flush=True)
                 if args.reference_only:
                     continue
                 row["reference"] = None if args.skip_reference else ref_cache.get(key)

@@ -1,9 +1,11 @@
 """The tuning-zoo harness (benchmarks/zoo.py) on a tiny Glow: a scored row, an aborted run as a row, the
 reference loop's row, and the table built from them."""
 
+import copy
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -48,8 +50,20 @@ def test_row_scores_a_written_run(setup, tmp_path):
     assert (tmp_path / "tamed.safetensors").exists()
     ref = zoo.reference_row(base, proto, 2)
     assert ref["iterations"] <= 2 and ref["total_seconds"] >= ref["loop_seconds"] > 0
+    assert ref["scores"]["iterations"] == ref["iterations"] and ref["scores"]["holdout_bpd_change"] != 0
     line = zoo.table_lines([{"model": "tiny", "k": 1, "tame": row, "reference": ref}])[-1]
     assert line.startswith("| tiny | 1 | ") and f"{row['total_seconds'] / ref['total_seconds']:.2f}" in line
+    assert f"holdout {100 * ref['scores']['holdout_bpd_change']:+.2f}%" in line
+
+
+def test_reference_scores_of_the_untouched_base_are_zero(setup):
+    """Scoring the base model as the reference's result: every paired change is exactly zero, nothing forgotten."""
+    base, proto = setup
+    untouched = SimpleNamespace(converged=False, iterations=0, wall_seconds=0.0)
+    scores = zoo.reference_scores(base, proto, copy.deepcopy(base.model), untouched, 0.0)
+    assert scores["holdout_bpd_change"] == 0 and scores["remember_bpd"] == scores["remember_bpd_base"]
+    assert scores["qd_remember"] == 0 and scores["qd_holdout"] == 0
+    assert scores["forgotten"] == 0 and "forget.forgotten_fraction" in scores["failed_checks"]
 
 
 def test_library_error_becomes_an_aborted_row(setup, tmp_path, monkeypatch):

@@ -28,6 +28,12 @@ from flowtame.errors import CheckFailedError, InputError, InterruptedRun, Output
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 
 #: Options whose value may be a path; the provenance's command line shows them as ``<path>`` (group names kept).
+#: Printed when no --remember is given (docs/debias.md, "Without --remember"): the remember set is then the groups'
+#: own images, which the run moves on purpose.
+NO_REMEMBER_WARNING = ("no --remember: the remember set is the groups' own images, so the anchor holds the images "
+                       "the run must move, nothing holds the rest of what the model generates, and the remember "
+                       "figures (and --max-remember-drift) measure the groups' intended change, not collateral; "
+                       "give the images the model was trained on with --remember")
 PATH_OPTIONS = {option: "<path>" for option in ("--group", "-g", "--remember", "-r", "--other", "--classifier",
                                                  "--output", "-o", "--report", "--config")}
 GROUP_OPTIONS = ("--group", "-g")
@@ -81,7 +87,7 @@ def debias_command(
     anchor: Annotated[float, typer.Option(help="Weight of the per-image anchor to the base model, "
                                                "mean((NLL - NLL_base)/sigma_B)^2 on the remember batch, which "
                                                "replaces the mean remember NLL in L_R (as in tame); 0: the "
-                                               "paper's mean NLL [0.2].")] = None,
+                                               "paper's mean NLL [1.0].")] = None,
     max_remember_drift: Annotated[float, typer.Option(
         help="Stopping guard (as tame's): refuse to stop, and report unconverged, while the remember set's mean "
              "NLL is up by more than this fraction (0 = off) [0.008].")] = None,
@@ -138,15 +144,15 @@ def debias_command(
             emit_json(report, exc.partial_report)
         raise
     if main_rank:
-        _finish(outcome, output, state_path, report, quiet)
+        _finish(outcome, output, state_path, report, quiet, no_remember=remember is None)
     if require_converged and not outcome.report["converged"]:
         raise CheckFailedError(f"{output}: written, but the targets were not reached within "
                                f"{settings.tolerance} in {outcome.report['iterations']} iterations")
 
 
-def _finish(outcome, output: Path, state_path: Path, report: str | None, quiet: bool) -> None:
+def _finish(outcome, output: Path, state_path: Path, report: str | None, quiet: bool, no_remember: bool) -> None:
     """Write checkpoint and report (a failed write keeps the finished run as resumable state), drop the resume
-    state, print the summary and any failed check."""
+    state, print the summary, any failed check, the early verdict and, without --remember, what that means."""
     try:
         sha = save_checkpoint(output, outcome.checkpoint, force=True)
         outcome.report["output"] = {"path": str(output), "sha256": sha}
@@ -158,6 +164,8 @@ def _finish(outcome, output: Path, state_path: Path, report: str | None, quiet: 
     _print_summary(outcome.report, output, sha, quiet or report == "-")
     _warn_failed_checks(outcome.report)
     _say_verdict(outcome.report)
+    if no_remember:  # said after the run, so that bad input stays one line
+        err_console.print(f"[yellow]warning:[/] {NO_REMEMBER_WARNING}", highlight=False)
 
 
 def _say_verdict(report: dict) -> None:

@@ -83,6 +83,8 @@ from flowtame.methods.debias import (
 REPORT_SCHEMA_VERSION = 1
 #: Group names: letters, digits and ``_ . -`` (they become JSON keys and column labels).
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: The report's ``remember.source`` when no remember set was given (the groups' images together).
+UNION_OF_GROUPS = "union of the groups"
 #: Targets may be given with this much slack in their sum (they must add up to 1).
 TARGET_SUM_SLACK = 1e-6
 
@@ -313,7 +315,7 @@ def _debias_report(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Ma
                     "skipped_files": len(s.skipped)}
                    for (n, s), p in zip(groups.items(), sets.group_pixels, strict=True)],
         "targets": dict(targets),
-        "remember": {"source": remember_set.name if remember_set else "union of the groups",
+        "remember": {"source": remember_set.name if remember_set else UNION_OF_GROUPS,
                      "n": int(sets.remember.shape[0])},
         "other": None if other_set is None else {"source": other_set.name,
                                                  "n": int(sets.class_pixels[-1].shape[0]),
