@@ -53,12 +53,18 @@ def fixed_batch(method, seed: int = 3):
     return x
 
 
-def test_the_anchor_replaces_the_mean_nll_term_on_the_remember_rows_against_the_frozen_base():
+def base_and_moved():
+    """A tiny Glow and a copy with every weight moved by 0.02·N(0, 1)."""
     base, _ = tiny_glow()
     moved = copy.deepcopy(base)
     with torch.no_grad():
         for p in moved.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    return base, moved
+
+
+def test_the_anchor_replaces_the_mean_nll_term_on_the_remember_rows_against_the_frozen_base():
+    base, moved = base_and_moved()
     losses = {}
     for weight in (0.0, 3.0):
         method = make_method("taming", base, anchor=weight, gamma=0.25)
@@ -80,11 +86,7 @@ def test_the_anchor_replaces_the_mean_nll_term_on_the_remember_rows_against_the_
 
 
 def test_the_shift_term_adds_its_weight_times_the_remember_rows_squared_mean_deviation():
-    base, _ = tiny_glow()
-    moved = copy.deepcopy(base)
-    with torch.no_grad():
-        for p in moved.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    base, moved = base_and_moved()
     losses = {}
     for shift in (0.0, 5.0):
         method = make_method("taming", base, anchor=1.0, anchor_shift=shift, gamma=0.25)
@@ -114,11 +116,7 @@ def test_the_shift_term_adds_its_weight_times_the_remember_rows_squared_mean_dev
 def test_the_shift_term_switches_on_at_a_drift_refusal_and_grows_with_each_one(monkeypatch):
     """Off while the run goes well; a confirmation refused because the remember mean rose past
     max_remember_drift switches it on, each further refusal doubles it, up to 8x; a resumed run keeps it."""
-    base, _ = tiny_glow()
-    moved = copy.deepcopy(base)
-    with torch.no_grad():
-        for p in moved.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    base, moved = base_and_moved()
     method = make_method("taming", base, anchor=1.0, anchor_shift=5.0)
     fixed_batch(method)
     assert method.shift_factor == 0.0 and "shift" not in method.loss(moved, 0)[1]
