@@ -157,6 +157,17 @@ def reference_verdict(ref: dict[str, Any]) -> str:
             f"holdout {100 * scores['holdout_bpd_change']:+.2f}%")
 
 
+def ratio_text(tame_row: dict[str, Any], ref: dict[str, Any] | None) -> str:
+    """tame's wall seconds / the authors' loop's, or why there is none: a reference that stopped early with its
+    check failing (its stop measured a model it had broken, as on the rosinality Glow) timed no result."""
+    if ref is None:
+        return "–"
+    scores = ref.get("scores")
+    if ref["converged"] and scores is not None and not scores["evaluate_passed"]:
+        return f"– (reference broke the model by it. {ref['iterations']})"
+    return f"{tame_row['total_seconds'] / ref['total_seconds']:.2f}"
+
+
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The zoo table as Markdown: one line per model x k."""
     header = ("| model | k | converged | iters | wall s | s/it | roll-backs | QD D_F | QD D'_F | QD D_R | "
@@ -167,7 +178,7 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         ref = r.get("reference")
         stop = "no stop" if ref is None or not ref["converged"] else f"stopped at {ref['iterations']}"
         ref_text = "not run" if ref is None else f"{ref['total_seconds']:.0f} s, {stop}{reference_verdict(ref)}"
-        ratio = "–" if ref is None else f"{t['total_seconds'] / ref['total_seconds']:.2f}"
+        ratio = ratio_text(t, ref)
         if "aborted" in t:
             lines.append(f"| {r['model']} | {r['k']} | aborted at it. {t['iterations']}: {t['abort_reason']} | "
                          f"{t['iterations']} | {t['total_seconds']:.0f} | – | "

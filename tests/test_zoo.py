@@ -80,3 +80,16 @@ def test_library_error_becomes_an_aborted_row(setup, tmp_path, monkeypatch):
     assert row["iterations"] == 2 and row["abort_reason"] == "remember jump"
     line = zoo.table_lines([{"model": "tiny", "k": 1, "tame": row, "reference": None}])[-1]
     assert "aborted at it. 2: remember jump | 2 | " in line and "| 3 |" in line and "not run" in line
+
+
+def test_the_ratio_is_withheld_when_the_reference_stopped_on_a_model_it_broke():
+    tame_row = {"total_seconds": 30.0}
+    finished = {"converged": False, "iterations": 800, "total_seconds": 300.0,
+                "scores": {"evaluate_passed": False}}
+    broke = {"converged": True, "iterations": 14, "total_seconds": 28.0, "scores": {"evaluate_passed": False}}
+    stopped_well = {"converged": True, "iterations": 300, "total_seconds": 120.0,
+                    "scores": {"evaluate_passed": True}}
+    assert zoo.ratio_text(tame_row, None) == "–"
+    assert zoo.ratio_text(tame_row, finished) == "0.10"
+    assert zoo.ratio_text(tame_row, broke) == "– (reference broke the model by it. 14)"
+    assert zoo.ratio_text(tame_row, stopped_well) == "0.25"
