@@ -27,13 +27,13 @@ from flowtame.engine.loop import keep_run_after_failed_write
 from flowtame.errors import CheckFailedError, InputError, InterruptedRun, OutputWriteError
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 
-#: Options whose value may be a path; the provenance's command line shows them as ``<path>`` (group names kept).
 #: Printed when no --remember is given (docs/debias.md, "Without --remember"): the remember set is then the groups'
 #: own images, which the run moves on purpose.
 NO_REMEMBER_WARNING = ("no --remember: the remember set is the groups' own images, so the anchor holds the images "
                        "the run must move, nothing holds the rest of what the model generates, and the remember "
                        "figures (and --max-remember-drift) measure the groups' intended change, not collateral; "
                        "give the images the model was trained on with --remember")
+#: Options whose value may be a path; the provenance's command line shows them as ``<path>`` (group names kept).
 PATH_OPTIONS = {option: "<path>" for option in ("--group", "-g", "--remember", "-r", "--other", "--classifier",
                                                  "--output", "-o", "--report", "--config")}
 GROUP_OPTIONS = ("--group", "-g")
