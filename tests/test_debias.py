@@ -631,12 +631,18 @@ def test_far_measurements_decode_the_screen_prefix_and_only_the_whole_draw_can_s
     assert method.full_measurements == 1 and method.normal.refreshes == 2
 
 
-def test_an_overshoot_halves_the_step_and_restarts_the_verdict_series(tiny_base):
-    model = load_checkpoint(tiny_base).model
+def _toward_half(tiny_base, **config):
+    """(the tiny base model, a stub meter at 30% zeros, a method aiming at 50/50 with no warm-up that screens
+    on the whole draw; ``config``: the rest of its DebiasConfig)."""
     start = [0] * 300 + [1] * 700
     meter = _StubMeter(start)
-    _, _, method = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, measure_every=5, warmup=0,
-                           screen_samples=0, max_iters=400)
+    _, _, method = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, warmup=0, screen_samples=0,
+                           **config)
+    return load_checkpoint(tiny_base).model, meter, method
+
+
+def test_an_overshoot_halves_the_step_and_restarts_the_verdict_series(tiny_base):
+    model, meter, method = _toward_half(tiny_base, measure_every=5, max_iters=400)
     method._plan_next = lambda *args: None  # the rate control is tested on its own below: the halving alone here
     _measure_steps(method, model, meter, [0.35, 0.45])
     assert method.overshoots == 0 and method.lr_factor == pytest.approx(0.25)  # gap 0.05 / 0.2, at the floor
@@ -656,11 +662,7 @@ def test_an_overshoot_halves_the_step_and_restarts_the_verdict_series(tiny_base)
 
 
 def test_overshoot_control_measures_earlier_when_the_share_moves_fast(tiny_base):
-    model = load_checkpoint(tiny_base).model
-    start = [0] * 300 + [1] * 700
-    meter = _StubMeter(start)
-    _, _, method = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, measure_every=10, warmup=0,
-                           screen_samples=0, verdict=False)
+    model, meter, method = _toward_half(tiny_base, measure_every=10, verdict=False)
     _measure_steps(method, model, meter, [0.32], every=10)
     # 0.02 in 10 iterations is within the share's jitter (0.0295 on 1,000 samples): no trend, every 10
     assert method.next_measure == 20 and "predicted_rate" not in method.trajectory[-1]
@@ -676,11 +678,7 @@ def test_overshoot_control_measures_earlier_when_the_share_moves_fast(tiny_base)
 
 
 def test_overshoot_control_scales_the_step_when_even_the_shortest_interval_is_too_long(tiny_base):
-    model = load_checkpoint(tiny_base).model
-    start = [0] * 300 + [1] * 700
-    meter = _StubMeter(start)
-    _, _, method = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, measure_every=2, warmup=0,
-                           screen_samples=0, verdict=False)
+    model, meter, method = _toward_half(tiny_base, measure_every=2, verdict=False)
     _measure_steps(method, model, meter, [0.46], every=2)
     # (0.16 - jitter) / 2 per iteration at factor 1, a quarter of it at the floor 0.25: two iterations would move
     # it 0.032, more than half the remaining gap of 0.04: the step is scaled to fit, next after 2 iterations
@@ -691,31 +689,21 @@ def test_overshoot_control_scales_the_step_when_even_the_shortest_interval_is_to
 
 
 def test_the_verdict_calls_a_share_past_its_target_an_overshoot_not_a_lost_cause(tiny_base):
-    model = load_checkpoint(tiny_base).model
-    start = [0] * 300 + [1] * 700
-    meter = _StubMeter(start)
-    _, _, method = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, measure_every=5, warmup=0,
-                           screen_samples=0, max_iters=400)
+    model, meter, method = _toward_half(tiny_base, measure_every=5, max_iters=400)
     method._plan_next = lambda *args: None
     # crossed at 10 and still drifting away from the target (momentum) at every measurement after it
     _measure_steps(method, model, meter, [0.35, 0.60, 0.62, 0.63, 0.64, 0.65])
     assert method.overshoots == 1 and method.verdict is None and method.gave_up is None
     assert method.trajectory[-1]["past_target"] is True
     # the same series on the near side of the target is a verdict: moving away from it
-    meter = _StubMeter(start)
-    _, _, away = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, measure_every=5, warmup=0,
-                         screen_samples=0, max_iters=400)
+    _, meter, away = _toward_half(tiny_base, measure_every=5, max_iters=400)
     away._plan_next = lambda *args: None
     _measure_steps(away, model, meter, [0.35, 0.30, 0.28, 0.27, 0.26, 0.25])
     assert away.verdict is not None and away.verdict.needed is None
 
 
 def test_the_remember_drift_guard_refuses_a_stop_until_the_mean_is_back(tiny_base):
-    model = load_checkpoint(tiny_base).model
-    start = [0] * 300 + [1] * 700
-    meter = _StubMeter(start)
-    _, _, method = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, measure_every=5, warmup=0,
-                           screen_samples=0, verdict=False, max_remember_drift=0.008)
+    model, meter, method = _toward_half(tiny_base, measure_every=5, verdict=False, max_remember_drift=0.008)
     rise = {"value": 1.02}
 
     def refresh(_model):  # the refreshed remember mean: 2% (then 0.5%) above the base model's
@@ -731,11 +719,7 @@ def test_the_remember_drift_guard_refuses_a_stop_until_the_mean_is_back(tiny_bas
 
 
 def test_the_run_gives_up_when_the_drift_guard_keeps_refusing_the_stop(tiny_base):
-    model = load_checkpoint(tiny_base).model
-    start = [0] * 300 + [1] * 700
-    meter = _StubMeter(start)
-    _, _, method = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, measure_every=5, warmup=0,
-                           screen_samples=0, verdict=False, max_remember_drift=0.008)
+    model, meter, method = _toward_half(tiny_base, measure_every=5, verdict=False, max_remember_drift=0.008)
 
     def refresh(_model):
         method.normal.mu = method.data.base_mean * 1.02
@@ -791,11 +775,7 @@ def test_remember_images_that_are_group_images_are_not_anchored(tiny_base):
 
 
 def test_weights_integrate_a_steady_shortfall_and_reset_at_an_overshoot(tiny_base):
-    model = load_checkpoint(tiny_base).model
-    start = [0] * 300 + [1] * 700
-    meter = _StubMeter(start)
-    _, _, method = _method(tiny_base, {"zero": 0.5, "one": 0.5}, start, meter, measure_every=5, warmup=0,
-                           screen_samples=0, verdict=False)
+    model, meter, method = _toward_half(tiny_base, measure_every=5, verdict=False)
     method._plan_next = lambda *args: None
     weights = []
     for k in range(1, 4):  # held at 0.45 (a spring against the group term): the weight must keep growing
