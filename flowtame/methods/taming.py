@@ -293,9 +293,10 @@ class TamingMethod:
             mu, sigma = self.mu_r, self.sigma_r
         loss_forget = forget_loss(nll_forget, mu, sigma, delta=self.delta, kind=self.forget_loss_kind,
                                   unit=self.forget_unit, nats_per_bpd=self.nats_per_bpd, weight=forget_weight)
-        anchor_term = shift = None
+        anchor_term = anchor_value = shift = None
         if anchor is not None:
-            anchor_term = self.anchor_weight * anchor_loss(*anchor, self.data.base_std)
+            anchor_value = anchor_loss(*anchor, self.data.base_std)
+            anchor_term = self.anchor_weight * anchor_value
             if self.shift_weight * self.shift_factor > 0:
                 # the random remember rows only (the look-alikes that follow them are not a sample of the set)
                 rows = nll_remember.shape[0]
@@ -306,8 +307,8 @@ class TamingMethod:
                                                     nats_per_bpd=self.nats_per_bpd, anchor=anchor_term)
         loss = self.alpha * loss_forget + (1 - self.alpha) * loss_remember
         metrics = {"loss_forget": loss_forget, "loss_remember": loss_remember, "remember_bpd": nll_term, "kl": kl}
-        if anchor is not None:
-            metrics["anchor"] = anchor_loss(anchor[0].detach(), anchor[1], self.data.base_std)
+        if anchor_value is not None:
+            metrics["anchor"] = anchor_value.detach()
         if shift is not None:
             metrics["shift"] = shift.detach()
         return loss, metrics
