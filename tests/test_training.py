@@ -187,9 +187,12 @@ def test_a_sample_grid_that_cannot_be_written_keeps_a_resumable_state(tmp_path, 
         return real_write(checkpoint, grid_path, **kwargs)
 
     monkeypatch.setattr(train_job, "write_sample_grid", full_disk_at_step_4)
-    with pytest.raises(OutputWriteError, match=r"step-000004\.png: cannot write.*after step 4 was saved"):
+    kept = r"step-000004\.png: cannot write.*the run is kept in .*model\.safetensors\.resume\.safetensors.*resuming"
+    with pytest.raises(OutputWriteError, match=kept):
         train(steps=8, checkpoint_path=path, sample_every=2, sample_dir=tmp_path / "grids")
     assert resume_state_path(path).exists() and not path.exists()
+    with safe_open(str(resume_state_path(path)), framework="pt") as state:
+        assert json.loads(state.metadata()["engine"])["iteration"] == 4  # the state after step 4
     monkeypatch.setattr(train_job, "write_sample_grid", real_write)
     resumed = train(steps=8, checkpoint_path=path, sample_every=2, sample_dir=tmp_path / "grids", resume=True)
     straight = train(steps=8)

@@ -37,7 +37,7 @@ from torch import Tensor
 from flowtame.data.quantization import DataSpec, nats_to_bpd
 from flowtame.engine import distributed
 from flowtame.engine.devices import resolve_device
-from flowtame.engine.loop import Engine, EngineConfig, keep_run_after_failed_write
+from flowtame.engine.loop import Engine, EngineConfig, keep_run_after_failed_write, state_saver
 from flowtame.errors import (
     CheckpointError,
     InputError,
@@ -373,7 +373,10 @@ def train_model(
         if checkpoint_path is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
             writer.write(engine, step, logged["elapsed"])
         if sample_every and step % sample_every == 0 and distributed.current().is_main:
-            write_sample_grid(checkpoint, Path(str(sample_dir)) / f"step-{step:06d}.png", seed=seed)
+            try:
+                write_sample_grid(checkpoint, Path(str(sample_dir)) / f"step-{step:06d}.png", seed=seed)
+            except OutputWriteError as exc:  # like a periodic checkpoint's: the run stays resumable
+                raise keep_run_after_failed_write(exc, state_saver(engine, state_path), state_path) from None
         if callback is not None:
             callback(TrainProgress(step=step, steps=steps, loss_bpd=logged["loss"], lr=logged["lr"],
                                    grad_norm=logged["grad_norm"], elapsed_s=logged["elapsed"]))
@@ -479,15 +482,6 @@ def _run_training(engine: Engine, method: MaximumLikelihood, state_path: Path | 
         engine.save_state(state_path)
         raise InterruptedRun(f"interrupted after step {engine.iteration}; state saved to {state_path}, "
                              "continue by resuming", signum, keys=("resume",)) from None
-    except OutputWriteError as exc:  # a sample grid or periodic checkpoint between steps could not be written
-        if state_path is None or method.in_step:
-            raise
-        try:
-            engine.save_state(state_path)
-        except OutputWriteError:
-            raise exc from None
-        raise OutputWriteError(f"{exc}; the run's state after step {engine.iteration} was saved to {state_path}, "
-                               "continue by resuming once the output can be written", keys=("resume",)) from None
     except TrainingDivergedError:
         if not method.in_step:  # a weight check of save(): its message says what happened
             raise
