@@ -78,7 +78,7 @@ def main() -> None:
         row = tame_row(base, proto, args.override, Path(workdir))
     write_json(args.json, {"model": args.model, "k": args.k, "override": args.override, "row": row,
                            "trace": trace})
-    keys = ("converged", "iterations", "total_seconds", "holdout_delta_bpd", "check_passes", "aborted")
+    keys = ("converged", "iterations", "total_seconds", "holdout_bpd_change", "evaluate_passed", "aborted")
     print({key: row.get(key) for key in keys})
 
 
