@@ -32,6 +32,7 @@ from flowtame.methods.debias import (
     jitter,
     load_torchscript_classifier,
     prepare_data,
+    drift_verdict,
     progress_rate,
     reach_verdict,
     wilson_interval,
@@ -594,6 +595,43 @@ def test_the_verdict_says_when_the_remember_drift_is_already_past_its_bound(tiny
     assert lines[1.015].startswith(method.verdict.message()) and lines[1.015].endswith(
         "the remember set's mean NLL is already up 1.50% (bound 0.80%), so a stop at the target would be refused "
         "as well")
+
+
+def test_drift_verdict_only_when_the_drift_is_past_its_bound_not_falling_and_the_share_stalled():
+    its = [20, 30, 40, 50, 60, 70]
+    wobbling = [0.60, 0.70, 0.62, 0.72, 0.63, 0.70]  # +-5 points around 0.66: no trend beyond its noise
+    rising = [0.010, 0.012, 0.012, 0.015, 0.015, 0.017]
+    common = {"bound": 0.008, "tolerance": 0.02, "max_iters": 400, "z": 2.0, "min_points": 4, "floor": 1 / 1024}
+    # the pace alone cannot call it: the optimistic rate would close the gap in the 330 iterations left
+    assert reach_verdict("zero", its, wobbling, 0.8, **{k: v for k, v in common.items() if k != "bound"}) is None
+    verdict = drift_verdict("zero", its, wobbling, rising, 0.8, **common)
+    assert verdict is not None and verdict.reason == "remember drift" and verdict.remember_drift == 0.017
+    assert verdict.rate - 2.0 * verdict.rate_se <= 0 and verdict.budget_left == 330 and verdict.points == 6
+    assert verdict.message().startswith("cannot reach the target within the remember bound: zero is at 0.700 "
+                                        "against 0.800 after 70 iterations and no longer moves toward it")
+    assert "mean NLL is up 1.70% (bound 0.80%) and not coming back" in verdict.message()
+    assert drift_verdict("zero", its, wobbling, [0.017, 0.016, 0.015, 0.013, 0.012, 0.011], 0.8, **common) is None
+    assert drift_verdict("zero", its, wobbling, [d / 4 for d in rising], 0.8, **common) is None  # within the bound
+    # still climbing (2 points per 10 iterations): its drift may fall back once it arrives (the wide Glow's did)
+    assert drift_verdict("zero", its, [0.50, 0.52, 0.54, 0.56, 0.58, 0.60], rising, 0.8, **common) is None
+    assert drift_verdict("zero", its, wobbling, rising, 0.70, **common) is None  # within tolerance: not a reach
+    assert drift_verdict("zero", its[:3], wobbling[:3], rising[:3], 0.8, **common) is None  # too few points
+
+
+def test_the_method_gives_up_on_a_stalled_share_with_the_drift_past_its_bound(tiny_base):
+    model = load_checkpoint(tiny_base).model
+    start = [0] * 600 + [1] * 400
+    meter = _StubMeter(start)
+    _, _, method = _method(tiny_base, {"zero": 0.8, "one": 0.2}, start, meter, measure_every=5, max_iters=400,
+                           warmup=0, screen_samples=0, refresh_every=1, max_remember_drift=0.008)
+    rises = iter([1.010, 1.012, 1.012, 1.015, 1.015, 1.017])
+    method.refresh = lambda _model: setattr(method.normal, "mu", method.data.base_mean * next(rises))
+    method._plan_next = lambda *args: None
+    _measure_steps(method, model, meter, [0.60, 0.70, 0.62])
+    assert method.gave_up is None  # three points: too few to judge
+    _measure_steps(method, model, meter, [0.72, 0.63, 0.70], every=30)
+    assert method.verdict is not None and method.verdict.reason == "remember drift"
+    assert method.gave_up == method.verdict.message() and "up 1.70% (bound 0.80%)" in method.gave_up
 
 
 def test_cli_unreachable_target_stops_early_with_one_line_and_exit_1_when_required(run_cli, tiny_base, tmp_path):

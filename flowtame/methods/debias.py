@@ -118,6 +118,8 @@ class ReachVerdict:
     bound the verdict uses); ``gap``: how far the latest measurement is outside the tolerance band (frequency);
     ``budget_left``: iterations left; ``reachable``: rate_high·budget_left, the most the run could still move;
     ``needed``: gap / rate (iterations at the measured rate; None when it is not moving toward the target).
+    ``reason``: ``"pace"`` (:func:`reach_verdict`) or ``"remember drift"`` (:func:`drift_verdict`, which also
+    sets ``remember_drift``, the relative rise of the remember mean NLL, and ``max_remember_drift``, its bound).
     """
 
     group: str
@@ -132,10 +134,20 @@ class ReachVerdict:
     reachable: float
     needed: int | None
     points: int
+    reason: str = "pace"
+    remember_drift: float | None = None
+    max_remember_drift: float | None = None
 
     def message(self) -> str:
         """The one line a user reads: the verdict, the figures behind it and what to change."""
         pace = f"{100 * self.rate * 100:+.2f} ± {100 * self.rate_se * 100:.2f} points per 100 iterations"
+        if self.reason == "remember drift":
+            return (f"cannot reach the target within the remember bound: {self.group} is at {self.share:.3f} "
+                    f"against {self.target:.3f} after {self.iteration} iterations and no longer moves toward it "
+                    f"({pace}, {self.points} measurements), while the remember set's mean NLL is up "
+                    f"{100 * (self.remember_drift or 0):.2f}% (bound {100 * (self.max_remember_drift or 0):.2f}%) "
+                    "and not coming back, so a stop at the target would be refused; ask for a nearer target, or "
+                    "allow more (--max-remember-drift) at the remember set's cost")
         advice = (f"it would need about {self.needed} more iterations at this rate: raise --max-iters, or ask for "
                   "a nearer target" if self.needed is not None else
                   "the frequency is not moving toward the target: ask for a nearer target, or allow larger steps "
@@ -202,6 +214,35 @@ def reach_verdict(group: str, iterations: Sequence[int], shares: Sequence[float]
     return ReachVerdict(group=group, iteration=int(its[-1]), share=float(values[-1]), target=float(target),
                         rate=rate, rate_se=se, rate_high=high, gap=gap, budget_left=int(left),
                         reachable=high * left, needed=needed, points=len(its))
+
+
+def drift_verdict(group: str, iterations: Sequence[int], shares: Sequence[float], drifts: Sequence[float],
+                  target: float, *, bound: float, tolerance: float, max_iters: int, z: float, min_points: int,
+                  floor: float) -> ReachVerdict | None:
+    """A :class:`ReachVerdict` (reason ``"remember drift"``) when the remember drift [n] (relative rise of the
+    remember mean NLL, measured with the shares [n] at ``iterations`` [n]) is past ``bound`` and has not fallen
+    over the latest ``2 * min_points`` measurements, while ``group``'s share, still outside the tolerance band,
+    shows no move toward its target beyond its noise (slope - ``z`` standard errors <= 0). Such a run cannot
+    stop: the guard refuses a stop while the drift is past its bound, and what would bring the drift back (the
+    share arriving, its weights relaxing) is not happening. A share still moving is left alone: its drift may
+    fall back once it arrives (the zoo's wide Glow, 80% zeros: +0.92% on the way, +0.22% at the stop)."""
+    if len(shares) < min_points:
+        return None
+    its, values, drift = (list(series)[-2 * min_points:] for series in (iterations, shares, drifts))
+    gap = abs(target - values[-1]) - tolerance
+    if gap <= 0 or drift[-1] <= bound:
+        return None
+    direction = 1.0 if target >= values[0] else -1.0
+    rate, se = progress_rate(its, [direction * (v - values[0]) for v in values], floor)
+    drift_rate, _ = progress_rate(its, drift, 0.0)
+    if rate - z * se > 0 or drift_rate < 0:
+        return None
+    left = max_iters - its[-1]
+    return ReachVerdict(group=group, iteration=int(its[-1]), share=float(values[-1]), target=float(target),
+                        rate=rate, rate_se=se, rate_high=rate + z * se, gap=gap, budget_left=int(left),
+                        reachable=(rate + z * se) * left, needed=int(np.ceil(gap / rate)) if rate > 0 else None,
+                        points=len(its), reason="remember drift", remember_drift=float(drift[-1]),
+                        max_remember_drift=bound)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -910,18 +951,21 @@ class DebiasMethod:
             self.trajectory[-1]["past_target"] = True
             return
         start = max(self.config.warmup, self.last_crossing)
-        points = [(t["iteration"], (t["screen"] or frequencies_of(t))[self.lead]) for t in self.trajectory[1:]
-                  if t["iteration"] >= start]
-        if not points or assigned < 1 or any(share != share for _, share in points):
+        series = [t for t in self.trajectory[1:] if t["iteration"] >= start]
+        shares = [(t["screen"] or frequencies_of(t))[self.lead] for t in series]
+        if not series or assigned < 1 or any(share != share for share in shares):
             return
+        its = [t["iteration"] for t in series]
         target = float(self.targets[self.group_names.index(self.lead)])
-        self.verdict = reach_verdict(self.lead, [i for i, _ in points], [f for _, f in points], target,
-                                     tolerance=self.config.tolerance, max_iters=self.config.max_iters,
-                                     z=self.config.verdict_z, min_points=self.config.verdict_points,
-                                     floor=1.0 / assigned)
-        self.gave_up = self.verdict.message() if self.verdict else None
+        judged = {"tolerance": self.config.tolerance, "max_iters": self.config.max_iters, "z": self.config.verdict_z,
+                  "min_points": self.config.verdict_points, "floor": 1.0 / assigned}
+        self.verdict = reach_verdict(self.lead, its, shares, target, **judged)
         bound = self.config.max_remember_drift
-        if self.gave_up and bound is not None and self.normal.drift() > bound:
+        if self.verdict is None and bound is not None:
+            self.verdict = drift_verdict(self.lead, its, shares, [t["remember_drift"] for t in series], target,
+                                         bound=bound, **judged)
+        self.gave_up = self.verdict.message() if self.verdict else None
+        if self.gave_up and self.verdict.reason == "pace" and bound is not None and self.normal.drift() > bound:
             # the collateral is already past the guard's bound: the target is out of reach within it, too
             self.gave_up += (f"; the remember set's mean NLL is already up {100 * self.normal.drift():.2f}% (bound "
                              f"{100 * bound:.2f}%), so a stop at the target would be refused as well")
