@@ -133,6 +133,8 @@ def why_not(row: dict[str, Any]) -> str:
         pace = f"{100 * 100 * verdict['rate']:+.1f} ± {100 * 100 * verdict['rate_se']:.1f} pts/100 it."
         needed = (f"would need ~{verdict['needed']} it. (budget left {verdict['budget_left']})" if verdict["needed"]
                   else "not moving toward it")
+        if verdict.get("reason") == "remember drift":
+            needed = "no move beyond its noise while the drift is past its bound and not falling"
         reasons.append(f"cannot reach: at it. {verdict['iteration']} {name} {verdict['share']:.3f}, moving {pace} "
                        f"over {verdict['points']} measurements, {needed}{drift}")
     elif kept.get("stop_refusals", 0) and row.get("verdict_message"):  # the remember-drift guard gave up

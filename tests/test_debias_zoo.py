@@ -30,6 +30,9 @@ def test_the_verdict_row_gives_pace_projection_and_drift():
     text = why_not(_row(0.229, False, verdict=verdict, verdict_message="cannot reach ...", holdout_bpd_change=0.0187))
     assert text == ("cannot reach: at it. 70 zero 0.219, moving +3.6 ± 4.9 pts/100 it. over 6 measurements, would "
                     "need ~1572 it. (budget left 330), remember drift +1.20%; holdout ΔBPD +1.87% > 1%")
+    drifting = dict(verdict, reason="remember drift", remember_drift=0.0137, max_remember_drift=0.008)
+    assert ("over 6 measurements, no move beyond its noise while the drift is past its bound and not falling"
+            in why_not(_row(0.229, False, verdict=drifting)))
     stalled = dict(verdict, needed=None, rate=-2.8e-4)
     assert "moving -2.8 ± 4.9 pts/100 it. over 6 measurements, not moving toward it" in why_not(
         _row(0.229, False, verdict=stalled))
