@@ -79,6 +79,7 @@ from flowtame.methods.debias import (
     prepare_data,
     within_tolerance,
 )
+from flowtame.methods.remember import drift_within
 
 REPORT_SCHEMA_VERSION = 1
 #: Group names: letters, digits and ``_ . -`` (they become JSON keys and column labels).
@@ -434,7 +435,7 @@ def _debiased_outcome(base: Checkpoint, base_model: nn.Module, model: nn.Module,
                                sets.remember_keys, base_remember_nll, data_spec, config, dev)
     seconds["evaluation"] = time.perf_counter() - clock
     drift = evaluation["sets"]["remember"]["bpd_change_relative"]  # the whole set's, as the guard's bound means
-    kept = config.max_remember_drift is None or drift <= config.max_remember_drift
+    kept = drift_within(drift, config.max_remember_drift)
     converged = within_tolerance(frequencies_of(after), targets, config.tolerance) and kept
     report.update(
         remember_drift={"bound": config.max_remember_drift, "final": drift, "within_bound": kept,

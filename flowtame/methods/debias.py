@@ -902,8 +902,7 @@ class DebiasMethod:
     def _remember_kept(self) -> bool:
         """False (and counted) when the remember mean NLL (latest refresh, corrected to the whole set) rose by more
         than ``max_remember_drift`` over the base model's: a stop there would carry that collateral silently."""
-        bound = self.config.max_remember_drift
-        if bound is None or self.normal.drift() <= bound:
+        if self.normal.within(self.config.max_remember_drift):
             return True
         self.drift_refusals += 1
         return False

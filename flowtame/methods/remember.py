@@ -75,6 +75,10 @@ class RememberNormal:
         """Relative rise of mu_R (latest refresh) over N_B's mean."""
         return float((self.mu - self.base_mean) / self.base_mean)
 
+    def within(self, bound: float | None) -> bool:
+        """Whether :meth:`drift` is within ``bound`` (relative; None: no bound)."""
+        return drift_within(self.drift(), bound)
+
     def state_tensors(self) -> dict[str, Tensor]:
         return {"mu_r": self.mu.reshape(1), "sigma_r": self.sigma.reshape(1),
                 "track": torch.stack([self.track_mean, self.track_std]).reshape(2)}
@@ -90,3 +94,9 @@ class RememberNormal:
         self.refreshes = meta.get("refreshes", 0)
         self.early_refreshes = meta.get("early_refreshes", 0)
         self.mean_offset, self.std_ratio = meta.get("subset_correction", (self.mean_offset, self.std_ratio))
+
+
+def drift_within(drift: float, bound: float | None) -> bool:
+    """Whether a relative rise of the remember set's mean NLL, ``drift``, is within ``bound`` (None: no bound):
+    the remember-drift guard's one test, at a stop and on the final evaluation."""
+    return bound is None or drift <= bound

@@ -356,7 +356,7 @@ class TamingMethod:
         """False (and counted) when the remember mean NLL rose by more than ``max_remember_drift``; a refusal
         also switches on (then grows) the common shift's term, the pull that brings the mean back
         (docs/method.md "Holding the common shift")."""
-        if self.max_remember_drift is None or self.remember_drift() <= self.max_remember_drift:
+        if self.normal.within(self.max_remember_drift):
             return True
         self.drift_refusals += 1
         self.shift_factor = 1.0 if self.shift_factor == 0 else min(MAX_SHIFT_FACTOR, self.shift_factor * SHIFT_GROWTH)
