@@ -66,7 +66,7 @@ def plot_nll_histograms(
     figure = Figure(figsize=(5.0 * len(nll), 3.6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(nll), sharex=True, squeeze=False)[0]
-    colours = {}
+    colours: dict[str, str] = {}
     for ax, (title, sets) in zip(axes, nll.items(), strict=True):
         for index, (name, raw) in enumerate(sets.items()):
             data = np.asarray(raw, dtype=np.float64) * factor
