@@ -74,7 +74,8 @@ def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     """
     model.to(device)
     if device.type == "cpu":
-        model.to(memory_format=torch.channels_last)
+        # torch's stub overloads for Module.to omit memory_format, which Module.to documents and accepts.
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 
 
