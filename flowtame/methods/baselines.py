@@ -92,8 +92,10 @@ class NegGrad(_ForgottenStopping):
 
     name = "neggrad"
 
-    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor
+    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor,
+                  anchor: tuple[Tensor, Tensor] | None = None, forget_weight: Tensor | None = None
                   ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``anchor`` and ``forget_weight`` are always None here: the baselines are not :attr:`anchored`."""
         loss_forget = self.forget_hinge(nll_forget)
         remember_bpd = nll_remember.mean() / self.nats_per_bpd
         loss = self.alpha * loss_forget + (1 - self.alpha) * remember_bpd
@@ -184,9 +186,11 @@ class SelectiveAmnesia(_ForgottenStopping):
                  for name, p in model.named_parameters() if name in self.fisher]
         return torch.stack(terms).sum()
 
-    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor
+    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor,
+                  anchor: tuple[Tensor, Tensor] | None = None, forget_weight: Tensor | None = None
                   ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``nll_remember`` [2B] holds the surrogate rows then the replay rows (see :meth:`_batch`)."""
+        """``nll_remember`` [2B] holds the surrogate rows then the replay rows (see :meth:`_batch`);
+        ``anchor`` and ``forget_weight`` are always None (the baselines are not :attr:`anchored`)."""
         n = self.batch_size
         surrogate_bpd = nll_remember[:n].mean() / self.nats_per_bpd
         replay_bpd = nll_remember[n:].mean() / self.nats_per_bpd
