@@ -175,7 +175,8 @@ def evaluate(
     check_models(base, tamed)
     sources = {"forget": forget, "remember": remember, "forget_unseen": forget_unseen,
                **{f"holdout:{source}": source for source in holdout or []}}
-    sets = {name: open_images(source, base.data_spec, strict=strict) for name, source in sources.items() if source}
+    data_spec = base.image_data("evaluation")
+    sets = {name: open_images(source, data_spec, strict=strict) for name, source in sources.items() if source}
     tolerances = Tolerances(min_forgotten_fraction=min_forgotten_fraction, max_remember_qd=max_remember_qd,
                             max_holdout_qd=max_holdout_qd, max_neighbours_qd=max_neighbours_qd,
                             max_remember_bpd_increase=max_remember_bpd_increase,

@@ -350,9 +350,7 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
         raise InputError("debiasing needs at least two groups")
     if list(targets) != names:
         raise InputError("debias() needs one target per group, in the groups' order (see parse_targets)")
-    data_spec = base.data_spec
-    if data_spec is None:
-        raise InputError(f"{base.path}: debiasing needs an image model")
+    data_spec = base.image_data("debiasing")
     dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_debias_sets(groups, remember_set, other_set)
 
@@ -408,8 +406,7 @@ def _debiased_outcome(base: Checkpoint, base_model: nn.Module, model: nn.Module,
                       command: str | None, save_state: Callable[[], None] | None) -> DebiasOutcome:
     """After the run (``result`` None when the base model was already within tolerance): the frequencies after,
     the check draw, the preservation evaluation, the report's results and the checkpoint with provenance."""
-    data_spec = base.data_spec
-    assert data_spec is not None
+    data_spec = base.image_data("debiasing")
     names = method.group_names
     before = report["frequencies"]["before"]
     iterations = result.iterations if result else 0
