@@ -240,7 +240,7 @@ class Engine:
     def _point(self, snapshot: dict[str, Any] | None = None) -> dict[str, Any]:
         """Everything :meth:`save_state` writes, as of now (``snapshot``: model and optimizer of
         :meth:`_snapshot` instead of the live ones; the rest is then copied, so later iterations leave it)."""
-        point = {
+        point: dict[str, Any] = {
             "model": self.model.state_dict() if snapshot is None else snapshot["model"],
             "optimizer": self.optimizer.state_dict() if snapshot is None else snapshot["optimizer"],
             "rng": {name: gen.get_state() for name, gen in self.generators.items()},

@@ -219,7 +219,8 @@ def _pass(model: nn.Module, image_set: ImageSet, positions: range | None, sink: 
     with torch.inference_mode(), autocast_context(device, precision):
         for batch in batches:
             batch_nll = _keyed_nll(model, batch.pixels.to(device, non_blocking=True), batch.keys, spec, seed,
-                                   draws, first_noise=batch.noise.to(device, non_blocking=True)).cpu().numpy()
+                                   draws, first_noise=None if batch.noise is None
+                                   else batch.noise.to(device, non_blocking=True)).cpu().numpy()
             nll[len(keys):len(keys) + len(batch_nll)] = batch_nll
             sink.write(batch.paths, batch.keys, batch_nll, nats_to_bpd(batch_nll, spec.num_dims))
             keys.extend(batch.keys)
