@@ -17,7 +17,8 @@ from flowtame.io.checkpoint import load_checkpoint
 @app.command()
 def info(
     model: Annotated[str, typer.Argument(help="A flowtame .safetensors checkpoint, or 'embedded:glow-digits'.")],
-    json_path: Annotated[str, typer.Option("--json", help="Also write the description as JSON ('-' = stdout).")] = None,
+    json_path: Annotated[str | None, typer.Option(
+        "--json", help="Also write the description as JSON ('-' = stdout).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
 ) -> None:
     """Show a checkpoint's architecture, parameter count, data spec, provenance and sha256.

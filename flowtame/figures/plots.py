@@ -79,9 +79,9 @@ def plot_nll_histograms(
                 ax.plot(data, np.zeros_like(data), linestyle="none", marker="|", markersize=18,
                         markeredgewidth=2, color=colour, label=label, transform=ax.get_xaxis_transform(),
                         zorder=3 + index)
-        fit = fits.get(title)
-        if fit is not None:
-            mean, std = fit.mean * factor, fit.std * factor
+        panel_fit = fits.get(title)
+        if panel_fit is not None:
+            mean, std = panel_fit.mean * factor, panel_fit.std * factor
             grid = np.linspace(edges[0], edges[-1], 400)
             density = np.exp(-0.5 * ((grid - mean) / std) ** 2) / (std * math.sqrt(2.0 * math.pi))
             ax.plot(grid, density, color="black", linewidth=1, label="remember fit N(μ_R, σ_R²)")
