@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -31,7 +30,7 @@ def info(
     if json_path == "-":
         emit_json("-", description)
         return
-    table = Table(title=f"{Path(ckpt.path).name}", show_header=False)
+    table = Table(title=ckpt.path.name if ckpt.path is not None else model, show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("architecture", ckpt.architecture)

@@ -65,21 +65,23 @@ def sample(
     save_png(output, make_grid(images, scale=grid_scale), force=force)
     console.print(f"wrote {output}: {len(checkpoints)} row(s) x {n} sample(s), temperature {temperature}, "
                   f"seed {seed}")
-    if auditing:
-        _generation_audit(checkpoints, models, images, audit_forget, audit_remember, audit_holdout,
-                          radius_quantile, device, audit_json, temperature, seed)
+    if auditing is not None:
+        _generation_audit(checkpoints, models, images, *auditing, radius_quantile, device, audit_json, temperature,
+                          seed)
     if out_dir is not None:
         names = [Path(str(m)).stem.replace("embedded:", "") for m in models]
         written = save_individual(images, out_dir, names, scale=grid_scale, force=force)
         console.print(f"wrote {len(written)} PNG(s) under {out_dir}")
 
 
-def _audit_inputs(forget: str | None, remember: str | None, holdout: list[str] | None) -> bool:
-    """Whether the generation audit runs: all of its three sets, or none."""
-    given = [forget is not None, remember is not None, bool(holdout)]
-    if any(given) and not all(given):
+def _audit_inputs(forget: str | None, remember: str | None, holdout: list[str] | None
+                  ) -> tuple[str, str, list[str]] | None:
+    """The generation audit's (forget, remember, holdout) sources when all three are given, None when none is."""
+    if forget is not None and remember is not None and holdout:
+        return forget, remember, holdout
+    if forget is not None or remember is not None or holdout:
         raise InputError("the generation audit needs --audit-forget, --audit-remember and --audit-holdout together")
-    return all(given)
+    return None
 
 
 def _generation_audit(checkpoints, models: list[str], images, forget: str, remember: str, holdout: list[str],

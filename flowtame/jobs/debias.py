@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowtame.data.images import ImageSet
 from flowtame.data.quantization import DataSpec
@@ -61,6 +61,7 @@ from flowtame.engine.loop import (
     state_saver,
 )
 from flowtame.errors import DataError, InputError
+from flowtame.flows.base import MultiScaleFlow
 from flowtame.io import config as io_config
 from flowtame.io.checkpoint import Checkpoint, make_provenance, report_header
 from flowtame.io.fileio import json_safe
@@ -211,7 +212,7 @@ def _check_disjoint(groups: Mapping[str, ImageSet], group_keys: Sequence[Sequenc
                                  f"{owner[key]!r}; a group's images must be in no other group")
 
 
-def _preservation(base_model: nn.Module, model: nn.Module, group_names: Sequence[str],
+def _preservation(base_model: MultiScaleFlow, model: MultiScaleFlow, group_names: Sequence[str],
                   group_pixels: Sequence[Tensor], group_keys: Sequence[Sequence[str]], remember_pixels: Tensor,
                   remember_keys: Sequence[str], base_remember_nll: np.ndarray, data_spec: DataSpec,
                   config: DebiasConfig, device: torch.device) -> dict[str, Any]:
@@ -293,7 +294,7 @@ def _load_debias_sets(groups: Mapping[str, ImageSet], remember_set: ImageSet | N
                        other_excluded)
 
 
-def _group_classifier(base_model: nn.Module, class_pixels: Sequence[Tensor], n_bits: int, config: DebiasConfig,
+def _group_classifier(base_model: MultiScaleFlow, class_pixels: Sequence[Tensor], n_bits: int, config: DebiasConfig,
                       classifier_path: str | Path | None, dev: torch.device) -> GroupClassifier:
     """The latent logistic classifier fitted on ``class_pixels``, or the TorchScript one at ``classifier_path``."""
     if classifier_path is None:
@@ -399,7 +400,7 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
                                  classifier, base_remember_nll, seconds, dev, command=command, save_state=save_state)
 
 
-def _debiased_outcome(base: Checkpoint, base_model: nn.Module, model: nn.Module, method: DebiasMethod,
+def _debiased_outcome(base: Checkpoint, base_model: MultiScaleFlow, model: MultiScaleFlow, method: DebiasMethod,
                       result: EngineResult | None, report: dict[str, Any], sets: _DebiasSets,
                       targets: Mapping[str, float], config: DebiasConfig, classifier: GroupClassifier,
                       base_remember_nll: np.ndarray, seconds: dict[str, float], dev: torch.device, *,

@@ -38,7 +38,7 @@ from flowtame.engine.loop import (
     state_saver,
 )
 from flowtame.errors import DataError, InputError, config_error
-from flowtame.flows.base import coupling_output_parameters
+from flowtame.flows.base import MultiScaleFlow, coupling_output_parameters
 from flowtame.io import config as io_config
 from flowtame.io.checkpoint import Checkpoint, make_provenance, report_header
 from flowtame.likelihood.evaluation import nearest_rows
@@ -349,7 +349,7 @@ def _normal_block(mean: float, std: float, per_bpd: float) -> dict[str, float]:
 
 def _build_method(config: TameConfig, data: TamingData, *, delta: float, epsilon: float,
                   correction: tuple[float, float], batches: torch.Generator, setup_generator: torch.Generator,
-                  base_model: torch.nn.Module) -> Any:
+                  base_model: MultiScaleFlow) -> Any:
     """The configured method (``config.method`` in :data:`METHODS`) on ``data``, drawing from ``batches``."""
     return METHODS[config.method](
         data, delta=delta, epsilon=epsilon, alpha=config.alpha, gamma=config.gamma,
@@ -432,7 +432,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
                               command=command, delta=delta, epsilon=epsilon, dev=dev, save_state=save_state)
 
 
-def _tamed_outcome(base: Checkpoint, model: torch.nn.Module, method: Any, result: EngineResult,
+def _tamed_outcome(base: Checkpoint, model: MultiScaleFlow, method: Any, result: EngineResult,
                    report: dict[str, Any], nll: dict[tuple[str, str], np.ndarray], sets: _TamingSets,
                    forget_sets: Sequence[ImageSet], remember_nll: Callable[[Any], np.ndarray], config: TameConfig,
                    *, command: str | None, delta: float, epsilon: float, dev: torch.device,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowtame.data.quantization import nats_per_bpd
 from flowtame.flows.base import MultiScaleFlow
@@ -225,7 +225,7 @@ class VectorTamingMethod:
     def refreshes(self) -> int:
         return self.normal.refreshes
 
-    def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, model: MultiScaleFlow, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
         n_forget = self.forget.shape[0]
         if n_forget <= self.batch_size:
             forget_idx = torch.arange(n_forget)
@@ -267,7 +267,7 @@ class VectorTamingMethod:
         """d [F] of every forget point under the current weights, against the current mu_R, sigma_R."""
         return threshold_distance(vector_set_nll(model, self.forget), self.mu_r, self.sigma_r, self.delta)
 
-    def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
+    def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         if logged["max_abs_d"] < self.epsilon:
             self.confirmations += 1
             self.refresh(model)
