@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from flowtame.engine.loop import Engine, EngineConfig, _learning_rate
+from flowtame.engine.loop import Engine, EngineConfig, _learning_rate, start_engine
 from flowtame.errors import CheckpointError, InputError, InterruptedRun, TrainingDivergedError
 
 
@@ -157,6 +157,14 @@ def test_bad_resume_state_is_a_clear_error(tmp_path):
     bad.write_bytes(b"\x00" * 20)
     with pytest.raises(CheckpointError, match="unreadable resume state"):
         engine.load_state(bad)
+
+
+def test_resume_without_a_state_path_is_a_clear_error():
+    # the library's tame()/debias() take resume=True with state_path=None; the engine read Path(None) (TypeError)
+    model, method, _ = make()
+    with pytest.raises(InputError, match="resume needs the state_path"):
+        start_engine(model, method, EngineConfig(lr=0.05), batches=torch.Generator(), callback=None,
+                     state_path=None, resume=True)
 
 
 @pytest.mark.parametrize("target_loss", [-1.0, 1e-3])  # runs to max_iters / converges early

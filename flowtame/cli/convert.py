@@ -135,7 +135,7 @@ def _summary(output: Path, checkpoint: Checkpoint, sha256: str) -> str:
         return (f"wrote {output}: tarflow {spec.channels}x{spec.image_size}x{spec.image_size} "
                 f"({spec.n_block} blocks x {spec.layers_per_block} layers, patch {spec.patch_size}, width "
                 f"{spec.width}, {spec.heads} head{'s' if spec.heads > 1 else ''}{conditioning}, "
-                f"{checkpoint.data_spec.n_bits} bits), "
+                f"{checkpoint.image_data('convert').n_bits} bits), "
                 f"{checkpoint.num_parameters:,} parameters, sha256 {sha256}")
     convs = "LU" if all(spec.conv_lu) else ("plain" if not any(spec.conv_lu) else
                                             "".join("L" if v else "P" for v in spec.conv_lu))
@@ -144,5 +144,5 @@ def _summary(output: Path, checkpoint: Checkpoint, sha256: str) -> str:
     coupling = "affine" if spec.affine else "additive"
     return (f"wrote {output}: glow {spec.channels}x{spec.image_size}x{spec.image_size} "
             f"({spec.n_block} blocks x {spec.n_flow} flows, {coupling} coupling, "
-            f"1x1 convs {convs}, hidden {spec.hidden}, {checkpoint.data_spec.n_bits} bits), "
+            f"1x1 convs {convs}, hidden {spec.hidden}, {checkpoint.image_data('convert').n_bits} bits), "
             f"{checkpoint.num_parameters:,} parameters, sha256 {sha256}")

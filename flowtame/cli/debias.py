@@ -52,50 +52,51 @@ def debias_command(
                                                                      "samples. For every group, or all but one (the "
                                                                      "rest is implied).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Debiased checkpoint to write (.safetensors).")],
-    report: Annotated[str, typer.Option("--report", help="Write the JSON report here ('-' = stdout).")] = None,
-    remember: Annotated[str, typer.Option("--remember", "-r", help="Images whose likelihood distribution "
+    report: Annotated[str | None, typer.Option("--report", help="Write the JSON report here ('-' = stdout).")] = None,
+    remember: Annotated[str | None, typer.Option("--remember", "-r", help="Images whose likelihood distribution "
                                                                    "must stay as it was [all the groups' "
                                                                    "images].")] = None,
-    other: Annotated[str, typer.Option("--other", help="Images of none of the groups (group images in it are "
+    other: Annotated[str | None, typer.Option("--other", help="Images of none of the groups (group images in it are "
                                                        "left out): samples classified as 'other' are not "
                                                        "counted, so frequencies are relative among the "
                                                        "groups [every sample is assigned to a group].")] = None,
-    classifier: Annotated[Path, typer.Option(
+    classifier: Annotated[Path | None, typer.Option(
         "--classifier", help="TorchScript module: images [B,C,H,W] in [-0.5,0.5) -> logits [B, groups (+1 "
                              "'other' with --other)] in --group order [a logistic regression on the base "
                              "model's latents].")] = None,
-    config: Annotated[Path, typer.Option("--config", help="YAML file with any of the keys below (and the "
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file with any of the keys below (and the "
                                                           "other DebiasConfig keys); flags win.")] = None,
-    tolerance: Annotated[float, typer.Option(help="Stop when every frequency is this close to its target "
+    tolerance: Annotated[float | None, typer.Option(help="Stop when every frequency is this close to its target "
                                                   "[0.02].")] = None,
-    samples: Annotated[int, typer.Option(help="Samples per measurement (one fixed draw) [1024].")] = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature [0.5, the authors'].")] = None,
-    measure_every: Annotated[int, typer.Option(help="Measure the frequencies every N iterations [10].")] = None,
-    max_iters: Annotated[int, typer.Option(help="Iteration budget [400].")] = None,
-    lr: Annotated[float, typer.Option(help="Adam peak learning rate, scaled down as the gaps close; the "
+    samples: Annotated[int | None, typer.Option(help="Samples per measurement (one fixed draw) [1024].")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature [0.5, the authors'].")] = None,
+    measure_every: Annotated[int | None, typer.Option(help="Measure the frequencies every N iterations [10].")] = None,
+    max_iters: Annotated[int | None, typer.Option(help="Iteration budget [400].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam peak learning rate, scaled down as the gaps close; the "
                                            "calibration may lower it [2e-5].")] = None,
-    step_sigma: Annotated[float, typer.Option(help="Calibrate the learning rate so that one step moves the remember "
-                                                   "mean NLL by at most this many sigma_R, as tame does (0: off) "
-                                                   "[0.5].")] = None,
-    verdict: Annotated[bool, typer.Option("--verdict/--no-verdict", help="Stop early when the measured progress "
+    step_sigma: Annotated[float | None, typer.Option(
+        help="Calibrate the learning rate so that one step moves the remember mean NLL by at most this many "
+             "sigma_R, as tame does (0: off) [0.5].")] = None,
+    verdict: Annotated[bool | None, typer.Option("--verdict/--no-verdict", help="Stop early when the measured progress "
                                                                          "says the targets cannot be reached "
                                                                          "within --max-iters [on].")] = None,
-    warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up iterations [20].")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per group, and remember images, per iteration [16].")] = None,
-    alpha: Annotated[float, typer.Option(help="Weight of the group loss, L = a*L_G + (1-a)*L_R [0.6].")] = None,
-    gamma: Annotated[float, typer.Option(help="Weight of the KL terms inside L_R [0; the paper's 0.6].")] = None,
-    anchor: Annotated[float, typer.Option(help="Weight of the per-image anchor to the base model, "
+    warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up iterations [20].")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Images per group, and remember images, per iteration [16].")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Weight of the group loss, L = a*L_G + (1-a)*L_R [0.6].")] = None,
+    gamma: Annotated[float | None, typer.Option(help="Weight of the KL terms inside L_R [0; the paper's 0.6].")] = None,
+    anchor: Annotated[float | None, typer.Option(help="Weight of the per-image anchor to the base model, "
                                                "mean((NLL - NLL_base)/sigma_B)^2 on the remember batch, which "
                                                "replaces the mean remember NLL in L_R (as in tame); 0: the "
                                                "paper's mean NLL [1.0].")] = None,
-    max_remember_drift: Annotated[float, typer.Option(
+    max_remember_drift: Annotated[float | None, typer.Option(
         help="Stopping guard (as tame's): refuse to stop, and report unconverged, while the remember set's mean "
              "NLL is up by more than this fraction (0 = off) [0.008].")] = None,
-    soft_delta: Annotated[float, typer.Option(help="Over-represented groups' NLL is pushed up to mu_R + "
+    soft_delta: Annotated[float | None, typer.Option(help="Over-represented groups' NLL is pushed up to mu_R + "
                                                    "soft_delta*sigma_R at most [2].")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the sample draw, the classifier split and the batches "
+    seed: Annotated[int | None, typer.Option(help="Seed of the sample draw, the classifier split and the batches "
                                            "[0].")] = None,
-    check_draw: Annotated[bool, typer.Option(
+    check_draw: Annotated[bool | None, typer.Option(
         "--check-draw/--no-check-draw", help="Measure base and result again on an independent draw (seed+1) "
                                              "the stopping rule never saw [on].")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",

@@ -100,14 +100,14 @@ def evaluate(
     forget: Annotated[str, typer.Option("--forget", help="The forget set D_F (folder, image, list file or "
                                                          "embedded:digits...).")],
     remember: Annotated[str, typer.Option("--remember", help="The remember set D_R; fixes μ_R, σ_R per model.")],
-    forget_unseen: Annotated[str, typer.Option("--forget-unseen", help="Unseen images of what was forgotten "
+    forget_unseen: Annotated[str | None, typer.Option("--forget-unseen", help="Unseen images of what was forgotten "
                                                                        "(D'_F).")] = None,
-    holdout: Annotated[list[str], typer.Option("--holdout", help="A held-out set (repeatable).")] = None,
+    holdout: Annotated[list[str] | None, typer.Option("--holdout", help="A held-out set (repeatable).")] = None,
     neighbours: Annotated[int, typer.Option("--neighbours", help="Also evaluate the K remember images nearest "
                                                                  "to the forget set in the base model's latent "
                                                                  "space.")] = 0,
     delta: Annotated[float, typer.Option("--delta", help="Forget threshold μ_R + δσ_R, in σ_R units.")] = 4.0,
-    epsilon: Annotated[float, typer.Option("--epsilon", help="Margin: forgotten when d > -ε (σ_R units) "
+    epsilon: Annotated[float | None, typer.Option("--epsilon", help="Margin: forgotten when d > -ε (σ_R units) "
                                                              "[0.15·δ].")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise (same for both models) "
                                                      "and of the bootstrap.")] = 0,
@@ -115,8 +115,9 @@ def evaluate(
         "--forget-draws", min=1, help="Noise draws averaged into each forget image's NLL (one draw moves an "
                                       "image by up to ~0.6 σ_R; see docs/report-schema.md).")] = 8,
     n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the QD interval.")] = 1000,
-    json_path: Annotated[str, typer.Option("--json", help="Write the report as JSON ('-' = stdout only).")] = None,
-    plot: Annotated[Path, typer.Option("--plot", help="Write NLL histograms before/after as a PNG.")] = None,
+    json_path: Annotated[str | None, typer.Option(
+        "--json", help="Write the report as JSON ('-' = stdout only).")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write NLL histograms before/after as a PNG.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Exit with code 1 when a check fails.")] = False,
     min_forgotten_fraction: Annotated[float, typer.Option(help="Check: forget images forgotten, at least.")] = 1.0,
     max_remember_qd: Annotated[float, typer.Option(help="Check: QD(remember), at most.")] = 0.01,
@@ -126,7 +127,7 @@ def evaluate(
                                                                   "set's mean BPD, at most (0.01 = 1%).")] = 0.01,
     min_normality_p: Annotated[float, typer.Option(help="Check: KS normality p of the remember NLL under "
                                                         "the tamed model, above.")] = 0.001,
-    retrained: Annotated[str, typer.Option("--retrained", help="Audit: a model trained without the forget set "
+    retrained: Annotated[str | None, typer.Option("--retrained", help="Audit: a model trained without the forget set "
                                                                "(the gold standard; forget quality, "
                                                                "leakage).")] = None,
     generation_audit: Annotated[int, typer.Option("--generation-audit", min=0, metavar="M",
@@ -136,16 +137,16 @@ def evaluate(
     radius_quantile: Annotated[float, typer.Option(help="Generation audit: radius = this quantile of the "
                                                         "held-out images' distance to their nearest training "
                                                         "image.")] = 0.05,
-    audit_plot: Annotated[Path, typer.Option("--audit-plot", help="Write the membership audit's ROC curves and "
+    audit_plot: Annotated[Path | None, typer.Option("--audit-plot", help="Write the membership audit's ROC curves and "
                                                                   "NLL histograms (forget vs held-out) per model "
                                                                   "as a PNG.")] = None,
-    max_membership_auc_gap: Annotated[float, typer.Option(help="Check (opt-in): |AUC - 0.5| of the loss attack "
+    max_membership_auc_gap: Annotated[float | None, typer.Option(help="Check (opt-in): |AUC - 0.5| of the loss attack "
                                                                "on the tamed model, at most.")] = None,
-    max_privacy_leakage: Annotated[float, typer.Option(help="Check (opt-in): |relative leakage| against "
+    max_privacy_leakage: Annotated[float | None, typer.Option(help="Check (opt-in): |relative leakage| against "
                                                             "--retrained, at most.")] = None,
-    min_forget_quality: Annotated[float, typer.Option(help="Check (opt-in): KS p of tamed vs --retrained NLL "
+    min_forget_quality: Annotated[float | None, typer.Option(help="Check (opt-in): KS p of tamed vs --retrained NLL "
                                                            "on the forget set, at least.")] = None,
-    max_generation_share: Annotated[float, typer.Option(help="Check (opt-in): the tamed model's share of "
+    max_generation_share: Annotated[float | None, typer.Option(help="Check (opt-in): the tamed model's share of "
                                                              "samples near a forget image, at most.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per likelihood batch.")] = 256,
@@ -175,7 +176,8 @@ def evaluate(
     check_models(base, tamed)
     sources = {"forget": forget, "remember": remember, "forget_unseen": forget_unseen,
                **{f"holdout:{source}": source for source in holdout or []}}
-    sets = {name: open_images(source, base.data_spec, strict=strict) for name, source in sources.items() if source}
+    data_spec = base.image_data("evaluation")
+    sets = {name: open_images(source, data_spec, strict=strict) for name, source in sources.items() if source}
     tolerances = Tolerances(min_forgotten_fraction=min_forgotten_fraction, max_remember_qd=max_remember_qd,
                             max_holdout_qd=max_holdout_qd, max_neighbours_qd=max_neighbours_qd,
                             max_remember_bpd_increase=max_remember_bpd_increase,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,7 +16,8 @@ from flowtame.io.checkpoint import load_checkpoint
 @app.command()
 def info(
     model: Annotated[str, typer.Argument(help="A flowtame .safetensors checkpoint, or 'embedded:glow-digits'.")],
-    json_path: Annotated[str, typer.Option("--json", help="Also write the description as JSON ('-' = stdout).")] = None,
+    json_path: Annotated[str | None, typer.Option(
+        "--json", help="Also write the description as JSON ('-' = stdout).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
 ) -> None:
     """Show a checkpoint's architecture, parameter count, data spec, provenance and sha256.
@@ -30,7 +30,7 @@ def info(
     if json_path == "-":
         emit_json("-", description)
         return
-    table = Table(title=f"{Path(ckpt.path).name}", show_header=False)
+    table = Table(title=ckpt.path.name if ckpt.path is not None else model, show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("architecture", ckpt.architecture)

@@ -26,24 +26,25 @@ def sample(
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="Noise scale (standard deviations).")] = 0.7,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the shared noise draw.")] = 0,
     output: Annotated[Path, typer.Option("-o", "--output", help="Grid PNG to write.")],
-    out_dir: Annotated[Path, typer.Option("--out-dir", help="Also write every sample as its own PNG here.")] = None,
-    scale: Annotated[int, typer.Option("--scale", help="Integer upscaling (nearest neighbour); default makes "
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out-dir", help="Also write every sample as its own PNG here.")] = None,
+    scale: Annotated[int | None, typer.Option("--scale", help="Integer upscaling (nearest neighbour); default makes "
                                                        "tiles at least 64 pixels wide.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (noise is drawn on the "
                                                          "CPU).")] = "auto",
-    audit_forget: Annotated[str, typer.Option("--audit-forget", help="Generation audit: the forget images; the "
+    audit_forget: Annotated[str | None, typer.Option("--audit-forget", help="Generation audit: the forget images; the "
                                                                      "first model is the base whose latents "
                                                                      "measure distance (docs/audits.md).")] = None,
-    audit_remember: Annotated[str, typer.Option("--audit-remember", help="Generation audit: the remember "
+    audit_remember: Annotated[str | None, typer.Option("--audit-remember", help="Generation audit: the remember "
                                                                          "images.")] = None,
-    audit_holdout: Annotated[list[str], typer.Option("--audit-holdout", help="Generation audit: held-out images "
+    audit_holdout: Annotated[list[str] | None, typer.Option("--audit-holdout", help="Generation audit: held-out images "
                                                                              "that calibrate the radius "
                                                                              "(repeatable).")] = None,
     radius_quantile: Annotated[float, typer.Option(help="Generation audit: radius = this quantile of the "
                                                         "held-out images' distance to their nearest training "
                                                         "image.")] = 0.05,
-    audit_json: Annotated[str, typer.Option("--audit-json", help="Write the generation audit as JSON ('-' = "
+    audit_json: Annotated[str | None, typer.Option("--audit-json", help="Write the generation audit as JSON ('-' = "
                                                                  "stdout).")] = None,
 ) -> None:
     """Sample a grid in which every model decodes the very same latents (drawn once from --seed).
@@ -64,21 +65,23 @@ def sample(
     save_png(output, make_grid(images, scale=grid_scale), force=force)
     console.print(f"wrote {output}: {len(checkpoints)} row(s) x {n} sample(s), temperature {temperature}, "
                   f"seed {seed}")
-    if auditing:
-        _generation_audit(checkpoints, models, images, audit_forget, audit_remember, audit_holdout,
-                          radius_quantile, device, audit_json, temperature, seed)
+    if auditing is not None:
+        _generation_audit(checkpoints, models, images, *auditing, radius_quantile, device, audit_json, temperature,
+                          seed)
     if out_dir is not None:
         names = [Path(str(m)).stem.replace("embedded:", "") for m in models]
         written = save_individual(images, out_dir, names, scale=grid_scale, force=force)
         console.print(f"wrote {len(written)} PNG(s) under {out_dir}")
 
 
-def _audit_inputs(forget: str | None, remember: str | None, holdout: list[str] | None) -> bool:
-    """Whether the generation audit runs: all of its three sets, or none."""
-    given = [forget is not None, remember is not None, bool(holdout)]
-    if any(given) and not all(given):
+def _audit_inputs(forget: str | None, remember: str | None, holdout: list[str] | None
+                  ) -> tuple[str, str, list[str]] | None:
+    """The generation audit's (forget, remember, holdout) sources when all three are given, None when none is."""
+    if forget is not None and remember is not None and holdout:
+        return forget, remember, holdout
+    if forget is not None or remember is not None or holdout:
         raise InputError("the generation audit needs --audit-forget, --audit-remember and --audit-holdout together")
-    return all(given)
+    return None
 
 
 def _generation_audit(checkpoints, models: list[str], images, forget: str, remember: str, holdout: list[str],

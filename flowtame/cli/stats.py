@@ -96,10 +96,11 @@ def stats(
     model: Annotated[str, typer.Argument(help="A flowtame checkpoint, or 'embedded:glow-digits'.")],
     data: Annotated[list[str], typer.Argument(help="Image sources: folders, image files, .txt lists of image paths, "
                                                    "or embedded:digits[:all|train|test][:CLASS].")],
-    json_path: Annotated[str, typer.Option("--json", help="Write the statistics as JSON ('-' = stdout only).")] = None,
-    per_image: Annotated[Path, typer.Option("--per-image", help="Write one CSV row per image: source, path, "
+    json_path: Annotated[str | None, typer.Option(
+        "--json", help="Write the statistics as JSON ('-' = stdout only).")] = None,
+    per_image: Annotated[Path | None, typer.Option("--per-image", help="Write one CSV row per image: source, path, "
                                                                 "key, nll_nats, bpd.")] = None,
-    plot: Annotated[Path, typer.Option("--plot", help="Write a PNG: per source, the NLL histogram (BPD) and "
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: per source, the NLL histogram (BPD) and "
                                                       "its fitted normal.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise (same seed, same noise "
                                                      "for every model).")] = 0,

@@ -42,77 +42,89 @@ def tame_command(
                                                                      "requests.")],
     remember: Annotated[str, typer.Option("--remember", "-r", help="Images whose distribution must stay as it was.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Tamed checkpoint to write (.safetensors).")],
-    report: Annotated[str, typer.Option("--report", help="Write the JSON report here ('-' = stdout).")] = None,
-    holdout: Annotated[list[str], typer.Option("--holdout", help="Held-out images to evaluate on "
+    report: Annotated[str | None, typer.Option("--report", help="Write the JSON report here ('-' = stdout).")] = None,
+    holdout: Annotated[list[str] | None, typer.Option("--holdout", help="Held-out images to evaluate on "
                                                                  "(repeatable).")] = None,
-    config: Annotated[Path, typer.Option("--config", help="YAML file with any of the keys below; flags win.")] = None,
-    preset_name: Annotated[str, typer.Option("--preset", help="Start from a shipped preset: 'paper' = the "
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="YAML file with any of the keys below; flags win.")] = None,
+    preset_name: Annotated[str | None, typer.Option("--preset", help="Start from a shipped preset: 'paper' = the "
                                                               "authors' exact loss and hyperparameters.")] = None,
-    method: Annotated[str, typer.Option(help="taming (default) | neggrad | selective-amnesia (baselines).")] = None,
-    target: Annotated[str, typer.Option(help="Where to stop: threshold (the paper's mu_R + delta*sigma_R: "
+    method: Annotated[str | None, typer.Option(
+        help="taming (default) | neggrad | selective-amnesia (baselines).")] = None,
+    target: Annotated[str | None, typer.Option(help="Where to stop: threshold (the paper's mu_R + delta*sigma_R: "
                                              "suppression) | holdout (the --holdout images' NLL interquartile "
                                              "band: forget to the level of never-seen images; docs/audits.md) "
                                              "[threshold].")] = None,
     generation_audit: Annotated[int, typer.Option("--generation-audit", min=0, metavar="M",
                                                   help="With --holdout: also audit M samples per model from "
                                                        "shared latents (share near a forget image).")] = 0,
-    delta: Annotated[float, typer.Option(help="Threshold in remember std units: mu_R + delta*sigma_R [4].")] = None,
-    epsilon: Annotated[float, typer.Option(help="Stop when |d| < epsilon for every forget image [0.15*delta].")] = None,
-    alpha: Annotated[float, typer.Option(help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15].")] = None,
-    gamma: Annotated[float, typer.Option(help="Weight of the KL terms inside L_R [0; the paper's 0.6].")] = None,
-    lr: Annotated[float, typer.Option(help="Adam peak learning rate [2e-4]; the calibration may lower it.")] = None,
-    step_sigma: Annotated[float, typer.Option(help="Calibrate the learning rate so that one step moves the "
+    delta: Annotated[float | None, typer.Option(
+        help="Threshold in remember std units: mu_R + delta*sigma_R [4].")] = None,
+    epsilon: Annotated[float | None, typer.Option(
+        help="Stop when |d| < epsilon for every forget image [0.15*delta].")] = None,
+    alpha: Annotated[float | None, typer.Option(
+        help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15].")] = None,
+    gamma: Annotated[float | None, typer.Option(help="Weight of the KL terms inside L_R [0; the paper's 0.6].")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Adam peak learning rate [2e-4]; the calibration may lower it.")] = None,
+    step_sigma: Annotated[float | None, typer.Option(help="Calibrate the learning rate so that one step moves the "
                                                    "remember mean NLL by at most this many sigma_R (first "
                                                    "order, worst case); 0: use --lr as given [2].")] = None,
-    anchor: Annotated[float, typer.Option(help="Weight of the per-image anchor to the base model, "
+    anchor: Annotated[float | None, typer.Option(help="Weight of the per-image anchor to the base model, "
                                                "mean((NLL - NLL_base)/sigma_B)^2 on the remember batch, which "
                                                "replaces the mean remember NLL in L_R; 0: the paper's mean "
                                                "NLL [0.2].")] = None,
-    anchor_shift: Annotated[float, typer.Option(help="With the anchor: weight of the common shift's term, "
+    anchor_shift: Annotated[float | None, typer.Option(help="With the anchor: weight of the common shift's term, "
                                                      "(mean (NLL - NLL_base)/sigma_B)^2 on the remember "
                                                      "batch, switched on when a stop is refused for the "
                                                      "remember drift, doubled per refusal up to 8x; 0: "
                                                      "off [2].")] = None,
-    lookalikes: Annotated[int, typer.Option(help="With the anchor: hold the forget set's N nearest remember "
+    lookalikes: Annotated[int | None, typer.Option(help="With the anchor: hold the forget set's N nearest remember "
                                                  "images (base latent space) in every batch [16].")] = None,
-    batch_size: Annotated[int, typer.Option(help="Forget and remember images per iteration (each) [32].")] = None,
-    max_iters: Annotated[int, typer.Option(help="Iteration budget [800].")] = None,
-    refresh_every: Annotated[int, typer.Option(help="Re-estimate mu_R, sigma_R every N iterations [10].")] = None,
-    refresh_size: Annotated[int, typer.Option(help="Remember images used for each re-estimate [256].")] = None,
-    warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up iterations [20].")] = None,
-    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value.")] = None,
-    forget_loss: Annotated[str, typer.Option(help="huber | squared | sigmoid (the paper's).")] = None,
-    forget_unit: Annotated[str, typer.Option(help="Unit of the forget gap: sigma | bpd (the paper's) | nats.")] = None,
-    kl_estimate: Annotated[str, typer.Option(help="N_T estimate: refreshed | batch (the paper's).")] = None,
-    threshold_gradient: Annotated[bool, typer.Option(
+    batch_size: Annotated[int | None, typer.Option(
+        help="Forget and remember images per iteration (each) [32].")] = None,
+    max_iters: Annotated[int | None, typer.Option(help="Iteration budget [800].")] = None,
+    refresh_every: Annotated[int | None, typer.Option(
+        help="Re-estimate mu_R, sigma_R every N iterations [10].")] = None,
+    refresh_size: Annotated[int | None, typer.Option(help="Remember images used for each re-estimate [256].")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up iterations [20].")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Clip the gradient norm to this value.")] = None,
+    forget_loss: Annotated[str | None, typer.Option(help="huber | squared | sigmoid (the paper's).")] = None,
+    forget_unit: Annotated[str | None, typer.Option(
+        help="Unit of the forget gap: sigma | bpd (the paper's) | nats.")] = None,
+    kl_estimate: Annotated[str | None, typer.Option(help="N_T estimate: refreshed | batch (the paper's).")] = None,
+    threshold_gradient: Annotated[bool | None, typer.Option(
         "--threshold-gradient/--no-threshold-gradient", help="Differentiate the forget loss through mu_R + "
                                                              "delta*sigma_R.")] = None,
-    settle_decay: Annotated[float, typer.Option(help="Per-iteration learning-rate decay while every forget "
+    settle_decay: Annotated[float | None, typer.Option(help="Per-iteration learning-rate decay while every forget "
                                                      "image is within 2*epsilon of the threshold (1 = off) "
                                                      "[0.97].")] = None,
-    stop_margin: Annotated[float, typer.Option(help="Stop only when every forget image's d (in sigma_R) is "
+    stop_margin: Annotated[float | None, typer.Option(help="Stop only when every forget image's d (in sigma_R) is "
                                                     "above -epsilon + this margin, so it still counts as "
                                                     "forgotten on noise the run never saw (0 = the paper's "
                                                     "|d| < epsilon; docs/method.md) [0].")] = None,
-    forget_draws: Annotated[int, typer.Option(help="Noise draws averaged into each forget image's NLL in the "
+    forget_draws: Annotated[int | None, typer.Option(help="Noise draws averaged into each forget image's NLL in the "
                                                    "stopping test and the report [8].")] = None,
-    max_remember_drift: Annotated[float, typer.Option(
+    max_remember_drift: Annotated[float | None, typer.Option(
         help="Stopping guard: refuse to stop while the remember set's mean NLL is up by more than this "
              "fraction (0 = off) [0.003 for taming, 0.05 for the baselines].")] = None,
-    max_remember_jump: Annotated[float, typer.Option(help="Blow-up guard: roll back and halve the learning "
+    max_remember_jump: Annotated[float | None, typer.Option(help="Blow-up guard: roll back and halve the learning "
                                                           "rate when a remember batch's mean BPD is this "
                                                           "fraction above the base model's (0 = off) [0.25].")] = None,
-    freeze: Annotated[str, typer.Option(help="Parameters held fixed: coupling-outputs (each coupling "
+    freeze: Annotated[str | None, typer.Option(help="Parameters held fixed: coupling-outputs (each coupling "
                                              "network's zero-initialized last layer) | none "
                                              "[coupling-outputs for taming, none for the baselines].")] = None,
-    seed: Annotated[int, typer.Option(help="Seed: CPU runs are bit-for-bit repeatable [0].")] = None,
-    eval_seed: Annotated[int, typer.Option(help="Seed of the fixed evaluation / stopping-check noise [0].")] = None,
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast, CUDA only).")] = None,
-    sa_lambda: Annotated[float, typer.Option(help="selective-amnesia: EWC penalty weight lambda.")] = None,
-    sa_replay_weight: Annotated[float, typer.Option(help="selective-amnesia: weight of generative replay.")] = None,
-    sa_fisher_samples: Annotated[int, typer.Option(help="selective-amnesia: base-model samples for the "
+    seed: Annotated[int | None, typer.Option(help="Seed: CPU runs are bit-for-bit repeatable [0].")] = None,
+    eval_seed: Annotated[int | None, typer.Option(
+        help="Seed of the fixed evaluation / stopping-check noise [0].")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (autocast, CUDA only).")] = None,
+    sa_lambda: Annotated[float | None, typer.Option(help="selective-amnesia: EWC penalty weight lambda.")] = None,
+    sa_replay_weight: Annotated[float | None, typer.Option(
+        help="selective-amnesia: weight of generative replay.")] = None,
+    sa_fisher_samples: Annotated[int | None, typer.Option(help="selective-amnesia: base-model samples for the "
                                                         "Fisher.")] = None,
-    sa_surrogate: Annotated[str, typer.Option(help="selective-amnesia: 'uniform' noise images or a folder.")] = None,
+    sa_surrogate: Annotated[str | None, typer.Option(
+        help="selective-amnesia: 'uniform' noise images or a folder.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its saved state.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,

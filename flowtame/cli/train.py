@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -46,7 +47,7 @@ class _ProgressView:
             TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[bpd]} BPD"),
             TextColumn("lr {task.fields[lr]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=out, transient=True) if is_interactive(quiet) and out is console else None
-        self.task = None
+        self.task: TaskID | None = None  # set on entering the progress display
         self.steps = steps
 
     def __enter__(self) -> _ProgressView:
@@ -62,7 +63,8 @@ class _ProgressView:
     def update(self, p) -> None:
         """Show one :class:`flowtame.jobs.train.TrainProgress`."""
         if self.progress is not None:
-            self.progress.update(self.task, completed=p.step, bpd=f"{p.loss_bpd:.4f}", lr=f"{p.lr:.2e}")
+            if self.task is not None:
+                self.progress.update(self.task, completed=p.step, bpd=f"{p.loss_bpd:.4f}", lr=f"{p.lr:.2e}")
         elif not self.quiet and (p.step % self.log_every == 0 or p.step in (1, p.steps)):
             self.out.print(f"step {p.step:6d}/{p.steps}  loss {p.loss_bpd:.4f} BPD  lr {p.lr:.2e}  "
                           f"grad norm {p.grad_norm:.3g}  {p.elapsed_s:.1f} s", highlight=False, soft_wrap=True)
@@ -79,25 +81,28 @@ def train_command(
                                                                  "this.")] = 32,
     channels: Annotated[int, typer.Option("--channels", help="1 (grayscale) or 3 (RGB).")] = 3,
     n_bits: Annotated[int, typer.Option("--n-bits", help="Bits per value the model sees (1-8).")] = 5,
-    n_flow: Annotated[int, typer.Option("--n-flow", help="glow: flow steps per level (default: 8).")] = None,
-    n_block: Annotated[int, typer.Option("--n-block", help="glow: levels; 2**n must divide the image size "
+    n_flow: Annotated[int | None, typer.Option("--n-flow", help="glow: flow steps per level (default: 8).")] = None,
+    n_block: Annotated[int | None, typer.Option("--n-block", help="glow: levels; 2**n must divide the image size "
                                                            "(default: 3); tarflow: flow blocks (default: 4).")] = None,
-    hidden: Annotated[int, typer.Option("--hidden", help="Width of the coupling networks (default: per "
+    hidden: Annotated[int | None, typer.Option("--hidden", help="Width of the coupling networks (default: per "
                                                          "architecture).")] = None,
-    affine: Annotated[bool, typer.Option("--affine/--additive", help="glow: affine or additive coupling "
+    affine: Annotated[bool | None, typer.Option("--affine/--additive", help="glow: affine or additive coupling "
                                                                      "(default: additive).")] = None,
-    conv_lu: Annotated[bool, typer.Option("--lu/--no-lu", help="glow: LU-parameterized 1x1 convolutions "
+    conv_lu: Annotated[bool | None, typer.Option("--lu/--no-lu", help="glow: LU-parameterized 1x1 convolutions "
                                                                "(default: lu).")] = None,
-    n_scales: Annotated[int, typer.Option("--n-scales", help="realnvp: scales (default: 2).")] = None,
-    n_res_blocks: Annotated[int, typer.Option("--n-res-blocks", help="realnvp: residual blocks (default: 2).")] = None,
-    n_couplings: Annotated[int, typer.Option("--n-couplings", help="nice: coupling layers (default: 4).")] = None,
-    n_hidden_layers: Annotated[int, typer.Option("--n-hidden-layers", help="nice: hidden layers (default: 5).")] = None,
-    patch_size: Annotated[int, typer.Option("--patch-size", help="tarflow: patch side in pixels; must divide "
+    n_scales: Annotated[int | None, typer.Option("--n-scales", help="realnvp: scales (default: 2).")] = None,
+    n_res_blocks: Annotated[int | None, typer.Option(
+        "--n-res-blocks", help="realnvp: residual blocks (default: 2).")] = None,
+    n_couplings: Annotated[int | None, typer.Option(
+        "--n-couplings", help="nice: coupling layers (default: 4).")] = None,
+    n_hidden_layers: Annotated[int | None, typer.Option(
+        "--n-hidden-layers", help="nice: hidden layers (default: 5).")] = None,
+    patch_size: Annotated[int | None, typer.Option("--patch-size", help="tarflow: patch side in pixels; must divide "
                                                                  "the image size (default: 4).")] = None,
-    width: Annotated[int, typer.Option("--width", help="tarflow: transformer width (default: 256).")] = None,
-    layers_per_block: Annotated[int, typer.Option("--layers-per-block", help="tarflow: attention layers per "
+    width: Annotated[int | None, typer.Option("--width", help="tarflow: transformer width (default: 256).")] = None,
+    layers_per_block: Annotated[int | None, typer.Option("--layers-per-block", help="tarflow: attention layers per "
                                                                              "flow block (default: 2).")] = None,
-    heads: Annotated[int, typer.Option("--heads", help="tarflow: attention heads; must divide the width "
+    heads: Annotated[int | None, typer.Option("--heads", help="tarflow: attention heads; must divide the width "
                                                        "(default: 4).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 2000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 64,
@@ -117,9 +122,9 @@ def train_command(
                                                           "data and settings; --steps may be larger).")] = False,
     sample_every: Annotated[int, typer.Option("--sample-every", help="Write an 8x8 grid of temperature-0.7 "
                                                                      "samples every N steps (0 = never).")] = 0,
-    sample_dir: Annotated[Path, typer.Option("--sample-dir", help="Folder for the sample grids (default: "
+    sample_dir: Annotated[Path | None, typer.Option("--sample-dir", help="Folder for the sample grids (default: "
                                                                   "OUTPUT's name + '-samples').")] = None,
-    json_path: Annotated[str, typer.Option("--json", help="Write a summary (settings, BPD, history) as JSON "
+    json_path: Annotated[str | None, typer.Option("--json", help="Write a summary (settings, BPD, history) as JSON "
                                                           "('-' = stdout).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Treat unreadable image files as errors.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT.")] = False,

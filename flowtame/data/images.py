@@ -315,11 +315,11 @@ class ImageSet:
         self.shard_skipped: list[tuple[str, str]] = []
         self._reader = reader
         self._names = reader.names
-        self._good: list[int] | None = None
-        self._keys: list[str] | None = None
+        #: After the first complete pass: (positions of the good files among the source's, their keys).
+        self._first: tuple[list[int], list[str]] | None = None
 
     def __repr__(self) -> str:
-        state = f"{len(self._good)} good of " if self._good is not None else ""
+        state = f"{len(self._first[0])} good of " if self._first is not None else ""
         return f"ImageSet({self.name!r}, {state}{self.num_files} files)"
 
     @property
@@ -335,36 +335,40 @@ class ImageSet:
     @property
     def validated(self) -> bool:
         """True once the set has been read through (its good images, keys and skipped files are known)."""
-        return self._good is not None
+        return self._first is not None
 
     def validate(self) -> None:
         """Read the set through once (unless done), filling ``skipped`` and the keys; pixels are not kept."""
-        if self._good is None:
+        self._first_pass()
+
+    def _first_pass(self) -> tuple[list[int], list[str]]:
+        """(positions of the good files, their keys), reading the set through once first when needed."""
+        if self._first is None:
             for _ in self.iter_batches(256):
                 pass
+        first = self._first
+        assert first is not None, "a complete first pass records the set or raises"
+        return first
 
     def __len__(self) -> int:
-        self.validate()
-        return len(self._good)
+        return len(self._first_pass()[0])
 
     @property
     def paths(self) -> list[str]:
         """Display names of the good images (file paths; ``embedded:digits#INDEX`` for embedded images)."""
-        self.validate()
-        return [self._names[index] for index in self._good]
+        return [self._names[index] for index in self._first_pass()[0]]
 
     @property
     def keys(self) -> list[str]:
         """Keys (sha256 hex of the preprocessed pixels) of the good images, in order."""
-        self.validate()
-        return list(self._keys)
+        return list(self._first_pass()[1])
 
     def pixels(self, i: int) -> np.ndarray:
         """Preprocessed pixels of good image ``i``, uint8 [C, S, S]."""
-        self.validate()
-        index = self._good[i]
+        good, keys = self._first_pass()
+        index = good[i]
         pixels, reason = _read(self._reader, index, self.data_spec)
-        if pixels is None or pixel_key(pixels) != self._keys[i]:
+        if pixels is None or pixel_key(pixels) != keys[i]:
             raise DataError(f"{self._names[index]}: changed since it was first read "
                             f"({reason or 'different pixels'})")
         return pixels
@@ -390,14 +394,16 @@ class ImageSet:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        first_pass = self._good is None
-        indices = range(self.num_files) if first_pass else self._good
+        first = self._first
+        first_pass = first is None
+        indices: Sequence[int]
+        first_keys: list[str]  # the keys a later pass must find (empty on a first pass)
+        indices, first_keys = (range(self.num_files), []) if first is None else first
         partial_pass = positions is not None
-        if partial_pass:
+        if positions is not None:
             indices = [indices[p] for p in positions]
-            first_keys = [] if first_pass else [self._keys[p] for p in positions]
-        else:
-            first_keys = self._keys
+            if first is not None:
+                first_keys = [first_keys[p] for p in positions]
         loader = DataLoader(
             _ReadDataset(self._reader, self.data_spec, indices),
             batch_size=batch_size,
@@ -442,7 +448,7 @@ class ImageSet:
             raise DataError(f"{self.name}: none of its {len(skipped)} files could be read "
                             f"(first: {path}: {reason})")
         self.skipped = list(skipped)
-        self._good, self._keys = list(good), list(keys)
+        self._first = (list(good), list(keys))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from flowtame.engine.devices import autocast_context
 from flowtame.engine.distributed import RankLost
 from flowtame.errors import (
     CheckpointError,
+    InputError,
     InterruptedRun,
     OutputWriteError,
     StopSignal,
@@ -53,6 +54,7 @@ from flowtame.errors import (
     signal_number,
     stop_signals,
 )
+from flowtame.flows.base import MultiScaleFlow
 from flowtame.io.fileio import save_safetensors_atomic
 
 STATE_FORMAT = "flowtame-engine-state"
@@ -79,14 +81,15 @@ class EngineConfig:
 
 
 class Method(Protocol):
-    """What the engine needs from a taming method."""
+    """What the engine needs from a taming method. ``model``: the flow being trained (to ``loss``, under torchrun,
+    its sharded view :class:`_ShardedFlow`, which forwards every attribute to it)."""
 
     name: str
 
-    def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, model: MultiScaleFlow, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The scalar loss of this iteration and named scalars to log (tensors, detached or not)."""
 
-    def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
+    def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         """Called after the optimizer step with the logged scalars as floats; True when converged.
 
         A method may also expose ``lr_factor`` (float): the engine multiplies the learning rate by it,
@@ -200,7 +203,7 @@ class Engine:
     ``callback(iteration, logged)`` is called after every iteration (progress display).
     """
 
-    def __init__(self, model: nn.Module, method: Method, config: EngineConfig, *,
+    def __init__(self, model: MultiScaleFlow, method: Method, config: EngineConfig, *,
                  generators: dict[str, torch.Generator] | None = None,
                  callback: Callable[[int, dict[str, float]], None] | None = None):
         self.model = model
@@ -240,7 +243,7 @@ class Engine:
     def _point(self, snapshot: dict[str, Any] | None = None) -> dict[str, Any]:
         """Everything :meth:`save_state` writes, as of now (``snapshot``: model and optimizer of
         :meth:`_snapshot` instead of the live ones; the rest is then copied, so later iterations leave it)."""
-        point = {
+        point: dict[str, Any] = {
             "model": self.model.state_dict() if snapshot is None else snapshot["model"],
             "optimizer": self.optimizer.state_dict() if snapshot is None else snapshot["optimizer"],
             "rng": {name: gen.get_state() for name, gen in self.generators.items()},
@@ -528,13 +531,15 @@ class Engine:
             rolled_back(self.model)
 
 
-def start_engine(model: nn.Module, method: Method, config: EngineConfig, *, batches: torch.Generator,
+def start_engine(model: MultiScaleFlow, method: Method, config: EngineConfig, *, batches: torch.Generator,
                  callback: Callable[[int, dict[str, float]], None] | None, state_path: str | Path | None,
                  resume: bool) -> Engine:
     """A job's engine: the method draws its batches from ``batches`` (saved with the resume state); with
     ``resume`` the run continues from ``state_path``."""
     engine = Engine(model, method, config, generators={"batches": batches}, callback=callback)
     if resume:
+        if state_path is None:
+            raise InputError("resume needs the state_path of the interrupted run", keys=("resume",))
         engine.load_state(state_path)
     return engine
 
@@ -609,7 +614,7 @@ class _LogProb(nn.Module):
     """A flow's ``log_prob`` as a module's ``forward``: what DistributedDataParallel wraps (it hooks its
     gradient all-reduce into ``forward``)."""
 
-    def __init__(self, flow: nn.Module):
+    def __init__(self, flow: MultiScaleFlow):
         super().__init__()
         self.flow = flow
 
@@ -623,7 +628,7 @@ class _ShardedFlow:
     (:meth:`~flowtame.engine.distributed.DistContext.map_rows`); every other attribute is the flow's own.
     One forward with gradient per iteration, as DDP requires."""
 
-    def __init__(self, flow: nn.Module, context: distributed.DistContext):
+    def __init__(self, flow: MultiScaleFlow, context: distributed.DistContext):
         from torch.nn.parallel import DistributedDataParallel
 
         self._flow = flow

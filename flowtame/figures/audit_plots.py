@@ -46,7 +46,7 @@ def plot_membership(path: str | Path, forget: Mapping[str, np.ndarray], holdout:
     for column, name in enumerate(models):
         axis = figure.add_subplot(grid[1, column])
         values = np.concatenate([forget[name], holdout[name]])
-        edges = np.linspace(values.min(), values.max(), bins + 1)
+        edges = np.linspace(values.min(), values.max(), bins + 1).tolist()
         axis.hist(holdout[name], bins=edges, density=True, alpha=0.5, label="held-out")
         axis.hist(forget[name], bins=edges, density=True, alpha=0.5, label="forget")
         axis.set_title(name)

@@ -66,7 +66,7 @@ def plot_nll_histograms(
     figure = Figure(figsize=(5.0 * len(nll), 3.6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(nll), sharex=True, squeeze=False)[0]
-    colours = {}
+    colours: dict[str, str] = {}
     for ax, (title, sets) in zip(axes, nll.items(), strict=True):
         for index, (name, raw) in enumerate(sets.items()):
             data = np.asarray(raw, dtype=np.float64) * factor
@@ -79,9 +79,9 @@ def plot_nll_histograms(
                 ax.plot(data, np.zeros_like(data), linestyle="none", marker="|", markersize=18,
                         markeredgewidth=2, color=colour, label=label, transform=ax.get_xaxis_transform(),
                         zorder=3 + index)
-        fit = fits.get(title)
-        if fit is not None:
-            mean, std = fit.mean * factor, fit.std * factor
+        panel_fit = fits.get(title)
+        if panel_fit is not None:
+            mean, std = panel_fit.mean * factor, panel_fit.std * factor
             grid = np.linspace(edges[0], edges[-1], 400)
             density = np.exp(-0.5 * ((grid - mean) / std) ** 2) / (std * math.sqrt(2.0 * math.pi))
             ax.plot(grid, density, color="black", linewidth=1, label="remember fit N(μ_R, σ_R²)")

@@ -77,7 +77,7 @@ def sample_images(checkpoints: Sequence[Checkpoint], n: int, temperature: float 
         chunks = []
         for start in range(0, n, DECODE_BATCH):
             batch = [eps[start:start + DECODE_BATCH].to(device=device, dtype=dtype) for eps in noise]
-            chunks.append(to_uint8(ckpt.model.decode_noise(batch), ckpt.data_spec.n_bits))
+            chunks.append(to_uint8(ckpt.model.decode_noise(batch), ckpt.image_data("sampling").n_bits))
         rows.append(np.concatenate(chunks))
     image_shapes = {row.shape[1:] for row in rows}
     if len(image_shapes) > 1:

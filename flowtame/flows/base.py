@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -18,10 +19,12 @@ from torch import Tensor, nn
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-def gaussian_log_prob(z: Tensor, mean: Tensor | None = None, log_sd: Tensor | None = None) -> Tensor:
-    """Elementwise log density (nats) of z under N(mean, exp(log_sd)^2); standard normal when mean is None."""
-    if mean is None:
+def gaussian_log_prob(z: Tensor, prior: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Elementwise log density (nats) of z under N(mean, exp(log_sd)^2) for ``prior`` = (mean, log_sd), each
+    broadcastable to z; standard normal when ``prior`` is None."""
+    if prior is None:
         return -0.5 * LOG_2PI - 0.5 * z.square()
+    mean, log_sd = prior
     return -0.5 * LOG_2PI - log_sd - 0.5 * (z - mean).square() * torch.exp(-2.0 * log_sd)
 
 
@@ -83,15 +86,18 @@ class Level(nn.Module):
     when not split) to ``cat([mean, log_sd], dim=1)``. ``None`` means a standard normal prior.
     """
 
+    steps: Sequence[Transform]  # an nn.ModuleList (torch types its items as Module)
+
     def __init__(self, steps: Sequence[Transform], split: bool, prior: nn.Module | None = None):
         super().__init__()
-        self.steps = nn.ModuleList(steps)
+        self.steps = cast("Sequence[Transform]", nn.ModuleList(steps))
         self.split = split
         self.prior = prior
 
-    def prior_params(self, cond: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def prior_params(self, cond: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(mean, log_sd) of the prior given ``cond``; None for a standard normal prior."""
         if self.prior is None:
-            return None, None
+            return None
         mean, log_sd = self.prior(cond).chunk(2, 1)
         return mean, log_sd
 
@@ -107,11 +113,13 @@ class MultiScaleFlow(nn.Module):
       every device and for every model of the same shape) and decodes it.
     """
 
+    levels: Sequence[Level]  # an nn.ModuleList (torch types its items as Module)
+
     def __init__(self, levels: Sequence[Level], event_shape: tuple[int, ...]):
         super().__init__()
         if not levels or levels[-1].split:
             raise ValueError("a flow needs at least one level and its last level must not split")
-        self.levels = nn.ModuleList(levels)
+        self.levels = cast("Sequence[Level]", nn.ModuleList(levels))
         self.event_shape = tuple(event_shape)
         shapes = []
         shape = self.event_shape
@@ -141,18 +149,18 @@ class MultiScaleFlow(nn.Module):
         h = x
         log_det = x.new_zeros(x.shape[0])
         log_prior = x.new_zeros(x.shape[0])
-        latents = []
+        latents: list[Tensor] = []
         for level in self.levels:
             for step in level.steps:
                 h, step_log_det = step(h)
                 log_det = log_det + step_log_det
             if level.split:
                 h, z = h.chunk(2, 1)
-                mean, log_sd = level.prior_params(h)
+                prior = level.prior_params(h)
             else:
                 z = h
-                mean, log_sd = level.prior_params(torch.zeros_like(h))
-            log_prior = log_prior + gaussian_log_prob(z, mean, log_sd).flatten(1).sum(1)
+                prior = level.prior_params(torch.zeros_like(h))
+            log_prior = log_prior + gaussian_log_prob(z, prior).flatten(1).sum(1)
             latents.append(z)
         return latents, log_det, log_prior
 
@@ -166,22 +174,25 @@ class MultiScaleFlow(nn.Module):
         return latents, log_det
 
     def decode(self, latents: Sequence[Tensor]) -> Tensor:
-        h = None
+        h: Tensor | None = None
         for level, z in zip(reversed(self.levels), reversed(list(latents)), strict=True):
             h = z if h is None else torch.cat([h, z], 1)
             for step in reversed(level.steps):
                 h = step.inverse(h)
+        assert h is not None  # there is at least one level, and zip(strict=True) gave each its latent
         return h
 
     def decode_noise(self, noise: Sequence[Tensor]) -> Tensor:
         """Map standardized noise (one tensor per level, shapes ``latent_shapes``) to data space."""
-        h = None
+        h: Tensor | None = None
         for level, eps in zip(reversed(self.levels), reversed(list(noise)), strict=True):
-            mean, log_sd = level.prior_params(h if level.split else torch.zeros_like(eps))
-            z = eps if mean is None else mean + torch.exp(log_sd) * eps
+            # the top level (first here, h None) never splits: it is conditioned on zeros
+            prior = level.prior_params(h if h is not None and level.split else torch.zeros_like(eps))
+            z = eps if prior is None else prior[0] + torch.exp(prior[1]) * eps
             h = z if h is None else torch.cat([h, z], 1)
             for step in reversed(level.steps):
                 h = step.inverse(h)
+        assert h is not None  # there is at least one level, and zip(strict=True) gave each its noise
         return h
 
     def sample_noise(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None,

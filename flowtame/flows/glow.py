@@ -36,6 +36,8 @@ class ActNorm(Transform):
     until the next ``load_state_dict``), so the hot loop makes no host synchronisation.
     """
 
+    initialized: Tensor  # buffer, scalar: 1.0 once initialized
+
     def __init__(self, channels: int, log_scale: bool = False):
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(1, channels, 1, 1))
@@ -106,6 +108,13 @@ class InvConv1x1LU(Transform):
     P, the masks and the signs are fixed buffers; log|det W| = sum(w_s), so log_det = H*W*sum(w_s).
     """
 
+    # buffers, [C, C] except s_sign [C]
+    w_p: Tensor
+    u_mask: Tensor
+    l_mask: Tensor
+    s_sign: Tensor
+    l_eye: Tensor
+
     def __init__(self, channels: int):
         super().__init__()
         q, _ = torch.linalg.qr(torch.randn(channels, channels))
@@ -143,6 +152,8 @@ class ChannelPermutation(Transform):
     ``order`` is a float buffer (checkpoints hold floating-point tensors only) of the indices [C].
     """
 
+    order: Tensor
+
     def __init__(self, channels: int, shuffle: bool):
         super().__init__()
         order = torch.randperm(channels) if shuffle else torch.arange(channels - 1, -1, -1)
@@ -164,6 +175,7 @@ class ZeroConv2d(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=0)
         nn.init.zeros_(self.conv.weight)
+        assert self.conv.bias is not None  # a Conv2d built with bias=True (the default)
         nn.init.zeros_(self.conv.bias)
         self.scale = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
         self.pad_value = pad_value
@@ -177,6 +189,8 @@ class ZeroConv2d(nn.Module):
 class BufferPrior(nn.Module):
     """A top prior that ignores its input: a zero-convolution of a stored buffer ``h`` [1, 2C, H, W] (y0ast's
     ``learn_top_fn(prior_h)``), expanded to the batch: returns cat([mean, log_sd]) [B, 2C, H, W]."""
+
+    h: Tensor
 
     def __init__(self, channels: int, size: int, pad_value: float):
         super().__init__()
@@ -221,16 +235,12 @@ class GlowCoupling(Transform):
             self.net = nn.Sequential(ConvActNorm(channels // 2, hidden, 3, log_actnorm), nn.ReLU(),
                                      ConvActNorm(hidden, hidden, 1, log_actnorm), nn.ReLU(), out)
             return
-        self.net = nn.Sequential(
-            nn.Conv2d(channels // 2, hidden, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 1),
-            nn.ReLU(),
-            out,
-        )
-        for conv in (self.net[0], self.net[2]):
+        convs = (nn.Conv2d(channels // 2, hidden, 3, padding=1), nn.Conv2d(hidden, hidden, 1))
+        for conv in convs:
             nn.init.normal_(conv.weight, 0.0, 0.05)
+            assert conv.bias is not None  # built with bias=True (the default)
             nn.init.zeros_(conv.bias)
+        self.net = nn.Sequential(convs[0], nn.ReLU(), convs[1], nn.ReLU(), out)
 
     def coupling_output(self) -> nn.Module:
         return self.net[-1]
@@ -261,6 +271,8 @@ class FlowStep(Transform):
     ``permutation`` is "invconv", "reverse" or "shuffle"; ``log_actnorm``, ``net_actnorm`` and ``interleaved``
     are :class:`GlowSpec`'s layout options, ``pad_value`` the zero-convolutions' padding (1 or 0).
     """
+
+    invconv: InvConv1x1 | InvConv1x1LU | ChannelPermutation
 
     def __init__(self, channels: int, hidden: int, affine: bool, conv_lu: bool, permutation: str = "invconv",
                  log_actnorm: bool = False, net_actnorm: bool = False, interleaved: bool = False,
@@ -352,6 +364,7 @@ def build_glow(spec: GlowSpec) -> MultiScaleFlow:
         for flow in range(spec.n_flow):
             steps.append(FlowStep(squeezed, spec.hidden, spec.affine, spec.conv_lu[block * spec.n_flow + flow],
                                   spec.permutation, spec.log_actnorm, spec.net_actnorm, spec.interleaved, pad))
+        prior: nn.Module | None
         if not last:
             prior = ZeroConv2d(squeezed // 2, squeezed, pad, spec.interleaved)
         elif spec.top_prior == "conv":

@@ -38,6 +38,7 @@ def coupling_net(channels: int, hidden: int, n_res_blocks: int) -> nn.Sequential
     """[B, C, H, W] -> [B, 2C, H, W] (raw log-scale, shift); the output convolution starts at zero."""
     out = nn.Conv2d(hidden, 2 * channels, 3, padding=1)
     nn.init.zeros_(out.weight)
+    assert out.bias is not None  # a Conv2d built with bias=True (the default)
     nn.init.zeros_(out.bias)
     return nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1),
                          *(ResidualBlock(hidden) for _ in range(n_res_blocks)), nn.ReLU(), out)

@@ -187,6 +187,8 @@ class TarFlowBlock(Transform):
 class PatchPrior(nn.Module):
     """The latent's prior N(0, var): returns cat([mean, log_sd], dim=1) for a conditioning tensor [B, T, D_p]."""
 
+    var: Tensor  # buffer [T, D_p]
+
     def __init__(self, num_patches: int, dim: int):
         super().__init__()
         self.register_buffer("var", torch.ones(num_patches, dim))

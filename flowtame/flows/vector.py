@@ -62,7 +62,7 @@ class MLPCoupling(Transform):
 
     def _shift_and_log_scale(self, cond: Tensor) -> tuple[Tensor, Tensor | None]:
         out = self.net(cond)
-        if not self.affine:
+        if self.scale is None:  # not affine
             return out, None
         raw, shift = out.chunk(2, 1)
         return shift, self.scale * torch.tanh(raw)
@@ -92,6 +92,8 @@ class MLPCoupling(Transform):
 
 class MaskedLinear(nn.Linear):
     """``nn.Linear`` whose weight is multiplied by a fixed 0/1 ``mask`` of shape [out, in] (not saved)."""
+
+    mask: Tensor
 
     def __init__(self, mask: Tensor):
         super().__init__(mask.shape[1], mask.shape[0])

@@ -25,7 +25,7 @@ from torch.nn.modules.module import (
 
 from flowtame import __version__
 from flowtame.data.quantization import DataSpec
-from flowtame.errors import CheckpointError
+from flowtame.errors import CheckpointError, InputError
 from flowtame.flows import ARCHITECTURES, MultiScaleFlow, build_model, make_spec
 from flowtame.io.fileio import check_output_path, save_safetensors_atomic, sha256_file
 
@@ -44,6 +44,13 @@ class Checkpoint:
     provenance: dict = field(default_factory=dict)
     path: Path | None = None
     sha256: str | None = None
+
+    def image_data(self, use: str) -> DataSpec:
+        """The data spec (image size, channels, n_bits) of an image model; InputError "PATH: ``use`` needs an
+        image model" for a model without one (a vector flow)."""
+        if self.data_spec is None:
+            raise InputError(f"{self.path or self.architecture}: {use} needs an image model (no data spec)")
+        return self.data_spec
 
     @property
     def num_parameters(self) -> int:

@@ -22,13 +22,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from flowtame.data.quantization import DataSpec
 from flowtame.errors import CheckpointError, InputError
-from flowtame.flows.glow import GlowSpec, build_glow
+from flowtame.flows.glow import ChannelPermutation, FlowStep, GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint, make_provenance
 from flowtame.io.convert import _load_state_dict, check_family
 from flowtame.io.fileio import sha256_file
@@ -114,7 +115,10 @@ def infer_y0ast_structure(path: Path, state: dict[str, Tensor]) -> Y0astStructur
                           learn_top="learn_top_fn.conv.weight" in state, image_size=top[2] * 2 ** n_block)
 
 
-def read_json(path: Path, kind: type, what: str) -> dict | list:
+JSONContainer = TypeVar("JSONContainer", dict, list)
+
+
+def read_json(path: Path, kind: type[JSONContainer], what: str) -> JSONContainer:
     """The JSON value of ``path``, which must be a ``kind`` (dict or list); InputError (one line) otherwise."""
     try:
         value = json.loads(Path(path).read_text())
@@ -127,8 +131,9 @@ def read_json(path: Path, kind: type, what: str) -> dict | list:
     return value
 
 
-def _check_hparams(path: Path, hparams_path: Path, hparams: dict, found: Y0astStructure) -> str:
-    """Check hparams against the weights; returns the permutation ("invconv", "reverse" or "shuffle")."""
+def _check_hparams(path: Path, hparams_path: Path | None, hparams: dict, found: Y0astStructure) -> str:
+    """Check hparams (read from ``hparams_path``; empty when that is None) against the weights; returns the
+    permutation ("invconv", "reverse" or "shuffle")."""
     permutation = hparams.get("flow_permutation", "invconv" if found.conv_lu is not None else None)
     if permutation not in ("invconv", "reverse", "shuffle", None):
         raise InputError(f"{hparams_path}: flow_permutation {permutation!r} is not invconv, shuffle or reverse")
@@ -228,8 +233,11 @@ def convert_y0ast(pt_path: str | Path, *, hparams: str | Path | None = None, ima
             raise CheckpointError(f"{path}: 'prior_h' is not zero; without learn_top that code's top prior is "
                                   f"N(prior_h halves), which flowtame's standard-normal top prior is not")
     if permutation == "shuffle":
-        sizes = [model.levels[b].steps[1].invconv.order.numel() for b in range(found.n_block) for _ in
-                 range(found.n_flow)]
+        sizes = []
+        for level in model.levels:
+            step = level.steps[1]  # steps[0] is the squeeze; every flow step of a level permutes alike
+            assert isinstance(step, FlowStep) and isinstance(step.invconv, ChannelPermutation)
+            sizes += [step.invconv.order.numel()] * found.n_flow
         orders = _shuffle_orders(path, Path(permutations) if permutations else None, len(sizes), sizes)
         for index, order in enumerate(orders):
             block, flow = divmod(index, found.n_flow)

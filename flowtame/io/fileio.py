@@ -175,7 +175,7 @@ def save_safetensors_atomic(path: str | Path, tensors: dict, metadata: dict[str,
         _check_safetensors_size(path, tmp)
 
 
-def _check_safetensors_size(path: Path, tmp: Path) -> None:
+def _check_safetensors_size(path: str | Path, tmp: Path) -> None:
     with open(tmp, "rb") as fh:
         head = fh.read(8)
         header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowtame.data.images import ImageSet
 from flowtame.data.quantization import DataSpec
@@ -61,6 +61,7 @@ from flowtame.engine.loop import (
     state_saver,
 )
 from flowtame.errors import DataError, InputError
+from flowtame.flows.base import MultiScaleFlow
 from flowtame.io import config as io_config
 from flowtame.io.checkpoint import Checkpoint, make_provenance, report_header
 from flowtame.io.fileio import json_safe
@@ -212,7 +213,7 @@ def _check_disjoint(groups: Mapping[str, ImageSet], group_keys: Sequence[Sequenc
                                  f"{owner[key]!r}; a group's images must be in no other group")
 
 
-def _preservation(base_model: nn.Module, model: nn.Module, group_names: Sequence[str],
+def _preservation(base_model: MultiScaleFlow, model: MultiScaleFlow, group_names: Sequence[str],
                   group_pixels: Sequence[Tensor], group_keys: Sequence[Sequence[str]], remember_pixels: Tensor,
                   remember_keys: Sequence[str], base_remember_nll: np.ndarray, data_spec: DataSpec,
                   config: DebiasConfig, device: torch.device) -> dict[str, Any]:
@@ -294,7 +295,7 @@ def _load_debias_sets(groups: Mapping[str, ImageSet], remember_set: ImageSet | N
                        other_excluded)
 
 
-def _group_classifier(base_model: nn.Module, class_pixels: Sequence[Tensor], n_bits: int, config: DebiasConfig,
+def _group_classifier(base_model: MultiScaleFlow, class_pixels: Sequence[Tensor], n_bits: int, config: DebiasConfig,
                       classifier_path: str | Path | None, dev: torch.device) -> GroupClassifier:
     """The latent logistic classifier fitted on ``class_pixels``, or the TorchScript one at ``classifier_path``."""
     if classifier_path is None:
@@ -351,9 +352,7 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
         raise InputError("debiasing needs at least two groups")
     if list(targets) != names:
         raise InputError("debias() needs one target per group, in the groups' order (see parse_targets)")
-    data_spec = base.data_spec
-    if data_spec is None:
-        raise InputError(f"{base.path}: debiasing needs an image model")
+    data_spec = base.image_data("debiasing")
     dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_debias_sets(groups, remember_set, other_set)
 
@@ -402,15 +401,14 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
                                  classifier, base_remember_nll, seconds, dev, command=command, save_state=save_state)
 
 
-def _debiased_outcome(base: Checkpoint, base_model: nn.Module, model: nn.Module, method: DebiasMethod,
+def _debiased_outcome(base: Checkpoint, base_model: MultiScaleFlow, model: MultiScaleFlow, method: DebiasMethod,
                       result: EngineResult | None, report: dict[str, Any], sets: _DebiasSets,
                       targets: Mapping[str, float], config: DebiasConfig, classifier: GroupClassifier,
                       base_remember_nll: np.ndarray, seconds: dict[str, float], dev: torch.device, *,
                       command: str | None, save_state: Callable[[], None] | None) -> DebiasOutcome:
     """After the run (``result`` None when the base model was already within tolerance): the frequencies after,
     the check draw, the preservation evaluation, the report's results and the checkpoint with provenance."""
-    data_spec = base.data_spec
-    assert data_spec is not None
+    data_spec = base.image_data("debiasing")
     names = method.group_names
     before = report["frequencies"]["before"]
     iterations = result.iterations if result else 0

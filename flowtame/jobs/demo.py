@@ -55,7 +55,7 @@ def run_demo(out: str | Path, *, digit: int = 3, k: int = 4, device: str = "cpu"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_checkpoint(resolve_model_path(MODEL), device=device)
-    spec = base.data_spec
+    spec = base.image_data("the demo")
     config = config or make_config({})
 
     log(f"[1/5] likelihood statistics of {REMEMBER} and {HOLDOUT} under {MODEL}")

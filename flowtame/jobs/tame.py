@@ -38,7 +38,7 @@ from flowtame.engine.loop import (
     state_saver,
 )
 from flowtame.errors import DataError, InputError, config_error
-from flowtame.flows.base import coupling_output_parameters
+from flowtame.flows.base import MultiScaleFlow, coupling_output_parameters
 from flowtame.io import config as io_config
 from flowtame.io.checkpoint import Checkpoint, make_provenance, report_header
 from flowtame.likelihood.evaluation import nearest_rows
@@ -349,7 +349,7 @@ def _normal_block(mean: float, std: float, per_bpd: float) -> dict[str, float]:
 
 def _build_method(config: TameConfig, data: TamingData, *, delta: float, epsilon: float,
                   correction: tuple[float, float], batches: torch.Generator, setup_generator: torch.Generator,
-                  base_model: torch.nn.Module) -> Any:
+                  base_model: MultiScaleFlow) -> Any:
     """The configured method (``config.method`` in :data:`METHODS`) on ``data``, drawing from ``batches``."""
     return METHODS[config.method](
         data, delta=delta, epsilon=epsilon, alpha=config.alpha, gamma=config.gamma,
@@ -380,9 +380,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     """
     if not forget_sets:
         raise InputError("taming needs at least one forget source", keys=("forget",))
-    data_spec = base.data_spec
-    if data_spec is None:
-        raise InputError(f"{base.path}: taming needs an image model")
+    data_spec = base.image_data("taming")
     dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_sets(forget_sets, remember_set)
 
@@ -434,15 +432,14 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
                               command=command, delta=delta, epsilon=epsilon, dev=dev, save_state=save_state)
 
 
-def _tamed_outcome(base: Checkpoint, model: torch.nn.Module, method: Any, result: EngineResult,
+def _tamed_outcome(base: Checkpoint, model: MultiScaleFlow, method: Any, result: EngineResult,
                    report: dict[str, Any], nll: dict[tuple[str, str], np.ndarray], sets: _TamingSets,
                    forget_sets: Sequence[ImageSet], remember_nll: Callable[[Any], np.ndarray], config: TameConfig,
                    *, command: str | None, delta: float, epsilon: float, dev: torch.device,
                    save_state: Callable[[], None] | None) -> TameOutcome:
     """After the run: the tamed model's NLLs, the report's results and the tamed checkpoint with provenance.
     ``nll`` holds the base model's NLLs (remember, forget, and holdout when measured)."""
-    data_spec = base.data_spec
-    assert data_spec is not None
+    data_spec = base.image_data("taming")
     if result.converged and method.final_remember_nll is not None:  # the stop's whole-set pass, same weights
         tamed_remember_nll = method.final_remember_nll.numpy()
     else:
@@ -482,7 +479,7 @@ def _tamed_outcome(base: Checkpoint, model: torch.nn.Module, method: Any, result
     return TameOutcome(checkpoint=tamed, report=report, nll=table, save_state=save_state)
 
 
-def freeze_parameters(model: torch.nn.Module, rule: str) -> list[str]:
+def freeze_parameters(model: torch.nn.Module, rule: str | None) -> list[str]:
     """Stop training the parameters ``rule`` names (``requires_grad`` off); returns their names.
 
     ``coupling-outputs``: the zero-initialized last layer of every coupling network. With Adam every
@@ -491,7 +488,7 @@ def freeze_parameters(model: torch.nn.Module, rule: str) -> list[str]:
     embedded Glow the remember BPD jumped 4-7% within the first 20 iterations and the next ~60 went to
     undoing it. Holding those layers fixed and tuning the hidden layers, actnorms, 1x1 convolutions and
     priors converged in 136-144 instead of 221-260 iterations at equal or lower held-out collateral
-    (docs/benchmarks.md). ``none``: train everything (the paper).
+    (docs/benchmarks.md). ``none`` (or None): train everything (the paper).
     """
     names = coupling_output_parameters(model) if rule == "coupling-outputs" else []
     params = dict(model.named_parameters())
@@ -514,8 +511,8 @@ def taming_evaluation(base: Checkpoint, outcome: TameOutcome, holdout_sets: dict
         for model_name, model in (("base", base.model), ("tamed", outcome.checkpoint.model)):
             table[(model_name, name)] = compute_nll(model, image_set, seed=config.eval_seed, device=device).nll
     outcome.nll.update({key: value for key, value in table.items() if key[1] in holdout_sets})
-    return summarize_evaluation(table, base.data_spec.num_dims, delta=config.delta, epsilon=config.epsilon,
-                                seed=config.eval_seed, forget_draws=config.forget_draws)
+    return summarize_evaluation(table, base.image_data("evaluation").num_dims, delta=config.delta,
+                                epsilon=config.epsilon, seed=config.eval_seed, forget_draws=config.forget_draws)
 
 
 def stopping_target(base: Checkpoint, base_remember_nll: np.ndarray, holdout: Sequence[ImageSet],
@@ -531,14 +528,16 @@ def stopping_target(base: Checkpoint, base_remember_nll: np.ndarray, holdout: Se
     paper's δ, and follow the tamed model's re-estimated μ_R, σ_R.
     """
     if config.target == "threshold":
-        return config.delta, config.epsilon, {"kind": "threshold", "delta": config.delta,
-                                              "epsilon": config.epsilon}, None
+        epsilon = config.epsilon
+        assert epsilon is not None  # TameConfig.__post_init__ fills it
+        return config.delta, epsilon, {"kind": "threshold", "delta": config.delta, "epsilon": epsilon}, None
     from flowtame.likelihood.audits import holdout_target
 
     if not holdout:
         raise InputError("--target holdout needs --holdout: held-out images of the forget images' kind that the "
                          "model never saw")
-    holdout_nll = np.concatenate([pixel_nll(base.model, *s.load_tensor(), base.data_spec, config.eval_seed, device)
+    data_spec = base.image_data("taming")
+    holdout_nll = np.concatenate([pixel_nll(base.model, *s.load_tensor(), data_spec, config.eval_seed, device)
                                   for s in holdout])
     try:
         found = holdout_target(base_remember_nll, holdout_nll)

@@ -388,6 +388,7 @@ def train_model(
         snapshot_every=steps + 1, trajectory_every=HISTORY_EVERY),
         generators={"train": generator}, callback=on_step)
     if resume:
+        assert state_path is not None  # _check_run_options: resume needs a checkpoint_path
         engine.load_state(state_path)
         if engine.iteration > steps:
             raise InputError(f"{state_path}: the run is already at step {engine.iteration}, "

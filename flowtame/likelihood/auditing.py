@@ -145,14 +145,13 @@ def _membership_nll(models: Mapping[str, Checkpoint], sets: AuditSets, known: Ma
                     **passes) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Single-draw NLL of the pooled forget and pooled held-out images under every model (``known`` holds the
     pooled arrays already computed, keyed ``(model, "forget@1" | "holdout")``)."""
-    forget, holdout = {}, {}
+    forget: dict[str, np.ndarray] = {}
+    holdout: dict[str, np.ndarray] = {}
     for name, ckpt in models.items():
-        forget[name] = known.get((name, "forget@1"))
-        if forget[name] is None:
-            forget[name] = _pooled_nll(ckpt, sets.forget, draws=1, **passes)[0]
-        holdout[name] = known.get((name, "holdout"))
-        if holdout[name] is None:
-            holdout[name] = _pooled_nll(ckpt, sets.holdout, draws=1, **passes)[0]
+        value = known.get((name, "forget@1"))
+        forget[name] = value if value is not None else _pooled_nll(ckpt, sets.forget, draws=1, **passes)[0]
+        value = known.get((name, "holdout"))
+        holdout[name] = value if value is not None else _pooled_nll(ckpt, sets.holdout, draws=1, **passes)[0]
     return forget, holdout
 
 
@@ -209,7 +208,7 @@ def _retrained_audit(block: dict[str, Any], retrained: Checkpoint, sets: AuditSe
                      passes: dict[str, Any]) -> dict[str, Any]:
     """The retrained model's figures per set (its own μ_R, σ_R), and TOFU's forget quality of tamed and base."""
     draws, forget_keys = block["forget_draws"], set()
-    nll = {}
+    nll: dict[str, np.ndarray] = {}
     forget_nll = known.get(("retrained", "forget"))
     if forget_nll is None:
         forget_nll, keys = _pooled_nll(retrained, sets.forget, draws=draws, **passes)
@@ -218,9 +217,9 @@ def _retrained_audit(block: dict[str, Any], retrained: Checkpoint, sets: AuditSe
         forget_keys.update(k for s in sets.forget for k in s.keys)
     nll["forget"] = forget_nll
     if sets.forget_unseen is not None:
-        nll["forget_unseen"] = known.get(("retrained", "forget_unseen"))
-        if nll["forget_unseen"] is None:
-            nll["forget_unseen"] = _pooled_nll(retrained, [sets.forget_unseen], draws=draws, **passes)[0]
+        unseen = known.get(("retrained", "forget_unseen"))
+        nll["forget_unseen"] = (unseen if unseen is not None
+                                else _pooled_nll(retrained, [sets.forget_unseen], draws=draws, **passes)[0])
     nll["holdout"] = holdout["retrained"]
     remember = known.get(("retrained", "remember"))
     if remember is None:

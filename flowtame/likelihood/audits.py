@@ -28,6 +28,7 @@ NumPy/SciPy only, on per-image NLL (nats) or latent distances, so every figure c
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -129,7 +130,7 @@ def relative_leakage(auc_model: float, auc_retrained: float) -> float | None:
     return (auc_model - auc_retrained) / auc_retrained
 
 
-def membership_audit(forget: dict[str, ArrayLike], holdout: dict[str, ArrayLike], *, n_boot: int = 1000,
+def membership_audit(forget: Mapping[str, ArrayLike], holdout: Mapping[str, ArrayLike], *, n_boot: int = 1000,
                      seed: int = 0) -> dict:
     """Loss and reference attacks on forget (members) vs held-out (non-members) images.
 

@@ -173,7 +173,7 @@ def collect_nll(base: Checkpoint, tamed: Checkpoint, sets: Mapping[str, Any], *,
 
 def _bin_centre_latents(ckpt: Checkpoint, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 images [B, C, S, S] -> flattened, concatenated latents [B, D] (float64, CPU) at bin centres."""
-    n_bits = ckpt.data_spec.n_bits
+    n_bits = ckpt.image_data("evaluation").n_bits
     x = quantize(pixels, n_bits) + 0.5 / 2 ** n_bits
     with torch.no_grad():
         latents, _ = ckpt.model.encode(x.to(device))
@@ -429,8 +429,9 @@ def evaluate_models(base: Checkpoint, tamed: Checkpoint, sets: Mapping[str, Any]
     if neighbours:
         found = find_neighbours(base, sets["forget"], sets["remember"], neighbours, batch_size=batch_size,
                                 device=device, exclude=~_remember_keep_mask(sets))
-    return summarize_evaluation(nll, base.data_spec.num_dims, delta=delta, epsilon=epsilon, n_boot=n_boot,
-                                seed=seed, neighbours=found, tolerances=tolerances, forget_draws=forget_draws)
+    return summarize_evaluation(nll, base.image_data("evaluation").num_dims, delta=delta, epsilon=epsilon,
+                                n_boot=n_boot, seed=seed, neighbours=found, tolerances=tolerances,
+                                forget_draws=forget_draws)
 
 
 def build_report(base: Checkpoint, tamed: Checkpoint, block: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from typing import TextIO
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowtame.data.images import ImageSet, dequantization_noise
 from flowtame.data.quantization import DataSpec, discrete_nll, nats_to_bpd, quantize
@@ -73,7 +73,7 @@ class NLLResult:
         return len(self.nll)
 
 
-def nll_nats(model: nn.Module, x: Tensor, data_spec: DataSpec | None = None) -> Tensor:
+def nll_nats(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec | None = None) -> Tensor:
     """NLL in nats [B] of one batch of model inputs; differentiable (training).
 
     With ``data_spec``: the discrete NLL (float32) of dequantized images ``x`` [B, C, S, S]. Without: the
@@ -202,7 +202,7 @@ def compute_nll(
     )
 
 
-def _pass(model: nn.Module, image_set: ImageSet, positions: range | None, sink: _CsvSink, *, seed: int,
+def _pass(model: MultiScaleFlow, image_set: ImageSet, positions: range | None, sink: _CsvSink, *, seed: int,
           batch_size: int, device: torch.device, precision: str, num_workers: int,
           progress: ProgressCallback | None, draws: int) -> tuple[np.ndarray, list[str], list[str], list[int]]:
     """One streamed likelihood pass over ``positions`` of ``image_set`` (None: all of it) -> (nats float64 [n],
@@ -219,7 +219,8 @@ def _pass(model: nn.Module, image_set: ImageSet, positions: range | None, sink: 
     with torch.inference_mode(), autocast_context(device, precision):
         for batch in batches:
             batch_nll = _keyed_nll(model, batch.pixels.to(device, non_blocking=True), batch.keys, spec, seed,
-                                   draws, first_noise=batch.noise.to(device, non_blocking=True)).cpu().numpy()
+                                   draws, first_noise=None if batch.noise is None
+                                   else batch.noise.to(device, non_blocking=True)).cpu().numpy()
             nll[len(keys):len(keys) + len(batch_nll)] = batch_nll
             sink.write(batch.paths, batch.keys, batch_nll, nats_to_bpd(batch_nll, spec.num_dims))
             keys.extend(batch.keys)
@@ -230,7 +231,7 @@ def _pass(model: nn.Module, image_set: ImageSet, positions: range | None, sink: 
     return nll[:len(keys)].copy(), keys, paths, indices
 
 
-def _sharded_pass(model: nn.Module, image_set: ImageSet, context: distributed.DistContext, *,
+def _sharded_pass(model: MultiScaleFlow, image_set: ImageSet, context: distributed.DistContext, *,
                   per_image_csv: str | Path | TextIO | None, **options) -> tuple[np.ndarray, list[str], list[str]]:
     """:func:`_pass` under torchrun: this rank reads its contiguous shard (:func:`~flowtame.engine.distributed.
     shard_range`) of the pass, so each image is evaluated once, on the noise of its own key (the same as in
@@ -269,7 +270,7 @@ def dequantized(pixels: Tensor, noise: Tensor, n_bits: int) -> Tensor:
 
 
 @torch.no_grad()
-def batched_nll(model: nn.Module, x: Tensor, data_spec: DataSpec | None = None, batch_size: int = 256) -> Tensor:
+def batched_nll(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec | None = None, batch_size: int = 256) -> Tensor:
     """:func:`nll_nats` [N] of model inputs ``x`` [N, ...] without gradients, ``batch_size`` rows at a time.
 
     Under torchrun every rank must call it alike: each evaluates its contiguous shard of the rows and every
@@ -282,7 +283,7 @@ def batched_nll(model: nn.Module, x: Tensor, data_spec: DataSpec | None = None, 
     return distributed.current().map_rows(rows_nll, x)
 
 
-def _keyed_nll(model: nn.Module, pixels: Tensor, keys: Sequence[str], data_spec: DataSpec, seed: int, draws: int,
+def _keyed_nll(model: MultiScaleFlow, pixels: Tensor, keys: Sequence[str], data_spec: DataSpec, seed: int, draws: int,
                first_noise: Tensor | None = None) -> Tensor:
     """NLL (nats, float64 [B]) of uint8 ``pixels`` [B, ...] on ``model``'s device, averaged over ``draws`` keyed
     noise draws of ``seed`` (draw 0 is ``first_noise`` when given: the same noise, already at hand)."""
@@ -297,7 +298,7 @@ def _keyed_nll(model: nn.Module, pixels: Tensor, keys: Sequence[str], data_spec:
     return total / draws
 
 
-def pixel_nll(model: nn.Module, pixels: Tensor, keys: Sequence[str], data_spec: DataSpec, seed: int,
+def pixel_nll(model: MultiScaleFlow, pixels: Tensor, keys: Sequence[str], data_spec: DataSpec, seed: int,
               device: torch.device, batch_size: int = 256, draws: int = 1) -> np.ndarray:
     """Discrete NLL (nats, float64 [N]) of uint8 images [N, C, S, S] with the keyed evaluation noise of ``seed``.
 

@@ -9,12 +9,17 @@ NumPy arrays and tensors alike (gradients flow through tensors).
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 #: epsilon as a fraction of delta when not given (the released code's 0.15·δ).
 DEFAULT_EPSILON_FRACTION = 0.15
 
-T = TypeVar("T")
+#: A float, a NumPy array or a tensor: the result has the type of the per-image argument.
+Num = TypeVar("Num", float, "np.ndarray", "torch.Tensor")
 
 
 def default_epsilon(delta: float) -> float:
@@ -22,14 +27,14 @@ def default_epsilon(delta: float) -> float:
     return DEFAULT_EPSILON_FRACTION * delta
 
 
-def forget_threshold(mu: T, sigma: T, delta: float) -> T:
+def forget_threshold(mu: Num, sigma: Num | float, delta: float) -> Num:
     """The forget threshold ``mu + delta * sigma`` (the unit of ``mu`` and ``sigma``)."""
-    return mu + delta * sigma  # type: ignore[operator]
+    return mu + delta * sigma
 
 
-def threshold_distance(nll: T, mu: T | float, sigma: T | float, delta: float) -> T:
+def threshold_distance(nll: Num, mu: Num | float, sigma: Num | float, delta: float) -> Num:
     """Signed distance ``(nll - (mu + delta * sigma)) / sigma`` to the forget threshold, in sigma units.
 
     d > 0: beyond the threshold (less likely than it); an image counts as forgotten when ``d > -epsilon``.
     """
-    return (nll - forget_threshold(mu, sigma, delta)) / sigma  # type: ignore[operator]
+    return (nll - (mu + delta * sigma)) / sigma  # forget_threshold's formula, for mixed scalar/array arguments

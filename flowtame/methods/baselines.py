@@ -45,6 +45,7 @@ from torch.func import functional_call, grad, vmap
 from flowtame.data.quantization import DataSpec
 from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
 from flowtame.errors import CheckpointError, InputError, config_error
+from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import dequantized, nll_nats
 from flowtame.likelihood.threshold import forget_threshold
 from flowtame.methods.taming import METHODS, TamingData, TamingMethod, settings_section
@@ -92,8 +93,10 @@ class NegGrad(_ForgottenStopping):
 
     name = "neggrad"
 
-    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor
+    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor,
+                  anchor: tuple[Tensor, Tensor] | None = None, forget_weight: Tensor | None = None
                   ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``anchor`` and ``forget_weight`` are always None here: the baselines are not :attr:`anchored`."""
         loss_forget = self.forget_hinge(nll_forget)
         remember_bpd = nll_remember.mean() / self.nats_per_bpd
         loss = self.alpha * loss_forget + (1 - self.alpha) * remember_bpd
@@ -147,7 +150,7 @@ class SelectiveAmnesia(_ForgottenStopping):
     #: Temperature (latent standard deviations) of the replay and Fisher samples.
     replay_temperature = 1.0
 
-    def __init__(self, data: TamingData, *, config: Any = None, base_model: nn.Module | None = None,
+    def __init__(self, data: TamingData, *, config: Any = None, base_model: MultiScaleFlow | None = None,
                  **kwargs: Any):
         super().__init__(data, config=config, base_model=base_model, **kwargs)
         if config is None or base_model is None:
@@ -184,9 +187,11 @@ class SelectiveAmnesia(_ForgottenStopping):
                  for name, p in model.named_parameters() if name in self.fisher]
         return torch.stack(terms).sum()
 
-    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor
+    def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor,
+                  anchor: tuple[Tensor, Tensor] | None = None, forget_weight: Tensor | None = None
                   ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``nll_remember`` [2B] holds the surrogate rows then the replay rows (see :meth:`_batch`)."""
+        """``nll_remember`` [2B] holds the surrogate rows then the replay rows (see :meth:`_batch`);
+        ``anchor`` and ``forget_weight`` are always None (the baselines are not :attr:`anchored`)."""
         n = self.batch_size
         surrogate_bpd = nll_remember[:n].mean() / self.nats_per_bpd
         replay_bpd = nll_remember[n:].mean() / self.nats_per_bpd
@@ -224,7 +229,7 @@ def load_surrogate(source: str, data_spec: DataSpec) -> Tensor:
 
 
 @torch.no_grad()
-def draw_samples(model: nn.Module, n: int, temperature: float, generator: torch.Generator,
+def draw_samples(model: MultiScaleFlow, n: int, temperature: float, generator: torch.Generator,
                  batch_size: int = 256) -> Tensor:
     """``n`` samples [n, C, S, S] of ``model`` (model input space, continuous) with non-finite ones redrawn."""
     samples: list[Tensor] = []
@@ -239,7 +244,7 @@ def draw_samples(model: nn.Module, n: int, temperature: float, generator: torch.
     raise ValueError(f"the base model gave only {have} finite samples of {n} in 10 attempts")
 
 
-def _nll_function(model: nn.Module, data_spec: DataSpec) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+def _nll_function(model: MultiScaleFlow, data_spec: DataSpec) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
     """f(params, x [C,S,S]) -> NLL of one input in nats, a pure function of the parameters (for torch.func)."""
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
@@ -260,7 +265,7 @@ def _nll_function(model: nn.Module, data_spec: DataSpec) -> Callable[[dict[str, 
     return f
 
 
-def _per_sample_gradient_chunks(model: nn.Module, x: Tensor, data_spec: DataSpec, *, vectorized: bool,
+def _per_sample_gradient_chunks(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, *, vectorized: bool,
                                 chunk_size: int | None) -> Iterator[dict[str, Tensor]]:
     """Per-sample gradients ∂ NLL(x_n)/∂θ (nats), chunk by chunk: name -> [chunk, *param shape].
 
@@ -294,7 +299,7 @@ def _per_sample_gradient_chunks(model: nn.Module, x: Tensor, data_spec: DataSpec
         model.train(was_training)
 
 
-def diagonal_fisher(model: nn.Module, x: Tensor, data_spec: DataSpec, *, vectorized: bool = True,
+def diagonal_fisher(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, *, vectorized: bool = True,
                     chunk_size: int | None = None) -> dict[str, Tensor]:
     """Diagonal Fisher ``F_i = mean_n (∂ NLL(x_n)/∂θ_i)²`` at the model's current weights: name -> param shape.
 

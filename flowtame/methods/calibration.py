@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowtame.data.quantization import DataSpec
+from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import nll_nats
 
 
@@ -42,7 +43,7 @@ class Calibration:
         return asdict(self)
 
 
-def remember_sensitivity(model: nn.Module, x: Tensor, data_spec: DataSpec, chunk: int = 64) -> float:
+def remember_sensitivity(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, chunk: int = 64) -> float:
     """``||grad_theta mean NLL(x)||_1`` over the model's trainable parameters (nats per unit weight change).
 
     ``x``: dequantized remember images [N, C, H, W] (fixed noise); gradients are accumulated in chunks of
@@ -63,7 +64,7 @@ def remember_sensitivity(model: nn.Module, x: Tensor, data_spec: DataSpec, chunk
     return float(sum(g.abs().sum().double() for g in grads))
 
 
-def calibrate_lr(model: nn.Module, x: Tensor, data_spec: DataSpec, *, lr_cap: float, step_sigma: float,
+def calibrate_lr(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, *, lr_cap: float, step_sigma: float,
                  sigma: float) -> Calibration:
     """The largest learning rate up to ``lr_cap`` whose worst-case first-order effect on the remember mean NLL
     (``lr * sensitivity``) is at most ``step_sigma`` remember standard deviations ``sigma`` (nats)."""

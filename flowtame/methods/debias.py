@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowtame.data.images import dequantization_noise
 from flowtame.data.quantization import DataSpec, nats_per_bpd, quantize
@@ -619,7 +619,7 @@ class DebiasData:
     anchored: Tensor | None = None
 
 
-def prepare_data(base_model: nn.Module, group_pixels: Sequence[Tensor], remember_pixels: Tensor,
+def prepare_data(base_model: MultiScaleFlow, group_pixels: Sequence[Tensor], remember_pixels: Tensor,
                  remember_keys: Sequence[str], data_spec: DataSpec, config: DebiasConfig, generator: torch.Generator,
                  device: torch.device, group_keys: Sequence[Sequence[str]] = ()) -> tuple[DebiasData, np.ndarray]:
     """:class:`DebiasData` for a run, and the base model's remember NLL (nats, float64 [R], one keyed noise
@@ -677,7 +677,7 @@ class DebiasMethod:
 
     def __init__(self, data: DebiasData, meter: FrequencyMeter, group_names: Sequence[str],
                  targets: Mapping[str, float], config: DebiasConfig, generator: torch.Generator,
-                 initial: Mapping[str, Any], *, base_model: nn.Module | None = None,
+                 initial: Mapping[str, Any], *, base_model: MultiScaleFlow | None = None,
                  initial_screen: Mapping[str, Any] | None = None):
         self.data = data
         self.base_model = base_model
@@ -802,7 +802,7 @@ class DebiasMethod:
         mask = None if d.anchored is None else take_rows(d.anchored, remember_index, d.base_mean.device)
         return dequantized(pixels, noise, d.data_spec.n_bits), rows, mask
 
-    def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, model: MultiScaleFlow, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
         x, rows, mask = self._batch()
         nll = nll_nats(model, x, self.data.data_spec)
         *group_nll, nll_remember = nll.split(rows)
@@ -836,11 +836,11 @@ class DebiasMethod:
         return loss, metrics
 
     @torch.no_grad()
-    def refresh(self, model: nn.Module) -> None:
+    def refresh(self, model: MultiScaleFlow) -> None:
         """Re-estimate μ_R, σ_R (nats) of the current model on the fixed refresh subset, corrected."""
         self.normal.update(batched_nll(model, self.data.refresh, self.data.data_spec))
 
-    def _measure(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    def _measure(self, model: MultiScaleFlow) -> tuple[dict[str, Any], dict[str, Any], bool]:
         """(frequency table, its screen-prefix table, whether the full draw was decoded) for the current model."""
         screen = int(round(self.screen_fraction * self.meter.samples))
         if screen == self.meter.samples or not self.full_next:
@@ -849,7 +849,7 @@ class DebiasMethod:
         labels = self.meter.assign(model)
         return frequency_table(labels, self.group_names), frequency_table(labels[:screen], self.group_names), True
 
-    def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
+    def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         """At the planned measuring iteration (:meth:`_plan_next`; every ``measure_every`` at most): measure
         (screen or full draw), refresh μ_R, σ_R when due (and before any stop), update weights and step size;
         converged when a full measurement is within tolerance and the remember drift within its bound

@@ -43,7 +43,8 @@ def forget_loss(nll: Tensor, mu: Tensor, sigma: Tensor, *, delta: float, kind: s
     """
     if kind not in FORGET_LOSSES or unit not in FORGET_UNITS:
         raise ValueError(f"unknown forget loss {kind!r} / unit {unit!r}")
-    scale = {"bpd": nats_per_bpd, "sigma": sigma, "nats": 1.0}[unit]
+    scales: dict[str, Tensor | float] = {"bpd": nats_per_bpd, "sigma": sigma, "nats": 1.0}
+    scale = scales[unit]
     gap = (nll - forget_threshold(mu, sigma, delta)) / scale
     if kind == "sigmoid":
         terms = torch.sigmoid(gap.square())

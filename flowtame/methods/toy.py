@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowtame.data.quantization import nats_per_bpd
 from flowtame.flows.base import MultiScaleFlow
@@ -195,7 +195,8 @@ class VectorTamingMethod:
         self.base_mean, self.base_std = base_nll.mean(), base_nll.std()
         self.anchor = anchor
         self.anchor_points = remember if anchor_points is None else anchor_points
-        self.anchor_base_nll = None
+        #: [A] nats, the anchor points' NLL under the base model; None when the anchor is off.
+        self.anchor_base_nll: Tensor | None = None
         if anchor:
             self.anchor_base_nll = base_nll if anchor_points is None else vector_set_nll(model, anchor_points)
         if refresh_size is None or refresh_size >= remember.shape[0]:
@@ -224,7 +225,7 @@ class VectorTamingMethod:
     def refreshes(self) -> int:
         return self.normal.refreshes
 
-    def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, model: MultiScaleFlow, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
         n_forget = self.forget.shape[0]
         if n_forget <= self.batch_size:
             forget_idx = torch.arange(n_forget)
@@ -232,7 +233,8 @@ class VectorTamingMethod:
             forget_idx = torch.randperm(n_forget, generator=self.generator)[:self.batch_size]
         remember_idx = torch.randint(self.remember.shape[0], (self.batch_size,), generator=self.generator)
         rows = [self.forget[forget_idx], self.remember[remember_idx]]
-        if self.anchor:
+        anchor_base_nll = self.anchor_base_nll
+        if anchor_base_nll is not None:
             anchor_idx = torch.randint(self.anchor_points.shape[0], (self.batch_size,), generator=self.generator)
             rows.append(self.anchor_points[anchor_idx])
         nll = nll_nats(model, torch.cat(rows))
@@ -245,8 +247,8 @@ class VectorTamingMethod:
         loss_remember, _, kl = remember_loss(nll_remember, self.base_mean, self.base_std, tamed_mean,
                                                     tamed_std, gamma=self.gamma, nats_per_bpd=self.nats_per_bpd)
         metrics = {"kl": kl}
-        if self.anchor:
-            drift = (nll[-self.batch_size:] - self.anchor_base_nll[anchor_idx]) / self.base_std
+        if anchor_base_nll is not None:
+            drift = (nll[-self.batch_size:] - anchor_base_nll[anchor_idx]) / self.base_std
             metrics["anchor"] = drift.square().mean()
             loss_remember = loss_remember + self.anchor * metrics["anchor"]
         loss = self.alpha * loss_forget + (1 - self.alpha) * loss_remember
@@ -265,7 +267,7 @@ class VectorTamingMethod:
         """d [F] of every forget point under the current weights, against the current mu_R, sigma_R."""
         return threshold_distance(vector_set_nll(model, self.forget), self.mu_r, self.sigma_r, self.delta)
 
-    def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
+    def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         if logged["max_abs_d"] < self.epsilon:
             self.confirmations += 1
             self.refresh(model)
