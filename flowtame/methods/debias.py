@@ -228,7 +228,8 @@ def drift_verdict(group: str, iterations: Sequence[int], shares: Sequence[float]
     fall back once it arrives (the zoo's wide Glow, 80% zeros: +0.92% on the way, +0.22% at the stop)."""
     if len(shares) < min_points:
         return None
-    its, values, drift = (list(series)[-2 * min_points:] for series in (iterations, shares, drifts))
+    its = list(iterations)[-2 * min_points:]
+    values, drift = list(shares)[-2 * min_points:], list(drifts)[-2 * min_points:]
     gap = abs(target - values[-1]) - tolerance
     if gap <= 0 or drift[-1] <= bound:
         return None
@@ -956,15 +957,20 @@ class DebiasMethod:
             return
         its = [t["iteration"] for t in series]
         target = float(self.targets[self.group_names.index(self.lead)])
-        judged = {"tolerance": self.config.tolerance, "max_iters": self.config.max_iters, "z": self.config.verdict_z,
-                  "min_points": self.config.verdict_points, "floor": 1.0 / assigned}
-        self.verdict = reach_verdict(self.lead, its, shares, target, **judged)
-        bound = self.config.max_remember_drift
+        config = self.config
+        self.verdict = reach_verdict(self.lead, its, shares, target, tolerance=config.tolerance,
+                                     max_iters=config.max_iters, z=config.verdict_z,
+                                     min_points=config.verdict_points, floor=1.0 / assigned)
+        bound = config.max_remember_drift
         if self.verdict is None and bound is not None:
             self.verdict = drift_verdict(self.lead, its, shares, [t["remember_drift"] for t in series], target,
-                                         bound=bound, **judged)
-        self.gave_up = self.verdict.message() if self.verdict else None
-        if self.gave_up and self.verdict.reason == "pace" and bound is not None and self.normal.drift() > bound:
+                                         bound=bound, tolerance=config.tolerance, max_iters=config.max_iters,
+                                         z=config.verdict_z, min_points=config.verdict_points, floor=1.0 / assigned)
+        if self.verdict is None:
+            self.gave_up = None
+            return
+        self.gave_up = self.verdict.message()
+        if self.verdict.reason == "pace" and bound is not None and self.normal.drift() > bound:
             # the collateral is already past the guard's bound: the target is out of reach within it, too
             self.gave_up += (f"; the remember set's mean NLL is already up {100 * self.normal.drift():.2f}% (bound "
                              f"{100 * bound:.2f}%), so a stop at the target would be refused as well")
