@@ -87,7 +87,8 @@ def traced(trace: list[dict[str, Any]], every: int, proto: Any = None):
                   f"conf {entry['confirmations']} lr_f {entry['lr_factor']:.2f} "
                   f"w {max(entry['forget_weight']):.2f}" + (f" d {entry['confirmed_d']}" if "confirmed_d" in entry
                                                             else "")
-                  + (f" la_qd {entry['la_qd']:+.4f} la_rise {entry['la_rise']:+.3f}" if "la_qd" in entry
+                  + (f" la_qd {entry['la_qd']:+.4f} la_rise {entry['la_rise']:+.3f} la_ref "
+                     f"{entry['lookalike_refusals']}" if "la_qd" in entry
                      else ""), flush=True)
         return done
 

@@ -37,7 +37,8 @@ def test_lookalike_loss_is_the_squared_gap_between_the_lookalikes_and_the_rememb
     assert float(value.detach()) == pytest.approx((2 / 3) ** 2)
     value.backward()
     gap = 2 / 3
-    assert nll.grad.tolist() == pytest.approx([-2 * gap / 2 / 3] * 3 + [2 * gap / 2 / 2] * 2)
+    # only the look-alikes are pulled (toward the remember rows' shift); the remember rows' mean is a constant
+    assert nll.grad.tolist() == pytest.approx([0.0] * 3 + [2 * gap / 2 / 2] * 2)
     # a shift common to every row costs nothing, whichever way
     assert float(lookalike_loss(base_nll + 3.0, base_nll, 3, sigma)) == pytest.approx(0.0, abs=1e-12)
     assert float(lookalike_loss(base_nll - 5.0, base_nll, 3, sigma)) == pytest.approx(0.0, abs=1e-12)
@@ -80,8 +81,8 @@ def test_each_refusal_strengthens_the_lookalikes_term_and_a_resumed_run_keeps_it
     """Off until a stop is refused for the look-alikes; then 1x LOOKALIKE_WEIGHT, doubling per refusal, at
     most 8x, in the loss on [remember rows; look-alike rows]; a resumed run keeps the factor."""
     base, moved = base_and_moved()
-    method = held_method(base, 0.01)
-    assert method.lookalike_hold.weight == 0.0
+    method = held_method(base, 0.01, batch_size=8)
+    assert method.lookalike_hold.weight == 0.0 and method.lookalike_rows == 2  # a quarter of a batch
     monkeypatch.setattr(method, "refresh", lambda _model: None)
     confirm_at(monkeypatch, method, [0.1, -0.1, 0.2])
     # as if the look-alikes had been 5 nats more likely under the base model: under the unchanged weights
@@ -93,6 +94,7 @@ def test_each_refusal_strengthens_the_lookalikes_term_and_a_resumed_run_keeps_it
         factors.append(method.lookalike_hold.factor)
     assert factors == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0] and method.lookalike_hold.refusals == 6
     assert method.lookalike_hold.weight == LOOKALIKE_WEIGHT * 8.0
+    assert method.lookalike_rows == len(ROWS)  # and every look-alike in each batch
     d = method.data
     pixels = torch.cat([d.forget[:2], d.remember[:3], d.remember[ROWS[:2]]])
     inputs = dequantized(pixels, torch.rand(pixels.shape, generator=torch.Generator().manual_seed(3)),

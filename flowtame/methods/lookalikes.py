@@ -29,7 +29,10 @@ MAX_LOOKALIKE_FACTOR = 8.0
 
 
 def lookalike_loss(nll: Tensor, base_nll: Tensor, rows: int, base_std: Tensor) -> Tensor:
-    """``(mean_la dev - mean_R dev)^2`` with ``dev = (NLL_theta - NLL_base) / sigma_B``.
+    """``(mean_la dev - mean_R dev)^2`` with ``dev = (NLL_theta - NLL_base) / sigma_B``, the remember rows'
+    mean a constant (no gradient): it pulls the look-alikes toward the remember set's current shift and leaves
+    the common mode alone (with a gradient through both means it pushed the remember rows the other way,
+    and on the tuning Glow the common mode's swings grew to +-2.8%).
 
     ``nll`` [B] (with gradient) and ``base_nll`` [B] (no gradient), nats on the same dequantized images: the
     first ``rows`` are random remember rows, the rest look-alike rows; ``base_std`` sigma_B (nats). Zero when
@@ -37,7 +40,7 @@ def lookalike_loss(nll: Tensor, base_nll: Tensor, rows: int, base_std: Tensor) -
     see), whichever way.
     """
     dev = (nll - base_nll) / base_std
-    return (dev[rows:].mean() - dev[:rows].mean()).square()
+    return (dev[rows:].mean() - dev[:rows].mean().detach()).square()
 
 
 def quantile_drop(base_nll: np.ndarray, nll: np.ndarray, base: NormalFit, now: NormalFit) -> float:

@@ -255,10 +255,13 @@ class TamingMethod:
     @property
     def lookalike_rows(self) -> int:
         """Look-alike rows per batch: a quarter of ``batch_size`` (at least 1), at most all of
-        ``data.lookalikes``; 0 without the anchor or look-alikes."""
+        ``data.lookalikes``, and all of them once a stop was refused for them (:class:`LookalikeHold`); 0
+        without the anchor or look-alikes."""
         looks = self.data.lookalikes
         if self.anchor_weight <= 0 or looks is None or looks.numel() == 0:
             return 0
+        if self.lookalike_hold is not None and self.lookalike_hold.factor > 0:
+            return looks.numel()
         return min(looks.numel(), max(1, self.batch_size // 4))
 
     # ------------------------------------------------------------------ engine protocol
