@@ -255,13 +255,10 @@ class TamingMethod:
     @property
     def lookalike_rows(self) -> int:
         """Look-alike rows per batch: a quarter of ``batch_size`` (at least 1), at most all of
-        ``data.lookalikes``, and all of them once a stop was refused for them (:class:`LookalikeHold`); 0
-        without the anchor or look-alikes."""
+        ``data.lookalikes``; 0 without the anchor or look-alikes."""
         looks = self.data.lookalikes
         if self.anchor_weight <= 0 or looks is None or looks.numel() == 0:
             return 0
-        if self.lookalike_hold is not None and self.lookalike_hold.factor > 0:
-            return looks.numel()
         return min(looks.numel(), max(1, self.batch_size // 4))
 
     # ------------------------------------------------------------------ engine protocol
@@ -323,7 +320,7 @@ class TamingMethod:
                 anchor_term = anchor_term + self.shift_weight * self.shift_factor * shift
             hold = self.lookalike_hold
             if hold is not None and hold.weight > 0 and anchor[0].shape[0] > nll_remember.shape[0]:
-                held = lookalike_loss(*anchor, nll_remember.shape[0], self.data.base_std)
+                held = lookalike_loss(*anchor, nll_remember.shape[0], self.data.base_std, hold.allowed_gap)
                 anchor_term = anchor_term + hold.weight * held
         loss_remember, nll_term, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                     tamed_mean, tamed_std, gamma=self.gamma,
