@@ -79,7 +79,7 @@ def tame_command(
                                                      "quantile drop (as evaluate --neighbours measures it) "
                                                      "exceeds this; each refusal doubles a term on their "
                                                      "deviation relative to the remember batch's, up to 8x; "
-                                                     "0: off [0.015].")] = None,
+                                                     "0: off [0.018].")] = None,
     batch_size: Annotated[int, typer.Option(help="Forget and remember images per iteration (each) [32].")] = None,
     max_iters: Annotated[int, typer.Option(help="Iteration budget [800].")] = None,
     refresh_every: Annotated[int, typer.Option(help="Re-estimate mu_R, sigma_R every N iterations [10].")] = None,

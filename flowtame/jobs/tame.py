@@ -79,7 +79,7 @@ class TameConfig:
     anchor: float = 0.2
     anchor_shift: float = 2.0
     lookalikes: int = 16
-    lookalike_qd: float = 0.015
+    lookalike_qd: float = 0.018
     batch_size: int = 32
     max_iters: int = 800
     refresh_every: int = 10

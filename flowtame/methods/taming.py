@@ -320,7 +320,7 @@ class TamingMethod:
                 anchor_term = anchor_term + self.shift_weight * self.shift_factor * shift
             hold = self.lookalike_hold
             if hold is not None and hold.weight > 0 and anchor[0].shape[0] > nll_remember.shape[0]:
-                held = lookalike_loss(*anchor, nll_remember.shape[0], self.data.base_std, hold.allowed_gap)
+                held = lookalike_loss(*anchor, nll_remember.shape[0], self.data.base_std)
                 anchor_term = anchor_term + hold.weight * held
         loss_remember, nll_term, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                     tamed_mean, tamed_std, gamma=self.gamma,
