@@ -9,7 +9,7 @@ from flowtame.errors import InputError
 from flowtame.jobs.tame import make_config, preset
 from flowtame.likelihood import statistics as st
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
-from flowtame.methods.lookalikes import LOOKALIKE_WEIGHT, lookalike_loss, quantile_drop
+from flowtame.methods.lookalikes import lookalike_loss, quantile_drop
 from tests.test_anchor import base_and_moved
 from tests.test_baselines import DATA_SPEC, confirm_at, make_method
 
@@ -79,10 +79,10 @@ def test_a_stop_is_refused_while_the_lookalikes_drifted_past_the_bound(monkeypat
 
 
 def test_each_refusal_strengthens_the_lookalikes_term_and_a_resumed_run_keeps_it(monkeypatch):
-    """Off until a stop is refused for the look-alikes; then 1x LOOKALIKE_WEIGHT, doubling per refusal, at
+    """With lookalike_pull: off until a stop is refused for the look-alikes; then 1x the pull, doubling per refusal, at
     most 8x, in the loss on [remember rows; look-alike rows]; a resumed run keeps the factor."""
     base, moved = base_and_moved()
-    method = held_method(base, 0.01)
+    method, default = held_method(base, 0.01, lookalike_pull=2.0), held_method(base, 0.01)
     assert method.lookalike_hold.weight == 0.0
     monkeypatch.setattr(method, "refresh", lambda _model: None)
     confirm_at(monkeypatch, method, [0.1, -0.1, 0.2])
@@ -94,7 +94,13 @@ def test_each_refusal_strengthens_the_lookalikes_term_and_a_resumed_run_keeps_it
         assert method.after_step(base, 10 * (i + 1), {"min_d": 0.0, "max_abs_d": 0.0}) is False
         factors.append(method.lookalike_hold.factor)
     assert factors == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0] and method.lookalike_hold.refusals == 6
-    assert method.lookalike_hold.weight == LOOKALIKE_WEIGHT * 8.0
+    assert method.lookalike_hold.weight == 2.0 * 8.0
+    # the default (lookalike_pull 0) refuses the stop and adds no term
+    monkeypatch.setattr(default, "refresh", lambda _model: None)
+    confirm_at(monkeypatch, default, [0.1, -0.1, 0.2])
+    monkeypatch.setattr(default.lookalike_hold, "base_nll", default.lookalike_hold.base_nll - 5.0)
+    assert default.after_step(base, 10, {"min_d": 0.0, "max_abs_d": 0.0}) is False
+    assert default.lookalike_hold.refusals == 1 and default.lookalike_hold.weight == 0.0
     d = method.data
     pixels = torch.cat([d.forget[:2], d.remember[:3], d.remember[ROWS[2:]]])
     inputs = dequantized(pixels, torch.rand(pixels.shape, generator=torch.Generator().manual_seed(3)),
@@ -107,7 +113,7 @@ def test_each_refusal_strengthens_the_lookalikes_term_and_a_resumed_run_keeps_it
         by_hand = lookalike_loss(nll_nats(moved, inputs[2:], DATA_SPEC), batched_nll(base, inputs[2:], DATA_SPEC),
                                  3, d.base_std)
     assert float(by_hand) > 1e-8
-    resumed, plain = held_method(base, 0.01), held_method(base, 0.01)
+    resumed, plain = held_method(base, 0.01, lookalike_pull=2.0), held_method(base, 0.01, lookalike_pull=2.0)
     resumed.load_state(method.state_tensors(), method.state_meta())
     assert resumed.lookalike_hold.factor == 8.0 and resumed.lookalike_hold.refusals == 6
     losses = {}
@@ -115,8 +121,10 @@ def test_each_refusal_strengthens_the_lookalikes_term_and_a_resumed_run_keeps_it
         m._batch = batch
         losses[name], metrics = m.loss(moved, 0)
         assert ("lookalike" in metrics) is (name != "plain")
+    default._batch = batch
+    assert "lookalike" not in default.loss(moved, 0)[1]
     assert float(metrics_of(method, moved)["lookalike"]) == pytest.approx(float(by_hand), rel=1e-5)
-    expected = (1 - plain.alpha) * (1 - plain.gamma) * LOOKALIKE_WEIGHT * 8.0 * by_hand
+    expected = (1 - plain.alpha) * (1 - plain.gamma) * 2.0 * 8.0 * by_hand
     assert float((losses["resumed"] - losses["plain"]).detach()) == pytest.approx(float(expected), rel=1e-4)
     assert float(losses["held"].detach()) == pytest.approx(float(losses["resumed"].detach()), rel=1e-6)
 
@@ -154,5 +162,8 @@ def test_the_guard_is_off_without_the_anchor_at_zero_and_in_the_paper_preset():
     assert make_method("taming", base, anchor=0.0, lookalike_qd=0.01)._lookalike_hold(0.01) is None
     assert make_config(preset("paper")).anchor == 0
     assert make_config({}).lookalike_qd == pytest.approx(0.018)
+    assert make_config({}).lookalike_pull == 0.0
     with pytest.raises(InputError, match="lookalike_qd"):
         make_config({"lookalike_qd": -0.1})
+    with pytest.raises(InputError, match="lookalike_pull"):
+        make_config({"lookalike_pull": -1.0})

@@ -77,9 +77,10 @@ def tame_command(
                                                  "images (base latent space) in every batch [16].")] = None,
     lookalike_qd: Annotated[float, typer.Option(help="With the anchor: refuse a stop while those look-alikes' "
                                                      "quantile drop (as evaluate --neighbours measures it) "
-                                                     "exceeds this; each refusal doubles a term on their "
-                                                     "deviation relative to the remember batch's, up to 8x; "
-                                                     "0: off [0.018].")] = None,
+                                                     "exceeds this; 0: off [0.018].")] = None,
+    lookalike_pull: Annotated[float, typer.Option(help="Weight of a term on the look-alikes' deviation relative "
+                                                       "to the remember batch's, on after a stop refused for "
+                                                       "them, doubled per refusal up to 8x; 0: off [0].")] = None,
     batch_size: Annotated[int, typer.Option(help="Forget and remember images per iteration (each) [32].")] = None,
     max_iters: Annotated[int, typer.Option(help="Iteration budget [800].")] = None,
     refresh_every: Annotated[int, typer.Option(help="Re-estimate mu_R, sigma_R every N iterations [10].")] = None,

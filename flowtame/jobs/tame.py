@@ -80,6 +80,7 @@ class TameConfig:
     anchor_shift: float = 2.0
     lookalikes: int = 16
     lookalike_qd: float = 0.018
+    lookalike_pull: float = 0.0
     batch_size: int = 32
     max_iters: int = 800
     refresh_every: int = 10
@@ -149,6 +150,8 @@ class TameConfig:
             problems.append("lookalikes must be at least 0 (0: none)")
         if self.lookalike_qd < 0:
             problems.append("lookalike_qd must be at least 0 (0 turns the look-alikes' stop check off)")
+        if self.lookalike_pull < 0:
+            problems.append("lookalike_pull must be at least 0 (0: the check alone)")
         if self.forget_draws < 1:
             problems.append("forget_draws must be at least 1")
         if self.freeze is None and self.method in METHODS:

@@ -21,9 +21,7 @@ from flowtame.data.quantization import DataSpec
 from flowtame.likelihood.nll import batched_nll
 from flowtame.likelihood.statistics import NormalFit, likelihood_quantile
 
-#: Weight of :func:`lookalike_loss` after the first refusal, and its growth per further refusal and bound
-#: (the factor goes 1, 2, 4, 8).
-LOOKALIKE_WEIGHT = 2.0
+#: Growth of :func:`lookalike_loss`'s factor per further refusal, and its bound (the factor goes 1, 2, 4, 8).
 LOOKALIKE_GROWTH = 2.0
 MAX_LOOKALIKE_FACTOR = 8.0
 
@@ -55,12 +53,13 @@ class LookalikeHold:
     ``rows``: long [L] (CPU), the look-alikes' rows of the remember set; ``check``: those images dequantized
     with the evaluation's keyed noise [L,C,H,W] (on the method's device); ``bound``: the largest quantile drop
     a stop accepts (``lookalike_qd``); ``base_model``: the frozen base model, whose NLL [L] of ``check`` is
-    measured once; ``base_fit``: N_B (nats).
+    measured once; ``base_fit``: N_B (nats); ``pull``: the weight of :func:`lookalike_loss` after the first
+    refusal (``lookalike_pull``; 0, the default: the check alone, which measured better on the tuning Glow).
     """
 
     def __init__(self, rows: Tensor, check: Tensor, bound: float, base_model: nn.Module, base_fit: NormalFit,
-                 data_spec: DataSpec):
-        self.rows, self.check, self.bound = rows, check, bound
+                 data_spec: DataSpec, pull: float = 0.0):
+        self.rows, self.check, self.bound, self.pull = rows, check, bound, pull
         self.data_spec, self.base_fit = data_spec, base_fit
         self.base_nll = batched_nll(base_model, check, data_spec).double().cpu().numpy()
         #: 0 until a stop is refused for the look-alikes, then 1, x LOOKALIKE_GROWTH per refusal, at most 8
@@ -72,7 +71,7 @@ class LookalikeHold:
     @property
     def weight(self) -> float:
         """The weight of :func:`lookalike_loss` in the remember term now (0 until the first refusal)."""
-        return LOOKALIKE_WEIGHT * self.factor
+        return self.pull * self.factor
 
     def kept(self, nll: np.ndarray, now: NormalFit) -> bool:
         """True when the look-alikes' quantile drop (their NLL [L] under the current model, nats, against its

@@ -195,7 +195,8 @@ class TamingMethod:
             return None
         assert self.base_model is not None
         return LookalikeHold(d.lookalikes, d.lookalike_check, bound, self.base_model,
-                             NormalFit(float(d.base_mean), float(d.base_std)), d.data_spec)
+                             NormalFit(float(d.base_mean), float(d.base_std)), d.data_spec,
+                             pull=float(getattr(self.config, "lookalike_pull", 0.0) or 0.0))
 
     # ------------------------------------------------------------------ the remember normal's figures
     @property
