@@ -3,9 +3,10 @@
 The anchor holds every remember row, the look-alikes included, to its own base NLL. ``evaluate`` judges the
 look-alikes (its D_R^NN) differently: by their quantile drop, each model against its *own* remember normal,
 so a look-alike that kept its NLL while the rest of the remember set became more likely counts as pushed
-out. :class:`LookalikeHold` measures that quantity at the stop and refuses a stop where it exceeds a bound;
-each refusal switches on (then doubles) a term on the look-alikes' mean deviation *relative to* the remember
-rows' (:func:`lookalike_loss`), the direction that quantile drop measures (docs/method.md "Holding the
+out. :class:`LookalikeHold` measures that quantity at the stop and refuses a stop where it exceeds a bound.
+With ``lookalike_pull`` > 0 (off by default: measured worse on the tuning Glow) each refusal also switches on
+(then doubles) a term on the look-alikes' mean deviation *relative to* the remember rows'
+(:func:`lookalike_loss`), the direction that quantile drop measures (docs/method.md "Holding the
 look-alikes").
 """
 

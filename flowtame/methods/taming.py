@@ -387,8 +387,8 @@ class TamingMethod:
 
     def lookalikes_kept(self, model: nn.Module) -> bool:
         """With the look-alike guard: their quantile drop on the evaluation's noise, against the refreshed mu_R,
-        sigma_R, is within ``lookalike_qd`` (a refusal grows their term; docs/method.md "Holding the
-        look-alikes"). A cheap pass over L images; the whole-set pass judges again (:meth:`whole_set_agrees`)."""
+        sigma_R, is within ``lookalike_qd`` (a refusal is counted; docs/method.md "Holding the look-alikes").
+        A cheap pass over L images; the whole-set pass judges again (:meth:`whole_set_agrees`)."""
         if self.lookalike_hold is None:
             return True
         return self.lookalike_hold.kept_now(model, NormalFit(float(self.mu_r), float(self.sigma_r)))
