@@ -95,6 +95,7 @@ def tame_row(base: Checkpoint, proto: Protocol, override: dict[str, Any], workdi
     report = outcome.report
     row.update(seconds_per_iteration=report["seconds_per_iteration"], refreshes=report.get("refreshes"),
                confirmations=report.get("confirmations"), drift_refusals=report.get("drift_refusals"),
+               lookalike_refusals=report.get("lookalike_refusals"), lookalike_qd=report.get("lookalike_qd"),
                config=report["config"])
     return row
 

@@ -81,6 +81,9 @@ def tame_command(
                                                      "off [2].")] = None,
     lookalikes: Annotated[int | None, typer.Option(help="With the anchor: hold the forget set's N nearest remember "
                                                  "images (base latent space) in every batch [16].")] = None,
+    lookalike_qd: Annotated[float | None, typer.Option(
+        help="With the anchor: refuse a stop while those look-alikes' quantile drop (as evaluate --neighbours "
+             "measures it) exceeds this; 0: off [0.018].")] = None,
     batch_size: Annotated[int | None, typer.Option(
         help="Forget and remember images per iteration (each) [32].")] = None,
     max_iters: Annotated[int | None, typer.Option(help="Iteration budget [800].")] = None,

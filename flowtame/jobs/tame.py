@@ -79,6 +79,8 @@ class TameConfig:
     anchor: float = 0.2
     anchor_shift: float = 2.0
     lookalikes: int = 16
+    lookalike_qd: float = 0.018
+    lookalike_pull: float = 0.0
     batch_size: int = 32
     max_iters: int = 800
     refresh_every: int = 10
@@ -146,6 +148,10 @@ class TameConfig:
             problems.append("anchor_shift must be at least 0 (0 turns the shift term off)")
         if self.lookalikes < 0:
             problems.append("lookalikes must be at least 0 (0: none)")
+        if self.lookalike_qd < 0:
+            problems.append("lookalike_qd must be at least 0 (0 turns the look-alikes' stop check off)")
+        if self.lookalike_pull < 0:
+            problems.append("lookalike_pull must be at least 0 (0: the check alone)")
         if self.forget_draws < 1:
             problems.append("forget_draws must be at least 1")
         if self.freeze is None and self.method in METHODS:
@@ -303,9 +309,13 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
                  base: Checkpoint) -> tuple[TamingData, tuple[float, float]]:
     """The method's data on ``dev`` (the refresh subset drawn from ``generator``) and the subset correction;
     with the anchor on, the ``config.lookalikes`` remember images nearest the forget set under ``base``."""
-    lookalikes = None
+    lookalikes = lookalike_check = None
     if config.anchor > 0 and config.lookalikes > 0 and METHODS[config.method].anchored:
         lookalikes = nearest_rows(base, sets.forget, sets.remember, config.lookalikes, device=dev)
+        rows = lookalikes.tolist()
+        lookalike_check = dequantized(sets.remember[lookalikes], dequantization_noise(
+            [sets.remember_keys[i] for i in rows], config.eval_seed, tuple(sets.remember.shape[1:])),
+            data_spec.n_bits).to(dev)
     n_refresh = min(config.refresh_size, sets.remember.shape[0])
     refresh_idx = torch.randperm(sets.remember.shape[0], generator=generator)[:n_refresh].sort().values
     refresh_keys = [sets.remember_keys[i] for i in refresh_idx.tolist()]
@@ -323,6 +333,7 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
         base_std=torch.tensor(float(base_remember_nll.std(ddof=1)), device=dev),
         whole_remember_nll=lambda m: torch.from_numpy(remember_nll(m)),
         lookalikes=lookalikes,
+        lookalike_check=lookalike_check,
     )
     return data, subset_correction(base_remember_nll, refresh_idx.numpy())
 
@@ -341,6 +352,15 @@ def _forget_requests(forget_sets: Sequence[ImageSet], forget_request: torch.Tens
             "reached_threshold": bool((np.abs(d_final[mask]) < epsilon).all()),
         })
     return requests
+
+
+def _lookalike_block(method: Any) -> dict[str, Any]:
+    """The report's look-alike guard figures: refusals, its term's factor and the last quantile drop measured
+    (zeros and None when the guard is off)."""
+    hold = getattr(method, "lookalike_hold", None)
+    if hold is None:
+        return {"lookalike_refusals": 0, "lookalike_factor": 0.0, "lookalike_qd": None}
+    return {"lookalike_refusals": hold.refusals, "lookalike_factor": hold.factor, "lookalike_qd": hold.last_qd}
 
 
 def _normal_block(mean: float, std: float, per_bpd: float) -> dict[str, float]:
@@ -459,6 +479,7 @@ def _tamed_outcome(base: Checkpoint, model: MultiScaleFlow, method: Any, result:
         lr_reductions=result.lr_reductions, refreshes=method.refreshes,
         early_refreshes=getattr(method, "early_refreshes", 0), confirmations=method.confirmations,
         drift_refusals=method.drift_refusals, shift_factor=getattr(method, "shift_factor", 0.0),
+        **_lookalike_block(method),
         whole_set_refusals=method.whole_set_refusals, progress_warning=getattr(method, "progress_warning", None),
         remember_normal={"base": _normal_block(base_mean, base_std, per_bpd),
                          "tamed": _normal_block(mu_t, sigma_t, per_bpd)},

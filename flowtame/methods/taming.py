@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from flowtame.data.quantization import DataSpec, nats_per_bpd
 from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
+from flowtame.likelihood.statistics import NormalFit
 from flowtame.likelihood.threshold import threshold_distance
+from flowtame.methods.lookalikes import LookalikeHold, lookalike_loss
 from flowtame.methods.objective import anchor_loss, forget_loss, remember_loss, shift_loss
 from flowtame.methods.remember import STALE_SIGMA, TRACK_WEIGHT, RememberNormal
 
@@ -72,7 +74,9 @@ class TamingData:
     model. ``whole_remember_nll(model)``, when given, is the NLL (nats, float64 [R]) of the whole remember set
     on the evaluation's keyed noise, exactly as the report computes it: a confirmation that passes on the
     refresh subset is then re-judged against the whole set's normal before the run stops. ``lookalikes``:
-    long [L] (CPU), rows of ``remember`` nearest the forget set, held by the anchor in every batch.
+    long [L] (CPU), rows of ``remember`` nearest the forget set, held by the anchor in every batch;
+    ``lookalike_check``: float [L,C,H,W], those images dequantized with the evaluation's keyed noise (the stop's
+    look-alike check, :class:`~flowtame.methods.lookalikes.LookalikeHold`).
     """
 
     data_spec: DataSpec
@@ -85,6 +89,7 @@ class TamingData:
     base_std: Tensor
     whole_remember_nll: Callable[[nn.Module], Tensor] | None = None
     lookalikes: Tensor | None = None
+    lookalike_check: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -162,6 +167,7 @@ class TamingMethod:
         self.shift_factor = 0.0
         if self.anchor_weight > 0 and base_model is None:
             raise ValueError("the anchor term needs the frozen base model")
+        self.lookalike_hold = self._lookalike_hold(float(getattr(config, "lookalike_qd", 0.0) or 0.0))
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
         self.base_bpd = float(data.base_mean) / self.nats_per_bpd
         #: N_T: mu_R, sigma_R of the model being tamed (refresh, early refresh, subset correction, resume state).
@@ -180,6 +186,17 @@ class TamingMethod:
         self.progress_warning: str | None = None
         #: The whole remember set's NLL [R] (float64, CPU) under the weights the run stopped with, for the report.
         self.final_remember_nll: Tensor | None = None
+
+    def _lookalike_hold(self, bound: float) -> LookalikeHold | None:
+        """The stop's look-alike guard (``lookalike_qd`` > 0, with the anchor and look-alikes), else None."""
+        d = self.data
+        if bound <= 0 or self.anchor_weight <= 0 or d.lookalikes is None or d.lookalike_check is None \
+                or d.lookalikes.numel() == 0:
+            return None
+        assert self.base_model is not None
+        return LookalikeHold(d.lookalikes, d.lookalike_check, bound, self.base_model,
+                             NormalFit(float(d.base_mean), float(d.base_std)), d.data_spec,
+                             pull=float(getattr(self.config, "lookalike_pull", 0.0) or 0.0))
 
     # ------------------------------------------------------------------ the remember normal's figures
     @property
@@ -293,7 +310,7 @@ class TamingMethod:
             mu, sigma = self.mu_r, self.sigma_r
         loss_forget = forget_loss(nll_forget, mu, sigma, delta=self.delta, kind=self.forget_loss_kind,
                                   unit=self.forget_unit, nats_per_bpd=self.nats_per_bpd, weight=forget_weight)
-        anchor_term = anchor_value = shift = None
+        anchor_term = anchor_value = shift = held = None
         if anchor is not None:
             anchor_value = anchor_loss(*anchor, self.data.base_std)
             anchor_term = self.anchor_weight * anchor_value
@@ -302,6 +319,10 @@ class TamingMethod:
                 rows = nll_remember.shape[0]
                 shift = shift_loss(anchor[0][:rows], anchor[1][:rows], self.data.base_std)
                 anchor_term = anchor_term + self.shift_weight * self.shift_factor * shift
+            hold = self.lookalike_hold
+            if hold is not None and hold.weight > 0 and anchor[0].shape[0] > nll_remember.shape[0]:
+                held = lookalike_loss(*anchor, nll_remember.shape[0], self.data.base_std)
+                anchor_term = anchor_term + hold.weight * held
         loss_remember, nll_term, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                     tamed_mean, tamed_std, gamma=self.gamma,
                                                     nats_per_bpd=self.nats_per_bpd, anchor=anchor_term)
@@ -311,6 +332,8 @@ class TamingMethod:
             metrics["anchor"] = anchor_value.detach()
         if shift is not None:
             metrics["shift"] = shift.detach()
+        if held is not None:
+            metrics["lookalike"] = held.detach()
         return loss, metrics
 
     @torch.no_grad()
@@ -362,6 +385,14 @@ class TamingMethod:
         self.shift_factor = 1.0 if self.shift_factor == 0 else min(MAX_SHIFT_FACTOR, self.shift_factor * SHIFT_GROWTH)
         return False
 
+    def lookalikes_kept(self, model: nn.Module) -> bool:
+        """With the look-alike guard: their quantile drop on the evaluation's noise, against the refreshed mu_R,
+        sigma_R, is within ``lookalike_qd`` (a refusal is counted; docs/method.md "Holding the look-alikes").
+        A cheap pass over L images; the whole-set pass judges again (:meth:`whole_set_agrees`)."""
+        if self.lookalike_hold is None:
+            return True
+        return self.lookalike_hold.kept_now(model, NormalFit(float(self.mu_r), float(self.sigma_r)))
+
     @torch.no_grad()
     def check_nll(self, model: nn.Module) -> Tensor:
         """NLL (nats) [F] of every forget image, averaged over the fixed check draws."""
@@ -381,12 +412,15 @@ class TamingMethod:
         nll = self.data.whole_remember_nll(model)
         mean, std = nll.mean().to(forget_nll), nll.std().to(forget_nll)
         d = threshold_distance(forget_nll, mean, std, self.delta)
-        if bool(self.reached(d).all()):
+        reached = bool(self.reached(d).all())
+        hold, whole = self.lookalike_hold, NormalFit(float(nll.mean()), float(nll.std()))
+        if reached and (hold is None or hold.kept(nll[hold.rows].numpy(), whole)):
             self.final_remember_nll = nll
             return True
-        self.whole_set_refusals += 1
-        self.confirmed_d = d
-        self.latest_d.copy_(d)
+        if not reached:  # (else refused for the look-alikes, judged on the whole set's normal as evaluate does)
+            self.whole_set_refusals += 1
+            self.confirmed_d = d
+            self.latest_d.copy_(d)
         # the subset's correction drifted with the weights: re-measure it, so that training and the next
         # confirmations aim at the band the whole set defines
         self.normal.remeasure(mean, std)
@@ -456,7 +490,7 @@ class TamingMethod:
             self.latest_d.copy_(self.confirmed_d)
             self.grow_stragglers(self.confirmed_d)
             return (bool(self.reached(self.confirmed_d).all()) and self.remember_kept()
-                    and self.whole_set_agrees(model, forget_nll))
+                    and self.lookalikes_kept(model) and self.whole_set_agrees(model, forget_nll))
         if (iteration + 1) % self.refresh_every == 0:
             self.refresh(model)
         elif self.kl_estimate == "refreshed" and self.stale():
@@ -484,7 +518,8 @@ class TamingMethod:
         return {**self.normal.state_tensors(), "latest_d": self.latest_d, "forget_weight": self.forget_weight}
 
     def state_meta(self) -> dict[str, Any]:
-        return {"last_confirm": self.last_confirm, **self.normal.state_meta(),
+        hold = {} if self.lookalike_hold is None else self.lookalike_hold.state_meta()
+        return {"last_confirm": self.last_confirm, **self.normal.state_meta(), **hold,
                 "confirmations": self.confirmations, "lr_factor": self.lr_factor, "shift_factor": self.shift_factor,
                 "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals,
                 "progress_start": self.progress_start, "progress_warning": self.progress_warning}
@@ -502,6 +537,8 @@ class TamingMethod:
         self.whole_set_refusals = meta.get("whole_set_refusals", 0)
         self.progress_start = meta.get("progress_start")
         self.progress_warning = meta.get("progress_warning")
+        if self.lookalike_hold is not None:
+            self.lookalike_hold.load_state(meta)
 
 
 #: Method name -> class; baselines register here (``flowtame.methods.baselines``). Every class takes the

@@ -1,0 +1,169 @@
+"""The look-alikes' guard at the stop (issue 23, item 3): their quantile drop as evaluate computes it, a stop
+refused when it exceeds ``lookalike_qd``, the term each refusal grows, and a resumed run keeping it."""
+
+import numpy as np
+import pytest
+import torch
+
+from flowtame.errors import InputError
+from flowtame.jobs.tame import make_config, preset
+from flowtame.likelihood import statistics as st
+from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
+from flowtame.methods.lookalikes import lookalike_loss, quantile_drop
+from tests.test_anchor import base_and_moved
+from tests.test_baselines import DATA_SPEC, confirm_at, make_method
+
+ROWS = torch.tensor([5, 2, 7, 1])
+
+
+def held_method(base, bound: float, **config_kw):
+    """A taming method with look-alikes (remember rows ROWS, fixed check noise) and the guard at ``bound``."""
+    method = make_method("taming", base, anchor=1.0, lookalike_qd=bound, **config_kw)
+    d = method.data
+    d.lookalikes = ROWS
+    d.lookalike_check = dequantized(d.remember[ROWS], torch.rand((4, *d.remember.shape[1:]),
+                                                                generator=torch.Generator().manual_seed(7)),
+                                    DATA_SPEC.n_bits)
+    method.lookalike_hold = method._lookalike_hold(bound)
+    return method
+
+
+def test_lookalike_loss_is_the_squared_gap_between_the_lookalikes_and_the_remember_rows_mean_deviation():
+    nll = torch.tensor([10.0, 12.0, 7.0, 9.0, 15.0], dtype=torch.float64, requires_grad=True)
+    base_nll = torch.tensor([11.0, 12.0, 4.0, 8.0, 12.0], dtype=torch.float64)
+    sigma = torch.tensor(2.0, dtype=torch.float64)
+    value = lookalike_loss(nll, base_nll, 3, sigma)
+    # remember rows' deviations -1/2, 0, 3/2 (mean 1/3); look-alikes' 1/2, 3/2 (mean 1): gap 2/3
+    assert float(value.detach()) == pytest.approx((2 / 3) ** 2)
+    value.backward()
+    gap = 2 / 3
+    # equal and opposite pulls on the two means: a direction every NLL shares gets none
+    assert nll.grad.tolist() == pytest.approx([-2 * gap / 2 / 3] * 3 + [2 * gap / 2 / 2] * 2)
+    assert float(nll.grad.sum()) == pytest.approx(0.0, abs=1e-12)
+    # a shift common to every row costs nothing, whichever way
+    assert float(lookalike_loss(base_nll + 3.0, base_nll, 3, sigma)) == pytest.approx(0.0, abs=1e-12)
+    assert float(lookalike_loss(base_nll - 5.0, base_nll, 3, sigma)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_quantile_drop_is_evaluates_qd():
+    rng = np.random.default_rng(0)
+    base, now = rng.normal(100, 10, 16), rng.normal(103, 11, 16)
+    fit_base, fit_now = st.NormalFit(99.0, 10.0), st.NormalFit(101.0, 10.5)
+    assert quantile_drop(base, now, fit_base, fit_now) == pytest.approx(
+        st.quantile_drop(base, now, fit_base, fit_now, n_boot=10)["qd"], abs=1e-15)
+
+
+def measured_qd(method, model) -> float:
+    """The look-alikes' quantile drop by hand: their NLL on the check noise under ``model`` and the base model,
+    against the method's current mu_R, sigma_R and N_B."""
+    d = method.data
+    with torch.no_grad():
+        now = nll_nats(model, d.lookalike_check, DATA_SPEC).double().numpy()
+        base = nll_nats(method.base_model, d.lookalike_check, DATA_SPEC).double().numpy()
+    return float(st.likelihood_quantile(base, st.NormalFit(float(d.base_mean), float(d.base_std))).mean()
+                 - st.likelihood_quantile(now, st.NormalFit(float(method.mu_r), float(method.sigma_r))).mean())
+
+
+@pytest.mark.parametrize("margin, stops", [(-0.002, False), (0.002, True)])
+def test_a_stop_is_refused_while_the_lookalikes_drifted_past_the_bound(monkeypatch, margin, stops):
+    base, moved = base_and_moved()
+    probe = held_method(base, 0.01)
+    qd = measured_qd(probe, moved)
+    assert qd > 0.004  # the moved model really makes them less likely
+    method = held_method(base, qd + margin)
+    monkeypatch.setattr(method, "refresh", lambda _model: None)
+    confirm_at(monkeypatch, method, [0.1, -0.1, 0.2])
+    assert method.after_step(moved, 10, {"min_d": 0.0, "max_abs_d": 0.0}) is stops
+    assert method.lookalike_hold.last_qd == pytest.approx(qd, abs=1e-6)
+    assert method.lookalike_hold.refusals == (0 if stops else 1)
+
+
+def test_each_refusal_strengthens_the_lookalikes_term_and_a_resumed_run_keeps_it(monkeypatch):
+    """With lookalike_pull: off until a stop is refused for the look-alikes; then 1x the pull, doubling per refusal, at
+    most 8x, in the loss on [remember rows; look-alike rows]; a resumed run keeps the factor."""
+    base, moved = base_and_moved()
+    method, default = held_method(base, 0.01, lookalike_pull=2.0), held_method(base, 0.01)
+    assert method.lookalike_hold.weight == 0.0
+    monkeypatch.setattr(method, "refresh", lambda _model: None)
+    confirm_at(monkeypatch, method, [0.1, -0.1, 0.2])
+    # as if the look-alikes had been 5 nats more likely under the base model: under the unchanged weights
+    # they now show a quantile drop far past the bound
+    monkeypatch.setattr(method.lookalike_hold, "base_nll", method.lookalike_hold.base_nll - 5.0)
+    factors = []
+    for i in range(6):
+        assert method.after_step(base, 10 * (i + 1), {"min_d": 0.0, "max_abs_d": 0.0}) is False
+        factors.append(method.lookalike_hold.factor)
+    assert factors == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0] and method.lookalike_hold.refusals == 6
+    assert method.lookalike_hold.weight == 2.0 * 8.0
+    # the default (lookalike_pull 0) refuses the stop and adds no term
+    monkeypatch.setattr(default, "refresh", lambda _model: None)
+    confirm_at(monkeypatch, default, [0.1, -0.1, 0.2])
+    monkeypatch.setattr(default.lookalike_hold, "base_nll", default.lookalike_hold.base_nll - 5.0)
+    assert default.after_step(base, 10, {"min_d": 0.0, "max_abs_d": 0.0}) is False
+    assert default.lookalike_hold.refusals == 1 and default.lookalike_hold.weight == 0.0
+    d = method.data
+    pixels = torch.cat([d.forget[:2], d.remember[:3], d.remember[ROWS[2:]]])
+    inputs = dequantized(pixels, torch.rand(pixels.shape, generator=torch.Generator().manual_seed(3)),
+                         DATA_SPEC.n_bits)
+
+    def batch():
+        return inputs, torch.tensor([0, 1]), 2, 3
+
+    with torch.no_grad():
+        by_hand = lookalike_loss(nll_nats(moved, inputs[2:], DATA_SPEC), batched_nll(base, inputs[2:], DATA_SPEC),
+                                 3, d.base_std)
+    assert float(by_hand) > 1e-8
+    resumed, plain = held_method(base, 0.01, lookalike_pull=2.0), held_method(base, 0.01, lookalike_pull=2.0)
+    resumed.load_state(method.state_tensors(), method.state_meta())
+    assert resumed.lookalike_hold.factor == 8.0 and resumed.lookalike_hold.refusals == 6
+    losses = {}
+    for name, m in (("held", method), ("resumed", resumed), ("plain", plain)):
+        m._batch = batch
+        losses[name], metrics = m.loss(moved, 0)
+        assert ("lookalike" in metrics) is (name != "plain")
+    default._batch = batch
+    assert "lookalike" not in default.loss(moved, 0)[1]
+    assert float(metrics_of(method, moved)["lookalike"]) == pytest.approx(float(by_hand), rel=1e-5)
+    expected = (1 - plain.alpha) * (1 - plain.gamma) * 2.0 * 8.0 * by_hand
+    assert float((losses["resumed"] - losses["plain"]).detach()) == pytest.approx(float(expected), rel=1e-4)
+    assert float(losses["held"].detach()) == pytest.approx(float(losses["resumed"].detach()), rel=1e-6)
+
+
+def metrics_of(method, model):
+    return method.loss(model, 0)[1]
+
+
+def test_the_whole_set_pass_judges_the_lookalikes_against_the_whole_sets_normal(monkeypatch):
+    """The last gate: the whole remember set's NLL (as the report computes it) gives the look-alikes' exact
+    quantile drop against the whole set's normal; a stop is refused there even when the cheap check passed."""
+    base, _ = base_and_moved()
+    method = held_method(base, 0.01)
+    n = method.data.remember.shape[0]
+    rows = ROWS.tolist()
+    whole = torch.full((n,), float(method.data.base_mean), dtype=torch.float64) \
+        + torch.linspace(-1, 1, n, dtype=torch.float64) * float(method.data.base_std)
+    whole[rows] = torch.from_numpy(method.lookalike_hold.base_nll) + 0.5 * float(method.data.base_std)
+    method.data.whole_remember_nll = lambda _model: whole
+    forget_nll = whole.mean() + (method.delta + torch.tensor([0.0, 0.1, -0.1], dtype=torch.float64)) * whole.std()
+    assert method.whole_set_agrees(base, forget_nll) is False
+    fit = st.NormalFit(float(whole.mean()), float(whole.std()))
+    assert method.lookalike_hold.last_qd == pytest.approx(
+        quantile_drop(method.lookalike_hold.base_nll, whole[rows].numpy(), method.lookalike_hold.base_fit, fit))
+    assert method.lookalike_hold.refusals == 1 and method.whole_set_refusals == 0
+    assert method.final_remember_nll is None
+    # with the look-alikes back where the base model had them, the same pass lets the run stop
+    whole[rows] = torch.from_numpy(method.lookalike_hold.base_nll)
+    assert method.whole_set_agrees(base, forget_nll) is True
+
+
+def test_the_guard_is_off_without_the_anchor_at_zero_and_in_the_paper_preset():
+    base, _ = base_and_moved()
+    assert held_method(base, 0.0).lookalike_hold is None
+    assert make_method("taming", base, anchor=0.0, lookalike_qd=0.01)._lookalike_hold(0.01) is None
+    assert make_config(preset("paper")).anchor == 0
+    assert make_config({}).lookalike_qd == pytest.approx(0.018)
+    assert make_config({}).lookalike_pull == 0.0
+    with pytest.raises(InputError, match="lookalike_qd"):
+        make_config({"lookalike_qd": -0.1})
+    with pytest.raises(InputError, match="lookalike_pull"):
+        make_config({"lookalike_pull": -1.0})
