@@ -74,7 +74,8 @@ def traced(trace: list[dict[str, Any]], every: int, proto: Any = None):
                  "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals,
                  "confirmations": self.confirmations, "lr_factor": self.lr_factor,
                  "lookalike_refusals": getattr(self.lookalike_hold, "refusals", 0),
-                 "forget_weight": [round(float(w), 3) for w in self.forget_weight.flatten()]}
+                 "forget_weight": [round(float(w), 3) for w in self.forget_weight.flatten()],
+                 "smoothed_d": [round(float(v), 3) for v in self.latest_d.flatten()]}
         if proto is not None:
             entry.update(lookalike_figures(self, model, proto), lr=logged.get("lr"))
         if self.confirmations > confirmations and self.confirmed_d is not None:
