@@ -83,7 +83,7 @@ class _ForgottenStopping(TamingMethod):
         """The baselines' criterion: every forget image has d > -ε + stop_margin (past the threshold is fine)."""
         return d > self.lower_edge
 
-    def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
+    def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         """Taming's screen-and-confirm with the baselines' criterion, without settling."""
         return self.screen_and_confirm(model, iteration, logged)
 

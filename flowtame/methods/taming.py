@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from flowtame.data.quantization import DataSpec, nats_per_bpd
 from flowtame.engine.devices import distinct_indices, random_indices, take_rows, uniform_noise
+from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
 from flowtame.likelihood.statistics import NormalFit
 from flowtame.likelihood.threshold import threshold_distance
@@ -138,7 +139,7 @@ class TamingMethod:
                  confirm_gap: int = 5,
                  max_remember_drift: float | None = None, max_remember_jump: float | None = None,
                  config: Any = None,
-                 base_model: nn.Module | None = None, setup_generator: torch.Generator | None = None):
+                 base_model: MultiScaleFlow | None = None, setup_generator: torch.Generator | None = None):
         if kl_estimate not in KL_ESTIMATES:
             raise ValueError(f"unknown kl_estimate {kl_estimate!r}")
         self.data = data
@@ -263,7 +264,7 @@ class TamingMethod:
         return min(looks.numel(), max(1, self.batch_size // 4))
 
     # ------------------------------------------------------------------ engine protocol
-    def loss(self, model: nn.Module, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, model: MultiScaleFlow, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
         """This iteration's loss (:meth:`objective`) from one forward over [forget; remember; look-alikes].
         With the anchor on, the frozen base model's NLLs of the remember and look-alike rows (same
         dequantized images, no gradient) go with them."""
@@ -337,7 +338,7 @@ class TamingMethod:
         return loss, metrics
 
     @torch.no_grad()
-    def refresh(self, model: nn.Module) -> None:
+    def refresh(self, model: MultiScaleFlow) -> None:
         """Re-estimate mu_R, sigma_R (nats) of the current model on the fixed refresh subset.
 
         The subset estimate is corrected by the base model's whole-set vs subset difference
@@ -357,7 +358,7 @@ class TamingMethod:
                     f"(base {self.base_bpd:.3f})")
         return None
 
-    def rolled_back(self, model: nn.Module) -> None:
+    def rolled_back(self, model: MultiScaleFlow) -> None:
         """After the engine restored the last good weights: re-estimate mu_R, sigma_R on them, so the remember
         term does not keep steering by statistics measured on the discarded (blown-up) weights."""
         self.refresh(model)
@@ -385,7 +386,7 @@ class TamingMethod:
         self.shift_factor = 1.0 if self.shift_factor == 0 else min(MAX_SHIFT_FACTOR, self.shift_factor * SHIFT_GROWTH)
         return False
 
-    def lookalikes_kept(self, model: nn.Module) -> bool:
+    def lookalikes_kept(self, model: MultiScaleFlow) -> bool:
         """With the look-alike guard: their quantile drop on the evaluation's noise, against the refreshed mu_R,
         sigma_R, is within ``lookalike_qd`` (a refusal is counted; docs/method.md "Holding the look-alikes").
         A cheap pass over L images; the whole-set pass judges again (:meth:`whole_set_agrees`)."""
@@ -394,14 +395,14 @@ class TamingMethod:
         return self.lookalike_hold.kept_now(model, NormalFit(float(self.mu_r), float(self.sigma_r)))
 
     @torch.no_grad()
-    def check_nll(self, model: nn.Module) -> Tensor:
+    def check_nll(self, model: MultiScaleFlow) -> Tensor:
         """NLL (nats) [F] of every forget image, averaged over the fixed check draws."""
         d = self.data
         draws = d.forget_check_noise if d.forget_check_noise.dim() > d.forget.dim() else d.forget_check_noise[None]
         return torch.stack([batched_nll(model, dequantized(d.forget, noise, d.data_spec.n_bits), d.data_spec)
                             for noise in draws]).mean(0)
 
-    def whole_set_agrees(self, model: nn.Module, forget_nll: Tensor) -> bool:
+    def whole_set_agrees(self, model: MultiScaleFlow, forget_nll: Tensor) -> bool:
         """With ``data.whole_remember_nll``: every forget image (NLL [F] on the check draws) also meets the
         criterion against the whole remember set's normal, the one the report judges by; a refusal is counted
         and training goes on with mu_R, sigma_R and the subset correction re-measured on the whole set. The
@@ -450,7 +451,7 @@ class TamingMethod:
             f"--max-iters {int(min(needed, 1e6)) + 50}")
         warnings.warn(self.progress_warning, stacklevel=2)
 
-    def after_step(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
+    def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         if self.progress_warning is None:
             self.check_progress(iteration, logged)
         if logged["max_abs_d"] < 2 * self.epsilon:
@@ -478,7 +479,7 @@ class TamingMethod:
         whole-set statistics."""
         return (d > self.lower_edge) & (d < self.epsilon)
 
-    def screen_and_confirm(self, model: nn.Module, iteration: int, logged: dict[str, float]) -> bool:
+    def screen_and_confirm(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         """Confirm a passing screen on the fixed check draws against fresh statistics (at most every
         ``confirm_gap`` iterations); otherwise refresh mu_R, sigma_R on schedule. True when converged."""
         if self.screen_passes(logged) and iteration - self.last_confirm >= self.confirm_gap:
