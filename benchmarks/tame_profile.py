@@ -149,29 +149,35 @@ def print_split(split: Split, report: dict[str, Any]) -> None:
           f"wall / (its x bare step) = {phases['total'] / bare:.2f}")
 
 
-def forward_batches(base: Any, proto: Any, sizes: list[int], rows: int) -> None:
+def forward_batches(base: Any, proto: Any, sizes: list[int], rows: int, repeats: int) -> None:
     """Seconds per image of a no-gradient forward (the evaluation passes') at each batch size in ``sizes``, under
-    ``torch.no_grad`` and ``torch.inference_mode``, on the first ``rows`` remember images (keyed noise, seed 0),
-    and the largest difference of the NLLs from those of the largest batch size (0: bit-identical)."""
+    ``torch.no_grad`` and ``torch.inference_mode``, on the first ``rows`` remember images (keyed noise, seed 0);
+    prints any difference of the NLLs from those of the largest batch size (none: bit-identical)."""
     from flowtame.data.images import dequantization_noise
     from flowtame.likelihood.nll import dequantized, nll_nats
 
     spec, model = base.data_spec, tame_job.place_model(base.model, torch.device("cpu")).eval()
     pixels, keys = proto.remember.pixels[:rows], proto.remember.keys[:rows]
     x = dequantized(pixels, dequantization_noise(keys, 0, tuple(pixels.shape[1:])), spec.n_bits)
-    reference = None
-    for mode_name, mode in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
-        for size in sorted(sizes, reverse=True):
-            with mode():
-                nll_nats(model, x[:size], spec)  # warm-up (oneDNN primitives for this shape)
-                start = time.perf_counter()
-                nll = torch.cat([nll_nats(model, x[i:i + size], spec) for i in range(0, rows, size)])
-                seconds = time.perf_counter() - start
-            if reference is None:
-                reference = nll.clone()
-            diff = float((nll - reference).abs().max())
-            print(f"{mode_name:>15} batch {size:4d}: {1e3 * seconds / rows:7.3f} ms/image, "
-                  f"max |NLL - NLL(batch {max(sizes)}, no_grad)| = {diff:.3g} nats", flush=True)
+    with torch.no_grad():
+        reference = nll_nats(model, x[:max(sizes)], spec)
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(repeats):  # interleaved, the fastest of the repeats kept: the machine's load varies
+        for mode_name, mode in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
+            for size in sizes:
+                with mode():
+                    nll_nats(model, x[:size], spec)  # warm-up (oneDNN primitives for this shape)
+                    start = time.perf_counter()
+                    nll = torch.cat([nll_nats(model, x[i:i + size], spec) for i in range(0, rows, size)])
+                    seconds = time.perf_counter() - start
+                key = (mode_name, size)
+                best[key] = min(best.get(key, float("inf")), seconds)
+                diff = float((nll[:max(sizes)] - reference).abs().max())
+                if diff:
+                    print(f"{mode_name} batch {size}: NLLs differ from batch {max(sizes)}'s by {diff:.3g} nats")
+    for (mode_name, size), seconds in best.items():
+        print(f"{mode_name:>15} batch {size:4d}: {1e3 * seconds / rows:7.3f} ms/image (fastest of {repeats})",
+              flush=True)
 
 
 def main() -> None:
@@ -186,12 +192,13 @@ def main() -> None:
     parser.add_argument("--forward-batches", type=int, nargs="*", default=None, metavar="B",
                         help="instead of a run: time no-gradient forwards at these batch sizes")
     parser.add_argument("--rows", type=int, default=512, help="images for --forward-batches [512]")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats for --forward-batches [3]")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = load_checkpoint(build(args.model, args.cache))
     proto = build_protocol(base, args.digit, args.k, NEIGHBOURS, source=digits_source(args.model, args.cache))
     if args.forward_batches:
-        forward_batches(base, proto, args.forward_batches, args.rows)
+        forward_batches(base, proto, args.forward_batches, args.rows, args.repeats)
         return
     config = tame_job.make_config(args.override)
     split, events = Split(), {"first_screen": None, "confirmations": []}

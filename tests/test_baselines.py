@@ -7,10 +7,11 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from flowtame.data.images import open_images
+from flowtame.data.images import dequantization_noise, open_images
 from flowtame.data.quantization import DataSpec, nats_per_bpd
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import CheckpointError, InputError
@@ -18,7 +19,7 @@ from flowtame.flows.base import coupling_output_parameters
 from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from flowtame.jobs.tame import TameConfig, make_config, read_config_file, tame
-from flowtame.likelihood.nll import dequantized, nll_nats
+from flowtame.likelihood.nll import dequantized, nll_nats, pixel_nll
 from flowtame.likelihood.protocol import write_pngs
 from flowtame.methods.baselines import NegGrad, SelectiveAmnesia, SelectiveAmnesiaSettings, diagonal_fisher
 from flowtame.methods.taming import METHODS, TamingData, TamingMethod
@@ -279,6 +280,47 @@ def test_taming_check_averages_the_nll_over_its_fixed_draws():
         nll = torch.stack([nll_nats(model, dequantized(method.data.forget, noise, DATA_SPEC.n_bits), DATA_SPEC)
                            for noise in draws]).mean(0)
     torch.testing.assert_close(method.check_nll(model), nll, rtol=1e-6, atol=1e-4)
+
+
+def test_a_stop_keeps_its_check_draws_as_the_reports_forget_nll_bit_for_bit():
+    """The stop's check pass (K keyed draws) is the evaluation's forget NLL: kept, it equals pixel_nll's second
+    pass exactly (same noise, same weights, the draws summed in float64 in the same order)."""
+    model, _ = tiny_glow()
+    method = make_method("taming", model)
+    pixels, keys = open_images("embedded:digits:test:3", DATA_SPEC).load_tensor()
+    keys = keys[:3]
+    method.data.forget_check_noise = torch.stack([dequantization_noise(keys, 0, (1, 8, 8), draw)
+                                                  for draw in range(8)])
+    method.check_nll(model)
+    assert method.final_forget_nll is None  # kept only at a stop
+    method.keep_final_forget_nll()
+    expected = pixel_nll(model, pixels[:3], keys, DATA_SPEC, 0, torch.device("cpu"), draws=8)
+    assert method.final_forget_nll.dtype == torch.float64
+    np.testing.assert_array_equal(method.final_forget_nll.numpy(), expected)
+
+
+def test_a_converged_tame_reports_the_stops_own_forget_nll(base, forget_folder, monkeypatch):
+    """tame() reuses the stop's check draws for the tamed forget NLL (no second pass over D_F) and they are what
+    a fresh pixel_nll of the tamed model gives."""
+    import flowtame.jobs.tame as tame_job
+
+    measured = []  # (model, images) of every pixel_nll call of the job
+    measure = tame_job.pixel_nll
+
+    def counted(model, *args, **kwargs):
+        measured.append((model, (args[0] if args else kwargs["pixels"]).shape[0]))
+        return measure(model, *args, **kwargs)
+
+    monkeypatch.setattr(tame_job, "pixel_nll", counted)
+    forget = open_images(forget_folder, DATA_SPEC)
+    pixels, keys = forget.load_tensor()
+    outcome = tame(base, [forget], open_images(REMEMBER, DATA_SPEC), make_config(FAST, {"max_iters": 200}),
+                   device="cpu")
+    assert outcome.report["converged"]
+    tamed = outcome.checkpoint.model
+    assert (base.model, len(keys)) in measured and (tamed, len(keys)) not in measured
+    again = pixel_nll(tamed, pixels, keys, DATA_SPEC, 0, torch.device("cpu"), draws=8)
+    np.testing.assert_array_equal(outcome.nll[("tamed", "forget")], again)
 
 
 def test_taming_screen_smooths_each_images_training_d(monkeypatch):

@@ -447,8 +447,11 @@ def _tamed_outcome(base: Checkpoint, model: torch.nn.Module, method: Any, result
         tamed_remember_nll = method.final_remember_nll.numpy()
     else:
         tamed_remember_nll = remember_nll(model)
-    tamed_forget_nll = pixel_nll(model, sets.forget, sets.forget_keys, data_spec, config.eval_seed, dev,
-                                 draws=config.forget_draws)
+    if result.converged and getattr(method, "final_forget_nll", None) is not None:  # the stop's check draws
+        tamed_forget_nll = method.final_forget_nll.numpy()
+    else:
+        tamed_forget_nll = pixel_nll(model, sets.forget, sets.forget_keys, data_spec, config.eval_seed, dev,
+                                     draws=config.forget_draws)
     base_remember_nll = nll[("base", "remember")]
     base_mean, base_std = float(base_remember_nll.mean()), float(base_remember_nll.std(ddof=1))
     mu_t, sigma_t = float(tamed_remember_nll.mean()), float(tamed_remember_nll.std(ddof=1))

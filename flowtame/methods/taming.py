@@ -180,6 +180,11 @@ class TamingMethod:
         self.progress_warning: str | None = None
         #: The whole remember set's NLL [R] (float64, CPU) under the weights the run stopped with, for the report.
         self.final_remember_nll: Tensor | None = None
+        #: The latest confirmation's forget NLLs [K, F] (float32, one row per check draw), and at a stop their
+        #: mean [F] (float64, CPU, summed draw by draw as :func:`~flowtame.likelihood.nll.pixel_nll` does), so
+        #: the report reuses the stop's own measurement instead of repeating it.
+        self.check_draws: Tensor | None = None
+        self.final_forget_nll: Tensor | None = None
 
     # ------------------------------------------------------------------ the remember normal's figures
     @property
@@ -367,8 +372,19 @@ class TamingMethod:
         """NLL (nats) [F] of every forget image, averaged over the fixed check draws."""
         d = self.data
         draws = d.forget_check_noise if d.forget_check_noise.dim() > d.forget.dim() else d.forget_check_noise[None]
-        return torch.stack([batched_nll(model, dequantized(d.forget, noise, d.data_spec.n_bits), d.data_spec)
-                            for noise in draws]).mean(0)
+        self.check_draws = torch.stack([batched_nll(model, dequantized(d.forget, noise, d.data_spec.n_bits),
+                                                    d.data_spec) for noise in draws])
+        return self.check_draws.mean(0)
+
+    def keep_final_forget_nll(self) -> None:
+        """At a stop: the stop's check draws [K, F] as the final forget NLL [F] (float64, CPU), averaged the way
+        the evaluation's keyed draws are (float64, draw by draw), so the report needs no second pass."""
+        if self.check_draws is None:
+            return
+        total = self.check_draws[0].double().cpu()
+        for draw in self.check_draws[1:]:
+            total = total + draw.double().cpu()
+        self.final_forget_nll = total / self.check_draws.shape[0]
 
     def whole_set_agrees(self, model: nn.Module, forget_nll: Tensor) -> bool:
         """With ``data.whole_remember_nll``: every forget image (NLL [F] on the check draws) also meets the
@@ -455,8 +471,11 @@ class TamingMethod:
             self.confirmed_d = threshold_distance(forget_nll, self.mu_r, self.sigma_r, self.delta)
             self.latest_d.copy_(self.confirmed_d)
             self.grow_stragglers(self.confirmed_d)
-            return (bool(self.reached(self.confirmed_d).all()) and self.remember_kept()
+            done = (bool(self.reached(self.confirmed_d).all()) and self.remember_kept()
                     and self.whole_set_agrees(model, forget_nll))
+            if done:
+                self.keep_final_forget_nll()
+            return done
         if (iteration + 1) % self.refresh_every == 0:
             self.refresh(model)
         elif self.kl_estimate == "refreshed" and self.stale():
