@@ -119,8 +119,8 @@ def install(split: Split, events: dict[str, Any]) -> None:
         if self.confirmations > before[0]:
             assert self.confirmed_d is not None
             short = int((~self.reached(self.confirmed_d)).sum())
-            verdict = ("stop" if done else f"{short} short" if short else "drift" if self.drift_refusals > before[1]
-                       else "whole set" if self.whole_set_refusals > before[2] else "?")
+            verdict = ("stop" if done else f"whole set ({short} short)" if self.whole_set_refusals > before[2]
+                       else f"{short} short" if short else "drift" if self.drift_refusals > before[1] else "?")
             events["confirmations"].append({"it": iteration, "verdict": verdict,
                                             "min_d": round(float(self.confirmed_d.min()), 3),
                                             "drift": round(self.remember_drift(), 5)})

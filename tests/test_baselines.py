@@ -19,7 +19,7 @@ from flowtame.flows.base import coupling_output_parameters
 from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from flowtame.jobs.tame import TameConfig, make_config, read_config_file, tame
-from flowtame.likelihood.nll import dequantized, nll_nats, pixel_nll
+from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
 from flowtame.likelihood.protocol import write_pngs
 from flowtame.methods.baselines import NegGrad, SelectiveAmnesia, SelectiveAmnesiaSettings, diagonal_fisher
 from flowtame.methods.taming import METHODS, TamingData, TamingMethod
@@ -560,3 +560,41 @@ def test_a_stragglers_forget_weight_grows_per_refused_confirmation_to_a_bound(mo
     confirm_at(monkeypatch, unanchored, [0.1, -0.2, -1.3 * eps])
     unanchored.after_step(model, 10, passing)
     assert unanchored.confirmations == 1 and unanchored.forget_weight.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_the_whole_set_pass_takes_the_refresh_subsets_rows_from_the_confirmations_refresh(monkeypatch):
+    """At a confirmation the refresh subset was just measured under the same weights on the evaluation's noise:
+    the whole-set pass measures only the other rows and gives what a full pass gives."""
+
+    from flowtame.jobs.tame import _load_sets, _whole_remember_nll
+
+    model, _ = tiny_glow()
+    sets = _load_sets([open_images("embedded:digits:test:3", DATA_SPEC)], open_images(REMEMBER, DATA_SPEC))
+    measured = []
+
+    def remember_nll(m, **kwargs):
+        measured.append(len(kwargs.get("keys", sets.remember_keys)))
+        return pixel_nll(m, **{"pixels": sets.remember, "keys": sets.remember_keys, "data_spec": DATA_SPEC,
+                               "seed": 0, "device": torch.device("cpu"), **kwargs})
+
+    rows = torch.tensor([0, 2, 5, 11])
+    noise = dequantization_noise([sets.remember_keys[i] for i in rows], 0, (1, 8, 8))
+    fresh = batched_nll(model, dequantized(sets.remember[rows], noise, DATA_SPEC.n_bits), DATA_SPEC)
+    full = _whole_remember_nll(sets, remember_nll, model)
+    reused = _whole_remember_nll(sets, remember_nll, model, known=(rows, fresh))
+    assert measured == [len(sets.remember_keys), len(sets.remember_keys) - 4]
+    assert torch.equal(reused[rows], fresh.double())
+    torch.testing.assert_close(reused, full, rtol=1e-6, atol=0)
+    # the method hands the confirmation's own refresh to the whole-set pass when it knows the subset's rows
+    method = make_method("taming", model)
+    method.data.refresh_rows = torch.arange(method.data.refresh.shape[0])
+    seen = {}
+
+    def whole(_model, known=None):
+        seen["known"] = known
+        return batched_nll(model, method.data.refresh, DATA_SPEC).double()
+
+    method.data.whole_remember_nll = whole
+    confirm_at(monkeypatch, method, [0.1, -0.1, 0.2])
+    method.after_step(model, 10, {"min_d": 0.0, "max_abs_d": 0.0})
+    assert seen["known"][0] is method.data.refresh_rows and seen["known"][1] is method.refresh_nll

@@ -73,6 +73,9 @@ class TamingData:
     on the evaluation's keyed noise, exactly as the report computes it: a confirmation that passes on the
     refresh subset is then re-judged against the whole set's normal before the run stops. ``lookalikes``:
     long [L] (CPU), rows of ``remember`` nearest the forget set, held by the anchor in every batch.
+    ``refresh_rows``: long [S] (CPU), the rows of ``remember`` that ``refresh`` holds, when ``refresh`` is on the
+    evaluation's keyed noise: a whole-set pass right after a refresh then takes those rows' NLLs from it
+    (``whole_remember_nll(model, known=(refresh_rows, nll))`` measures only the other rows).
     """
 
     data_spec: DataSpec
@@ -83,8 +86,9 @@ class TamingData:
     refresh: Tensor
     base_mean: Tensor
     base_std: Tensor
-    whole_remember_nll: Callable[[nn.Module], Tensor] | None = None
+    whole_remember_nll: Callable[..., Tensor] | None = None
     lookalikes: Tensor | None = None
+    refresh_rows: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -185,6 +189,8 @@ class TamingMethod:
         #: the report reuses the stop's own measurement instead of repeating it.
         self.check_draws: Tensor | None = None
         self.final_forget_nll: Tensor | None = None
+        #: The latest refresh's NLLs [S] of the refresh subset (nats).
+        self.refresh_nll: Tensor | None = None
 
     # ------------------------------------------------------------------ the remember normal's figures
     @property
@@ -326,7 +332,8 @@ class TamingMethod:
         (``subset_correction``), so at iteration 0 it equals N_B exactly; a whole-set check that disagrees
         re-measures that correction under the current weights (:meth:`whole_set_agrees`).
         """
-        self.normal.update(batched_nll(model, self.data.refresh, self.data.data_spec))
+        self.refresh_nll = batched_nll(model, self.data.refresh, self.data.data_spec)
+        self.normal.update(self.refresh_nll)
 
     def diverged(self, logged: dict[str, float]) -> str | None:
         """A reason to roll back: this iteration's remember batch is ``max_remember_jump`` above N_B (mean BPD).
@@ -386,15 +393,20 @@ class TamingMethod:
             total = total + draw.double().cpu()
         self.final_forget_nll = total / self.check_draws.shape[0]
 
-    def whole_set_agrees(self, model: nn.Module, forget_nll: Tensor) -> bool:
+    def whole_set_agrees(self, model: nn.Module, forget_nll: Tensor, refresh_nll: Tensor | None = None) -> bool:
         """With ``data.whole_remember_nll``: every forget image (NLL [F] on the check draws) also meets the
         criterion against the whole remember set's normal, the one the report judges by; a refusal is counted
         and training goes on with mu_R, sigma_R and the subset correction re-measured on the whole set. The
         subset estimate is off by a few hundredths of sigma_R, enough to stop with an image the report then
-        counts as not forgotten (docs/method.md "Stopping")."""
+        counts as not forgotten (docs/method.md "Stopping"). ``refresh_nll``: the refresh subset's NLLs [S]
+        under these weights (the confirmation's refresh), reused for its rows when ``data.refresh_rows`` says
+        which they are."""
         if self.data.whole_remember_nll is None:
             return True
-        nll = self.data.whole_remember_nll(model)
+        if refresh_nll is not None and self.data.refresh_rows is not None:
+            nll = self.data.whole_remember_nll(model, known=(self.data.refresh_rows, refresh_nll))
+        else:
+            nll = self.data.whole_remember_nll(model)
         mean, std = nll.mean().to(forget_nll), nll.std().to(forget_nll)
         d = threshold_distance(forget_nll, mean, std, self.delta)
         if bool(self.reached(d).all()):
@@ -472,7 +484,7 @@ class TamingMethod:
             self.latest_d.copy_(self.confirmed_d)
             self.grow_stragglers(self.confirmed_d)
             done = (bool(self.reached(self.confirmed_d).all()) and self.remember_kept()
-                    and self.whole_set_agrees(model, forget_nll))
+                    and self.whole_set_agrees(model, forget_nll, self.refresh_nll))
             if done:
                 self.keep_final_forget_nll()
             return done
