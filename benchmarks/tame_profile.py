@@ -180,6 +180,48 @@ def forward_batches(base: Any, proto: Any, sizes: list[int], rows: int, repeats:
               flush=True)
 
 
+#: The split's rows for --table: (label, phase, the pieces' paths whose seconds it sums; own = exclusive seconds).
+TABLE_ROWS = [
+    ("setup: base NLLs (remember, forget)", [("setup/pixel_nll", False)]),
+    ("setup: look-alike search", [("setup/_taming_data/nearest_rows", False)]),
+    ("setup: lr calibration", [("setup/calibrate_lr", False)]),
+    ("loop: training forward", [("loop/_forward_backward/nll_nats", False)]),
+    ("loop: anchor's base forward", [("loop/_forward_backward/batched_nll", False)]),
+    ("loop: backward, grad norm", [("loop/_forward_backward", True)]),
+    ("loop: Adam", [("loop/_step", False)]),
+    ("loop: refreshes", [("loop/_record/after_step/refresh", False)]),
+    ("loop: confirmations' check draws", [("loop/_record/after_step/check_nll", False)]),
+    ("loop: whole-set re-judgements", [("loop/_record/after_step/whole_set_agrees", False)]),
+    ("loop: snapshots", [("loop/_record/_snapshot", False), ("loop/_snapshot", False)]),
+    ("end: final measurement, report", [("end/_tamed_outcome", False)]),
+]
+
+
+def split_table(paths: list[Path]) -> None:
+    """One Markdown table of the splits saved by --json (a column per file): seconds per row of TABLE_ROWS, the
+    phases, iterations and the wall over iterations x the bare step."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    print("| piece | " + " | ".join(f"{r['model']} k = {r['k']} ({p.stem})" for r, p in zip(runs, paths, strict=True))
+          + " |")
+    print("| --- |" + " ---: |" * len(runs))
+    for label, parts in TABLE_ROWS:
+        cells = []
+        for r in runs:
+            pieces = r["split"]["pieces"]
+            total = sum(pieces[p]["exclusive" if own else "seconds"] for p, own in parts if p in pieces)
+            cells.append(f"{total:.1f} ({100 * total / r['split']['phases']['total']:.0f}%)")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    for phase in ("setup", "loop", "end", "total"):
+        print(f"| **{phase}** | " + " | ".join(f"{r['split']['phases'][phase]:.1f}" for r in runs) + " |")
+    print("| iterations | " + " | ".join(str(r["report"]["iterations"]) for r in runs) + " |")
+    cells = []
+    for r in runs:
+        pieces = r["split"]["pieces"]
+        bare = sum(pieces[p]["seconds"] for p in ("loop/_forward_backward", "loop/_step") if p in pieces)
+        cells.append(f"{r['split']['phases']['total'] / bare:.2f}")
+    print("| wall / (its x bare step) | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded-glow", choices=list(ZOO))
@@ -193,7 +235,12 @@ def main() -> None:
                         help="instead of a run: time no-gradient forwards at these batch sizes")
     parser.add_argument("--rows", type=int, default=512, help="images for --forward-batches [512]")
     parser.add_argument("--repeats", type=int, default=3, help="repeats for --forward-batches [3]")
+    parser.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="only print the splits of these --json files side by side (Markdown)")
     args = parser.parse_args()
+    if args.table:
+        split_table(args.table)
+        return
     torch.set_num_threads(args.threads)
     base = load_checkpoint(build(args.model, args.cache))
     proto = build_protocol(base, args.digit, args.k, NEIGHBOURS, source=digits_source(args.model, args.cache))
