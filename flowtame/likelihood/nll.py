@@ -272,8 +272,9 @@ def dequantized(pixels: Tensor, noise: Tensor, n_bits: int) -> Tensor:
 #: On the CPU a no-gradient pass takes at most as many rows at once as keep the model's largest layer output
 #: within this many bytes (float32: 2M values), about what one core's share of the cache holds. Measured on the
 #: 2-core EPYC VM, 1 thread (benchmarks/tame_profile.py --forward-batches; docs/benchmarks.md "Round 4c"): the
-#: width-512 Glows' forward is fastest at 64 rows (128 KiB per row), the width-128 ones' at 256 (32 KiB); the
-#: NLLs are the same to the bit at every batch size.
+#: width-512 Glows' forward is 20-30% faster per image at 64-128 rows (128 KiB per row) than at 256, the
+#: width-128 ones' fastest at 256 (32 KiB). The zoo's NLLs were the same to the bit at every batch size;
+#: kernels that are not batch-independent change them by float rounding only.
 CPU_ACTIVATION_BYTES = 8 * 2**20
 #: Bytes per row of each model's largest layer output, measured on its first no-gradient pass on the CPU.
 _ROW_BYTES: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
