@@ -7,10 +7,11 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from flowtame.data.images import open_images
+from flowtame.data.images import dequantization_noise, open_images
 from flowtame.data.quantization import DataSpec, nats_per_bpd
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import CheckpointError, InputError
@@ -18,7 +19,7 @@ from flowtame.flows.base import coupling_output_parameters
 from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from flowtame.jobs.tame import TameConfig, make_config, read_config_file, tame
-from flowtame.likelihood.nll import dequantized, nll_nats
+from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
 from flowtame.likelihood.protocol import write_pngs
 from flowtame.methods.baselines import NegGrad, SelectiveAmnesia, SelectiveAmnesiaSettings, diagonal_fisher
 from flowtame.methods.taming import METHODS, TamingData, TamingMethod
@@ -281,6 +282,47 @@ def test_taming_check_averages_the_nll_over_its_fixed_draws():
     torch.testing.assert_close(method.check_nll(model), nll, rtol=1e-6, atol=1e-4)
 
 
+def test_a_stop_keeps_its_check_draws_as_the_reports_forget_nll_bit_for_bit():
+    """The stop's check pass (K keyed draws) is the evaluation's forget NLL: kept, it equals pixel_nll's second
+    pass exactly (same noise, same weights, the draws summed in float64 in the same order)."""
+    model, _ = tiny_glow()
+    method = make_method("taming", model)
+    pixels, keys = open_images("embedded:digits:test:3", DATA_SPEC).load_tensor()
+    keys = keys[:3]
+    method.data.forget_check_noise = torch.stack([dequantization_noise(keys, 0, (1, 8, 8), draw)
+                                                  for draw in range(8)])
+    method.check_nll(model)
+    assert method.final_forget_nll is None  # kept only at a stop
+    method.keep_final_forget_nll()
+    expected = pixel_nll(model, pixels[:3], keys, DATA_SPEC, 0, torch.device("cpu"), draws=8)
+    assert method.final_forget_nll.dtype == torch.float64
+    np.testing.assert_array_equal(method.final_forget_nll.numpy(), expected)
+
+
+def test_a_converged_tame_reports_the_stops_own_forget_nll(base, forget_folder, monkeypatch):
+    """tame() reuses the stop's check draws for the tamed forget NLL (no second pass over D_F) and they are what
+    a fresh pixel_nll of the tamed model gives."""
+    import flowtame.jobs.tame as tame_job
+
+    measured = []  # (model, images) of every pixel_nll call of the job
+    measure = tame_job.pixel_nll
+
+    def counted(model, *args, **kwargs):
+        measured.append((model, (args[0] if args else kwargs["pixels"]).shape[0]))
+        return measure(model, *args, **kwargs)
+
+    monkeypatch.setattr(tame_job, "pixel_nll", counted)
+    forget = open_images(forget_folder, DATA_SPEC)
+    pixels, keys = forget.load_tensor()
+    outcome = tame(base, [forget], open_images(REMEMBER, DATA_SPEC), make_config(FAST, {"max_iters": 200}),
+                   device="cpu")
+    assert outcome.report["converged"]
+    tamed = outcome.checkpoint.model
+    assert (base.model, len(keys)) in measured and (tamed, len(keys)) not in measured
+    again = pixel_nll(tamed, pixels, keys, DATA_SPEC, 0, torch.device("cpu"), draws=8)
+    np.testing.assert_array_equal(outcome.nll[("tamed", "forget")], again)
+
+
 def test_taming_screen_smooths_each_images_training_d(monkeypatch):
     """The screen's d of an image is an exponential average of its training-forward d (weight 0.3 on the new)."""
     import flowtame.methods.taming as methods
@@ -518,3 +560,41 @@ def test_a_stragglers_forget_weight_grows_per_refused_confirmation_to_a_bound(mo
     confirm_at(monkeypatch, unanchored, [0.1, -0.2, -1.3 * eps])
     unanchored.after_step(model, 10, passing)
     assert unanchored.confirmations == 1 and unanchored.forget_weight.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_the_whole_set_pass_takes_the_refresh_subsets_rows_from_the_confirmations_refresh(monkeypatch):
+    """At a confirmation the refresh subset was just measured under the same weights on the evaluation's noise:
+    the whole-set pass measures only the other rows and gives what a full pass gives."""
+
+    from flowtame.jobs.tame import _load_sets, _whole_remember_nll
+
+    model, _ = tiny_glow()
+    sets = _load_sets([open_images("embedded:digits:test:3", DATA_SPEC)], open_images(REMEMBER, DATA_SPEC))
+    measured = []
+
+    def remember_nll(m, **kwargs):
+        measured.append(len(kwargs.get("keys", sets.remember_keys)))
+        return pixel_nll(m, **{"pixels": sets.remember, "keys": sets.remember_keys, "data_spec": DATA_SPEC,
+                               "seed": 0, "device": torch.device("cpu"), **kwargs})
+
+    rows = torch.tensor([0, 2, 5, 11])
+    noise = dequantization_noise([sets.remember_keys[i] for i in rows], 0, (1, 8, 8))
+    fresh = batched_nll(model, dequantized(sets.remember[rows], noise, DATA_SPEC.n_bits), DATA_SPEC)
+    full = _whole_remember_nll(sets, remember_nll, model)
+    reused = _whole_remember_nll(sets, remember_nll, model, known=(rows, fresh))
+    assert measured == [len(sets.remember_keys), len(sets.remember_keys) - 4]
+    assert torch.equal(reused[rows], fresh.double())
+    torch.testing.assert_close(reused, full, rtol=1e-6, atol=0)
+    # the method hands the confirmation's own refresh to the whole-set pass when it knows the subset's rows
+    method = make_method("taming", model)
+    method.data.refresh_rows = torch.arange(method.data.refresh.shape[0])
+    seen = {}
+
+    def whole(_model, known=None):
+        seen["known"] = known
+        return batched_nll(model, method.data.refresh, DATA_SPEC).double()
+
+    method.data.whole_remember_nll = whole
+    confirm_at(monkeypatch, method, [0.1, -0.1, 0.2])
+    method.after_step(model, 10, {"min_d": 0.0, "max_abs_d": 0.0})
+    assert seen["known"][0] is method.data.refresh_rows and seen["known"][1] is method.refresh_nll

@@ -306,3 +306,33 @@ def test_training_loop_placement_on_cuda_keeps_draws_and_small_sets_on_the_gpu()
     assert training_rows(pixels, cuda, budget=0.0).is_pinned()
     index = torch.randint(8, (5,), generator=generator, device=cuda)
     assert take_rows(training_rows(pixels, cuda, budget=0.0), index, cuda).is_cuda
+
+
+def test_a_wide_model_is_evaluated_in_fewer_rows_on_the_cpu(monkeypatch):
+    """The CPU's no-gradient passes cap their rows by the model's largest layer output (measured on its first
+    chunk, which keeps the requested size); the per-image NLLs are those of uncapped passes."""
+    from flowtame.likelihood import nll as engine
+
+    pixels, keys = open_images("embedded:digits:test:0", DIGITS).load_tensor()
+    x = dequantize(quantize(pixels, DIGITS.n_bits), dequantization_noise(keys, 0, (1, 16, 16)), DIGITS.n_bits)
+    cpu = torch.device("cpu")
+    narrow, wide = _tiny_glow(0, hidden=8), _tiny_glow(0, hidden=32)
+    assert engine.eval_batch_size(narrow, cpu, 64) == 64  # not measured yet: as asked
+    sizes = []
+    engine.in_chunks(wide, 100, cpu, 64, lambda i, j: sizes.append(j - i) or torch.zeros(j - i))
+    assert sizes[0] == 64 and sum(sizes) == 100  # the first chunk as asked; it measures
+    uncapped_wide = engine.batched_nll(wide, x, DIGITS, batch_size=64)
+    uncapped_pixels = engine.pixel_nll(wide, pixels, keys, DIGITS, 0, cpu, batch_size=64)
+    engine.batched_nll(narrow, x, DIGITS, batch_size=64)
+    # a budget of 10 rows of the wide model's largest output: the narrow one (a quarter of the width) gets 4x more
+    monkeypatch.setattr(engine, "CPU_ACTIVATION_BYTES", 10 * engine._ROW_BYTES[wide])
+    assert engine.eval_batch_size(wide, cpu, 64) == 10
+    assert engine.eval_batch_size(narrow, cpu, 64) == 40
+    assert engine.eval_batch_size(wide, torch.device("cuda"), 64) == 64  # the GPU keeps its batches
+    sizes = []
+    engine.in_chunks(wide, 100, cpu, 64, lambda i, j: sizes.append(j - i) or torch.zeros(j - i))
+    assert sizes == [10] * 10
+    # float rounding only (on the zoo's channels-last models the values were the same to the bit)
+    torch.testing.assert_close(engine.batched_nll(wide, x, DIGITS, batch_size=64), uncapped_wide, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(engine.pixel_nll(wide, pixels, keys, DIGITS, 0, cpu, batch_size=64),
+                               uncapped_pixels, rtol=1e-6, atol=0)

@@ -331,11 +331,29 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
         refresh=dequantized(sets.remember[refresh_idx], refresh_noise, data_spec.n_bits).to(dev),
         base_mean=torch.tensor(float(base_remember_nll.mean()), device=dev),
         base_std=torch.tensor(float(base_remember_nll.std(ddof=1)), device=dev),
-        whole_remember_nll=lambda m: torch.from_numpy(remember_nll(m)),
+        whole_remember_nll=partial(_whole_remember_nll, sets, remember_nll),
         lookalikes=lookalikes,
         lookalike_check=lookalike_check,
+        refresh_rows=refresh_idx,
     )
     return data, subset_correction(base_remember_nll, refresh_idx.numpy())
+
+
+def _whole_remember_nll(sets: _TamingSets, remember_nll: Callable[..., np.ndarray], model: torch.nn.Module, *,
+                        known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """NLL (nats, float64 [R], CPU) of the whole remember set under ``model`` on the evaluation's keyed noise
+    (``remember_nll``: :func:`pixel_nll` bound to the set). ``known``: (rows [S], their NLL [S]) already measured
+    under these weights on the same noise (a refresh's), not measured again."""
+    if known is None:
+        return torch.from_numpy(remember_nll(model))
+    rows, values = known
+    nll = torch.empty(sets.remember.shape[0], dtype=torch.float64)
+    nll[rows] = values.detach().double().cpu()
+    others = np.setdiff1d(np.arange(sets.remember.shape[0]), rows.numpy())
+    if others.size:
+        nll[torch.from_numpy(others)] = torch.from_numpy(remember_nll(
+            model, pixels=sets.remember[others], keys=[sets.remember_keys[i] for i in others]))
+    return nll
 
 
 def _forget_requests(forget_sets: Sequence[ImageSet], forget_request: torch.Tensor, d_final: np.ndarray,
@@ -464,8 +482,11 @@ def _tamed_outcome(base: Checkpoint, model: MultiScaleFlow, method: Any, result:
         tamed_remember_nll = method.final_remember_nll.numpy()
     else:
         tamed_remember_nll = remember_nll(model)
-    tamed_forget_nll = pixel_nll(model, sets.forget, sets.forget_keys, data_spec, config.eval_seed, dev,
-                                 draws=config.forget_draws)
+    if result.converged and getattr(method, "final_forget_nll", None) is not None:  # the stop's check draws
+        tamed_forget_nll = method.final_forget_nll.numpy()
+    else:
+        tamed_forget_nll = pixel_nll(model, sets.forget, sets.forget_keys, data_spec, config.eval_seed, dev,
+                                     draws=config.forget_draws)
     base_remember_nll = nll[("base", "remember")]
     base_mean, base_std = float(base_remember_nll.mean()), float(base_remember_nll.std(ddof=1))
     mu_t, sigma_t = float(tamed_remember_nll.mean()), float(tamed_remember_nll.std(ddof=1))

@@ -42,6 +42,7 @@ from flowtame.engine.devices import resolve_device
 from flowtame.errors import InputError
 from flowtame.io.checkpoint import Checkpoint
 from flowtame.likelihood import statistics as st
+from flowtame.likelihood.nll import in_chunks
 from flowtame.likelihood.threshold import default_epsilon, forget_threshold
 
 SCHEMA_VERSION = 1
@@ -216,12 +217,12 @@ def nearest_rows(base: Checkpoint, forget_pixels: torch.Tensor, remember_pixels:
                  device: torch.device, batch_size: int = 256) -> torch.Tensor:
     """Indices (long [min(k, R)], CPU, nearest first) of the remember images (uint8 [R,C,H,W]) nearest the
     forget images (uint8 [F,C,H,W]) by :func:`find_neighbours`'s metric (bin-centre latents of the base model,
-    minimum over the forget images)."""
+    minimum over the forget images). ``batch_size``: rows per forward (fewer for a wide model on the CPU,
+    :func:`~flowtame.likelihood.nll.eval_batch_size`)."""
     forget_latents = torch.cat([_bin_centre_latents(base, forget_pixels[i:i + batch_size], device)
                                 for i in range(0, forget_pixels.shape[0], batch_size)])
-    distances = torch.cat([torch.cdist(_bin_centre_latents(base, remember_pixels[i:i + batch_size], device),
-                                       forget_latents).min(1).values
-                           for i in range(0, remember_pixels.shape[0], batch_size)])
+    distances = torch.cat(in_chunks(base.model, remember_pixels.shape[0], device, batch_size, lambda i, j: torch.cdist(
+        _bin_centre_latents(base, remember_pixels[i:j], device), forget_latents).min(1).values))
     return torch.from_numpy(np.argsort(distances.numpy(), kind="stable")[:k].copy())
 
 

@@ -29,6 +29,7 @@ import contextlib
 import csv
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import TextIO
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from flowtame.data.images import ImageSet, dequantization_noise
 from flowtame.data.quantization import DataSpec, discrete_nll, nats_to_bpd, quantize
@@ -269,16 +270,78 @@ def dequantized(pixels: Tensor, noise: Tensor, n_bits: int) -> Tensor:
     return quantize(pixels, n_bits) + noise / (2 ** n_bits)
 
 
+#: On the CPU a no-gradient pass takes at most as many rows at once as keep the model's largest layer output
+#: within this many bytes (float32: 2M values), about what one core's share of the cache holds. Measured on the
+#: 2-core EPYC VM, 1 thread (benchmarks/tame_profile.py --forward-batches; docs/benchmarks.md "Round 4c"): the
+#: width-512 Glows' forward is 20-30% faster per image at 64-128 rows (128 KiB per row) than at 256, the
+#: width-128 ones' fastest at 256 (32 KiB). The zoo's NLLs were the same to the bit at every batch size;
+#: kernels that are not batch-independent change them by float rounding only.
+CPU_ACTIVATION_BYTES = 8 * 2**20
+#: Bytes per row of each model's largest layer output, measured on its first no-gradient pass on the CPU.
+_ROW_BYTES: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _largest_output(model: nn.Module, rows: int, found: list[float]) -> Iterator[None]:
+    """Forward hooks on every submodule of ``model`` that append the bytes per row (of ``rows``) of the largest
+    tensor any of them outputs to ``found``."""
+    largest = [0.0]
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if torch.is_tensor(t):
+                largest[0] = max(largest[0], t.numel() * t.element_size() / rows)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        found.append(largest[0])
+
+
+def eval_batch_size(model: object, device: torch.device, batch_size: int) -> int:
+    """The rows a no-gradient pass of ``model`` on ``device`` takes at once: ``batch_size``, on the CPU capped
+    so that the model's largest layer output stays within :data:`CPU_ACTIVATION_BYTES` (once measured)."""
+    row_bytes = _ROW_BYTES.get(model) if device.type == "cpu" and isinstance(model, nn.Module) else None
+    if not row_bytes:
+        return batch_size
+    return max(1, min(batch_size, int(CPU_ACTIVATION_BYTES // row_bytes)))
+
+
+def in_chunks(model: object, n: int, device: torch.device, batch_size: int,
+              run: Callable[[int, int], Tensor]) -> list[Tensor]:
+    """``run(start, stop)`` over rows [0, n) in chunks of :func:`eval_batch_size`; on the CPU the model's first
+    chunk (``batch_size`` rows, as before any measurement) also measures its largest layer output per row."""
+    out: list[Tensor] = []
+    start = 0
+    while start < n:
+        measure = device.type == "cpu" and isinstance(model, nn.Module) and model not in _ROW_BYTES
+        stop = min(n, start + eval_batch_size(model, device, batch_size))
+        if measure:
+            found: list[float] = []
+            with _largest_output(model, stop - start, found):  # type: ignore[arg-type]
+                out.append(run(start, stop))
+            if found[0] > 0:
+                _ROW_BYTES[model] = found[0]  # type: ignore[index]
+        else:
+            out.append(run(start, stop))
+        start = stop
+    return out
+
+
 @torch.no_grad()
 def batched_nll(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec | None = None, batch_size: int = 256) -> Tensor:
-    """:func:`nll_nats` [N] of model inputs ``x`` [N, ...] without gradients, ``batch_size`` rows at a time.
+    """:func:`nll_nats` [N] of model inputs ``x`` [N, ...] without gradients, ``batch_size`` rows at a time
+    (:func:`eval_batch_size`: fewer on the CPU for a wide model).
 
     Under torchrun every rank must call it alike: each evaluates its contiguous shard of the rows and every
     rank returns all N values (:meth:`~flowtame.engine.distributed.DistContext.map_rows`)."""
 
     def rows_nll(rows: Tensor) -> Tensor:
-        return torch.cat([nll_nats(model, rows[i:i + batch_size], data_spec)
-                          for i in range(0, rows.shape[0], batch_size)])
+        return torch.cat(in_chunks(model, rows.shape[0], rows.device, batch_size,
+                                   lambda i, j: nll_nats(model, rows[i:j], data_spec)))
 
     return distributed.current().map_rows(rows_nll, x)
 
@@ -308,9 +371,9 @@ def pixel_nll(model: MultiScaleFlow, pixels: Tensor, keys: Sequence[str], data_s
     """
     context = distributed.current()
     part = context.shard(pixels.shape[0])
+    first = part.start
     with torch.no_grad():
-        local = [_keyed_nll(model, pixels[i:min(i + batch_size, part.stop)].to(device),
-                            keys[i:min(i + batch_size, part.stop)], data_spec, seed, draws).cpu()
-                 for i in range(part.start, part.stop, batch_size)]
+        local = in_chunks(model, part.stop - first, device, batch_size, lambda i, j: _keyed_nll(
+            model, pixels[first + i:first + j].to(device), keys[first + i:first + j], data_spec, seed, draws).cpu())
     mine = torch.cat(local) if local else torch.empty(0, dtype=torch.float64)
     return context.gather_rows(mine, pixels.shape[0]).numpy()

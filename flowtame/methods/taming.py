@@ -77,7 +77,10 @@ class TamingData:
     refresh subset is then re-judged against the whole set's normal before the run stops. ``lookalikes``:
     long [L] (CPU), rows of ``remember`` nearest the forget set, held by the anchor in every batch;
     ``lookalike_check``: float [L,C,H,W], those images dequantized with the evaluation's keyed noise (the stop's
-    look-alike check, :class:`~flowtame.methods.lookalikes.LookalikeHold`).
+    look-alike check, :class:`~flowtame.methods.lookalikes.LookalikeHold`). ``refresh_rows``: long [S] (CPU), the
+    rows of ``remember`` that ``refresh`` holds, when ``refresh`` is on the evaluation's keyed noise: a whole-set
+    pass right after a refresh then takes those rows' NLLs from it (``whole_remember_nll(model, known=(refresh_rows,
+    nll))`` measures only the other rows).
     """
 
     data_spec: DataSpec
@@ -88,9 +91,10 @@ class TamingData:
     refresh: Tensor
     base_mean: Tensor
     base_std: Tensor
-    whole_remember_nll: Callable[[nn.Module], Tensor] | None = None
+    whole_remember_nll: Callable[..., Tensor] | None = None
     lookalikes: Tensor | None = None
     lookalike_check: Tensor | None = None
+    refresh_rows: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -187,6 +191,13 @@ class TamingMethod:
         self.progress_warning: str | None = None
         #: The whole remember set's NLL [R] (float64, CPU) under the weights the run stopped with, for the report.
         self.final_remember_nll: Tensor | None = None
+        #: The latest confirmation's forget NLLs [K, F] (float32, one row per check draw), and at a stop their
+        #: mean [F] (float64, CPU, summed draw by draw as :func:`~flowtame.likelihood.nll.pixel_nll` does), so
+        #: the report reuses the stop's own measurement instead of repeating it.
+        self.check_draws: Tensor | None = None
+        self.final_forget_nll: Tensor | None = None
+        #: The latest refresh's NLLs [S] of the refresh subset (nats).
+        self.refresh_nll: Tensor | None = None
 
     def _lookalike_hold(self, bound: float) -> LookalikeHold | None:
         """The stop's look-alike guard (``lookalike_qd`` > 0, with the anchor and look-alikes), else None."""
@@ -345,7 +356,8 @@ class TamingMethod:
         (``subset_correction``), so at iteration 0 it equals N_B exactly; a whole-set check that disagrees
         re-measures that correction under the current weights (:meth:`whole_set_agrees`).
         """
-        self.normal.update(batched_nll(model, self.data.refresh, self.data.data_spec))
+        self.refresh_nll = batched_nll(model, self.data.refresh, self.data.data_spec)
+        self.normal.update(self.refresh_nll)
 
     def diverged(self, logged: dict[str, float]) -> str | None:
         """A reason to roll back: this iteration's remember batch is ``max_remember_jump`` above N_B (mean BPD).
@@ -399,18 +411,34 @@ class TamingMethod:
         """NLL (nats) [F] of every forget image, averaged over the fixed check draws."""
         d = self.data
         draws = d.forget_check_noise if d.forget_check_noise.dim() > d.forget.dim() else d.forget_check_noise[None]
-        return torch.stack([batched_nll(model, dequantized(d.forget, noise, d.data_spec.n_bits), d.data_spec)
-                            for noise in draws]).mean(0)
+        self.check_draws = torch.stack([batched_nll(model, dequantized(d.forget, noise, d.data_spec.n_bits),
+                                                    d.data_spec) for noise in draws])
+        return self.check_draws.mean(0)
 
-    def whole_set_agrees(self, model: MultiScaleFlow, forget_nll: Tensor) -> bool:
+    def keep_final_forget_nll(self) -> None:
+        """At a stop: the stop's check draws [K, F] as the final forget NLL [F] (float64, CPU), averaged the way
+        the evaluation's keyed draws are (float64, draw by draw), so the report needs no second pass."""
+        if self.check_draws is None:
+            return
+        total = self.check_draws[0].double().cpu()
+        for draw in self.check_draws[1:]:
+            total = total + draw.double().cpu()
+        self.final_forget_nll = total / self.check_draws.shape[0]
+
+    def whole_set_agrees(self, model: MultiScaleFlow, forget_nll: Tensor, refresh_nll: Tensor | None = None) -> bool:
         """With ``data.whole_remember_nll``: every forget image (NLL [F] on the check draws) also meets the
         criterion against the whole remember set's normal, the one the report judges by; a refusal is counted
         and training goes on with mu_R, sigma_R and the subset correction re-measured on the whole set. The
         subset estimate is off by a few hundredths of sigma_R, enough to stop with an image the report then
-        counts as not forgotten (docs/method.md "Stopping")."""
+        counts as not forgotten (docs/method.md "Stopping"). ``refresh_nll``: the refresh subset's NLLs [S]
+        under these weights (the confirmation's refresh), reused for its rows when ``data.refresh_rows`` says
+        which they are."""
         if self.data.whole_remember_nll is None:
             return True
-        nll = self.data.whole_remember_nll(model)
+        if refresh_nll is not None and self.data.refresh_rows is not None:
+            nll = self.data.whole_remember_nll(model, known=(self.data.refresh_rows, refresh_nll))
+        else:
+            nll = self.data.whole_remember_nll(model)
         mean, std = nll.mean().to(forget_nll), nll.std().to(forget_nll)
         d = threshold_distance(forget_nll, mean, std, self.delta)
         reached = bool(self.reached(d).all())
@@ -490,8 +518,11 @@ class TamingMethod:
             self.confirmed_d = threshold_distance(forget_nll, self.mu_r, self.sigma_r, self.delta)
             self.latest_d.copy_(self.confirmed_d)
             self.grow_stragglers(self.confirmed_d)
-            return (bool(self.reached(self.confirmed_d).all()) and self.remember_kept()
-                    and self.lookalikes_kept(model) and self.whole_set_agrees(model, forget_nll))
+            done = (bool(self.reached(self.confirmed_d).all()) and self.remember_kept()
+                    and self.lookalikes_kept(model) and self.whole_set_agrees(model, forget_nll, self.refresh_nll))
+            if done:
+                self.keep_final_forget_nll()
+            return done
         if (iteration + 1) % self.refresh_every == 0:
             self.refresh(model)
         elif self.kl_estimate == "refreshed" and self.stale():
