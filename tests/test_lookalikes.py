@@ -9,7 +9,7 @@ from flowtame.errors import InputError
 from flowtame.jobs.tame import make_config, preset
 from flowtame.likelihood import statistics as st
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
-from flowtame.methods.lookalikes import lookalike_loss, quantile_drop
+from flowtame.methods.lookalikes import MAX_LOOKALIKE_REFUSALS, lookalike_loss, quantile_drop
 from tests.test_anchor import base_and_moved
 from tests.test_baselines import DATA_SPEC, confirm_at, make_method
 
@@ -90,10 +90,10 @@ def test_each_refusal_strengthens_the_lookalikes_term_and_a_resumed_run_keeps_it
     # they now show a quantile drop far past the bound
     monkeypatch.setattr(method.lookalike_hold, "base_nll", method.lookalike_hold.base_nll - 5.0)
     factors = []
-    for i in range(6):
+    for i in range(MAX_LOOKALIKE_REFUSALS):
         assert method.after_step(base, 10 * (i + 1), {"min_d": 0.0, "max_abs_d": 0.0}) is False
         factors.append(method.lookalike_hold.factor)
-    assert factors == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0] and method.lookalike_hold.refusals == 6
+    assert factors == [1.0, 2.0, 4.0, 8.0, 8.0] and method.lookalike_hold.refusals == MAX_LOOKALIKE_REFUSALS
     assert method.lookalike_hold.weight == 2.0 * 8.0
     # the default (lookalike_pull 0) refuses the stop and adds no term
     monkeypatch.setattr(default, "refresh", lambda _model: None)
@@ -115,7 +115,7 @@ def test_each_refusal_strengthens_the_lookalikes_term_and_a_resumed_run_keeps_it
     assert float(by_hand) > 1e-8
     resumed, plain = held_method(base, 0.01, lookalike_pull=2.0), held_method(base, 0.01, lookalike_pull=2.0)
     resumed.load_state(method.state_tensors(), method.state_meta())
-    assert resumed.lookalike_hold.factor == 8.0 and resumed.lookalike_hold.refusals == 6
+    assert resumed.lookalike_hold.factor == 8.0 and resumed.lookalike_hold.refusals == MAX_LOOKALIKE_REFUSALS
     losses = {}
     for name, m in (("held", method), ("resumed", resumed), ("plain", plain)):
         m._batch = batch
@@ -123,6 +123,9 @@ def test_each_refusal_strengthens_the_lookalikes_term_and_a_resumed_run_keeps_it
         assert ("lookalike" in metrics) is (name != "plain")
     default._batch = batch
     assert "lookalike" not in default.loss(moved, 0)[1]
+    # refused that many times, the next stop is accepted, its quantile drop (still past the bound) reported
+    assert method.after_step(base, 100, {"min_d": 0.0, "max_abs_d": 0.0}) is True
+    assert method.lookalike_hold.refusals == MAX_LOOKALIKE_REFUSALS and method.lookalike_hold.last_qd > 0.01
     assert float(metrics_of(method, moved)["lookalike"]) == pytest.approx(float(by_hand), rel=1e-5)
     expected = (1 - plain.alpha) * (1 - plain.gamma) * 2.0 * 8.0 * by_hand
     assert float((losses["resumed"] - losses["plain"]).detach()) == pytest.approx(float(expected), rel=1e-4)
