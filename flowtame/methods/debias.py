@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -188,6 +188,27 @@ def progress_rate(iterations: Sequence[int], progress: Sequence[float], floor: f
     return slope, sd / np.sqrt(sxx)
 
 
+def _latest_pace(group: str, iterations: Sequence[int], shares: Sequence[float], target: float, *, tolerance: float,
+                 max_iters: int, z: float, min_points: int, floor: float) -> ReachVerdict | None:
+    """The pace figures both verdicts judge (a :class:`ReachVerdict`, reason ``"pace"``) over the latest
+    ``2 * min_points`` of ``group``'s shares [n] measured at ``iterations`` [n]; None with fewer than
+    ``min_points`` measurements or with the latest share already within ``tolerance`` of ``target``."""
+    if len(shares) < min_points:
+        return None
+    its, values = list(iterations)[-2 * min_points:], list(shares)[-2 * min_points:]
+    gap = abs(target - values[-1]) - tolerance
+    if gap <= 0:
+        return None
+    direction = 1.0 if target >= values[0] else -1.0
+    rate, se = progress_rate(its, [direction * (v - values[0]) for v in values], floor)
+    left = max_iters - its[-1]
+    high = rate + z * se
+    return ReachVerdict(group=group, iteration=int(its[-1]), share=float(values[-1]), target=float(target),
+                        rate=rate, rate_se=se, rate_high=high, gap=gap, budget_left=int(left),
+                        reachable=high * left, needed=int(np.ceil(gap / rate)) if rate > 0 else None,
+                        points=len(its))
+
+
 def reach_verdict(group: str, iterations: Sequence[int], shares: Sequence[float], target: float, *,
                   tolerance: float, max_iters: int, z: float, min_points: int, floor: float) -> ReachVerdict | None:
     """A :class:`ReachVerdict` when ``group``'s shares [n] measured at ``iterations`` [n] (past the warm-up)
@@ -198,22 +219,9 @@ def reach_verdict(group: str, iterations: Sequence[int], shares: Sequence[float]
     for every iteration left, although the learning rate shrinks as the gap closes; so a verdict means the
     target is out of reach even if the model kept its best plausible pace.
     """
-    if len(shares) < min_points:
-        return None
-    its, values = list(iterations)[-2 * min_points:], list(shares)[-2 * min_points:]
-    direction = 1.0 if target >= values[0] else -1.0
-    gap = abs(target - values[-1]) - tolerance
-    if gap <= 0:
-        return None
-    rate, se = progress_rate(its, [direction * (v - values[0]) for v in values], floor)
-    left = max_iters - its[-1]
-    high = rate + z * se
-    if high * left >= gap:
-        return None
-    needed = int(np.ceil(gap / rate)) if rate > 0 else None
-    return ReachVerdict(group=group, iteration=int(its[-1]), share=float(values[-1]), target=float(target),
-                        rate=rate, rate_se=se, rate_high=high, gap=gap, budget_left=int(left),
-                        reachable=high * left, needed=needed, points=len(its))
+    pace = _latest_pace(group, iterations, shares, target, tolerance=tolerance, max_iters=max_iters, z=z,
+                        min_points=min_points, floor=floor)
+    return pace if pace is not None and pace.reachable < pace.gap else None
 
 
 def drift_verdict(group: str, iterations: Sequence[int], shares: Sequence[float], drifts: Sequence[float],
@@ -226,24 +234,14 @@ def drift_verdict(group: str, iterations: Sequence[int], shares: Sequence[float]
     stop: the guard refuses a stop while the drift is past its bound, and what would bring the drift back (the
     share arriving, its weights relaxing) is not happening. A share still moving is left alone: its drift may
     fall back once it arrives (the zoo's wide Glow, 80% zeros: +0.92% on the way, +0.22% at the stop)."""
-    if len(shares) < min_points:
+    pace = _latest_pace(group, iterations, shares, target, tolerance=tolerance, max_iters=max_iters, z=z,
+                        min_points=min_points, floor=floor)
+    drift = list(drifts)[-2 * min_points:]
+    if pace is None or drift[-1] <= bound or pace.rate - z * pace.rate_se > 0:
         return None
-    its = list(iterations)[-2 * min_points:]
-    values, drift = list(shares)[-2 * min_points:], list(drifts)[-2 * min_points:]
-    gap = abs(target - values[-1]) - tolerance
-    if gap <= 0 or drift[-1] <= bound:
+    if progress_rate(list(iterations)[-2 * min_points:], drift, 0.0)[0] < 0:
         return None
-    direction = 1.0 if target >= values[0] else -1.0
-    rate, se = progress_rate(its, [direction * (v - values[0]) for v in values], floor)
-    drift_rate, _ = progress_rate(its, drift, 0.0)
-    if rate - z * se > 0 or drift_rate < 0:
-        return None
-    left = max_iters - its[-1]
-    return ReachVerdict(group=group, iteration=int(its[-1]), share=float(values[-1]), target=float(target),
-                        rate=rate, rate_se=se, rate_high=rate + z * se, gap=gap, budget_left=int(left),
-                        reachable=(rate + z * se) * left, needed=int(np.ceil(gap / rate)) if rate > 0 else None,
-                        points=len(its), reason="remember drift", remember_drift=float(drift[-1]),
-                        max_remember_drift=bound)
+    return replace(pace, reason="remember drift", remember_drift=float(drift[-1]), max_remember_drift=bound)
 
 
 # ----------------------------------------------------------------------------------------------------------
