@@ -309,17 +309,18 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
                  base: Checkpoint) -> tuple[TamingData, tuple[float, float]]:
     """The method's data on ``dev`` (the refresh subset drawn from ``generator``) and the subset correction;
     with the anchor on, the ``config.lookalikes`` remember images nearest the forget set under ``base``."""
+    def on_evaluation_noise(rows: torch.Tensor) -> torch.Tensor:
+        """Remember images ``rows`` [n] dequantized with the evaluation's keyed noise, on ``dev``."""
+        noise = dequantization_noise([sets.remember_keys[i] for i in rows.tolist()], config.eval_seed,
+                                     tuple(sets.remember.shape[1:]))
+        return dequantized(sets.remember[rows], noise, data_spec.n_bits).to(dev)
+
     lookalikes = lookalike_check = None
     if config.anchor > 0 and config.lookalikes > 0 and METHODS[config.method].anchored:
         lookalikes = nearest_rows(base, sets.forget, sets.remember, config.lookalikes, device=dev)
-        rows = lookalikes.tolist()
-        lookalike_check = dequantized(sets.remember[lookalikes], dequantization_noise(
-            [sets.remember_keys[i] for i in rows], config.eval_seed, tuple(sets.remember.shape[1:])),
-            data_spec.n_bits).to(dev)
+        lookalike_check = on_evaluation_noise(lookalikes)
     n_refresh = min(config.refresh_size, sets.remember.shape[0])
     refresh_idx = torch.randperm(sets.remember.shape[0], generator=generator)[:n_refresh].sort().values
-    refresh_keys = [sets.remember_keys[i] for i in refresh_idx.tolist()]
-    refresh_noise = dequantization_noise(refresh_keys, config.eval_seed, tuple(sets.remember.shape[1:]))
     data = TamingData(
         data_spec=data_spec,
         forget=sets.forget.to(dev),
@@ -328,7 +329,7 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
             dequantization_noise(sets.forget_keys, config.eval_seed, tuple(sets.forget.shape[1:]), draw)
             for draw in range(config.forget_draws)]).to(dev),
         remember=training_rows(sets.remember, dev),
-        refresh=dequantized(sets.remember[refresh_idx], refresh_noise, data_spec.n_bits).to(dev),
+        refresh=on_evaluation_noise(refresh_idx),
         base_mean=torch.tensor(float(base_remember_nll.mean()), device=dev),
         base_std=torch.tensor(float(base_remember_nll.std(ddof=1)), device=dev),
         whole_remember_nll=partial(_whole_remember_nll, sets, remember_nll),
