@@ -79,18 +79,23 @@ def test_tame_stops_cleanly_on_a_signal_and_resumes_to_the_same_result(run_cli, 
     assert _same_weights(straight, out)
 
 
+def _sigterm_when_called(monkeypatch, module, name):
+    """Make ``module.name`` send this process SIGTERM before it runs as usual (a stop request arriving there)."""
+    original = getattr(module, name)
+
+    def sigterm_then_original(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, sigterm_then_original)
+
+
 def test_tame_stopped_after_training_keeps_the_finished_run(run_cli, tiny_base, tmp_path, monkeypatch):
     import flowtame.jobs.tame as tame_job
 
     straight = tmp_path / "straight.safetensors"
     assert run_cli(*_tame(tiny_base, straight)).exit_code == 0
-    original = tame_job.taming_evaluation
-
-    def evaluation_then_sigterm(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the evaluation, after the training loop
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(tame_job, "taming_evaluation", evaluation_then_sigterm)
+    _sigterm_when_called(monkeypatch, tame_job, "taming_evaluation")  # during the evaluation, after training
     out = tmp_path / "out.safetensors"
     first = run_cli(*_tame(tiny_base, out))
     assert first.exit_code == 143 and "after training" in first.stderr and "--resume" in first.stderr
@@ -145,13 +150,7 @@ def test_debias_stopped_while_measuring_after_training_keeps_the_finished_run(ru
 
     straight = tmp_path / "straight.safetensors"
     assert run_cli(*_debias_args(tiny_base, straight)).exit_code == 0
-    original = debias_job._preservation
-
-    def preservation_then_sigterm(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(debias_job, "_preservation", preservation_then_sigterm)
+    _sigterm_when_called(monkeypatch, debias_job, "_preservation")
     out = tmp_path / "out.safetensors"
     first = run_cli(*_debias_args(tiny_base, out))
     assert first.exit_code == 143 and "after training by SIGTERM" in first.stderr and "--resume" in first.stderr
