@@ -80,7 +80,6 @@ class TameConfig:
     anchor_shift: float = 2.0
     lookalikes: int = 16
     lookalike_qd: float = 0.018
-    lookalike_pull: float = 0.0
     batch_size: int = 32
     max_iters: int = 800
     refresh_every: int = 10
@@ -150,8 +149,6 @@ class TameConfig:
             problems.append("lookalikes must be at least 0 (0: none)")
         if self.lookalike_qd < 0:
             problems.append("lookalike_qd must be at least 0 (0 turns the look-alikes' stop check off)")
-        if self.lookalike_pull < 0:
-            problems.append("lookalike_pull must be at least 0 (0: the check alone)")
         if self.forget_draws < 1:
             problems.append("forget_draws must be at least 1")
         if self.freeze is None and self.method in METHODS:
@@ -374,12 +371,12 @@ def _forget_requests(forget_sets: Sequence[ImageSet], forget_request: torch.Tens
 
 
 def _lookalike_block(method: Any) -> dict[str, Any]:
-    """The report's look-alike guard figures: refusals, its term's factor and the last quantile drop measured
-    (zeros and None when the guard is off)."""
+    """The report's look-alike guard figures: refusals and the last quantile drop measured (0 and None when the
+    guard is off)."""
     hold = getattr(method, "lookalike_hold", None)
     if hold is None:
-        return {"lookalike_refusals": 0, "lookalike_factor": 0.0, "lookalike_qd": None}
-    return {"lookalike_refusals": hold.refusals, "lookalike_factor": hold.factor, "lookalike_qd": hold.last_qd}
+        return {"lookalike_refusals": 0, "lookalike_qd": None}
+    return {"lookalike_refusals": hold.refusals, "lookalike_qd": hold.last_qd}
 
 
 def _normal_block(mean: float, std: float, per_bpd: float) -> dict[str, float]:
