@@ -5,13 +5,15 @@ import numpy as np
 import pytest
 import torch
 
+from flowtame.data.images import open_images
 from flowtame.errors import InputError
-from flowtame.jobs.tame import make_config, preset
+from flowtame.io.checkpoint import Checkpoint
+from flowtame.jobs.tame import _load_sets, _taming_data, make_config, preset
 from flowtame.likelihood import statistics as st
-from flowtame.likelihood.nll import dequantized, nll_nats
+from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
 from flowtame.methods.lookalikes import MAX_LOOKALIKE_REFUSALS, quantile_drop
 from tests.test_anchor import base_and_moved
-from tests.test_baselines import DATA_SPEC, confirm_at, make_method
+from tests.test_baselines import DATA_SPEC, REMEMBER, confirm_at, make_method, tiny_glow
 
 ROWS = torch.tensor([5, 2, 7, 1])
 
@@ -24,6 +26,7 @@ def held_method(base, bound: float, **config_kw):
     d.lookalike_check = dequantized(d.remember[ROWS], torch.rand((4, *d.remember.shape[1:]),
                                                                 generator=torch.Generator().manual_seed(7)),
                                     DATA_SPEC.n_bits)
+    d.lookalike_base_nll = batched_nll(base, d.lookalike_check, DATA_SPEC).double()
     method.lookalike_hold = method._lookalike_hold(bound)
     return method
 
@@ -114,3 +117,20 @@ def test_the_guard_is_off_without_the_anchor_at_zero_and_in_the_paper_preset():
     assert make_config({}).lookalike_qd == pytest.approx(0.018)
     with pytest.raises(InputError, match="lookalike_qd"):
         make_config({"lookalike_qd": -0.1})
+
+
+def test_the_tame_job_gives_the_guard_the_whole_sets_base_nll_of_the_lookalikes():
+    """The look-alikes' base NLL is the tame job's whole-set base pass at their rows (not measured again): the
+    same keyed noise as their check images, so a fresh pass over those agrees to float rounding."""
+    model, spec = tiny_glow()
+    base = Checkpoint(model=model, architecture="glow", spec=spec, data_spec=DATA_SPEC)
+    config = make_config({"lookalikes": 5})
+    sets = _load_sets([open_images("embedded:digits:test:3", DATA_SPEC)], open_images(REMEMBER, DATA_SPEC))
+    cpu = torch.device("cpu")
+    whole = pixel_nll(model, sets.remember, sets.remember_keys, DATA_SPEC, config.eval_seed, cpu)
+    data, _ = _taming_data(sets, whole, lambda _m: whole, config, torch.Generator().manual_seed(0), cpu,
+                           DATA_SPEC, base)
+    assert data.lookalikes is not None and data.lookalikes.numel() == 5
+    assert data.lookalike_base_nll.tolist() == whole[data.lookalikes.numpy()].tolist()
+    torch.testing.assert_close(data.lookalike_base_nll, batched_nll(model, data.lookalike_check, DATA_SPEC).double(),
+                               rtol=1e-6, atol=0)

@@ -312,10 +312,11 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
                                      tuple(sets.remember.shape[1:]))
         return dequantized(sets.remember[rows], noise, data_spec.n_bits).to(dev)
 
-    lookalikes = lookalike_check = None
+    lookalikes = lookalike_check = lookalike_base_nll = None
     if config.anchor > 0 and config.lookalikes > 0 and METHODS[config.method].anchored:
         lookalikes = nearest_rows(base, sets.forget, sets.remember, config.lookalikes, device=dev)
         lookalike_check = on_evaluation_noise(lookalikes)
+        lookalike_base_nll = torch.from_numpy(base_remember_nll[lookalikes.numpy()])
     n_refresh = min(config.refresh_size, sets.remember.shape[0])
     refresh_idx = torch.randperm(sets.remember.shape[0], generator=generator)[:n_refresh].sort().values
     data = TamingData(
@@ -332,6 +333,7 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
         whole_remember_nll=partial(_whole_remember_nll, sets, remember_nll),
         lookalikes=lookalikes,
         lookalike_check=lookalike_check,
+        lookalike_base_nll=lookalike_base_nll,
         refresh_rows=refresh_idx,
     )
     return data, subset_correction(base_remember_nll, refresh_idx.numpy())

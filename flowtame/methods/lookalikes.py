@@ -38,15 +38,14 @@ class LookalikeHold:
 
     ``rows``: long [L] (CPU), the look-alikes' rows of the remember set; ``check``: those images dequantized
     with the evaluation's keyed noise [L,C,H,W] (on the method's device); ``bound``: the largest quantile drop
-    a stop accepts (``lookalike_qd``); ``base_model``: the frozen base model, whose NLL [L] of ``check`` is
-    measured once; ``base_fit``: N_B (nats).
+    a stop accepts (``lookalike_qd``); ``base_nll``: float64 [L], the base model's NLL of ``check`` (nats; the
+    tame job's whole-set base pass, rows ``rows``); ``base_fit``: N_B (nats).
     """
 
-    def __init__(self, rows: Tensor, check: Tensor, bound: float, base_model: MultiScaleFlow, base_fit: NormalFit,
+    def __init__(self, rows: Tensor, check: Tensor, bound: float, base_nll: np.ndarray, base_fit: NormalFit,
                  data_spec: DataSpec):
-        self.rows, self.check, self.bound = rows, check, bound
+        self.rows, self.check, self.bound, self.base_nll = rows, check, bound, base_nll
         self.data_spec, self.base_fit = data_spec, base_fit
-        self.base_nll = batched_nll(base_model, check, data_spec).double().cpu().numpy()
         self.refusals = 0
         #: the quantile drop measured at the latest check (None before the first)
         self.last_qd: float | None = None

@@ -77,7 +77,8 @@ class TamingData:
     refresh subset is then re-judged against the whole set's normal before the run stops. ``lookalikes``:
     long [L] (CPU), rows of ``remember`` nearest the forget set, held by the anchor in every batch;
     ``lookalike_check``: float [L,C,H,W], those images dequantized with the evaluation's keyed noise (the stop's
-    look-alike check, :class:`~flowtame.methods.lookalikes.LookalikeHold`). ``refresh_rows``: long [S] (CPU), the
+    look-alike check, :class:`~flowtame.methods.lookalikes.LookalikeHold`) and ``lookalike_base_nll``: float64 [L]
+    (CPU), their NLL (nats) under the base model on that noise (given with them). ``refresh_rows``: long [S] (CPU), the
     rows of ``remember`` that ``refresh`` holds, when ``refresh`` is on the evaluation's keyed noise: a whole-set
     pass right after a refresh then takes those rows' NLLs from it (``whole_remember_nll(model, known=(refresh_rows,
     nll))`` measures only the other rows).
@@ -94,6 +95,7 @@ class TamingData:
     whole_remember_nll: Callable[..., Tensor] | None = None
     lookalikes: Tensor | None = None
     lookalike_check: Tensor | None = None
+    lookalike_base_nll: Tensor | None = None
     refresh_rows: Tensor | None = None
 
     @property
@@ -205,8 +207,8 @@ class TamingMethod:
         if bound <= 0 or self.anchor_weight <= 0 or d.lookalikes is None or d.lookalike_check is None \
                 or d.lookalikes.numel() == 0:
             return None
-        assert self.base_model is not None
-        return LookalikeHold(d.lookalikes, d.lookalike_check, bound, self.base_model,
+        assert d.lookalike_base_nll is not None
+        return LookalikeHold(d.lookalikes, d.lookalike_check, bound, d.lookalike_base_nll.numpy(),
                              NormalFit(float(d.base_mean), float(d.base_std)), d.data_spec)
 
     # ------------------------------------------------------------------ the remember normal's figures
