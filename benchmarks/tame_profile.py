@@ -31,14 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from protocol import build_protocol  # noqa: E402
-from zoo import NEIGHBOURS, write_json  # noqa: E402
-from zoo_models import DEFAULT_CACHE, ZOO, build, digits_source  # noqa: E402
+from zoo import add_cell_arguments, load_cell, write_json  # noqa: E402
 
 import flowtame.jobs.tame as tame_job  # noqa: E402
 import flowtame.methods.taming as taming  # noqa: E402
 from flowtame.engine.loop import Engine  # noqa: E402
-from flowtame.io.checkpoint import load_checkpoint  # noqa: E402
 from flowtame.methods.taming import TamingMethod  # noqa: E402
 
 #: Module functions timed where the job or the method calls them: (module, attribute).
@@ -224,12 +221,7 @@ def split_table(paths: list[Path]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded-glow", choices=list(ZOO))
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--digit", type=int, default=3)
-    parser.add_argument("--override", type=json.loads, default={}, help="TameConfig keys as JSON")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--threads", type=int, default=1)
+    add_cell_arguments(parser, model="embedded-glow", k=4)
     parser.add_argument("--json", type=Path, default=None, help="write the split, events and report summary here")
     parser.add_argument("--forward-batches", type=int, nargs="*", default=None, metavar="B",
                         help="instead of a run: time no-gradient forwards at these batch sizes")
@@ -241,9 +233,7 @@ def main() -> None:
     if args.table:
         split_table(args.table)
         return
-    torch.set_num_threads(args.threads)
-    base = load_checkpoint(build(args.model, args.cache))
-    proto = build_protocol(base, args.digit, args.k, NEIGHBOURS, source=digits_source(args.model, args.cache))
+    base, proto = load_cell(args)
     if args.forward_batches:
         forward_batches(base, proto, args.forward_batches, args.rows, args.repeats)
         return

@@ -144,6 +144,25 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def add_cell_arguments(parser: argparse.ArgumentParser, *, model: str, k: int) -> None:
+    """The options of a script that runs one zoo cell (benchmarks/tame_profile.py, zoo_trace.py): --model, --k
+    and --digit name it, --override (TameConfig keys), --cache and --threads (1); see :func:`load_cell`."""
+    parser.add_argument("--model", default=model, choices=list(ZOO), help=f"the zoo model [{model}]")
+    parser.add_argument("--k", type=int, default=k, help=f"size of D_F [{k}]")
+    parser.add_argument("--digit", type=int, default=3, help="the class playing the identity [3]")
+    parser.add_argument("--override", type=json.loads, default={}, help="TameConfig keys as JSON")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the zoo models are cached")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads [1]")
+
+
+def load_cell(args: argparse.Namespace) -> tuple[Checkpoint, Protocol]:
+    """The base checkpoint and protocol of the cell :func:`add_cell_arguments` parsed, after setting torch's
+    threads (the model built and cached first when it is not yet)."""
+    torch.set_num_threads(args.threads)
+    base = load_checkpoint(build(args.model, args.cache))
+    return base, build_protocol(base, args.digit, args.k, NEIGHBOURS, source=digits_source(args.model, args.cache))
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 

@@ -12,7 +12,6 @@ the scored row as JSON, and prints a summary every ``--every`` iterations.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,11 +22,8 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from protocol import build_protocol  # noqa: E402
-from zoo import NEIGHBOURS, tame_row, write_json  # noqa: E402
-from zoo_models import DEFAULT_CACHE, ZOO, build, digits_source  # noqa: E402
+from zoo import add_cell_arguments, load_cell, tame_row, write_json  # noqa: E402
 
-from flowtame.io.checkpoint import load_checkpoint  # noqa: E402
 from flowtame.likelihood.nll import pixel_nll  # noqa: E402
 from flowtame.methods.taming import TamingMethod  # noqa: E402
 
@@ -98,20 +94,13 @@ def traced(trace: list[dict[str, Any]], every: int, proto: Any = None):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="realnvp", choices=list(ZOO))
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--digit", type=int, default=3)
-    parser.add_argument("--override", type=json.loads, default={}, help="TameConfig keys as JSON")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--threads", type=int, default=1)
+    add_cell_arguments(parser, model="realnvp", k=8)
     parser.add_argument("--every", type=int, default=20, help="print a line every N iterations [20]")
     parser.add_argument("--lookalikes", action="store_true",
                         help="also trace the look-alikes' NLL and QD every iteration (16 images per step)")
     parser.add_argument("--json", type=Path, required=True, help="write the trace and the scored row here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    base = load_checkpoint(build(args.model, args.cache))
-    proto = build_protocol(base, args.digit, args.k, NEIGHBOURS, source=digits_source(args.model, args.cache))
+    base, proto = load_cell(args)
     trace: list[dict[str, Any]] = []
     TamingMethod.after_step = traced(trace, args.every, proto if args.lookalikes else None)  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory(prefix="flowtame-trace-") as workdir:

@@ -321,6 +321,8 @@ def test_a_wide_model_is_evaluated_in_fewer_rows_on_the_cpu(monkeypatch):
     sizes = []
     engine.in_chunks(wide, 100, cpu, 64, lambda i, j: sizes.append(j - i) or torch.zeros(j - i))
     assert sizes[0] == 64 and sum(sizes) == 100  # the first chunk as asked; it measures
+    uncapped_set = compute_nll(wide, open_images("embedded:digits:test:0", DIGITS), batch_size=64, device="cpu",
+                               draws=2)
     uncapped_wide = engine.batched_nll(wide, x, DIGITS, batch_size=64)
     uncapped_pixels = engine.pixel_nll(wide, pixels, keys, DIGITS, 0, cpu, batch_size=64)
     engine.batched_nll(narrow, x, DIGITS, batch_size=64)
@@ -336,3 +338,12 @@ def test_a_wide_model_is_evaluated_in_fewer_rows_on_the_cpu(monkeypatch):
     torch.testing.assert_close(engine.batched_nll(wide, x, DIGITS, batch_size=64), uncapped_wide, rtol=1e-6, atol=0)
     np.testing.assert_allclose(engine.pixel_nll(wide, pixels, keys, DIGITS, 0, cpu, batch_size=64),
                                uncapped_pixels, rtol=1e-6, atol=0)
+    # compute_nll (evaluate's pass) reads up to 64 files at a time and evaluates them 10 rows at a time
+    rows, keyed = [], engine._keyed_nll
+    monkeypatch.setattr(engine, "_keyed_nll", lambda model, px, *a, **kw: rows.append(px.shape[0]) or keyed(
+        model, px, *a, **kw))
+    capped_set = compute_nll(wide, open_images("embedded:digits:test:0", DIGITS), batch_size=64, device="cpu",
+                             draws=2)
+    assert max(rows) == 10 and sum(rows) == len(keys) == len(capped_set.keys)
+    assert capped_set.keys == uncapped_set.keys
+    np.testing.assert_allclose(capped_set.nll, uncapped_set.nll, rtol=1e-6, atol=0)

@@ -84,9 +84,6 @@ def tame_command(
     lookalike_qd: Annotated[float | None, typer.Option(
         help="With the anchor: refuse a stop while those look-alikes' quantile drop (as evaluate --neighbours "
              "measures it) exceeds this; 0: off [0.018].")] = None,
-    lookalike_pull: Annotated[float | None, typer.Option(
-        help="Weight of a term on the look-alikes' deviation relative to the remember batch's, on after a stop "
-             "refused for them, doubled per refusal up to 8x; 0: off [0].")] = None,
     batch_size: Annotated[int | None, typer.Option(
         help="Forget and remember images per iteration (each) [32].")] = None,
     max_iters: Annotated[int | None, typer.Option(help="Iteration budget [800].")] = None,

@@ -80,7 +80,6 @@ class TameConfig:
     anchor_shift: float = 2.0
     lookalikes: int = 16
     lookalike_qd: float = 0.018
-    lookalike_pull: float = 0.0
     batch_size: int = 32
     max_iters: int = 800
     refresh_every: int = 10
@@ -150,8 +149,6 @@ class TameConfig:
             problems.append("lookalikes must be at least 0 (0: none)")
         if self.lookalike_qd < 0:
             problems.append("lookalike_qd must be at least 0 (0 turns the look-alikes' stop check off)")
-        if self.lookalike_pull < 0:
-            problems.append("lookalike_pull must be at least 0 (0: the check alone)")
         if self.forget_draws < 1:
             problems.append("forget_draws must be at least 1")
         if self.freeze is None and self.method in METHODS:
@@ -315,10 +312,11 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
                                      tuple(sets.remember.shape[1:]))
         return dequantized(sets.remember[rows], noise, data_spec.n_bits).to(dev)
 
-    lookalikes = lookalike_check = None
+    lookalikes = lookalike_check = lookalike_base_nll = None
     if config.anchor > 0 and config.lookalikes > 0 and METHODS[config.method].anchored:
         lookalikes = nearest_rows(base, sets.forget, sets.remember, config.lookalikes, device=dev)
         lookalike_check = on_evaluation_noise(lookalikes)
+        lookalike_base_nll = torch.from_numpy(base_remember_nll[lookalikes.numpy()])
     n_refresh = min(config.refresh_size, sets.remember.shape[0])
     refresh_idx = torch.randperm(sets.remember.shape[0], generator=generator)[:n_refresh].sort().values
     data = TamingData(
@@ -335,6 +333,7 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
         whole_remember_nll=partial(_whole_remember_nll, sets, remember_nll),
         lookalikes=lookalikes,
         lookalike_check=lookalike_check,
+        lookalike_base_nll=lookalike_base_nll,
         refresh_rows=refresh_idx,
     )
     return data, subset_correction(base_remember_nll, refresh_idx.numpy())
@@ -374,12 +373,12 @@ def _forget_requests(forget_sets: Sequence[ImageSet], forget_request: torch.Tens
 
 
 def _lookalike_block(method: Any) -> dict[str, Any]:
-    """The report's look-alike guard figures: refusals, its term's factor and the last quantile drop measured
-    (zeros and None when the guard is off)."""
+    """The report's look-alike guard figures: refusals and the last quantile drop measured (0 and None when the
+    guard is off)."""
     hold = getattr(method, "lookalike_hold", None)
     if hold is None:
-        return {"lookalike_refusals": 0, "lookalike_factor": 0.0, "lookalike_qd": None}
-    return {"lookalike_refusals": hold.refusals, "lookalike_factor": hold.factor, "lookalike_qd": hold.last_qd}
+        return {"lookalike_refusals": 0, "lookalike_qd": None}
+    return {"lookalike_refusals": hold.refusals, "lookalike_qd": hold.last_qd}
 
 
 def _normal_block(mean: float, std: float, per_bpd: float) -> dict[str, float]:

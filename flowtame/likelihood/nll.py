@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flowtame.data.images import ImageSet, dequantization_noise
+from flowtame.data.images import ImageBatch, ImageSet, dequantization_noise
 from flowtame.data.quantization import DataSpec, discrete_nll, nats_to_bpd, quantize
 from flowtame.engine import distributed
 from flowtame.engine.devices import autocast_context, check_precision, place_model, resolve_device
@@ -150,7 +150,9 @@ def compute_nll(
 
     The model is moved to ``device`` (``auto|cpu|cuda|cuda:N``, see :func:`flowtame.engine.devices.resolve_device`)
     and evaluated in eval mode (its training flag is restored afterwards) at ``precision``
-    (fp32, or bf16/fp16 autocast on CUDA). Images are decoded in ``num_workers`` DataLoader processes
+    (fp32, or bf16/fp16 autocast on CUDA). ``batch_size`` files are read at a time, and on the CPU a wide
+    model's forward passes take fewer of them at once (:func:`eval_batch_size`; the same NLLs up to float
+    rounding). Images are decoded in ``num_workers`` DataLoader processes
     (None: :func:`default_num_workers`), pinned and copied asynchronously on CUDA. ``progress(files_done,
     files_total)`` is called after each batch. ``per_image_csv``: a path (written atomically, with a header)
     or an open text stream (rows only, for several sets in one file), columns :data:`PER_IMAGE_CSV_COLUMNS`.
@@ -208,7 +210,7 @@ def _pass(model: MultiScaleFlow, image_set: ImageSet, positions: range | None, s
           progress: ProgressCallback | None, draws: int) -> tuple[np.ndarray, list[str], list[str], list[int]]:
     """One streamed likelihood pass over ``positions`` of ``image_set`` (None: all of it) -> (nats float64 [n],
     keys [n], paths [n], file positions [n]) of its good images in order, rows written to ``sink`` as they
-    come."""
+    come. Read ``batch_size`` files at a time; each batch's forward passes are sized by :func:`in_chunks`."""
     total = image_set.num_files if positions is None else len(positions)
     spec = image_set.data_spec
     nll = np.empty(total, dtype=np.float64)
@@ -219,9 +221,7 @@ def _pass(model: MultiScaleFlow, image_set: ImageSet, positions: range | None, s
                                      noise_seed=seed, positions=positions)
     with torch.inference_mode(), autocast_context(device, precision):
         for batch in batches:
-            batch_nll = _keyed_nll(model, batch.pixels.to(device, non_blocking=True), batch.keys, spec, seed,
-                                   draws, first_noise=None if batch.noise is None
-                                   else batch.noise.to(device, non_blocking=True)).cpu().numpy()
+            batch_nll = _batch_nll(model, batch, spec, seed, draws, device, batch_size)
             nll[len(keys):len(keys) + len(batch_nll)] = batch_nll
             sink.write(batch.paths, batch.keys, batch_nll, nats_to_bpd(batch_nll, spec.num_dims))
             keys.extend(batch.keys)
@@ -230,6 +230,17 @@ def _pass(model: MultiScaleFlow, image_set: ImageSet, positions: range | None, s
             if progress is not None:
                 progress(batch.files_done, total)
     return nll[:len(keys)].copy(), keys, paths, indices
+
+
+def _batch_nll(model: MultiScaleFlow, batch: ImageBatch, spec: DataSpec, seed: int, draws: int, device: torch.device,
+               batch_size: int) -> np.ndarray:
+    """:func:`_keyed_nll` (nats, float64 [B]) of one streamed batch (its pixels, keys and draw-0 noise), in the
+    chunks :func:`in_chunks` sizes."""
+    pixels = batch.pixels.to(device, non_blocking=True)
+    noise = None if batch.noise is None else batch.noise.to(device, non_blocking=True)
+    return torch.cat(in_chunks(model, pixels.shape[0], device, batch_size, lambda i, j: _keyed_nll(
+        model, pixels[i:j], batch.keys[i:j], spec, seed, draws,
+        first_noise=None if noise is None else noise[i:j]))).cpu().numpy()
 
 
 def _sharded_pass(model: MultiScaleFlow, image_set: ImageSet, context: distributed.DistContext, *,

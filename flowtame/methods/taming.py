@@ -23,7 +23,7 @@ from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
 from flowtame.likelihood.statistics import NormalFit
 from flowtame.likelihood.threshold import threshold_distance
-from flowtame.methods.lookalikes import LookalikeHold, lookalike_loss
+from flowtame.methods.lookalikes import LookalikeHold
 from flowtame.methods.objective import anchor_loss, forget_loss, remember_loss, shift_loss
 from flowtame.methods.remember import STALE_SIGMA, TRACK_WEIGHT, RememberNormal
 
@@ -77,7 +77,8 @@ class TamingData:
     refresh subset is then re-judged against the whole set's normal before the run stops. ``lookalikes``:
     long [L] (CPU), rows of ``remember`` nearest the forget set, held by the anchor in every batch;
     ``lookalike_check``: float [L,C,H,W], those images dequantized with the evaluation's keyed noise (the stop's
-    look-alike check, :class:`~flowtame.methods.lookalikes.LookalikeHold`). ``refresh_rows``: long [S] (CPU), the
+    look-alike check, :class:`~flowtame.methods.lookalikes.LookalikeHold`) and ``lookalike_base_nll``: float64 [L]
+    (CPU), their NLL (nats) under the base model on that noise (given with them). ``refresh_rows``: long [S] (CPU), the
     rows of ``remember`` that ``refresh`` holds, when ``refresh`` is on the evaluation's keyed noise: a whole-set
     pass right after a refresh then takes those rows' NLLs from it (``whole_remember_nll(model, known=(refresh_rows,
     nll))`` measures only the other rows).
@@ -94,6 +95,7 @@ class TamingData:
     whole_remember_nll: Callable[..., Tensor] | None = None
     lookalikes: Tensor | None = None
     lookalike_check: Tensor | None = None
+    lookalike_base_nll: Tensor | None = None
     refresh_rows: Tensor | None = None
 
     @property
@@ -205,10 +207,9 @@ class TamingMethod:
         if bound <= 0 or self.anchor_weight <= 0 or d.lookalikes is None or d.lookalike_check is None \
                 or d.lookalikes.numel() == 0:
             return None
-        assert self.base_model is not None
-        return LookalikeHold(d.lookalikes, d.lookalike_check, bound, self.base_model,
-                             NormalFit(float(d.base_mean), float(d.base_std)), d.data_spec,
-                             pull=float(getattr(self.config, "lookalike_pull", 0.0) or 0.0))
+        assert d.lookalike_base_nll is not None
+        return LookalikeHold(d.lookalikes, d.lookalike_check, bound, d.lookalike_base_nll.numpy(),
+                             NormalFit(float(d.base_mean), float(d.base_std)), d.data_spec)
 
     # ------------------------------------------------------------------ the remember normal's figures
     @property
@@ -322,7 +323,7 @@ class TamingMethod:
             mu, sigma = self.mu_r, self.sigma_r
         loss_forget = forget_loss(nll_forget, mu, sigma, delta=self.delta, kind=self.forget_loss_kind,
                                   unit=self.forget_unit, nats_per_bpd=self.nats_per_bpd, weight=forget_weight)
-        anchor_term = anchor_value = shift = held = None
+        anchor_term = anchor_value = shift = None
         if anchor is not None:
             anchor_value = anchor_loss(*anchor, self.data.base_std)
             anchor_term = self.anchor_weight * anchor_value
@@ -331,10 +332,6 @@ class TamingMethod:
                 rows = nll_remember.shape[0]
                 shift = shift_loss(anchor[0][:rows], anchor[1][:rows], self.data.base_std)
                 anchor_term = anchor_term + self.shift_weight * self.shift_factor * shift
-            hold = self.lookalike_hold
-            if hold is not None and hold.weight > 0 and anchor[0].shape[0] > nll_remember.shape[0]:
-                held = lookalike_loss(*anchor, nll_remember.shape[0], self.data.base_std)
-                anchor_term = anchor_term + hold.weight * held
         loss_remember, nll_term, kl = remember_loss(nll_remember, self.data.base_mean, self.data.base_std,
                                                     tamed_mean, tamed_std, gamma=self.gamma,
                                                     nats_per_bpd=self.nats_per_bpd, anchor=anchor_term)
@@ -344,8 +341,6 @@ class TamingMethod:
             metrics["anchor"] = anchor_value.detach()
         if shift is not None:
             metrics["shift"] = shift.detach()
-        if held is not None:
-            metrics["lookalike"] = held.detach()
         return loss, metrics
 
     @torch.no_grad()
