@@ -66,6 +66,7 @@ def traced(trace: list[dict[str, Any]], every: int, proto: Any = None):
         done = original(self, model, iteration, logged)
         entry = {"it": iteration, "min_d": logged.get("min_d"), "max_abs_d": logged.get("max_abs_d"),
                  "mean_d": logged.get("mean_d"), "remember_bpd": logged.get("remember_bpd"),
+                 "anchor": logged.get("anchor"),
                  "drift": self.remember_drift(), "shift_factor": self.shift_factor,
                  "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals,
                  "confirmations": self.confirmations, "lr_factor": self.lr_factor,
