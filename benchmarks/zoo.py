@@ -96,6 +96,7 @@ def tame_row(base: Checkpoint, proto: Protocol, override: dict[str, Any], workdi
     row.update(seconds_per_iteration=report["seconds_per_iteration"], refreshes=report.get("refreshes"),
                confirmations=report.get("confirmations"), drift_refusals=report.get("drift_refusals"),
                lookalike_refusals=report.get("lookalike_refusals"), lookalike_qd=report.get("lookalike_qd"),
+               remember_qd_refusals=report.get("remember_qd_refusals"), remember_qd=report.get("remember_qd"),
                config=report["config"])
     return row
 

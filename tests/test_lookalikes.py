@@ -26,7 +26,8 @@ def held_method(base, bound: float, **config_kw):
     d.lookalike_check = dequantized(d.remember[ROWS], torch.rand((4, *d.remember.shape[1:]),
                                                                 generator=torch.Generator().manual_seed(7)),
                                     DATA_SPEC.n_bits)
-    d.lookalike_base_nll = batched_nll(base, d.lookalike_check, DATA_SPEC).double()
+    d.base_remember_nll = torch.zeros(d.remember.shape[0], dtype=torch.float64)
+    d.base_remember_nll[ROWS] = batched_nll(base, d.lookalike_check, DATA_SPEC).double()
     method.lookalike_hold = method._lookalike_hold(bound)
     return method
 
@@ -131,6 +132,65 @@ def test_the_tame_job_gives_the_guard_the_whole_sets_base_nll_of_the_lookalikes(
     data, _ = _taming_data(sets, whole, lambda _m: whole, config, torch.Generator().manual_seed(0), cpu,
                            DATA_SPEC, base)
     assert data.lookalikes is not None and data.lookalikes.numel() == 5
-    assert data.lookalike_base_nll.tolist() == whole[data.lookalikes.numpy()].tolist()
-    torch.testing.assert_close(data.lookalike_base_nll, batched_nll(model, data.lookalike_check, DATA_SPEC).double(),
-                               rtol=1e-6, atol=0)
+    assert data.base_remember_nll.tolist() == whole.tolist()
+    torch.testing.assert_close(data.base_remember_nll[data.lookalikes],
+                               batched_nll(model, data.lookalike_check, DATA_SPEC).double(), rtol=1e-6, atol=0)
+
+
+def remember_held(base, bound: float, whole_base):
+    """A taming method whose whole-set pass is on, with the base whole-set NLL ``whole_base`` [R] and the remember
+    set's guard at ``bound`` (the look-alikes' guard off)."""
+    method = make_method("taming", base, anchor=1.0, lookalike_qd=0.0, remember_qd=bound)
+    method.data.base_remember_nll = whole_base
+    method.data.base_mean, method.data.base_std = whole_base.mean().float(), whole_base.std().float()
+    method.data.whole_remember_nll = lambda _model: whole_base
+    method.remember_hold = method._remember_hold(bound)
+    return method
+
+
+def test_the_whole_set_pass_refuses_a_stop_while_the_remember_sets_shape_changed():
+    """The remember set's quantile drop on the whole-set pass is evaluate's QD(remember) (each model against its
+    own normal): a common shift and scaling of every NLL leaves it at 0 and the run stops; a change of shape past
+    the bound refuses the stop (counted, reported, kept by a resumed run); MAX_LOOKALIKE_REFUSALS refusals, then
+    the stop is accepted."""
+    base, _ = base_and_moved()
+    n = make_method("taming", base).data.remember.shape[0]
+    whole_base = 300.0 + 20.0 * torch.linspace(-1, 1, n, dtype=torch.float64) ** 3
+    method = remember_held(base, 0.001, whole_base)
+    forget_at = lambda whole: whole.mean() + (method.delta + torch.tensor([0.0, 0.1, -0.1], dtype=torch.float64)) \
+        * whole.std()  # noqa: E731
+    # every NLL 2% higher and 10% more spread: the same shape, no drop
+    same_shape = whole_base.mean() * 1.02 + 1.1 * (whole_base - whole_base.mean())
+    method.data.whole_remember_nll = lambda _model: same_shape
+    assert method.whole_set_agrees(base, forget_at(same_shape)) is True
+    assert abs(method.remember_hold.last_qd) < 1e-12 and method.remember_hold.refusals == 0
+    # skewed the other way: the set's quantiles against its own normal drop
+    reshaped = whole_base - 0.02 * (whole_base - whole_base.mean()) ** 2
+    expected = st.quantile_drop(whole_base.numpy(), reshaped.numpy(),
+                                st.NormalFit(float(whole_base.mean()), float(whole_base.std())),
+                                st.NormalFit(float(reshaped.mean()), float(reshaped.std())), n_boot=10)["qd"]
+    assert expected > 0.001
+    method = remember_held(base, 0.001, whole_base)
+    method.data.whole_remember_nll = lambda _model: reshaped
+    for i in range(MAX_LOOKALIKE_REFUSALS):
+        assert method.whole_set_agrees(base, forget_at(reshaped)) is False
+        assert method.remember_hold.refusals == i + 1 and method.whole_set_refusals == 0
+    assert method.remember_hold.last_qd == pytest.approx(expected, abs=1e-12)
+    assert method.state_meta()["remember_qd_refusals"] == MAX_LOOKALIKE_REFUSALS
+    resumed = remember_held(base, 0.001, whole_base)
+    resumed.load_state(method.state_tensors(), method.state_meta())
+    assert resumed.remember_hold.refusals == MAX_LOOKALIKE_REFUSALS
+    assert resumed.remember_hold.last_qd == method.remember_hold.last_qd
+    assert method.whole_set_agrees(base, forget_at(reshaped)) is True  # refused that many times: accepted
+    assert method.final_remember_nll is reshaped
+
+
+def test_the_remember_guard_is_off_at_zero_without_the_anchor_and_without_the_whole_set_pass():
+    base, _ = base_and_moved()
+    assert make_config({}).remember_qd == pytest.approx(0.001)
+    with pytest.raises(InputError, match="remember_qd"):
+        make_config({"remember_qd": -1e-3})
+    whole = torch.linspace(290, 310, make_method("taming", base).data.remember.shape[0], dtype=torch.float64)
+    assert remember_held(base, 0.0, whole).remember_hold is None
+    assert make_method("taming", base, anchor=0.0)._remember_hold(0.001) is None
+    assert make_method("taming", base)._remember_hold(0.001) is None  # no whole-set pass given

@@ -84,6 +84,9 @@ def tame_command(
     lookalike_qd: Annotated[float | None, typer.Option(
         help="With the anchor: refuse a stop while those look-alikes' quantile drop (as evaluate --neighbours "
              "measures it) exceeds this; 0: off [0.018].")] = None,
+    remember_qd: Annotated[float | None, typer.Option(
+        help="With the anchor: refuse a stop while the remember set's quantile drop (as evaluate measures it, on "
+             "the whole set) exceeds this; 0: off [0.001].")] = None,
     batch_size: Annotated[int | None, typer.Option(
         help="Forget and remember images per iteration (each) [32].")] = None,
     max_iters: Annotated[int | None, typer.Option(help="Iteration budget [800].")] = None,

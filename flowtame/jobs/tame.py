@@ -80,6 +80,7 @@ class TameConfig:
     anchor_shift: float = 2.0
     lookalikes: int = 16
     lookalike_qd: float = 0.018
+    remember_qd: float = 0.001
     batch_size: int = 32
     max_iters: int = 800
     refresh_every: int = 10
@@ -149,6 +150,8 @@ class TameConfig:
             problems.append("lookalikes must be at least 0 (0: none)")
         if self.lookalike_qd < 0:
             problems.append("lookalike_qd must be at least 0 (0 turns the look-alikes' stop check off)")
+        if self.remember_qd < 0:
+            problems.append("remember_qd must be at least 0 (0 turns the remember set's stop check off)")
         if self.forget_draws < 1:
             problems.append("forget_draws must be at least 1")
         if self.freeze is None and self.method in METHODS:
@@ -312,11 +315,10 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
                                      tuple(sets.remember.shape[1:]))
         return dequantized(sets.remember[rows], noise, data_spec.n_bits).to(dev)
 
-    lookalikes = lookalike_check = lookalike_base_nll = None
+    lookalikes = lookalike_check = None
     if config.anchor > 0 and config.lookalikes > 0 and METHODS[config.method].anchored:
         lookalikes = nearest_rows(base, sets.forget, sets.remember, config.lookalikes, device=dev)
         lookalike_check = on_evaluation_noise(lookalikes)
-        lookalike_base_nll = torch.from_numpy(base_remember_nll[lookalikes.numpy()])
     n_refresh = min(config.refresh_size, sets.remember.shape[0])
     refresh_idx = torch.randperm(sets.remember.shape[0], generator=generator)[:n_refresh].sort().values
     data = TamingData(
@@ -333,7 +335,7 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
         whole_remember_nll=partial(_whole_remember_nll, sets, remember_nll),
         lookalikes=lookalikes,
         lookalike_check=lookalike_check,
-        lookalike_base_nll=lookalike_base_nll,
+        base_remember_nll=torch.from_numpy(base_remember_nll),
         refresh_rows=refresh_idx,
     )
     return data, subset_correction(base_remember_nll, refresh_idx.numpy())
@@ -372,13 +374,13 @@ def _forget_requests(forget_sets: Sequence[ImageSet], forget_request: torch.Tens
     return requests
 
 
-def _lookalike_block(method: Any) -> dict[str, Any]:
-    """The report's look-alike guard figures: refusals and the last quantile drop measured (0 and None when the
-    guard is off)."""
-    hold = getattr(method, "lookalike_hold", None)
-    if hold is None:
-        return {"lookalike_refusals": 0, "lookalike_qd": None}
-    return {"lookalike_refusals": hold.refusals, "lookalike_qd": hold.last_qd}
+def _quantile_hold_block(method: Any) -> dict[str, Any]:
+    """The report's quantile-drop guard figures (the look-alikes', the remember set's): refusals and the last
+    drop measured (0 and None when a guard is off)."""
+    block = {"lookalike_refusals": 0, "lookalike_qd": None, "remember_qd_refusals": 0, "remember_qd": None}
+    for hold in getattr(method, "quantile_holds", []):
+        block.update(hold.state_meta())
+    return block
 
 
 def _normal_block(mean: float, std: float, per_bpd: float) -> dict[str, float]:
@@ -500,7 +502,7 @@ def _tamed_outcome(base: Checkpoint, model: MultiScaleFlow, method: Any, result:
         lr_reductions=result.lr_reductions, refreshes=method.refreshes,
         early_refreshes=getattr(method, "early_refreshes", 0), confirmations=method.confirmations,
         drift_refusals=method.drift_refusals, shift_factor=getattr(method, "shift_factor", 0.0),
-        **_lookalike_block(method),
+        **_quantile_hold_block(method),
         whole_set_refusals=method.whole_set_refusals, progress_warning=getattr(method, "progress_warning", None),
         remember_normal={"base": _normal_block(base_mean, base_std, per_bpd),
                          "tamed": _normal_block(mu_t, sigma_t, per_bpd)},

@@ -1,10 +1,11 @@
-"""Holding the forget set's look-alikes where ``evaluate --neighbours`` judges them (issue 23, item 3).
+"""Holding the forget set's look-alikes, and the remember set, where ``evaluate`` judges them (issue 23).
 
-The anchor holds every remember row, the look-alikes included, to its own base NLL. ``evaluate`` judges the
-look-alikes (its D_R^NN) differently: by their quantile drop, each model against its *own* remember normal,
-so a look-alike that kept its NLL while the rest of the remember set became more likely counts as pushed
-out. :class:`LookalikeHold` measures that quantity at the stop and refuses a stop where it exceeds a bound
-(docs/method.md "Holding the look-alikes").
+The anchor holds every remember row, the look-alikes included, to its own base NLL. ``evaluate`` judges a set
+differently: by its quantile drop, each model against its *own* remember normal, so a look-alike that kept its
+NLL while the rest of the remember set became more likely counts as pushed out (its D_R^NN), and a remember set
+whose NLLs changed shape (not only place and spread) shows a drop too (its D_R). :class:`QuantileHold`
+measures that quantity at the stop and refuses a stop where it exceeds a bound (docs/method.md "Holding the
+look-alikes").
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll
 from flowtame.likelihood.statistics import NormalFit, likelihood_quantile
 
-#: A stop is refused for the look-alikes at most this many times; after that it is accepted with their quantile
-#: drop in the report (``lookalike_qd``, ``lookalike_refusals``). The tuning Glow's k = 1 run needed 4 refusals
-#: (a stop at the peak learning rate caught a swing); on the test suite's tiny Glows the drop sat at 0.025-0.03
-#: for 65 confirmations, so an unbounded refusal only spent the budget.
+#: A stop is refused by one hold at most this many times; after that it is accepted with the set's quantile drop
+#: in the report (``lookalike_qd``, ``lookalike_refusals``; ``remember_qd``, ``remember_qd_refusals``). The
+#: tuning Glow's k = 1 run needed 4 look-alike refusals (a stop at the peak learning rate caught a swing); on the
+#: test suite's tiny Glows the look-alikes' drop sat at 0.025-0.03 for 65 confirmations, so an unbounded refusal
+#: only spent the budget.
 MAX_LOOKALIKE_REFUSALS = 5
 
 
@@ -33,17 +35,20 @@ def quantile_drop(base_nll: np.ndarray, nll: np.ndarray, base: NormalFit, now: N
     return float(likelihood_quantile(base_nll, base).mean() - likelihood_quantile(nll, now).mean())
 
 
-class LookalikeHold:
-    """The look-alikes' guard at the stop.
+class QuantileHold:
+    """A set's guard at the stop: the look-alikes' (``lookalike_qd``) or the whole remember set's (``remember_qd``).
 
-    ``rows``: long [L] (CPU), the look-alikes' rows of the remember set; ``check``: those images dequantized
-    with the evaluation's keyed noise [L,C,H,W] (on the method's device); ``bound``: the largest quantile drop
-    a stop accepts (``lookalike_qd``); ``base_nll``: float64 [L], the base model's NLL of ``check`` (nats; the
-    tame job's whole-set base pass, rows ``rows``); ``base_fit``: N_B (nats).
+    ``rows``: long [L] (CPU), the set's rows of the remember set (None: every row); ``check``: those images
+    dequantized with the evaluation's keyed noise [L,C,H,W] (on the method's device; None when the set is only
+    judged on the whole-set pass); ``bound``: the largest quantile drop a stop accepts; ``base_nll``: float64 [L],
+    the base model's NLL of those images on that noise (nats; the tame job's whole-set base pass at ``rows``);
+    ``base_fit``: N_B (nats); ``keys``: the names of its quantile drop and refusals in the state and the report.
     """
 
-    def __init__(self, rows: Tensor, check: Tensor, bound: float, base_nll: np.ndarray, base_fit: NormalFit,
-                 data_spec: DataSpec):
+    def __init__(self, rows: Tensor | None, check: Tensor | None, bound: float, base_nll: np.ndarray,
+                 base_fit: NormalFit, data_spec: DataSpec,
+                 keys: tuple[str, str] = ("lookalike_qd", "lookalike_refusals")):
+        self.keys = keys
         self.rows, self.check, self.bound, self.base_nll = rows, check, bound, base_nll
         self.data_spec, self.base_fit = data_spec, base_fit
         self.refusals = 0
@@ -62,12 +67,20 @@ class LookalikeHold:
 
     @torch.no_grad()
     def kept_now(self, model: MultiScaleFlow, now: NormalFit) -> bool:
-        """:meth:`kept` on a fresh no-grad pass over the L look-alikes (the cheap check at a confirmation)."""
+        """:meth:`kept` on a fresh no-grad pass over the L check images (the cheap check at a confirmation)."""
+        assert self.check is not None
         return self.kept(batched_nll(model, self.check, self.data_spec).double().cpu().numpy(), now)
 
+    def of_whole_set(self, nll: Tensor) -> np.ndarray:
+        """This set's NLLs [L] (float64) out of the whole remember set's [R]."""
+        return (nll if self.rows is None else nll[self.rows]).numpy()
+
     def state_meta(self) -> dict[str, Any]:
-        return {"lookalike_refusals": self.refusals, "lookalike_qd": self.last_qd}
+        """The last quantile drop and the refusals, under :attr:`keys` (the report's names)."""
+        qd_key, refusals_key = self.keys
+        return {qd_key: self.last_qd, refusals_key: self.refusals}
 
     def load_state(self, meta: dict[str, Any]) -> None:
-        self.refusals = meta.get("lookalike_refusals", 0)
-        self.last_qd = meta.get("lookalike_qd")
+        qd_key, refusals_key = self.keys
+        self.refusals = meta.get(refusals_key, 0)
+        self.last_qd = meta.get(qd_key)

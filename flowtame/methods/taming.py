@@ -23,7 +23,7 @@ from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
 from flowtame.likelihood.statistics import NormalFit
 from flowtame.likelihood.threshold import threshold_distance
-from flowtame.methods.lookalikes import LookalikeHold
+from flowtame.methods.lookalikes import QuantileHold
 from flowtame.methods.objective import anchor_loss, forget_loss, remember_loss, shift_loss
 from flowtame.methods.remember import STALE_SIGMA, TRACK_WEIGHT, RememberNormal
 
@@ -77,8 +77,9 @@ class TamingData:
     refresh subset is then re-judged against the whole set's normal before the run stops. ``lookalikes``:
     long [L] (CPU), rows of ``remember`` nearest the forget set, held by the anchor in every batch;
     ``lookalike_check``: float [L,C,H,W], those images dequantized with the evaluation's keyed noise (the stop's
-    look-alike check, :class:`~flowtame.methods.lookalikes.LookalikeHold`) and ``lookalike_base_nll``: float64 [L]
-    (CPU), their NLL (nats) under the base model on that noise (given with them). ``refresh_rows``: long [S] (CPU), the
+    look-alike check, :class:`~flowtame.methods.lookalikes.QuantileHold`). ``base_remember_nll``: float64 [R]
+    (CPU), the whole remember set's NLL (nats) under the base model on the evaluation's keyed noise (the tame
+    job's base pass; the stop's quantile-drop guards start from it). ``refresh_rows``: long [S] (CPU), the
     rows of ``remember`` that ``refresh`` holds, when ``refresh`` is on the evaluation's keyed noise: a whole-set
     pass right after a refresh then takes those rows' NLLs from it (``whole_remember_nll(model, known=(refresh_rows,
     nll))`` measures only the other rows).
@@ -95,7 +96,7 @@ class TamingData:
     whole_remember_nll: Callable[..., Tensor] | None = None
     lookalikes: Tensor | None = None
     lookalike_check: Tensor | None = None
-    lookalike_base_nll: Tensor | None = None
+    base_remember_nll: Tensor | None = None
     refresh_rows: Tensor | None = None
 
     @property
@@ -175,6 +176,7 @@ class TamingMethod:
         if self.anchor_weight > 0 and base_model is None:
             raise ValueError("the anchor term needs the frozen base model")
         self.lookalike_hold = self._lookalike_hold(float(getattr(config, "lookalike_qd", 0.0) or 0.0))
+        self.remember_hold = self._remember_hold(float(getattr(config, "remember_qd", 0.0) or 0.0))
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
         self.base_bpd = float(data.base_mean) / self.nats_per_bpd
         #: N_T: mu_R, sigma_R of the model being tamed (refresh, early refresh, subset correction, resume state).
@@ -201,15 +203,30 @@ class TamingMethod:
         #: The latest refresh's NLLs [S] of the refresh subset (nats).
         self.refresh_nll: Tensor | None = None
 
-    def _lookalike_hold(self, bound: float) -> LookalikeHold | None:
+    def _lookalike_hold(self, bound: float) -> QuantileHold | None:
         """The stop's look-alike guard (``lookalike_qd`` > 0, with the anchor and look-alikes), else None."""
         d = self.data
         if bound <= 0 or self.anchor_weight <= 0 or d.lookalikes is None or d.lookalike_check is None \
                 or d.lookalikes.numel() == 0:
             return None
-        assert d.lookalike_base_nll is not None
-        return LookalikeHold(d.lookalikes, d.lookalike_check, bound, d.lookalike_base_nll.numpy(),
-                             NormalFit(float(d.base_mean), float(d.base_std)), d.data_spec)
+        assert d.base_remember_nll is not None
+        return QuantileHold(d.lookalikes, d.lookalike_check, bound, d.base_remember_nll[d.lookalikes].numpy(),
+                            NormalFit(float(d.base_mean), float(d.base_std)), d.data_spec)
+
+    def _remember_hold(self, bound: float) -> QuantileHold | None:
+        """The stop's remember-set guard (``remember_qd`` > 0, with the anchor and the whole-set pass), else None:
+        judged on the whole-set pass only, where every remember image's NLL is measured."""
+        d = self.data
+        if bound <= 0 or self.anchor_weight <= 0 or d.whole_remember_nll is None or d.base_remember_nll is None:
+            return None
+        return QuantileHold(None, None, bound, d.base_remember_nll.numpy(),
+                            NormalFit(float(d.base_mean), float(d.base_std)), d.data_spec,
+                            keys=("remember_qd", "remember_qd_refusals"))
+
+    @property
+    def quantile_holds(self) -> list[QuantileHold]:
+        """The stop's quantile-drop guards that are on: the look-alikes', then the remember set's."""
+        return [hold for hold in (self.lookalike_hold, self.remember_hold) if hold is not None]
 
     # ------------------------------------------------------------------ the remember normal's figures
     @property
@@ -437,11 +454,11 @@ class TamingMethod:
         mean, std = nll.mean().to(forget_nll), nll.std().to(forget_nll)
         d = threshold_distance(forget_nll, mean, std, self.delta)
         reached = bool(self.reached(d).all())
-        hold, whole = self.lookalike_hold, NormalFit(float(nll.mean()), float(nll.std()))
-        if reached and (hold is None or hold.kept(nll[hold.rows].numpy(), whole)):
+        whole = NormalFit(float(nll.mean()), float(nll.std()))
+        if reached and all(hold.kept(hold.of_whole_set(nll), whole) for hold in self.quantile_holds):
             self.final_remember_nll = nll
             return True
-        if not reached:  # (else refused for the look-alikes, judged on the whole set's normal as evaluate does)
+        if not reached:  # (else refused by a quantile hold, judged on the whole set's normal as evaluate does)
             self.whole_set_refusals += 1
             self.confirmed_d = d
             self.latest_d.copy_(d)
@@ -545,7 +562,7 @@ class TamingMethod:
         return {**self.normal.state_tensors(), "latest_d": self.latest_d, "forget_weight": self.forget_weight}
 
     def state_meta(self) -> dict[str, Any]:
-        hold = {} if self.lookalike_hold is None else self.lookalike_hold.state_meta()
+        hold = {key: value for guard in self.quantile_holds for key, value in guard.state_meta().items()}
         return {"last_confirm": self.last_confirm, **self.normal.state_meta(), **hold,
                 "confirmations": self.confirmations, "lr_factor": self.lr_factor, "shift_factor": self.shift_factor,
                 "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals,
@@ -564,8 +581,8 @@ class TamingMethod:
         self.whole_set_refusals = meta.get("whole_set_refusals", 0)
         self.progress_start = meta.get("progress_start")
         self.progress_warning = meta.get("progress_warning")
-        if self.lookalike_hold is not None:
-            self.lookalike_hold.load_state(meta)
+        for hold in self.quantile_holds:
+            hold.load_state(meta)
 
 
 #: Method name -> class; baselines register here (``flowtame.methods.baselines``). Every class takes the
