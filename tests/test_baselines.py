@@ -68,13 +68,8 @@ def make_method(name: str, model: torch.nn.Module, *, seed: int = 0, **config_kw
                       forget_check_noise=torch.rand(forget.shape), remember=remember, refresh=refresh,
                       base_mean=nll.mean(), base_std=nll.std())
     config = make_config({"method": name, **FAST, **config_kw})
-    return METHODS[name](data, delta=config.delta, epsilon=config.epsilon, alpha=config.alpha, gamma=config.gamma,
-                         batch_size=config.batch_size, refresh_every=config.refresh_every,
-                         forget_loss_kind=config.forget_loss, forget_unit=config.forget_unit,
-                         kl_estimate=config.kl_estimate, generator=torch.Generator().manual_seed(seed),
-                         max_remember_drift=config.max_remember_drift, max_remember_jump=config.max_remember_jump,
-                         settle_decay=config.settle_decay, stop_margin=config.stop_margin, config=config,
-                         base_model=model)
+    return METHODS[name](data, config, delta=config.delta, epsilon=config.epsilon,
+                         generator=torch.Generator().manual_seed(seed), base_model=model)
 
 
 def confirm_at(monkeypatch, method, d: list[float]) -> None:

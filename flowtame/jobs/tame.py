@@ -391,15 +391,9 @@ def _build_method(config: TameConfig, data: TamingData, *, delta: float, epsilon
                   correction: tuple[float, float], batches: torch.Generator, setup_generator: torch.Generator,
                   base_model: MultiScaleFlow) -> Any:
     """The configured method (``config.method`` in :data:`METHODS`) on ``data``, drawing from ``batches``."""
-    return METHODS[config.method](
-        data, delta=delta, epsilon=epsilon, alpha=config.alpha, gamma=config.gamma,
-        batch_size=config.batch_size, refresh_every=config.refresh_every, forget_loss_kind=config.forget_loss,
-        forget_unit=config.forget_unit, kl_estimate=config.kl_estimate, generator=batches,
-        setup_generator=setup_generator,
-        threshold_gradient=config.threshold_gradient, settle_decay=config.settle_decay,
-        stop_margin=config.stop_margin, max_remember_drift=config.max_remember_drift,
-        max_remember_jump=config.max_remember_jump, subset_correction=correction,
-        config=config, base_model=base_model)
+    return METHODS[config.method](data, config, delta=delta, epsilon=epsilon, generator=batches,
+                                  setup_generator=setup_generator, subset_correction=correction,
+                                  base_model=base_model)
 
 
 def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageSet, config: TameConfig, *,

@@ -62,8 +62,8 @@ class _ForgottenStopping(TamingMethod):
     default_max_remember_drift = 0.05  # only refuses a model whose every likelihood fell (see TamingMethod)
     anchored = False  # run as published: no per-image anchor to the base model
 
-    def __init__(self, data: TamingData, **kwargs: Any):
-        super().__init__(data, **kwargs)
+    def __init__(self, data: TamingData, config: Any, **kwargs: Any):
+        super().__init__(data, config, **kwargs)
         # An image not yet seen in a training batch must fail the screen (taming's +inf passes ``d > -ε``).
         self.latest_d.fill_(-math.inf)
 
@@ -150,11 +150,10 @@ class SelectiveAmnesia(_ForgottenStopping):
     #: Temperature (latent standard deviations) of the replay and Fisher samples.
     replay_temperature = 1.0
 
-    def __init__(self, data: TamingData, *, config: Any = None, base_model: MultiScaleFlow | None = None,
-                 **kwargs: Any):
-        super().__init__(data, config=config, base_model=base_model, **kwargs)
-        if config is None or base_model is None:
-            raise ValueError("selective-amnesia needs the TameConfig (its settings) and the frozen base model")
+    def __init__(self, data: TamingData, config: Any, *, base_model: MultiScaleFlow | None = None, **kwargs: Any):
+        super().__init__(data, config, base_model=base_model, **kwargs)
+        if base_model is None:
+            raise ValueError("selective-amnesia needs the frozen base model")
         settings: SelectiveAmnesiaSettings = config.method_settings[settings_section(self.name)]
         self.sa_lambda = settings.ewc_lambda
         self.replay_weight = settings.replay_weight

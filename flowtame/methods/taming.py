@@ -138,45 +138,48 @@ class TamingMethod:
     settings_class: type | None = None
     #: Whether the config's ``anchor`` applies (the baselines run as published, without it).
     anchored = True
+    #: Iterations between two confirmations (no-grad passes over the forget set's check draws), at least.
+    confirm_gap = 5
 
-    def __init__(self, data: TamingData, *, delta: float, epsilon: float, alpha: float, gamma: float,
-                 batch_size: int, refresh_every: int, forget_loss_kind: str, forget_unit: str,
-                 kl_estimate: str, generator: torch.Generator, subset_correction: tuple[float, float] = (0.0, 1.0),
-                 threshold_gradient: bool = True, settle_decay: float = 1.0, stop_margin: float = 0.0,
-                 confirm_gap: int = 5,
-                 max_remember_drift: float | None = None, max_remember_jump: float | None = None,
-                 config: Any = None,
-                 base_model: MultiScaleFlow | None = None, setup_generator: torch.Generator | None = None):
-        if kl_estimate not in KL_ESTIMATES:
-            raise ValueError(f"unknown kl_estimate {kl_estimate!r}")
+    def __init__(self, data: TamingData, config: Any, *, delta: float, epsilon: float, generator: torch.Generator,
+                 subset_correction: tuple[float, float] = (0.0, 1.0), base_model: MultiScaleFlow | None = None,
+                 setup_generator: torch.Generator | None = None):
+        """``config``: the run's settings (a :class:`flowtame.jobs.tame.TameConfig` or any object with its
+        fields: ``alpha``, ``gamma``, ``batch_size``, ``refresh_every``, ``forget_loss``, ``forget_unit``,
+        ``kl_estimate``, ``threshold_gradient``, ``settle_decay``, ``stop_margin``, ``max_remember_drift``,
+        ``max_remember_jump``, ``anchor``, ``anchor_shift``, ``lookalike_qd``, ``remember_qd``);
+        ``delta``, ``epsilon``: the stopping target in sigma_R (the config's, or the held-out images' band);
+        ``subset_correction``: the refresh subset's correction (see :class:`RememberNormal`)."""
+        if config.kl_estimate not in KL_ESTIMATES:
+            raise ValueError(f"unknown kl_estimate {config.kl_estimate!r}")
         self.data = data
-        self.delta, self.epsilon, self.alpha, self.gamma = delta, epsilon, alpha, gamma
-        self.batch_size = batch_size
-        self.refresh_every = refresh_every
-        self.forget_loss_kind, self.forget_unit, self.kl_estimate = forget_loss_kind, forget_unit, kl_estimate
+        self.delta, self.epsilon, self.alpha, self.gamma = delta, epsilon, config.alpha, config.gamma
+        self.batch_size = config.batch_size
+        self.refresh_every = config.refresh_every
+        self.forget_loss_kind, self.forget_unit = config.forget_loss, config.forget_unit
+        self.kl_estimate = config.kl_estimate
         self.generator = generator
         self.setup_generator = generator if setup_generator is None else setup_generator
-        self.confirm_gap = confirm_gap
-        self.threshold_gradient = threshold_gradient
-        self.settle_decay = settle_decay
-        self.stop_margin = stop_margin
-        self.max_remember_drift = max_remember_drift
-        self.max_remember_jump = max_remember_jump
+        self.threshold_gradient = config.threshold_gradient
+        self.settle_decay = config.settle_decay
+        self.stop_margin = config.stop_margin
+        self.max_remember_drift = config.max_remember_drift
+        self.max_remember_jump = config.max_remember_jump
         self.lr_factor = 1.0
         self.config = config
         self.base_model = base_model
         #: Weight of the per-image anchor to the base model on the remember batch (0: off; see :meth:`loss`).
-        self.anchor_weight = float(getattr(config, "anchor", 0.0) or 0.0) if self.anchored else 0.0
+        self.anchor_weight = float(config.anchor or 0.0) if self.anchored else 0.0
         #: With the anchor on: weight of the common shift's term (:func:`~flowtame.methods.objective.shift_loss`)
         #: on the random remember rows (0: off), times :attr:`shift_factor`.
-        self.shift_weight = float(getattr(config, "anchor_shift", 0.0) or 0.0) if self.anchor_weight > 0 else 0.0
+        self.shift_weight = float(config.anchor_shift or 0.0) if self.anchor_weight > 0 else 0.0
         #: 0 until a confirmation is refused for the remember drift, then 1, x :data:`SHIFT_GROWTH` per further
         #: refusal, at most :data:`MAX_SHIFT_FACTOR` (:meth:`remember_kept`).
         self.shift_factor = 0.0
         if self.anchor_weight > 0 and base_model is None:
             raise ValueError("the anchor term needs the frozen base model")
-        self.lookalike_hold = self._lookalike_hold(float(getattr(config, "lookalike_qd", 0.0) or 0.0))
-        self.remember_hold = self._remember_hold(float(getattr(config, "remember_qd", 0.0) or 0.0))
+        self.lookalike_hold = self._lookalike_hold(float(config.lookalike_qd or 0.0))
+        self.remember_hold = self._remember_hold(float(config.remember_qd or 0.0))
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
         self.base_bpd = float(data.base_mean) / self.nats_per_bpd
         #: N_T: mu_R, sigma_R of the model being tamed (refresh, early refresh, subset correction, resume state).
@@ -185,7 +188,7 @@ class TamingMethod:
         self.latest_d = torch.full((data.forget.shape[0],), float("inf"), device=data.device)
         #: Per forget image: the weight of its forget term [F] (1 until it straggles; see :meth:`after_step`).
         self.forget_weight = torch.ones(data.forget.shape[0], device=data.device)
-        self.last_confirm = -confirm_gap
+        self.last_confirm = -self.confirm_gap
         self.confirmed_d: Tensor | None = None
         self.confirmations = 0
         self.drift_refusals = 0
@@ -476,7 +479,7 @@ class TamingMethod:
         if self.progress_start is None:
             self.progress_start = logged["mean_d"]
             return
-        budget = getattr(self.config, "max_iters", None)
+        budget = self.config.max_iters
         gap = self.lower_edge - logged["min_d"]
         if iteration != PROGRESS_CHECK or budget is None or gap <= 0:
             return
