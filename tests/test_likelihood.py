@@ -347,3 +347,47 @@ def test_a_wide_model_is_evaluated_in_fewer_rows_on_the_cpu(monkeypatch):
     assert max(rows) == 10 and sum(rows) == len(keys) == len(capped_set.keys)
     assert capped_set.keys == uncapped_set.keys
     np.testing.assert_allclose(capped_set.nll, uncapped_set.nll, rtol=1e-6, atol=0)
+
+
+def test_the_neighbour_search_is_sized_like_the_likelihood_passes_on_the_cpu(monkeypatch):
+    """find_neighbours (evaluate --neighbours), nearest_rows (taming's look-alikes) and the generation audit's
+    distances run their forwards in the rows in_chunks sizes: capped on the CPU for a wide model, with the same
+    neighbours (and distances up to float rounding) as uncapped forwards."""
+    from flowtame.io.checkpoint import Checkpoint
+    from flowtame.likelihood import evaluation
+    from flowtame.likelihood import nll as engine
+    from flowtame.likelihood.auditing import AuditSets, nearest_training_distances
+
+    spec = GlowSpec(channels=1, image_size=16, n_flow=2, n_block=2, hidden=32, affine=True)
+    base = Checkpoint(model=_tiny_glow(0, hidden=32), architecture="glow", spec=spec, data_spec=DIGITS)
+    # disjoint sets, as evaluate and tame leave them (remember images with a forget image's pixels are excluded)
+    forget, remember = open_images("embedded:digits:test:3", DIGITS), open_images("embedded:digits:train:8", DIGITS)
+    forget_pixels, remember_pixels = forget.load_tensor()[0], remember.load_tensor()[0]
+    cpu = torch.device("cpu")
+    uncapped = evaluation.find_neighbours(base, forget, remember, 20, batch_size=64, device="cpu")
+    assert base.model in engine._ROW_BYTES  # measured on its first chunk, which kept the 64 rows asked
+    uncapped_rows = evaluation.nearest_rows(base, forget_pixels, remember_pixels, 20, device=cpu, batch_size=64)
+    assert uncapped_rows.tolist() == uncapped.indices.tolist()
+    audit_sets = AuditSets(forget=[forget], remember=remember, holdout=[])
+    queries = {"q": open_images("embedded:digits:test:5", DIGITS).load_tensor()[0]}
+    uncapped_audit = nearest_training_distances(base, queries, audit_sets, device="cpu", batch_size=64)["q"]
+    monkeypatch.setattr(engine, "CPU_ACTIVATION_BYTES", 10 * engine._ROW_BYTES[base.model])
+    rows, latents = [], evaluation._bin_centre_latents
+    monkeypatch.setattr(evaluation, "_bin_centre_latents", lambda ckpt, px, device: rows.append(px.shape[0]) or latents(
+        ckpt, px, device))
+    capped = evaluation.find_neighbours(base, forget, remember, 20, batch_size=64, device="cpu")
+    # every forward of both sets (forget latents, streamed remember batches) takes at most 10 rows
+    assert max(rows) == 10 and sum(rows) == len(forget) + len(remember) > 64
+    assert capped.indices.tolist() == uncapped.indices.tolist()
+    # float32 rounding only (the convolutions' kernels differ by batch shape at the last bit of the latents)
+    np.testing.assert_allclose(capped.distances, uncapped.distances, rtol=1e-6, atol=0)
+    rows.clear()
+    capped_rows = evaluation.nearest_rows(base, forget_pixels, remember_pixels, 20, device=cpu, batch_size=64)
+    assert max(rows) == 10 and sum(rows) == len(forget) + len(remember)
+    assert capped_rows.tolist() == uncapped_rows.tolist()
+    rows.clear()
+    capped_audit = nearest_training_distances(base, queries, audit_sets, device="cpu", batch_size=64)["q"]
+    assert max(rows) == 10 and sum(rows) == len(forget) + len(queries["q"]) + len(remember)
+    # a float32 metric: float rounding of its matrix-product distances only
+    np.testing.assert_allclose(capped_audit.forget, uncapped_audit.forget, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(capped_audit.remember, uncapped_audit.remember, rtol=1e-5, atol=0)

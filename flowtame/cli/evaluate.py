@@ -149,7 +149,8 @@ def evaluate(
     max_generation_share: Annotated[float | None, typer.Option(help="Check (opt-in): the tamed model's share of "
                                                              "samples near a forget image, at most.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per likelihood batch.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Image files read per batch; on the CPU a wide "
+                                                       "model's forward passes take fewer at once.")] = 256,
     precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16/fp16 autocast on CUDA.")] = "fp32",
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of "
                                                           "skipping it.")] = False,

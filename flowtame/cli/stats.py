@@ -104,7 +104,8 @@ def stats(
                                                       "its fitted normal.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise (same seed, same noise "
                                                      "for every model).")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Image files read per batch; on the CPU a wide "
+                                                       "model's forward passes take fewer at once.")] = 256,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16/fp16 autocast on CUDA.")] = "fp32",
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of "

@@ -23,7 +23,7 @@ from flowtame.errors import InputError
 from flowtame.io.checkpoint import Checkpoint
 from flowtame.likelihood import audits as au
 from flowtame.likelihood import statistics as st
-from flowtame.likelihood.evaluation import _bin_centre_latents, _check
+from flowtame.likelihood.evaluation import _check, _latent_rows
 from flowtame.likelihood.nll import compute_nll
 
 GENERATION_METRIC = ("euclidean distance between the base model's concatenated, flattened latents, every image "
@@ -86,12 +86,6 @@ def _retrained_sets(nll: Mapping[str, np.ndarray], tamed: Mapping[str, np.ndarra
     return out
 
 
-@torch.no_grad()
-def _latents(base: Checkpoint, pixels: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
-    return torch.cat([_bin_centre_latents(base, pixels[i:i + batch_size], device).float()
-                      for i in range(0, pixels.shape[0], batch_size)])
-
-
 def nearest_training_distances(base: Checkpoint, queries: Mapping[str, torch.Tensor], sets: AuditSets, *,
                                device: str = "auto", batch_size: int = 256) -> dict[str, au.NearestDistances]:
     """For each query set (uint8 pixels [M, C, H, W]): the distance of every image to its nearest forget and its
@@ -106,15 +100,15 @@ def nearest_training_distances(base: Checkpoint, queries: Mapping[str, torch.Ten
             pixels, keys = image_set.load_tensor()
             forget_pixels.append(pixels)
             forget_keys.update(keys)
-        forget = _latents(base, torch.cat(forget_pixels), dev, batch_size)
+        forget = _latent_rows(base, torch.cat(forget_pixels), dev, batch_size).float()
         names = list(queries)
-        query = torch.cat([_latents(base, queries[n], dev, batch_size) for n in names])
+        query = torch.cat([_latent_rows(base, queries[n], dev, batch_size).float() for n in names])
         to_forget = torch.cdist(query, forget).min(1).values
         to_remember = torch.full_like(to_forget, float("inf"))
         for batch in sets.remember.iter_batches(batch_size):
             keep = [i for i, key in enumerate(batch.keys) if key not in forget_keys]
             if keep:
-                latents = _bin_centre_latents(base, batch.pixels[keep], dev).float()
+                latents = _latent_rows(base, batch.pixels[keep], dev, batch_size).float()
                 to_remember = torch.minimum(to_remember, torch.cdist(query, latents).min(1).values)
     finally:
         base.model.to(model_was_on)

@@ -181,6 +181,19 @@ def _bin_centre_latents(ckpt: Checkpoint, pixels: torch.Tensor, device: torch.de
     return torch.cat([z.flatten(1) for z in latents], 1).double().cpu()
 
 
+def _latent_rows(ckpt: Checkpoint, pixels: torch.Tensor, device: torch.device, batch_size: int,
+                 then: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`_bin_centre_latents` of uint8 images [N, C, S, S] -> [N, D] float64 (CPU), or ``then`` of each
+    chunk's latents ([n, D] -> [n, ...]) concatenated, in the forwards :func:`~flowtame.likelihood.nll.in_chunks`
+    sizes (at most ``batch_size`` rows; fewer for a wide model on the CPU)."""
+
+    def chunk(start: int, stop: int) -> torch.Tensor:
+        latents = _bin_centre_latents(ckpt, pixels[start:stop], device)
+        return latents if then is None else then(latents)
+
+    return torch.cat(in_chunks(ckpt.model, pixels.shape[0], device, batch_size, chunk))
+
+
 def find_neighbours(base: Checkpoint, forget, remember, k: int, *, batch_size: int = 256,
                     device: str = "auto", exclude: np.ndarray | None = None) -> Neighbours:
     """D_R^NN: the ``k`` remember images nearest to the forget set under the base model.
@@ -189,7 +202,9 @@ def find_neighbours(base: Checkpoint, forget, remember, k: int, *, batch_size: i
     centre of its quantization bins (no random noise, so the choice does not depend on the evaluation seed)
     and its latents of every level flattened and concatenated ([D] per image); a remember image's distance
     is its minimum over the forget images. Ties go to the earlier image. Memory: the forget latents
-    [N_F, D] plus one remember batch; the remember set is streamed. ``exclude`` (bool [N_remember]) marks
+    [N_F, D] plus one remember batch; the remember set is streamed, ``batch_size`` files at a time, and each
+    batch's forwards are sized like the likelihood passes' (fewer rows for a wide model on the CPU,
+    :func:`~flowtame.likelihood.nll.in_chunks`). ``exclude`` (bool [N_remember]) marks
     images not to consider; the returned indices count only the others (the remember set after exclusion).
     """
     candidates = len(remember) - (int(exclude.sum()) if exclude is not None else 0)
@@ -200,10 +215,10 @@ def find_neighbours(base: Checkpoint, forget, remember, k: int, *, batch_size: i
     model_was_on = next(base.model.parameters()).device
     base.model.to(dev)
     try:
-        forget_latents = torch.cat([_bin_centre_latents(base, batch.pixels, dev)
+        forget_latents = torch.cat([_latent_rows(base, batch.pixels, dev, batch_size)
                                     for batch in forget.iter_batches(batch_size)])
-        distances = np.concatenate([torch.cdist(_bin_centre_latents(base, batch.pixels, dev),
-                                                forget_latents).min(1).values.numpy()
+        nearest = _nearest_distance(forget_latents)
+        distances = np.concatenate([_latent_rows(base, batch.pixels, dev, batch_size, nearest).numpy()
                                     for batch in remember.iter_batches(batch_size)])
     finally:
         base.model.to(model_was_on)
@@ -213,16 +228,19 @@ def find_neighbours(base: Checkpoint, forget, remember, k: int, *, batch_size: i
     return Neighbours(indices=order, distances=distances[order])
 
 
+def _nearest_distance(forget_latents: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Latents [n, D] -> each row's Euclidean distance [n] to the nearest of ``forget_latents`` [F, D]."""
+    return lambda latents: torch.cdist(latents, forget_latents).min(1).values
+
+
 def nearest_rows(base: Checkpoint, forget_pixels: torch.Tensor, remember_pixels: torch.Tensor, k: int, *,
                  device: torch.device, batch_size: int = 256) -> torch.Tensor:
     """Indices (long [min(k, R)], CPU, nearest first) of the remember images (uint8 [R,C,H,W]) nearest the
     forget images (uint8 [F,C,H,W]) by :func:`find_neighbours`'s metric (bin-centre latents of the base model,
     minimum over the forget images). ``batch_size``: rows per forward (fewer for a wide model on the CPU,
     :func:`~flowtame.likelihood.nll.eval_batch_size`)."""
-    forget_latents = torch.cat([_bin_centre_latents(base, forget_pixels[i:i + batch_size], device)
-                                for i in range(0, forget_pixels.shape[0], batch_size)])
-    distances = torch.cat(in_chunks(base.model, remember_pixels.shape[0], device, batch_size, lambda i, j: torch.cdist(
-        _bin_centre_latents(base, remember_pixels[i:j], device), forget_latents).min(1).values))
+    forget_latents = _latent_rows(base, forget_pixels, device, batch_size)
+    distances = _latent_rows(base, remember_pixels, device, batch_size, _nearest_distance(forget_latents))
     return torch.from_numpy(np.argsort(distances.numpy(), kind="stable")[:k].copy())
 
 
