@@ -1,5 +1,6 @@
-"""The look-alikes' guard at the stop (issue 23, item 3): their quantile drop as evaluate computes it, a stop
-refused when it exceeds ``lookalike_qd`` at most MAX_LOOKALIKE_REFUSALS times, and a resumed run keeping the count."""
+"""The stop's quantile-drop guards (issue 23): the look-alikes' and the remember set's quantile drop as evaluate
+computes it, a stop refused when it exceeds ``lookalike_qd`` / ``remember_qd`` at most MAX_HOLD_REFUSALS times,
+and a resumed run keeping the count."""
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from flowtame.io.checkpoint import Checkpoint
 from flowtame.jobs.tame import _load_sets, _taming_data, make_config, preset
 from flowtame.likelihood import statistics as st
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
-from flowtame.methods.lookalikes import MAX_LOOKALIKE_REFUSALS, quantile_drop
+from flowtame.methods.lookalikes import MAX_HOLD_REFUSALS, quantile_drop
 from tests.test_anchor import base_and_moved
 from tests.test_baselines import DATA_SPEC, REMEMBER, confirm_at, make_method, tiny_glow
 
@@ -66,7 +67,7 @@ def test_a_stop_is_refused_while_the_lookalikes_drifted_past_the_bound(monkeypat
 
 
 def test_refusals_stop_at_the_bound_and_a_resumed_run_keeps_them(monkeypatch):
-    """A stop past the bound is refused MAX_LOOKALIKE_REFUSALS times, then accepted with its quantile drop
+    """A stop past the bound is refused MAX_HOLD_REFUSALS times, then accepted with its quantile drop
     reported; a run resumed from the state keeps the count and the last drop."""
     base, _ = base_and_moved()
     method = held_method(base, 0.01)
@@ -75,16 +76,16 @@ def test_refusals_stop_at_the_bound_and_a_resumed_run_keeps_them(monkeypatch):
     # as if the look-alikes had been 5 nats more likely under the base model: under the unchanged weights
     # they now show a quantile drop far past the bound
     monkeypatch.setattr(method.lookalike_hold, "base_nll", method.lookalike_hold.base_nll - 5.0)
-    for i in range(MAX_LOOKALIKE_REFUSALS):
+    for i in range(MAX_HOLD_REFUSALS):
         assert method.after_step(base, 10 * (i + 1), {"min_d": 0.0, "max_abs_d": 0.0}) is False
         assert method.lookalike_hold.refusals == i + 1
     resumed = held_method(base, 0.01)
     resumed.load_state(method.state_tensors(), method.state_meta())
-    assert resumed.lookalike_hold.refusals == MAX_LOOKALIKE_REFUSALS
+    assert resumed.lookalike_hold.refusals == MAX_HOLD_REFUSALS
     assert resumed.lookalike_hold.last_qd == method.lookalike_hold.last_qd > 0.01
     # refused that many times, the next stop is accepted, its quantile drop (still past the bound) reported
     assert method.after_step(base, 100, {"min_d": 0.0, "max_abs_d": 0.0}) is True
-    assert method.lookalike_hold.refusals == MAX_LOOKALIKE_REFUSALS and method.lookalike_hold.last_qd > 0.01
+    assert method.lookalike_hold.refusals == MAX_HOLD_REFUSALS and method.lookalike_hold.last_qd > 0.01
 
 
 def test_the_whole_set_pass_judges_the_lookalikes_against_the_whole_sets_normal(monkeypatch):
@@ -151,7 +152,7 @@ def remember_held(base, bound: float, whole_base):
 def test_the_whole_set_pass_refuses_a_stop_while_the_remember_sets_shape_changed():
     """The remember set's quantile drop on the whole-set pass is evaluate's QD(remember) (each model against its
     own normal): a common shift and scaling of every NLL leaves it at 0 and the run stops; a change of shape past
-    the bound refuses the stop (counted, reported, kept by a resumed run); MAX_LOOKALIKE_REFUSALS refusals, then
+    the bound refuses the stop (counted, reported, kept by a resumed run); MAX_HOLD_REFUSALS refusals, then
     the stop is accepted."""
     base, _ = base_and_moved()
     n = make_method("taming", base).data.remember.shape[0]
@@ -172,14 +173,14 @@ def test_the_whole_set_pass_refuses_a_stop_while_the_remember_sets_shape_changed
     assert expected > 0.001
     method = remember_held(base, 0.001, whole_base)
     method.data.whole_remember_nll = lambda _model: reshaped
-    for i in range(MAX_LOOKALIKE_REFUSALS):
+    for i in range(MAX_HOLD_REFUSALS):
         assert method.whole_set_agrees(base, forget_at(reshaped)) is False
         assert method.remember_hold.refusals == i + 1 and method.whole_set_refusals == 0
     assert method.remember_hold.last_qd == pytest.approx(expected, abs=1e-12)
-    assert method.state_meta()["remember_qd_refusals"] == MAX_LOOKALIKE_REFUSALS
+    assert method.state_meta()["remember_qd_refusals"] == MAX_HOLD_REFUSALS
     resumed = remember_held(base, 0.001, whole_base)
     resumed.load_state(method.state_tensors(), method.state_meta())
-    assert resumed.remember_hold.refusals == MAX_LOOKALIKE_REFUSALS
+    assert resumed.remember_hold.refusals == MAX_HOLD_REFUSALS
     assert resumed.remember_hold.last_qd == method.remember_hold.last_qd
     assert method.whole_set_agrees(base, forget_at(reshaped)) is True  # refused that many times: accepted
     assert method.final_remember_nll is reshaped

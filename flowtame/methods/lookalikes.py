@@ -26,7 +26,7 @@ from flowtame.likelihood.statistics import NormalFit, likelihood_quantile
 #: tuning Glow's k = 1 run needed 4 look-alike refusals (a stop at the peak learning rate caught a swing); on the
 #: test suite's tiny Glows the look-alikes' drop sat at 0.025-0.03 for 65 confirmations, so an unbounded refusal
 #: only spent the budget.
-MAX_LOOKALIKE_REFUSALS = 5
+MAX_HOLD_REFUSALS = 5
 
 
 def quantile_drop(base_nll: np.ndarray, nll: np.ndarray, base: NormalFit, now: NormalFit) -> float:
@@ -58,9 +58,9 @@ class QuantileHold:
     def kept(self, nll: np.ndarray, now: NormalFit) -> bool:
         """True when the look-alikes' quantile drop (their NLL [L] under the current model, nats, against its
         remember normal ``now``) is within the bound, or the stop was already refused
-        :data:`MAX_LOOKALIKE_REFUSALS` times; otherwise counts a refusal."""
+        :data:`MAX_HOLD_REFUSALS` times; otherwise counts a refusal."""
         self.last_qd = quantile_drop(self.base_nll, nll, self.base_fit, now)
-        if self.last_qd <= self.bound or self.refusals >= MAX_LOOKALIKE_REFUSALS:
+        if self.last_qd <= self.bound or self.refusals >= MAX_HOLD_REFUSALS:
             return True
         self.refusals += 1
         return False
