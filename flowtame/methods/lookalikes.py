@@ -56,7 +56,7 @@ class QuantileHold:
         self.last_qd: float | None = None
 
     def kept(self, nll: np.ndarray, now: NormalFit) -> bool:
-        """True when the look-alikes' quantile drop (their NLL [L] under the current model, nats, against its
+        """True when the set's quantile drop (its NLL [L] under the current model, nats, against that model's
         remember normal ``now``) is within the bound, or the stop was already refused
         :data:`MAX_HOLD_REFUSALS` times; otherwise counts a refusal."""
         self.last_qd = quantile_drop(self.base_nll, nll, self.base_fit, now)
