@@ -14,7 +14,7 @@ from flowtame.data.quantization import DataSpec
 from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint
 from flowtame.likelihood import audits as au
-from flowtame.likelihood.auditing import AuditSets, generation_audit
+from flowtame.likelihood.auditing import AuditSets, generation_audit, nearest_distance, nearest_training_distances
 
 
 def test_auc_by_hand():
@@ -143,6 +143,41 @@ def test_generation_audit_of_a_model_that_samples_only_forget_images():
     assert block["models"]["base"]["ci_low"] == pytest.approx(0.025 ** (1 / m))  # Clopper-Pearson, m of m
     assert block["models"]["tamed"]["share"] == 0.0
     assert block["change_vs_base"]["tamed"]["only_before"] == m
+
+
+def test_nearest_distance_is_exact_whatever_the_chunks():
+    """Exact Euclidean distances: 0 from an equal row (the matrix-product shortcut gave ~1e-6 in float64 and a
+    few thousandths in float32), brute force to float64 rounding, and the same bits however the reference
+    rows are chunked."""
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.randn(200, 768, generator=gen, dtype=torch.float64) * 3 + 1
+    query = torch.cat([reference[::5], torch.randn(40, 768, generator=gen, dtype=torch.float64) * 3 + 1])
+    whole = nearest_distance(query, reference)
+    assert torch.equal(whole[:40], torch.zeros(40, dtype=torch.float64))
+    brute = np.sqrt(((query.numpy()[:, None] - reference.numpy()[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(whole.numpy(), brute, rtol=1e-13, atol=0)
+    for size in (1, 7, 64):
+        chunked = torch.stack([nearest_distance(query, part) for part in reference.split(size)]).min(0).values
+        assert torch.equal(chunked, whole)
+
+
+def test_generation_distances_are_zero_for_copies_and_do_not_depend_on_the_batch_size():
+    """A query image equal to a forget image is 0 from it (not 0.006 as the float32 matrix-product distances
+    gave); the remember set, streamed batch_size files at a time, gives the same distances at every batch size
+    (this small model's latents are the same bits at every batch shape)."""
+    spec = DataSpec(image_size=16, channels=1, n_bits=5)
+    torch.manual_seed(0)
+    base = Checkpoint(model=build_glow(GlowSpec(channels=1, image_size=16, n_flow=1, n_block=2, hidden=8)).eval(),
+                      architecture="glow", spec=None, data_spec=spec)
+    forget, remember = open_images("embedded:digits:test:3", spec), open_images("embedded:digits:train:8", spec)
+    sets = AuditSets(forget=[forget], remember=remember, holdout=[])
+    queries = {"copies": forget.load_tensor()[0], "fives": open_images("embedded:digits:test:5", spec).load_tensor()[0]}
+    runs = {size: nearest_training_distances(base, queries, sets, device="cpu", batch_size=size) for size in (256, 7)}
+    assert runs[256]["copies"].forget.tolist() == [0.0] * len(forget)
+    assert np.median(runs[256]["fives"].forget) > 1  # typical distances on this model: ~4
+    for name in queries:
+        np.testing.assert_array_equal(runs[7][name].forget, runs[256][name].forget)
+        np.testing.assert_array_equal(runs[7][name].remember, runs[256][name].remember)
 
 
 @pytest.mark.slow

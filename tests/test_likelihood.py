@@ -388,6 +388,6 @@ def test_the_neighbour_search_is_sized_like_the_likelihood_passes_on_the_cpu(mon
     rows.clear()
     capped_audit = nearest_training_distances(base, queries, audit_sets, device="cpu", batch_size=64)["q"]
     assert max(rows) == 10 and sum(rows) == len(forget) + len(queries["q"]) + len(remember)
-    # a float32 metric: float rounding of its matrix-product distances only
-    np.testing.assert_allclose(capped_audit.forget, uncapped_audit.forget, rtol=1e-5, atol=0)
-    np.testing.assert_allclose(capped_audit.remember, uncapped_audit.remember, rtol=1e-5, atol=0)
+    # exact distances: what differs is the latents' last float32 bit (the kernels differ by batch shape)
+    np.testing.assert_allclose(capped_audit.forget, uncapped_audit.forget, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(capped_audit.remember, uncapped_audit.remember, rtol=1e-6, atol=0)
