@@ -199,6 +199,41 @@ def test_torchscript_classifier_is_checked_and_scored(tmp_path):
         load_torchscript_classifier(junk, [dark, bright], 5, torch.device("cpu"))
 
 
+def test_measurements_are_sized_like_the_likelihood_passes_on_the_cpu(monkeypatch):
+    """The classifier's encodings and the meter's decodes run in in_chunks' sizes: with an activation budget of
+    7 rows of the model's largest layer output, every pass takes at most 7 rows and the features and the
+    classes are the same as in whole-batch passes."""
+    from copy import deepcopy
+
+    from flowtame.flows.glow import GlowSpec, build_glow
+    from flowtame.likelihood import nll as engine
+    from flowtame.methods.debias import FrequencyMeter, fit_latent_classifier, latent_features
+
+    torch.manual_seed(0)
+    base = build_glow(GlowSpec(channels=1, image_size=16, n_flow=1, n_block=2, hidden=16)).eval()
+    spec = load_checkpoint(resolve_model_path("embedded:glow-digits")).image_data("test")
+    classes = [open_images(source, spec).load_tensor()[0] for source in (ZERO, ONE)]
+    classifier = fit_latent_classifier(base, classes, spec.n_bits, held_out_fraction=0.25, weight_decay=1e-3,
+                                       max_iter=50, seed=0)
+    tuned = deepcopy(base)  # debias measures the tuned copy; the classifier keeps the base model
+    meter = FrequencyMeter.draw(tuned, 60, 0.8, 0, classifier, spec.n_bits)
+    images = bin_centres(quantize(classes[0], spec.n_bits), spec.n_bits)
+    whole_features, whole_classes = latent_features(base, images), meter.assign(tuned)
+    assert engine._ROW_BYTES[base] == engine._ROW_BYTES[tuned] > 0  # each measured on its first pass
+    assert set(whole_classes.tolist()) == {0, 1}  # both classes occur: a class flip would show
+    monkeypatch.setattr(engine, "CPU_ACTIVATION_BYTES", 7 * engine._ROW_BYTES[base])
+    rows = {"encode": [], "decode": []}
+    for model, name, method in ((base, "encode", "encode"), (tuned, "decode", "decode_noise")):
+        original = getattr(model, method)
+        monkeypatch.setattr(model, method, lambda x, original=original, name=name: rows[name].append(
+            (x if torch.is_tensor(x) else x[0]).shape[0]) or original(x))
+    assert torch.equal(latent_features(base, images), whole_features)
+    assert max(rows["encode"]) == 7 and sum(rows["encode"]) == len(images)
+    rows["encode"].clear()
+    assert torch.equal(meter.assign(tuned), whole_classes)
+    assert rows["decode"] == [7] * 8 + [4] and sum(rows["encode"]) == 60 and max(rows["encode"]) == 7
+
+
 # ------------------------------------------------------------------------------------------ the CLI, small
 
 

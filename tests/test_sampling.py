@@ -118,3 +118,19 @@ def test_cli_sample_mismatched_models(tmp_path, run_cli, models):
     assert "latent shapes" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_decoding_is_sized_like_the_likelihood_passes_on_the_cpu(models, monkeypatch):
+    """The first decode (all 40 rows, fewer than DECODE_BATCH) measures the largest layer output; with an activation
+    budget of 3 such rows every later decode takes at most 3 samples, and the images are the same."""
+    from flowtame.likelihood import nll as engine
+
+    base, _ = models
+    whole = sample_images([base], n=40, temperature=0.8, seed=3)
+    assert engine._ROW_BYTES[base.model] > 0  # measured by the decode
+    monkeypatch.setattr(engine, "CPU_ACTIVATION_BYTES", 3 * engine._ROW_BYTES[base.model])
+    rows, decode = [], base.model.decode_noise
+    monkeypatch.setattr(base.model, "decode_noise", lambda noise: rows.append(noise[0].shape[0]) or decode(noise))
+    capped = sample_images([base], n=40, temperature=0.8, seed=3)
+    assert rows == [3] * 13 + [1]
+    np.testing.assert_array_equal(capped, whole)

@@ -19,10 +19,12 @@ from PIL import Image
 from flowtame.errors import InputError
 from flowtame.io.checkpoint import Checkpoint
 from flowtame.io.fileio import atomic_path, check_output_path
+from flowtame.likelihood.nll import in_chunks
 
 #: Tiles smaller than this many pixels on a side are upscaled (nearest neighbour) by an integer factor.
 MIN_TILE_PIXELS = 64
-#: Models decode at most this many samples at once.
+#: Models decode at most this many samples at once (fewer for a wide model on the CPU:
+#: :func:`~flowtame.likelihood.nll.in_chunks`).
 DECODE_BATCH = 64
 
 
@@ -55,6 +57,21 @@ def _check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
             raise InputError(f"models must share latent shapes to decode the same noise ({shapes})")
 
 
+def _decode(ckpt: Checkpoint, noise: Sequence[torch.Tensor]) -> np.ndarray:
+    """uint8 pixels [n, C, H, W] of the CPU ``noise`` (one tensor per level, [n, ...]) decoded by ``ckpt``'s model
+    on its device, at most :data:`DECODE_BATCH` samples a pass (:func:`in_chunks` sizes)."""
+    param = next(ckpt.model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    n_bits = ckpt.image_data("sampling").n_bits
+
+    def decoded(start: int, stop: int) -> torch.Tensor:
+        batch = [eps[start:stop].to(device=device, dtype=dtype) for eps in noise]
+        return torch.from_numpy(to_uint8(ckpt.model.decode_noise(batch), n_bits))
+
+    return torch.cat(in_chunks(ckpt.model, noise[0].shape[0], device, DECODE_BATCH, decoded)).numpy()
+
+
 @torch.no_grad()
 def sample_images(checkpoints: Sequence[Checkpoint], n: int, temperature: float = 0.7,
                   seed: int = 0) -> np.ndarray:
@@ -69,16 +86,7 @@ def sample_images(checkpoints: Sequence[Checkpoint], n: int, temperature: float 
     _check_compatible(checkpoints)
     generator = torch.Generator().manual_seed(seed)
     noise = checkpoints[0].model.sample_noise(n, temperature, generator, device="cpu")
-    rows = []
-    for ckpt in checkpoints:
-        param = next(ckpt.model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None else torch.float32
-        chunks = []
-        for start in range(0, n, DECODE_BATCH):
-            batch = [eps[start:start + DECODE_BATCH].to(device=device, dtype=dtype) for eps in noise]
-            chunks.append(to_uint8(ckpt.model.decode_noise(batch), ckpt.image_data("sampling").n_bits))
-        rows.append(np.concatenate(chunks))
+    rows = [_decode(ckpt, noise) for ckpt in checkpoints]
     image_shapes = {row.shape[1:] for row in rows}
     if len(image_shapes) > 1:
         raise InputError(f"models decode to different image shapes {sorted(image_shapes)}; "

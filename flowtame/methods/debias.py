@@ -25,7 +25,7 @@ from flowtame.engine.devices import distinct_indices, random_indices, take_rows,
 from flowtame.errors import DataError, InputError, config_error
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.io.fileio import sha256_file
-from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
+from flowtame.likelihood.nll import batched_nll, dequantized, in_chunks, nll_nats, pixel_nll
 from flowtame.likelihood.statistics import subset_correction
 from flowtame.likelihood.threshold import forget_threshold
 from flowtame.methods.objective import anchor_loss, remember_loss
@@ -51,7 +51,8 @@ MIN_STEP_SCALE = 1 / 16
 #: up); at 1.0 it converged in 50 iterations at +0.5%, and the embedded and affine Glows reached theirs in as many
 #: or fewer iterations with a quarter to a fifth of the drift (docs/debias.md, round 3).
 DEBIAS_ANCHOR = 1.0
-#: Samples are decoded and classified this many at a time.
+#: Samples are decoded and classified (and the latent classifier's images encoded) at most this many at a time;
+#: fewer for a wide model on the CPU (:func:`~flowtame.likelihood.nll.in_chunks`).
 MEASURE_BATCH = 256
 CLASSIFIER_KINDS = ("latent-logistic", "torchscript")
 
@@ -274,12 +275,13 @@ class GroupClassifier(Protocol):
 @torch.no_grad()
 def latent_features(model: MultiScaleFlow, images: Tensor, batch_size: int = MEASURE_BATCH) -> Tensor:
     """Images [B, C, H, W] in model space -> the model's latents of every level, flattened and
-    concatenated, float32 [B, D]."""
-    rows = []
-    for start in range(0, images.shape[0], batch_size):
-        latents, _ = model.encode(images[start:start + batch_size])
-        rows.append(torch.cat([z.flatten(1) for z in latents], 1).float())
-    return torch.cat(rows)
+    concatenated, float32 [B, D]; at most ``batch_size`` images a forward (:func:`in_chunks` sizes)."""
+
+    def rows(start: int, stop: int) -> Tensor:
+        latents, _ = model.encode(images[start:stop])
+        return torch.cat([z.flatten(1) for z in latents], 1).float()
+
+    return torch.cat(in_chunks(model, images.shape[0], images.device, batch_size, rows))
 
 
 class LatentLogisticClassifier:
@@ -479,14 +481,15 @@ class FrequencyMeter:
 
         ``limit``: only the draw's first ``limit`` samples (the screen: same noise, a fraction of the cost)."""
         count = self.samples if limit is None else min(limit, self.samples)
+
+        def classes(start: int, stop: int) -> Tensor:
+            x = model.decode_noise([eps[start:stop] for eps in self.noise])
+            return self.classifier.logits(bin_centres(x, self.n_bits)).argmax(1).cpu()
+
         was_training = model.training
         model.eval()
         try:
-            out = []
-            for start in range(0, count, MEASURE_BATCH):
-                stop = min(start + MEASURE_BATCH, count)
-                x = model.decode_noise([eps[start:stop] for eps in self.noise])
-                out.append(self.classifier.logits(bin_centres(x, self.n_bits)).argmax(1).cpu())
+            out = in_chunks(model, count, self.noise[0].device, MEASURE_BATCH, classes)
         finally:
             model.train(was_training)
         return torch.cat(out)
