@@ -19,6 +19,10 @@ remember images nearest D_F, holdout = the other classes' test images. Then:
     python benchmarks/zoo.py --reference-only --reference-ks 4            # only fill the reference cache
     python benchmarks/zoo.py --models tuning-glow wide-glow --ks 4 --override '{"lr": 1e-4}' --label lr1e-4
     python benchmarks/zoo.py --print zoo.json                             # re-print a saved run's table
+
+Ctrl-C, SIGTERM or SIGHUP stops the whole run, as the CLI does: the cell in progress is dropped, ``--json``
+keeps every finished row (it is rewritten after each one) and ``--resume`` runs the rest; exit status 128 + the
+signal's number (130, 143, 129).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import copy
 import json
 import platform
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -45,7 +50,7 @@ from protocol import Protocol, build_protocol, score  # noqa: E402
 from reference_loop import run_reference  # noqa: E402
 from zoo_models import DEFAULT_CACHE, ZOO, build, describe, digits_source  # noqa: E402
 
-from flowtame.errors import FlowtameError  # noqa: E402
+from flowtame.errors import FlowtameError, InterruptedRun, StopSignal, signal_number, stop_signals  # noqa: E402
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from flowtame.jobs.tame import make_config, preset, tame  # noqa: E402
 from flowtame.likelihood.nll import pixel_nll  # noqa: E402
@@ -76,13 +81,16 @@ def tame_row(base: Checkpoint, proto: Protocol, override: dict[str, Any], workdi
     read back and scored.
 
     Returns the row's figures; a run the library stops with an error gives ``aborted`` (the message), the
-    last iteration it reported and its wall time instead of the scores."""
+    last iteration it reported and its wall time instead of the scores. A stop request (InterruptedRun: the
+    engine's clean stop on Ctrl-C, SIGTERM or SIGHUP) is no row: it propagates and ends the zoo run."""
     config = make_config(preset(preset_name) if preset_name else {}, override)
     last = {"iteration": 0}
     start = time.perf_counter()
     try:
         outcome = tame(base, [proto.forget], proto.remember, config, device="cpu",
                        callback=lambda iteration, logged: last.update(iteration=iteration))
+    except InterruptedRun:
+        raise
     except FlowtameError as exc:
         wall = time.perf_counter() - start
         return {"aborted": str(exc), "abort_reason": abort_reason(str(exc)), "iterations": last["iteration"],
@@ -141,8 +149,11 @@ def load_json(path: Path) -> dict[str, Any]:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` atomically (a run killed mid-write leaves the previous file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def add_cell_arguments(parser: argparse.ArgumentParser, *, model: str, k: int) -> None:
@@ -259,7 +270,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(), "command": " ".join(sys.argv), "models": {}, "rows": []}
     if args.resume and args.json and args.json.exists():
         previous = load_json(args.json)
-        results.update(models=previous["models"], rows=previous["rows"], date=previous["date"],
+        results.update(models=previous["models"], rows=[r for r in previous["rows"] if not interrupted(r)],
+                       date=previous["date"],
                        total_seconds=previous.get("total_seconds", 0))
     done = {(row["model"], row["k"]) for row in results["rows"]}
     ref_cache = load_json(args.reference_cache)
@@ -298,6 +310,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def interrupted(row: dict[str, Any]) -> bool:
+    """A row an older version of this script wrote for a stopped run (an "aborted" row whose message is the
+    engine's "interrupted ..."): ``--resume`` runs its cell again."""
+    return str(row["tame"].get("aborted", "")).startswith("interrupted")
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise :class:`StopSignal` (a KeyboardInterrupt, like Ctrl-C) wherever the run is;
+    inside tame()'s loop the engine's own handlers turn them into a clean stop (InterruptedRun). Ignored
+    signals stay ignored (SIGHUP under nohup)."""
+
+    def interrupt(signum, frame) -> None:  # noqa: ANN001 - the signal-handler signature
+        raise StopSignal(signum)
+
+    for sig in stop_signals():
+        if sig != signal.SIGINT and signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, interrupt)
+
+
+def run_or_exit(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run`, with a stop request (Ctrl-C, SIGTERM, SIGHUP) ending the process with one line on stderr
+    and exit status 128 + the signal's number; ``--json`` then holds every finished row."""
+    try:
+        return run(args)
+    except (KeyboardInterrupt, InterruptedRun) as exc:
+        signum = exc.signum if isinstance(exc, InterruptedRun) else signal_number(exc)
+        kept = f"; the finished rows are in {args.json}, --resume runs the rest" if args.json else ""
+        print(f"\nzoo: interrupted by {signal.Signals(signum).name}{kept}", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO))
@@ -330,7 +373,8 @@ def main() -> None:
         print_results(results)
         return
     torch.set_num_threads(args.threads)
-    print_results(run(args))
+    stop_on_signals()
+    print_results(run_or_exit(args))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """The tuning-zoo harness (benchmarks/zoo.py) on a tiny Glow: a scored row, an aborted run as a row, the
-reference loop's row, and the table built from them."""
+reference loop's row, and the table built from them; a stop signal ends the whole run, --resume continues."""
 
 import copy
+import json
 import math
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +15,7 @@ import torch
 
 from flowtame.data.images import open_images
 from flowtame.data.quantization import DataSpec
-from flowtame.errors import TrainingDivergedError
+from flowtame.errors import InterruptedRun, TrainingDivergedError
 from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint
 from flowtame.likelihood.nll import dequantized
@@ -93,3 +96,74 @@ def test_the_ratio_is_withheld_when_the_reference_stopped_on_a_model_it_broke():
     assert zoo.ratio_text(tame_row, finished) == "0.10"
     assert zoo.ratio_text(tame_row, broke) == "– (reference broke the model by it. 14)"
     assert zoo.ratio_text(tame_row, stopped_well) == "0.25"
+
+
+def test_a_stop_request_is_no_row(setup, tmp_path, monkeypatch):
+    """The engine's clean stop (InterruptedRun) is not a library error: it ends the zoo run, not one cell."""
+    base, proto = setup
+
+    def stopped_tame(*args, **kwargs):
+        raise InterruptedRun("interrupted by SIGTERM at iteration 2", signal.SIGTERM)
+
+    monkeypatch.setattr(zoo, "tame", stopped_tame)
+    with pytest.raises(InterruptedRun):
+        zoo.tame_row(base, proto, FAST, tmp_path)
+
+
+#: zoo.main() with the models, protocols and tame rows stubbed (a row per k, iterations = k); with ``wait`` the
+#: cell k = 4 prints "waiting" and sleeps until a signal comes.
+ZOO_STUB = """
+import sys, time
+from types import SimpleNamespace
+sys.path.insert(0, {bench!r})
+import zoo
+
+def fake_row(base, k, override, workdir, preset=None):
+    if k == 4 and {wait!r}:
+        print("waiting", flush=True)
+        time.sleep(60)
+    return {{"converged": True, "iterations": k, "total_seconds": 0.0}}
+
+zoo.build, zoo.describe = (lambda name, cache: name), (lambda name, cache: {{"name": name}})
+zoo.load_checkpoint = lambda path: SimpleNamespace(sha256="0")
+zoo.build_protocol, zoo.digits_source = (lambda base, digit, k, n, source: k), (lambda name, cache: "")
+zoo.tame_row, zoo.print_results = fake_row, (lambda results: print("rows", len(results["rows"])))
+sys.argv = ["zoo.py", "--models", "embedded-glow", "--ks", "1", "4", "8", "--skip-reference", "--threads", "1",
+            "--json", {json!r}, "--reference-cache", {ref!r}] + {extra!r}
+zoo.main()
+"""
+
+
+def _zoo_stub(tmp_path, *, wait: bool, extra=()) -> subprocess.Popen:
+    code = ZOO_STUB.format(bench=str(Path(zoo.__file__).parent), wait=wait, json=str(tmp_path / "zoo.json"),
+                           ref=str(tmp_path / "ref.json"), extra=list(extra))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143),
+                                              pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
+def test_a_signal_stops_the_whole_run_and_resume_continues(tmp_path, signum, code):
+    """SIGTERM or Ctrl-C during the second cell: exit 128 + signum with one line, no traceback, the JSON holds
+    the first row (valid, no temporary file); --resume keeps it, runs the two other cells, and runs again a
+    cell an older version recorded as an interrupted "aborted" row (Ctrl-C: the same path, in the slow tier)."""
+    proc = _zoo_stub(tmp_path, wait=True)
+    assert proc.stdout.readline().startswith("embedded-glow, k = 1: tame")
+    while "waiting" not in proc.stdout.readline():
+        pass
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert f"zoo: interrupted by {signal.Signals(signum).name}" in err and "Traceback" not in err
+    assert "k = 8" not in out  # the run stopped: no next cell
+    saved = json.loads((tmp_path / "zoo.json").read_text())
+    assert [(r["k"], r["tame"]["iterations"]) for r in saved["rows"]] == [(1, 1)]
+    assert list(tmp_path.iterdir()) == [tmp_path / "zoo.json"]
+    saved["rows"].append({"model": "embedded-glow", "k": 8, "reference": None,
+                          "tame": {"aborted": "interrupted by SIGTERM at iteration 5", "iterations": 5}})
+    (tmp_path / "zoo.json").write_text(json.dumps(saved))
+    proc = _zoo_stub(tmp_path, wait=False, extra=["--resume"])
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "k = 1:" not in out and "k = 4: tame" in out and "k = 8: tame" in out and "rows 3" in out
+    resumed = json.loads((tmp_path / "zoo.json").read_text())
+    assert [(r["k"], r["tame"]["iterations"]) for r in resumed["rows"]] == [(1, 1), (4, 4), (8, 8)]
