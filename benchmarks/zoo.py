@@ -76,22 +76,23 @@ def abort_reason(message: str) -> str:
 
 
 def tame_row(base: Checkpoint, proto: Protocol, override: dict[str, Any], workdir: Path,
-             preset_name: str | None = None) -> dict[str, Any]:
+             preset_name: str | None = None, *, stop_as_row: bool = False) -> dict[str, Any]:
     """One tame() run on ``proto`` with the package's defaults (or a shipped preset) + ``override``, written,
     read back and scored.
 
     Returns the row's figures; a run the library stops with an error gives ``aborted`` (the message), the
     last iteration it reported and its wall time instead of the scores. A stop request (InterruptedRun: the
-    engine's clean stop on Ctrl-C, SIGTERM or SIGHUP) is no row: it propagates and ends the zoo run."""
+    engine's clean stop on Ctrl-C, SIGTERM or SIGHUP) is no row: it propagates and ends the zoo run, unless
+    ``stop_as_row`` (benchmarks/zoo_trace.py: a trace stopped by hand keeps its row and trace)."""
     config = make_config(preset(preset_name) if preset_name else {}, override)
     last = {"iteration": 0}
     start = time.perf_counter()
     try:
         outcome = tame(base, [proto.forget], proto.remember, config, device="cpu",
                        callback=lambda iteration, logged: last.update(iteration=iteration))
-    except InterruptedRun:
-        raise
     except FlowtameError as exc:
+        if isinstance(exc, InterruptedRun) and not stop_as_row:
+            raise
         wall = time.perf_counter() - start
         return {"aborted": str(exc), "abort_reason": abort_reason(str(exc)), "iterations": last["iteration"],
                 "total_seconds": wall, "config": asdict(config)}

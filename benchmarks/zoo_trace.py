@@ -105,7 +105,7 @@ def main() -> None:
     trace: list[dict[str, Any]] = []
     TamingMethod.after_step = traced(trace, args.every, proto if args.lookalikes else None)  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory(prefix="flowtame-trace-") as workdir:
-        row = tame_row(base, proto, args.override, Path(workdir))
+        row = tame_row(base, proto, args.override, Path(workdir), stop_as_row=True)  # Ctrl-C: keep the trace
     write_json(args.json, {"model": args.model, "k": args.k, "override": args.override, "row": row,
                            "trace": trace})
     keys = ("converged", "iterations", "total_seconds", "holdout_bpd_change", "evaluate_passed", "aborted")

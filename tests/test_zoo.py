@@ -99,15 +99,20 @@ def test_the_ratio_is_withheld_when_the_reference_stopped_on_a_model_it_broke():
 
 
 def test_a_stop_request_is_no_row(setup, tmp_path, monkeypatch):
-    """The engine's clean stop (InterruptedRun) is not a library error: it ends the zoo run, not one cell."""
+    """The engine's clean stop (InterruptedRun) is not a library error: it ends the zoo run, not one cell;
+    zoo_trace.py asks for it as a row (a trace stopped by hand keeps what it traced)."""
     base, proto = setup
 
-    def stopped_tame(*args, **kwargs):
+    def stopped_tame(*args, callback, **kwargs):
+        callback(2, {})
         raise InterruptedRun("interrupted by SIGTERM at iteration 2", signal.SIGTERM)
 
     monkeypatch.setattr(zoo, "tame", stopped_tame)
     with pytest.raises(InterruptedRun):
         zoo.tame_row(base, proto, FAST, tmp_path)
+    row = zoo.tame_row(base, proto, FAST, tmp_path, stop_as_row=True)
+    assert row["aborted"] == "interrupted by SIGTERM at iteration 2" and row["iterations"] == 2
+    assert zoo.interrupted({"tame": row}) and not zoo.interrupted({"tame": {"aborted": "the remember batch jumped"}})
 
 
 #: zoo.main() with the models, protocols and tame rows stubbed (a row per k, iterations = k); with ``wait`` the
