@@ -318,13 +318,15 @@ def interrupted(row: dict[str, Any]) -> bool:
 
 
 def stop_on_signals() -> None:
-    """SIGTERM and SIGHUP raise :class:`StopSignal` (a KeyboardInterrupt, like Ctrl-C) wherever the run is;
-    inside tame()'s loop the engine's own handlers turn them into a clean stop (InterruptedRun). Ignored
-    signals stay ignored (SIGHUP under nohup)."""
+    """SIGINT raises KeyboardInterrupt even where the shell started the run with it ignored (``nohup ... &``: a
+    ``kill -INT`` should still stop it, as the engine's loop does); SIGTERM and SIGHUP raise :class:`StopSignal`
+    (a KeyboardInterrupt) unless ignored (SIGHUP under nohup stays ignored). Inside tame()'s loop the engine's
+    own handlers turn any of them into a clean stop (InterruptedRun)."""
 
     def interrupt(signum, frame) -> None:  # noqa: ANN001 - the signal-handler signature
         raise StopSignal(signum)
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in stop_signals():
         if sig != signal.SIGINT and signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, interrupt)

@@ -142,7 +142,9 @@ zoo.main()
 def _zoo_stub(tmp_path, *, wait: bool, extra=()) -> subprocess.Popen:
     code = ZOO_STUB.format(bench=str(Path(zoo.__file__).parent), wait=wait, json=str(tmp_path / "zoo.json"),
                            ref=str(tmp_path / "ref.json"), extra=list(extra))
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT ignored, as in a job a shell starts in the background (nohup ... &): kill -INT must still stop it
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143),
