@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from zoo_models import DEFAULT_CACHE, ZOO, build, digits_source  # noqa: E402
 from flowtame.flows.base import coupling_output_parameters  # noqa: E402
 from flowtame.io.checkpoint import load_checkpoint  # noqa: E402
 from flowtame.likelihood.nll import dequantized, nll_nats  # noqa: E402
+from flowtame.methods.baselines import diagonal_fisher  # noqa: E402
 
 
 def mean_nll(model: torch.nn.Module, x: torch.Tensor, spec) -> float:
@@ -58,6 +60,138 @@ def group_of(name: str) -> str:
     return name.split(".")[-1]
 
 
+def step_changes(model, spec, params, xs, vector: torch.Tensor) -> tuple[float, float]:
+    """Change of the mean NLL (nats) of each of ``xs`` = (forget, remember) after adding ``vector`` to ``params``."""
+    before = [mean_nll(model, x, spec) for x in xs]
+    add_flat(params, vector)
+    after = [mean_nll(model, x, spec) for x in xs]
+    add_flat(params, -vector)
+    return after[0] - before[0], after[1] - before[1]
+
+
+def preconditioned_steps(model, spec, pixels, names, params, xs, gradients, lrs, dampings, generator) -> None:
+    """Forget steps preconditioned by the remember NLL's diagonal Fisher F (of ``pixels``, disjoint images).
+
+    With F^ = F / mean(F) and damping lambda: ``sign/sqrtF`` = sign(g_F) / sqrt(F^ + lambda) and ``sign/F`` =
+    sign(g_F) / (F^ + lambda) (Adam's sign step with a per-value learning rate set by the remember curvature),
+    ``g/F`` = g_F / (F^ + lambda) (the diagonal natural gradient). Every step is scaled to the plain sign step's
+    first-order forget rise (g_F . step = lr |g_F|_1); prints each step's actual forget and remember rises
+    (nats per image), their ratio, and its length against the sign step's.
+    """
+    x = dequantized(pixels, torch.rand(pixels.shape, generator=generator), spec.n_bits)
+    start = time.perf_counter()
+    fisher = diagonal_fisher(model, x, spec)
+    seconds = time.perf_counter() - start
+    metric = flat([fisher[name] for name in names])
+    FISHER_SCALE[0] = float(metric.mean())
+    metric = metric / metric.mean()
+    start = time.perf_counter()
+    factors = kfac_factors(model, spec, x, set(names))
+    kfac_seconds = time.perf_counter() - start
+    g_forget, g_remember = flat(gradients[0]), flat(gradients[1])
+    print(f"diagonal Fisher of the remember NLL on {pixels.shape[0]} other remember images: {seconds:.1f} s "
+          f"(K-FAC factors of {len(factors)} conv layers: {kfac_seconds:.1f} s); "
+          f"F/mean(F) quantiles 10/50/90/99%: "
+          + " ".join(f"{float(q):.3g}" for q in torch.quantile(metric[torch.randperm(metric.numel(),
+                                                                                   generator=generator)[:100_000]],
+                                                                torch.tensor([0.1, 0.5, 0.9, 0.99]).double())))
+    print("lr      step              lambda  forget  remember  ratio  length | remember first order")
+    for lr in lrs:
+        sign = g_forget.sign()
+        directions = [("sign", None, sign)]
+        for damping in dampings:
+            directions += [("sign/sqrtF", damping, sign / (metric + damping).sqrt()),
+                           ("sign/F", damping, sign / (metric + damping)),
+                           ("g/F", damping, g_forget / (metric + damping)),
+                           ("sign/KF", damping, kfac_apply(factors, names, params, metric, sign, damping)),
+                           ("g/KF", damping, kfac_apply(factors, names, params, metric, g_forget, damping))]
+        for kind, damping, direction in directions:
+            step = direction * (lr * float(g_forget.abs().sum()) / float(g_forget @ direction))
+            forget, remember = step_changes(model, spec, params, xs, step)
+            print(f"{lr:<7g} {kind:<16} {'' if damping is None else f'{damping:g}':>7} {forget:+7.3f} "
+                  f"{remember:+9.3f} {forget / remember:6.1f} {float(step.norm() / (lr * sign.norm())):7.2f} | "
+                  f"{float(g_remember @ step):+.3f}")
+
+
+def kfac_factors(model, spec, x: torch.Tensor, trained: set[str], chunk: int = 64
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """K-FAC factors of the remember NLL's Fisher for every Conv2d whose weight is in ``trained``: name -> (A, G).
+
+    A = mean over images and positions of the unfolded input patch a (with a trailing 1 for the bias) times
+    a^T, [in*kh*kw(+1)]^2; G = sum over positions, mean over images, of the per-image NLL gradient g at the
+    layer's output times g^T, [out]^2 (nats^2). A (x) G is the layer's Fisher when positions are independent
+    (Grosse & Martens 2016), on the scale of the diagonal Fisher's entries.
+    """
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Conv2d) and f"{name}.weight" in trained}
+    sums: dict[str, list[torch.Tensor]] = {}
+    handles = []
+
+    def hook(name, module):
+        def forward(_module, inputs, output):
+            a = torch.nn.functional.unfold(inputs[0].detach(), module.kernel_size, module.dilation, module.padding,
+                                           module.stride).double()  # [n, in*kh*kw, T]
+            if module.bias is not None:
+                a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+            a_sum = torch.einsum("nit,njt->ij", a, a) / a.shape[2]
+
+            def backward(g):
+                g = g.detach().double().flatten(2)  # [n, out, T]
+                g_sum = torch.einsum("nit,njt->ij", g, g)
+                if name in sums:
+                    sums[name][0] += a_sum
+                    sums[name][1] += g_sum
+                else:
+                    sums[name] = [a_sum, g_sum]
+            output.register_hook(backward)
+        return forward
+
+    for name, module in layers.items():
+        handles.append(module.register_forward_hook(hook(name, module)))
+    try:
+        for start in range(0, x.shape[0], chunk):
+            torch.autograd.grad(nll_nats(model, x[start:start + chunk], spec).sum(),
+                                [m.weight for m in layers.values()])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (a / x.shape[0], g / x.shape[0]) for name, (a, g) in sums.items()}
+
+
+def kfac_apply(factors, names, params, metric_diag: torch.Tensor, vector: torch.Tensor, damping: float
+               ) -> torch.Tensor:
+    """``vector`` (flat over ``names``) times the inverse of the damped K-FAC metric; the values outside Conv2d
+    layers by the damped diagonal Fisher ``metric_diag`` (already / mean F). Damping ``damping`` x mean(F),
+    split between the two factors in proportion to their mean diagonals (Martens & Grosse's pi)."""
+    scale = float(metric_diag.mean())  # 1 after normalization; kept explicit
+    offsets, offset = {}, 0
+    for name, p in zip(names, params, strict=True):
+        offsets[name] = (offset, p.numel(), p.shape)
+        offset += p.numel()
+    out = vector / (metric_diag + damping)
+    for layer, (a, g) in factors.items():
+        w_off, w_n, w_shape = offsets[layer + ".weight"]
+        blocks = [vector[w_off:w_off + w_n].view(w_shape[0], -1)]
+        if layer + ".bias" in offsets:
+            b_off, b_n, _ = offsets[layer + ".bias"]
+            blocks.append(vector[b_off:b_off + b_n].view(-1, 1))
+        u = torch.cat(blocks, 1)
+        a_mean, g_mean = float(a.diagonal().mean()), float(g.diagonal().mean())
+        pi = (a_mean / g_mean) ** 0.5
+        gamma = (damping * scale * FISHER_SCALE[0]) ** 0.5
+        a_inv = torch.linalg.inv(a + pi * gamma * torch.eye(a.shape[0], dtype=a.dtype))
+        g_inv = torch.linalg.inv(g + gamma / pi * torch.eye(g.shape[0], dtype=g.dtype))
+        u = g_inv @ u @ a_inv * FISHER_SCALE[0]
+        out[w_off:w_off + w_n] = u[:, :w_shape[1:].numel()].flatten()
+        if layer + ".bias" in offsets:
+            out[b_off:b_off + b_n] = u[:, -1]
+    return out
+
+
+#: The diagonal Fisher's mean (nats^2) by which ``kfac_apply``'s metric is normalized like the diagonal one.
+FISHER_SCALE = [1.0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded-glow", choices=list(ZOO))
@@ -70,6 +204,11 @@ def main() -> None:
     parser.add_argument("--project", type=int, nargs="*", default=[],
                         help="also the forget-sign step projected off the span of the per-image NLL gradients of N "
                              "other remember images (each N given), rescaled to the same length")
+    parser.add_argument("--fisher", type=int, default=0,
+                        help="also forget-sign steps preconditioned by the diagonal Fisher of the remember NLL, "
+                             "estimated on N remember images disjoint from the 256 measured ones")
+    parser.add_argument("--damping", type=float, nargs="+", default=[1.0, 0.1, 0.01],
+                        help="damping of the Fisher preconditioners, as a fraction of the metric's mean diagonal")
     args = parser.parse_args()
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
@@ -126,6 +265,11 @@ def main() -> None:
             print(f"{lr:<7g} off {n:>4} remember gradients: forget {changes[1][0]:+.3f} (plain {changes[0][0]:+.3f}), "
                   f"remember {changes[1][1]:+.3f} (plain {changes[0][1]:+.3f}); "
                   f"{float(step @ projected) / float(step @ step):.3f} of the step kept")
+
+
+    if args.fisher:
+        preconditioned_steps(model, spec, proto.remember.pixels[order[256:256 + args.fisher]], names, params,
+                             (x_forget, x_remember), (g_forget, g_remember), args.lrs, args.damping, generator)
 
 
 if __name__ == "__main__":
