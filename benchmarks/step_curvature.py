@@ -74,7 +74,9 @@ def preconditioned_steps(model, spec, pixels, names, params, xs, gradients, lrs,
 
     With F^ = F / mean(F) and damping lambda: ``sign/sqrtF`` = sign(g_F) / sqrt(F^ + lambda) and ``sign/F`` =
     sign(g_F) / (F^ + lambda) (Adam's sign step with a per-value learning rate set by the remember curvature),
-    ``g/F`` = g_F / (F^ + lambda) (the diagonal natural gradient). Every step is scaled to the plain sign step's
+    ``g/F`` = g_F / (F^ + lambda) (the diagonal natural gradient); ``sign/KF``, ``g/KF``: the same two with the
+    K-FAC metric on the conv layers (:func:`kfac_apply`), ``sign(g/KF)`` the sign of ``g/KF`` (what Adam makes of
+    a forget gradient preconditioned before it). Every step is scaled to the plain sign step's
     first-order forget rise (g_F . step = lr |g_F|_1); prints each step's actual forget and remember rises
     (nats per image), their ratio, and its length against the sign step's.
     """
@@ -104,7 +106,9 @@ def preconditioned_steps(model, spec, pixels, names, params, xs, gradients, lrs,
                            ("sign/F", damping, sign / (metric + damping)),
                            ("g/F", damping, g_forget / (metric + damping)),
                            ("sign/KF", damping, kfac_apply(factors, names, params, metric, sign, damping)),
-                           ("g/KF", damping, kfac_apply(factors, names, params, metric, g_forget, damping))]
+                           ("g/KF", damping, kfac_apply(factors, names, params, metric, g_forget, damping)),
+                           ("sign(g/KF)", damping,
+                            kfac_apply(factors, names, params, metric, g_forget, damping).sign())]
         for kind, damping, direction in directions:
             step = direction * (lr * float(g_forget.abs().sum()) / float(g_forget @ direction))
             forget, remember = step_changes(model, spec, params, xs, step)

@@ -342,6 +342,9 @@ class Engine:
         with self._autocast():
             loss, metrics = self.method.loss(self.loss_model, self.iteration)
         loss.backward()
+        adjust = getattr(self.method, "adjust_gradients", None)
+        if adjust is not None:
+            adjust(self.model)
         if self.config.grad_clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         else:
@@ -357,7 +360,12 @@ class Engine:
         lr = _learning_rate(self.config, self.iteration, self.lr_scale * getattr(self.method, "lr_factor", 1.0))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        adjust = getattr(self.method, "adjust_update", None)
+        before = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad} \
+            if adjust is not None and getattr(self.method, "precondition", "none") == "kfac-update" else None
         self.optimizer.step()
+        if before is not None:
+            adjust(self.model, before)
         self.iteration += 1
         return lr
 

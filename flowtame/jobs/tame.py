@@ -78,6 +78,8 @@ class TameConfig:
     step_sigma: float | None = 2.0
     anchor: float = 0.2
     anchor_shift: float = 2.0
+    precondition: str = "none"
+    precondition_damping: float = 0.01
     lookalikes: int = 16
     lookalike_qd: float = 0.018
     remember_qd: float = 0.001
