@@ -80,6 +80,7 @@ class TameConfig:
     anchor_shift: float = 2.0
     precondition: str = "none"
     precondition_damping: float = 0.01
+    precondition_stretch: float = 20.0
     lookalikes: int = 16
     lookalike_qd: float = 0.018
     remember_qd: float = 0.001

@@ -209,6 +209,7 @@ class TamingMethod:
         self.refresh_nll: Tensor | None = None
         self.precondition = getattr(config, "precondition", "none")
         self.precondition_damping = float(getattr(config, "precondition_damping", 0.01))
+        self.precondition_stretch = float(getattr(config, "precondition_stretch", 20.0))
         self.metric = None
         self.metric_seconds = 0.0
         self.forget_grads: dict[str, Tensor] | None = None
@@ -390,10 +391,18 @@ class TamingMethod:
         first_pre = sum(float((g[n].double() * pre[n]).sum()) for n in update)
         if first < 0 and first_pre < 0:
             scale = first / first_pre
+            n_old = sum(float(u.double().square().sum()) for u in update.values()) ** 0.5
+            n_pre = sum(float(u.square().sum()) for u in pre.values()) ** 0.5
+            scale = min(scale, self.precondition_stretch * n_old / n_pre)
             with torch.no_grad():
                 for n in update:
                     params[n].copy_(before[n] + (scale * pre[n]).to(before[n].dtype))
             self.preconditioned_steps += 1
+            import os
+            if os.environ.get("DEBUG_PRECOND"):
+                n_old = sum(float(u.double().square().sum()) for u in update.values()) ** 0.5
+                n_new = scale * sum(float(u.square().sum()) for u in pre.values()) ** 0.5
+                print(f"precond scale {scale:.3g} |new|/|adam| {n_new / n_old:.2f} first {first:.3g}", flush=True)
 
     def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor,
                   anchor: tuple[Tensor, Tensor] | None = None, forget_weight: Tensor | None = None
