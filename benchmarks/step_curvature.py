@@ -6,9 +6,13 @@ once their momentum agrees) and along a random sign (pure jitter) — prints the
 NLL and of 256 remember images' mean NLL (nats, fixed dequantization noise), measured and to first order
 (gradient . step); ``--groups`` also steps each parameter group alone along the forget sign, ``--project N``
 projects that step off the span of N other remember images' per-image gradients. A first-order correction of
-the step (a drift-neutral projection) can only hold the remember mean if the two columns agree.
+the step (a drift-neutral projection) can only hold the remember mean if the two columns agree. ``--fisher N``
+(round 6a) also takes the forget step preconditioned by a metric of the remember NLL (diagonal Fisher or
+K-FAC, estimated on N remember images disjoint from the 256 measured), scaled to the same first-order forget
+rise, and prints the forget rise / remember rise ratio of each.
 
     python benchmarks/step_curvature.py --model embedded-glow --k 4
+    python benchmarks/step_curvature.py --model realnvp --k 4 --lrs 2e-4 --fisher 512 --damping 1 0.1 0.01 1e-3
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from flowtame.flows.base import coupling_output_parameters  # noqa: E402
 from flowtame.io.checkpoint import load_checkpoint  # noqa: E402
 from flowtame.likelihood.nll import dequantized, nll_nats  # noqa: E402
 from flowtame.methods.baselines import diagonal_fisher  # noqa: E402
+from flowtame.methods.curvature import KroneckerMetric  # noqa: E402
 
 
 def mean_nll(model: torch.nn.Module, x: torch.Tensor, spec) -> float:
@@ -70,29 +75,29 @@ def step_changes(model, spec, params, xs, vector: torch.Tensor) -> tuple[float, 
 
 
 def preconditioned_steps(model, spec, pixels, names, params, xs, gradients, lrs, dampings, generator) -> None:
-    """Forget steps preconditioned by the remember NLL's diagonal Fisher F (of ``pixels``, disjoint images).
+    """Forget steps preconditioned by a metric of the remember NLL estimated on ``pixels`` (disjoint images).
 
-    With F^ = F / mean(F) and damping lambda: ``sign/sqrtF`` = sign(g_F) / sqrt(F^ + lambda) and ``sign/F`` =
-    sign(g_F) / (F^ + lambda) (Adam's sign step with a per-value learning rate set by the remember curvature),
-    ``g/F`` = g_F / (F^ + lambda) (the diagonal natural gradient); ``sign/KF``, ``g/KF``: the same two with the
-    K-FAC metric on the conv layers (:func:`kfac_apply`), ``sign(g/KF)`` the sign of ``g/KF`` (what Adam makes of
-    a forget gradient preconditioned before it). Every step is scaled to the plain sign step's
-    first-order forget rise (g_F . step = lr |g_F|_1); prints each step's actual forget and remember rises
-    (nats per image), their ratio, and its length against the sign step's.
+    With the diagonal Fisher F^ = F / mean(F) and damping lambda: ``sign/sqrtF`` = sign(g_F) / sqrt(F^ +
+    lambda) and ``sign/F`` = sign(g_F) / (F^ + lambda) (Adam's sign step with a per-value learning rate set by
+    the remember curvature), ``g/F`` = g_F / (F^ + lambda) (the diagonal natural gradient); ``sign/KF`` and
+    ``g/KF``: the same two with the K-FAC metric (:class:`flowtame.methods.curvature.KroneckerMetric`),
+    ``sign(g/KF)``: the sign of ``g/KF`` (what Adam makes of a forget gradient preconditioned before it).
+    Every step is scaled to the plain sign step's first-order forget rise (g_F . step = lr |g_F|_1); prints
+    each step's actual forget and remember rises (nats per image), their ratio, and its length against the
+    sign step's.
     """
     x = dequantized(pixels, torch.rand(pixels.shape, generator=generator), spec.n_bits)
     start = time.perf_counter()
     fisher = diagonal_fisher(model, x, spec)
     seconds = time.perf_counter() - start
     metric = flat([fisher[name] for name in names])
-    FISHER_SCALE[0] = float(metric.mean())
     metric = metric / metric.mean()
     start = time.perf_counter()
-    factors = kfac_factors(model, spec, x, set(names))
-    kfac_seconds = time.perf_counter() - start
+    kfac = {damping: KroneckerMetric(model, x, spec, names, damping) for damping in dampings}
+    kfac_seconds = (time.perf_counter() - start) / len(dampings)
     g_forget, g_remember = flat(gradients[0]), flat(gradients[1])
     print(f"diagonal Fisher of the remember NLL on {pixels.shape[0]} other remember images: {seconds:.1f} s "
-          f"(K-FAC factors of {len(factors)} conv layers: {kfac_seconds:.1f} s); "
+          f"(K-FAC metric, {len(kfac[dampings[0]].blocks)} conv layers: {kfac_seconds:.1f} s); "
           f"F/mean(F) quantiles 10/50/90/99%: "
           + " ".join(f"{float(q):.3g}" for q in torch.quantile(metric[torch.randperm(metric.numel(),
                                                                                    generator=generator)[:100_000]],
@@ -105,10 +110,9 @@ def preconditioned_steps(model, spec, pixels, names, params, xs, gradients, lrs,
             directions += [("sign/sqrtF", damping, sign / (metric + damping).sqrt()),
                            ("sign/F", damping, sign / (metric + damping)),
                            ("g/F", damping, g_forget / (metric + damping)),
-                           ("sign/KF", damping, kfac_apply(factors, names, params, metric, sign, damping)),
-                           ("g/KF", damping, kfac_apply(factors, names, params, metric, g_forget, damping)),
-                           ("sign(g/KF)", damping,
-                            kfac_apply(factors, names, params, metric, g_forget, damping).sign())]
+                           ("sign/KF", damping, kfac_flat(kfac[damping], names, params, sign)),
+                           ("g/KF", damping, kfac_flat(kfac[damping], names, params, g_forget)),
+                           ("sign(g/KF)", damping, kfac_flat(kfac[damping], names, params, g_forget).sign())]
         for kind, damping, direction in directions:
             step = direction * (lr * float(g_forget.abs().sum()) / float(g_forget @ direction))
             forget, remember = step_changes(model, spec, params, xs, step)
@@ -117,83 +121,15 @@ def preconditioned_steps(model, spec, pixels, names, params, xs, gradients, lrs,
                   f"{float(g_remember @ step):+.3f}")
 
 
-def kfac_factors(model, spec, x: torch.Tensor, trained: set[str], chunk: int = 64
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """K-FAC factors of the remember NLL's Fisher for every Conv2d whose weight is in ``trained``: name -> (A, G).
-
-    A = mean over images and positions of the unfolded input patch a (with a trailing 1 for the bias) times
-    a^T, [in*kh*kw(+1)]^2; G = sum over positions, mean over images, of the per-image NLL gradient g at the
-    layer's output times g^T, [out]^2 (nats^2). A (x) G is the layer's Fisher when positions are independent
-    (Grosse & Martens 2016), on the scale of the diagonal Fisher's entries.
-    """
-    layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Conv2d) and f"{name}.weight" in trained}
-    sums: dict[str, list[torch.Tensor]] = {}
-    handles = []
-
-    def hook(name, module):
-        def forward(_module, inputs, output):
-            a = torch.nn.functional.unfold(inputs[0].detach(), module.kernel_size, module.dilation, module.padding,
-                                           module.stride).double()  # [n, in*kh*kw, T]
-            if module.bias is not None:
-                a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-            a_sum = torch.einsum("nit,njt->ij", a, a) / a.shape[2]
-
-            def backward(g):
-                g = g.detach().double().flatten(2)  # [n, out, T]
-                g_sum = torch.einsum("nit,njt->ij", g, g)
-                if name in sums:
-                    sums[name][0] += a_sum
-                    sums[name][1] += g_sum
-                else:
-                    sums[name] = [a_sum, g_sum]
-            output.register_hook(backward)
-        return forward
-
-    for name, module in layers.items():
-        handles.append(module.register_forward_hook(hook(name, module)))
-    try:
-        for start in range(0, x.shape[0], chunk):
-            torch.autograd.grad(nll_nats(model, x[start:start + chunk], spec).sum(),
-                                [m.weight for m in layers.values()])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: (a / x.shape[0], g / x.shape[0]) for name, (a, g) in sums.items()}
-
-
-def kfac_apply(factors, names, params, metric_diag: torch.Tensor, vector: torch.Tensor, damping: float
-               ) -> torch.Tensor:
-    """``vector`` (flat over ``names``) times the inverse of the damped K-FAC metric; the values outside Conv2d
-    layers by the damped diagonal Fisher ``metric_diag`` (already / mean F). Damping ``damping`` x mean(F),
-    split between the two factors in proportion to their mean diagonals (Martens & Grosse's pi)."""
-    scale = float(metric_diag.mean())  # 1 after normalization; kept explicit
-    offsets, offset = {}, 0
+def kfac_flat(metric: KroneckerMetric, names: list[str], params: list[torch.Tensor], vector: torch.Tensor
+              ) -> torch.Tensor:
+    """``metric.apply`` on a flat vector laid out as :func:`flat` lays out ``params``."""
+    pieces, offset = {}, 0
     for name, p in zip(names, params, strict=True):
-        offsets[name] = (offset, p.numel(), p.shape)
+        pieces[name] = vector[offset:offset + p.numel()].view(p.shape)
         offset += p.numel()
-    out = vector / (metric_diag + damping)
-    for layer, (a, g) in factors.items():
-        w_off, w_n, w_shape = offsets[layer + ".weight"]
-        blocks = [vector[w_off:w_off + w_n].view(w_shape[0], -1)]
-        if layer + ".bias" in offsets:
-            b_off, b_n, _ = offsets[layer + ".bias"]
-            blocks.append(vector[b_off:b_off + b_n].view(-1, 1))
-        u = torch.cat(blocks, 1)
-        a_mean, g_mean = float(a.diagonal().mean()), float(g.diagonal().mean())
-        pi = (a_mean / g_mean) ** 0.5
-        gamma = (damping * scale * FISHER_SCALE[0]) ** 0.5
-        a_inv = torch.linalg.inv(a + pi * gamma * torch.eye(a.shape[0], dtype=a.dtype))
-        g_inv = torch.linalg.inv(g + gamma / pi * torch.eye(g.shape[0], dtype=g.dtype))
-        u = g_inv @ u @ a_inv * FISHER_SCALE[0]
-        out[w_off:w_off + w_n] = u[:, :w_shape[1:].numel()].flatten()
-        if layer + ".bias" in offsets:
-            out[b_off:b_off + b_n] = u[:, -1]
-    return out
-
-
-#: The diagonal Fisher's mean (nats^2) by which ``kfac_apply``'s metric is normalized like the diagonal one.
-FISHER_SCALE = [1.0]
+    out = metric.apply(pieces)
+    return flat([out[name] for name in names])
 
 
 def main() -> None:

@@ -50,8 +50,6 @@ SHIFT_GROWTH = 2.0
 MAX_SHIFT_FACTOR = 8.0
 #: Iteration at which the forget images' pace is projected to the budget (:meth:`TamingMethod.check_progress`).
 PROGRESS_CHECK = 50
-#: Remember images the curvature metric is estimated on (``precondition``).
-PRECONDITION_IMAGES = 512
 #: Taming's default bound on the remember set's relative mean-NLL rise at a stop (``max_remember_drift``): 0.3%,
 #: so that a held-out set's BPD, which drifts up to ~0.2 points more than the remember set's on a model that
 #: fits its training images better than held-out ones (the embedded Glow), stays within 0.5% (docs/method.md
@@ -142,6 +140,8 @@ class TamingMethod:
     anchored = True
     #: Iterations between two confirmations (no-grad passes over the forget set's check draws), at least.
     confirm_gap = 5
+    #: Whether the config's ``precondition`` applies (the baselines run as published, without it).
+    preconditioned = True
 
     def __init__(self, data: TamingData, config: Any, *, delta: float, epsilon: float, generator: torch.Generator,
                  subset_correction: tuple[float, float] = (0.0, 1.0), base_model: MultiScaleFlow | None = None,
@@ -207,14 +207,11 @@ class TamingMethod:
         self.final_forget_nll: Tensor | None = None
         #: The latest refresh's NLLs [S] of the refresh subset (nats).
         self.refresh_nll: Tensor | None = None
-        self.precondition = getattr(config, "precondition", "none")
-        self.precondition_damping = float(getattr(config, "precondition_damping", 0.01))
-        self.precondition_stretch = float(getattr(config, "precondition_stretch", 20.0))
-        self.metric = None
-        self.metric_seconds = 0.0
-        self.forget_grads: dict[str, Tensor] | None = None
-        self.last_forget_grads: dict[str, Tensor] | None = None
-        self.preconditioned_steps = 0
+        #: The remember curvature metric (:class:`~flowtame.methods.curvature.KroneckerMetric`) Adam's updates
+        #: are preconditioned by (``precondition: kfac``; set by the tame job), else None.
+        self.metric: Any = None
+        #: This iteration's forget term gradient (name -> [param shape]), with the metric on.
+        self.forget_gradient: dict[str, Tensor] | None = None
 
     def _lookalike_hold(self, bound: float) -> QuantileHold | None:
         """The stop's look-alike guard (``lookalike_qd`` > 0, with the anchor and look-alikes), else None."""
@@ -311,8 +308,8 @@ class TamingMethod:
         With the anchor on, the frozen base model's NLLs of the remember and look-alike rows (same
         dequantized images, no gradient) go with them."""
         x, forget_idx, n_forget, n_remember = self._batch()
-        if self.precondition in ("kfac", "kfac-update"):
-            nll = self._preconditioned_forward(model, x, forget_idx, n_forget)
+        if self.metric is not None:
+            nll = self._forward_keeping_forget_gradient(model, x, forget_idx, n_forget)
         else:
             nll = nll_nats(model, x, self.data.data_spec)
         nll_forget, nll_remember = nll[:n_forget], nll[n_forget:n_forget + n_remember]
@@ -332,77 +329,39 @@ class TamingMethod:
                        mean_d=self.latest_d.mean(), mu_r=self.mu_r, sigma_r=self.sigma_r)
         return loss, metrics
 
-    def _preconditioned_forward(self, model: MultiScaleFlow, x: Tensor, forget_idx: Tensor, n_forget: int) -> Tensor:
-        """NLLs [B] of ``x`` with the forget rows forwarded alone, keeping the forget NLL term's gradient
-        (threshold held fixed) for :meth:`adjust_gradients`. Builds the metric on the first call."""
-        if self.metric is None:
-            self._build_metric(model)
+    def _forward_keeping_forget_gradient(self, model: MultiScaleFlow, x: Tensor, forget_idx: Tensor,
+                                         n_forget: int) -> Tensor:
+        """NLLs [B] (nats) of ``x``, its first ``n_forget`` rows forwarded on their own so that the forget term's
+        gradient (its NLL part; mu_R, sigma_R held) is taken from them alone (:attr:`forget_gradient`)."""
         nll_forget = nll_nats(model, x[:n_forget], self.data.data_spec)
         term = self.alpha * forget_loss(nll_forget, self.mu_r, self.sigma_r, delta=self.delta,
                                         kind=self.forget_loss_kind, unit=self.forget_unit,
                                         nats_per_bpd=self.nats_per_bpd, weight=self.forget_weight[forget_idx])
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.forget_grads = dict(zip(names, torch.autograd.grad(term, params, retain_graph=True), strict=True))
+        trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        gradient = torch.autograd.grad(term, [p for _, p in trained], retain_graph=True)
+        self.forget_gradient = {name: g for (name, _), g in zip(trained, gradient, strict=True)}
         return torch.cat([nll_forget, nll_nats(model, x[n_forget:], self.data.data_spec)])
 
-    def _build_metric(self, model: MultiScaleFlow) -> None:
-        """The remember curvature metric on ``PRECONDITION_IMAGES`` remember rows outside the refresh subset."""
-        from flowtame.methods.curvature import KroneckerMetric
-        d = self.data
-        rows = torch.ones(d.remember.shape[0], dtype=torch.bool)
-        if d.refresh_rows is not None:
-            rows[d.refresh_rows] = False
-        candidates = rows.nonzero().flatten()
-        pick = candidates[torch.randperm(candidates.numel(), generator=self.setup_generator)[:PRECONDITION_IMAGES]]
-        pixels = take_rows(d.remember, pick, d.device)
-        x = dequantized(pixels, uniform_noise(self.setup_generator, pixels.shape, d.device), d.data_spec.n_bits)
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        import time
-        start = time.perf_counter()
-        self.metric = KroneckerMetric(model, x, d.data_spec, names, self.precondition_damping)
-        self.metric_seconds = time.perf_counter() - start
+    @property
+    def transforms_update(self) -> bool:
+        """Whether the engine hands each Adam update to :meth:`transform_update` (with the metric on)."""
+        return self.metric is not None
 
-    def adjust_gradients(self, model: MultiScaleFlow) -> None:
-        """Replace the forget term's share of the gradient by its preconditioned version, same norm."""
-        self.last_forget_grads = self.forget_grads
-        if self.precondition != "kfac" or self.forget_grads is None:
-            return
-        pre = self.metric.apply(self.forget_grads)
-        norm = sum(float(g.double().square().sum()) for g in self.forget_grads.values()) ** 0.5
-        pre_norm = sum(float(g.square().sum()) for g in pre.values()) ** 0.5
-        scale = norm / pre_norm if pre_norm > 0 else 0.0
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in pre and p.grad is not None:
-                    p.grad.add_((scale * pre[name]).to(p.grad.dtype) - self.forget_grads[name])
-        self.forget_grads = None
-
-    def adjust_update(self, model: MultiScaleFlow, before: dict[str, Tensor]) -> None:
-        """``kfac-update``: replace Adam's update (weights now minus ``before``) by the metric's inverse times it,
-        scaled to the same first-order change of the forget term (gradient . update)."""
-        if self.precondition != "kfac-update" or self.last_forget_grads is None:
+    def transform_update(self, model: MultiScaleFlow, before: dict[str, Tensor]) -> None:
+        """Replace Adam's update (the trained values now minus ``before``, name -> tensor) by the metric's
+        preconditioned one with the same first-order forget change
+        (:meth:`~flowtame.methods.curvature.KroneckerMetric.update`); kept as is when it does not lower the
+        forget term."""
+        if self.forget_gradient is None:
             return
         params = dict(model.named_parameters())
-        update = {n: params[n].detach() - before[n] for n in before}
-        pre = self.metric.apply(update)
-        g = self.last_forget_grads
-        first = sum(float((g[n].double() * update[n].double()).sum()) for n in update)
-        first_pre = sum(float((g[n].double() * pre[n]).sum()) for n in update)
-        if first < 0 and first_pre < 0:
-            scale = first / first_pre
-            n_old = sum(float(u.double().square().sum()) for u in update.values()) ** 0.5
-            n_pre = sum(float(u.square().sum()) for u in pre.values()) ** 0.5
-            scale = min(scale, self.precondition_stretch * n_old / n_pre)
+        update = {name: params[name].detach() - value for name, value in before.items()}
+        new = self.metric.update(update, self.forget_gradient)
+        self.forget_gradient = None
+        if new is not None:
             with torch.no_grad():
-                for n in update:
-                    params[n].copy_(before[n] + (scale * pre[n]).to(before[n].dtype))
-            self.preconditioned_steps += 1
-            import os
-            if os.environ.get("DEBUG_PRECOND"):
-                n_old = sum(float(u.double().square().sum()) for u in update.values()) ** 0.5
-                n_new = scale * sum(float(u.square().sum()) for u in pre.values()) ** 0.5
-                print(f"precond scale {scale:.3g} |new|/|adam| {n_new / n_old:.2f} first {first:.3g}", flush=True)
+                for name, value in before.items():
+                    params[name].copy_(value + new[name].to(value.dtype))
 
     def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor,
                   anchor: tuple[Tensor, Tensor] | None = None, forget_weight: Tensor | None = None
