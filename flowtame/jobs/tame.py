@@ -83,7 +83,7 @@ class TameConfig:
     step_sigma: float | None = 2.0
     anchor: float = 0.2
     anchor_shift: float = 2.0
-    precondition: str = "kfac"
+    precondition: str | None = None  # None: the method's own (kfac for taming, none for the baselines)
     lookalikes: int = 16
     lookalike_qd: float = 0.018
     remember_qd: float = 0.001
@@ -152,6 +152,8 @@ class TameConfig:
             problems.append("anchor must be at least 0 (0 turns the anchor off)")
         if self.anchor_shift < 0:
             problems.append("anchor_shift must be at least 0 (0 turns the shift term off)")
+        if self.precondition is None and self.method in METHODS:
+            self.precondition = "kfac" if METHODS[self.method].preconditioned else "none"
         if self.precondition not in PRECONDITIONS:
             problems.append(f"precondition must be one of {', '.join(PRECONDITIONS)}")
         if self.lookalikes < 0:
@@ -423,6 +425,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     if not forget_sets:
         raise InputError("taming needs at least one forget source", keys=("forget",))
     data_spec = base.image_data("taming")
+    if config.precondition != "none" and distributed.current().active:
+        config = dataclasses.replace(config, precondition="none")  # one forward with gradient per iteration (DDP)
     dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_sets(forget_sets, remember_set)
 
@@ -442,7 +446,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     parameters = dict(model.named_parameters())
     method = _build_method(config, data, delta=delta, epsilon=epsilon, correction=correction, batches=batches,
                            setup_generator=generator, base_model=base_model)
-    if config.precondition == "kfac" and method.preconditioned and not distributed.current().active:
+    if config.precondition == "kfac" and method.preconditioned:
         trained = [name for name, p in model.named_parameters() if p.requires_grad]
         method.metric = remember_metric(base_model, data.remember, data.refresh_rows, data_spec, trained,
                                         config.seed)
