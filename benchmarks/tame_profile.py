@@ -42,12 +42,12 @@ from flowtame.methods.taming import TamingMethod  # noqa: E402
 MODULE_PIECES = [(tame_job, name) for name in (
     "_load_sets", "place_model", "pixel_nll", "stopping_target", "_taming_data", "nearest_rows",
     "dequantization_noise", "subset_correction", "trainable_copy", "freeze_parameters", "_build_method",
-    "calibrate_lr", "start_engine", "_tamed_outcome", "make_provenance")] + [
+    "calibrate_lr", "remember_metric", "start_engine", "_tamed_outcome", "make_provenance")] + [
     (taming, "nll_nats"), (taming, "batched_nll")]
 #: Methods timed: (class, attribute).
 CLASS_PIECES = [(Engine, name) for name in ("_forward_backward", "_step", "_snapshot", "_record", "_healthy")] + [
-    (TamingMethod, name) for name in ("_batch", "objective", "after_step", "refresh", "check_nll",
-                                      "whole_set_agrees")]
+    (TamingMethod, name) for name in ("_batch", "_forward_keeping_forget_gradient", "objective", "transform_update",
+                                      "after_step", "refresh", "check_nll", "whole_set_agrees")]
 
 
 class Split:

@@ -96,7 +96,9 @@ class Method(Protocol):
         ``diverged(logged) -> str | None``: a reason to treat this iteration like a non-finite loss (roll back
         to the last good weights and lower the learning rate), e.g. a blow-up of the remember NLL, and
         ``gave_up`` (str or None): once set, the run stops after this iteration, unconverged (e.g. debias's
-        early verdict that its targets are out of reach).
+        early verdict that its targets are out of reach), and ``transforms_update`` (bool): when True the engine
+        calls ``transform_update(model, before)`` right after each Adam step, ``before`` the trained values
+        before it (name -> tensor), so the method may replace the update (taming's curvature metric).
         """
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -357,7 +359,12 @@ class Engine:
         lr = _learning_rate(self.config, self.iteration, self.lr_scale * getattr(self.method, "lr_factor", 1.0))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if getattr(self.method, "transforms_update", False):
+            before = {name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
+            self.optimizer.step()
+            self.method.transform_update(self.model, before)
+        else:
+            self.optimizer.step()
         self.iteration += 1
         return lr
 

@@ -22,6 +22,7 @@ import yaml
 
 from flowtame.data.images import ImageSet, dequantization_noise
 from flowtame.data.quantization import nats_per_bpd
+from flowtame.engine import distributed
 from flowtame.engine.devices import (
     loop_generator,
     place_model,
@@ -46,6 +47,7 @@ from flowtame.likelihood.nll import dequantized, pixel_nll
 from flowtame.likelihood.statistics import subset_correction
 from flowtame.likelihood.threshold import default_epsilon, threshold_distance
 from flowtame.methods.calibration import calibrate_lr
+from flowtame.methods.curvature import remember_metric
 from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS
 from flowtame.methods.taming import KL_ESTIMATES, METHODS, TamingData, settings_section
 
@@ -53,6 +55,9 @@ REPORT_SCHEMA_VERSION = 1
 
 #: Parameter groups ``freeze`` may hold fixed during taming (see :func:`freeze_parameters`).
 FREEZE_RULES = ("coupling-outputs", "none")
+#: ``precondition``: Adam's update as it is (``none``), or preconditioned by the remember NLL's curvature
+#: (``kfac``, :mod:`flowtame.methods.curvature`; single-process runs: under torchrun the update stays Adam's).
+PRECONDITIONS = ("kfac", "none")
 #: Where taming stops (see :func:`stopping_target`): the paper's threshold, or the held-out images' NLL band.
 TARGETS = ("threshold", "holdout")
 
@@ -78,6 +83,7 @@ class TameConfig:
     step_sigma: float | None = 2.0
     anchor: float = 0.2
     anchor_shift: float = 2.0
+    precondition: str | None = None  # None: the method's own (kfac for taming, none for the baselines)
     lookalikes: int = 16
     lookalike_qd: float = 0.018
     remember_qd: float = 0.001
@@ -146,6 +152,10 @@ class TameConfig:
             problems.append("anchor must be at least 0 (0 turns the anchor off)")
         if self.anchor_shift < 0:
             problems.append("anchor_shift must be at least 0 (0 turns the shift term off)")
+        if self.precondition is None and self.method in METHODS:
+            self.precondition = "kfac" if METHODS[self.method].preconditioned else "none"
+        if self.precondition not in PRECONDITIONS:
+            problems.append(f"precondition must be one of {', '.join(PRECONDITIONS)}")
         if self.lookalikes < 0:
             problems.append("lookalikes must be at least 0 (0: none)")
         if self.lookalike_qd < 0:
@@ -415,6 +425,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     if not forget_sets:
         raise InputError("taming needs at least one forget source", keys=("forget",))
     data_spec = base.image_data("taming")
+    if config.precondition != "none" and distributed.current().active:
+        config = dataclasses.replace(config, precondition="none")  # one forward with gradient per iteration (DDP)
     dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_sets(forget_sets, remember_set)
 
@@ -434,6 +446,10 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     parameters = dict(model.named_parameters())
     method = _build_method(config, data, delta=delta, epsilon=epsilon, correction=correction, batches=batches,
                            setup_generator=generator, base_model=base_model)
+    if config.precondition == "kfac" and method.preconditioned:
+        trained = [name for name, p in model.named_parameters() if p.requires_grad]
+        method.metric = remember_metric(base_model, data.remember, data.refresh_rows, data_spec, trained,
+                                        config.seed)
     calibration = None
     if config.step_sigma is not None and config.method == "taming":
         calibration = calibrate_lr(model, data.refresh, data_spec, lr_cap=config.lr, step_sigma=config.step_sigma,

@@ -61,6 +61,7 @@ class _ForgottenStopping(TamingMethod):
     default_freeze = "none"  # the baselines train every parameter, as published
     default_max_remember_drift = 0.05  # only refuses a model whose every likelihood fell (see TamingMethod)
     anchored = False  # run as published: no per-image anchor to the base model
+    preconditioned = False  # ... and Adam's own step, no curvature metric
 
     def __init__(self, data: TamingData, config: Any, **kwargs: Any):
         super().__init__(data, config, **kwargs)

@@ -140,6 +140,8 @@ class TamingMethod:
     anchored = True
     #: Iterations between two confirmations (no-grad passes over the forget set's check draws), at least.
     confirm_gap = 5
+    #: Whether the config's ``precondition`` applies (the baselines run as published, without it).
+    preconditioned = True
 
     def __init__(self, data: TamingData, config: Any, *, delta: float, epsilon: float, generator: torch.Generator,
                  subset_correction: tuple[float, float] = (0.0, 1.0), base_model: MultiScaleFlow | None = None,
@@ -205,6 +207,11 @@ class TamingMethod:
         self.final_forget_nll: Tensor | None = None
         #: The latest refresh's NLLs [S] of the refresh subset (nats).
         self.refresh_nll: Tensor | None = None
+        #: The remember curvature metric (:class:`~flowtame.methods.curvature.KroneckerMetric`) Adam's updates
+        #: are preconditioned by (``precondition: kfac``; set by the tame job), else None.
+        self.metric: Any = None
+        #: This iteration's forget term gradient (name -> [param shape]), with the metric on.
+        self.forget_gradient: dict[str, Tensor] | None = None
 
     def _lookalike_hold(self, bound: float) -> QuantileHold | None:
         """The stop's look-alike guard (``lookalike_qd`` > 0, with the anchor and look-alikes), else None."""
@@ -301,7 +308,10 @@ class TamingMethod:
         With the anchor on, the frozen base model's NLLs of the remember and look-alike rows (same
         dequantized images, no gradient) go with them."""
         x, forget_idx, n_forget, n_remember = self._batch()
-        nll = nll_nats(model, x, self.data.data_spec)
+        if self.metric is not None:
+            nll = self._forward_keeping_forget_gradient(model, x, forget_idx, n_forget)
+        else:
+            nll = nll_nats(model, x, self.data.data_spec)
         nll_forget, nll_remember = nll[:n_forget], nll[n_forget:n_forget + n_remember]
         if self.anchor_weight > 0:
             assert self.base_model is not None
@@ -318,6 +328,40 @@ class TamingMethod:
         metrics.update(max_abs_d=self.latest_d.abs().max(), min_d=self.latest_d.min(),
                        mean_d=self.latest_d.mean(), mu_r=self.mu_r, sigma_r=self.sigma_r)
         return loss, metrics
+
+    def _forward_keeping_forget_gradient(self, model: MultiScaleFlow, x: Tensor, forget_idx: Tensor,
+                                         n_forget: int) -> Tensor:
+        """NLLs [B] (nats) of ``x``, its first ``n_forget`` rows forwarded on their own so that the forget term's
+        gradient (its NLL part; mu_R, sigma_R held) is taken from them alone (:attr:`forget_gradient`)."""
+        nll_forget = nll_nats(model, x[:n_forget], self.data.data_spec)
+        term = self.alpha * forget_loss(nll_forget, self.mu_r, self.sigma_r, delta=self.delta,
+                                        kind=self.forget_loss_kind, unit=self.forget_unit,
+                                        nats_per_bpd=self.nats_per_bpd, weight=self.forget_weight[forget_idx])
+        trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        gradient = torch.autograd.grad(term, [p for _, p in trained], retain_graph=True)
+        self.forget_gradient = {name: g for (name, _), g in zip(trained, gradient, strict=True)}
+        return torch.cat([nll_forget, nll_nats(model, x[n_forget:], self.data.data_spec)])
+
+    @property
+    def transforms_update(self) -> bool:
+        """Whether the engine hands each Adam update to :meth:`transform_update` (with the metric on)."""
+        return self.metric is not None
+
+    def transform_update(self, model: MultiScaleFlow, before: dict[str, Tensor]) -> None:
+        """Replace Adam's update (the trained values now minus ``before``, name -> tensor) by the metric's
+        preconditioned one with the same first-order forget change
+        (:meth:`~flowtame.methods.curvature.KroneckerMetric.update`); kept as is when it does not lower the
+        forget term."""
+        if self.forget_gradient is None:
+            return
+        params = dict(model.named_parameters())
+        update = {name: params[name].detach() - value for name, value in before.items()}
+        new = self.metric.update(update, self.forget_gradient)
+        self.forget_gradient = None
+        if new is not None:
+            with torch.no_grad():
+                for name, value in before.items():
+                    params[name].copy_(value + new[name].to(value.dtype))
 
     def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor,
                   anchor: tuple[Tensor, Tensor] | None = None, forget_weight: Tensor | None = None

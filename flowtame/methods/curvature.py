@@ -1,0 +1,160 @@
+"""The remember NLL's curvature as the metric of taming's step (docs/method.md "A step the remember set does not feel").
+
+The base model sits at a minimum of the remember NLL, so a step along the forget images' gradient raises the
+remember images through the curvature, not the gradient (docs/benchmarks.md "Round 5b"). :class:`KroneckerMetric`
+is a damped K-FAC approximation (Grosse & Martens 2016) of the Fisher of the remember NLL at the base weights:
+for each trained Conv2d, F_l = A (x) G, with A the mean outer product of the layer's unfolded input patches (a
+trailing 1 for the bias) and G the outer product of the NLL's gradient at the layer's output, summed over
+positions and averaged over images (nats^2); for the other trained values, the diagonal Fisher.
+:meth:`KroneckerMetric.update` turns Adam's update u into c M^-1 u, with c keeping u's first-order change of the
+forget term: the same forget progress, moved where the remember NLL is flat.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flowtame.data.quantization import DataSpec
+from flowtame.engine.devices import take_rows, uniform_noise
+from flowtame.likelihood.nll import dequantized, nll_nats
+from flowtame.methods.baselines import diagonal_fisher
+
+__all__ = ["DAMPING", "MAX_STRETCH", "METRIC_IMAGES", "KroneckerMetric", "kfac_factors", "remember_metric"]
+
+#: Damping lambda of the metric, a fraction of its mean diagonal entry (round 6a's one-step sweep: 1e-2 keeps
+#: ~97% of the forget rise per unit first order and cuts the remember rise 20-40x on three zoo models).
+DAMPING = 0.01
+#: A preconditioned update is at most this many times longer than Adam's (an update nearly orthogonal to the
+#: forget gradient under the metric would otherwise be stretched without bound; unbounded, RealNVP blew up).
+MAX_STRETCH = 20.0
+#: Remember images the metric is estimated on (outside the refresh subset the drift guard measures).
+METRIC_IMAGES = 512
+
+
+def kfac_factors(model: nn.Module, x: Tensor, data_spec: DataSpec, layers: dict[str, nn.Conv2d],
+                 chunk: int = 64) -> dict[str, tuple[Tensor, Tensor]]:
+    """K-FAC factors of the NLL's Fisher on the model inputs ``x`` [N,C,S,S], per layer of ``layers``:
+    name -> (A [in*kh*kw (+1)]^2, G [out]^2), float64, in ``chunk``-image passes (gradients with respect to
+    the layers' outputs, so frozen weights work too)."""
+    if not layers:
+        return {}
+    sums: dict[str, list[Tensor]] = {}
+    seen: dict[str, tuple[Tensor, Tensor]] = {}  # this pass's (unfolded input, output) per layer
+
+    def hook(name: str, module: nn.Conv2d):
+        def forward(_module, inputs, output):
+            a = torch.nn.functional.unfold(inputs[0].detach(), module.kernel_size, module.dilation,
+                                           module.padding, module.stride).double()  # [n, in*kh*kw, T]
+            if module.bias is not None:
+                a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+            if not output.requires_grad:  # a layer fed by constants (a top prior) under frozen weights
+                output.requires_grad_(True)
+            seen[name] = (a, output)
+        return forward
+
+    handles = [module.register_forward_hook(hook(name, module)) for name, module in layers.items()]
+    try:
+        for start in range(0, x.shape[0], chunk):
+            seen.clear()
+            nll = nll_nats(model, x[start:start + chunk], data_spec).sum()
+            names = list(seen)
+            grads = torch.autograd.grad(nll, [seen[name][1] for name in names], allow_unused=True)
+            for name, g in zip(names, grads, strict=True):
+                a = seen[name][0]
+                g = torch.zeros_like(seen[name][1]) if g is None else g
+                g = g.detach().double().flatten(2)  # [n, out, T]
+                a_sum = torch.einsum("nit,njt->ij", a, a) / a.shape[2]
+                g_sum = torch.einsum("nit,njt->ij", g, g)
+                if name in sums:
+                    sums[name][0] += a_sum
+                    sums[name][1] += g_sum
+                else:
+                    sums[name] = [a_sum, g_sum]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (a / x.shape[0], g / x.shape[0]) for name, (a, g) in sums.items()}
+
+
+class KroneckerMetric:
+    """Inverse of the damped K-FAC Fisher of the NLL of ``x`` [N,C,S,S] over the values ``names`` of ``model``.
+
+    The metric is normalized by the diagonal Fisher's mean entry over ``names`` (so ``damping`` is relative);
+    A (x) G's damping is split between the factors by Martens & Grosse's pi (the ratio of their mean
+    diagonals). Conv2d layers whose weight is in ``names`` get the Kronecker block, every other value its
+    diagonal entry.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, data_spec: DataSpec, names: list[str],
+                 damping: float = DAMPING):
+        trained = set(names)
+        layers = {name: m for name, m in model.named_modules()
+                  if isinstance(m, nn.Conv2d) and f"{name}.weight" in trained}
+        fisher = diagonal_fisher(model, x, data_spec)
+        scale = float(torch.cat([fisher[n].flatten() for n in names]).double().mean()) or 1.0  # 0: no curvature
+        #: name -> 1 / (F_ii / mean F + damping), for the values outside the Kronecker blocks
+        self.diagonal = {n: 1.0 / (fisher[n].double() / scale + damping) for n in names}
+        #: weight name -> (G~^-1, A~^-1, bias name or None): the block's inverse is their Kronecker product
+        self.blocks: dict[str, tuple[Tensor, Tensor, str | None]] = {}
+        for name, (a, g) in kfac_factors(model, x, data_spec, layers).items():
+            a_mean, g_mean = float(a.diagonal().mean()), float(g.diagonal().mean())
+            # a layer the NLL does not feel (say, in front of a zero-initialized output) gets damping only
+            pi = (a_mean / g_mean) ** 0.5 if a_mean > 0 and g_mean > 0 else 1.0
+            gamma = (damping * scale) ** 0.5
+            a_inv = torch.linalg.inv(a + pi * gamma * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
+            g_inv = torch.linalg.inv(g + gamma / pi * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+            bias = f"{name}.bias" if f"{name}.bias" in trained else None
+            self.blocks[f"{name}.weight"] = (scale * g_inv, a_inv, bias)
+
+    def apply(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The metric's inverse times ``vectors`` (name -> tensor shaped like the parameter, every name of the
+        metric), float64: per Kronecker block G~^-1 U A~^-1 with U = [W | b] reshaped [out, in*kh*kw (+1)]."""
+        out = {n: v.double() * self.diagonal[n] for n, v in vectors.items()}
+        for weight, (g_inv, a_inv, bias) in self.blocks.items():
+            w = vectors[weight].double()
+            u = w.reshape(w.shape[0], -1)
+            if bias is not None:
+                u = torch.cat([u, vectors[bias].double().reshape(-1, 1)], 1)
+            u = g_inv @ u @ a_inv
+            out[weight] = u[:, :w[0].numel()].reshape(w.shape)
+            if bias is not None:
+                out[bias] = u[:, -1]
+        return out
+
+    def update(self, update: dict[str, Tensor], forget_gradient: dict[str, Tensor],
+               max_stretch: float = MAX_STRETCH) -> dict[str, Tensor] | None:
+        """c M^-1 u for Adam's update ``u`` (name -> change of each trained value), float64.
+
+        c makes its first-order change of the forget term equal u's (g_F . c M^-1 u = g_F . u, ``forget_gradient``
+        g_F), capped so that |c M^-1 u| <= ``max_stretch`` |u|. None (keep u) when u or M^-1 u does not lower
+        the forget term to first order.
+        """
+        pre = self.apply(update)
+        first = sum(float((forget_gradient[n].double() * update[n].double()).sum()) for n in update)
+        first_pre = sum(float((forget_gradient[n].double() * pre[n]).sum()) for n in update)
+        if not (first < 0 and first_pre < 0):
+            return None
+        length = sum(float(u.double().square().sum()) for u in update.values()) ** 0.5
+        length_pre = sum(float(p.square().sum()) for p in pre.values()) ** 0.5
+        c = min(first / first_pre, max_stretch * length / length_pre)
+        return {n: c * p for n, p in pre.items()}
+
+
+def remember_metric(model: nn.Module, remember: Tensor, exclude: Tensor | None, data_spec: DataSpec,
+                    names: list[str], seed: int) -> KroneckerMetric:
+    """The metric of :class:`KroneckerMetric` on :data:`METRIC_IMAGES` rows of ``remember`` (uint8 [R,C,S,S]),
+    dequantized: rows outside ``exclude`` (long, rows; the refresh subset the drift guard measures) first, rows
+    of ``exclude`` only when the others are fewer; rows and noise drawn from ``seed``, so a resumed run rebuilds
+    the same metric. ``model``: the base model (its weights at the start of the run)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(remember.shape[0], generator=generator)
+    if exclude is not None:
+        excluded = torch.zeros(remember.shape[0], dtype=torch.bool)
+        excluded[exclude.cpu()] = True
+        order = torch.cat([order[~excluded[order]], order[excluded[order]]])
+    rows = order[:METRIC_IMAGES]
+    device = next(model.parameters()).device
+    pixels = take_rows(remember, rows, device)
+    x = dequantized(pixels, uniform_noise(generator, pixels.shape, device), data_spec.n_bits)
+    return KroneckerMetric(model, x, data_spec, names)

@@ -1,0 +1,158 @@
+"""The remember curvature metric (flowtame.methods.curvature): K-FAC factors against autograd in float64, the
+preconditioned update against its formula, and its place in a tame run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_baselines import DATA_SPEC, FAST, REMEMBER, forget_folder, tiny_glow  # noqa: F401 (a fixture)
+
+from flowtame.data.images import open_images
+from flowtame.io.checkpoint import Checkpoint
+from flowtame.jobs.tame import make_config, tame
+from flowtame.likelihood.nll import nll_nats
+from flowtame.methods.baselines import diagonal_fisher
+from flowtame.methods.curvature import KroneckerMetric, kfac_factors
+from flowtame.methods.taming import TamingMethod
+
+
+def _model_and_inputs(n: int = 3):
+    model, _ = tiny_glow(affine=True)
+    model = model.double()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # off the zero initialization, so that every layer's output gradient is nonzero
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    x = (torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5).double()
+    return model, x
+
+
+def _trained(model) -> list[str]:
+    return [name for name, _ in model.named_parameters() if "coupling.net.4" not in name]  # outputs frozen
+
+
+def _convs(model, names) -> dict[str, torch.nn.Conv2d]:
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and f"{name}.weight" in set(names)}
+
+
+def test_kfac_factors_are_the_patch_and_output_gradient_moments_and_rebuild_the_gradient():
+    model, x = _model_and_inputs()
+    layers = _convs(model, _trained(model))
+    assert len(layers) >= 4
+    factors = kfac_factors(model, x, DATA_SPEC, layers, chunk=2)
+    hand_a = {name: 0.0 for name in layers}
+    hand_g = {name: 0.0 for name in layers}
+    outputs = {}
+    for xi in x:
+        outputs.clear()
+        handles = [m.register_forward_hook(lambda mod, inp, out, name=name: outputs.__setitem__(name, (inp[0], out)))
+                   for name, m in layers.items()]
+        try:
+            nll = nll_nats(model, xi.unsqueeze(0), DATA_SPEC).sum()
+        finally:
+            for handle in handles:
+                handle.remove()
+        names = list(layers)
+        grads = torch.autograd.grad(nll, [outputs[n][1] for n in names] + [layers[n].weight for n in names])
+        for i, name in enumerate(names):
+            module, (inp, _) = layers[name], outputs[name]
+            g = grads[i][0].flatten(1)  # [out, T]
+            patches = torch.nn.functional.unfold(inp, module.kernel_size, module.dilation, module.padding,
+                                                 module.stride)[0]  # [in*kh*kw, T]
+            patches = torch.cat([patches, torch.ones_like(patches[:1])])  # the bias column
+            positions = patches.shape[1]
+            hand_a[name] = hand_a[name] + sum(torch.outer(patches[:, t], patches[:, t])
+                                              for t in range(positions)) / positions / x.shape[0]
+            hand_g[name] = hand_g[name] + sum(torch.outer(g[:, t], g[:, t]) for t in range(positions)) / x.shape[0]
+            # the layouts agree with the weight's: sum_t g_t a_t^T is this image's weight gradient
+            rebuilt = (g @ patches[:-1].T).reshape(module.weight.shape)
+            torch.testing.assert_close(rebuilt, grads[len(names) + i], rtol=1e-9, atol=1e-12)
+    for name in layers:
+        torch.testing.assert_close(factors[name][0], hand_a[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(factors[name][1], hand_g[name], rtol=1e-9, atol=1e-12)
+    assert all(float(g.diagonal().sum()) > 0 for _, g in factors.values())
+
+
+def test_apply_inverts_the_damped_kronecker_blocks_and_the_diagonal():
+    model, x = _model_and_inputs()
+    names = _trained(model)
+    damping = 0.05
+    metric = KroneckerMetric(model, x, DATA_SPEC, names, damping)
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(2)
+    vectors = {n: torch.randn(params[n].shape, generator=generator, dtype=torch.float64) for n in names}
+    out = metric.apply(vectors)
+    fisher = diagonal_fisher(model, x, DATA_SPEC)
+    scale = float(torch.cat([fisher[n].flatten() for n in names]).mean())
+    layers = _convs(model, names)
+    factors = kfac_factors(model, x, DATA_SPEC, layers)
+    in_blocks = set()
+    for name, (a, g) in factors.items():
+        pi = (float(a.diagonal().mean()) / float(g.diagonal().mean())) ** 0.5
+        gamma = (damping * scale) ** 0.5
+        weight, bias = f"{name}.weight", f"{name}.bias"
+        u_in = torch.cat([vectors[weight].reshape(vectors[weight].shape[0], -1), vectors[bias].reshape(-1, 1)], 1)
+        u_out = torch.cat([out[weight].reshape(out[weight].shape[0], -1), out[bias].reshape(-1, 1)], 1)
+        # the block is (A + pi gamma) (x) (G + gamma / pi) / scale acting on U [out, in']: G~ U A~ / scale
+        metric_times = (g + gamma / pi * torch.eye(g.shape[0], dtype=g.dtype)) @ u_out \
+            @ (a + pi * gamma * torch.eye(a.shape[0], dtype=a.dtype)) / scale
+        torch.testing.assert_close(metric_times, u_in, rtol=1e-7, atol=1e-9)
+        in_blocks |= {weight, bias}
+    rest = [n for n in names if n not in in_blocks]
+    assert rest  # actnorms and 1x1 convolutions: the diagonal
+    for n in rest:
+        torch.testing.assert_close(out[n] * (fisher[n] / scale + damping), vectors[n], rtol=1e-9, atol=1e-12)
+
+
+def test_update_keeps_the_forget_terms_first_order_change_within_the_stretch_cap():
+    model, x = _model_and_inputs()
+    names = _trained(model)
+    metric = KroneckerMetric(model, x, DATA_SPEC, names)
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(3)
+    update = {n: 1e-3 * torch.randn(params[n].shape, generator=generator, dtype=torch.float64) for n in names}
+    gradient = {n: -u * 50 + torch.randn(u.shape, generator=generator, dtype=torch.float64) * 1e-3
+                for n, u in update.items()}  # the update lowers the forget term
+
+    def dot(a, b):
+        return sum(float((a[n] * b[n]).sum()) for n in names)
+
+    new = metric.update(update, gradient, max_stretch=1e6)
+    assert new is not None
+    assert dot(gradient, new) == pytest.approx(dot(gradient, update), rel=1e-10)
+    pre = metric.apply(update)
+    assert dot(new, pre) == pytest.approx((dot(new, new) * dot(pre, pre)) ** 0.5, rel=1e-10)  # along M^-1 u
+    stretch = (dot(new, new) / dot(update, update)) ** 0.5
+    capped = metric.update(update, gradient, max_stretch=stretch / 2)
+    assert dot(capped, capped) ** 0.5 == pytest.approx(stretch / 2 * dot(update, update) ** 0.5, rel=1e-10)
+    assert dot(capped, pre) == pytest.approx((dot(capped, capped) * dot(pre, pre)) ** 0.5, rel=1e-10)
+    assert metric.update(update, {n: -g for n, g in gradient.items()}) is None  # u raises the forget term
+
+
+def test_tame_preconditions_every_update_and_precondition_none_does_not(monkeypatch, forget_folder):  # noqa: F811
+    model, spec = tiny_glow()
+    base = Checkpoint(model=model, architecture="glow", spec=spec, data_spec=DATA_SPEC)
+    calls = []
+    transform = TamingMethod.transform_update
+
+    def counted(self, model, before):
+        calls.append(self.metric is not None)
+        return transform(self, model, before)
+
+    monkeypatch.setattr(TamingMethod, "transform_update", counted)
+    remember = open_images(REMEMBER, DATA_SPEC)
+    forget = open_images(forget_folder, DATA_SPEC)
+    runs = {}
+    for precondition in ("kfac", "none"):
+        calls.clear()
+        outcome = tame(base, [forget], remember, make_config(FAST, {"max_iters": 6, "precondition": precondition}))
+        runs[precondition] = (outcome, list(calls))
+    kfac, none = runs["kfac"], runs["none"]
+    assert kfac[0].report["iterations"] == 6 and kfac[1] == [True] * 6
+    assert none[1] == []
+    assert kfac[0].report["config"]["precondition"] == "kfac"
+    changed = max(float((a - b).abs().max()) for a, b in zip(kfac[0].checkpoint.model.state_dict().values(),
+                                                             none[0].checkpoint.model.state_dict().values(),
+                                                             strict=True))
+    assert changed > 1e-6
