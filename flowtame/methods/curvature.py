@@ -123,22 +123,21 @@ class KroneckerMetric:
         return out
 
     def update(self, update: dict[str, Tensor], forget_gradient: dict[str, Tensor],
-               max_stretch: float = MAX_STRETCH) -> dict[str, Tensor] | None:
+               max_stretch: float = MAX_STRETCH) -> dict[str, Tensor]:
         """c M^-1 u for Adam's update ``u`` (name -> change of each trained value), float64.
 
         c makes its first-order change of the forget term equal u's (g_F . c M^-1 u = g_F . u, ``forget_gradient``
-        g_F), capped so that |c M^-1 u| <= ``max_stretch`` |u|. None (keep u) when u or M^-1 u does not lower
-        the forget term to first order.
+        g_F), capped so that |c M^-1 u| <= ``max_stretch`` |u|; u itself when u or M^-1 u does not lower the
+        forget term to first order. Tensor arithmetic throughout: no host sync on a GPU.
         """
         pre = self.apply(update)
-        first = sum(float((forget_gradient[n].double() * update[n].double()).sum()) for n in update)
-        first_pre = sum(float((forget_gradient[n].double() * pre[n]).sum()) for n in update)
-        if not (first < 0 and first_pre < 0):
-            return None
-        length = sum(float(u.double().square().sum()) for u in update.values()) ** 0.5
-        length_pre = sum(float(p.square().sum()) for p in pre.values()) ** 0.5
-        c = min(first / first_pre, max_stretch * length / length_pre)
-        return {n: c * p for n, p in pre.items()}
+        first = torch.stack([(forget_gradient[n].double() * update[n].double()).sum() for n in update]).sum()
+        first_pre = torch.stack([(forget_gradient[n].double() * pre[n]).sum() for n in update]).sum()
+        length = torch.stack([u.double().square().sum() for u in update.values()]).sum().sqrt()
+        length_pre = torch.stack([p.square().sum() for p in pre.values()]).sum().sqrt()
+        c = torch.minimum(first / first_pre, max_stretch * length / length_pre)
+        lowers = (first < 0) & (first_pre < 0)
+        return {n: torch.where(lowers, c * p, update[n].double()) for n, p in pre.items()}
 
 
 def remember_metric(model: nn.Module, remember: Tensor, exclude: Tensor | None, data_spec: DataSpec,

@@ -358,10 +358,9 @@ class TamingMethod:
         update = {name: params[name].detach() - value for name, value in before.items()}
         new = self.metric.update(update, self.forget_gradient)
         self.forget_gradient = None
-        if new is not None:
-            with torch.no_grad():
-                for name, value in before.items():
-                    params[name].copy_(value + new[name].to(value.dtype))
+        with torch.no_grad():
+            for name, value in before.items():
+                params[name].copy_(value + new[name].to(value.dtype))
 
     def objective(self, model: nn.Module, nll_forget: Tensor, nll_remember: Tensor,
                   anchor: tuple[Tensor, Tensor] | None = None, forget_weight: Tensor | None = None
