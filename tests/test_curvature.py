@@ -156,3 +156,16 @@ def test_tame_preconditions_every_update_and_precondition_none_does_not(monkeypa
                                                              none[0].checkpoint.model.state_dict().values(),
                                                              strict=True))
     assert changed > 1e-6
+
+
+def test_precondition_is_off_by_default_and_refused_for_the_baselines():
+    """Adam's own update unless asked (the metric cost the rosinality Glow its look-alike check, docs/benchmarks.md
+    "Round 6c"); the baselines run as published, so asking for the metric there is a usage error."""
+    from flowtame.errors import InputError
+    from flowtame.jobs.tame import TameConfig
+
+    assert TameConfig().precondition == "none"
+    assert make_config(FAST, {"precondition": "kfac"}).precondition == "kfac"
+    for method in ("neggrad", "selective-amnesia"):
+        with pytest.raises(InputError, match="taming method only"):
+            make_config(FAST, {"method": method, "precondition": "kfac"})

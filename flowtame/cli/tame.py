@@ -82,7 +82,7 @@ def tame_command(
     precondition: Annotated[str | None, typer.Option(help="kfac: precondition each Adam update by the remember "
                                                      "NLL's curvature (a K-FAC Fisher metric of 512 remember "
                                                      "images), same first-order forget change | none: Adam's "
-                                                     "update [kfac; none under torchrun].")] = None,
+                                                     "update (default none; kfac runs in one process only).")] = None,
     lookalikes: Annotated[int | None, typer.Option(help="With the anchor: hold the forget set's N nearest remember "
                                                  "images (base latent space) in every batch [16].")] = None,
     lookalike_qd: Annotated[float | None, typer.Option(

@@ -359,10 +359,11 @@ class Engine:
         lr = _learning_rate(self.config, self.iteration, self.lr_scale * getattr(self.method, "lr_factor", 1.0))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if getattr(self.method, "transforms_update", False):
+        transform = getattr(self.method, "transform_update", None)
+        if transform is not None and getattr(self.method, "transforms_update", False):
             before = {name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
             self.optimizer.step()
-            self.method.transform_update(self.model, before)
+            transform(self.model, before)
         else:
             self.optimizer.step()
         self.iteration += 1

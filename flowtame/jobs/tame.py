@@ -83,7 +83,7 @@ class TameConfig:
     step_sigma: float | None = 2.0
     anchor: float = 0.2
     anchor_shift: float = 2.0
-    precondition: str | None = None  # None: the method's own (kfac for taming, none for the baselines)
+    precondition: str = "none"
     lookalikes: int = 16
     lookalike_qd: float = 0.018
     remember_qd: float = 0.001
@@ -152,10 +152,11 @@ class TameConfig:
             problems.append("anchor must be at least 0 (0 turns the anchor off)")
         if self.anchor_shift < 0:
             problems.append("anchor_shift must be at least 0 (0 turns the shift term off)")
-        if self.precondition is None and self.method in METHODS:
-            self.precondition = "kfac" if METHODS[self.method].preconditioned else "none"
         if self.precondition not in PRECONDITIONS:
             problems.append(f"precondition must be one of {', '.join(PRECONDITIONS)}")
+        elif self.precondition != "none" and self.method in METHODS and not METHODS[self.method].preconditioned:
+            problems.append(f"precondition {self.precondition} applies to the taming method only "
+                            f"({self.method} runs as published)")
         if self.lookalikes < 0:
             problems.append("lookalikes must be at least 0 (0: none)")
         if self.lookalike_qd < 0:

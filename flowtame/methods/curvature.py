@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from flowtame.data.quantization import DataSpec
 from flowtame.engine.devices import take_rows, uniform_noise
+from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import dequantized, nll_nats
 from flowtame.methods.baselines import diagonal_fisher
 
@@ -32,7 +33,7 @@ MAX_STRETCH = 20.0
 METRIC_IMAGES = 512
 
 
-def kfac_factors(model: nn.Module, x: Tensor, data_spec: DataSpec, layers: dict[str, nn.Conv2d],
+def kfac_factors(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, layers: dict[str, nn.Conv2d],
                  chunk: int = 64) -> dict[str, tuple[Tensor, Tensor]]:
     """K-FAC factors of the NLL's Fisher on the model inputs ``x`` [N,C,S,S], per layer of ``layers``:
     name -> (A [in*kh*kw (+1)]^2, G [out]^2), float64, in ``chunk``-image passes (gradients with respect to
@@ -86,7 +87,7 @@ class KroneckerMetric:
     diagonal entry.
     """
 
-    def __init__(self, model: nn.Module, x: Tensor, data_spec: DataSpec, names: list[str],
+    def __init__(self, model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, names: list[str],
                  damping: float = DAMPING):
         trained = set(names)
         layers = {name: m for name, m in model.named_modules()
@@ -140,7 +141,7 @@ class KroneckerMetric:
         return {n: torch.where(lowers, c * p, update[n].double()) for n, p in pre.items()}
 
 
-def remember_metric(model: nn.Module, remember: Tensor, exclude: Tensor | None, data_spec: DataSpec,
+def remember_metric(model: MultiScaleFlow, remember: Tensor, exclude: Tensor | None, data_spec: DataSpec,
                     names: list[str], seed: int) -> KroneckerMetric:
     """The metric of :class:`KroneckerMetric` on :data:`METRIC_IMAGES` rows of ``remember`` (uint8 [R,C,S,S]),
     dequantized: rows outside ``exclude`` (long, rows; the refresh subset the drift guard measures) first, rows
