@@ -447,7 +447,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     parameters = dict(model.named_parameters())
     method = _build_method(config, data, delta=delta, epsilon=epsilon, correction=correction, batches=batches,
                            setup_generator=generator, base_model=base_model)
-    if config.precondition == "kfac" and method.preconditioned:
+    if config.precondition == "kfac":  # (TameConfig refuses it for a method that is not preconditioned)
         trained = [name for name, p in model.named_parameters() if p.requires_grad]
         method.metric = remember_metric(base_model, data.remember, data.refresh_rows, data_spec, trained,
                                         config.seed)

@@ -94,8 +94,6 @@ class KroneckerMetric:
                   if isinstance(m, nn.Conv2d) and f"{name}.weight" in trained}
         fisher = diagonal_fisher(model, x, data_spec)
         scale = float(torch.cat([fisher[n].flatten() for n in names]).double().mean()) or 1.0  # 0: no curvature
-        #: name -> 1 / (F_ii / mean F + damping), for the values outside the Kronecker blocks
-        self.diagonal = {n: 1.0 / (fisher[n].double() / scale + damping) for n in names}
         #: weight name -> (G~^-1, A~^-1, bias name or None): the block's inverse is their Kronecker product
         self.blocks: dict[str, tuple[Tensor, Tensor, str | None]] = {}
         for name, (a, g) in kfac_factors(model, x, data_spec, layers).items():
@@ -107,11 +105,14 @@ class KroneckerMetric:
             g_inv = torch.linalg.inv(g + gamma / pi * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
             bias = f"{name}.bias" if f"{name}.bias" in trained else None
             self.blocks[f"{name}.weight"] = (scale * g_inv, a_inv, bias)
+        in_blocks = set(self.blocks) | {bias for _, _, bias in self.blocks.values() if bias is not None}
+        #: name -> 1 / (F_ii / mean F + damping), for the values outside the Kronecker blocks
+        self.diagonal = {n: 1.0 / (fisher[n].double() / scale + damping) for n in names if n not in in_blocks}
 
     def apply(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
         """The metric's inverse times ``vectors`` (name -> tensor shaped like the parameter, every name of the
         metric), float64: per Kronecker block G~^-1 U A~^-1 with U = [W | b] reshaped [out, in*kh*kw (+1)]."""
-        out = {n: v.double() * self.diagonal[n] for n, v in vectors.items()}
+        out = {n: v.double() * self.diagonal[n] for n, v in vectors.items() if n in self.diagonal}
         for weight, (g_inv, a_inv, bias) in self.blocks.items():
             w = vectors[weight].double()
             u = w.reshape(w.shape[0], -1)
@@ -121,7 +122,7 @@ class KroneckerMetric:
             out[weight] = u[:, :w[0].numel()].reshape(w.shape)
             if bias is not None:
                 out[bias] = u[:, -1]
-        return out
+        return {n: out[n] for n in vectors}  # in ``vectors``' order, so sums over the result add up the same way
 
     def update(self, update: dict[str, Tensor], forget_gradient: dict[str, Tensor],
                max_stretch: float = MAX_STRETCH) -> dict[str, Tensor]:
