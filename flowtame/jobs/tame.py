@@ -93,6 +93,8 @@ class TameConfig:
     threshold_gradient: bool = True
     settle_decay: float = 0.97
     stop_margin: float = 0.0
+    upper_edge: float = 2.0
+    screen_slack: float = 0.5
     forget_draws: int = 8
     max_remember_drift: float | None = None
     max_remember_jump: float | None = 0.25
@@ -131,6 +133,8 @@ class TameConfig:
             problems.append("refresh_size must be at least 2")
         if not 0 <= self.stop_margin < self.epsilon:
             problems.append("stop_margin must lie in [0, epsilon)")
+        if self.upper_edge < 1 or self.screen_slack < 0:
+            problems.append("upper_edge must be at least 1 and screen_slack at least 0 (in epsilons)")
         if self.max_remember_drift is None and self.method in METHODS:
             self.max_remember_drift = METHODS[self.method].default_max_remember_drift
         for guard in ("max_remember_drift", "max_remember_jump"):
