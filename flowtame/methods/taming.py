@@ -3,7 +3,8 @@
 All methods share the data layout of :class:`TamingData` (forget and remember images as uint8 tensors,
 fixed check noise, the base model's remember normal fitted once) and the same stopping test: every forget
 image's distance to the threshold, judged on fixed dequantization noise that training never uses and
-against the *current* model's remember statistics, satisfies |d| < epsilon.
+against the *current* model's remember statistics, satisfies -epsilon < d < upper_edge * epsilon (the paper's
+Eq. 10, |d| < epsilon, with ``upper_edge`` 1).
 """
 
 from __future__ import annotations
@@ -501,10 +502,10 @@ class TamingMethod:
             self.check_progress(iteration, logged)
         if logged["min_d"] > self.lower_edge - self.epsilon and logged["max_d"] < self.upper_edge + self.epsilon:
             # settling: Adam's steps do not shrink with the gradient, so near the threshold the images would
-            # jitter across the +-epsilon band; decay the learning rate while they are close
+            # jitter across the band; decay the learning rate while every one is within epsilon of it
             self.lr_factor = max(MIN_SETTLE_FACTOR, self.lr_factor * self.settle_decay)
         else:
-            # an image drifted back out of the band: recover the learning rate at the same pace
+            # an image is (back) more than epsilon outside the band: recover the learning rate at the same pace
             self.lr_factor = min(1.0, self.lr_factor / self.settle_decay)
         return self.screen_and_confirm(model, iteration, logged)
 
@@ -525,10 +526,10 @@ class TamingMethod:
         return logged["max_d"] < self.upper_edge + slack and logged["min_d"] > self.lower_edge - slack
 
     def reached(self, d: Tensor) -> Tensor:
-        """Which forget images [F] meet the stopping criterion at distances ``d``: Eq. 10's |d| < epsilon, with
-        the lower edge raised by ``stop_margin`` (-epsilon + margin < d < epsilon) so that an image stopped
-        near the edge still counts as forgotten (d > -epsilon) on the evaluation's independent noise and
-        whole-set statistics."""
+        """Which forget images [F] meet the stopping criterion at distances ``d`` (sigma_R): past the lower edge,
+        -epsilon raised by ``stop_margin`` (so that an image stopped near it still counts as forgotten, d >
+        -epsilon, on the evaluation's independent noise and whole-set statistics), and under the upper edge
+        (:attr:`upper_edge`; Eq. 10's |d| < epsilon when ``upper_edge`` is 1)."""
         return (d > self.lower_edge) & (d < self.upper_edge)
 
     def screen_and_confirm(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
