@@ -82,6 +82,9 @@ def test_the_band_keys_are_checked_and_the_paper_preset_keeps_eq_10():
     paper = make_config(preset("paper"))
     assert (paper.upper_edge, paper.screen_slack, paper.stop_margin) == (1.0, 0.0, 0.0)
     assert (TameConfig().upper_edge, TameConfig().screen_slack) == (2.0, 0.5)
+    # the holdout target's band is the held-out images' NLL band, both edges: an image above it is not "never seen"
+    assert TameConfig(target="holdout").upper_edge == 1.0
+    assert TameConfig(target="holdout", upper_edge=1.5).upper_edge == 1.5
     for bad in ({"upper_edge": 0.9}, {"screen_slack": -0.1}):
         with pytest.raises(InputError, match="upper_edge must be at least 1"):
             make_config(bad)

@@ -111,7 +111,8 @@ def tame_command(
                                                     "|d| < epsilon; docs/method.md) [0].")] = None,
     upper_edge: Annotated[float | None, typer.Option(help="The stopping band's upper edge, in epsilons: stop when "
                                                    "every forget image has -epsilon < d < this x epsilon (1 = "
-                                                   "the paper's |d| < epsilon; docs/method.md) [2].")] = None,
+                                                   "the paper's |d| < epsilon; docs/method.md) [2 for --target "
+                                                   "threshold, 1 for --target holdout].")] = None,
     screen_slack: Annotated[float | None, typer.Option(help="Confirm on the fixed check draws once every smoothed "
                                                      "training d is within this many epsilons of the band "
                                                      "(0 = only inside it) [0.5].")] = None,
