@@ -125,7 +125,7 @@ def test_the_shift_term_switches_on_at_a_drift_refusal_and_grows_with_each_one(m
     method.mu_r = method.data.base_mean * (1 + 2 * method.max_remember_drift)
     factors = []
     for i in range(6):
-        assert method.after_step(base, 10 * (i + 1), {"min_d": 0.0, "max_abs_d": 0.0}) is False
+        assert method.after_step(base, 10 * (i + 1), {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}) is False
         factors.append(method.shift_factor)
     assert factors == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0] and method.drift_refusals == 6
     assert "shift" in method.loss(moved, 0)[1]

@@ -241,7 +241,7 @@ def test_stop_rule_every_image_forgotten_past_the_threshold_counts(name, monkeyp
     for it, (d, baseline_done, taming_done) in enumerate(cases):
         for m, expected in ((method, baseline_done), (taming, taming_done)):
             confirm_at(monkeypatch, m, d)
-            assert m.after_step(model, 10 * (it + 1), {"min_d": 0.0, "max_abs_d": 0.0}) is expected
+            assert m.after_step(model, 10 * (it + 1), {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}) is expected
     assert method.confirmations == 3
     # the screen: an image short of -epsilon in the training forward means no confirmation pass
     assert method.after_step(model, 100, {"min_d": -2 * eps}) is False and method.confirmations == 3
@@ -253,13 +253,13 @@ def test_stop_margin_raises_the_lower_edge_of_the_band(name, monkeypatch):
     forgotten by the evaluation (d > -epsilon): margin 0.1 keeps the run going, margin 0 (the default) stops."""
     model, _ = tiny_glow()
     for margin, done in ((0.1, False), (0.0, True)):
-        method = make_method(name, model, stop_margin=margin)
+        method = make_method(name, model, stop_margin=margin, screen_slack=0.0)
         assert method.epsilon == pytest.approx(0.6) and method.stop_margin == margin
         monkeypatch.setattr(method, "refresh", lambda _model: None)
         confirm_at(monkeypatch, method, [-0.55, 0.1, 0.3])
-        assert method.after_step(model, 10, {"min_d": 0.0, "max_abs_d": 0.0}) is done
+        assert method.after_step(model, 10, {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}) is done
         # the screen applies the same edge: a smoothed training d of -0.55 asks for no confirmation
-        screen = {"min_d": -0.55, "max_abs_d": 0.55}
+        screen = {"min_d": -0.55, "max_d": 0.55, "max_abs_d": 0.55}
         assert method.screen_passes(screen) is done
     assert TameConfig().stop_margin == 0.0
     with pytest.raises(InputError, match=r"stop_margin must lie in \[0, epsilon\)"):
@@ -453,10 +453,10 @@ def test_stop_is_refused_while_the_remember_set_drifted_up(name, guard, monkeypa
     base_mean = method.data.base_mean
     method.mu_r = base_mean * (1 + 1.2 * guard)
     assert method.remember_drift() == pytest.approx(1.2 * guard, rel=1e-4)
-    assert method.after_step(model, 10, {"min_d": 0.0, "max_abs_d": 0.0}) is False
+    assert method.after_step(model, 10, {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}) is False
     assert method.drift_refusals == 1
     method.mu_r = base_mean * (1 + 0.8 * guard)
-    assert method.after_step(model, 20, {"min_d": 0.0, "max_abs_d": 0.0}) is True
+    assert method.after_step(model, 20, {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}) is True
     assert method.drift_refusals == 1 and method.confirmations == 2
     off = make_method(name, model, max_remember_drift=0)  # 0 turns the guard off
     assert off.max_remember_drift is None
@@ -476,7 +476,7 @@ def test_stop_is_refused_until_the_whole_remember_set_agrees(name, monkeypatch):
     unit = torch.tensor([-1.0, 1.0], dtype=torch.float64)  # mean 0, ddof-1 std sqrt(2)
     whole = {"nll": (mu + 0.1 * sigma) + unit * sigma / math.sqrt(2)}  # whole-set mean 0.1 sigma higher
     method.data.whole_remember_nll = lambda _model: whole["nll"]
-    assert method.after_step(model, 10, {"min_d": 0.0, "max_abs_d": 0.0}) is False
+    assert method.after_step(model, 10, {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}) is False
     assert method.whole_set_refusals == 1 and method.final_remember_nll is None
     # the refusal re-measured mu_R, sigma_R on the whole set (the subset correction with them) and the
     # screen now sees the whole set's d
@@ -487,7 +487,7 @@ def test_stop_is_refused_until_the_whole_remember_set_agrees(name, monkeypatch):
     torch.testing.assert_close(method.latest_d, torch.tensor([-0.65, 0.0, 0.2]), rtol=0, atol=1e-4)
     method.mu_r, method.sigma_r = torch.tensor(mu), torch.tensor(sigma)  # back to the subset's figures
     whole["nll"] = mu + unit * sigma / math.sqrt(2)  # the same normal as the subset's
-    assert method.after_step(model, 20, {"min_d": 0.0, "max_abs_d": 0.0}) is True
+    assert method.after_step(model, 20, {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}) is True
     assert method.whole_set_refusals == 1 and method.final_remember_nll is whole["nll"]
 
 
@@ -513,7 +513,9 @@ def test_settling_decays_the_learning_rate_near_the_threshold_and_recovers_away_
     method = make_method("taming", model, settle_decay=0.5)
     monkeypatch.setattr(method, "refresh", lambda _model: None)
     eps = method.epsilon
-    near, far = {"max_abs_d": 1.5 * eps}, {"max_abs_d": 3 * eps}  # inside 2*eps (no confirmation), outside
+    # within epsilon of the band (no confirmation), then an image 3 epsilon short of the threshold
+    near = {"min_d": -1.5 * eps, "max_d": 0.0, "max_abs_d": 1.5 * eps}
+    far = {"min_d": -3 * eps, "max_d": 0.0, "max_abs_d": 3 * eps}
     factors = []
     for logged in (near, near, near, far, far, far, far, *[near] * 10):
         method.after_step(model, 1, logged)
@@ -530,7 +532,7 @@ def test_a_stragglers_forget_weight_grows_per_refused_confirmation_to_a_bound(mo
     assert method.anchor_weight > 0  # the default anchor: the balance a straggler stalls against
     monkeypatch.setattr(method, "refresh", lambda _model: None)
     eps = method.epsilon
-    passing = {"min_d": 0.0, "max_abs_d": 0.0}  # the screen passes: every image close on the training noise
+    passing = {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}  # the screen passes: every image close on training noise
     confirm_at(monkeypatch, method, [0.1, -0.2, -1.3 * eps])  # the check finds the third one short
     assert method.after_step(model, 10, passing) is False
     assert method.forget_weight.tolist() == pytest.approx([1.0, 1.0, STRAGGLER_GROWTH])
@@ -540,7 +542,8 @@ def test_a_stragglers_forget_weight_grows_per_refused_confirmation_to_a_bound(mo
     assert method.confirmations == 39
     assert method.forget_weight.tolist() == pytest.approx([1.0, 1.0, MAX_FORGET_WEIGHT])  # bounded
     assert method.lr_factor <= lr_factor  # the settling is unchanged: a stronger pull, not a larger step
-    method.after_step(model, 5, {"min_d": -3 * eps, "max_abs_d": 3 * eps})  # no confirmation: nothing grows
+    far = {"min_d": -3 * eps, "max_d": 3 * eps, "max_abs_d": 3 * eps}
+    method.after_step(model, 5, far)  # no confirmation: nothing grows
     confirm_at(monkeypatch, method, [0.1, -0.2, -0.1])  # in the band now: the weight is kept, the run stops
     assert method.after_step(model, 500, passing) is True
     assert method.forget_weight[2] == pytest.approx(MAX_FORGET_WEIGHT)
@@ -591,5 +594,5 @@ def test_the_whole_set_pass_takes_the_refresh_subsets_rows_from_the_confirmation
 
     method.data.whole_remember_nll = whole
     confirm_at(monkeypatch, method, [0.1, -0.1, 0.2])
-    method.after_step(model, 10, {"min_d": 0.0, "max_abs_d": 0.0})
+    method.after_step(model, 10, {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0})
     assert seen["known"][0] is method.data.refresh_rows and seen["known"][1] is method.refresh_nll

@@ -83,7 +83,7 @@ def test_a_stale_refresh_is_redone_early_and_counted():
     method.objective(model, nll_forget, shifted)
     assert float(method.track_mean) == pytest.approx(mu + TRACK_WEIGHT * 2 * sigma, rel=1e-6)
     assert TRACK_WEIGHT * 2 > STALE_SIGMA and method.stale()
-    method.screen_and_confirm(model, 3, {"max_abs_d": 10.0, "min_d": -10.0})
+    method.screen_and_confirm(model, 3, {"max_abs_d": 10.0, "max_d": 10.0, "min_d": -10.0})
     assert method.early_refreshes == 1 and method.refreshes == 1
     assert float(method.track_mean) == float(method.mu_r) and not method.stale()
 

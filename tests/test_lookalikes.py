@@ -61,7 +61,7 @@ def test_a_stop_is_refused_while_the_lookalikes_drifted_past_the_bound(monkeypat
     method = held_method(base, qd + margin)
     monkeypatch.setattr(method, "refresh", lambda _model: None)
     confirm_at(monkeypatch, method, [0.1, -0.1, 0.2])
-    assert method.after_step(moved, 10, {"min_d": 0.0, "max_abs_d": 0.0}) is stops
+    assert method.after_step(moved, 10, {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}) is stops
     assert method.lookalike_hold.last_qd == pytest.approx(qd, abs=1e-6)
     assert method.lookalike_hold.refusals == (0 if stops else 1)
 
@@ -77,14 +77,14 @@ def test_refusals_stop_at_the_bound_and_a_resumed_run_keeps_them(monkeypatch):
     # they now show a quantile drop far past the bound
     monkeypatch.setattr(method.lookalike_hold, "base_nll", method.lookalike_hold.base_nll - 5.0)
     for i in range(MAX_HOLD_REFUSALS):
-        assert method.after_step(base, 10 * (i + 1), {"min_d": 0.0, "max_abs_d": 0.0}) is False
+        assert method.after_step(base, 10 * (i + 1), {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}) is False
         assert method.lookalike_hold.refusals == i + 1
     resumed = held_method(base, 0.01)
     resumed.load_state(method.state_tensors(), method.state_meta())
     assert resumed.lookalike_hold.refusals == MAX_HOLD_REFUSALS
     assert resumed.lookalike_hold.last_qd == method.lookalike_hold.last_qd > 0.01
     # refused that many times, the next stop is accepted, its quantile drop (still past the bound) reported
-    assert method.after_step(base, 100, {"min_d": 0.0, "max_abs_d": 0.0}) is True
+    assert method.after_step(base, 100, {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}) is True
     assert method.lookalike_hold.refusals == MAX_HOLD_REFUSALS and method.lookalike_hold.last_qd > 0.01
 
 

@@ -107,12 +107,19 @@ def tame_command(
         "--threshold-gradient/--no-threshold-gradient", help="Differentiate the forget loss through mu_R + "
                                                              "delta*sigma_R.")] = None,
     settle_decay: Annotated[float | None, typer.Option(help="Per-iteration learning-rate decay while every forget "
-                                                     "image is within 2*epsilon of the threshold (1 = off) "
+                                                     "image is within epsilon of the stopping band (1 = off) "
                                                      "[0.97].")] = None,
     stop_margin: Annotated[float | None, typer.Option(help="Stop only when every forget image's d (in sigma_R) is "
                                                     "above -epsilon + this margin, so it still counts as "
                                                     "forgotten on noise the run never saw (0 = the paper's "
                                                     "|d| < epsilon; docs/method.md) [0].")] = None,
+    upper_edge: Annotated[float | None, typer.Option(help="The stopping band's upper edge, in epsilons: stop when "
+                                                   "every forget image has -epsilon < d < this x epsilon (1 = "
+                                                   "the paper's |d| < epsilon; docs/method.md) [2 for --target "
+                                                   "threshold, 1 for --target holdout].")] = None,
+    screen_slack: Annotated[float | None, typer.Option(help="Confirm on the fixed check draws once every smoothed "
+                                                     "training d is within this many epsilons of the band "
+                                                     "(0 = only inside it) [0.5].")] = None,
     forget_draws: Annotated[int | None, typer.Option(help="Noise draws averaged into each forget image's NLL in the "
                                                    "stopping test and the report [8].")] = None,
     max_remember_drift: Annotated[float | None, typer.Option(

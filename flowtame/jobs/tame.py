@@ -99,6 +99,10 @@ class TameConfig:
     threshold_gradient: bool = True
     settle_decay: float = 0.97
     stop_margin: float = 0.0
+    # the stopping band's upper edge in epsilons: None -> 2 for the threshold target (past the threshold is
+    # forgotten), 1 for the holdout target (the held-out images' band, both edges); 1 is the paper's Eq. 10
+    upper_edge: float | None = None
+    screen_slack: float = 0.5
     forget_draws: int = 8
     max_remember_drift: float | None = None
     max_remember_jump: float | None = 0.25
@@ -137,6 +141,10 @@ class TameConfig:
             problems.append("refresh_size must be at least 2")
         if not 0 <= self.stop_margin < self.epsilon:
             problems.append("stop_margin must lie in [0, epsilon)")
+        if self.upper_edge is None:
+            self.upper_edge = 2.0 if self.target == "threshold" else 1.0
+        if self.upper_edge < 1 or self.screen_slack < 0:
+            problems.append("upper_edge must be at least 1 and screen_slack at least 0 (in epsilons)")
         if self.max_remember_drift is None and self.method in METHODS:
             self.max_remember_drift = METHODS[self.method].default_max_remember_drift
         for guard in ("max_remember_drift", "max_remember_jump"):

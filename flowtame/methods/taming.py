@@ -3,7 +3,8 @@
 All methods share the data layout of :class:`TamingData` (forget and remember images as uint8 tensors,
 fixed check noise, the base model's remember normal fitted once) and the same stopping test: every forget
 image's distance to the threshold, judged on fixed dequantization noise that training never uses and
-against the *current* model's remember statistics, satisfies |d| < epsilon.
+against the *current* model's remember statistics, satisfies -epsilon < d < upper_edge * epsilon (the paper's
+Eq. 10, |d| < epsilon, with ``upper_edge`` 1).
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ class TamingMethod:
                  setup_generator: torch.Generator | None = None):
         """``config``: the run's settings (a :class:`flowtame.jobs.tame.TameConfig` or any object with its
         fields: ``alpha``, ``gamma``, ``batch_size``, ``refresh_every``, ``forget_loss``, ``forget_unit``,
-        ``kl_estimate``, ``threshold_gradient``, ``settle_decay``, ``stop_margin``, ``max_remember_drift``,
-        ``max_remember_jump``, ``anchor``, ``anchor_shift``, ``lookalike_qd``, ``remember_qd``);
+        ``kl_estimate``, ``threshold_gradient``, ``settle_decay``, ``stop_margin``, ``upper_edge``,
+        ``screen_slack``, ``max_remember_drift``, ``max_remember_jump``, ``anchor``, ``anchor_shift``,
+        ``lookalike_qd``, ``remember_qd``);
         ``delta``, ``epsilon``: the stopping target in sigma_R (the config's, or the held-out images' band);
         ``subset_correction``: the refresh subset's correction (see :class:`RememberNormal`)."""
         if config.kl_estimate not in KL_ESTIMATES:
@@ -165,6 +167,7 @@ class TamingMethod:
         self.threshold_gradient = config.threshold_gradient
         self.settle_decay = config.settle_decay
         self.stop_margin = config.stop_margin
+        self.upper_factor, self.screen_slack = config.upper_edge, config.screen_slack
         self.max_remember_drift = config.max_remember_drift
         self.max_remember_jump = config.max_remember_jump
         self.lr_factor = 1.0
@@ -325,7 +328,7 @@ class TamingMethod:
         previous = self.latest_d[forget_idx]
         self.latest_d[forget_idx] = torch.where(previous.isfinite(), previous + SCREEN_WEIGHT * (d_now - previous),
                                                 d_now)
-        metrics.update(max_abs_d=self.latest_d.abs().max(), min_d=self.latest_d.min(),
+        metrics.update(max_abs_d=self.latest_d.abs().max(), min_d=self.latest_d.min(), max_d=self.latest_d.max(),
                        mean_d=self.latest_d.mean(), mu_r=self.mu_r, sigma_r=self.sigma_r)
         return loss, metrics
 
@@ -540,12 +543,12 @@ class TamingMethod:
     def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         if self.progress_warning is None:
             self.check_progress(iteration, logged)
-        if logged["max_abs_d"] < 2 * self.epsilon:
+        if logged["min_d"] > self.lower_edge - self.epsilon and logged["max_d"] < self.upper_edge + self.epsilon:
             # settling: Adam's steps do not shrink with the gradient, so near the threshold the images would
-            # jitter across the +-epsilon band; decay the learning rate while they are close
+            # jitter across the band; decay the learning rate while every one is within epsilon of it
             self.lr_factor = max(MIN_SETTLE_FACTOR, self.lr_factor * self.settle_decay)
         else:
-            # an image drifted back out of the band: recover the learning rate at the same pace
+            # an image is (back) more than epsilon outside the band: recover the learning rate at the same pace
             self.lr_factor = min(1.0, self.lr_factor / self.settle_decay)
         return self.screen_and_confirm(model, iteration, logged)
 
@@ -554,16 +557,23 @@ class TamingMethod:
         """The stopping band's lower edge in sigma_R: -epsilon, raised by ``stop_margin``."""
         return self.stop_margin - self.epsilon
 
+    @property
+    def upper_edge(self) -> float:
+        """The stopping band's upper edge in sigma_R: ``upper_edge`` epsilons (1: Eq. 10's epsilon)."""
+        return self.upper_factor * self.epsilon
+
     def screen_passes(self, logged: dict[str, float]) -> bool:
-        """The cheap screen on the training forwards' smoothed d: every forget image within the stopping band."""
-        return logged["max_abs_d"] < self.epsilon and logged["min_d"] > self.lower_edge
+        """The cheap screen on the training forwards' smoothed d: every forget image within the stopping band,
+        widened by ``screen_slack`` epsilons on each side."""
+        slack = self.screen_slack * self.epsilon
+        return logged["max_d"] < self.upper_edge + slack and logged["min_d"] > self.lower_edge - slack
 
     def reached(self, d: Tensor) -> Tensor:
-        """Which forget images [F] meet the stopping criterion at distances ``d``: Eq. 10's |d| < epsilon, with
-        the lower edge raised by ``stop_margin`` (-epsilon + margin < d < epsilon) so that an image stopped
-        near the edge still counts as forgotten (d > -epsilon) on the evaluation's independent noise and
-        whole-set statistics."""
-        return (d > self.lower_edge) & (d < self.epsilon)
+        """Which forget images [F] meet the stopping criterion at distances ``d`` (sigma_R): past the lower edge,
+        -epsilon raised by ``stop_margin`` (so that an image stopped near it still counts as forgotten, d >
+        -epsilon, on the evaluation's independent noise and whole-set statistics), and under the upper edge
+        (:attr:`upper_edge`; Eq. 10's |d| < epsilon when ``upper_edge`` is 1)."""
+        return (d > self.lower_edge) & (d < self.upper_edge)
 
     def screen_and_confirm(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         """Confirm a passing screen on the fixed check draws against fresh statistics (at most every
