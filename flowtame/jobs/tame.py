@@ -102,7 +102,7 @@ class TameConfig:
     # the stopping band's upper edge in epsilons: None -> 2 for the threshold target (past the threshold is
     # forgotten), 1 for the holdout target (the held-out images' band, both edges); 1 is the paper's Eq. 10
     upper_edge: float | None = None
-    screen_slack: float = 0.5
+    screen_slack: float = 0.0
     forget_draws: int = 8
     max_remember_drift: float | None = None
     max_remember_jump: float | None = 0.25

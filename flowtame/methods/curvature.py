@@ -25,7 +25,7 @@ __all__ = ["DAMPING", "MAX_STRETCH", "METRIC_IMAGES", "KroneckerMetric", "kfac_f
 
 #: Damping lambda of the metric, a fraction of its mean diagonal entry (round 6a's one-step sweep: 1e-2 keeps
 #: ~97% of the forget rise per unit first order and cuts the remember rise 20-40x on three zoo models).
-DAMPING = 0.01
+DAMPING = 0.1
 #: A preconditioned update is at most this many times longer than Adam's (an update nearly orthogonal to the
 #: forget gradient under the metric would otherwise be stretched without bound; unbounded, RealNVP blew up).
 MAX_STRETCH = 20.0
