@@ -48,6 +48,9 @@ MAX_FORGET_WEIGHT = 8.0
 #: common shift is part of how a step raises the forget images); applied only when the stop needs it, it costs
 #: iterations at the end, on the runs that drifted.
 SHIFT_GROWTH = 2.0
+#: At a stop refused by the remember set's quantile hold: this many more remember images, those whose NLL rose
+#: most (beyond the common shift) under the current weights, join the anchor's look-alike rows.
+TAIL_ROWS = 16
 MAX_SHIFT_FACTOR = 8.0
 #: Iteration at which the forget images' pace is projected to the budget (:meth:`TamingMethod.check_progress`).
 PROGRESS_CHECK = 50
@@ -183,6 +186,9 @@ class TamingMethod:
         self.shift_factor = 0.0
         if self.anchor_weight > 0 and base_model is None:
             raise ValueError("the anchor term needs the frozen base model")
+        #: The remember rows [P] the anchor holds besides the random ones: the look-alikes, then the tail rows
+        #: added at refused stops (:meth:`widen_anchor_pool`).
+        self.anchor_pool = data.lookalikes
         self.lookalike_hold = self._lookalike_hold(float(config.lookalike_qd or 0.0))
         self.remember_hold = self._remember_hold(float(config.remember_qd or 0.0))
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
@@ -289,9 +295,10 @@ class TamingMethod:
                              d.device)
         parts = [d.forget[forget_idx], remember]
         if self.lookalike_rows > 0:
-            assert d.lookalikes is not None
-            pick = distinct_indices(self.generator, self.lookalike_rows, d.lookalikes.shape[0])
-            parts.append(take_rows(d.remember, d.lookalikes[pick.to(d.lookalikes.device)], d.device))
+            pool = self.anchor_pool
+            assert pool is not None
+            pick = distinct_indices(self.generator, self.lookalike_rows, pool.shape[0])
+            parts.append(take_rows(d.remember, pool[pick.to(pool.device)], d.device))
         pixels = torch.cat(parts)
         noise = uniform_noise(self.generator, pixels.shape, d.device)
         return dequantized(pixels, noise, d.data_spec.n_bits), forget_idx, forget_idx.numel(), remember.shape[0]
@@ -300,7 +307,7 @@ class TamingMethod:
     def lookalike_rows(self) -> int:
         """Look-alike rows per batch: a quarter of ``batch_size`` (at least 1), at most all of
         ``data.lookalikes``; 0 without the anchor or look-alikes."""
-        looks = self.data.lookalikes
+        looks = self.anchor_pool
         if self.anchor_weight <= 0 or looks is None or looks.numel() == 0:
             return 0
         return min(looks.numel(), max(1, self.batch_size // 4))
@@ -504,9 +511,12 @@ class TamingMethod:
         d = threshold_distance(forget_nll, mean, std, self.delta)
         reached = bool(self.reached(d).all())
         whole = NormalFit(float(nll.mean()), float(nll.std()))
+        held = self.remember_hold.refusals if self.remember_hold is not None else 0
         if reached and all(hold.kept(hold.of_whole_set(nll), whole) for hold in self.quantile_holds):
             self.final_remember_nll = nll
             return True
+        if self.remember_hold is not None and self.remember_hold.refusals > held:
+            self.widen_anchor_pool(nll)
         if not reached:  # (else refused by a quantile hold, judged on the whole set's normal as evaluate does)
             self.whole_set_refusals += 1
             self.confirmed_d = d
@@ -515,6 +525,20 @@ class TamingMethod:
         # confirmations aim at the band the whole set defines
         self.normal.remeasure(mean, std)
         return False
+
+    def widen_anchor_pool(self, nll: Tensor) -> None:
+        """Add the :data:`TAIL_ROWS` remember images whose NLL (``nll`` [R], nats, the whole-set pass) rose most
+        over the base model's, beyond the common shift (the median rise), to :attr:`anchor_pool`."""
+        base = self.data.base_remember_nll
+        assert base is not None
+        rise = nll.double() - base
+        rise = rise - rise.median()
+        pool = self.anchor_pool
+        if pool is not None and pool.numel() > 0:
+            rise[pool.cpu()] = -float("inf")
+        tail = rise.topk(min(TAIL_ROWS, rise.numel())).indices
+        device = pool.device if pool is not None else self.data.device
+        self.anchor_pool = tail.to(device) if pool is None else torch.cat([pool, tail.to(device)])
 
     def check_progress(self, iteration: int, logged: dict[str, float]) -> None:
         """At :data:`PROGRESS_CHECK` iterations, project the forget images' average pace (smoothed mean d per
@@ -615,7 +639,10 @@ class TamingMethod:
         return self.normal.stale()
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return {**self.normal.state_tensors(), "latest_d": self.latest_d, "forget_weight": self.forget_weight}
+        tensors = {**self.normal.state_tensors(), "latest_d": self.latest_d, "forget_weight": self.forget_weight}
+        if self.anchor_pool is not None:
+            tensors["anchor_pool"] = self.anchor_pool
+        return tensors
 
     def state_meta(self) -> dict[str, Any]:
         hold = {key: value for guard in self.quantile_holds for key, value in guard.state_meta().items()}
@@ -629,6 +656,8 @@ class TamingMethod:
         self.latest_d = tensors["latest_d"].clone()
         if "forget_weight" in tensors:
             self.forget_weight = tensors["forget_weight"].clone()
+        if "anchor_pool" in tensors:
+            self.anchor_pool = tensors["anchor_pool"].clone()
         self.last_confirm = meta["last_confirm"]
         self.confirmations = meta["confirmations"]
         self.lr_factor = meta["lr_factor"]
