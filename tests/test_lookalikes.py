@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+import flowtame.methods.taming as taming
 from flowtame.data.images import open_images
+from flowtame.data.quantization import quantize
 from flowtame.errors import InputError
 from flowtame.io.checkpoint import Checkpoint
 from flowtame.jobs.tame import _load_sets, _taming_data, make_config, preset
@@ -195,3 +197,41 @@ def test_the_remember_guard_is_off_at_zero_without_the_anchor_and_without_the_wh
     assert remember_held(base, 0.0, whole).remember_hold is None
     assert make_method("taming", base, anchor=0.0)._remember_hold(0.001) is None
     assert make_method("taming", base)._remember_hold(0.001) is None  # no whole-set pass given
+
+
+def test_a_refusal_by_the_remember_guard_adds_the_images_that_rose_most_to_the_anchors_rows(monkeypatch):
+    """At a stop the remember set's guard refuses, the TAIL_ROWS remember images whose NLL rose most beyond the
+    common shift join the anchor's rows (then the next ones, never twice); the batches draw them, a resumed run
+    keeps them, and a refusal for another reason (an image short of the threshold) adds none."""
+    base, _ = base_and_moved()
+    n = make_method("taming", base).data.remember.shape[0]
+    TAIL_ROWS = 4  # noqa: N806 (the test set has 30 remember images; the default is 16)
+    monkeypatch.setattr(taming, "TAIL_ROWS", TAIL_ROWS)
+    whole_base = 300.0 + 20.0 * torch.linspace(-1, 1, n, dtype=torch.float64) ** 3
+    rising = torch.arange(n // 2 - TAIL_ROWS, n // 2 + TAIL_ROWS)  # the middle of the set (its steepest quantiles)
+    moved = whole_base + 1.0  # a common shift ...
+    moved[rising] += 3.0 + 0.3 * torch.arange(2 * TAIL_ROWS, dtype=torch.float64)  # ... and these rose, graded
+    method = remember_held(base, 0.001, whole_base)
+    method.data.whole_remember_nll = lambda _model: moved
+    assert method.anchor_pool is None and method.lookalike_rows == 0
+    forget_at = lambda whole, d=0.0: whole.mean() + (method.delta + torch.tensor([d, 0.1, -0.1],  # noqa: E731
+                                                                                 dtype=torch.float64)) * whole.std()
+    assert method.whole_set_agrees(base, forget_at(moved)) is False and method.remember_hold.refusals == 1
+    assert sorted(method.anchor_pool.tolist()) == sorted(rising[TAIL_ROWS:].tolist())  # the TAIL_ROWS that rose most
+    assert method.lookalike_rows == min(TAIL_ROWS, max(1, method.batch_size // 4))
+    x, _, n_forget, n_remember = method._batch()
+    tail = quantize(method.data.remember[method.anchor_pool], DATA_SPEC.n_bits)
+    drawn = x[n_forget + n_remember:]
+    assert drawn.shape[0] == method.lookalike_rows
+    assert all(((row[None] - tail).abs().amax((1, 2, 3)) < 1.0 / 2 ** DATA_SPEC.n_bits).any()
+               for row in drawn)  # every extra row is one of those images, dequantized
+    assert method.whole_set_agrees(base, forget_at(moved)) is False
+    assert sorted(method.anchor_pool.tolist()) == sorted(rising.tolist())  # the next 16, none twice
+    resumed = remember_held(base, 0.001, whole_base)
+    resumed.load_state(method.state_tensors(), method.state_meta())
+    assert resumed.anchor_pool.tolist() == method.anchor_pool.tolist()
+    # an image short of the threshold refuses the stop before the guard judges: no rows added
+    short = remember_held(base, 0.001, whole_base)
+    short.data.whole_remember_nll = lambda _model: moved
+    assert short.whole_set_agrees(base, forget_at(moved, d=-5.0)) is False
+    assert short.anchor_pool is None and short.whole_set_refusals == 1
