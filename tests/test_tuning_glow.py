@@ -4,8 +4,7 @@ code and recipe, 5.9M parameters, ~24 MB, too large to copy into the repository)
 Skipped where that fixture is absent (``FLOWTAME_TUNING_FIXTURE`` points elsewhere). With the defaults of
 before the calibration, this run blew up at iteration ~12 and failed at iteration 25 after three halvings; with
 the calibration alone it ran 800 iterations without stopping. With the per-image anchor it stops (172
-iterations in the zoo benchmark, one thread). It runs the package's defaults, the curvature step included, whose
-update costs far more per iteration on this width-512 model than on the width-128 ones.
+iterations in the zoo benchmark, one thread). It runs the package's defaults, the curvature step included.
 """
 
 import os
