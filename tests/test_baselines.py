@@ -253,7 +253,7 @@ def test_stop_margin_raises_the_lower_edge_of_the_band(name, monkeypatch):
     forgotten by the evaluation (d > -epsilon): margin 0.1 keeps the run going, margin 0 (the default) stops."""
     model, _ = tiny_glow()
     for margin, done in ((0.1, False), (0.0, True)):
-        method = make_method(name, model, stop_margin=margin, screen_slack=0.0)
+        method = make_method(name, model, stop_margin=margin)
         assert method.epsilon == pytest.approx(0.6) and method.stop_margin == margin
         monkeypatch.setattr(method, "refresh", lambda _model: None)
         confirm_at(monkeypatch, method, [-0.55, 0.1, 0.3])
@@ -388,6 +388,7 @@ def test_tame_runs_each_baseline(name, base, forget_folder):
                    device="cpu")
     report = outcome.report
     assert report["method"] == name and outcome.checkpoint.provenance["method"] == name
+    assert report["config"]["precondition"] == "none"  # the baselines' own default: Adam's update, as published
     assert isinstance(report["converged"], bool)
     assert report["converged"] == (report["iterations"] < FAST["max_iters"])
     if report["converged"]:  # the stop rule's criterion, checked on the evaluation noise and full remember set

@@ -130,7 +130,8 @@ def test_update_keeps_the_forget_terms_first_order_change_within_the_stretch_cap
     assert all(torch.equal(kept[n], update[n]) for n in names)
 
 
-def test_tame_preconditions_every_update_and_precondition_none_does_not(monkeypatch, forget_folder):  # noqa: F811
+def test_tame_preconditions_every_update_by_default_and_precondition_none_does_not(monkeypatch,
+                                                                                     forget_folder):  # noqa: F811
     model, spec = tiny_glow()
     base = Checkpoint(model=model, architecture="glow", spec=spec, data_spec=DATA_SPEC)
     calls = []
@@ -144,28 +145,35 @@ def test_tame_preconditions_every_update_and_precondition_none_does_not(monkeypa
     remember = open_images(REMEMBER, DATA_SPEC)
     forget = open_images(forget_folder, DATA_SPEC)
     runs = {}
-    for precondition in ("kfac", "none"):
+    for precondition in (None, "none"):  # None: the default
         calls.clear()
         outcome = tame(base, [forget], remember, make_config(FAST, {"max_iters": 6, "precondition": precondition}))
-        runs[precondition] = (outcome, list(calls))
-    kfac, none = runs["kfac"], runs["none"]
+        runs[precondition or "default"] = (outcome, list(calls))
+    kfac, none = runs["default"], runs["none"]
     assert kfac[0].report["iterations"] == 6 and kfac[1] == [True] * 6
     assert none[1] == []
-    assert kfac[0].report["config"]["precondition"] == "kfac"
+    assert kfac[0].report["config"]["precondition"] == "kfac"  # the report shows the resolved value
+    assert none[0].report["config"]["precondition"] == "none"
     changed = max(float((a - b).abs().max()) for a, b in zip(kfac[0].checkpoint.model.state_dict().values(),
                                                              none[0].checkpoint.model.state_dict().values(),
                                                              strict=True))
     assert changed > 1e-6
 
 
-def test_precondition_is_off_by_default_and_refused_for_the_baselines():
-    """Adam's own update unless asked (the metric cost the rosinality Glow its look-alike check, docs/benchmarks.md
-    "Round 6c"); the baselines run as published, so asking for the metric there is a usage error."""
+def test_precondition_defaults_to_the_methods_own_and_kfac_is_refused_for_the_baselines():
+    """The taming method's default is the curvature step (an explicit kfac is the same config); the baselines and
+    ``--preset paper`` run as published, with Adam's update, and asking for the metric there is a usage error."""
     from flowtame.errors import InputError
-    from flowtame.jobs.tame import TameConfig
+    from flowtame.jobs.tame import TameConfig, preset
 
-    assert TameConfig().precondition == "none"
-    assert make_config(FAST, {"precondition": "kfac"}).precondition == "kfac"
+    assert TameConfig().precondition == "kfac" and TameConfig(target="holdout").precondition == "kfac"
+    assert make_config(FAST, {"precondition": "kfac"}) == make_config(FAST)
+    assert make_config(FAST, {"precondition": "none"}).precondition == "none"
+    assert make_config(preset("paper")).precondition == "none"
+    assert make_config(preset("paper"), {"precondition": "kfac"}).precondition == "kfac"  # flags win
     for method in ("neggrad", "selective-amnesia"):
+        assert make_config(FAST, {"method": method}).precondition == "none"
         with pytest.raises(InputError, match="taming method only"):
             make_config(FAST, {"method": method, "precondition": "kfac"})
+    with pytest.raises(InputError, match="precondition must be one of kfac, none"):
+        make_config({"precondition": "diagonal"})

@@ -4,7 +4,7 @@ code and recipe, 5.9M parameters, ~24 MB, too large to copy into the repository)
 Skipped where that fixture is absent (``FLOWTAME_TUNING_FIXTURE`` points elsewhere). With the defaults of
 before the calibration, this run blew up at iteration ~12 and failed at iteration 25 after three halvings; with
 the calibration alone it ran 800 iterations without stopping. With the per-image anchor it stops (172
-iterations in the zoo benchmark, one thread).
+iterations in the zoo benchmark, one thread). It runs the package's defaults, the curvature step included.
 """
 
 import os
@@ -57,6 +57,7 @@ def test_tame_on_the_converted_tuning_glow_converges_without_roll_back(tmp_path)
     remember = open_images(str(write_folder(tmp_path / "remember", pixels[(labels != 3) & train])), SPEC)
     outcome = tame(base, [forget], remember, make_config({"max_iters": 300}), device="cpu")
     report = outcome.report
+    assert report["config"]["precondition"] == "kfac"  # the defaults: the curvature step, the band's upper edge
     assert report["lr_reductions"] == 0
     calibration = report["calibration"]
     assert calibration["lr"] < calibration["lr_cap"] and calibration["step_sigma_at_cap"] > 1

@@ -82,7 +82,8 @@ def tame_command(
     precondition: Annotated[str | None, typer.Option(help="kfac: precondition each Adam update by the remember "
                                                      "NLL's curvature (a K-FAC Fisher metric of 512 remember "
                                                      "images), same first-order forget change | none: Adam's "
-                                                     "update (default none; kfac runs in one process only).")] = None,
+                                                     "update (default: kfac for taming; none for the baselines, "
+                                                     "--preset paper and runs under torchrun).")] = None,
     lookalikes: Annotated[int | None, typer.Option(help="With the anchor: hold the forget set's N nearest remember "
                                                  "images (base latent space) in every batch [16].")] = None,
     lookalike_qd: Annotated[float | None, typer.Option(
@@ -117,9 +118,6 @@ def tame_command(
                                                    "every forget image has -epsilon < d < this x epsilon (1 = "
                                                    "the paper's |d| < epsilon; docs/method.md) [2 for --target "
                                                    "threshold, 1 for --target holdout].")] = None,
-    screen_slack: Annotated[float | None, typer.Option(help="Confirm on the fixed check draws once every smoothed "
-                                                     "training d is within this many epsilons of the band "
-                                                     "(0 = only inside it) [0.5].")] = None,
     forget_draws: Annotated[int | None, typer.Option(help="Noise draws averaged into each forget image's NLL in the "
                                                    "stopping test and the report [8].")] = None,
     max_remember_drift: Annotated[float | None, typer.Option(
@@ -130,7 +128,8 @@ def tame_command(
                                                           "fraction above the base model's (0 = off) [0.25].")] = None,
     freeze: Annotated[str | None, typer.Option(help="Parameters held fixed: coupling-outputs (each coupling "
                                              "network's zero-initialized last layer) | none "
-                                             "[coupling-outputs for taming, none for the baselines].")] = None,
+                                             "(default: coupling-outputs for taming, none for the "
+                                             "baselines).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed: CPU runs are bit-for-bit repeatable [0].")] = None,
     eval_seed: Annotated[int | None, typer.Option(
         help="Seed of the fixed evaluation / stopping-check noise [0].")] = None,

@@ -57,6 +57,7 @@ REPORT_SCHEMA_VERSION = 1
 FREEZE_RULES = ("coupling-outputs", "none")
 #: ``precondition``: Adam's update as it is (``none``), or preconditioned by the remember NLL's curvature
 #: (``kfac``, :mod:`flowtame.methods.curvature`; single-process runs: under torchrun the update stays Adam's).
+#: The default (None) is the method's own: ``kfac`` for taming, ``none`` for the baselines (run as published).
 PRECONDITIONS = ("kfac", "none")
 #: Where taming stops (see :func:`stopping_target`): the paper's threshold, or the held-out images' NLL band.
 TARGETS = ("threshold", "holdout")
@@ -83,7 +84,8 @@ class TameConfig:
     step_sigma: float | None = 2.0
     anchor: float = 0.2
     anchor_shift: float = 2.0
-    precondition: str = "none"
+    # None -> the method's own: kfac for taming, none for the baselines (TamingMethod.preconditioned)
+    precondition: str | None = None
     lookalikes: int = 16
     lookalike_qd: float = 0.018
     remember_qd: float = 0.001
@@ -102,7 +104,6 @@ class TameConfig:
     # the stopping band's upper edge in epsilons: None -> 2 for the threshold target (past the threshold is
     # forgotten), 1 for the holdout target (the held-out images' band, both edges); 1 is the paper's Eq. 10
     upper_edge: float | None = None
-    screen_slack: float = 0.0
     forget_draws: int = 8
     max_remember_drift: float | None = None
     max_remember_jump: float | None = 0.25
@@ -143,8 +144,8 @@ class TameConfig:
             problems.append("stop_margin must lie in [0, epsilon)")
         if self.upper_edge is None:
             self.upper_edge = 2.0 if self.target == "threshold" else 1.0
-        if self.upper_edge < 1 or self.screen_slack < 0:
-            problems.append("upper_edge must be at least 1 and screen_slack at least 0 (in epsilons)")
+        if self.upper_edge < 1:
+            problems.append("upper_edge must be at least 1 (in epsilons)")
         if self.max_remember_drift is None and self.method in METHODS:
             self.max_remember_drift = METHODS[self.method].default_max_remember_drift
         for guard in ("max_remember_drift", "max_remember_jump"):
@@ -160,7 +161,9 @@ class TameConfig:
             problems.append("anchor must be at least 0 (0 turns the anchor off)")
         if self.anchor_shift < 0:
             problems.append("anchor_shift must be at least 0 (0 turns the shift term off)")
-        if self.precondition not in PRECONDITIONS:
+        if self.precondition is None and self.method in METHODS:
+            self.precondition = "kfac" if METHODS[self.method].preconditioned else "none"
+        if self.precondition is not None and self.precondition not in PRECONDITIONS:
             problems.append(f"precondition must be one of {', '.join(PRECONDITIONS)}")
         elif self.precondition != "none" and self.method in METHODS and not METHODS[self.method].preconditioned:
             problems.append(f"precondition {self.precondition} applies to the taming method only "

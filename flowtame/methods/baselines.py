@@ -287,7 +287,11 @@ def _per_sample_gradient_chunks(model: MultiScaleFlow, x: Tensor, data_spec: Dat
             chunk = x[start:start + chunk_size]
             if vectorized:
                 try:
-                    yield batched(params, chunk)
+                    with warnings.catch_warnings():  # torch's note that an op (TarFlow's attention) runs unbatched
+                        warnings.filterwarnings("ignore", message="There is a performance drop because we have "
+                                                                  "not yet implemented the batching rule")
+                        gradients = batched(params, chunk)
+                    yield gradients
                     continue
                 except (RuntimeError, NotImplementedError) as exc:
                     warnings.warn(f"per-sample gradients: vmap cannot run this model ({str(exc).splitlines()[0]}); "

@@ -23,8 +23,9 @@ from flowtame.methods.baselines import diagonal_fisher
 
 __all__ = ["DAMPING", "MAX_STRETCH", "METRIC_IMAGES", "KroneckerMetric", "kfac_factors", "remember_metric"]
 
-#: Damping lambda of the metric, a fraction of its mean diagonal entry (round 6a's one-step sweep: 1e-2 keeps
-#: ~97% of the forget rise per unit first order and cuts the remember rise 20-40x on three zoo models).
+#: Damping lambda of the metric, a fraction of its mean diagonal entry. At 0.01 (round 6a's one-step sweep) the
+#: rosinality Glow's look-alikes and remember tail moved (k = 1: QD(D_R^NN) 0.113); 0.1, a less sharp metric,
+#: held its look-alikes there (-0.035; docs/benchmarks.md "Round 6c").
 DAMPING = 0.1
 #: A preconditioned update is at most this many times longer than Adam's (an update nearly orthogonal to the
 #: forget gradient under the metric would otherwise be stretched without bound; unbounded, RealNVP blew up).

@@ -153,7 +153,7 @@ class TamingMethod:
         """``config``: the run's settings (a :class:`flowtame.jobs.tame.TameConfig` or any object with its
         fields: ``alpha``, ``gamma``, ``batch_size``, ``refresh_every``, ``forget_loss``, ``forget_unit``,
         ``kl_estimate``, ``threshold_gradient``, ``settle_decay``, ``stop_margin``, ``upper_edge``,
-        ``screen_slack``, ``max_remember_drift``, ``max_remember_jump``, ``anchor``, ``anchor_shift``,
+        ``max_remember_drift``, ``max_remember_jump``, ``anchor``, ``anchor_shift``,
         ``lookalike_qd``, ``remember_qd``);
         ``delta``, ``epsilon``: the stopping target in sigma_R (the config's, or the held-out images' band);
         ``subset_correction``: the refresh subset's correction (see :class:`RememberNormal`)."""
@@ -170,7 +170,7 @@ class TamingMethod:
         self.threshold_gradient = config.threshold_gradient
         self.settle_decay = config.settle_decay
         self.stop_margin = config.stop_margin
-        self.upper_factor, self.screen_slack = config.upper_edge, config.screen_slack
+        self.upper_factor = config.upper_edge
         self.max_remember_drift = config.max_remember_drift
         self.max_remember_jump = config.max_remember_jump
         self.lr_factor = 1.0
@@ -587,10 +587,8 @@ class TamingMethod:
         return self.upper_factor * self.epsilon
 
     def screen_passes(self, logged: dict[str, float]) -> bool:
-        """The cheap screen on the training forwards' smoothed d: every forget image within the stopping band,
-        widened by ``screen_slack`` epsilons on each side."""
-        slack = self.screen_slack * self.epsilon
-        return logged["max_d"] < self.upper_edge + slack and logged["min_d"] > self.lower_edge - slack
+        """The cheap screen on the training forwards' smoothed d: every forget image inside the stopping band."""
+        return logged["max_d"] < self.upper_edge and logged["min_d"] > self.lower_edge
 
     def reached(self, d: Tensor) -> Tensor:
         """Which forget images [F] meet the stopping criterion at distances ``d`` (sigma_R): past the lower edge,
