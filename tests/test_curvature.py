@@ -11,8 +11,10 @@ from flowtame.data.images import open_images
 from flowtame.io.checkpoint import Checkpoint
 from flowtame.jobs.tame import make_config, tame
 from flowtame.likelihood.nll import nll_nats
+from flowtame.methods import taming
 from flowtame.methods.baselines import diagonal_fisher
-from flowtame.methods.curvature import KroneckerMetric, kfac_factors
+from flowtame.methods.curvature import DAMPING, MAX_STRETCH, KroneckerMetric, kfac_factors
+from flowtame.methods.objective import forget_loss
 from flowtame.methods.taming import TamingMethod
 
 
@@ -68,10 +70,14 @@ def test_kfac_factors_are_the_patch_and_output_gradient_moments_and_rebuild_the_
             # the layouts agree with the weight's: sum_t g_t a_t^T is this image's weight gradient
             rebuilt = (g @ patches[:-1].T).reshape(module.weight.shape)
             torch.testing.assert_close(rebuilt, grads[len(names) + i], rtol=1e-9, atol=1e-12)
+    fisher = diagonal_fisher(model, x, DATA_SPEC)  # per-image gradients by torch.func, every parameter
     for name in layers:
-        torch.testing.assert_close(factors[name][0], hand_a[name], rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(factors[name][1], hand_g[name], rtol=1e-9, atol=1e-12)
-    assert all(float(g.diagonal().sum()) > 0 for _, g in factors.values())
+        torch.testing.assert_close(factors[name].a, hand_a[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(factors[name].g, hand_g[name], rtol=1e-9, atol=1e-12)
+        # the diagonal from each image's rebuilt weight gradient, as the per-image autograd pass has it
+        torch.testing.assert_close(factors[name].weight_fisher, fisher[f"{name}.weight"], rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(factors[name].bias_fisher, fisher[f"{name}.bias"], rtol=1e-9, atol=1e-14)
+    assert all(float(f.g.diagonal().sum()) > 0 and float(f.weight_fisher.sum()) > 0 for f in factors.values())
 
 
 def test_apply_inverts_the_damped_kronecker_blocks_and_the_diagonal():
@@ -88,7 +94,7 @@ def test_apply_inverts_the_damped_kronecker_blocks_and_the_diagonal():
     layers = _convs(model, names)
     factors = kfac_factors(model, x, DATA_SPEC, layers)
     in_blocks = set()
-    for name, (a, g) in factors.items():
+    for name, (a, g, _, _) in factors.items():
         pi = (float(a.diagonal().mean()) / float(g.diagonal().mean())) ** 0.5
         gamma = (damping * scale) ** 0.5
         weight, bias = f"{name}.weight", f"{name}.bias"
@@ -177,3 +183,117 @@ def test_precondition_defaults_to_the_methods_own_and_kfac_is_refused_for_the_ba
             make_config(FAST, {"method": method, "precondition": "kfac"})
     with pytest.raises(InputError, match="precondition must be one of kfac, none"):
         make_config({"precondition": "diagonal"})
+
+
+def _reference_metric(model, x, names, damping=DAMPING):
+    """The metric as built before round 7b: the diagonal Fisher from per-image gradients of every parameter
+    (torch.func), the factors as float64 products; (scale, weight -> (G~^-1, A~^-1), name -> diagonal)."""
+    fisher = diagonal_fisher(model, x, DATA_SPEC)
+    scale = float(torch.cat([fisher[n].flatten() for n in names]).double().mean())
+    blocks, in_blocks = {}, set()
+    for name, layer in _convs(model, names).items():
+        a, g = _float64_factors(model, x, name, layer)
+        pi = (float(a.diagonal().mean()) / float(g.diagonal().mean())) ** 0.5
+        gamma = (damping * scale) ** 0.5
+        blocks[f"{name}.weight"] = (scale * torch.linalg.inv(g + gamma / pi * torch.eye(g.shape[0], dtype=g.dtype)),
+                                    torch.linalg.inv(a + pi * gamma * torch.eye(a.shape[0], dtype=a.dtype)))
+        in_blocks |= {f"{name}.weight", f"{name}.bias"}
+    diagonal = {n: 1.0 / (fisher[n].double() / scale + damping) for n in names if n not in in_blocks}
+    return scale, blocks, diagonal
+
+
+def _float64_factors(model, x, name, layer):
+    """One layer's K-FAC factors with the products in float64 (the pre-7b code's einsums)."""
+    seen = {}
+    handle = layer.register_forward_hook(lambda mod, inp, out: seen.update(inp=inp[0].detach(), out=out))
+    try:
+        nll = nll_nats(model, x, DATA_SPEC).sum()
+    finally:
+        handle.remove()
+    g = torch.autograd.grad(nll, seen["out"])[0].double().flatten(2)
+    a = torch.nn.functional.unfold(seen["inp"], layer.kernel_size, layer.dilation, layer.padding,
+                                   layer.stride).double()
+    a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+    return (torch.einsum("nit,njt->ij", a, a) / a.shape[2] / x.shape[0],
+            torch.einsum("nit,njt->ij", g, g) / x.shape[0])
+
+
+def _reference_update(blocks, diagonal, update, gradient, max_stretch=MAX_STRETCH):
+    """The pre-7b update: per tensor, in float64."""
+    pre = {n: u.double() * diagonal[n] for n, u in update.items() if n in diagonal}
+    for weight, (g_inv, a_inv) in blocks.items():
+        bias = weight.replace(".weight", ".bias")
+        w = update[weight].double()
+        u = torch.cat([w.reshape(w.shape[0], -1), update[bias].double().reshape(-1, 1)], 1)
+        u = g_inv @ u @ a_inv
+        pre[weight], pre[bias] = u[:, :w[0].numel()].reshape(w.shape), u[:, -1]
+    first = sum(float((gradient[n].double() * update[n].double()).sum()) for n in update)
+    first_pre = sum(float((gradient[n].double() * pre[n]).sum()) for n in update)
+    length = sum(float(u.double().square().sum()) for u in update.values()) ** 0.5
+    length_pre = sum(float(p.square().sum()) for p in pre.values()) ** 0.5
+    c = min(first / first_pre, max_stretch * length / length_pre)
+    return {n: c * pre[n] if first < 0 and first_pre < 0 else update[n].double() for n in update}
+
+
+def _relative(new, old) -> float:
+    a = torch.cat([v.flatten() for v in new.values()])
+    b = torch.cat([old[n].flatten() for n in new])
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_one_pass_metric_is_the_reference_metric(dtype):
+    """The diagonal from the K-FAC pass (only the values outside the blocks per image by torch.func) and the
+    flat update equal the pre-7b construction: to float64 rounding on a float64 model; on a float32 model the
+    factors' float32 products move the update by < 1e-5 relative."""
+    model, x = _model_and_inputs(n=5)
+    model, x = model.to(dtype), x.to(dtype)
+    names = _trained(model)
+    metric = KroneckerMetric(model, x, DATA_SPEC, names)
+    scale, blocks, diagonal = _reference_metric(model, x, names)
+    tight = dtype == torch.float64
+    assert set(metric.blocks) == set(blocks) and set(metric.diagonal) == set(diagonal)
+    for n, d in diagonal.items():
+        torch.testing.assert_close(metric.diagonal[n], d, rtol=1e-9 if tight else 1e-5, atol=0)
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(4)
+    update = {n: 1e-3 * torch.randn(params[n].shape, generator=generator, dtype=dtype) for n in names}
+    gradient = {n: -u * 50 + torch.randn(u.shape, generator=generator, dtype=dtype) * 1e-3
+                for n, u in update.items()}
+    assert _relative(metric.update(update, gradient), _reference_update(blocks, diagonal, update, gradient)) \
+        < (1e-10 if tight else 1e-5)
+    stretched = metric.update(update, gradient, max_stretch=1.5)  # the cap binds
+    assert _relative(stretched, _reference_update(blocks, diagonal, update, gradient, 1.5)) < (1e-10 if tight
+                                                                                                else 1e-5)
+
+
+def _two_pass_forward(self, model, x, forget_idx, n_forget):
+    """TamingMethod._forward_keeping_forget_gradient before round 7b: the forget rows' graph kept and walked
+    again by the loss's backward."""
+    nll_forget = nll_nats(model, x[:n_forget], self.data.data_spec)
+    term = self.alpha * forget_loss(nll_forget, self.mu_r, self.sigma_r, delta=self.delta,
+                                    kind=self.forget_loss_kind, unit=self.forget_unit,
+                                    nats_per_bpd=self.nats_per_bpd, weight=self.forget_weight[forget_idx])
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    gradient = torch.autograd.grad(term, [p for _, p in trained], retain_graph=True)
+    self.forget_gradient = {name: g for (name, _), g in zip(trained, gradient, strict=True)}
+    return torch.cat([nll_forget, nll_nats(model, x[n_forget:], self.data.data_spec)])
+
+
+def test_the_forget_rows_gradient_reused_in_the_loss_takes_the_two_pass_steps(monkeypatch, forget_folder):  # noqa: F811
+    """With the anchor on (the default), the loss's backward takes the forget rows' share from the forget
+    gradient already computed instead of walking their graph again: the same steps to float rounding."""
+    model, spec = tiny_glow()
+    base = Checkpoint(model=model, architecture="glow", spec=spec, data_spec=DATA_SPEC)
+    remember = open_images(REMEMBER, DATA_SPEC)
+    forget = open_images(forget_folder, DATA_SPEC)
+    config = make_config(FAST, {"max_iters": 8, "precondition": "kfac", "anchor": 0.2})
+    fused = tame(base, [forget], remember, config)
+    monkeypatch.setattr(TamingMethod, "_forward_keeping_forget_gradient", _two_pass_forward)
+    monkeypatch.setattr(taming, "_gradient_surrogate", lambda model, gradient: torch.zeros(()))
+    two_pass = tame(base, [forget], remember, config)
+    assert fused.report["iterations"] == two_pass.report["iterations"] == 8
+    start, reference = dict(model.state_dict()), two_pass.checkpoint.model.state_dict()
+    moved = max(float((reference[n] - start[n]).abs().max()) for n in start)
+    differ = max(float((p - reference[n]).abs().max()) for n, p in fused.checkpoint.model.state_dict().items())
+    assert moved > 1e-3 and differ < 1e-5 * moved

@@ -245,8 +245,9 @@ def draw_samples(model: MultiScaleFlow, n: int, temperature: float, generator: t
 
 
 def _nll_function(model: MultiScaleFlow, data_spec: DataSpec) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
-    """f(params, x [C,S,S]) -> NLL of one input in nats, a pure function of the parameters (for torch.func)."""
-    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    """f(params, x [C,S,S]) -> NLL of one input in nats, a pure function of ``params`` (for torch.func; the
+    model's parameters missing from ``params`` and its buffers held at their values)."""
+    fixed = {name: t.detach() for name, t in [*model.named_buffers(), *model.named_parameters()]}
 
     class _NLL(nn.Module):
         def __init__(self) -> None:
@@ -259,15 +260,17 @@ def _nll_function(model: MultiScaleFlow, data_spec: DataSpec) -> Callable[[dict[
     wrapper = _NLL()
 
     def f(params: dict[str, Tensor], x: Tensor) -> Tensor:
-        state = {**{f"flow.{k}": v for k, v in params.items()}, **{f"flow.{k}": v for k, v in buffers.items()}}
+        state = {f"flow.{k}": v for k, v in {**fixed, **params}.items()}
         return functional_call(wrapper, state, (x.unsqueeze(0),)).squeeze(0)
 
     return f
 
 
 def _per_sample_gradient_chunks(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, *, vectorized: bool,
-                                chunk_size: int | None) -> Iterator[dict[str, Tensor]]:
-    """Per-sample gradients ∂ NLL(x_n)/∂θ (nats), chunk by chunk: name -> [chunk, *param shape].
+                                chunk_size: int | None, names: list[str] | None = None
+                                ) -> Iterator[dict[str, Tensor]]:
+    """Per-sample gradients ∂ NLL(x_n)/∂θ (nats), chunk by chunk: name -> [chunk, *param shape], for the
+    parameters ``names`` (None: every parameter; the others held, their gradients never computed).
 
     The model runs in eval mode (ActNorm's data-dependent initialization only runs in training mode, so it
     cannot fire inside vmap; a loaded checkpoint is initialized). ``vectorized``: ``vmap(grad(f))`` over
@@ -275,7 +278,8 @@ def _per_sample_gradient_chunks(model: MultiScaleFlow, x: Tensor, data_spec: Dat
     :data:`FISHER_CHUNK_VALUES` floats); otherwise, or when vmap cannot handle a layer (a warning says so),
     ``grad(f)`` one input at a time.
     """
-    params = {name: p.detach() for name, p in model.named_parameters()}
+    wanted = None if names is None else set(names)
+    params = {name: p.detach() for name, p in model.named_parameters() if wanted is None or name in wanted}
     n_params = sum(p.numel() for p in params.values())
     chunk_size = chunk_size or max(1, min(x.shape[0], FISHER_CHUNK_VALUES // max(n_params, 1)))
     was_training = model.training
@@ -304,15 +308,17 @@ def _per_sample_gradient_chunks(model: MultiScaleFlow, x: Tensor, data_spec: Dat
 
 
 def diagonal_fisher(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, *, vectorized: bool = True,
-                    chunk_size: int | None = None) -> dict[str, Tensor]:
-    """Diagonal Fisher ``F_i = mean_n (∂ NLL(x_n)/∂θ_i)²`` at the model's current weights: name -> param shape.
+                    chunk_size: int | None = None, names: list[str] | None = None) -> dict[str, Tensor]:
+    """Diagonal Fisher ``F_i = mean_n (∂ NLL(x_n)/∂θ_i)²`` at the model's current weights: name -> param shape,
+    for the parameters ``names`` (None: all).
 
     NLL in nats, so F is in nats² (per squared parameter unit). ``x`` [N, C, S, S]: model inputs (dequantized
     images or samples; for SA the base model's own samples). ``vectorized`` / ``chunk_size``: see
     :func:`_per_sample_gradient_chunks`; memory stays about :data:`FISHER_CHUNK_VALUES` floats whatever N.
     """
     total: dict[str, Tensor] = {}
-    for chunk in _per_sample_gradient_chunks(model, x, data_spec, vectorized=vectorized, chunk_size=chunk_size):
+    for chunk in _per_sample_gradient_chunks(model, x, data_spec, vectorized=vectorized, chunk_size=chunk_size,
+                                             names=names):
         for name, g in chunk.items():
             square = g.square().sum(0)
             total[name] = total[name] + square if name in total else square

@@ -12,6 +12,8 @@ forget term: the same forget progress, moved where the remember NLL is flat.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -21,7 +23,8 @@ from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import dequantized, nll_nats
 from flowtame.methods.baselines import diagonal_fisher
 
-__all__ = ["DAMPING", "MAX_STRETCH", "METRIC_IMAGES", "KroneckerMetric", "kfac_factors", "remember_metric"]
+__all__ = ["DAMPING", "MAX_STRETCH", "METRIC_IMAGES", "KroneckerMetric", "LayerStatistics", "kfac_factors",
+           "remember_metric"]
 
 #: Damping lambda of the metric, a fraction of its mean diagonal entry. At 0.01 (round 6a's one-step sweep) the
 #: rosinality Glow's look-alikes and remember tail moved (k = 1: QD(D_R^NN) 0.113); 0.1, a less sharp metric,
@@ -34,11 +37,22 @@ MAX_STRETCH = 20.0
 METRIC_IMAGES = 512
 
 
+class LayerStatistics(NamedTuple):
+    """A Conv2d's share of the NLL's Fisher: the K-FAC factors A [in*kh*kw (+1)]^2 and G [out]^2 (float64) and
+    the diagonal Fisher of its weight [weight shape] and bias [out] (None without one), float64, nats^2."""
+
+    a: Tensor
+    g: Tensor
+    weight_fisher: Tensor
+    bias_fisher: Tensor | None
+
+
 def kfac_factors(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, layers: dict[str, nn.Conv2d],
-                 chunk: int = 64) -> dict[str, tuple[Tensor, Tensor]]:
-    """K-FAC factors of the NLL's Fisher on the model inputs ``x`` [N,C,S,S], per layer of ``layers``:
-    name -> (A [in*kh*kw (+1)]^2, G [out]^2), float64, in ``chunk``-image passes (gradients with respect to
-    the layers' outputs, so frozen weights work too)."""
+                 chunk: int = 64) -> dict[str, LayerStatistics]:
+    """K-FAC factors and diagonal Fisher of the NLL on the model inputs ``x`` [N,C,S,S], per layer of ``layers``
+    (:class:`LayerStatistics`), in ``chunk``-image passes: one batched backward to the layers' outputs (so
+    frozen weights work too); each image's weight gradient sum_t g_t a_t^T is rebuilt from its patches and
+    output gradients (images are independent: no batch statistics), so the diagonal needs no per-image pass."""
     if not layers:
         return {}
     sums: dict[str, list[Tensor]] = {}
@@ -47,7 +61,7 @@ def kfac_factors(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, layers: 
     def hook(name: str, module: nn.Conv2d):
         def forward(_module, inputs, output):
             a = torch.nn.functional.unfold(inputs[0].detach(), module.kernel_size, module.dilation,
-                                           module.padding, module.stride).double()  # [n, in*kh*kw, T]
+                                           module.padding, module.stride)  # [n, in*kh*kw, T]
             if module.bias is not None:
                 a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
             if not output.requires_grad:  # a layer fed by constants (a top prior) under frozen weights
@@ -64,19 +78,41 @@ def kfac_factors(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, layers: 
             grads = torch.autograd.grad(nll, [seen[name][1] for name in names], allow_unused=True)
             for name, g in zip(names, grads, strict=True):
                 a = seen[name][0]
-                g = torch.zeros_like(seen[name][1]) if g is None else g
-                g = g.detach().double().flatten(2)  # [n, out, T]
-                a_sum = torch.einsum("nit,njt->ij", a, a) / a.shape[2]
-                g_sum = torch.einsum("nit,njt->ij", g, g)
+                g = (torch.zeros_like(seen[name][1]) if g is None else g).detach().flatten(2)  # [n, out, T]
+                terms = _layer_sums(a, g)
                 if name in sums:
-                    sums[name][0] += a_sum
-                    sums[name][1] += g_sum
+                    for total, term in zip(sums[name], terms, strict=True):
+                        total += term
                 else:
-                    sums[name] = [a_sum, g_sum]
+                    sums[name] = list(terms)
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (a / x.shape[0], g / x.shape[0]) for name, (a, g) in sums.items()}
+    n = x.shape[0]
+    out = {}
+    for name, (a, g, square) in sums.items():
+        weight = layers[name].weight
+        has_bias = layers[name].bias is not None
+        out[name] = LayerStatistics(a / n, g / n, square[:, :weight[0].numel()].reshape(weight.shape) / n,
+                                    square[:, -1] / n if has_bias else None)
+    return out
+
+
+def _layer_sums(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk's sums for :func:`kfac_factors` from patches ``a`` [n, in', T] and output gradients ``g``
+    [n, out, T] (float32): sum_n mean_t a a^T and sum_n sum_t g g^T (products in the inputs' precision, then
+    float64: the preconditioned update moves by ~1e-7 relative against float64 products) and
+    sum_n (g_n a_n^T)^2 [out, in'], each image's weight gradient squared, in slices of images that keep those
+    gradients near 2^24 values."""
+    patches = a.transpose(1, 2).reshape(-1, a.shape[1])  # [n T, in']
+    outputs = g.transpose(1, 2).reshape(-1, g.shape[1])  # [n T, out]
+    a_sum = (patches.T @ patches).double() / a.shape[2]
+    g_sum = (outputs.T @ outputs).double()
+    step = max(1, (1 << 24) // (g.shape[1] * a.shape[1]))
+    square = torch.zeros(g.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[0], step):
+        square += torch.bmm(g[i:i + step], a[i:i + step].transpose(1, 2)).square_().sum(0, dtype=torch.float64)
+    return a_sum, g_sum, square
 
 
 class KroneckerMetric:
@@ -85,7 +121,8 @@ class KroneckerMetric:
     The metric is normalized by the diagonal Fisher's mean entry over ``names`` (so ``damping`` is relative);
     A (x) G's damping is split between the factors by Martens & Grosse's pi (the ratio of their mean
     diagonals). Conv2d layers whose weight is in ``names`` get the Kronecker block, every other value its
-    diagonal entry.
+    diagonal entry. One batched pass gives the factors and the blocks' diagonal Fisher (:func:`kfac_factors`);
+    per-image gradients (torch.func) are taken of the values outside the blocks only.
     """
 
     def __init__(self, model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, names: list[str],
@@ -93,11 +130,15 @@ class KroneckerMetric:
         trained = set(names)
         layers = {name: m for name, m in model.named_modules()
                   if isinstance(m, nn.Conv2d) and f"{name}.weight" in trained}
-        fisher = diagonal_fisher(model, x, data_spec)
+        statistics = kfac_factors(model, x, data_spec, layers)
+        fisher = {f"{name}.weight": s.weight_fisher for name, s in statistics.items()}
+        fisher |= {f"{name}.bias": s.bias_fisher for name, s in statistics.items() if s.bias_fisher is not None}
+        rest = [n for n in names if n not in fisher]  # per-image gradients of only these: no Conv2d weight's
+        fisher |= diagonal_fisher(model, x, data_spec, names=rest, chunk_size=64) if rest else {}
         scale = float(torch.cat([fisher[n].flatten() for n in names]).double().mean()) or 1.0  # 0: no curvature
         #: weight name -> (G~^-1, A~^-1, bias name or None): the block's inverse is their Kronecker product
         self.blocks: dict[str, tuple[Tensor, Tensor, str | None]] = {}
-        for name, (a, g) in kfac_factors(model, x, data_spec, layers).items():
+        for name, (a, g, _, _) in statistics.items():
             a_mean, g_mean = float(a.diagonal().mean()), float(g.diagonal().mean())
             # a layer the NLL does not feel (say, in front of a zero-initialized output) gets damping only
             pi = (a_mean / g_mean) ** 0.5 if a_mean > 0 and g_mean > 0 else 1.0
@@ -105,25 +146,40 @@ class KroneckerMetric:
             a_inv = torch.linalg.inv(a + pi * gamma * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
             g_inv = torch.linalg.inv(g + gamma / pi * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
             bias = f"{name}.bias" if f"{name}.bias" in trained else None
-            self.blocks[f"{name}.weight"] = (scale * g_inv, a_inv, bias)
+            # kept in the model's precision: float32 products move a float32 model's update by ~3e-7 relative
+            self.blocks[f"{name}.weight"] = ((scale * g_inv).to(x.dtype), a_inv.to(x.dtype), bias)
         in_blocks = set(self.blocks) | {bias for _, _, bias in self.blocks.values() if bias is not None}
         #: name -> 1 / (F_ii / mean F + damping), for the values outside the Kronecker blocks
         self.diagonal = {n: 1.0 / (fisher[n].double() / scale + damping) for n in names if n not in in_blocks}
+        self._diagonal_names: list[str] = []
+        self._diagonal_flat = torch.zeros(0, dtype=torch.float64)
 
     def apply(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
         """The metric's inverse times ``vectors`` (name -> tensor shaped like the parameter, every name of the
-        metric), float64: per Kronecker block G~^-1 U A~^-1 with U = [W | b] reshaped [out, in*kh*kw (+1)]."""
-        out = {n: v.double() * self.diagonal[n] for n, v in vectors.items() if n in self.diagonal}
+        metric), float64: per Kronecker block G~^-1 U A~^-1 with U = [W | b] reshaped [out, in*kh*kw (+1)]
+        (the products in the blocks' precision, the model's)."""
+        out = self._apply_diagonal(vectors)
         for weight, (g_inv, a_inv, bias) in self.blocks.items():
-            w = vectors[weight].double()
+            w = vectors[weight].to(g_inv.dtype)
             u = w.reshape(w.shape[0], -1)
             if bias is not None:
-                u = torch.cat([u, vectors[bias].double().reshape(-1, 1)], 1)
-            u = g_inv @ u @ a_inv
+                u = torch.cat([u, vectors[bias].to(g_inv.dtype).reshape(-1, 1)], 1)
+            u = (g_inv @ u @ a_inv).double()
             out[weight] = u[:, :w[0].numel()].reshape(w.shape)
             if bias is not None:
                 out[bias] = u[:, -1]
-        return {n: out[n] for n in vectors}  # in ``vectors``' order, so sums over the result add up the same way
+        return {n: out[n] for n in vectors}  # in ``vectors``' order
+
+    def _apply_diagonal(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The diagonal part of :meth:`apply`, on the values outside the Kronecker blocks, as one product."""
+        names = [n for n in vectors if n in self.diagonal]
+        if not names:
+            return {}
+        if names != self._diagonal_names:  # the flat diagonal in this order, built once
+            self._diagonal_names = names
+            self._diagonal_flat = torch.cat([self.diagonal[n].reshape(-1) for n in names])
+        flat = torch.cat([vectors[n].reshape(-1) for n in names]).double() * self._diagonal_flat
+        return _split(flat, {n: vectors[n].shape for n in names})
 
     def update(self, update: dict[str, Tensor], forget_gradient: dict[str, Tensor],
                max_stretch: float = MAX_STRETCH) -> dict[str, Tensor]:
@@ -131,16 +187,24 @@ class KroneckerMetric:
 
         c makes its first-order change of the forget term equal u's (g_F . c M^-1 u = g_F . u, ``forget_gradient``
         g_F), capped so that |c M^-1 u| <= ``max_stretch`` |u|; u itself when u or M^-1 u does not lower the
-        forget term to first order. Tensor arithmetic throughout: no host sync on a GPU.
+        forget term to first order. Tensor arithmetic on flat vectors (a few large products, not a few per
+        tensor): no host sync on a GPU.
         """
         pre = self.apply(update)
-        first = torch.stack([(forget_gradient[n].double() * update[n].double()).sum() for n in update]).sum()
-        first_pre = torch.stack([(forget_gradient[n].double() * pre[n]).sum() for n in update]).sum()
-        length = torch.stack([u.double().square().sum() for u in update.values()]).sum().sqrt()
-        length_pre = torch.stack([p.square().sum() for p in pre.values()]).sum().sqrt()
-        c = torch.minimum(first / first_pre, max_stretch * length / length_pre)
+        shapes = {n: u.shape for n, u in update.items()}
+        u = torch.cat([v.reshape(-1) for v in update.values()]).double()
+        p = torch.cat([pre[n].reshape(-1) for n in shapes])
+        g = torch.cat([forget_gradient[n].reshape(-1) for n in shapes]).double()
+        first, first_pre = g @ u, g @ p
+        c = torch.minimum(first / first_pre, max_stretch * u.norm() / p.norm())
         lowers = (first < 0) & (first_pre < 0)
-        return {n: torch.where(lowers, c * p, update[n].double()) for n, p in pre.items()}
+        return _split(torch.where(lowers, c * p, u), shapes)
+
+
+def _split(flat: Tensor, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+    """A flat vector cut into name -> tensor of ``shapes`` (views, in ``shapes``' order)."""
+    pieces = flat.split([s.numel() for s in shapes.values()])
+    return {n: piece.view(shape) for (n, shape), piece in zip(shapes.items(), pieces, strict=True)}
 
 
 def remember_metric(model: MultiScaleFlow, remember: Tensor, exclude: Tensor | None, data_spec: DataSpec,

@@ -331,6 +331,8 @@ class TamingMethod:
                                            forget_weight=self.forget_weight[forget_idx])
         else:
             loss, metrics = self.objective(model, nll_forget, nll_remember)
+        if self.metric is not None and self.anchor_weight > 0:  # the forget rows came back detached
+            loss = loss + _gradient_surrogate(model, self.forget_gradient)
         d_now = threshold_distance(nll_forget.detach(), self.mu_r, self.sigma_r, self.delta)
         previous = self.latest_d[forget_idx]
         self.latest_d[forget_idx] = torch.where(previous.isfinite(), previous + SCREEN_WEIGHT * (d_now - previous),
@@ -342,15 +344,23 @@ class TamingMethod:
     def _forward_keeping_forget_gradient(self, model: MultiScaleFlow, x: Tensor, forget_idx: Tensor,
                                          n_forget: int) -> Tensor:
         """NLLs [B] (nats) of ``x``, its first ``n_forget`` rows forwarded on their own so that the forget term's
-        gradient (its NLL part; mu_R, sigma_R held) is taken from them alone (:attr:`forget_gradient`)."""
+        gradient (its NLL part; mu_R, sigma_R held) is taken from them alone (:attr:`forget_gradient`).
+
+        With the anchor on, the objective weighs the forget rows as this term does and its derivative with
+        respect to their NLLs is this term's (mu_R's batch-mean part adds zero to its value), so the forget
+        rows' share of the loss's gradient IS :attr:`forget_gradient`: their NLLs come back detached (their
+        graph freed, not walked a second time) and :meth:`loss` adds a zero-valued term whose gradient is
+        :attr:`forget_gradient` instead."""
         nll_forget = nll_nats(model, x[:n_forget], self.data.data_spec)
         term = self.alpha * forget_loss(nll_forget, self.mu_r, self.sigma_r, delta=self.delta,
                                         kind=self.forget_loss_kind, unit=self.forget_unit,
                                         nats_per_bpd=self.nats_per_bpd, weight=self.forget_weight[forget_idx])
         trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        gradient = torch.autograd.grad(term, [p for _, p in trained], retain_graph=True)
+        reuse = self.anchor_weight > 0  # (:meth:`loss` adds the surrogate on the same test)
+        gradient = torch.autograd.grad(term, [p for _, p in trained], retain_graph=not reuse)
         self.forget_gradient = {name: g for (name, _), g in zip(trained, gradient, strict=True)}
-        return torch.cat([nll_forget, nll_nats(model, x[n_forget:], self.data.data_spec)])
+        nll_rest = nll_nats(model, x[n_forget:], self.data.data_spec)
+        return torch.cat([nll_forget.detach() if reuse else nll_forget, nll_rest])
 
     @property
     def transforms_update(self) -> bool:
@@ -666,6 +676,15 @@ class TamingMethod:
         self.progress_warning = meta.get("progress_warning")
         for hold in self.quantile_holds:
             hold.load_state(meta)
+
+
+def _gradient_surrogate(model: nn.Module, gradient: dict[str, Tensor] | None) -> Tensor:
+    """A zero scalar whose gradient with respect to each parameter of ``model`` named in ``gradient`` (name ->
+    [param shape]) is that entry: sum_p p . g - (the same, detached)."""
+    assert gradient is not None
+    params = dict(model.named_parameters())
+    value = torch.stack([(params[name] * g).sum() for name, g in gradient.items()]).sum()
+    return value - value.detach()
 
 
 #: Method name -> class; baselines register here (``flowtame.methods.baselines``). Every class takes the
