@@ -186,9 +186,9 @@ class TamingMethod:
         self.shift_factor = 0.0
         if self.anchor_weight > 0 and base_model is None:
             raise ValueError("the anchor term needs the frozen base model")
-        #: The remember rows [P] the anchor holds besides the random ones: the look-alikes, then the tail rows
-        #: added at refused stops (:meth:`widen_anchor_pool`).
-        self.anchor_pool = data.lookalikes
+        #: Remember rows [T] added to the anchor's look-alike rows at stops the remember guard refused
+        #: (:meth:`widen_anchor_pool`), else None.
+        self.tail_rows: Tensor | None = None
         self.lookalike_hold = self._lookalike_hold(float(config.lookalike_qd or 0.0))
         self.remember_hold = self._remember_hold(float(config.remember_qd or 0.0))
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
@@ -536,9 +536,18 @@ class TamingMethod:
         self.normal.remeasure(mean, std)
         return False
 
+    @property
+    def anchor_pool(self) -> Tensor | None:
+        """The remember rows [P] the anchor holds besides the random ones: the look-alikes, then the
+        :attr:`tail_rows` (None when there are neither)."""
+        looks, tail = self.data.lookalikes, self.tail_rows
+        if tail is None or looks is None:
+            return looks if tail is None else tail
+        return torch.cat([looks, tail.to(looks.device)])
+
     def widen_anchor_pool(self, nll: Tensor) -> None:
         """Add the :data:`TAIL_ROWS` remember images whose NLL (``nll`` [R], nats, the whole-set pass) rose most
-        over the base model's, beyond the common shift (the median rise), to :attr:`anchor_pool`."""
+        over the base model's, beyond the common shift (the median rise), to :attr:`tail_rows`."""
         base = self.data.base_remember_nll
         assert base is not None
         rise = nll.double() - base
@@ -547,8 +556,7 @@ class TamingMethod:
         if pool is not None and pool.numel() > 0:
             rise[pool.cpu()] = -float("inf")
         tail = rise.topk(min(TAIL_ROWS, rise.numel())).indices
-        device = pool.device if pool is not None else self.data.device
-        self.anchor_pool = tail.to(device) if pool is None else torch.cat([pool, tail.to(device)])
+        self.tail_rows = tail if self.tail_rows is None else torch.cat([self.tail_rows, tail])
 
     def check_progress(self, iteration: int, logged: dict[str, float]) -> None:
         """At :data:`PROGRESS_CHECK` iterations, project the forget images' average pace (smoothed mean d per
@@ -648,8 +656,8 @@ class TamingMethod:
 
     def state_tensors(self) -> dict[str, Tensor]:
         tensors = {**self.normal.state_tensors(), "latest_d": self.latest_d, "forget_weight": self.forget_weight}
-        if self.anchor_pool is not None:
-            tensors["anchor_pool"] = self.anchor_pool
+        if self.tail_rows is not None:
+            tensors["tail_rows"] = self.tail_rows
         return tensors
 
     def state_meta(self) -> dict[str, Any]:
@@ -664,8 +672,8 @@ class TamingMethod:
         self.latest_d = tensors["latest_d"].clone()
         if "forget_weight" in tensors:
             self.forget_weight = tensors["forget_weight"].clone()
-        if "anchor_pool" in tensors:
-            self.anchor_pool = tensors["anchor_pool"].clone()
+        if "tail_rows" in tensors:
+            self.tail_rows = tensors["tail_rows"].clone()
         self.last_confirm = meta["last_confirm"]
         self.confirmations = meta["confirmations"]
         self.lr_factor = meta["lr_factor"]
