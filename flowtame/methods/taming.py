@@ -51,6 +51,10 @@ SHIFT_GROWTH = 2.0
 #: At a stop refused by the remember set's quantile hold: this many more remember images, those whose NLL rose
 #: most (beyond the common shift) under the current weights, join the anchor's look-alike rows.
 TAIL_ROWS = 16
+#: At a stop refused by a quantile hold (the look-alikes' or the remember set's), the anchor's weight grows by
+#: this factor, at most to MAX_ANCHOR_FACTOR times ``anchor``: the pull that brings those images back.
+ANCHOR_GROWTH = 2.0
+MAX_ANCHOR_FACTOR = 8.0
 MAX_SHIFT_FACTOR = 8.0
 #: Iteration at which the forget images' pace is projected to the budget (:meth:`TamingMethod.check_progress`).
 PROGRESS_CHECK = 50
@@ -184,6 +188,8 @@ class TamingMethod:
         #: 0 until a confirmation is refused for the remember drift, then 1, x :data:`SHIFT_GROWTH` per further
         #: refusal, at most :data:`MAX_SHIFT_FACTOR` (:meth:`remember_kept`).
         self.shift_factor = 0.0
+        #: 1, x :data:`ANCHOR_GROWTH` per stop a quantile hold refused, at most :data:`MAX_ANCHOR_FACTOR`.
+        self.anchor_factor = 1.0
         if self.anchor_weight > 0 and base_model is None:
             raise ValueError("the anchor term needs the frozen base model")
         #: Remember rows [T] added to the anchor's look-alike rows at stops the remember guard refused
@@ -409,7 +415,7 @@ class TamingMethod:
         anchor_term = anchor_value = shift = None
         if anchor is not None:
             anchor_value = anchor_loss(*anchor, self.data.base_std)
-            anchor_term = self.anchor_weight * anchor_value
+            anchor_term = self.anchor_weight * self.anchor_factor * anchor_value
             if self.shift_weight * self.shift_factor > 0:
                 # the random remember rows only (the look-alikes that follow them are not a sample of the set)
                 rows = nll_remember.shape[0]
@@ -626,8 +632,11 @@ class TamingMethod:
             self.confirmed_d = threshold_distance(forget_nll, self.mu_r, self.sigma_r, self.delta)
             self.latest_d.copy_(self.confirmed_d)
             self.grow_stragglers(self.confirmed_d)
+            held = sum(hold.refusals for hold in self.quantile_holds)
             done = (bool(self.reached(self.confirmed_d).all()) and self.remember_kept()
                     and self.lookalikes_kept(model) and self.whole_set_agrees(model, forget_nll, self.refresh_nll))
+            if sum(hold.refusals for hold in self.quantile_holds) > held:
+                self.anchor_factor = min(MAX_ANCHOR_FACTOR, self.anchor_factor * ANCHOR_GROWTH)
             if done:
                 self.keep_final_forget_nll()
             return done
@@ -664,6 +673,7 @@ class TamingMethod:
         hold = {key: value for guard in self.quantile_holds for key, value in guard.state_meta().items()}
         return {"last_confirm": self.last_confirm, **self.normal.state_meta(), **hold,
                 "confirmations": self.confirmations, "lr_factor": self.lr_factor, "shift_factor": self.shift_factor,
+                "anchor_factor": self.anchor_factor,
                 "drift_refusals": self.drift_refusals, "whole_set_refusals": self.whole_set_refusals,
                 "progress_start": self.progress_start, "progress_warning": self.progress_warning}
 
@@ -678,6 +688,7 @@ class TamingMethod:
         self.confirmations = meta["confirmations"]
         self.lr_factor = meta["lr_factor"]
         self.shift_factor = meta.get("shift_factor", 0.0)
+        self.anchor_factor = meta.get("anchor_factor", 1.0)
         self.drift_refusals = meta.get("drift_refusals", 0)
         self.whole_set_refusals = meta.get("whole_set_refusals", 0)
         self.progress_start = meta.get("progress_start")
