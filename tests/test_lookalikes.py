@@ -90,6 +90,39 @@ def test_refusals_stop_at_the_bound_and_a_resumed_run_keeps_them(monkeypatch):
     assert method.lookalike_hold.refusals == MAX_HOLD_REFUSALS and method.lookalike_hold.last_qd > 0.01
 
 
+def test_each_refused_stop_doubles_the_anchors_pull_up_to_its_cap(monkeypatch):
+    """A stop a quantile hold refuses doubles the anchor's weight (the pull that brings the held images back),
+    at most MAX_ANCHOR_FACTOR; a stop refused for another reason (an image short of the band) does not; the
+    factor scales the anchor's term in the loss and a resumed run keeps it."""
+    base, moved = base_and_moved()
+    method = held_method(base, 0.01)
+    monkeypatch.setattr(method, "refresh", lambda _model: None)
+    confirm_at(monkeypatch, method, [-5.0, -0.1, 0.2])  # an image short of the band: no hold is asked
+    assert method.after_step(base, 10, {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}) is False
+    assert method.anchor_factor == 1.0
+    confirm_at(monkeypatch, method, [0.1, -0.1, 0.2])
+    monkeypatch.setattr(method.lookalike_hold, "base_nll", method.lookalike_hold.base_nll - 5.0)
+    factors = []
+    for i in range(MAX_HOLD_REFUSALS):
+        assert method.after_step(base, 10 * (i + 2), {"min_d": 0.0, "max_d": 0.0, "max_abs_d": 0.0}) is False
+        factors.append(method.anchor_factor)
+    assert factors == [min(taming.MAX_ANCHOR_FACTOR, taming.ANCHOR_GROWTH ** (i + 1))
+                       for i in range(MAX_HOLD_REFUSALS)]
+    assert factors[-1] == taming.MAX_ANCHOR_FACTOR
+    resumed = held_method(base, 0.01)
+    resumed.load_state(method.state_tensors(), method.state_meta())
+    assert resumed.anchor_factor == taming.MAX_ANCHOR_FACTOR
+    # the loss's anchor term is the weight x the factor x the anchor's value (the shift term off)
+    nll = torch.tensor([300.0, 310.0, 305.0])
+    anchor = (torch.tensor([301.0, 312.0, 305.5, 299.0]), torch.tensor([300.0, 309.0, 305.0, 300.0]))
+    plain = held_method(base, 0.01)
+    loss_plain = plain.objective(moved, nll[:1], anchor[0][:3], anchor=anchor)[0]
+    loss_grown = resumed.objective(moved, nll[:1], anchor[0][:3], anchor=anchor)[0]
+    expected = (1 - plain.alpha) * (1 - plain.gamma) * plain.anchor_weight * (taming.MAX_ANCHOR_FACTOR - 1) \
+        * float(((anchor[0] - anchor[1]) / plain.data.base_std).square().mean())
+    assert float(loss_grown - loss_plain) == pytest.approx(expected, rel=1e-5)
+
+
 def test_the_whole_set_pass_judges_the_lookalikes_against_the_whole_sets_normal(monkeypatch):
     """The last gate: the whole remember set's NLL (as the report computes it) gives the look-alikes' exact
     quantile drop against the whole set's normal; a stop is refused there even when the cheap check passed."""

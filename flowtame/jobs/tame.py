@@ -396,6 +396,12 @@ def _forget_requests(forget_sets: Sequence[ImageSet], forget_request: torch.Tens
     return requests
 
 
+def _tail_rows(method: Any) -> int:
+    """How many remember images the remember guard's refusals added to the anchor's rows (0 for the baselines)."""
+    rows = getattr(method, "tail_rows", None)
+    return 0 if rows is None else int(rows.numel())
+
+
 def _quantile_hold_block(method: Any) -> dict[str, Any]:
     """The report's quantile-drop guard figures (the look-alikes', the remember set's): refusals and the last
     drop measured (0 and None when a guard is off)."""
@@ -524,7 +530,8 @@ def _tamed_outcome(base: Checkpoint, model: MultiScaleFlow, method: Any, result:
         lr_reductions=result.lr_reductions, refreshes=method.refreshes,
         early_refreshes=getattr(method, "early_refreshes", 0), confirmations=method.confirmations,
         drift_refusals=method.drift_refusals, shift_factor=getattr(method, "shift_factor", 0.0),
-        **_quantile_hold_block(method),
+        **_quantile_hold_block(method), anchor_factor=getattr(method, "anchor_factor", 1.0),
+        tail_rows=_tail_rows(method),
         whole_set_refusals=method.whole_set_refusals, progress_warning=getattr(method, "progress_warning", None),
         remember_normal={"base": _normal_block(base_mean, base_std, per_bpd),
                          "tamed": _normal_block(mu_t, sigma_t, per_bpd)},

@@ -48,6 +48,7 @@ MAX_FORGET_WEIGHT = 8.0
 #: common shift is part of how a step raises the forget images); applied only when the stop needs it, it costs
 #: iterations at the end, on the runs that drifted.
 SHIFT_GROWTH = 2.0
+MAX_SHIFT_FACTOR = 8.0
 #: At a stop refused by the remember set's quantile hold: this many more remember images, those whose NLL rose
 #: most (beyond the common shift) under the current weights, join the anchor's look-alike rows.
 TAIL_ROWS = 16
@@ -55,7 +56,6 @@ TAIL_ROWS = 16
 #: this factor, at most to MAX_ANCHOR_FACTOR times ``anchor``: the pull that brings those images back.
 ANCHOR_GROWTH = 2.0
 MAX_ANCHOR_FACTOR = 8.0
-MAX_SHIFT_FACTOR = 8.0
 #: Iteration at which the forget images' pace is projected to the budget (:meth:`TamingMethod.check_progress`).
 PROGRESS_CHECK = 50
 #: Taming's default bound on the remember set's relative mean-NLL rise at a stop (``max_remember_drift``): 0.3%,
