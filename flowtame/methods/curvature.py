@@ -100,19 +100,32 @@ def kfac_factors(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, layers: 
 
 def _layer_sums(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk's sums for :func:`kfac_factors` from patches ``a`` [n, in', T] and output gradients ``g``
-    [n, out, T] (float32): sum_n mean_t a a^T and sum_n sum_t g g^T (products in the inputs' precision, then
-    float64: the preconditioned update moves by ~1e-7 relative against float64 products) and
-    sum_n (g_n a_n^T)^2 [out, in'], each image's weight gradient squared, in slices of images that keep those
-    gradients near 2^24 values."""
+    [n, out, T]: sum_n mean_t a a^T, sum_n sum_t g g^T and sum_n (g_n a_n^T)^2 [out, in'] (each image's weight
+    gradient squared), float64, the products in the inputs' precision (float32 products move the
+    preconditioned update by ~3e-7 relative against float64 ones on the embedded Glow)."""
     patches = a.transpose(1, 2).reshape(-1, a.shape[1])  # [n T, in']
     outputs = g.transpose(1, 2).reshape(-1, g.shape[1])  # [n T, out]
     a_sum = (patches.T @ patches).double() / a.shape[2]
     g_sum = (outputs.T @ outputs).double()
-    step = max(1, (1 << 24) // (g.shape[1] * a.shape[1]))
-    square = torch.zeros(g.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
-    for i in range(0, a.shape[0], step):
-        square += torch.bmm(g[i:i + step], a[i:i + step].transpose(1, 2)).square_().sum(0, dtype=torch.float64)
-    return a_sum, g_sum, square
+    return a_sum, g_sum, _gradient_squares(a, g)
+
+
+def _gradient_squares(a: Tensor, g: Tensor) -> Tensor:
+    """sum_n (g_n a_n^T)^2 [out, in'] (float64) for patches ``a`` [n, in', T] and output gradients ``g``
+    [n, out, T]. Each image's gradient formed (in slices of images that keep them near 2^24 values), squared
+    and summed in the inputs' precision; with few positions (T <= 8), where those [out, in'] gradients are
+    mostly memory traffic, as one product sum_{t,t'} (g_t g_t')(a_t a_t') over (image, t, t') (4.5x faster
+    on a width-512 Glow's 2x2 level)."""
+    n, out, positions = g.shape
+    if positions <= 8:
+        g_pairs = (g.unsqueeze(3) * g.unsqueeze(2)).transpose(0, 1).reshape(out, -1)  # [out, n T T]
+        a_pairs = (a.unsqueeze(3) * a.unsqueeze(2)).transpose(0, 1).reshape(a.shape[1], -1)
+        return (g_pairs @ a_pairs.T).double()
+    square = torch.zeros(out, a.shape[1], dtype=torch.float64, device=a.device)
+    step = max(1, (1 << 24) // (out * a.shape[1]))
+    for i in range(0, n, step):
+        square += torch.bmm(g[i:i + step], a[i:i + step].transpose(1, 2)).square_().sum(0)
+    return square
 
 
 class KroneckerMetric:
