@@ -2,6 +2,7 @@
 resume, and whole runs through ``tame()`` and the CLI on a tiny Glow with a few embedded digits."""
 
 import dataclasses
+import functools
 import json
 import math
 import subprocess
@@ -346,21 +347,25 @@ def test_unseen_forget_images_fail_the_screen():
 
 
 # ---------------------------------------------------------------------------------------------- resume
+def run_engine(name: str, iters: int, state_in=None, state_out=None, **config_kw):
+    """(trained tiny Glow, method) after ``iters`` iterations of method ``name`` (:func:`make_method`'s data and
+    ``config_kw``), resumed from the engine state file ``state_in`` and saved to ``state_out`` when given."""
+    model, _ = tiny_glow()
+    method = make_method(name, model, **config_kw)
+    trained, _ = tiny_glow()
+    engine = Engine(trained, method, EngineConfig(lr=1e-3, warmup=2, max_iters=iters),
+                    generators={"batches": method.generator})
+    if state_in:
+        engine.load_state(state_in)
+    engine.run()
+    if state_out:
+        engine.save_state(state_out)
+    return trained, method
+
+
 @pytest.mark.parametrize("name", ["neggrad", "selective-amnesia"])
 def test_resume_round_trips_bit_for_bit(name, tmp_path):
-    def run(iters, state_in=None, state_out=None):
-        model, _ = tiny_glow()
-        method = make_method(name, model)
-        trained, _ = tiny_glow()
-        engine = Engine(trained, method, EngineConfig(lr=1e-3, warmup=2, max_iters=iters),
-                        generators={"batches": method.generator})
-        if state_in:
-            engine.load_state(state_in)
-        engine.run()
-        if state_out:
-            engine.save_state(state_out)
-        return trained, method
-
+    run = functools.partial(run_engine, name)
     straight, _ = run(6)
     run(3, state_out=tmp_path / "state.safetensors")
     resumed, method = run(6, state_in=tmp_path / "state.safetensors")

@@ -3,13 +3,14 @@ as `evaluate` judges it (d > -epsilon) and not more than ``upper_edge`` epsilons
 confirmation once every smoothed training d is inside that band. ``--preset paper`` keeps Eq. 10's
 |d| < epsilon."""
 
+import functools
+
 import pytest
 import torch
 
-from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import InputError
 from flowtame.jobs.tame import TameConfig, make_config, preset
-from tests.test_baselines import confirm_at, make_method, tiny_glow
+from tests.test_baselines import confirm_at, make_method, run_engine, tiny_glow
 
 PAPER_BAND = {"upper_edge": 1.0}
 
@@ -93,19 +94,7 @@ def test_the_band_keys_are_checked_and_the_paper_preset_keeps_eq_10():
 def test_a_resumed_run_repeats_the_confirmations_bit_for_bit(tmp_path):
     """A short run near the band (delta 0.5: the images start close to the threshold), whose confirmations grow
     a straggler's weight, resumed from its middle, ends with the same weights and state."""
-    def run(iters, state_in=None, state_out=None):
-        model, _ = tiny_glow()
-        method = make_method("taming", model, delta=0.5, epsilon=0.3)
-        trained, _ = tiny_glow()
-        engine = Engine(trained, method, EngineConfig(lr=1e-3, warmup=2, max_iters=iters),
-                        generators={"batches": method.generator})
-        if state_in:
-            engine.load_state(state_in)
-        engine.run()
-        if state_out:
-            engine.save_state(state_out)
-        return trained, method
-
+    run = functools.partial(run_engine, "taming", delta=0.5, epsilon=0.3)
     straight, done = run(12)
     assert done.confirmations > 0
     run(6, state_out=tmp_path / "state.safetensors")
