@@ -297,3 +297,31 @@ def test_the_forget_rows_gradient_reused_in_the_loss_takes_the_two_pass_steps(mo
     moved = max(float((reference[n] - start[n]).abs().max()) for n in start)
     differ = max(float((p - reference[n]).abs().max()) for n, p in fused.checkpoint.model.state_dict().items())
     assert moved > 1e-3 and differ < 1e-5 * moved
+
+
+def test_a_prior_convolving_one_stored_buffer_takes_the_per_image_diagonal_not_a_kronecker_block():
+    """y0ast's top prior convolves one stored buffer and expands it to the batch: the batched pass sees one row
+    there, so no per-image factors exist; the layer is left out of the blocks and its values take the
+    per-image diagonal Fisher (before: the square of the batch's summed gradient, ~5x the Fisher)."""
+    model, _ = tiny_glow(affine=True, top_prior="buffer")
+    model = model.double()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    x = (torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5).double()
+    names = _trained(model)
+    layers = _convs(model, names)
+    buffered = "levels.1.prior.conv.conv"
+    assert buffered in layers
+    factors = kfac_factors(model, x, DATA_SPEC, layers, chunk=6)
+    assert buffered not in factors and "levels.0.prior.conv" in factors
+    metric = KroneckerMetric(model, x, DATA_SPEC, names)
+    assert f"{buffered}.weight" not in metric.blocks and f"{buffered}.weight" in metric.diagonal
+    # its diagonal entries are those of the exact per-image Fisher, at the metric's normalization
+    exact = diagonal_fisher(model, x, DATA_SPEC, names=[f"{buffered}.weight", "levels.0.prior.conv.weight"])
+    inv = metric.diagonal[f"{buffered}.weight"]
+    scale = exact[f"{buffered}.weight"].double() / (1.0 / inv - DAMPING)
+    nonzero = exact[f"{buffered}.weight"] > 1e-12
+    torch.testing.assert_close(scale[nonzero], torch.full_like(scale[nonzero], float(scale[nonzero][0])),
+                               rtol=1e-6, atol=0)

@@ -52,10 +52,13 @@ def kfac_factors(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, layers: 
     """K-FAC factors and diagonal Fisher of the NLL on the model inputs ``x`` [N,C,S,S], per layer of ``layers``
     (:class:`LayerStatistics`), in ``chunk``-image passes: one batched backward to the layers' outputs (so
     frozen weights work too); each image's weight gradient sum_t g_t a_t^T is rebuilt from its patches and
-    output gradients (images are independent: no batch statistics), so the diagonal needs no per-image pass."""
+    output gradients (images are independent: no batch statistics), so the diagonal needs no per-image pass.
+    A layer whose input is not the images' rows (a top prior convolving one stored buffer, then expanded to
+    the batch) has no per-image factors: it is left out (its values take the per-image diagonal)."""
     if not layers:
         return {}
     sums: dict[str, list[Tensor]] = {}
+    unbatched: set[str] = set()
     seen: dict[str, tuple[Tensor, Tensor]] = {}  # this pass's (unfolded input, output) per layer
 
     def hook(name: str, module: nn.Conv2d):
@@ -73,8 +76,10 @@ def kfac_factors(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, layers: 
     try:
         for start in range(0, x.shape[0], chunk):
             seen.clear()
-            nll = nll_nats(model, x[start:start + chunk], data_spec).sum()
-            names = list(seen)
+            rows = x[start:start + chunk]
+            nll = nll_nats(model, rows, data_spec).sum()
+            unbatched |= {name for name, (a, _) in seen.items() if a.shape[0] != rows.shape[0]}
+            names = [name for name in seen if name not in unbatched]
             grads = torch.autograd.grad(nll, [seen[name][1] for name in names], allow_unused=True)
             for name, g in zip(names, grads, strict=True):
                 a = seen[name][0]
@@ -91,6 +96,8 @@ def kfac_factors(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, layers: 
     n = x.shape[0]
     out = {}
     for name, (a, g, square) in sums.items():
+        if name in unbatched:
+            continue
         weight = layers[name].weight
         has_bias = layers[name].bias is not None
         out[name] = LayerStatistics(a / n, g / n, square[:, :weight[0].numel()].reshape(weight.shape) / n,

@@ -312,7 +312,7 @@ class TamingMethod:
     @property
     def lookalike_rows(self) -> int:
         """Look-alike rows per batch: a quarter of ``batch_size`` (at least 1), at most all of
-        ``data.lookalikes``; 0 without the anchor or look-alikes."""
+        :attr:`anchor_pool` (the look-alikes and the tail rows); 0 without the anchor or such rows."""
         looks = self.anchor_pool
         if self.anchor_weight <= 0 or looks is None or looks.numel() == 0:
             return 0
@@ -561,8 +561,8 @@ class TamingMethod:
         pool = self.anchor_pool
         if pool is not None and pool.numel() > 0:
             rise[pool.cpu()] = -float("inf")
-        tail = rise.topk(min(TAIL_ROWS, rise.numel())).indices
-        self.tail_rows = tail if self.tail_rows is None else torch.cat([self.tail_rows, tail])
+        tail = rise.topk(min(TAIL_ROWS, int(rise.isfinite().sum()))).indices  # (at a refused stop: one sync)
+        self.tail_rows = tail if self.tail_rows is None else torch.cat([self.tail_rows.cpu(), tail])
 
     def check_progress(self, iteration: int, logged: dict[str, float]) -> None:
         """At :data:`PROGRESS_CHECK` iterations, project the forget images' average pace (smoothed mean d per
@@ -683,7 +683,7 @@ class TamingMethod:
         if "forget_weight" in tensors:
             self.forget_weight = tensors["forget_weight"].clone()
         if "tail_rows" in tensors:
-            self.tail_rows = tensors["tail_rows"].clone()
+            self.tail_rows = tensors["tail_rows"].cpu().clone()  # (the engine hands state to the device)
         self.last_confirm = meta["last_confirm"]
         self.confirmations = meta["confirmations"]
         self.lr_factor = meta["lr_factor"]
