@@ -283,7 +283,8 @@ def test_tame_on_two_ranks_stops_where_one_process_does(tame_workspace, tame_run
     one, two = (json.loads(Path(f"{tame_runs[label]}.json").read_text()) for label in ("one", "two"))
     assert one["converged"] and two["converged"] and 10 < one["iterations"] < TAME_ITERS
     assert one["config"]["precondition"] == two["config"]["precondition"] == "none"  # torchrun: the default too
-    for key in ("iterations", "confirmations", "refreshes", "early_refreshes", "lr_reductions", "drift_refusals"):
+    for key in ("iterations", "confirmations", "refreshes", "early_refreshes", "lr_reductions", "drift_refusals",
+                "lookalike_refusals", "remember_qd_refusals", "anchor_factor", "tail_rows"):
         assert two[key] == one[key], key
     assert [row["iteration"] for row in two["trajectory"]] == [row["iteration"] for row in one["trajectory"]]
     # the weights: float32 sums in another order (per-rank partial gradients, then the all-reduce) differ in
