@@ -219,9 +219,13 @@ def distributed_context() -> Iterator[DistContext]:
     else:
         dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     previous, _CURRENT = _CURRENT, context
+    finished = False
     try:
         yield context
+        finished = True
     finally:
         _CURRENT = previous
         gc.collect()  # objects bound to the group (a DistributedDataParallel in a reference cycle) go first
+        if finished:  # every rank is done with the group before any rank closes it (not after an error: a
+            dist.barrier(group=context.control)  # rank that failed alone would wait for the others forever)
         dist.destroy_process_group()
