@@ -31,6 +31,7 @@ import re
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -202,17 +203,22 @@ class Engine:
     """Runs ``method`` on ``model`` for at most ``config.max_iters`` iterations.
 
     ``generators`` are the torch.Generators the method draws from; their states go into the resume file.
-    ``callback(iteration, logged)`` is called after every iteration (progress display).
+    ``callback(iteration, logged)`` is called after every iteration (progress display). ``settings``: what a
+    resumed run must share with the run that wrote the state (JSON-serializable, key -> value, a mapping value
+    compared entry by entry: e.g. the job's resolved config); recorded in the state and checked by
+    :meth:`load_state` (None: neither).
     """
 
     def __init__(self, model: MultiScaleFlow, method: Method, config: EngineConfig, *,
                  generators: dict[str, torch.Generator] | None = None,
-                 callback: Callable[[int, dict[str, float]], None] | None = None):
+                 callback: Callable[[int, dict[str, float]], None] | None = None,
+                 settings: dict[str, Any] | None = None):
         self.model = model
         self.method = method
         self.config = config
         self.generators = generators or {}
         self.callback = callback
+        self.settings = None if settings is None else json.loads(json.dumps(settings))
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.context = distributed.current()
         #: What the method's loss gets: the model, or under torchrun, during :meth:`run`, its sharded DDP view
@@ -278,6 +284,8 @@ class Engine:
             tensors[f"method.{key}"] = value
         meta = {"format": STATE_FORMAT, "method": self.method.name, **point["meta"],
                 "config": asdict(self.config), "world_size": self.context.world_size}
+        if self.settings is not None:
+            meta["settings"] = self.settings
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
         save_safetensors_atomic(path, tensors, {"engine": json.dumps(meta)})
 
@@ -301,6 +309,7 @@ class Engine:
             raise CheckpointError(f"{path}: saved by a run on {saved_world} process(es), this run has "
                                   f"{self.context.world_size}: resume with the same number of processes "
                                   "(torchrun --nnodes x --nproc-per-node)", keys=("resume",))
+        self._check_settings(path, meta.get("settings"))
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             self.model.load_state_dict(model_state)
@@ -324,6 +333,22 @@ class Engine:
         self.lr_reductions = meta["lr_reductions"]
         self.elapsed = meta["elapsed"]
         self.trajectory = meta["trajectory"]
+
+    def _check_settings(self, path: Path, saved: dict[str, Any] | None) -> None:
+        """Refuse (CheckpointError naming each differing key with both values) a state written under other
+        :attr:`settings`; a state without them (an older flowtame's) is resumed with a warning."""
+        if self.settings is None:
+            return
+        if saved is None:
+            warnings.warn(f"{path}: the resume state does not record its run's settings (written by an older "
+                          "flowtame): resuming without checking that they are this run's", stacklevel=3)
+            return
+        differing = settings_differences(saved, self.settings)
+        if differing:
+            details = "; ".join(f"{key}: saved {old!r}, now {new!r}" for key, old, new in differing)
+            raise CheckpointError(f"{path}: the resume state was written with other settings ({details}); resume "
+                                  "with the run's settings, or start afresh without resuming",
+                                  keys=tuple(key for key, _, _ in differing if "." not in key))
 
     # ----------------------------------------------------------------- the loop
     def _autocast(self):
@@ -539,12 +564,26 @@ class Engine:
             rolled_back(self.model)
 
 
+def settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, value now) for each key whose value differs (None where one side lacks it), sorted;
+    a key whose values are both mappings is compared entry by entry, as ``key.entry``."""
+    differing = []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differing += [(f"{key}.{entry}", a, b) for entry, a, b in settings_differences(old, new)]
+        elif old != new:
+            differing.append((key, old, new))
+    return differing
+
+
 def start_engine(model: MultiScaleFlow, method: Method, config: EngineConfig, *, batches: torch.Generator,
                  callback: Callable[[int, dict[str, float]], None] | None, state_path: str | Path | None,
-                 resume: bool) -> Engine:
+                 resume: bool, settings: dict[str, Any] | None = None) -> Engine:
     """A job's engine: the method draws its batches from ``batches`` (saved with the resume state); with
-    ``resume`` the run continues from ``state_path``."""
-    engine = Engine(model, method, config, generators={"batches": batches}, callback=callback)
+    ``resume`` the run continues from ``state_path``. ``settings``: see :class:`Engine` (recorded in the
+    state; a resume under other settings is refused)."""
+    engine = Engine(model, method, config, generators={"batches": batches}, callback=callback, settings=settings)
     if resume:
         if state_path is None:
             raise InputError("resume needs the state_path of the interrupted run", keys=("resume",))

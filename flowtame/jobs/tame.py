@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -477,7 +478,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         lr=calibration.lr if calibration is not None else config.lr, warmup=config.warmup,
         max_iters=config.max_iters, grad_clip=config.grad_clip,
         precision=config.precision, trajectory_every=config.trajectory_every),
-        batches=batches, callback=callback, state_path=state_path, resume=resume)
+        batches=batches, callback=callback, state_path=state_path, resume=resume,
+        settings=resume_settings(config, sets, target_holdout))
 
     report: dict[str, Any] = {
         **report_header(REPORT_SCHEMA_VERSION, {"kind": "tame", "method": config.method}, config, dev, base),
@@ -498,6 +500,33 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     with keep_finished_run(save_state, state_path):
         return _tamed_outcome(base, model, method, result, report, nll, sets, forget_sets, remember_nll, config,
                               command=command, delta=delta, epsilon=epsilon, dev=dev, save_state=save_state)
+
+
+#: TameConfig keys a resumed run may change (:func:`resume_settings`): ``trajectory_every`` only thins the log;
+#: ``max_iters`` only says where the loop ends (a run stopped at its budget may be resumed for more), and besides
+#: the early pace warning at iteration 50 (:meth:`~flowtame.methods.taming.TamingMethod.check_progress`) no step,
+#: loss or stop depends on it.
+RESUMABLE_CHANGES = ("trajectory_every", "max_iters")
+
+
+def resume_settings(config: TameConfig, sets: _TamingSets, holdout: Sequence[ImageSet]) -> dict[str, Any]:
+    """What a resumed tame run must share with the run that wrote its state: the resolved config (``precondition``,
+    ``upper_edge``, ``epsilon``, ``freeze``, ... as validation filled them; the run's own method's settings
+    section; not :data:`RESUMABLE_CHANGES`) and digests of the images in their order (the first 16 hex digits of
+    sha256 over their keys): the forget and remember images (the rows the method's state indexes) and, with
+    ``target: holdout``, the held-out images that set the stopping band. Digests, not the band's measured
+    values, so a run resumed on another device is not refused for a rounding difference."""
+    settings = {key: value for key, value in asdict(config).items()
+                if key not in RESUMABLE_CHANGES and key != "method_settings"}
+    section = settings_section(config.method)
+    if section in config.method_settings:
+        settings[section] = asdict(config.method_settings[section])
+    images = {"forget": sets.forget_keys, "remember": sets.remember_keys}
+    if config.target == "holdout":
+        images["holdout"] = [key for image_set in holdout for key in image_set.keys]
+    for name, keys in images.items():
+        settings[name] = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+    return settings
 
 
 def _tamed_outcome(base: Checkpoint, model: MultiScaleFlow, method: Any, result: EngineResult,
