@@ -168,6 +168,7 @@ def test_lookalike_rows_come_from_the_forget_sets_nearest_remember_images():
     method = make_method("taming", base, anchor=1.0, batch_size=8)
     remember = method.data.remember
     method.data.lookalikes = torch.tensor([5, 2, 7])
+    method._build_anchor_pool()
     x, _, n_forget, n_remember = method._batch()
     assert n_remember == 8 and method.lookalike_rows == 2 and x.shape[0] == n_forget + 8 + 2
     pixels = (x[n_forget + 8:] + 0.5) * 2 ** DATA_SPEC.n_bits  # undo dequantization: floor gives the bins
@@ -177,6 +178,7 @@ def test_lookalike_rows_come_from_the_forget_sets_nearest_remember_images():
     # without the anchor no look-alike rows are drawn
     plain = make_method("taming", base, anchor=0.0, batch_size=8)
     plain.data.lookalikes = torch.tensor([5, 2, 7])
+    plain._build_anchor_pool()
     assert plain.lookalike_rows == 0 and plain._batch()[0].shape[0] == plain._batch()[2] + 8
 
 

@@ -32,6 +32,7 @@ def held_method(base, bound: float, **config_kw):
     d.base_remember_nll = torch.zeros(d.remember.shape[0], dtype=torch.float64)
     d.base_remember_nll[ROWS] = batched_nll(base, d.lookalike_check, DATA_SPEC).double()
     method.lookalike_hold = method._lookalike_hold(bound)
+    method._build_anchor_pool()
     return method
 
 
@@ -260,6 +261,7 @@ def test_a_refusal_by_the_remember_guard_adds_the_images_that_rose_most_to_the_a
                for row in drawn)  # every extra row is one of those images, dequantized
     assert method.whole_set_agrees(base, forget_at(moved)) is False
     assert sorted(method.anchor_pool.tolist()) == sorted(rising.tolist())  # the next 16, none twice
+    assert method.tail_rows.device.type == "cpu"  # as the resume state saves them
     resumed = remember_held(base, 0.001, whole_base)
     resumed.load_state(method.state_tensors(), method.state_meta())
     assert resumed.anchor_pool.tolist() == method.anchor_pool.tolist()
@@ -268,3 +270,16 @@ def test_a_refusal_by_the_remember_guard_adds_the_images_that_rose_most_to_the_a
     short.data.whole_remember_nll = lambda _model: moved
     assert short.whole_set_agrees(base, forget_at(moved, d=-5.0)) is False
     assert short.anchor_pool is None and short.whole_set_refusals == 1
+
+
+def test_the_anchor_pool_is_one_tensor_rebuilt_only_when_its_rows_change():
+    """The look-alikes and the tail rows are held as one tensor on the data's device: batches index it as it is
+    (no per-step concatenation or copy); a resumed state's tail rows, or a widening, rebuild it."""
+    base, _ = base_and_moved()
+    method = held_method(base, 0.02)
+    method.load_state({**method.state_tensors(), "tail_rows": torch.tensor([9, 11])}, method.state_meta())
+    pool = method.anchor_pool
+    assert pool.tolist() == [*ROWS.tolist(), 9, 11] and pool.device == method.data.device
+    method._batch()
+    method._batch()
+    assert method.anchor_pool is pool

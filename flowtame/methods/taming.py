@@ -195,6 +195,8 @@ class TamingMethod:
         #: Remember rows [T] added to the anchor's look-alike rows at stops the remember guard refused
         #: (:meth:`widen_anchor_pool`), else None.
         self.tail_rows: Tensor | None = None
+        self._anchor_pool: Tensor | None = None
+        self._build_anchor_pool()
         self.lookalike_hold = self._lookalike_hold(float(config.lookalike_qd or 0.0))
         self.remember_hold = self._remember_hold(float(config.remember_qd or 0.0))
         self.nats_per_bpd = nats_per_bpd(data.data_spec.num_dims)
@@ -304,7 +306,7 @@ class TamingMethod:
             pool = self.anchor_pool
             assert pool is not None
             pick = distinct_indices(self.generator, self.lookalike_rows, pool.shape[0])
-            parts.append(take_rows(d.remember, pool[pick.to(pool.device)], d.device))
+            parts.append(take_rows(d.remember, pool[pick.to(pool.device)], d.device))  # (same device: no copy)
         pixels = torch.cat(parts)
         noise = uniform_noise(self.generator, pixels.shape, d.device)
         return dequantized(pixels, noise, d.data_spec.n_bits), forget_idx, forget_idx.numel(), remember.shape[0]
@@ -544,25 +546,31 @@ class TamingMethod:
 
     @property
     def anchor_pool(self) -> Tensor | None:
-        """The remember rows [P] the anchor holds besides the random ones: the look-alikes, then the
-        :attr:`tail_rows` (None when there are neither)."""
-        looks, tail = self.data.lookalikes, self.tail_rows
-        if tail is None or looks is None:
-            return looks if tail is None else tail
-        return torch.cat([looks, tail.to(looks.device)])
+        """The remember rows [P] (long, on the data's device) the anchor holds besides the random ones: the
+        look-alikes, then the :attr:`tail_rows` (None when there are neither). One tensor, built when the method
+        is, then again only when the tail rows change (:meth:`widen_anchor_pool`, :meth:`load_state`), so a
+        batch indexes it where its draws are, with no per-step copy or concatenation."""
+        return self._anchor_pool
+
+    def _build_anchor_pool(self) -> None:
+        """(Re)build :attr:`anchor_pool` from ``data.lookalikes`` and :attr:`tail_rows` (both on the CPU)."""
+        parts = [rows for rows in (self.data.lookalikes, self.tail_rows) if rows is not None]
+        self._anchor_pool = torch.cat(parts).to(self.data.device) if parts else None
 
     def widen_anchor_pool(self, nll: Tensor) -> None:
         """Add the :data:`TAIL_ROWS` remember images whose NLL (``nll`` [R], nats, the whole-set pass) rose most
-        over the base model's, beyond the common shift (the median rise), to :attr:`tail_rows`."""
+        over the base model's, beyond the common shift (the median rise), to :attr:`tail_rows` (kept on the CPU,
+        as the resume state saves them), and rebuild :attr:`anchor_pool`."""
         base = self.data.base_remember_nll
         assert base is not None
         rise = nll.double() - base
         rise = rise - rise.median()
-        pool = self.anchor_pool
-        if pool is not None and pool.numel() > 0:
-            rise[pool.cpu()] = -float("inf")
+        for rows in (self.data.lookalikes, self.tail_rows):  # none twice
+            if rows is not None and rows.numel() > 0:
+                rise[rows.cpu()] = -float("inf")
         tail = rise.topk(min(TAIL_ROWS, int(rise.isfinite().sum()))).indices  # (at a refused stop: one sync)
-        self.tail_rows = tail if self.tail_rows is None else torch.cat([self.tail_rows.cpu(), tail])
+        self.tail_rows = tail if self.tail_rows is None else torch.cat([self.tail_rows, tail])
+        self._build_anchor_pool()
 
     def check_progress(self, iteration: int, logged: dict[str, float]) -> None:
         """At :data:`PROGRESS_CHECK` iterations, project the forget images' average pace (smoothed mean d per
@@ -684,6 +692,7 @@ class TamingMethod:
             self.forget_weight = tensors["forget_weight"].clone()
         if "tail_rows" in tensors:
             self.tail_rows = tensors["tail_rows"].cpu().clone()  # (the engine hands state to the device)
+        self._build_anchor_pool()
         self.last_confirm = meta["last_confirm"]
         self.confirmations = meta["confirmations"]
         self.lr_factor = meta["lr_factor"]
