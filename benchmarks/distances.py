@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from flowtame.likelihood.auditing import nearest_distance
+from flowtame.likelihood.evaluation import nearest_distance
 
 DEFAULT_SIZES = ("256x100x3072", "1000x256x3072", "1531x256x256", "1531x1437x256")
 

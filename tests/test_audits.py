@@ -14,7 +14,8 @@ from flowtame.data.quantization import DataSpec
 from flowtame.flows.glow import GlowSpec, build_glow
 from flowtame.io.checkpoint import Checkpoint
 from flowtame.likelihood import audits as au
-from flowtame.likelihood.auditing import AuditSets, generation_audit, nearest_distance, nearest_training_distances
+from flowtame.likelihood.auditing import AuditSets, generation_audit, nearest_training_distances
+from flowtame.likelihood.evaluation import nearest_distance
 
 
 def test_auc_by_hand():

@@ -49,6 +49,7 @@ from flowtame.likelihood.statistics import subset_correction
 from flowtame.likelihood.threshold import default_epsilon, threshold_distance
 from flowtame.methods.calibration import calibrate_lr
 from flowtame.methods.curvature import remember_metric
+from flowtame.methods.lookalikes import hold_figures
 from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS
 from flowtame.methods.taming import KL_ESTIMATES, METHODS, TamingData, settings_section
 
@@ -403,15 +404,6 @@ def _tail_rows(method: Any) -> int:
     return 0 if rows is None else int(rows.numel())
 
 
-def _quantile_hold_block(method: Any) -> dict[str, Any]:
-    """The report's quantile-drop guard figures (the look-alikes', the remember set's): refusals and the last
-    drop measured (0 and None when a guard is off)."""
-    block = {"lookalike_refusals": 0, "lookalike_qd": None, "remember_qd_refusals": 0, "remember_qd": None}
-    for hold in getattr(method, "quantile_holds", []):
-        block.update(hold.state_meta())
-    return block
-
-
 def _normal_block(mean: float, std: float, per_bpd: float) -> dict[str, float]:
     return {"mean_nats": mean, "std_nats": std, "mean_bpd": mean / per_bpd, "std_bpd": std / per_bpd}
 
@@ -559,7 +551,7 @@ def _tamed_outcome(base: Checkpoint, model: MultiScaleFlow, method: Any, result:
         lr_reductions=result.lr_reductions, refreshes=method.refreshes,
         early_refreshes=getattr(method, "early_refreshes", 0), confirmations=method.confirmations,
         drift_refusals=method.drift_refusals, shift_factor=getattr(method, "shift_factor", 0.0),
-        **_quantile_hold_block(method), anchor_factor=getattr(method, "anchor_factor", 1.0),
+        **hold_figures(getattr(method, "quantile_holds", [])), anchor_factor=getattr(method, "anchor_factor", 1.0),
         tail_rows=_tail_rows(method),
         whole_set_refusals=method.whole_set_refusals, progress_warning=getattr(method, "progress_warning", None),
         remember_normal={"base": _normal_block(base_mean, base_std, per_bpd),

@@ -23,7 +23,7 @@ from flowtame.errors import InputError
 from flowtame.io.checkpoint import Checkpoint
 from flowtame.likelihood import audits as au
 from flowtame.likelihood import statistics as st
-from flowtame.likelihood.evaluation import _check, _latent_rows
+from flowtame.likelihood.evaluation import _check, _latent_rows, nearest_distance
 from flowtame.likelihood.nll import compute_nll
 
 GENERATION_METRIC = ("euclidean distance between the base model's concatenated, flattened latents, every image "
@@ -84,16 +84,6 @@ def _retrained_sets(nll: Mapping[str, np.ndarray], tamed: Mapping[str, np.ndarra
                      "forget_quality": {"tamed": au.forget_quality(tamed[name], values),
                                         "base": au.forget_quality(base[name], values)}}
     return out
-
-
-def nearest_distance(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Each row's Euclidean distance [M] to its nearest row of ``reference`` [R, D], for ``query`` [M, D].
-
-    Exact (``cdist`` without its matrix-product shortcut, whose cancellation put an image a few thousandths
-    from itself in float32): a row's distance to an equal row is 0, and every pair's value is independent of
-    how the rows are batched, so a minimum over streamed reference chunks equals the minimum over all of them.
-    Cost: 14-30x the shortcut's (docs/benchmarks.md)."""
-    return torch.cdist(query, reference, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
 
 
 def nearest_training_distances(base: Checkpoint, queries: Mapping[str, torch.Tensor], sets: AuditSets, *,

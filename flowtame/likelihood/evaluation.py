@@ -217,7 +217,7 @@ def find_neighbours(base: Checkpoint, forget, remember, k: int, *, batch_size: i
     try:
         forget_latents = torch.cat([_latent_rows(base, batch.pixels, dev, batch_size)
                                     for batch in forget.iter_batches(batch_size)])
-        nearest = _nearest_distance(forget_latents)
+        nearest = partial(nearest_distance, reference=forget_latents, exact=False)
         distances = np.concatenate([_latent_rows(base, batch.pixels, dev, batch_size, nearest).numpy()
                                     for batch in remember.iter_batches(batch_size)])
     finally:
@@ -228,9 +228,24 @@ def find_neighbours(base: Checkpoint, forget, remember, k: int, *, batch_size: i
     return Neighbours(indices=order, distances=distances[order])
 
 
-def _nearest_distance(forget_latents: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Latents [n, D] -> each row's Euclidean distance [n] to the nearest of ``forget_latents`` [F, D]."""
-    return lambda latents: torch.cdist(latents, forget_latents).min(1).values
+def nearest_distance(query: torch.Tensor, reference: torch.Tensor, *, exact: bool = True) -> torch.Tensor:
+    """Each row's Euclidean distance [M] to its nearest row of ``reference`` [R, D], for ``query`` [M, D].
+
+    ``exact`` (the audits: :func:`~flowtame.likelihood.auditing.nearest_training_distances`): ``cdist`` without its
+    matrix-product shortcut, whose cancellation put an image a few thousandths from itself in float32: a row's
+    distance to an equal row is 0, and every pair's value is independent of how the rows are batched, so a
+    minimum over streamed reference chunks equals the minimum over all of them. Cost: 14-30x the shortcut's at
+    100-1,437 reference rows (docs/benchmarks.md).
+
+    ``exact=False`` (ranking the remember images by their distance to the forget set: :func:`find_neighbours`,
+    :func:`nearest_rows`, so ``evaluate``'s D_R^NN and tame's look-alikes): ``cdist``'s default, the matrix
+    product once a side has over 25 rows. Only the order of the distances is used; on float64 latents the
+    shortcut's error was ~1e-15 relative (random latents, D = 256 and 3072; a copy of a row lands up to ~4e-6
+    from it instead of 0, and the ranking leaves out the forget images' own pixels), so it can only swap images
+    whose distances agree to rounding. It stays so that the look-alikes, hence every measured tame run, are the
+    ones chosen before; the exact mode would cost 1.3-2.2x here (15 forget rows, 1,000-1,497 remember rows)."""
+    mode = "donot_use_mm_for_euclid_dist" if exact else "use_mm_for_euclid_dist_if_necessary"
+    return torch.cdist(query, reference, compute_mode=mode).min(1).values
 
 
 def nearest_rows(base: Checkpoint, forget_pixels: torch.Tensor, remember_pixels: torch.Tensor, k: int, *,
@@ -240,7 +255,8 @@ def nearest_rows(base: Checkpoint, forget_pixels: torch.Tensor, remember_pixels:
     minimum over the forget images). ``batch_size``: rows per forward (fewer for a wide model on the CPU,
     :func:`~flowtame.likelihood.nll.eval_batch_size`)."""
     forget_latents = _latent_rows(base, forget_pixels, device, batch_size)
-    distances = _latent_rows(base, remember_pixels, device, batch_size, _nearest_distance(forget_latents))
+    distances = _latent_rows(base, remember_pixels, device, batch_size,
+                             partial(nearest_distance, reference=forget_latents, exact=False))
     return torch.from_numpy(np.argsort(distances.numpy(), kind="stable")[:k].copy())
 
 

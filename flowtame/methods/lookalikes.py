@@ -10,6 +10,7 @@ look-alikes").
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,12 @@ from flowtame.likelihood.statistics import NormalFit, likelihood_quantile
 #: test suite's tiny Glows the look-alikes' drop sat at 0.025-0.03 for 65 confirmations, so an unbounded refusal
 #: only spent the budget.
 MAX_HOLD_REFUSALS = 5
+
+
+#: The holds' names in the resume state and the report, (quantile drop, refusals): the look-alikes', the remember
+#: set's.
+LOOKALIKE_KEYS = ("lookalike_qd", "lookalike_refusals")
+REMEMBER_KEYS = ("remember_qd", "remember_qd_refusals")
 
 
 def quantile_drop(base_nll: np.ndarray, nll: np.ndarray, base: NormalFit, now: NormalFit) -> float:
@@ -47,7 +54,7 @@ class QuantileHold:
 
     def __init__(self, rows: Tensor | None, check: Tensor | None, bound: float, base_nll: np.ndarray,
                  base_fit: NormalFit, data_spec: DataSpec,
-                 keys: tuple[str, str] = ("lookalike_qd", "lookalike_refusals")):
+                 keys: tuple[str, str] = LOOKALIKE_KEYS):
         self.keys = keys
         self.rows, self.check, self.bound, self.base_nll = rows, check, bound, base_nll
         self.data_spec, self.base_fit = data_spec, base_fit
@@ -84,3 +91,15 @@ class QuantileHold:
         qd_key, refusals_key = self.keys
         self.refusals = meta.get(refusals_key, 0)
         self.last_qd = meta.get(qd_key)
+
+
+def hold_figures(holds: Iterable[QuantileHold]) -> dict[str, Any]:
+    """Both holds' figures for the report (refusals and the last quantile drop, under :data:`LOOKALIKE_KEYS` and
+    :data:`REMEMBER_KEYS`): each hold's :meth:`~QuantileHold.state_meta`, and for a hold that is off (not in
+    ``holds``) what a hold that never judged holds: 0 refusals, no drop."""
+    figures: dict[str, Any] = {}
+    for qd_key, refusals_key in (LOOKALIKE_KEYS, REMEMBER_KEYS):
+        figures.update({refusals_key: 0, qd_key: None})
+    for hold in holds:
+        figures.update(hold.state_meta())
+    return figures

@@ -24,7 +24,7 @@ from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
 from flowtame.likelihood.statistics import NormalFit
 from flowtame.likelihood.threshold import threshold_distance
-from flowtame.methods.lookalikes import QuantileHold
+from flowtame.methods.lookalikes import REMEMBER_KEYS, QuantileHold
 from flowtame.methods.objective import anchor_loss, forget_loss, remember_loss, shift_loss
 from flowtame.methods.remember import STALE_SIGMA, TRACK_WEIGHT, RememberNormal
 
@@ -248,7 +248,7 @@ class TamingMethod:
             return None
         return QuantileHold(None, None, bound, d.base_remember_nll.numpy(),
                             NormalFit(float(d.base_mean), float(d.base_std)), d.data_spec,
-                            keys=("remember_qd", "remember_qd_refusals"))
+                            keys=REMEMBER_KEYS)
 
     @property
     def quantile_holds(self) -> list[QuantileHold]:
