@@ -54,16 +54,17 @@ def debias_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Debiased checkpoint to write (.safetensors).")],
     report: Annotated[str | None, typer.Option("--report", help="Write the JSON report here ('-' = stdout).")] = None,
     remember: Annotated[str | None, typer.Option("--remember", "-r", help="Images whose likelihood distribution "
-                                                                   "must stay as it was [all the groups' "
-                                                                   "images].")] = None,
+                                                                   "must stay as it was (default: all the "
+                                                                   "groups' images).")] = None,
     other: Annotated[str | None, typer.Option("--other", help="Images of none of the groups (group images in it are "
                                                        "left out): samples classified as 'other' are not "
                                                        "counted, so frequencies are relative among the "
-                                                       "groups [every sample is assigned to a group].")] = None,
+                                                       "groups (without --other every sample is assigned to a "
+                                                       "group).")] = None,
     classifier: Annotated[Path | None, typer.Option(
         "--classifier", help="TorchScript module: images [B,C,H,W] in [-0.5,0.5) -> logits [B, groups (+1 "
-                             "'other' with --other)] in --group order [a logistic regression on the base "
-                             "model's latents].")] = None,
+                             "'other' with --other)] in --group order (default: a logistic regression on "
+                             "the base model's latents).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file with any of the keys below (and the "
                                                           "other DebiasConfig keys); flags win.")] = None,
     tolerance: Annotated[float | None, typer.Option(help="Stop when every frequency is this close to its target "
@@ -79,7 +80,7 @@ def debias_command(
              "sigma_R, as tame does (0: off) [0.5].")] = None,
     verdict: Annotated[bool | None, typer.Option("--verdict/--no-verdict", help="Stop early when the measured progress "
                                                                          "says the targets cannot be reached "
-                                                                         "within --max-iters [on].")] = None,
+                                                                         "within --max-iters \\[on].")] = None,
     warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up iterations [20].")] = None,
     batch_size: Annotated[int | None, typer.Option(
         help="Images per group, and remember images, per iteration [16].")] = None,
@@ -98,7 +99,7 @@ def debias_command(
                                            "[0].")] = None,
     check_draw: Annotated[bool | None, typer.Option(
         "--check-draw/--no-check-draw", help="Measure base and result again on an independent draw (seed+1) "
-                                             "the stopping rule never saw [on].")] = None,
+                                             "the stopping rule never saw \\[on].")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its saved state.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,

@@ -54,7 +54,7 @@ def tame_command(
     target: Annotated[str | None, typer.Option(help="Where to stop: threshold (the paper's mu_R + delta*sigma_R: "
                                              "suppression) | holdout (the --holdout images' NLL interquartile "
                                              "band: forget to the level of never-seen images; docs/audits.md) "
-                                             "[threshold].")] = None,
+                                             "\\[threshold].")] = None,
     generation_audit: Annotated[int, typer.Option("--generation-audit", min=0, metavar="M",
                                                   help="With --holdout: also audit M samples per model from "
                                                        "shared latents (share near a forget image).")] = 0,
