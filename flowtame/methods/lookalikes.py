@@ -95,8 +95,8 @@ class QuantileHold:
 
 def hold_figures(holds: Iterable[QuantileHold]) -> dict[str, Any]:
     """Both holds' figures for the report (refusals and the last quantile drop, under :data:`LOOKALIKE_KEYS` and
-    :data:`REMEMBER_KEYS`): each hold's :meth:`~QuantileHold.state_meta`, and for a hold that is off (not in
-    ``holds``) what a hold that never judged holds: 0 refusals, no drop."""
+    :data:`REMEMBER_KEYS`): each hold's :meth:`~QuantileHold.state_meta`; a hold that is off (not in ``holds``)
+    reads as one that never judged: 0 refusals, no drop (None)."""
     figures: dict[str, Any] = {}
     for qd_key, refusals_key in (LOOKALIKE_KEYS, REMEMBER_KEYS):
         figures.update({refusals_key: 0, qd_key: None})
