@@ -306,6 +306,12 @@ def test_cli_ctrl_c_writes_a_partial_report_and_resume_finishes(run_cli, tiny_ba
     assert partial["interrupted"] is True and partial["iterations"] == 3 and "before" in partial["frequencies"]
     assert_valid_report(partial, "debias-report.schema.json")
     monkeypatch.setattr(debias_cli._LiveView, "update", original)
+    # a resume under another target or seed is refused in one line naming both values; the state is kept
+    changed = run_cli(*[a if a != "zero=0.3" else "zero=0.4" for a in _tiny_args(tiny_base, out)], "--resume",
+                      "--seed", "1")
+    assert changed.exit_code == 2 and "Traceback" not in changed.stderr
+    assert "seed: saved 0, now 1" in changed.stderr and "targets: saved" in changed.stderr
+    assert (tmp_path / "resumed.safetensors.resume.safetensors").exists()
     second = run_cli(*_tiny_args(tiny_base, out, "--resume"))
     assert second.exit_code == 0, second.stderr
     a, b = load_checkpoint(straight).model.state_dict(), load_checkpoint(out).model.state_dict()

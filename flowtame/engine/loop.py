@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -32,7 +33,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -575,6 +576,12 @@ def settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[tup
         elif old != new:
             differing.append((key, old, new))
     return differing
+
+
+def keys_digest(keys: Sequence[str]) -> str:
+    """A short fingerprint of image keys in their order (the first 16 hex digits of sha256 over the keys, one per
+    line), for a resume state's settings: the rows a method's state indexes must be the same images."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
 def start_engine(model: MultiScaleFlow, method: Method, config: EngineConfig, *, batches: torch.Generator,

@@ -56,6 +56,7 @@ from flowtame.engine.loop import (
     EngineConfig,
     EngineResult,
     keep_finished_run,
+    keys_digest,
     run_for_report,
     start_engine,
     state_saver,
@@ -64,7 +65,7 @@ from flowtame.errors import DataError, InputError
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.io import config as io_config
 from flowtame.io.checkpoint import Checkpoint, make_provenance, report_header
-from flowtame.io.fileio import json_safe
+from flowtame.io.fileio import json_safe, sha256_file
 from flowtame.likelihood.evaluation import Tolerances, summarize_evaluation
 from flowtame.likelihood.nll import pixel_nll
 from flowtame.methods.calibration import calibrate_lr
@@ -329,6 +330,25 @@ def _debias_report(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Ma
     }
 
 
+#: DebiasConfig keys a resumed run may change: ``max_iters`` only says where the loop ends.
+RESUMABLE_CHANGES = ("max_iters",)
+
+
+def debias_resume_settings(config: DebiasConfig, targets: Mapping[str, float], sets: _DebiasSets,
+                           other_set: ImageSet | None, classifier_path: str | Path | None) -> dict[str, Any]:
+    """What a resumed debias run must share with the run that wrote its state: the config (but
+    :data:`RESUMABLE_CHANGES`), the groups' targets in order, digests of each group's, the remember set's and
+    the other set's image keys (:func:`~flowtame.engine.loop.keys_digest`) and of the classifier file's bytes."""
+    settings: dict[str, Any] = {key: value for key, value in asdict(config).items() if key not in RESUMABLE_CHANGES}
+    settings["targets"] = [[name, float(value)] for name, value in targets.items()]
+    settings["groups"] = [keys_digest(keys) for keys in sets.group_keys]
+    settings["remember"] = keys_digest(sets.remember_keys)
+    settings["other"] = None if other_set is None else keys_digest(other_set.keys)
+    settings["classifier"] = (None if classifier_path is None
+                              else sha256_file(classifier_path)[:16])
+    return settings
+
+
 def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[str, float], config: DebiasConfig,
            *, remember_set: ImageSet | None = None, other_set: ImageSet | None = None,
            classifier_path: str | Path | None = None, device: str = "auto", state_path: str | Path | None = None,
@@ -386,7 +406,8 @@ def debias(base: Checkpoint, groups: Mapping[str, ImageSet], targets: Mapping[st
         lr=method.calibration.lr if method.calibration is not None else config.lr, warmup=config.warmup,
         max_iters=config.max_iters, grad_clip=config.grad_clip,
         precision=config.precision, trajectory_every=config.measure_every),
-        batches=batches, callback=callback, state_path=state_path, resume=resume)
+        batches=batches, callback=callback, state_path=state_path, resume=resume,
+        settings=debias_resume_settings(config, targets, sets, other_set, classifier_path))
 
     report = _debias_report(base, groups, targets, config, dev, sets, remember_set, other_set, classifier, before)
     report["calibration"] = method.calibration.to_dict() if method.calibration is not None else None

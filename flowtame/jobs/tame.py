@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +34,7 @@ from flowtame.engine.loop import (
     EngineConfig,
     EngineResult,
     keep_finished_run,
+    keys_digest,
     run_for_report,
     start_engine,
     state_saver,
@@ -517,7 +517,7 @@ def resume_settings(config: TameConfig, sets: _TamingSets, holdout: Sequence[Ima
     if config.target == "holdout":
         images["holdout"] = [key for image_set in holdout for key in image_set.keys]
     for name, keys in images.items():
-        settings[name] = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+        settings[name] = keys_digest(keys)
     return settings
 
 
