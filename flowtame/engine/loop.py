@@ -100,7 +100,10 @@ class Method(Protocol):
         ``gave_up`` (str or None): once set, the run stops after this iteration, unconverged (e.g. debias's
         early verdict that its targets are out of reach), and ``transforms_update`` (bool): when True the engine
         calls ``transform_update(model, before)`` right after each Adam step, ``before`` the trained values
-        before it (name -> tensor), so the method may replace the update (taming's curvature metric).
+        before it (name -> tensor), so the method may replace the update (taming's curvature metric); and
+        ``takes_own_step`` (bool): when True the engine calls ``own_step(model, iteration)`` instead of the
+        loss, its backward and Adam: the method changes the trained values itself and returns the figures to log
+        (name -> scalar tensor, ``loss`` and ``grad_norm`` among them; taming's solved step).
         """
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -365,7 +368,13 @@ class Engine:
 
     def _forward_backward(self) -> tuple[list[str], Tensor]:
         """One forward/backward of the method's loss; (names, values [M] on the device): loss, grad norm
-        and the method's metrics, nothing read back to the host."""
+        and the method's metrics, nothing read back to the host. A method that takes its own step
+        (``takes_own_step``) takes it here instead (:meth:`Method.own_step`); its figures are returned alike."""
+        if getattr(self.method, "takes_own_step", False):
+            metrics = self.method.own_step(self.model, self.iteration)  # type: ignore[attr-defined]
+            device = self.params[0].device if self.params else torch.device("cpu")
+            return list(metrics), torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(())
+                                               for v in metrics.values()])
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss, metrics = self.method.loss(self.loss_model, self.iteration)
@@ -381,7 +390,11 @@ class Engine:
         return names, values
 
     def _step(self) -> float:
-        """Adam step at this iteration's learning rate (returned); counts the iteration."""
+        """Adam step at this iteration's learning rate (returned); counts the iteration. A method that takes its
+        own step took it in :meth:`_forward_backward` (0 returned)."""
+        if getattr(self.method, "takes_own_step", False):
+            self.iteration += 1
+            return 0.0
         lr = _learning_rate(self.config, self.iteration, self.lr_scale * getattr(self.method, "lr_factor", 1.0))
         for group in self.optimizer.param_groups:
             group["lr"] = lr

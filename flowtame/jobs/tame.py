@@ -51,6 +51,7 @@ from flowtame.methods.calibration import calibrate_lr
 from flowtame.methods.curvature import remember_metric
 from flowtame.methods.lookalikes import hold_figures
 from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS
+from flowtame.methods.solved import SOLVE_METRIC_DAMPING, SolvedTaming
 from flowtame.methods.taming import KL_ESTIMATES, METHODS, TamingData, settings_section
 
 REPORT_SCHEMA_VERSION = 1
@@ -61,6 +62,9 @@ FREEZE_RULES = ("coupling-outputs", "none")
 #: (``kfac``, :mod:`flowtame.methods.curvature`; single-process runs: under torchrun the update stays Adam's).
 #: The default (None) is the method's own: ``kfac`` for taming, ``none`` for the baselines (run as published).
 PRECONDITIONS = ("kfac", "none")
+#: How taming steps: adam (Adam's step on the loss, preconditioned per ``precondition``) or solve (the solved
+#: step, :class:`~flowtame.methods.solved.SolvedTaming`; the taming method only).
+STEPS = ("adam", "solve")
 #: Where taming stops (see :func:`stopping_target`): the paper's threshold, or the held-out images' NLL band.
 TARGETS = ("threshold", "holdout")
 
@@ -88,6 +92,8 @@ class TameConfig:
     anchor_shift: float = 2.0
     # None -> the method's own: kfac for taming, none for the baselines (TamingMethod.preconditioned)
     precondition: str | None = None
+    # adam: Adam's step on the loss; solve: the solved step (docs/method.md "The solved step")
+    step: str = "adam"
     lookalikes: int = 16
     lookalike_qd: float = 0.018
     remember_qd: float = 0.001
@@ -170,6 +176,12 @@ class TameConfig:
         elif self.precondition != "none" and self.method in METHODS and not METHODS[self.method].preconditioned:
             problems.append(f"precondition {self.precondition} applies to the taming method only "
                             f"({self.method} runs as published)")
+        if self.step not in STEPS:
+            problems.append(f"step must be one of {', '.join(STEPS)}")
+        elif self.step == "solve" and self.method != "taming":
+            problems.append(f"step solve applies to the taming method only ({self.method} runs as published)")
+        elif self.step == "solve" and self.anchor <= 0:
+            problems.append("step solve holds the look-alikes at their base NLL: it needs the anchor on (anchor > 0)")
         if self.lookalikes < 0:
             problems.append("lookalikes must be at least 0 (0: none)")
         if self.lookalike_qd < 0:
@@ -361,6 +373,7 @@ def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll:
         lookalike_check=lookalike_check,
         base_remember_nll=torch.from_numpy(base_remember_nll),
         refresh_rows=refresh_idx,
+        evaluation_inputs=on_evaluation_noise,
     )
     return data, subset_correction(base_remember_nll, refresh_idx.numpy())
 
@@ -411,8 +424,10 @@ def _normal_block(mean: float, std: float, per_bpd: float) -> dict[str, float]:
 def _build_method(config: TameConfig, data: TamingData, *, delta: float, epsilon: float,
                   correction: tuple[float, float], batches: torch.Generator, setup_generator: torch.Generator,
                   base_model: MultiScaleFlow) -> Any:
-    """The configured method (``config.method`` in :data:`METHODS`) on ``data``, drawing from ``batches``."""
-    return METHODS[config.method](data, config, delta=delta, epsilon=epsilon, generator=batches,
+    """The configured method (``config.method`` in :data:`METHODS`; with ``step: solve``,
+    :class:`~flowtame.methods.solved.SolvedTaming`) on ``data``, drawing from ``batches``."""
+    cls = SolvedTaming if config.step == "solve" else METHODS[config.method]
+    return cls(data, config, delta=delta, epsilon=epsilon, generator=batches,
                                   setup_generator=setup_generator, subset_correction=correction,
                                   base_model=base_model)
 
@@ -436,8 +451,9 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     if not forget_sets:
         raise InputError("taming needs at least one forget source", keys=("forget",))
     data_spec = base.image_data("taming")
-    if config.precondition != "none" and distributed.current().active:
-        config = dataclasses.replace(config, precondition="none")  # one forward with gradient per iteration (DDP)
+    if (config.precondition != "none" or config.step != "adam") and distributed.current().active:
+        # one forward with gradient per iteration (DDP): Adam's step, unpreconditioned
+        config = dataclasses.replace(config, precondition="none", step="adam")
     dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_sets(forget_sets, remember_set)
 
@@ -457,12 +473,15 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     parameters = dict(model.named_parameters())
     method = _build_method(config, data, delta=delta, epsilon=epsilon, correction=correction, batches=batches,
                            setup_generator=generator, base_model=base_model)
-    if config.precondition == "kfac":  # (TameConfig refuses it for a method that is not preconditioned)
-        trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    if config.step == "solve":
+        method.metric = remember_metric(base_model, data.remember, data.refresh_rows, data_spec, trained,
+                                        config.seed, damping=SOLVE_METRIC_DAMPING)
+    elif config.precondition == "kfac":  # (TameConfig refuses it for a method that is not preconditioned)
         method.metric = remember_metric(base_model, data.remember, data.refresh_rows, data_spec, trained,
                                         config.seed)
     calibration = None
-    if config.step_sigma is not None and config.method == "taming":
+    if config.step_sigma is not None and config.method == "taming" and config.step == "adam":
         calibration = calibrate_lr(model, data.refresh, data_spec, lr_cap=config.lr, step_sigma=config.step_sigma,
                                    sigma=float(base_remember_nll.std(ddof=1)))
         method.calibration = calibration

@@ -266,7 +266,7 @@ def _nll_function(model: MultiScaleFlow, data_spec: DataSpec) -> Callable[[dict[
     return f
 
 
-def _per_sample_gradient_chunks(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, *, vectorized: bool,
+def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, *, vectorized: bool,
                                 chunk_size: int | None, names: list[str] | None = None
                                 ) -> Iterator[dict[str, Tensor]]:
     """Per-sample gradients ∂ NLL(x_n)/∂θ (nats), chunk by chunk: name -> [chunk, *param shape], for the
@@ -314,10 +314,10 @@ def diagonal_fisher(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, *, ve
 
     NLL in nats, so F is in nats² (per squared parameter unit). ``x`` [N, C, S, S]: model inputs (dequantized
     images or samples; for SA the base model's own samples). ``vectorized`` / ``chunk_size``: see
-    :func:`_per_sample_gradient_chunks`; memory stays about :data:`FISHER_CHUNK_VALUES` floats whatever N.
+    :func:`per_sample_gradients`; memory stays about :data:`FISHER_CHUNK_VALUES` floats whatever N.
     """
     total: dict[str, Tensor] = {}
-    for chunk in _per_sample_gradient_chunks(model, x, data_spec, vectorized=vectorized, chunk_size=chunk_size,
+    for chunk in per_sample_gradients(model, x, data_spec, vectorized=vectorized, chunk_size=chunk_size,
                                              names=names):
         for name, g in chunk.items():
             square = g.square().sum(0)

@@ -90,7 +90,8 @@ class TamingData:
     job's base pass; the stop's quantile-drop guards start from it). ``refresh_rows``: long [S] (CPU), the
     rows of ``remember`` that ``refresh`` holds, when ``refresh`` is on the evaluation's keyed noise: a whole-set
     pass right after a refresh then takes those rows' NLLs from it (``whole_remember_nll(model, known=(refresh_rows,
-    nll))`` measures only the other rows).
+    nll))`` measures only the other rows). ``evaluation_inputs(rows)``: remember images ``rows`` (long [n], CPU)
+    dequantized with the evaluation's keyed noise [n,C,H,W], on the device (the solved step's held rows).
     """
 
     data_spec: DataSpec
@@ -106,6 +107,7 @@ class TamingData:
     lookalike_check: Tensor | None = None
     base_remember_nll: Tensor | None = None
     refresh_rows: Tensor | None = None
+    evaluation_inputs: Callable[[Tensor], Tensor] | None = None
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,230 @@
+"""Taming by a solved step (``step: solve``; docs/method.md "The solved step").
+
+Adam's step pushes a sum of loss terms and waits for the forget pull and the anchor's pull back to balance; most
+of a run's iterations went to that balance (docs/benchmarks.md "Round 8"). The solved step asks for the changes
+it wants instead. Each iteration linearizes the NLL of a few rows around the current weights:
+
+- each forget image (gradient averaged over :data:`FORGET_DRAWS` fresh noise draws), asked to move to the middle
+  of the stopping band (at most :data:`TARGET_CAP` sigma_R per step);
+- each row the anchor holds (the look-alikes, then the tail rows a refused stop added), asked back to its base NLL
+  on the evaluation's noise;
+- the remember set's mean NLL (a batch of :data:`MEAN_ROWS` images, its sampling noise cancelled by the same
+  batch under the base model plus the whole set's gradient under the base model), asked back to the base mean;
+
+and takes the shortest step under the remember curvature metric M (:func:`~flowtame.methods.curvature.constrained_step`)
+that makes those first-order changes, shrunk so that its predicted remember RMS change stays within
+:data:`STEP_RMS` sigma_R. After every step the stop is judged on the check draws and the refresh subset, then on
+the whole remember set, as Adam's step's confirmations are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad
+
+from flowtame.data.quantization import DataSpec
+from flowtame.engine.devices import random_indices, take_rows, uniform_noise
+from flowtame.flows.base import MultiScaleFlow
+from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
+from flowtame.likelihood.threshold import threshold_distance
+from flowtame.methods.baselines import per_sample_gradients
+from flowtame.methods.curvature import constrained_step
+from flowtame.methods.taming import TamingMethod
+
+__all__ = ["FORGET_DRAWS", "MEAN_ROWS", "SOLVE_METRIC_DAMPING", "STEP_RMS", "TARGET_CAP", "SolvedTaming",
+           "mean_nll_gradient"]
+
+#: Fresh noise draws whose per-image gradients are averaged for each forget row.
+FORGET_DRAWS = 2
+#: Remember images of the mean row per step.
+MEAN_ROWS = 256
+#: Largest change a forget row asks for in one step, in sigma_R (nearer the band: the whole gap).
+TARGET_CAP = 2.0
+#: Largest predicted RMS change of the remember images' NLL in one step, in sigma_R (sqrt(v^T F v) <= it).
+STEP_RMS = 1.0
+#: The metric's relative damping for the solved step (Adam's curvature step uses DAMPING = 0.1: its update is
+#: Adam's direction, reshaped; the solve needs the metric's own directions).
+SOLVE_METRIC_DAMPING = 1e-3
+
+
+def mean_nll_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, names: list[str],
+                      chunk: int = 256) -> dict[str, Tensor]:
+    """Gradient of the mean NLL (nats) of inputs ``x`` [N,C,S,S] over the values ``names`` of ``model`` (name ->
+    shape), in ``chunk``-image passes; the model's other values held, its mode (eval/train) as it is."""
+    wanted = set(names)
+    params = {n: p.detach() for n, p in model.named_parameters() if n in wanted}
+
+    gradient = grad(lambda values, rows: _summed_nll(model, values, rows, data_spec))
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    for start in range(0, x.shape[0], chunk):
+        for n, g in gradient(params, x[start:start + chunk]).items():
+            out[n] += g
+    return {n: g / x.shape[0] for n, g in out.items()}
+
+
+def _summed_nll(model: MultiScaleFlow, values: dict[str, Tensor], rows: Tensor, data_spec: DataSpec) -> Tensor:
+    """The summed NLL (nats) of ``rows`` under ``model`` with its values ``values`` swapped in (torch.func)."""
+    return functional_call(_NLLModule(model, data_spec), {f"flow.{n}": v for n, v in values.items()},
+                           (rows,), strict=False).sum()
+
+
+class _NLLModule(torch.nn.Module):
+    """``model``'s NLL (nats) [B] as a module's forward, for :func:`torch.func.functional_call`."""
+
+    def __init__(self, model: MultiScaleFlow, data_spec: DataSpec):
+        super().__init__()
+        self.flow, self.data_spec = model, data_spec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nll_nats(self.flow, x, self.data_spec)
+
+
+class SolvedTaming(TamingMethod):
+    """The taming method with the solved step (module docstring): the same data, stopping band, guards, holds and
+    report figures as :class:`~flowtame.methods.taming.TamingMethod`, its loss terms unused. The engine calls
+    :meth:`own_step` instead of a forward/backward and Adam's step; :attr:`metric` (the remember curvature
+    metric, damping :data:`SOLVE_METRIC_DAMPING`) is set by the tame job."""
+
+    takes_own_step = True
+    confirm_gap = 1
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.base_model is None:
+            raise ValueError("the solved step needs the frozen base model")
+        #: the whole remember set's mean-NLL gradient under the base model (name -> shape), from the first step
+        self.base_gradient: dict[str, Tensor] | None = None
+        #: the anchor's rows on the evaluation's noise [P,C,S,S] and their NLL now [P] (nats), per measurement
+        self.pool_check: Tensor | None = None
+        self.pool_nll: Tensor | None = None
+        self._build_pool_check()
+
+    @property
+    def transforms_update(self) -> bool:
+        return False
+
+    def _build_anchor_pool(self) -> None:
+        super()._build_anchor_pool()
+        if hasattr(self, "pool_check"):  # (the base class builds the pool before this class's fields exist)
+            self._build_pool_check()
+
+    def _build_pool_check(self) -> None:
+        pool, inputs = self.anchor_pool, self.data.evaluation_inputs
+        self.pool_check = None if pool is None or inputs is None else inputs(pool.cpu())
+        self.pool_nll = None
+
+    # ------------------------------------------------------------------ measurement and the stop
+    @torch.no_grad()
+    def measure(self, model: MultiScaleFlow) -> Tensor:
+        """mu_R, sigma_R on the refresh subset, each forget image's d on the check draws (:attr:`confirmed_d`)
+        and the anchor rows' NLL on the evaluation's noise; returns the forget NLL [F] (nats)."""
+        self.refresh(model)
+        forget_nll = self.check_nll(model)
+        self.confirmed_d = threshold_distance(forget_nll, self.mu_r, self.sigma_r, self.delta)
+        self.latest_d.copy_(self.confirmed_d)
+        if self.pool_check is not None:
+            self.pool_nll = batched_nll(model, self.pool_check, self.data.data_spec).double()
+        return forget_nll
+
+    def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
+        """Measure the stepped weights; when every forget image is in the band, the guards and holds judge the
+        stop (the drift guard, the look-alikes, then the whole remember set), as a confirmation does."""
+        forget_nll = self.measure(model)
+        assert self.confirmed_d is not None
+        if not bool(self.reached(self.confirmed_d).all()):
+            return False
+        self.confirmations += 1
+        self.last_confirm = iteration
+        done = self.remember_kept() and self.lookalikes_kept(model) \
+            and self.whole_set_agrees(model, forget_nll, self.refresh_nll)
+        if done:
+            self.keep_final_forget_nll()
+        return done
+
+    # ------------------------------------------------------------------ the step
+    def own_step(self, model: MultiScaleFlow, iteration: int) -> dict[str, Tensor]:
+        """Solve for this iteration's step and apply it to ``model``'s trained values; returns the figures to
+        log (``loss``: the rows' summed squared targets in sigma_R^2; ``grad_norm``: the applied step's norm)."""
+        if self.confirmed_d is None:
+            self.measure(model)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        was_training = model.training
+        model.eval()
+        try:
+            if self.base_gradient is None:  # (its own seeded noise: a resumed run computes the same)
+                assert self.base_model is not None
+                d = self.data
+                generator = torch.Generator(device=d.device).manual_seed(int(self.config.seed) + 1)
+                pixels = take_rows(d.remember, torch.arange(d.remember.shape[0]), d.device)
+                whole = dequantized(pixels, uniform_noise(generator, pixels.shape, d.device), d.data_spec.n_bits)
+                self.base_gradient = mean_nll_gradient(self.base_model, whole, d.data_spec, names)
+            targets = self._targets()
+            solved = constrained_step(self.metric, self._jacobian(model, names), targets)
+        finally:
+            model.train(was_training)
+        sigma = self.sigma_r.double()
+        energy = (solved.weights @ solved.gram @ solved.weights).clamp_min(0)
+        rms = (self.metric.scale * energy).sqrt()  # >= sqrt(v^T F v): the remember images' RMS NLL change
+        shrink = torch.clamp(STEP_RMS * sigma / rms.clamp_min(1e-30), max=1.0)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, change in solved.step.items():
+                params[n].add_((shrink * change).to(params[n].dtype))
+        step_norm = shrink * torch.cat([c.reshape(-1) for c in solved.step.values()]).norm()
+        now = self.latest_d  # (the measurement the step was solved from)
+        return {"loss": (targets / sigma).square().sum(), "grad_norm": step_norm, "step_rms": shrink * rms / sigma,
+                "shrink": shrink, "remember_bpd": self.mu_r / self.nats_per_bpd, "max_abs_d": now.abs().max(),
+                "min_d": now.min(), "max_d": now.max(), "mean_d": now.mean(), "mu_r": self.mu_r,
+                "sigma_r": self.sigma_r}
+
+    def _targets(self) -> Tensor:
+        """The rows' wanted NLL changes (nats, float64) [F + P + 1]: each forget image to the band's middle (at
+        most :data:`TARGET_CAP` sigma_R), each anchor row back to its base NLL, the remember mean back to N_B's."""
+        assert self.confirmed_d is not None
+        sigma = self.sigma_r.double()
+        middle = (self.lower_edge + self.upper_edge) / 2
+        forget = ((middle - self.confirmed_d.double()) * sigma).clamp(-TARGET_CAP * sigma, TARGET_CAP * sigma)
+        parts = [forget]
+        if self.pool_nll is not None:
+            base = self.data.base_remember_nll
+            assert base is not None and self.anchor_pool is not None
+            parts.append(base[self.anchor_pool.cpu()].to(forget) - self.pool_nll.to(forget))
+        parts.append((self.data.base_mean.double() - self.mu_r.double()).reshape(1).to(forget))
+        return torch.cat(parts)
+
+    def _fresh(self, pixels: Tensor) -> Tensor:
+        """``pixels`` (uint8, on the data's device) dequantized with fresh noise from the method's generator."""
+        return dequantized(pixels, uniform_noise(self.generator, pixels.shape, pixels.device),
+                           self.data.data_spec.n_bits)
+
+    def _jacobian(self, model: MultiScaleFlow, names: list[str]) -> dict[str, Tensor]:
+        """The rows' NLL gradients (name -> [F + P + 1, *shape], nats): each forget image's averaged over
+        :data:`FORGET_DRAWS` fresh draws, each anchor row's on a fresh draw, and the mean row: the gradient of a
+        :data:`MEAN_ROWS`-image batch's mean NLL, minus the same batch's under the base model, plus the whole
+        set's under the base model (the batch's own noise cancels)."""
+        d, spec = self.data, self.data.data_spec
+        k = d.forget.shape[0]
+        parts = [self._fresh(d.forget.repeat(FORGET_DRAWS, 1, 1, 1))]
+        if self.pool_nll is not None and self.anchor_pool is not None:
+            parts.append(self._fresh(take_rows(d.remember, self.anchor_pool, d.device)))
+        x = torch.cat(parts)
+        chunks = list(per_sample_gradients(model, x, spec, vectorized=True, chunk_size=None, names=names))
+        batch = self._fresh(take_rows(d.remember, random_indices(self.generator, d.remember.shape[0], MEAN_ROWS),
+                                      d.device))
+        now = mean_nll_gradient(model, batch, spec, names)
+        assert self.base_model is not None and self.base_gradient is not None
+        at_base = mean_nll_gradient(self.base_model, batch, spec, names)
+        out = {}
+        for n in names:
+            rows = torch.cat([c[n] for c in chunks])
+            forget = rows[:k * FORGET_DRAWS].reshape(FORGET_DRAWS, k, *rows.shape[1:]).mean(0)
+            mean = now[n] - at_base[n] + self.base_gradient[n]
+            out[n] = torch.cat([forget, rows[k * FORGET_DRAWS:], mean[None]])
+        return out
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        super().load_state(tensors, meta)
+        self.confirmed_d = None  # measured again on the resumed weights before the first step
