@@ -34,13 +34,15 @@ from flowtame.methods.baselines import per_sample_gradients
 from flowtame.methods.curvature import constrained_step
 from flowtame.methods.taming import TamingMethod
 
-__all__ = ["FORGET_DRAWS", "MEAN_ROWS", "SOLVE_METRIC_DAMPING", "STEP_RMS", "TARGET_CAP", "SolvedTaming",
+__all__ = ["BASE_GRADIENT_ROWS", "FORGET_DRAWS", "MEAN_ROWS", "SOLVE_METRIC_DAMPING", "STEP_RMS", "TARGET_CAP", "SolvedTaming",
            "mean_nll_gradient"]
 
 #: Fresh noise draws whose per-image gradients are averaged for each forget row.
 FORGET_DRAWS = 2
 #: Remember images of the mean row per step.
 MEAN_ROWS = 256
+#: Remember images (at most; drawn once) of the base model's mean-NLL gradient, the mean row's control variate.
+BASE_GRADIENT_ROWS = 1024
 #: Largest change a forget row asks for in one step, in sigma_R (nearer the band: the whole gap).
 TARGET_CAP = 2.0
 #: Largest predicted RMS change of the remember images' NLL in one step, in sigma_R (sqrt(v^T F v) <= it).
@@ -95,7 +97,8 @@ class SolvedTaming(TamingMethod):
         super().__init__(*args, **kwargs)
         if self.base_model is None:
             raise ValueError("the solved step needs the frozen base model")
-        #: the whole remember set's mean-NLL gradient under the base model (name -> shape), from the first step
+        #: the remember set's mean-NLL gradient under the base model (name -> shape; on at most
+        #: :data:`BASE_GRADIENT_ROWS` images), from the first step
         self.base_gradient: dict[str, Tensor] | None = None
         #: the anchor's rows on the evaluation's noise [P,C,S,S] and their NLL now [P] (nats), per measurement
         self.pool_check: Tensor | None = None
@@ -154,11 +157,13 @@ class SolvedTaming(TamingMethod):
         was_training = model.training
         model.eval()
         try:
-            if self.base_gradient is None:  # (its own seeded noise: a resumed run computes the same)
+            if self.base_gradient is None:  # (its own seeded rows and noise: a resumed run computes the same)
                 assert self.base_model is not None
                 d = self.data
                 generator = torch.Generator(device=d.device).manual_seed(int(self.config.seed) + 1)
-                pixels = take_rows(d.remember, torch.arange(d.remember.shape[0]), d.device)
+                rows = torch.randperm(d.remember.shape[0], generator=torch.Generator().manual_seed(
+                    int(self.config.seed) + 1))[:BASE_GRADIENT_ROWS]
+                pixels = take_rows(d.remember, rows, d.device)
                 whole = dequantized(pixels, uniform_noise(generator, pixels.shape, d.device), d.data_spec.n_bits)
                 self.base_gradient = mean_nll_gradient(self.base_model, whole, d.data_spec, names)
             targets = self._targets()
@@ -203,8 +208,8 @@ class SolvedTaming(TamingMethod):
     def _jacobian(self, model: MultiScaleFlow, names: list[str]) -> dict[str, Tensor]:
         """The rows' NLL gradients (name -> [F + P + 1, *shape], nats): each forget image's averaged over
         :data:`FORGET_DRAWS` fresh draws, each anchor row's on a fresh draw, and the mean row: the gradient of a
-        :data:`MEAN_ROWS`-image batch's mean NLL, minus the same batch's under the base model, plus the whole
-        set's under the base model (the batch's own noise cancels)."""
+        :data:`MEAN_ROWS`-image batch's mean NLL, minus the same batch's under the base model, plus the remember
+        set's under the base model (:attr:`base_gradient`; the batch's own noise cancels)."""
         d, spec = self.data, self.data.data_spec
         k = d.forget.shape[0]
         parts = [self._fresh(d.forget.repeat(FORGET_DRAWS, 1, 1, 1))]
