@@ -34,8 +34,8 @@ from flowtame.methods.baselines import per_sample_gradients
 from flowtame.methods.curvature import constrained_step
 from flowtame.methods.taming import TamingMethod
 
-__all__ = ["BASE_GRADIENT_ROWS", "FORGET_DRAWS", "MEAN_ROWS", "SOLVE_METRIC_DAMPING", "STEP_RMS", "TARGET_CAP", "SolvedTaming",
-           "mean_nll_gradient"]
+__all__ = ["BASE_GRADIENT_ROWS", "FORGET_DRAWS", "MEAN_ROWS", "SOLVE_METRIC_DAMPING", "STEP_RMS", "TARGET_CAP",
+           "SolvedTaming", "mean_nll_gradient"]
 
 #: Fresh noise draws whose per-image gradients are averaged for each forget row.
 FORGET_DRAWS = 2
