@@ -104,6 +104,10 @@ class SolvedTaming(TamingMethod):
         self.pool_check: Tensor | None = None
         self.pool_nll: Tensor | None = None
         self._build_pool_check()
+        #: The forget images' NLL [F] (nats, check draws) of the latest measurement (None: none yet)
+        self.forget_nll_now: Tensor | None = None
+        #: The step's trust: :data:`STEP_RMS` and :data:`TARGET_CAP` are scaled by it; quartered at each roll-back
+        self.trust = 1.0
 
     @property
     def transforms_update(self) -> bool:
@@ -133,10 +137,11 @@ class SolvedTaming(TamingMethod):
         return forget_nll
 
     def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
-        """Measure the stepped weights; when every forget image is in the band, the guards and holds judge the
-        stop (the drift guard, the look-alikes, then the whole remember set), as a confirmation does."""
-        forget_nll = self.measure(model)
-        assert self.confirmed_d is not None
+        """On the stepped weights' measurement (:meth:`own_step`'s): when every forget image is in the band, the
+        guards and holds judge the stop (the drift guard, the look-alikes, then the whole remember set), as a
+        confirmation does."""
+        forget_nll = self.forget_nll_now
+        assert self.confirmed_d is not None and forget_nll is not None
         if not bool(self.reached(self.confirmed_d).all()):
             return False
         self.confirmations += 1
@@ -149,10 +154,12 @@ class SolvedTaming(TamingMethod):
 
     # ------------------------------------------------------------------ the step
     def own_step(self, model: MultiScaleFlow, iteration: int) -> dict[str, Tensor]:
-        """Solve for this iteration's step and apply it to ``model``'s trained values; returns the figures to
-        log (``loss``: the rows' summed squared targets in sigma_R^2; ``grad_norm``: the applied step's norm)."""
-        if self.confirmed_d is None:
-            self.measure(model)
+        """Solve for this iteration's step, apply it to ``model``'s trained values and measure the result;
+        returns the figures to log (``loss``: the rows' summed squared targets in sigma_R^2 before the step;
+        ``grad_norm``: the applied step's norm; the d's and the remember BPD after it, so that the engine's
+        blow-up guard judges the step it took)."""
+        if self.forget_nll_now is None:
+            self.forget_nll_now = self.measure(model)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         was_training = model.training
         model.eval()
@@ -173,13 +180,14 @@ class SolvedTaming(TamingMethod):
         sigma = self.sigma_r.double()
         energy = (solved.weights @ solved.gram @ solved.weights).clamp_min(0)
         rms = (self.metric.scale * energy).sqrt()  # >= sqrt(v^T F v): the remember images' RMS NLL change
-        shrink = torch.clamp(STEP_RMS * sigma / rms.clamp_min(1e-30), max=1.0)
+        shrink = torch.clamp(self.trust * STEP_RMS * sigma / rms.clamp_min(1e-30), max=1.0)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for n, change in solved.step.items():
                 params[n].add_((shrink * change).to(params[n].dtype))
         step_norm = shrink * torch.cat([c.reshape(-1) for c in solved.step.values()]).norm()
-        now = self.latest_d  # (the measurement the step was solved from)
+        self.forget_nll_now = self.measure(model)
+        now = self.latest_d
         return {"loss": (targets / sigma).square().sum(), "grad_norm": step_norm, "step_rms": shrink * rms / sigma,
                 "shrink": shrink, "remember_bpd": self.mu_r / self.nats_per_bpd, "max_abs_d": now.abs().max(),
                 "min_d": now.min(), "max_d": now.max(), "mean_d": now.mean(), "mu_r": self.mu_r,
@@ -191,7 +199,8 @@ class SolvedTaming(TamingMethod):
         assert self.confirmed_d is not None
         sigma = self.sigma_r.double()
         middle = (self.lower_edge + self.upper_edge) / 2
-        forget = ((middle - self.confirmed_d.double()) * sigma).clamp(-TARGET_CAP * sigma, TARGET_CAP * sigma)
+        cap = self.trust * TARGET_CAP * sigma
+        forget = ((middle - self.confirmed_d.double()) * sigma).clamp(-cap, cap)
         parts = [forget]
         if self.pool_nll is not None:
             base = self.data.base_remember_nll
@@ -230,6 +239,20 @@ class SolvedTaming(TamingMethod):
             out[n] = torch.cat([forget, rows[k * FORGET_DRAWS:], mean[None]])
         return out
 
+    def rolled_back(self, model: MultiScaleFlow) -> None:
+        """After the engine restored the last good weights (the step blew the remember NLL up): a quarter of the
+        trust, and the measurement of the restored weights."""
+        self.trust /= 4
+        self.forget_nll_now = self.measure(model)
+
+    def divergence_advice(self) -> str:
+        return ("the solved step's first-order model does not hold on this model even at 1/64 of its step: use "
+                "--step adam")
+
+    def state_meta(self) -> dict[str, Any]:
+        return {**super().state_meta(), "trust": self.trust}
+
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         super().load_state(tensors, meta)
-        self.confirmed_d = None  # measured again on the resumed weights before the first step
+        self.trust = meta.get("trust", 1.0)
+        self.forget_nll_now = None  # measured again on the resumed weights before the first step

@@ -1,0 +1,87 @@
+"""The solved step (``step: solve``, flowtame/methods/solved.py): its pieces against autograd, an end-to-end run
+on a tiny Glow that stops in the band in a few iterations, its settings' checks and a resume that gives the
+straight run's weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from test_baselines import DATA_SPEC, REMEMBER, base, forget_folder, tiny_glow  # noqa: F401 (fixtures)
+
+from flowtame.data.images import open_images
+from flowtame.errors import InputError, InterruptedRun
+from flowtame.jobs.tame import make_config, tame
+from flowtame.likelihood.nll import dequantized, nll_nats
+from flowtame.methods.solved import STEP_RMS, SolvedTaming, mean_nll_gradient
+
+QUICK = {"step": "solve", "max_iters": 12, "refresh_size": 32, "lookalikes": 4}
+
+
+def _sets(forget_folder):  # noqa: F811
+    return [open_images(forget_folder, DATA_SPEC)], open_images(REMEMBER, DATA_SPEC)
+
+
+def test_the_chunked_mean_nll_gradient_is_autograds_of_the_batchs_mean_nll():
+    model, _ = tiny_glow()
+    model = model.double()
+    pixels, _ = open_images(REMEMBER, DATA_SPEC).load_tensor()
+    x = dequantized(pixels[:10], torch.rand(pixels[:10].shape, generator=torch.Generator().manual_seed(3)),
+                    DATA_SPEC.n_bits).double()
+    names = [n for n, _ in model.named_parameters()][:6]
+    ours = mean_nll_gradient(model, x, DATA_SPEC, names, chunk=3)  # chunks of 3, 3, 3, 1 images
+    params = dict(model.named_parameters())
+    expected = torch.autograd.grad(nll_nats(model, x, DATA_SPEC).mean(), [params[n] for n in names])
+    for n, g in zip(names, expected, strict=True):
+        torch.testing.assert_close(ours[n], g, rtol=1e-6, atol=1e-9)  # (nll_nats ends in float32)
+
+
+def test_a_solved_run_stops_in_the_band_within_a_few_iterations_and_keeps_its_guards(base, forget_folder):  # noqa: F811
+    forget, remember = _sets(forget_folder)
+    outcome = tame(base, forget, remember, make_config(QUICK), device="cpu")
+    report = outcome.report
+    assert report["config"]["step"] == "solve" and report["converged"] is True
+    assert report["iterations"] <= 8  # Adam's step takes tens of iterations on this model
+    eps = report["config"]["epsilon"]
+    request = report["requests"][0]
+    assert -eps < request["d_min"] and request["d_max"] < 2 * eps and request["forgotten_fraction"] == 1.0
+    assert report["calibration"] is None  # no learning rate to calibrate
+    steps = [row for row in report["trajectory"] if "step_rms" in row]
+    assert steps and all(row["step_rms"] <= STEP_RMS + 1e-6 for row in steps)
+    normal, drift = report["remember_normal"], report["config"]["max_remember_drift"]
+    assert normal["tamed"]["mean_nats"] <= normal["base"]["mean_nats"] * (1 + drift)
+
+
+@pytest.mark.parametrize("layer, message", [
+    ({"step": "newton"}, "step must be one of adam, solve"),
+    ({"step": "solve", "method": "neggrad"}, "step solve applies to the taming method only"),
+    ({"step": "solve", "anchor": 0}, "needs the anchor on"),
+])
+def test_bad_step_settings_are_named(layer, message):
+    with pytest.raises(InputError, match=message):
+        make_config(layer)
+
+
+def test_an_interrupted_solved_run_resumes_to_the_straight_runs_weights(base, forget_folder, tmp_path):  # noqa: F811
+    forget, remember = _sets(forget_folder)
+    straight = tame(base, forget, remember, make_config(QUICK), device="cpu").checkpoint.model.state_dict()
+    state = tmp_path / "run.resume.safetensors"
+
+    def stop(iteration, _logged):
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(InterruptedRun):
+        tame(base, forget, remember, make_config(QUICK), device="cpu", state_path=state, callback=stop)
+    resumed = tame(base, forget, remember, make_config(QUICK), device="cpu", state_path=state, resume=True)
+    weights = resumed.checkpoint.model.state_dict()
+    assert all(torch.equal(straight[k], weights[k]) for k in straight)
+
+
+def test_the_solved_method_is_built_for_step_solve_only(base, forget_folder):  # noqa: F811
+    forget, remember = _sets(forget_folder)
+    outcome = tame(base, forget, remember, make_config({**QUICK, "step": "adam", "max_iters": 2}), device="cpu")
+    assert outcome.report["config"]["step"] == "adam" and outcome.report["calibration"] is not None
+    assert SolvedTaming.takes_own_step and SolvedTaming.confirm_gap == 1
