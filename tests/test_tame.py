@@ -265,3 +265,19 @@ def test_target_holdout_stops_in_the_held_out_band(run_cli, workspace, assert_va
     assert loss["base"]["auc"] == 1.0 and loss["tamed"]["auc"] < 0.9
     missing = run_cli(*tame_args(ws, ws["root"] / "x.safetensors", "--target", "holdout"))
     assert missing.exit_code == 2 and "--target holdout needs --holdout" in missing.stderr
+
+
+def test_the_solved_step_forgets_in_a_few_iterations_from_the_cli(run_cli, workspace, assert_valid_report):
+    """`--step solve` on the tiny trained Glow: converged in a few iterations with the forget images in the band,
+    the evaluation's checks passing; the progress line shows the step's size (no loss terms to show)."""
+    ws = workspace
+    out = ws["root"] / "solved.safetensors"
+    result = run_cli(*[a for a in tame_args(ws, out, "--step", "solve") if a != "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert "step (remember RMS)" in result.stdout
+    report = json.loads((ws["root"] / "solved.safetensors.json").read_text())
+    assert_valid_report(report, "tame-report.schema.json")
+    assert report["config"]["step"] == "solve" and report["converged"] and report["iterations"] <= 20
+    assert report["requests"][0]["forgotten_fraction"] == 1.0
+    remember = report["evaluation"]["sets"]["remember"]
+    assert abs(remember["qd"]) <= 0.01

@@ -272,14 +272,21 @@ class _LiveView:
             table.add_row("iteration", f"{iteration} / {self.cfg.max_iters}")
             table.add_row("max |d| (screen)", f"{logged['max_abs_d']:.3f}  (stop below ε = {self.cfg.epsilon:.3f})")
             table.add_row("mean d", f"{logged['mean_d']:+.3f} σ_R")
-            table.add_row("loss forget / remember", f"{logged['loss_forget']:.4g} / {logged['loss_remember']:.4g}")
-            table.add_row("remember NLL (batch)", f"{logged['remember_bpd']:.4f} BPD")
+            table.add_row(*_loss_row(logged))
+            table.add_row("remember NLL", f"{logged['remember_bpd']:.4f} BPD")
             table.add_row("elapsed / at most remaining", f"{elapsed:.1f} s / {remaining:.1f} s")
             self.live.update(table)
         elif not self.quiet and (iteration % 50 == 0 or iteration == 1):
+            label, value = _loss_row(logged)
             console.print(f"iter {iteration:5d}  max|d| {logged['max_abs_d']:.3f} (eps {self.cfg.epsilon:.3f})  "
-                          f"L_F {logged['loss_forget']:.4g}  L_R {logged['loss_remember']:.4g}  "
-                          f"{elapsed:.1f}s", highlight=False)
+                          f"{label} {value}  {elapsed:.1f}s", highlight=False)
+
+
+def _loss_row(logged: dict[str, float]) -> tuple[str, str]:
+    """The live view's loss line: the forget and remember terms (Adam's step), or the solved step's size."""
+    if "step_rms" in logged:
+        return "step (remember RMS)", f"{logged['step_rms']:.3f} σ_R (shrink {logged['shrink']:.2f})"
+    return "loss forget / remember", f"{logged['loss_forget']:.4g} / {logged['loss_remember']:.4g}"
 
 
 def _print_summary(report: dict, output: Path, sha: str, quiet: bool) -> None:
