@@ -155,7 +155,8 @@ class TameConfig:
         if self.upper_edge < 1:
             problems.append("upper_edge must be at least 1 (in epsilons)")
         if self.max_remember_drift is None and self.method in METHODS:
-            self.max_remember_drift = METHODS[self.method].default_max_remember_drift
+            method = SolvedTaming if self.step == "solve" else METHODS[self.method]
+            self.max_remember_drift = method.default_max_remember_drift
         for guard in ("max_remember_drift", "max_remember_jump"):
             if getattr(self, guard) == 0:
                 setattr(self, guard, None)  # 0 turns the guard off
