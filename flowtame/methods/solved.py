@@ -156,6 +156,8 @@ class SolvedTaming(TamingMethod):
             and self.whole_set_agrees(model, forget_nll, self.refresh_nll)
         if done:
             self.keep_final_forget_nll()
+        elif self.pool_nll is None and self.pool_check is not None:  # the remember hold added tail rows
+            self.pool_nll = batched_nll(model, self.pool_check, self.data.data_spec).double()
         return done
 
     # ------------------------------------------------------------------ the step
