@@ -23,8 +23,8 @@ from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import dequantized, nll_nats
 from flowtame.methods.baselines import diagonal_fisher
 
-__all__ = ["DAMPING", "MAX_STRETCH", "METRIC_IMAGES", "KroneckerMetric", "LayerStatistics", "kfac_factors",
-           "remember_metric"]
+__all__ = ["DAMPING", "MAX_STRETCH", "METRIC_IMAGES", "SOLVE_DAMPING", "ConstrainedStep", "KroneckerMetric",
+           "LayerStatistics", "constrained_step", "kfac_factors", "remember_metric"]
 
 #: Damping lambda of the metric, a fraction of its mean diagonal entry. At 0.01 (round 6a's one-step sweep) the
 #: rosinality Glow's look-alikes and remember tail moved (k = 1: QD(D_R^NN) 0.113); 0.1, a less sharp metric,
@@ -35,6 +35,9 @@ DAMPING = 0.1
 MAX_STRETCH = 20.0
 #: Remember images the metric is estimated on (outside the refresh subset the drift guard measures).
 METRIC_IMAGES = 512
+#: Ridge of :func:`constrained_step`'s m x m system, a fraction of its mean diagonal entry (rows nearly
+#: dependent under the metric, a forget image and its look-alike, would otherwise ask for an unbounded step).
+SOLVE_DAMPING = 1e-3
 
 
 class LayerStatistics(NamedTuple):
@@ -156,6 +159,8 @@ class KroneckerMetric:
         rest = [n for n in names if n not in fisher]  # per-image gradients of only these: no Conv2d weight's
         fisher |= diagonal_fisher(model, x, data_spec, names=rest, chunk_size=64) if rest else {}
         scale = float(torch.cat([fisher[n].flatten() for n in names]).double().mean()) or 1.0  # 0: no curvature
+        #: the diagonal Fisher's mean entry (nats^2) and the relative damping: the metric is F / scale + damping
+        self.scale, self.damping = scale, damping
         #: weight name -> (G~^-1, A~^-1, bias name or None): the block's inverse is their Kronecker product
         self.blocks: dict[str, tuple[Tensor, Tensor, str | None]] = {}
         for name, (a, g, _, _) in statistics.items():
@@ -221,6 +226,39 @@ class KroneckerMetric:
         return _split(torch.where(lowers, c * p, u), shapes)
 
 
+class ConstrainedStep(NamedTuple):
+    """:func:`constrained_step`'s result: the step (name -> change of each trained value, float64), the rows'
+    weights w [m] (v = M^-1 J^T w) and the rows' Gram matrix under the metric, K = J M^-1 J^T [m, m] (float64;
+    v^T M v = w^T K w, M the normalized metric)."""
+
+    step: dict[str, Tensor]
+    weights: Tensor
+    gram: Tensor
+
+
+def constrained_step(metric: KroneckerMetric, jacobian: dict[str, Tensor], targets: Tensor,
+                     damping: float = SOLVE_DAMPING) -> ConstrainedStep:
+    """The shortest step under ``metric`` whose first-order change of m per-image NLLs is ``targets``.
+
+    ``jacobian``: name -> [m, *param shape], each row's NLL gradient (nats per unit of the value; every name of
+    the metric it steps); ``targets``: float [m], the wanted NLL change of each row (nats; 0 holds a row).
+    v = M^-1 J^T (J M^-1 J^T + damping * mean diag * I)^-1 r (Gauss-Newton in the metric, ridge ``damping``
+    relative): with independent rows and damping -> 0, J v = r exactly and v has the least v^T M v of all such
+    steps. m applications of the metric and one m x m solve (float64)."""
+    names = list(jacobian)
+    m = targets.shape[0]
+    pre = torch.stack([torch.cat([value.reshape(-1) for value in
+                                  metric.apply({n: jacobian[n][i] for n in names}).values()]) for i in range(m)])
+    flat = torch.cat([jacobian[n].reshape(m, -1) for n in names], 1).double()
+    gram = flat @ pre.T
+    gram = (gram + gram.T) / 2  # symmetric up to rounding
+    ridge = damping * float(gram.diagonal().mean())
+    weights = torch.linalg.solve(gram + ridge * torch.eye(m, dtype=gram.dtype, device=gram.device),
+                                 targets.to(gram))
+    step = _split(weights @ pre, {n: jacobian[n].shape[1:] for n in names})
+    return ConstrainedStep(step, weights, gram)
+
+
 def _split(flat: Tensor, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
     """A flat vector cut into name -> tensor of ``shapes`` (views, in ``shapes``' order)."""
     pieces = flat.split([s.numel() for s in shapes.values()])
@@ -228,11 +266,12 @@ def _split(flat: Tensor, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
 
 
 def remember_metric(model: MultiScaleFlow, remember: Tensor, exclude: Tensor | None, data_spec: DataSpec,
-                    names: list[str], seed: int) -> KroneckerMetric:
+                    names: list[str], seed: int, damping: float = DAMPING) -> KroneckerMetric:
     """The metric of :class:`KroneckerMetric` on :data:`METRIC_IMAGES` rows of ``remember`` (uint8 [R,C,S,S]),
     dequantized: rows outside ``exclude`` (long, rows; the refresh subset the drift guard measures) first, rows
     of ``exclude`` only when the others are fewer; rows and noise drawn from ``seed``, so a resumed run rebuilds
-    the same metric. ``model``: the base model (its weights at the start of the run)."""
+    the same metric. ``model``: the base model (its weights at the start of the run); ``damping``: the metric's
+    relative damping (:class:`KroneckerMetric`)."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(remember.shape[0], generator=generator)
     if exclude is not None:
@@ -243,4 +282,4 @@ def remember_metric(model: MultiScaleFlow, remember: Tensor, exclude: Tensor | N
     device = next(model.parameters()).device
     pixels = take_rows(remember, rows, device)
     x = dequantized(pixels, uniform_noise(generator, pixels.shape, device), data_spec.n_bits)
-    return KroneckerMetric(model, x, data_spec, names)
+    return KroneckerMetric(model, x, data_spec, names, damping)
