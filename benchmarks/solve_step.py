@@ -153,11 +153,12 @@ def shifted(cell: Cell, step: dict[str, torch.Tensor], scale: float) -> None:
 
 
 def targets(cell: Cell, m: dict[str, Any], args: argparse.Namespace) -> torch.Tensor:
-    """r [k + 16 + 1] (nats): forget gaps to the band's middle (capped), look-alikes and the mean back to base."""
+    """r [k + 16 + 1] (nats): forget gaps to the band's middle (capped), look-alikes and the mean back to base
+    (the mean's gap times ``--mean-gain``)."""
     sigma = m["fit"].std
     forget = np.clip((args.target_d - m["d"]) * sigma, -args.cap * sigma, args.cap * sigma)
     looks = cell.base_remember[cell.looks.numpy()] - m["looks"]
-    mean = cell.base_fit.mean - m["fit"].mean
+    mean = args.mean_gain * (cell.base_fit.mean - m["fit"].mean)
     return torch.from_numpy(np.concatenate([forget, looks, [mean]])).double()
 
 
@@ -181,12 +182,40 @@ def step(cell: Cell, m: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     energy = float(solved.weights @ solved.gram @ solved.weights)  # v^T M v (M = F / scale + damping)
     rms = (cell.metric.scale * max(energy, 0.0)) ** 0.5  # >= sqrt(v^T F v), the remember images' RMS change
     shrink = min(1.0, args.rms * m["fit"].std / rms) if rms > 0 else 1.0
-    shifted(cell, solved.step, shrink)
+    if args.diagnose:
+        diagnosis = diagnose(cell, solved.step, shrink)
+    else:
+        diagnosis = {}
+        shifted(cell, solved.step, shrink)
     achieved = shrink * (solved.gram @ solved.weights)  # first-order J v
     return {"rms_sigma": rms / m["fit"].std, "shrink": shrink, "predicted_mean_change": float(achieved[-1]),
             "predicted_forget_change": achieved[:cell.forget.shape[0]].tolist(),
             "solve_residual": float((achieved - shrink * r).norm() / (shrink * r).norm().clamp_min(1e-12)),
-            "jacobian_s": jacobian_s, "step_s": time.perf_counter() - clock}
+            "jacobian_s": jacobian_s, "step_s": time.perf_counter() - clock, **diagnosis}
+
+
+def diagnose(cell: Cell, step: dict[str, torch.Tensor], shrink: float, rows: int = 128) -> dict[str, float]:
+    """Apply ``shrink`` x ``step`` and compare the first ``rows`` monitor images' NLL change (their eval noise)
+    with its first-order prediction g_n . v (per-image gradients at the weights before the step): mean and RMS
+    of both (nats), and the RMS of their difference."""
+    x = cell.monitor_x[:rows]
+    with torch.no_grad():
+        before = batched_nll(cell.model, x, cell.spec).double()
+    predicted = torch.zeros(rows, dtype=torch.float64)
+    start = 0
+    for chunk in _per_sample_gradient_chunks(cell.model, x, cell.spec, vectorized=True, chunk_size=32,
+                                             names=cell.names):
+        n = next(iter(chunk.values())).shape[0]
+        predicted[start:start + n] = sum((chunk[k].double() * step[k]).flatten(1).sum(1) for k in cell.names)
+        start += n
+    predicted *= shrink
+    shifted(cell, step, shrink)
+    with torch.no_grad():
+        actual = batched_nll(cell.model, x, cell.spec).double() - before
+    return {"monitor_mean_predicted": float(predicted.mean()), "monitor_mean_actual": float(actual.mean()),
+            "monitor_rms_predicted": float(predicted.square().mean().sqrt()),
+            "monitor_rms_actual": float(actual.square().mean().sqrt()),
+            "monitor_rms_error": float((actual - predicted).square().mean().sqrt())}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -232,6 +261,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{row['predicted_mean_change']:+.2f} nats, forget [" +
               " ".join(f"{c:+.1f}" for c in row["predicted_forget_change"]) +
               f"] ({row['jacobian_s']:.2f} s of {row['step_s']:.2f} s in the Jacobian)", flush=True)
+        if args.diagnose:
+            print("    monitor (nats): mean predicted {monitor_mean_predicted:+.3f} actual {monitor_mean_actual:+.3f}; "
+                  "RMS predicted {monitor_rms_predicted:.3f} actual {monitor_rms_actual:.3f}; RMS error "
+                  "{monitor_rms_error:.3f}".format(**row), flush=True)
         iteration += 1
     loop_s = time.perf_counter() - loop_start
     total = time.perf_counter() - start - load_s
@@ -257,10 +290,14 @@ def main() -> None:
                         help="largest predicted remember RMS change per step, sigma_R [1]")
     parser.add_argument("--ridge", type=float, default=1e-3, help="the solve's relative ridge [1e-3]")
     parser.add_argument("--forget-draws", type=int, default=2, help="fresh draws per forget row [2]")
-    parser.add_argument("--mean-batch", type=int, default=64, help="remember images of the mean row [64]")
+    parser.add_argument("--mean-gain", type=float, default=1.0,
+                        help="the mean row's target: this many times the drift back [1]")
+    parser.add_argument("--mean-batch", type=int, default=256, help="remember images of the mean row [256]")
     parser.add_argument("--monitor", type=int, default=256, help="remember images of the per-iteration check")
-    parser.add_argument("--metric-damping", type=float, default=DAMPING,
-                        help=f"the remember metric's relative damping [{DAMPING}, the tame job's]")
+    parser.add_argument("--metric-damping", type=float, default=1e-3,
+                        help=f"the remember metric's relative damping [1e-3; the tame job's: {DAMPING}]")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="per step: 128 monitor images' NLL change against its first-order prediction")
     parser.add_argument("--secant", action="store_true",
                         help="re-solve with the rows' gradients averaged over the step's two ends")
     parser.add_argument("--max-iters", type=int, default=60)

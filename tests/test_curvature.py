@@ -13,7 +13,7 @@ from flowtame.jobs.tame import make_config, tame
 from flowtame.likelihood.nll import nll_nats
 from flowtame.methods import taming
 from flowtame.methods.baselines import diagonal_fisher
-from flowtame.methods.curvature import DAMPING, MAX_STRETCH, KroneckerMetric, kfac_factors
+from flowtame.methods.curvature import DAMPING, MAX_STRETCH, KroneckerMetric, constrained_step, kfac_factors
 from flowtame.methods.objective import forget_loss
 from flowtame.methods.taming import TamingMethod
 
@@ -325,3 +325,45 @@ def test_a_prior_convolving_one_stored_buffer_takes_the_per_image_diagonal_not_a
     nonzero = exact[f"{buffered}.weight"] > 1e-12
     torch.testing.assert_close(scale[nonzero], torch.full_like(scale[nonzero], float(scale[nonzero][0])),
                                rtol=1e-6, atol=0)
+
+
+def _row_nll(model, x: torch.Tensor) -> torch.Tensor:
+    """Continuous NLL [N] in float64 (the discrete one differs by a constant and is cast to float32)."""
+    return -model.log_prob(x)
+
+
+def test_the_constrained_step_moves_its_rows_by_their_targets_to_first_order_and_holds_the_others():
+    model, x = _model_and_inputs(n=6)
+    names = _trained(model)
+    metric = KroneckerMetric(model, x, DATA_SPEC, names)  # the remember metric on six images
+    params = dict(model.named_parameters())
+    rows = x[:3]  # one image to raise by 2 nats, two held
+    jacobian = {n: [] for n in names}
+    for xi in rows:
+        grads = torch.autograd.grad(_row_nll(model, xi[None]).sum(), [params[n] for n in names])
+        for n, g in zip(names, grads, strict=True):
+            jacobian[n].append(g)
+    jacobian = {n: torch.stack(g) for n, g in jacobian.items()}
+    targets = torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)
+    solved = constrained_step(metric, jacobian, targets, damping=1e-12)
+    first_order = sum((jacobian[n] * solved.step[n]).flatten(1).sum(1) for n in names)
+    torch.testing.assert_close(first_order, targets, rtol=1e-8, atol=1e-8)
+    # the model's own NLL along the step, by central differences: the same first-order change
+    t = 1e-5
+    with torch.no_grad():
+        moved = []
+        for sign in (1, -1):
+            for n in names:
+                params[n].add_(sign * t * solved.step[n])
+            moved.append(_row_nll(model, rows))
+            for n in names:
+                params[n].sub_(sign * t * solved.step[n])
+    torch.testing.assert_close((moved[0] - moved[1]) / (2 * t), targets, rtol=1e-5, atol=1e-5)
+    # the step is M^-1 J^T w with v^T M v = w^T K w; a ridge shortens it and misses the targets
+    rebuilt = metric.apply({n: sum(w * jacobian[n][i] for i, w in enumerate(solved.weights)) for n in names})
+    for n in names:
+        torch.testing.assert_close(rebuilt[n], solved.step[n], rtol=1e-9, atol=1e-12)
+    ridged = constrained_step(metric, jacobian, targets, damping=1.0)
+    energy = float(solved.weights @ solved.gram @ solved.weights)
+    assert float(ridged.weights @ ridged.gram @ ridged.weights) < 0.5 * energy
+    assert float(sum((jacobian[n][0] * ridged.step[n]).sum() for n in names)) < 1.9
