@@ -77,6 +77,22 @@ class Cell:
         self.metric = remember_metric(base.model, self.remember, self.monitor, self.spec, self.names, 0,
                                       args.metric_damping)
         self.generator = torch.Generator().manual_seed(1)
+        #: with ``--control-variate``: the base model (its trained values' gradients taken too) and its mean NLL
+        #: gradient over the whole remember set on fresh noise (name -> shape), else None
+        self.base_model, self.base_gradient = None, None
+        if args.control_variate:
+            self.base_model = trainable_copy(base, CPU).eval()
+            self.base_gradient = self.mean_gradient(self.base_model, self.fresh(self.remember))
+
+    def mean_gradient(self, model: torch.nn.Module, x: torch.Tensor, chunk: int = 256) -> dict[str, torch.Tensor]:
+        """Gradient of the mean NLL of inputs ``x`` over the trained values (name -> shape), in chunks."""
+        params = dict(model.named_parameters())
+        total = {n: torch.zeros_like(params[n]) for n in self.names}
+        for start in range(0, x.shape[0], chunk):
+            nll = nll_nats(model, x[start:start + chunk], self.spec).sum() / x.shape[0]
+            for n, g in zip(self.names, torch.autograd.grad(nll, [params[n] for n in self.names]), strict=True):
+                total[n] += g
+        return total
 
     def on_eval_noise(self, rows: torch.Tensor) -> torch.Tensor:
         noise = dequantization_noise([self.remember_keys[i] for i in rows.tolist()], self.config.eval_seed,
@@ -128,17 +144,20 @@ def jacobian_inputs(cell: Cell, args: argparse.Namespace) -> tuple[torch.Tensor,
 def jacobian(cell: Cell, inputs: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace
              ) -> dict[str, torch.Tensor]:
     """Rows' NLL gradients on ``inputs`` (:func:`jacobian_inputs`), name -> [k + 16 + 1, *shape]: forget images
-    (mean over the draws), look-alikes, the mean NLL of the remember batch."""
+    (mean over the draws), look-alikes, the mean NLL of the remember batch (with ``--control-variate``: minus
+    the same batch's under the base model, plus the whole set's under the base model: the batch's sampling
+    noise, nearly the same under both weights, cancels)."""
     k = cell.forget.shape[0]
     x, batch = inputs
     chunks = list(_per_sample_gradient_chunks(cell.model, x, cell.spec, vectorized=True, chunk_size=None,
                                               names=cell.names))
     rows = {n: torch.cat([c[n] for c in chunks]) for n in cell.names}
-    params = dict(cell.model.named_parameters())
-    mean = nll_nats(cell.model, batch, cell.spec).mean()
-    grads = torch.autograd.grad(mean, [params[n] for n in cell.names])
+    mean = cell.mean_gradient(cell.model, batch)
+    if cell.base_model is not None:  # the batch's own noise, measured on the base model, taken out
+        at_base = cell.mean_gradient(cell.base_model, batch)
+        mean = {n: mean[n] - at_base[n] + cell.base_gradient[n] for n in mean}
     out = {}
-    for (n, g), mean_g in zip(rows.items(), grads, strict=True):
+    for (n, g), mean_g in zip(rows.items(), mean.values(), strict=True):
         forget = g[:k * args.forget_draws].reshape(args.forget_draws, k, *g.shape[1:]).mean(0)
         out[n] = torch.cat([forget, g[k * args.forget_draws:], mean_g[None]])
     return out
@@ -296,6 +315,8 @@ def main() -> None:
     parser.add_argument("--monitor", type=int, default=256, help="remember images of the per-iteration check")
     parser.add_argument("--metric-damping", type=float, default=1e-3,
                         help=f"the remember metric's relative damping [1e-3; the tame job's: {DAMPING}]")
+    parser.add_argument("--control-variate", action=argparse.BooleanOptionalAction, default=True,
+                        help="the mean row as batch(now) - batch(base) + whole set(base) [on]")
     parser.add_argument("--diagnose", action="store_true",
                         help="per step: 128 monitor images' NLL change against its first-order prediction")
     parser.add_argument("--secant", action="store_true",

@@ -35,7 +35,7 @@ DAMPING = 0.1
 MAX_STRETCH = 20.0
 #: Remember images the metric is estimated on (outside the refresh subset the drift guard measures).
 METRIC_IMAGES = 512
-#: Ridge of :func:`constrained_step`'s m x m system, a fraction of its mean diagonal entry (rows nearly
+#: Ridge of :func:`constrained_step`'s m x m system, a fraction of each row's diagonal entry (rows nearly
 #: dependent under the metric, a forget image and its look-alike, would otherwise ask for an unbounded step).
 SOLVE_DAMPING = 1e-3
 
@@ -242,9 +242,11 @@ def constrained_step(metric: KroneckerMetric, jacobian: dict[str, Tensor], targe
 
     ``jacobian``: name -> [m, *param shape], each row's NLL gradient (nats per unit of the value; every name of
     the metric it steps); ``targets``: float [m], the wanted NLL change of each row (nats; 0 holds a row).
-    v = M^-1 J^T (J M^-1 J^T + damping * mean diag * I)^-1 r (Gauss-Newton in the metric, ridge ``damping``
-    relative): with independent rows and damping -> 0, J v = r exactly and v has the least v^T M v of all such
-    steps. m applications of the metric and one m x m solve (float64)."""
+    v = M^-1 J^T (K + damping * diag K)^-1 r with K = J M^-1 J^T (Gauss-Newton in the metric, each row's ridge
+    relative to its own diagonal entry, as Marquardt's: a row of small gradients, say a batch's mean NLL beside
+    single images, is damped as much as the others): with independent rows and damping -> 0, J v = r exactly
+    and v has the least v^T M v of all such steps. m applications of the metric and one m x m solve
+    (float64)."""
     names = list(jacobian)
     m = targets.shape[0]
     pre = torch.stack([torch.cat([value.reshape(-1) for value in
@@ -252,9 +254,7 @@ def constrained_step(metric: KroneckerMetric, jacobian: dict[str, Tensor], targe
     flat = torch.cat([jacobian[n].reshape(m, -1) for n in names], 1).double()
     gram = flat @ pre.T
     gram = (gram + gram.T) / 2  # symmetric up to rounding
-    ridge = damping * float(gram.diagonal().mean())
-    weights = torch.linalg.solve(gram + ridge * torch.eye(m, dtype=gram.dtype, device=gram.device),
-                                 targets.to(gram))
+    weights = torch.linalg.solve(gram + damping * torch.diag(gram.diagonal()), targets.to(gram))
     step = _split(weights @ pre, {n: jacobian[n].shape[1:] for n in names})
     return ConstrainedStep(step, weights, gram)
 
