@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zoo import add_cell_arguments, load_cell, reference_scores  # noqa: E402
+from zoo import REFERENCE_ITERS, add_cell_arguments, load_cell, reference_row, reference_scores  # noqa: E402
 
 from flowtame.data.images import dequantization_noise  # noqa: E402
 from flowtame.engine.devices import trainable_copy  # noqa: E402
@@ -58,6 +58,7 @@ class Cell:
 
     def __init__(self, base: Any, proto: Any, args: argparse.Namespace):
         self.spec, self.config = base.data_spec, make_config({})
+        clock, self.timings = time.perf_counter(), {}
         self.forget, self.remember = proto.forget.pixels, proto.remember.pixels
         self.remember_keys = proto.remember.keys
         seed, n_bits = self.config.eval_seed, self.spec.n_bits
@@ -66,8 +67,10 @@ class Cell:
                       for draw in range(self.config.forget_draws)]
         self.base_remember = pixel_nll(base.model, self.remember, self.remember_keys, self.spec, seed, CPU)
         self.base_fit = NormalFit(float(self.base_remember.mean()), float(self.base_remember.std(ddof=1)))
+        self.timings["base pass"], clock = time.perf_counter() - clock, time.perf_counter()
         self.looks = nearest_rows(base, self.forget, self.remember, 16, device=CPU)
         self.look_x = self.on_eval_noise(self.looks)
+        self.timings["look-alikes"], clock = time.perf_counter() - clock, time.perf_counter()
         generator = torch.Generator().manual_seed(0)
         self.monitor = torch.randperm(self.remember.shape[0], generator=generator)[:args.monitor].sort().values
         self.monitor_x = self.on_eval_noise(self.monitor)
@@ -76,6 +79,7 @@ class Cell:
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.metric = remember_metric(base.model, self.remember, self.monitor, self.spec, self.names, 0,
                                       args.metric_damping)
+        self.timings["metric"], clock = time.perf_counter() - clock, time.perf_counter()
         self.generator = torch.Generator().manual_seed(1)
         #: with ``--control-variate``: the base model (its trained values' gradients taken too) and its mean NLL
         #: gradient over the whole remember set on fresh noise (name -> shape), else None
@@ -83,6 +87,7 @@ class Cell:
         if args.control_variate:
             self.base_model = trainable_copy(base, CPU).eval()
             self.base_gradient = self.mean_gradient(self.base_model, self.fresh(self.remember))
+        self.timings["base gradient"] = time.perf_counter() - clock
 
     def mean_gradient(self, model: torch.nn.Module, x: torch.Tensor, chunk: int = 256) -> dict[str, torch.Tensor]:
         """Gradient of the mean NLL of inputs ``x`` over the trained values (name -> shape), in chunks."""
@@ -173,11 +178,11 @@ def shifted(cell: Cell, step: dict[str, torch.Tensor], scale: float) -> None:
 
 def targets(cell: Cell, m: dict[str, Any], args: argparse.Namespace) -> torch.Tensor:
     """r [k + 16 + 1] (nats): forget gaps to the band's middle (capped), look-alikes and the mean back to base
-    (the mean's gap times ``--mean-gain``)."""
+    (the gap to the base mean x (1 + ``--mean-target``), times ``--mean-gain``)."""
     sigma = m["fit"].std
     forget = np.clip((args.target_d - m["d"]) * sigma, -args.cap * sigma, args.cap * sigma)
     looks = cell.base_remember[cell.looks.numpy()] - m["looks"]
-    mean = args.mean_gain * (cell.base_fit.mean - m["fit"].mean)
+    mean = args.mean_gain * (cell.base_fit.mean * (1 + args.mean_target) - m["fit"].mean)
     return torch.from_numpy(np.concatenate([forget, looks, [mean]])).double()
 
 
@@ -247,7 +252,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{args.model} k={args.k}: remember mean {cell.base_fit.mean:.2f} nats, sigma_R {cell.base_fit.std:.2f}; "
           f"{len(cell.names)} trained tensors, "
           f"{sum(p.numel() for n, p in cell.model.named_parameters() if p.requires_grad):,} values; load "
-          f"{load_s:.1f} s (protocol), setup {setup_s:.1f} s (base pass, look-alikes, metric)", flush=True)
+          f"{load_s:.1f} s (protocol), setup {setup_s:.1f} s (" +
+          ", ".join(f"{name} {seconds:.1f} s" for name, seconds in cell.timings.items()) + ")", flush=True)
     trace, iteration, confirm_refusals = [], 0, 0
     loop_start = time.perf_counter()
     while True:
@@ -294,9 +300,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{scores['qd_neighbours']:+.4f}, holdout {100 * scores['holdout_bpd_change']:+.2f}%, forgotten "
           f"{scores['forgotten']:.2f}, evaluate --check {'pass' if scores['evaluate_passed'] else 'FAIL'} "
           f"{scores['failed_checks']}", flush=True)
-    return {"args": {k: v for k, v in vars(args).items() if k not in ("cache", "json")}, "converged": converged,
-            "iterations": iteration, "setup_seconds": setup_s, "loop_seconds": loop_s, "total_seconds": total,
-            "confirm_refusals": confirm_refusals, "scores": scores, "trace": trace}
+    out = {"args": {k: v for k, v in vars(args).items() if k not in ("cache", "json")}, "converged": converged,
+           "iterations": iteration, "setup_seconds": setup_s, "setup_timings": cell.timings,
+           "loop_seconds": loop_s, "total_seconds": total,
+           "confirm_refusals": confirm_refusals, "scores": scores, "trace": trace}
+    if args.reference:
+        ref = reference_row(base, proto, REFERENCE_ITERS)
+        out["reference"] = ref
+        print(f"the authors' loop on the same cell, right after: {ref['iterations']} iterations, "
+              f"{ref['total_seconds']:.1f} s, converged {ref['converged']}, check "
+              f"{'pass' if ref['scores']['evaluate_passed'] else 'FAIL'}; ratio (solved / reference) "
+              f"{total / ref['total_seconds']:.3f}", flush=True)
+    return out
 
 
 def main() -> None:
@@ -311,12 +326,16 @@ def main() -> None:
     parser.add_argument("--forget-draws", type=int, default=2, help="fresh draws per forget row [2]")
     parser.add_argument("--mean-gain", type=float, default=1.0,
                         help="the mean row's target: this many times the drift back [1]")
+    parser.add_argument("--mean-target", type=float, default=0.0,
+                        help="the mean row's aim, relative to the base mean (-0.001: 0.1%% below) [0]")
     parser.add_argument("--mean-batch", type=int, default=256, help="remember images of the mean row [256]")
     parser.add_argument("--monitor", type=int, default=256, help="remember images of the per-iteration check")
     parser.add_argument("--metric-damping", type=float, default=1e-3,
                         help=f"the remember metric's relative damping [1e-3; the tame job's: {DAMPING}]")
     parser.add_argument("--control-variate", action=argparse.BooleanOptionalAction, default=True,
                         help="the mean row as batch(now) - batch(base) + whole set(base) [on]")
+    parser.add_argument("--reference", action="store_true",
+                        help=f"then run the authors' loop ({REFERENCE_ITERS} iterations) on the same cell")
     parser.add_argument("--diagnose", action="store_true",
                         help="per step: 128 monitor images' NLL change against its first-order prediction")
     parser.add_argument("--secant", action="store_true",
