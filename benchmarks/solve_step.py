@@ -1,15 +1,18 @@
 """Probe (issue 23, round 8): taming by a SOLVED step instead of a balance of loss terms. A prototype, not the
-product's step.
+product's step (docs/benchmarks.md "Round 8 (probe): a solved step").
 
 Each iteration linearizes per image: J = the per-image NLL gradients (nats) over the trained values (default
 freeze rule ``coupling-outputs``) of (a) the k forget images (each the mean over ``--forget-draws`` fresh noise
 draws), (b) the 16 look-alikes (the anchor's rows, :func:`flowtame.likelihood.evaluation.nearest_rows`), (c) the
-mean NLL of ``--mean-batch`` random remember images. Targets r (nats): (a) the gap to the band's middle,
-(``--target-d`` - d) sigma_R, capped at ``--cap`` sigma_R; (b) back to the look-alike's base NLL (its quantile
-against a remember normal that kept its place); (c) back to the base mean (no drift). The step is the
-shortest under the remember metric M (the tame job's K-FAC metric, :func:`~flowtame.methods.curvature.remember_metric`):
-v = M^-1 J^T (J M^-1 J^T + lambda I)^-1 r (:func:`~flowtame.methods.curvature.constrained_step`), times
-``--fraction``, shrunk so that its predicted remember RMS change sqrt(v^T F v) stays within ``--rms`` sigma_R.
+remember set's mean NLL: ``--mean-batch`` random remember images' mean gradient, with ``--control-variate``
+(default) minus the same batch's under the base model plus the whole set's under the base model (once).
+Targets r (nats): (a) the gap to the band's middle, (``--target-d`` - d) sigma_R, capped at ``--cap``
+sigma_R; (b) back to the look-alike's base NLL (its quantile against a remember normal that kept its place);
+(c) back to the base mean (no drift). The step is the shortest under the remember metric M (the tame job's
+K-FAC metric, :func:`~flowtame.methods.curvature.remember_metric`, at ``--metric-damping``):
+v = M^-1 J^T (K + lambda diag K)^-1 r, K = J M^-1 J^T (:func:`~flowtame.methods.curvature.constrained_step`),
+times ``--fraction``, shrunk so that the metric's estimate of its remember RMS change sqrt(v^T F v) stays
+within ``--rms`` sigma_R.
 
 Every iteration prints: each forget image's d on the 8 keyed check draws against the current model's remember
 normal (a fixed subset of ``--monitor`` remember images on the evaluation's noise, corrected to the whole set
@@ -17,10 +20,13 @@ as the tame job's refresh is), the look-alikes' QD, the remember drift (relative
 The loop stops when every d is in (-epsilon, 2 epsilon) (the threshold target's band), drift <= 0.3% and the
 look-alike QD <= 0.018 on the subset, confirmed on the whole remember set. The result is then scored like a
 zoo row (:func:`zoo.reference_scores`: QD on every set, holdout BPD change, ``evaluate --neighbours 16
---check``); wall seconds count the setup (base pass over the remember set, look-alikes, metric) and the loop.
+--check``); wall seconds count the setup (base pass over the remember set, look-alikes, metric, the control
+variate's whole-set gradient) and the loop, not the protocol's loading. ``--reference`` then runs the authors'
+loop on the same cell for the time ratio; ``--diagnose`` compares 128 remember images' NLL change per step with
+its first-order prediction.
 
-    python benchmarks/solve_step.py --model embedded-glow --k 4
-    python benchmarks/solve_step.py --model realnvp --k 15 --cap 2 --rms 1 --json /tmp/x.json
+    python benchmarks/solve_step.py --model embedded-glow --k 4 --cap 2 --reference
+    python benchmarks/solve_step.py --model realnvp --k 15 --cap 1 --json /tmp/x.json
 """
 
 from __future__ import annotations
