@@ -52,7 +52,7 @@ from flowtame.jobs.tame import freeze_parameters, make_config  # noqa: E402
 from flowtame.likelihood.evaluation import nearest_rows  # noqa: E402
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll  # noqa: E402
 from flowtame.likelihood.statistics import NormalFit  # noqa: E402
-from flowtame.methods.baselines import _per_sample_gradient_chunks  # noqa: E402
+from flowtame.methods.baselines import per_sample_gradients  # noqa: E402
 from flowtame.methods.curvature import DAMPING, constrained_step, remember_metric  # noqa: E402
 from flowtame.methods.lookalikes import quantile_drop  # noqa: E402
 
@@ -160,7 +160,7 @@ def jacobian(cell: Cell, inputs: tuple[torch.Tensor, torch.Tensor], args: argpar
     noise, nearly the same under both weights, cancels)."""
     k = cell.forget.shape[0]
     x, batch = inputs
-    chunks = list(_per_sample_gradient_chunks(cell.model, x, cell.spec, vectorized=True, chunk_size=None,
+    chunks = list(per_sample_gradients(cell.model, x, cell.spec, vectorized=True, chunk_size=None,
                                               names=cell.names))
     rows = {n: torch.cat([c[n] for c in chunks]) for n in cell.names}
     mean = cell.mean_gradient(cell.model, batch)
@@ -233,7 +233,7 @@ def diagnose(cell: Cell, step: dict[str, torch.Tensor], shrink: float, rows: int
         before = batched_nll(cell.model, x, cell.spec).double()
     predicted = torch.zeros(rows, dtype=torch.float64)
     start = 0
-    for chunk in _per_sample_gradient_chunks(cell.model, x, cell.spec, vectorized=True, chunk_size=32,
+    for chunk in per_sample_gradients(cell.model, x, cell.spec, vectorized=True, chunk_size=32,
                                              names=cell.names):
         n = next(iter(chunk.values())).shape[0]
         predicted[start:start + n] = sum((chunk[k].double() * step[k]).flatten(1).sum(1) for k in cell.names)
