@@ -359,9 +359,16 @@ class Engine:
         device = self.params[0].device if self.params else torch.device("cpu")
         return autocast_context(device, self.config.precision)
 
+    @property
+    def _own_step(self) -> bool:
+        """Whether the method takes its own step (:meth:`Method.own_step`) instead of the loss and Adam's."""
+        return bool(getattr(self.method, "takes_own_step", False))
+
     def _lagged(self) -> bool:
         if self.context.active:
             return False  # the ranks agree on each iteration's figures as they come (Engine.run)
+        if self._own_step:
+            return False  # its step is taken in _forward_backward: a lag would judge a later step's weights
         if self.config.lagged_metrics is not None:
             return self.config.lagged_metrics
         return bool(self.params) and self.params[0].device.type == "cuda"
@@ -370,7 +377,7 @@ class Engine:
         """One forward/backward of the method's loss; (names, values [M] on the device): loss, grad norm
         and the method's metrics, nothing read back to the host. A method that takes its own step
         (``takes_own_step``) takes it here instead (:meth:`Method.own_step`); its figures are returned alike."""
-        if getattr(self.method, "takes_own_step", False):
+        if self._own_step:
             metrics = self.method.own_step(self.model, self.iteration)  # type: ignore[attr-defined]
             device = self.params[0].device if self.params else torch.device("cpu")
             return list(metrics), torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(())
@@ -392,7 +399,7 @@ class Engine:
     def _step(self) -> float:
         """Adam step at this iteration's learning rate (returned); counts the iteration. A method that takes its
         own step took it in :meth:`_forward_backward` (0 returned)."""
-        if getattr(self.method, "takes_own_step", False):
+        if self._own_step:
             self.iteration += 1
             return 0.0
         lr = _learning_rate(self.config, self.iteration, self.lr_scale * getattr(self.method, "lr_factor", 1.0))
@@ -432,7 +439,7 @@ class Engine:
         logged["elapsed"] = self.elapsed
         if done % self.config.trajectory_every == 0 or self.converged or done == 1 or self._gave_up():
             self.trajectory.append({"iteration": done, **logged})
-        if done % self.config.snapshot_every == 0:
+        if done % self.config.snapshot_every == 0 or self._own_step:  # (own steps: a roll-back undoes one)
             self._last_good = self._snapshot()
         if self.context.active and done % self.config.resume_every == 0:
             snapshot = self._last_good if done % self.config.snapshot_every == 0 else self._snapshot()

@@ -453,8 +453,13 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         raise InputError("taming needs at least one forget source", keys=("forget",))
     data_spec = base.image_data("taming")
     if (config.precondition != "none" or config.step != "adam") and distributed.current().active:
-        # one forward with gradient per iteration (DDP): Adam's step, unpreconditioned
-        config = dataclasses.replace(config, precondition="none", step="adam")
+        # one forward with gradient per iteration (DDP): Adam's step, unpreconditioned, with its own drift bound
+        if config.step != "adam":
+            warnings.warn("under torchrun the step is Adam's: --step solve is not used", stacklevel=2)
+        drift = config.max_remember_drift
+        if config.step == "solve" and drift == SolvedTaming.default_max_remember_drift:
+            drift = None  # (the solved step's default: Adam's is resolved again)
+        config = dataclasses.replace(config, precondition="none", step="adam", max_remember_drift=drift)
     dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_sets(forget_sets, remember_set)
 
