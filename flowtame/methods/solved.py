@@ -1,7 +1,7 @@
 """Taming by a solved step (``step: solve``; docs/method.md "The solved step").
 
 Adam's step pushes a sum of loss terms and waits for the forget pull and the anchor's pull back to balance; most
-of a run's iterations went to that balance (docs/benchmarks.md "Round 8"). The solved step asks for the changes
+of a run's iterations went to that balance (docs/benchmarks.md "Round 8a"). The solved step asks for the changes
 it wants instead. Each iteration linearizes the NLL of a few rows around the current weights:
 
 - each forget image (gradient averaged over :data:`FORGET_DRAWS` fresh noise draws), asked to move to the middle
@@ -9,7 +9,8 @@ it wants instead. Each iteration linearizes the NLL of a few rows around the cur
 - each row the anchor holds (the look-alikes, then the tail rows a refused stop added), asked back to its base NLL
   on the evaluation's noise;
 - the remember set's mean NLL (a batch of :data:`MEAN_ROWS` images, its sampling noise cancelled by the same
-  batch under the base model plus the whole set's gradient under the base model), asked back to the base mean;
+  batch under the base model plus the remember set's gradient under the base model, on at most
+  :data:`BASE_GRADIENT_ROWS` images), asked back to the base mean;
 
 and takes the shortest step under the remember curvature metric M (:func:`~flowtame.methods.curvature.constrained_step`)
 that makes those first-order changes, shrunk so that its predicted remember RMS change stays within
