@@ -283,3 +283,28 @@ def test_the_anchor_pool_is_one_tensor_rebuilt_only_when_its_rows_change():
     method._batch()
     method._batch()
     assert method.anchor_pool is pool
+
+
+def test_a_lookalike_refusal_on_the_whole_set_does_not_hide_the_remember_sets(monkeypatch):
+    """On the whole-set pass both holds judge the stop: with the look-alikes risen AND the remember set reshaped,
+    each counts its refusal and the remember set's adds the images that rose most to the anchor's rows."""
+    base, _ = base_and_moved()
+    monkeypatch.setattr(taming, "TAIL_ROWS", 4)
+    method = make_method("taming", base, anchor=1.0, lookalike_qd=0.01, remember_qd=0.001)
+    d = method.data
+    n = d.remember.shape[0]
+    whole_base = 300.0 + 20.0 * torch.linspace(-1, 1, n, dtype=torch.float64) ** 3
+    d.base_remember_nll = whole_base
+    d.base_mean, d.base_std = whole_base.mean().float(), whole_base.std().float()
+    d.lookalikes, d.lookalike_check = ROWS, dequantized(d.remember[ROWS], torch.full((4, *d.remember.shape[1:]), 0.01),
+                                                       DATA_SPEC.n_bits)
+    moved = whole_base - 0.02 * (whole_base - whole_base.mean()) ** 2  # the remember set's shape changed ...
+    moved[ROWS] += 0.5 * float(whole_base.std())  # ... and the look-alikes rose
+    d.whole_remember_nll = lambda _model: moved
+    method.lookalike_hold, method.remember_hold = method._lookalike_hold(0.01), method._remember_hold(0.001)
+    method._build_anchor_pool()
+    forget = moved.mean() + (method.delta + torch.tensor([0.0, 0.1, -0.1], dtype=torch.float64)) * moved.std()
+    assert method.whole_set_agrees(base, forget) is False
+    assert method.lookalike_hold.refusals == 1 and method.remember_hold.refusals == 1
+    assert method.tail_rows is not None and method.tail_rows.numel() == 4
+    assert method.anchor_pool.numel() == ROWS.numel() + 4

@@ -532,7 +532,9 @@ class TamingMethod:
         reached = bool(self.reached(d).all())
         whole = NormalFit(float(nll.mean()), float(nll.std()))
         held = self.remember_hold.refusals if self.remember_hold is not None else 0
-        if reached and all(hold.kept(hold.of_whole_set(nll), whole) for hold in self.quantile_holds):
+        # every hold judges (a list, not all()'s short circuit): a look-alike refusal must not hide the remember
+        # set's, whose refusal adds the tail rows
+        if reached and all([hold.kept(hold.of_whole_set(nll), whole) for hold in self.quantile_holds]):
             self.final_remember_nll = nll
             return True
         if self.remember_hold is not None and self.remember_hold.refusals > held:
