@@ -244,8 +244,8 @@ def draw_samples(model: MultiScaleFlow, n: int, temperature: float, generator: t
     raise ValueError(f"the base model gave only {have} finite samples of {n} in 10 attempts")
 
 
-def _nll_function(model: MultiScaleFlow, data_spec: DataSpec) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
-    """f(params, x [C,S,S]) -> NLL of one input in nats, a pure function of ``params`` (for torch.func; the
+def nll_function(model: MultiScaleFlow, data_spec: DataSpec) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+    """f(params, x [B,C,S,S]) -> NLL [B] of the inputs in nats, a pure function of ``params`` (for torch.func; the
     model's parameters missing from ``params`` and its buffers held at their values)."""
     fixed = {name: t.detach() for name, t in [*model.named_buffers(), *model.named_parameters()]}
 
@@ -261,7 +261,7 @@ def _nll_function(model: MultiScaleFlow, data_spec: DataSpec) -> Callable[[dict[
 
     def f(params: dict[str, Tensor], x: Tensor) -> Tensor:
         state = {f"flow.{k}": v for k, v in {**fixed, **params}.items()}
-        return functional_call(wrapper, state, (x.unsqueeze(0),)).squeeze(0)
+        return functional_call(wrapper, state, (x,))
 
     return f
 
@@ -285,7 +285,8 @@ def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, 
     was_training = model.training
     model.eval()
     try:
-        f = grad(_nll_function(model, data_spec))
+        nll = nll_function(model, data_spec)
+        f = grad(lambda values, xi: nll(values, xi.unsqueeze(0)).squeeze(0))  # one input's NLL
         batched = vmap(f, in_dims=(None, 0))
         for start in range(0, x.shape[0], chunk_size):
             chunk = x[start:start + chunk_size]

@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad
+from torch.func import grad
 
 from flowtame.data.quantization import DataSpec
 from flowtame.engine.devices import random_indices, take_rows, uniform_noise
 from flowtame.flows.base import MultiScaleFlow
-from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats
+from flowtame.likelihood.nll import batched_nll, dequantized
 from flowtame.likelihood.threshold import threshold_distance
-from flowtame.methods.baselines import per_sample_gradients
+from flowtame.methods.baselines import nll_function, per_sample_gradients
 from flowtame.methods.curvature import constrained_step
 from flowtame.methods.taming import TamingMethod
 
@@ -63,29 +63,13 @@ def mean_nll_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, nam
     wanted = set(names)
     params = {n: p.detach() for n, p in model.named_parameters() if n in wanted}
 
-    gradient = grad(lambda values, rows: _summed_nll(model, values, rows, data_spec))
+    nll = nll_function(model, data_spec)
+    gradient = grad(lambda values, rows: nll(values, rows).sum())
     out = {n: torch.zeros_like(p) for n, p in params.items()}
     for start in range(0, x.shape[0], chunk):
         for n, g in gradient(params, x[start:start + chunk]).items():
             out[n] += g
     return {n: g / x.shape[0] for n, g in out.items()}
-
-
-def _summed_nll(model: MultiScaleFlow, values: dict[str, Tensor], rows: Tensor, data_spec: DataSpec) -> Tensor:
-    """The summed NLL (nats) of ``rows`` under ``model`` with its values ``values`` swapped in (torch.func)."""
-    return functional_call(_NLLModule(model, data_spec), {f"flow.{n}": v for n, v in values.items()},
-                           (rows,), strict=False).sum()
-
-
-class _NLLModule(torch.nn.Module):
-    """``model``'s NLL (nats) [B] as a module's forward, for :func:`torch.func.functional_call`."""
-
-    def __init__(self, model: MultiScaleFlow, data_spec: DataSpec):
-        super().__init__()
-        self.flow, self.data_spec = model, data_spec
-
-    def forward(self, x: Tensor) -> Tensor:
-        return nll_nats(self.flow, x, self.data_spec)
 
 
 class SolvedTaming(TamingMethod):
