@@ -12,10 +12,13 @@ import torch
 from test_baselines import DATA_SPEC, REMEMBER, base, forget_folder, tiny_glow  # noqa: F401 (fixtures)
 
 from flowtame.data.images import open_images
+from flowtame.engine.devices import uniform_noise
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import InputError, InterruptedRun
 from flowtame.jobs.tame import make_config, tame
 from flowtame.likelihood.nll import dequantized, nll_nats
+from flowtame.methods import solved
+from flowtame.methods.baselines import per_sample_gradients
 from flowtame.methods.solved import STEP_RMS, SolvedTaming, mean_nll_gradient
 
 QUICK = {"step": "solve", "max_iters": 20, "refresh_size": 32, "lookalikes": 4}
@@ -53,6 +56,42 @@ def test_a_solved_run_stops_in_the_band_within_a_few_iterations_and_keeps_its_gu
     assert steps and all(row["step_rms"] <= STEP_RMS + 1e-6 for row in steps)
     normal, drift = report["remember_normal"], report["config"]["max_remember_drift"]
     assert normal["tamed"]["mean_nats"] <= normal["base"]["mean_nats"] * (1 + drift)
+
+
+def test_the_rows_are_forget_gradients_averaged_over_the_draws_and_a_fixed_batchs_control_variate(
+        base, forget_folder, monkeypatch):  # noqa: F811
+    """Each forget row is the image's NLL gradient averaged over FORGET_DRAWS fresh draws (accumulated one draw
+    at a time); the mean row is the fixed batch's gradient now, minus its gradient under the base model, plus the
+    base gradient of all the base rows (the batch's share and the rest's, combined by their sizes)."""
+    monkeypatch.setattr(solved, "MEAN_ROWS", 5)  # the batch a part of the base rows: the combination is used
+    checks, batches = [], []
+    original = SolvedTaming._jacobian
+
+    def spy(self, model, names):
+        state = self.generator.get_state()
+        out = original(self, model, names)
+        d, k = self.data, self.data.forget.shape[0]
+        noise = uniform_noise(torch.Generator().set_state(state), (solved.FORGET_DRAWS * k, *d.forget.shape[1:]),
+                              d.device)
+        x = dequantized(d.forget.repeat(solved.FORGET_DRAWS, 1, 1, 1), noise, d.data_spec.n_bits)
+        every = list(per_sample_gradients(model, x, d.data_spec, vectorized=False, chunk_size=None, names=names))
+        whole = self.base_gradient_inputs()
+        at_base = mean_nll_gradient(self.base_model, whole, d.data_spec, names)
+        now = mean_nll_gradient(model, whole[:5], d.data_spec, names)
+        batch_base = mean_nll_gradient(self.base_model, whole[:5], d.data_spec, names)
+        for n in names:
+            rows = torch.cat([c[n] for c in every]).reshape(solved.FORGET_DRAWS, k, *out[n].shape[1:]).mean(0)
+            checks.append((out[n][:k], rows))
+            checks.append((out[n][-1], now[n] - batch_base[n] + at_base[n]))
+        batches.append(self.mean_batch)
+        return out
+
+    monkeypatch.setattr(SolvedTaming, "_jacobian", spy)
+    forget, remember = _sets(forget_folder)
+    tame(base, forget, remember, make_config({**QUICK, "max_iters": 2}), device="cpu")
+    assert len(batches) == 2 and batches[0] is batches[1] and batches[0].shape[0] == 5
+    for ours, expected in checks:
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("layer, message", [

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import grad
 
 from flowtame.data.quantization import DataSpec
-from flowtame.engine.devices import random_indices, take_rows, uniform_noise
+from flowtame.engine.devices import take_rows, uniform_noise
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll, dequantized
 from flowtame.likelihood.threshold import threshold_distance
@@ -36,12 +36,15 @@ from flowtame.methods.baselines import nll_function, per_sample_gradients
 from flowtame.methods.curvature import constrained_step
 from flowtame.methods.taming import TamingMethod
 
-__all__ = ["BASE_GRADIENT_ROWS", "FORGET_DRAWS", "MEAN_ROWS", "SOLVED_MAX_REMEMBER_DRIFT", "SOLVE_METRIC_DAMPING",
-           "STEP_RMS", "TARGET_CAP", "SolvedTaming", "mean_nll_gradient"]
+__all__ = ["BASE_GRADIENT_ROWS", "FORGET_DRAWS", "MEAN_ROWS",
+           "SOLVED_MAX_REMEMBER_DRIFT", "SOLVE_METRIC_DAMPING", "STEP_RMS", "TARGET_CAP", "SolvedTaming",
+           "mean_nll_gradient"]
 
-#: Fresh noise draws whose per-image gradients are averaged for each forget row.
-FORGET_DRAWS = 2
-#: Remember images of the mean row per step.
+#: Fresh noise draws whose per-image gradients are averaged for each forget row. A single draw's gradient is
+#: mostly that draw's: a step solved on one draw moved the image's NLL on other draws by a third of what it
+#: asked, on two draws by a half, on eight by 0.83 (embedded Glow, docs/benchmarks.md "Round 9").
+FORGET_DRAWS = 8
+#: Remember images of the mean row (the first of the base gradient's rows, with their noise: fixed for the run).
 MEAN_ROWS = 256
 #: Remember images (at most; drawn once) of the base model's mean-NLL gradient, the mean row's control variate.
 BASE_GRADIENT_ROWS = 1024
@@ -103,6 +106,10 @@ class SolvedTaming(TamingMethod):
         self.forget_nll_now: Tensor | None = None
         #: The step's trust: :data:`STEP_RMS` and :data:`TARGET_CAP` are scaled by it; quartered at each roll-back
         self.trust = 1.0
+        #: The mean row's fixed batch [MEAN_ROWS,C,S,S] (dequantized) and its mean-NLL gradient under the base
+        #: model; set with :attr:`base_gradient`
+        self.mean_batch: Tensor | None = None
+        self.mean_batch_base_gradient: dict[str, Tensor] | None = None
         self._flat: set[str] | None = None
 
     @property
@@ -174,15 +181,8 @@ class SolvedTaming(TamingMethod):
         was_training = model.training
         model.eval()
         try:
-            if self.base_gradient is None:  # (its own seeded rows and noise: a resumed run computes the same)
-                assert self.base_model is not None
-                d = self.data
-                generator = torch.Generator(device=d.device).manual_seed(int(self.config.seed) + 1)
-                rows = torch.randperm(d.remember.shape[0], generator=torch.Generator().manual_seed(
-                    int(self.config.seed) + 1))[:BASE_GRADIENT_ROWS]
-                pixels = take_rows(d.remember, rows, d.device)
-                whole = dequantized(pixels, uniform_noise(generator, pixels.shape, d.device), d.data_spec.n_bits)
-                self.base_gradient = mean_nll_gradient(self.base_model, whole, d.data_spec, names)
+            if self.base_gradient is None:
+                self._base_gradients(names)
             targets = self._targets()
             solved = constrained_step(self.metric, self._jacobian(model, names), targets)
         finally:
@@ -202,6 +202,31 @@ class SolvedTaming(TamingMethod):
                 "shrink": shrink, "remember_bpd": self.mu_r / self.nats_per_bpd, "max_abs_d": now.abs().max(),
                 "min_d": now.min(), "max_d": now.max(), "mean_d": now.mean(), "mu_r": self.mu_r,
                 "sigma_r": self.sigma_r}
+
+    def _base_gradients(self, names: list[str]) -> None:
+        """:attr:`base_gradient` on at most :data:`BASE_GRADIENT_ROWS` remember images and the mean row's fixed
+        batch (the first :data:`MEAN_ROWS` of them) with its own base gradient, in one pass over the images.
+        Seeded rows and noise of their own: a resumed run computes the same."""
+        assert self.base_model is not None
+        d = self.data
+        whole = self.base_gradient_inputs()
+        self.mean_batch = whole[:MEAN_ROWS]
+        self.mean_batch_base_gradient = mean_nll_gradient(self.base_model, self.mean_batch, d.data_spec, names)
+        self.base_gradient = dict(self.mean_batch_base_gradient)
+        if whole.shape[0] > MEAN_ROWS:
+            rest = mean_nll_gradient(self.base_model, whole[MEAN_ROWS:], d.data_spec, names)
+            share = MEAN_ROWS / whole.shape[0]
+            self.base_gradient = {n: share * g + (1 - share) * rest[n] for n, g in self.base_gradient.items()}
+
+    def base_gradient_inputs(self) -> Tensor:
+        """The base gradient's remember images [min(R, BASE_GRADIENT_ROWS),C,S,S], dequantized: rows and noise
+        drawn from the run's seed (+1) alone."""
+        d = self.data
+        generator = torch.Generator(device=d.device).manual_seed(int(self.config.seed) + 1)
+        rows = torch.randperm(d.remember.shape[0], generator=torch.Generator().manual_seed(
+            int(self.config.seed) + 1))[:BASE_GRADIENT_ROWS]
+        pixels = take_rows(d.remember, rows, d.device)
+        return dequantized(pixels, uniform_noise(generator, pixels.shape, d.device), d.data_spec.n_bits)
 
     def _targets(self) -> Tensor:
         """The rows' wanted NLL changes (nats, float64) [F + P + 1]: each forget image to the band's middle (at
@@ -226,28 +251,39 @@ class SolvedTaming(TamingMethod):
 
     def _jacobian(self, model: MultiScaleFlow, names: list[str]) -> dict[str, Tensor]:
         """The rows' NLL gradients (name -> [F + P + 1, *shape], nats): each forget image's averaged over
-        :data:`FORGET_DRAWS` fresh draws, each anchor row's on a fresh draw, and the mean row: the gradient of a
-        :data:`MEAN_ROWS`-image batch's mean NLL, minus the same batch's under the base model, plus the remember
-        set's under the base model (:attr:`base_gradient`; the batch's own noise cancels)."""
+        :data:`FORGET_DRAWS` fresh draws (one draw's images at a time: F rows of memory), each anchor row's on
+        a fresh draw, and the mean row: the gradient of the fixed batch's mean NLL (:attr:`mean_batch`), minus
+        the same batch's under the base model, plus the remember set's under the base model
+        (:attr:`base_gradient`; the batch's own noise cancels)."""
         d, spec = self.data, self.data.data_spec
         k = d.forget.shape[0]
-        parts = [self._fresh(d.forget.repeat(FORGET_DRAWS, 1, 1, 1))]
+        draws = self._fresh(d.forget.repeat(FORGET_DRAWS, 1, 1, 1))
+        forget: dict[str, Tensor] = {}
+        for draw in draws.split(k):
+            for chunk_start, chunk in self._row_gradients(model, draw, names):
+                for n, g in chunk.items():
+                    total = forget.setdefault(n, torch.zeros(k, *g.shape[1:], dtype=g.dtype, device=g.device))
+                    total[chunk_start:chunk_start + g.shape[0]] += g / FORGET_DRAWS
+        pool: list[dict[str, Tensor]] = []
         if self.pool_nll is not None and self.anchor_pool is not None:
-            parts.append(self._fresh(take_rows(d.remember, self.anchor_pool, d.device)))
-        x = torch.cat(parts)
-        chunks = list(per_sample_gradients(model, x, spec, vectorized=True, chunk_size=None, names=names))
-        batch = self._fresh(take_rows(d.remember, random_indices(self.generator, d.remember.shape[0], MEAN_ROWS),
-                                      d.device))
-        now = mean_nll_gradient(model, batch, spec, names)
-        assert self.base_model is not None and self.base_gradient is not None
-        at_base = mean_nll_gradient(self.base_model, batch, spec, names)
+            pool = [g for _, g in self._row_gradients(model, self._fresh(take_rows(d.remember, self.anchor_pool,
+                                                                                      d.device)), names)]
+        assert self.mean_batch is not None and self.mean_batch_base_gradient is not None
+        assert self.base_gradient is not None
+        now = mean_nll_gradient(model, self.mean_batch, spec, names)
         out = {}
         for n in names:
-            rows = torch.cat([c[n] for c in chunks])
-            forget = rows[:k * FORGET_DRAWS].reshape(FORGET_DRAWS, k, *rows.shape[1:]).mean(0)
-            mean = now[n] - at_base[n] + self.base_gradient[n]
-            out[n] = torch.cat([forget, rows[k * FORGET_DRAWS:], mean[None]])
+            mean = now[n] - self.mean_batch_base_gradient[n] + self.base_gradient[n]
+            out[n] = torch.cat([forget[n], *[g[n] for g in pool], mean[None]])
         return out
+
+    def _row_gradients(self, model: MultiScaleFlow, x: Tensor, names: list[str]):  # noqa: ANN202
+        """(first row, name -> [rows, *shape]) per chunk of :func:`per_sample_gradients` of ``x``."""
+        start = 0
+        for chunk in per_sample_gradients(model, x, self.data.data_spec, vectorized=True, chunk_size=None,
+                                          names=names):
+            yield start, chunk
+            start += next(iter(chunk.values())).shape[0]
 
     def rolled_back(self, model: MultiScaleFlow) -> None:
         """After the engine restored the last good weights (the step blew the remember NLL up): a quarter of the
