@@ -58,13 +58,10 @@ def test_a_solved_run_stops_in_the_band_within_a_few_iterations_and_keeps_its_gu
     assert normal["tamed"]["mean_nats"] <= normal["base"]["mean_nats"] * (1 + drift)
 
 
-def test_the_rows_are_forget_gradients_averaged_over_the_draws_and_a_fixed_batchs_control_variate(
-        base, forget_folder, monkeypatch):  # noqa: F811
-    """Each forget row is the image's NLL gradient averaged over FORGET_DRAWS fresh draws (accumulated one draw
-    at a time); the mean row is the fixed batch's gradient now, minus its gradient under the base model, plus the
-    base gradient of all the base rows (the batch's share and the rest's, combined by their sizes)."""
-    monkeypatch.setattr(solved, "MEAN_ROWS", 5)  # the batch a part of the base rows: the combination is used
-    checks, batches = [], []
+def test_each_forget_row_is_its_gradient_averaged_over_the_draws(base, forget_folder, monkeypatch):  # noqa: F811
+    """Each forget row is the image's NLL gradient averaged over FORGET_DRAWS fresh draws, accumulated one draw
+    at a time (F rows of memory)."""
+    checks = []
     original = SolvedTaming._jacobian
 
     def spy(self, model, names):
@@ -75,23 +72,49 @@ def test_the_rows_are_forget_gradients_averaged_over_the_draws_and_a_fixed_batch
                               d.device)
         x = dequantized(d.forget.repeat(solved.FORGET_DRAWS, 1, 1, 1), noise, d.data_spec.n_bits)
         every = list(per_sample_gradients(model, x, d.data_spec, vectorized=False, chunk_size=None, names=names))
-        whole = self.base_gradient_inputs()
-        at_base = mean_nll_gradient(self.base_model, whole, d.data_spec, names)
-        now = mean_nll_gradient(model, whole[:5], d.data_spec, names)
-        batch_base = mean_nll_gradient(self.base_model, whole[:5], d.data_spec, names)
         for n in names:
             rows = torch.cat([c[n] for c in every]).reshape(solved.FORGET_DRAWS, k, *out[n].shape[1:]).mean(0)
             checks.append((out[n][:k], rows))
-            checks.append((out[n][-1], now[n] - batch_base[n] + at_base[n]))
-        batches.append(self.mean_batch)
         return out
 
     monkeypatch.setattr(SolvedTaming, "_jacobian", spy)
     forget, remember = _sets(forget_folder)
     tame(base, forget, remember, make_config({**QUICK, "max_iters": 2}), device="cpu")
-    assert len(batches) == 2 and batches[0] is batches[1] and batches[0].shape[0] == 5
+    assert len(checks) > 2
     for ours, expected in checks:
         torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_mean_rows_displacement_term_is_averaged_over_steps_and_dropped_at_a_roll_back(
+        base, forget_folder, monkeypatch):  # noqa: F811
+    """Each step's batch gradient now minus under the base model is averaged with the previous steps' (weight
+    MEAN_CHANGE_AVERAGING); a roll-back forgets the average."""
+    grads, seen = [], []
+    real_gradient, real_jacobian = solved.mean_nll_gradient, SolvedTaming._jacobian
+
+    def recording_gradient(*args, **kwargs):
+        grads.append(real_gradient(*args, **kwargs))
+        return grads[-1]
+
+    def spy(self, model, names):
+        before = self.mean_change
+        out = real_jacobian(self, model, names)
+        raw = {n: grads[-2][n] - grads[-1][n] for n in names}  # (now, then under the base model)
+        w = solved.MEAN_CHANGE_AVERAGING
+        expected = raw if before is None else {n: w * before[n] + (1 - w) * raw[n] for n in names}
+        seen.append(before is not None)
+        for n in names:
+            torch.testing.assert_close(self.mean_change[n], expected[n])
+        return out
+
+    monkeypatch.setattr(solved, "mean_nll_gradient", recording_gradient)
+    monkeypatch.setattr(SolvedTaming, "_jacobian", spy)
+    forget, remember = _sets(forget_folder)
+    tame(base, forget, remember, make_config({**QUICK, "max_iters": 3}), device="cpu")
+    assert seen[0] is False and all(seen[1:]) and len(seen) >= 2
+    method = type("M", (), {"trust": 1.0, "mean_change": {}, "measure": lambda self, model: None})()
+    SolvedTaming.rolled_back(method, None)
+    assert method.mean_change is None and method.trust == 0.25
 
 
 @pytest.mark.parametrize("layer, message", [

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import grad
 
 from flowtame.data.quantization import DataSpec
-from flowtame.engine.devices import take_rows, uniform_noise
+from flowtame.engine.devices import random_indices, take_rows, uniform_noise
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll, dequantized
 from flowtame.likelihood.threshold import threshold_distance
@@ -36,7 +36,7 @@ from flowtame.methods.baselines import nll_function, per_sample_gradients
 from flowtame.methods.curvature import constrained_step
 from flowtame.methods.taming import TamingMethod
 
-__all__ = ["BASE_GRADIENT_ROWS", "FORGET_DRAWS", "MEAN_ROWS",
+__all__ = ["BASE_GRADIENT_ROWS", "FORGET_DRAWS", "MEAN_CHANGE_AVERAGING", "MEAN_ROWS",
            "SOLVED_MAX_REMEMBER_DRIFT", "SOLVE_METRIC_DAMPING", "STEP_RMS", "TARGET_CAP", "SolvedTaming",
            "mean_nll_gradient"]
 
@@ -44,8 +44,14 @@ __all__ = ["BASE_GRADIENT_ROWS", "FORGET_DRAWS", "MEAN_ROWS",
 #: mostly that draw's: a step solved on one draw moved the image's NLL on other draws by a third of what it
 #: asked, on two draws by a half, on eight by 0.83 (embedded Glow, docs/benchmarks.md "Round 9").
 FORGET_DRAWS = 8
-#: Remember images of the mean row (the first of the base gradient's rows, with their noise: fixed for the run).
+#: Remember images of the mean row per step (fresh ones each step: a batch fixed for the run is learnt, its mean
+#: falls while the rest's stays: the embedded Glow k = 15 stalled at a drift of +0.23%, docs/benchmarks.md
+#: "Round 9").
 MEAN_ROWS = 256
+#: Weight of the previous steps' average in the mean row's displacement term (an exponential average over
+#: steps, each on its fresh batch: the term changes little from step to step, while one batch's estimate is
+#: noisy; at 0.5 the embedded Glow k = 15 stopped after 12 steps, not 21, k = 4 after 8, not 9: Round 9).
+MEAN_CHANGE_AVERAGING = 0.5
 #: Remember images (at most; drawn once) of the base model's mean-NLL gradient, the mean row's control variate.
 BASE_GRADIENT_ROWS = 1024
 #: Largest change a forget row asks for in one step, in sigma_R (nearer the band: the whole gap).
@@ -106,10 +112,9 @@ class SolvedTaming(TamingMethod):
         self.forget_nll_now: Tensor | None = None
         #: The step's trust: :data:`STEP_RMS` and :data:`TARGET_CAP` are scaled by it; quartered at each roll-back
         self.trust = 1.0
-        #: The mean row's fixed batch [MEAN_ROWS,C,S,S] (dequantized) and its mean-NLL gradient under the base
-        #: model; set with :attr:`base_gradient`
-        self.mean_batch: Tensor | None = None
-        self.mean_batch_base_gradient: dict[str, Tensor] | None = None
+        #: The mean row's displacement term (name -> shape, nats): the average over steps of a batch's mean-NLL
+        #: gradient now minus under the base model (None: none yet, or the weights were rolled back)
+        self.mean_change: dict[str, Tensor] | None = None
         self._flat: set[str] | None = None
 
     @property
@@ -182,7 +187,9 @@ class SolvedTaming(TamingMethod):
         model.eval()
         try:
             if self.base_gradient is None:
-                self._base_gradients(names)
+                assert self.base_model is not None
+                self.base_gradient = mean_nll_gradient(self.base_model, self._base_gradient_inputs(),
+                                                       self.data.data_spec, names)
             targets = self._targets()
             solved = constrained_step(self.metric, self._jacobian(model, names), targets)
         finally:
@@ -203,22 +210,7 @@ class SolvedTaming(TamingMethod):
                 "min_d": now.min(), "max_d": now.max(), "mean_d": now.mean(), "mu_r": self.mu_r,
                 "sigma_r": self.sigma_r}
 
-    def _base_gradients(self, names: list[str]) -> None:
-        """:attr:`base_gradient` on at most :data:`BASE_GRADIENT_ROWS` remember images and the mean row's fixed
-        batch (the first :data:`MEAN_ROWS` of them) with its own base gradient, in one pass over the images.
-        Seeded rows and noise of their own: a resumed run computes the same."""
-        assert self.base_model is not None
-        d = self.data
-        whole = self.base_gradient_inputs()
-        self.mean_batch = whole[:MEAN_ROWS]
-        self.mean_batch_base_gradient = mean_nll_gradient(self.base_model, self.mean_batch, d.data_spec, names)
-        self.base_gradient = dict(self.mean_batch_base_gradient)
-        if whole.shape[0] > MEAN_ROWS:
-            rest = mean_nll_gradient(self.base_model, whole[MEAN_ROWS:], d.data_spec, names)
-            share = MEAN_ROWS / whole.shape[0]
-            self.base_gradient = {n: share * g + (1 - share) * rest[n] for n, g in self.base_gradient.items()}
-
-    def base_gradient_inputs(self) -> Tensor:
+    def _base_gradient_inputs(self) -> Tensor:
         """The base gradient's remember images [min(R, BASE_GRADIENT_ROWS),C,S,S], dequantized: rows and noise
         drawn from the run's seed (+1) alone."""
         d = self.data
@@ -252,9 +244,9 @@ class SolvedTaming(TamingMethod):
     def _jacobian(self, model: MultiScaleFlow, names: list[str]) -> dict[str, Tensor]:
         """The rows' NLL gradients (name -> [F + P + 1, *shape], nats): each forget image's averaged over
         :data:`FORGET_DRAWS` fresh draws (one draw's images at a time: F rows of memory), each anchor row's on
-        a fresh draw, and the mean row: the gradient of the fixed batch's mean NLL (:attr:`mean_batch`), minus
-        the same batch's under the base model, plus the remember set's under the base model
-        (:attr:`base_gradient`; the batch's own noise cancels)."""
+        a fresh draw, and the mean row: the gradient of a :data:`MEAN_ROWS`-image batch's mean NLL, minus the
+        same batch's under the base model (the batch's own noise cancels; averaged with the previous steps',
+        :attr:`mean_change`), plus the remember set's under the base model (:attr:`base_gradient`)."""
         d, spec = self.data, self.data.data_spec
         k = d.forget.shape[0]
         draws = self._fresh(d.forget.repeat(FORGET_DRAWS, 1, 1, 1))
@@ -268,12 +260,19 @@ class SolvedTaming(TamingMethod):
         if self.pool_nll is not None and self.anchor_pool is not None:
             pool = [g for _, g in self._row_gradients(model, self._fresh(take_rows(d.remember, self.anchor_pool,
                                                                                       d.device)), names)]
-        assert self.mean_batch is not None and self.mean_batch_base_gradient is not None
-        assert self.base_gradient is not None
-        now = mean_nll_gradient(model, self.mean_batch, spec, names)
+        batch = self._fresh(take_rows(d.remember, random_indices(self.generator, d.remember.shape[0], MEAN_ROWS),
+                                      d.device))
+        now = mean_nll_gradient(model, batch, spec, names)
+        assert self.base_model is not None and self.base_gradient is not None
+        at_base = mean_nll_gradient(self.base_model, batch, spec, names)
+        change = {n: now[n] - at_base[n] for n in names}
+        if self.mean_change is not None:
+            w = MEAN_CHANGE_AVERAGING
+            change = {n: w * self.mean_change[n] + (1 - w) * g for n, g in change.items()}
+        self.mean_change = change
         out = {}
         for n in names:
-            mean = now[n] - self.mean_batch_base_gradient[n] + self.base_gradient[n]
+            mean = change[n] + self.base_gradient[n]
             out[n] = torch.cat([forget[n], *[g[n] for g in pool], mean[None]])
         return out
 
@@ -289,6 +288,7 @@ class SolvedTaming(TamingMethod):
         """After the engine restored the last good weights (the step blew the remember NLL up): a quarter of the
         trust, and the measurement of the restored weights."""
         self.trust /= 4
+        self.mean_change = None
         self.forget_nll_now = self.measure(model)
 
     def diverged(self, logged: dict[str, float]) -> str | None:
@@ -303,10 +303,17 @@ class SolvedTaming(TamingMethod):
         return ("the solved step's first-order model does not hold on this model even at 1/64 of its step: use "
                 "--step adam")
 
+    def state_tensors(self) -> dict[str, Tensor]:
+        change = {} if self.mean_change is None else {f"mean_change.{n}": g for n, g in self.mean_change.items()}
+        return {**super().state_tensors(), **change}
+
     def state_meta(self) -> dict[str, Any]:
         return {**super().state_meta(), "trust": self.trust}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         super().load_state(tensors, meta)
         self.trust = meta.get("trust", 1.0)
+        prefix = "mean_change."
+        change = {n[len(prefix):]: g.clone() for n, g in tensors.items() if n.startswith(prefix)}
+        self.mean_change = change or None
         self.forget_nll_now = None  # measured again on the resumed weights before the first step
