@@ -17,7 +17,7 @@ from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import InputError, InterruptedRun
 from flowtame.jobs.tame import make_config, tame
 from flowtame.likelihood.nll import dequantized, nll_nats
-from flowtame.methods import solved
+from flowtame.methods import baselines, solved
 from flowtame.methods.baselines import per_sample_gradients
 from flowtame.methods.solved import STEP_RMS, SolvedTaming, mean_nll_gradient
 
@@ -61,6 +61,8 @@ def test_a_solved_run_stops_in_the_band_within_a_few_iterations_and_keeps_its_gu
 def test_each_forget_row_is_its_gradient_averaged_over_the_draws(base, forget_folder, monkeypatch):  # noqa: F811
     """Each forget row is the image's NLL gradient averaged over FORGET_DRAWS fresh draws, accumulated one draw
     at a time (F rows of memory)."""
+    n_values = sum(p.numel() for p in base.model.parameters())
+    monkeypatch.setattr(baselines, "FISHER_CHUNK_VALUES", 2 * n_values)  # chunks of 2 rows: offsets exercised
     checks = []
     original = SolvedTaming._jacobian
 
@@ -89,6 +91,7 @@ def test_the_mean_rows_displacement_term_is_averaged_over_steps_and_dropped_at_a
         base, forget_folder, monkeypatch):  # noqa: F811
     """Each step's batch gradient now minus under the base model is averaged with the previous steps' (weight
     MEAN_CHANGE_AVERAGING); a roll-back forgets the average."""
+    monkeypatch.setattr(solved, "MEAN_CHANGE_AVERAGING", 0.3)  # (w and 1 - w told apart)
     grads, seen = [], []
     real_gradient, real_jacobian = solved.mean_nll_gradient, SolvedTaming._jacobian
 
@@ -105,6 +108,7 @@ def test_the_mean_rows_displacement_term_is_averaged_over_steps_and_dropped_at_a
         seen.append(before is not None)
         for n in names:
             torch.testing.assert_close(self.mean_change[n], expected[n])
+            torch.testing.assert_close(out[n][-1], expected[n] + self.base_gradient[n])  # the row uses it
         return out
 
     monkeypatch.setattr(solved, "mean_nll_gradient", recording_gradient)

@@ -8,8 +8,9 @@ it wants instead. Each iteration linearizes the NLL of a few rows around the cur
   of the stopping band (at most :data:`TARGET_CAP` sigma_R per step);
 - each row the anchor holds (the look-alikes, then the tail rows a refused stop added), asked back to its base NLL
   on the evaluation's noise;
-- the remember set's mean NLL (a batch of :data:`MEAN_ROWS` images, its sampling noise cancelled by the same
-  batch under the base model plus the remember set's gradient under the base model, on at most
+- the remember set's mean NLL (a fresh batch of :data:`MEAN_ROWS` images, its sampling noise cancelled by the
+  same batch under the base model, this displacement term averaged over the steps with weight
+  :data:`MEAN_CHANGE_AVERAGING` for the past, plus the remember set's gradient under the base model, on at most
   :data:`BASE_GRADIENT_ROWS` images), asked back to the base mean;
 
 and takes the shortest step under the remember curvature metric M (:func:`~flowtame.methods.curvature.constrained_step`)
@@ -21,6 +22,7 @@ the whole remember set, as Adam's step's confirmations are.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -254,8 +256,9 @@ class SolvedTaming(TamingMethod):
         for draw in draws.split(k):
             for chunk_start, chunk in self._row_gradients(model, draw, names):
                 for n, g in chunk.items():
-                    total = forget.setdefault(n, torch.zeros(k, *g.shape[1:], dtype=g.dtype, device=g.device))
-                    total[chunk_start:chunk_start + g.shape[0]] += g / FORGET_DRAWS
+                    if n not in forget:
+                        forget[n] = torch.zeros(k, *g.shape[1:], dtype=g.dtype, device=g.device)
+                    forget[n][chunk_start:chunk_start + g.shape[0]].add_(g, alpha=1 / FORGET_DRAWS)
         pool: list[dict[str, Tensor]] = []
         if self.pool_nll is not None and self.anchor_pool is not None:
             pool = [g for _, g in self._row_gradients(model, self._fresh(take_rows(d.remember, self.anchor_pool,
@@ -276,7 +279,8 @@ class SolvedTaming(TamingMethod):
             out[n] = torch.cat([forget[n], *[g[n] for g in pool], mean[None]])
         return out
 
-    def _row_gradients(self, model: MultiScaleFlow, x: Tensor, names: list[str]):  # noqa: ANN202
+    def _row_gradients(self, model: MultiScaleFlow, x: Tensor, names: list[str]
+                       ) -> Iterator[tuple[int, dict[str, Tensor]]]:
         """(first row, name -> [rows, *shape]) per chunk of :func:`per_sample_gradients` of ``x``."""
         start = 0
         for chunk in per_sample_gradients(model, x, self.data.data_spec, vectorized=True, chunk_size=None,
@@ -286,7 +290,8 @@ class SolvedTaming(TamingMethod):
 
     def rolled_back(self, model: MultiScaleFlow) -> None:
         """After the engine restored the last good weights (the step blew the remember NLL up): a quarter of the
-        trust, and the measurement of the restored weights."""
+        trust, the mean row's average (:attr:`mean_change`) dropped, and the measurement of the restored
+        weights."""
         self.trust /= 4
         self.mean_change = None
         self.forget_nll_now = self.measure(model)
