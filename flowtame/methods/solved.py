@@ -49,17 +49,13 @@ FORGET_DRAWS = 8
 #: Remember images of the mean row per step (fresh ones each step: a batch fixed for the run is learnt, its mean
 #: falls while the rest's stays: the embedded Glow k = 15 stalled at a drift of +0.23%, docs/benchmarks.md
 #: "Round 9").
-MEAN_ROWS = 128
+MEAN_ROWS = 256
 #: Weight of the previous steps' average in the mean row's displacement term (an exponential average over
 #: steps, each on its fresh batch: the term changes little from step to step, while one batch's estimate is
-#: noisy; 128 images at 0.75 stopped the embedded Glow k = 15 in 11 steps, 256 at 0.5 in 12, 256 unaveraged in
-#: 21, 64 at 0.875 in 30: Round 9).
-MEAN_CHANGE_AVERAGING = 0.75
-#: Remember images (at most; drawn once, one noise draw each) of the base model's mean-NLL gradient, the mean
-#: row's constant part: the remember set's own pull (the base model was trained with the forget images too),
-#: which the solve follows to lower the mean it must hold. On all 1,345 of the embedded Glow's remember images
-#: k = 15 stopped in 11 steps, on 1,024 in 13, on 512 it never stopped (Round 9).
-BASE_GRADIENT_ROWS = 8192
+#: noisy; at 0.5 the embedded Glow k = 15 stopped after 12 steps, not 21, k = 4 after 8, not 9: Round 9).
+MEAN_CHANGE_AVERAGING = 0.5
+#: Remember images (at most; drawn once) of the base model's mean-NLL gradient, the mean row's control variate.
+BASE_GRADIENT_ROWS = 1024
 #: Largest change a forget row asks for in one step, in sigma_R (nearer the band: the whole gap).
 TARGET_CAP = 2.0
 #: Largest predicted RMS change of the remember images' NLL in one step, in sigma_R (sqrt(v^T F v) <= it).
