@@ -457,3 +457,21 @@ def test_a_stop_signal_during_a_failure_keeps_the_failure_line(run_cli, monkeypa
     monkeypatch.setattr(cli, "app", stopped_app)
     stopped = run_cli("tame")
     assert (stopped.exit_code, stopped.stderr.strip()) == (143, "flowtame: interrupted by SIGTERM")  # a plain stop
+
+
+@pytest.mark.slow
+def test_step_solve_under_torchrun_takes_adams_step_with_adams_drift_bound(tame_workspace, tmp_path) -> None:
+    """The solved step is single-process: under torchrun `--step solve` warns and runs Adam's step, and the drift
+    bound it resolved for the solved step (0.1%) goes back to Adam's default (0.3%)."""
+    from flowtame.jobs.tame import make_config
+
+    out = tmp_path / "solve.safetensors"
+    done = _run(_tame_args(tame_workspace, out, "-q", "--step", "solve"), tame_workspace, 2)
+    assert done.returncode == 0, done.stderr
+    assert "under torchrun the step is Adam's: --step solve is not used" in done.stderr
+    report = json.loads(Path(f"{out}.json").read_text())
+    assert report["config"]["step"] == "adam" and report["config"]["precondition"] == "none"
+    adam, solve = make_config({}), make_config({"step": "solve"})
+    assert solve.max_remember_drift < adam.max_remember_drift  # (the fallback's premise)
+    assert report["config"]["max_remember_drift"] == adam.max_remember_drift
+    assert report["calibration"] is not None and not any("step_rms" in row for row in report["trajectory"])
