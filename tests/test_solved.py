@@ -58,33 +58,45 @@ def test_a_solved_run_stops_in_the_band_within_a_few_iterations_and_keeps_its_gu
     assert normal["tamed"]["mean_nats"] <= normal["base"]["mean_nats"] * (1 + drift)
 
 
-def test_each_forget_row_is_its_gradient_averaged_over_the_draws(base, forget_folder, monkeypatch):  # noqa: F811
-    """Each forget row is the image's NLL gradient averaged over FORGET_DRAWS fresh draws, accumulated one draw
-    at a time (F rows of memory)."""
+def test_each_forget_and_held_row_is_its_gradient_averaged_over_the_draws(base, forget_folder, monkeypatch):  # noqa: F811
+    """Each forget row is the image's NLL gradient averaged over FORGET_DRAWS fresh draws, each held look-alike row
+    over HOLD_DRAWS, accumulated one draw at a time in chunks (here of 2 rows: the offsets are exercised)."""
     n_values = sum(p.numel() for p in base.model.parameters())
-    monkeypatch.setattr(baselines, "FISHER_CHUNK_VALUES", 2 * n_values)  # chunks of 2 rows: offsets exercised
-    checks = []
+    monkeypatch.setattr(baselines, "FISHER_CHUNK_VALUES", 2 * n_values)
+    checks, held = [], []
     original = SolvedTaming._jacobian
 
     def spy(self, model, names):
         state = self.generator.get_state()
         out = original(self, model, names)
         d, k = self.data, self.data.forget.shape[0]
-        noise = uniform_noise(torch.Generator().set_state(state), (solved.FORGET_DRAWS * k, *d.forget.shape[1:]),
-                              d.device)
-        x = dequantized(d.forget.repeat(solved.FORGET_DRAWS, 1, 1, 1), noise, d.data_spec.n_bits)
-        every = list(per_sample_gradients(model, x, d.data_spec, vectorized=False, chunk_size=None, names=names))
+        generator = torch.Generator().set_state(state)
+
+        def expected(pixels, draws):
+            noise = uniform_noise(generator, (draws * pixels.shape[0], *pixels.shape[1:]), d.device)
+            x = dequantized(pixels.repeat(draws, 1, 1, 1), noise, d.data_spec.n_bits)
+            every = list(per_sample_gradients(model, x, d.data_spec, vectorized=False, chunk_size=None,
+                                              names=names))
+            return {n: torch.cat([c[n] for c in every]).reshape(draws, pixels.shape[0], *c0.shape[1:]).mean(0)
+                    for n, c0 in every[0].items()}
+
+        forget = expected(d.forget, solved.FORGET_DRAWS)
+        pool = None
+        if self.pool_nll is not None:
+            pool = expected(d.remember[self.anchor_pool.cpu()], solved.HOLD_DRAWS)
+            held.append(len(self.anchor_pool))
         for n in names:
-            rows = torch.cat([c[n] for c in every]).reshape(solved.FORGET_DRAWS, k, *out[n].shape[1:]).mean(0)
-            checks.append((out[n][:k], rows))
+            checks.append((out[n][:k], forget[n]))
+            if pool is not None:
+                checks.append((out[n][k:k + len(self.anchor_pool)], pool[n]))
         return out
 
     monkeypatch.setattr(SolvedTaming, "_jacobian", spy)
     forget, remember = _sets(forget_folder)
     tame(base, forget, remember, make_config({**QUICK, "max_iters": 2}), device="cpu")
-    assert len(checks) > 2
-    for ours, expected in checks:
-        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    assert held and held[0] == QUICK["lookalikes"]
+    for ours, expected_rows in checks:
+        torch.testing.assert_close(ours, expected_rows, rtol=1e-4, atol=1e-5)
 
 
 def test_the_mean_rows_displacement_term_is_averaged_over_steps_and_dropped_at_a_roll_back(
