@@ -255,7 +255,7 @@ class SolvedTaming(TamingMethod):
         d, spec = self.data, self.data.data_spec
         forget = self._averaged_row_gradients(model, d.forget, FORGET_DRAWS, names)
         pool: list[dict[str, Tensor]] = []
-        if self.pool_nll is not None and self.anchor_pool is not None:
+        if self.pool_nll is not None and self.anchor_pool is not None and self.anchor_pool.numel() > 0:
             pool = [self._averaged_row_gradients(model, take_rows(d.remember, self.anchor_pool, d.device),
                                                  HOLD_DRAWS, names)]
         batch = self._fresh(take_rows(d.remember, random_indices(self.generator, d.remember.shape[0], MEAN_ROWS),
