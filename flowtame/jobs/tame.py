@@ -428,9 +428,8 @@ def _build_method(config: TameConfig, data: TamingData, *, delta: float, epsilon
     """The configured method (``config.method`` in :data:`METHODS`; with ``step: solve``,
     :class:`~flowtame.methods.solved.SolvedTaming`) on ``data``, drawing from ``batches``."""
     cls = SolvedTaming if config.step == "solve" else METHODS[config.method]
-    return cls(data, config, delta=delta, epsilon=epsilon, generator=batches,
-                                  setup_generator=setup_generator, subset_correction=correction,
-                                  base_model=base_model)
+    return cls(data, config, delta=delta, epsilon=epsilon, generator=batches, setup_generator=setup_generator,
+               subset_correction=correction, base_model=base_model)
 
 
 def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageSet, config: TameConfig, *,

@@ -267,8 +267,7 @@ def nll_function(model: MultiScaleFlow, data_spec: DataSpec) -> Callable[[dict[s
 
 
 def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, *, vectorized: bool,
-                                chunk_size: int | None, names: list[str] | None = None
-                                ) -> Iterator[dict[str, Tensor]]:
+                         chunk_size: int | None, names: list[str] | None = None) -> Iterator[dict[str, Tensor]]:
     """Per-sample gradients ∂ NLL(x_n)/∂θ (nats), chunk by chunk: name -> [chunk, *param shape], for the
     parameters ``names`` (None: every parameter; the others held, their gradients never computed).
 
@@ -319,7 +318,7 @@ def diagonal_fisher(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, *, ve
     """
     total: dict[str, Tensor] = {}
     for chunk in per_sample_gradients(model, x, data_spec, vectorized=vectorized, chunk_size=chunk_size,
-                                             names=names):
+                                      names=names):
         for name, g in chunk.items():
             square = g.square().sum(0)
             total[name] = total[name] + square if name in total else square

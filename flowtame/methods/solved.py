@@ -157,9 +157,13 @@ class SolvedTaming(TamingMethod):
         forget_nll = self.check_nll(model)
         self.confirmed_d = threshold_distance(forget_nll, self.mu_r, self.sigma_r, self.delta)
         self.latest_d.copy_(self.confirmed_d)
+        self._measure_pool(model)
+        return forget_nll
+
+    def _measure_pool(self, model: MultiScaleFlow) -> None:
+        """:attr:`pool_nll`: the anchor rows' NLL [P] (nats, float64) on the evaluation's noise, if it has rows."""
         if self.pool_check is not None:
             self.pool_nll = batched_nll(model, self.pool_check, self.data.data_spec).double()
-        return forget_nll
 
     def after_step(self, model: MultiScaleFlow, iteration: int, logged: dict[str, float]) -> bool:
         """On the stepped weights' measurement (:meth:`own_step`'s): when every forget image is in the band, the
@@ -175,8 +179,8 @@ class SolvedTaming(TamingMethod):
             and self.whole_set_agrees(model, forget_nll, self.refresh_nll)
         if done:
             self.keep_final_forget_nll()
-        elif self.pool_nll is None and self.pool_check is not None:  # the remember hold added tail rows
-            self.pool_nll = batched_nll(model, self.pool_check, self.data.data_spec).double()
+        elif self.pool_nll is None:  # the remember hold added tail rows
+            self._measure_pool(model)
         return done
 
     # ------------------------------------------------------------------ the step
