@@ -161,7 +161,7 @@ def jacobian(cell: Cell, inputs: tuple[torch.Tensor, torch.Tensor], args: argpar
     k = cell.forget.shape[0]
     x, batch = inputs
     chunks = list(per_sample_gradients(cell.model, x, cell.spec, vectorized=True, chunk_size=None,
-                                              names=cell.names))
+                                       names=cell.names))
     rows = {n: torch.cat([c[n] for c in chunks]) for n in cell.names}
     mean = cell.mean_gradient(cell.model, batch)
     if cell.base_model is not None:  # the batch's own noise, measured on the base model, taken out
@@ -234,7 +234,7 @@ def diagnose(cell: Cell, step: dict[str, torch.Tensor], shrink: float, rows: int
     predicted = torch.zeros(rows, dtype=torch.float64)
     start = 0
     for chunk in per_sample_gradients(cell.model, x, cell.spec, vectorized=True, chunk_size=32,
-                                             names=cell.names):
+                                      names=cell.names):
         n = next(iter(chunk.values())).shape[0]
         predicted[start:start + n] = sum((chunk[k].double() * step[k]).flatten(1).sum(1) for k in cell.names)
         start += n
