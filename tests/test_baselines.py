@@ -22,7 +22,13 @@ from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from flowtame.jobs.tame import TameConfig, make_config, read_config_file, tame
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
 from flowtame.likelihood.protocol import write_pngs
-from flowtame.methods.baselines import NegGrad, SelectiveAmnesia, SelectiveAmnesiaSettings, diagonal_fisher
+from flowtame.methods.baselines import (
+    NegGrad,
+    SelectiveAmnesia,
+    SelectiveAmnesiaSettings,
+    diagonal_fisher,
+    per_sample_gradients,
+)
 from flowtame.methods.taming import METHODS, TamingData, TamingMethod
 
 DATA_SPEC = DataSpec(image_size=8, channels=1, n_bits=5)
@@ -205,6 +211,30 @@ def test_fisher_vectorized_equals_loop_equals_hand_computed():
     assert sum(f.sum() for f in hand.values()) > 0
     assert not model.training  # mode restored
 
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_grouped_per_sample_gradients_are_each_groups_mean_nll_gradient(vectorized):
+    """x [N,D,C,S,S]: each sample's gradient is that of the mean NLL over its D inputs, by autograd one group at
+    a time (float64), in chunks of 2 samples (2, 1: the chunk offsets exercised)."""
+    model, _ = tiny_glow(affine=True, conv_lu=(True, False, True, False))
+    model = model.double()
+    groups = torch.rand(3, 4, 1, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64) - 0.5
+    chunks = list(per_sample_gradients(model, groups, DATA_SPEC, vectorized=vectorized, chunk_size=2))
+    assert [next(iter(c.values())).shape[0] for c in chunks] == [2, 1]
+    ours = {n: torch.cat([c[n] for c in chunks]) for n in chunks[0]}
+    params = dict(model.named_parameters())
+    for i, group in enumerate(groups):
+        hand = torch.autograd.grad(nll_nats(model, group, DATA_SPEC).mean(), list(params.values()),
+                                   allow_unused=True)
+        for name, g in zip(params, hand, strict=True):
+            expected = torch.zeros_like(params[name]) if g is None else g
+            torch.testing.assert_close(ours[name][i], expected, rtol=1e-9, atol=1e-12)
+    ungrouped = {n: torch.cat([c[n] for c in per_sample_gradients(model, groups.flatten(0, 1), DATA_SPEC,
+                                                                     vectorized=vectorized, chunk_size=None)])
+                 for n in params}
+    for name in params:  # an ungrouped call: each input its own sample
+        torch.testing.assert_close(ours[name], ungrouped[name].unflatten(0, (3, 4)).mean(1))
 
 def test_ewc_penalty_zero_at_anchor_and_formula_after_perturbation():
     model, _ = tiny_glow()

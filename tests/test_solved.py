@@ -60,7 +60,7 @@ def test_a_solved_run_stops_in_the_band_within_a_few_iterations_and_keeps_its_gu
 
 def test_each_forget_and_held_row_is_its_gradient_averaged_over_the_draws(base, forget_folder, monkeypatch):  # noqa: F811
     """Each forget row is the image's NLL gradient averaged over FORGET_DRAWS fresh draws, each held look-alike row
-    over HOLD_DRAWS, accumulated one draw at a time in chunks (here of 2 rows: the offsets are exercised)."""
+    over HOLD_DRAWS, in chunks of rows (here of 2 rows: the offsets are exercised)."""
     n_values = sum(p.numel() for p in base.model.parameters())
     monkeypatch.setattr(baselines, "FISHER_CHUNK_VALUES", 2 * n_values)
     checks, held = [], []

@@ -271,24 +271,26 @@ def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, 
     """Per-sample gradients ∂ NLL(x_n)/∂θ (nats), chunk by chunk: name -> [chunk, *param shape], for the
     parameters ``names`` (None: every parameter; the others held, their gradients never computed).
 
-    The model runs in eval mode (ActNorm's data-dependent initialization only runs in training mode, so it
-    cannot fire inside vmap; a loaded checkpoint is initialized). ``vectorized``: ``vmap(grad(f))`` over
-    chunks of ``chunk_size`` inputs (default: as many as keep a chunk's gradients within
-    :data:`FISHER_CHUNK_VALUES` floats); otherwise, or when vmap cannot handle a layer (a warning says so),
-    ``grad(f)`` one input at a time.
+    ``x``: [N,C,S,S] model inputs, or [N,D,C,S,S] groups of D inputs, each sample's NLL then the mean over its
+    group (an image under D noise draws: one pass of N*D inputs, not D passes of N). The model runs in eval mode
+    (ActNorm's data-dependent initialization only runs in training mode, so it cannot fire inside vmap; a loaded
+    checkpoint is initialized). ``vectorized``: ``vmap(grad(f))`` over chunks of ``chunk_size`` samples
+    (default: as many as keep a chunk's gradients within :data:`FISHER_CHUNK_VALUES` floats); otherwise, or when
+    vmap cannot handle a layer (a warning says so), ``grad(f)`` one sample at a time.
     """
+    groups = x if x.dim() == 5 else x.unsqueeze(1)
     wanted = None if names is None else set(names)
     params = {name: p.detach() for name, p in model.named_parameters() if wanted is None or name in wanted}
     n_params = sum(p.numel() for p in params.values())
-    chunk_size = chunk_size or max(1, min(x.shape[0], FISHER_CHUNK_VALUES // max(n_params, 1)))
+    chunk_size = chunk_size or max(1, min(groups.shape[0], FISHER_CHUNK_VALUES // max(n_params, 1)))
     was_training = model.training
     model.eval()
     try:
         nll = nll_function(model, data_spec)
-        f = grad(lambda values, xi: nll(values, xi.unsqueeze(0)).squeeze(0))  # one input's NLL
+        f = grad(lambda values, group: nll(values, group).mean())  # one sample's (mean) NLL
         batched = vmap(f, in_dims=(None, 0))
-        for start in range(0, x.shape[0], chunk_size):
-            chunk = x[start:start + chunk_size]
+        for start in range(0, groups.shape[0], chunk_size):
+            chunk = groups[start:start + chunk_size]
             if vectorized:
                 try:
                     with warnings.catch_warnings():  # torch's note that an op (TarFlow's attention) runs unbatched
@@ -301,7 +303,7 @@ def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, 
                     warnings.warn(f"per-sample gradients: vmap cannot run this model ({str(exc).splitlines()[0]}); "
                                   "falling back to one input at a time", stacklevel=2)
                     vectorized = False
-            singles = [f(params, xi) for xi in chunk]
+            singles = [f(params, group) for group in chunk]
             yield {name: torch.stack([g[name] for g in singles]) for name in params}
     finally:
         model.train(was_training)

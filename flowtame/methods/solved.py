@@ -281,20 +281,12 @@ class SolvedTaming(TamingMethod):
     def _averaged_row_gradients(self, model: MultiScaleFlow, pixels: Tensor, draws: int, names: list[str]
                                 ) -> dict[str, Tensor]:
         """Each image's NLL gradient (name -> [N, *shape], nats) averaged over ``draws`` fresh noise draws of
-        ``pixels`` (uint8 [N,C,S,S]), in chunks of :func:`per_sample_gradients`, one draw's images at a time (N
-        rows of memory)."""
+        ``pixels`` (uint8 [N,C,S,S]): :func:`per_sample_gradients` of each image's mean NLL over its draws."""
         n_rows = pixels.shape[0]
-        out: dict[str, Tensor] = {}
-        for draw in self._fresh(pixels.repeat(draws, 1, 1, 1)).split(n_rows):
-            start = 0
-            for chunk in per_sample_gradients(model, draw, self.data.data_spec, vectorized=True, chunk_size=None,
-                                              names=names):
-                for n, g in chunk.items():
-                    if n not in out:
-                        out[n] = torch.zeros(n_rows, *g.shape[1:], dtype=g.dtype, device=g.device)
-                    out[n][start:start + g.shape[0]].add_(g, alpha=1 / draws)
-                start += next(iter(chunk.values())).shape[0]
-        return out
+        groups = self._fresh(pixels.repeat(draws, 1, 1, 1)).unflatten(0, (draws, n_rows)).transpose(0, 1)
+        chunks = list(per_sample_gradients(model, groups, self.data.data_spec, vectorized=True, chunk_size=None,
+                                           names=names))
+        return {n: torch.cat([chunk[n] for chunk in chunks]) for n in chunks[0]}
 
     def rolled_back(self, model: MultiScaleFlow) -> None:
         """After the engine restored the last good weights (the step blew the remember NLL up): a quarter of the
