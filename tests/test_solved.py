@@ -99,22 +99,35 @@ def test_each_forget_and_held_row_is_its_gradient_averaged_over_the_draws(base, 
         torch.testing.assert_close(ours, expected_rows, rtol=1e-4, atol=1e-5)
 
 
-def test_the_mean_rows_displacement_term_is_averaged_over_steps_and_dropped_at_a_roll_back(
+def test_the_mean_rows_displacement_term_takes_the_base_batches_in_turn_averaged_over_steps(
         base, forget_folder, monkeypatch):  # noqa: F811
-    """Each step's batch gradient now minus under the base model is averaged with the previous steps' (weight
-    MEAN_CHANGE_AVERAGING); a roll-back forgets the average."""
+    """The base gradient is its batches' mean; each step's displacement is the next batch's gradient now minus its
+    kept gradient under the base model, averaged with the previous steps' (weight MEAN_CHANGE_AVERAGING); a
+    roll-back forgets the average."""
     monkeypatch.setattr(solved, "MEAN_CHANGE_AVERAGING", 0.3)  # (w and 1 - w told apart)
-    grads, seen = [], []
+    monkeypatch.setattr(solved, "MEAN_ROWS", 8)  # several batches
+    calls, seen, used = [], [], []
     real_gradient, real_jacobian = solved.mean_nll_gradient, SolvedTaming._jacobian
 
-    def recording_gradient(*args, **kwargs):
-        grads.append(real_gradient(*args, **kwargs))
-        return grads[-1]
+    def recording_gradient(model, x, *args, **kwargs):
+        calls.append((model, x, real_gradient(model, x, *args, **kwargs)))
+        return calls[-1][2]
 
     def spy(self, model, names):
-        before = self.mean_change
+        before, i = self.mean_change, self.mean_steps
         out = real_jacobian(self, model, names)
-        raw = {n: grads[-2][n] - grads[-1][n] for n in names}  # (now, then under the base model)
+        batches = self.base_batches
+        assert len(batches) >= 3 and sum(b.shape[0] for b in batches) == min(solved.BASE_GRADIENT_ROWS,
+                                                                                  self.data.remember.shape[0])
+        assert all(b.shape[0] == 8 for b in batches[:-1]) and batches[-1].shape[0] <= 8
+        for n in names:  # the base gradient: the batches' gradients under the base model, weighted by size
+            whole = sum(g[n] * b.shape[0] for g, b in zip(self.base_batch_gradients, batches, strict=True)) / sum(
+                b.shape[0] for b in batches)
+            torch.testing.assert_close(self.base_gradient[n], whole)
+        model_now, x, now = calls[-1]
+        assert model_now is model and x is batches[i % len(batches)]
+        used.append(i % len(batches))
+        raw = {n: now[n] - self.base_batch_gradients[i % len(batches)][n] for n in names}
         w = solved.MEAN_CHANGE_AVERAGING
         expected = raw if before is None else {n: w * before[n] + (1 - w) * raw[n] for n in names}
         seen.append(before is not None)
@@ -128,6 +141,9 @@ def test_the_mean_rows_displacement_term_is_averaged_over_steps_and_dropped_at_a
     forget, remember = _sets(forget_folder)
     tame(base, forget, remember, make_config({**QUICK, "max_iters": 3}), device="cpu")
     assert seen[0] is False and all(seen[1:]) and len(seen) >= 2
+    assert used == list(range(len(used)))  # the batches in turn
+    base_calls = [c for c in calls if c[0] is not calls[-1][0]]  # the base model's: once per batch, once a run
+    assert len(base_calls) == len(calls) - len(used)
     method = type("M", (), {"trust": 1.0, "mean_change": {}, "measure": lambda self, model: None})()
     SolvedTaming.rolled_back(method, None)
     assert method.mean_change is None and method.trust == 0.25

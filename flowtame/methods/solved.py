@@ -8,10 +8,11 @@ it wants instead. Each iteration linearizes the NLL of a few rows around the cur
   of the stopping band (at most :data:`TARGET_CAP` sigma_R per step);
 - each row the anchor holds (the look-alikes, then the tail rows a refused stop added; gradient averaged over
   :data:`HOLD_DRAWS` draws), asked back to its base NLL on the evaluation's noise;
-- the remember set's mean NLL (a fresh batch of :data:`MEAN_ROWS` images, its sampling noise cancelled by the
-  same batch under the base model, this displacement term averaged over the steps with weight
-  :data:`MEAN_CHANGE_AVERAGING` for the past, plus the remember set's gradient under the base model, on at most
-  :data:`BASE_GRADIENT_ROWS` images), asked back to the base mean;
+- the remember set's mean NLL (the remember set's gradient under the base model, on at most
+  :data:`BASE_GRADIENT_ROWS` images drawn once, plus the displacement since: one batch of those images, of
+  :data:`MEAN_ROWS`, now minus under the base model - the batches in turn, each one's base gradient kept from the
+  first step - averaged over the steps with weight :data:`MEAN_CHANGE_AVERAGING` for the past), asked back to
+  the base mean;
 
 and takes the shortest step under the remember curvature metric M (:func:`~flowtame.methods.curvature.constrained_step`)
 that makes those first-order changes, shrunk so that its predicted remember RMS change stays within
@@ -29,7 +30,7 @@ from torch import Tensor
 from torch.func import grad
 
 from flowtame.data.quantization import DataSpec
-from flowtame.engine.devices import random_indices, take_rows, uniform_noise
+from flowtame.engine.devices import take_rows, uniform_noise
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll, dequantized
 from flowtame.likelihood.threshold import threshold_distance
@@ -49,15 +50,17 @@ FORGET_DRAWS = 8
 #: row's hold transferred weakly to the evaluation's noise and the look-alike hold ran out of refusals: the
 #: rosinality Glow k = 15 stopped with QD(D_R^NN) 0.038; on four, 0.0197 (Round 9).
 HOLD_DRAWS = 4
-#: Remember images of the mean row per step (fresh ones each step: a batch fixed for the run is learnt, its mean
-#: falls while the rest's stays: the embedded Glow k = 15 stalled at a drift of +0.23%, docs/benchmarks.md
-#: "Round 9").
+#: Remember images of the mean row's displacement term per step: the base gradient's images are cut into
+#: batches of this size, taken in turn (one batch fixed for the run is learnt, its mean falls while the rest's
+#: stays: the embedded Glow k = 15 stalled at a drift of +0.23%, docs/benchmarks.md "Round 9"; a fresh batch
+#: each step needs its gradient under the base model too, twice the cost).
 MEAN_ROWS = 256
 #: Weight of the previous steps' average in the mean row's displacement term (an exponential average over
 #: steps, each on its fresh batch: the term changes little from step to step, while one batch's estimate is
 #: noisy; at 0.5 the embedded Glow k = 15 stopped after 12 steps, not 21, k = 4 after 8, not 9: Round 9).
 MEAN_CHANGE_AVERAGING = 0.5
-#: Remember images (at most; drawn once) of the base model's mean-NLL gradient, the mean row's control variate.
+#: Remember images (at most; drawn once) of the base model's mean-NLL gradient, the mean row's control variate,
+#: and of its displacement batches (memory: one gradient per batch, BASE_GRADIENT_ROWS / MEAN_ROWS of them).
 BASE_GRADIENT_ROWS = 1024
 #: Largest change a forget row asks for in one step, in sigma_R (nearer the band: the whole gap).
 TARGET_CAP = 2.0
@@ -107,8 +110,13 @@ class SolvedTaming(TamingMethod):
             raise ValueError("the solved step holds the anchor's rows on the evaluation's noise: TamingData needs "
                              "evaluation_inputs")
         #: the remember set's mean-NLL gradient under the base model (name -> shape; on at most
-        #: :data:`BASE_GRADIENT_ROWS` images), from the first step
+        #: :data:`BASE_GRADIENT_ROWS` images), from the first step, with its batches of :data:`MEAN_ROWS` images
+        #: [B,C,S,S] (dequantized) and each batch's gradient: the mean row's batches, taken in turn
         self.base_gradient: dict[str, Tensor] | None = None
+        self.base_batches: list[Tensor] = []
+        self.base_batch_gradients: list[dict[str, Tensor]] = []
+        #: mean rows made so far (the next one uses batch ``mean_steps % len(base_batches)``)
+        self.mean_steps = 0
         #: the anchor's rows on the evaluation's noise [P,C,S,S] and their NLL now [P] (nats), per measurement
         self.pool_check: Tensor | None = None
         self.pool_nll: Tensor | None = None
@@ -196,9 +204,7 @@ class SolvedTaming(TamingMethod):
         model.eval()
         try:
             if self.base_gradient is None:
-                assert self.base_model is not None
-                self.base_gradient = mean_nll_gradient(self.base_model, self._base_gradient_inputs(),
-                                                       self.data.data_spec, names)
+                self._base_gradients(names)
             targets = self._targets()
             solved = constrained_step(self.metric, self._jacobian(model, names), targets)
         finally:
@@ -219,15 +225,26 @@ class SolvedTaming(TamingMethod):
                 "min_d": now.min(), "max_d": now.max(), "mean_d": now.mean(), "mu_r": self.mu_r,
                 "sigma_r": self.sigma_r}
 
-    def _base_gradient_inputs(self) -> Tensor:
-        """The base gradient's remember images [min(R, BASE_GRADIENT_ROWS),C,S,S], dequantized: rows and noise
-        drawn from the run's seed (+1) alone."""
+    def _base_gradients(self, names: list[str]) -> None:
+        """The mean row's fixed batches and their gradients under the base model: :attr:`base_batches` (at most
+        :data:`BASE_GRADIENT_ROWS` remember images, dequantized, in batches of :data:`MEAN_ROWS`; rows and noise
+        drawn from the run's seed (+1) alone, so a resumed run rebuilds them), :attr:`base_batch_gradients` and
+        their mean, :attr:`base_gradient`."""
         d = self.data
         generator = torch.Generator(device=d.device).manual_seed(int(self.config.seed) + 1)
         rows = torch.randperm(d.remember.shape[0], generator=torch.Generator().manual_seed(
             int(self.config.seed) + 1))[:BASE_GRADIENT_ROWS]
         pixels = take_rows(d.remember, rows, d.device)
-        return dequantized(pixels, uniform_noise(generator, pixels.shape, d.device), d.data_spec.n_bits)
+        x = dequantized(pixels, uniform_noise(generator, pixels.shape, d.device), d.data_spec.n_bits)
+        assert self.base_model is not None
+        self.base_batches = list(x.split(MEAN_ROWS))
+        self.base_batch_gradients = [mean_nll_gradient(self.base_model, batch, d.data_spec, names)
+                                     for batch in self.base_batches]
+        total = {n: torch.zeros_like(g) for n, g in self.base_batch_gradients[0].items()}
+        for gradient, batch in zip(self.base_batch_gradients, self.base_batches, strict=True):
+            for n in total:
+                total[n] += gradient[n] * (batch.shape[0] / x.shape[0])
+        self.base_gradient = total
 
     def _targets(self) -> Tensor:
         """The rows' wanted NLL changes (nats, float64) [F + P + 1]: each forget image to the band's middle (at
@@ -253,21 +270,20 @@ class SolvedTaming(TamingMethod):
     def _jacobian(self, model: MultiScaleFlow, names: list[str]) -> dict[str, Tensor]:
         """The rows' NLL gradients (name -> [F + P + 1, *shape], nats): each forget image's averaged over
         :data:`FORGET_DRAWS` fresh draws, each anchor row's over :data:`HOLD_DRAWS`, and the mean row: the
-        gradient of a :data:`MEAN_ROWS`-image batch's mean NLL, minus the same batch's under the base model (the
-        batch's own noise cancels; averaged with the previous steps', :attr:`mean_change`), plus the remember
-        set's under the base model (:attr:`base_gradient`)."""
+        gradient of the next of :attr:`base_batches`' mean NLL, minus the same batch's under the base model (its
+        noise cancels; averaged with the previous steps', :attr:`mean_change`), plus the remember set's under
+        the base model (:attr:`base_gradient`)."""
         d, spec = self.data, self.data.data_spec
         forget = self._averaged_row_gradients(model, d.forget, FORGET_DRAWS, names)
         pool: list[dict[str, Tensor]] = []
         if self.pool_nll is not None and self.anchor_pool is not None and self.anchor_pool.numel() > 0:
             pool = [self._averaged_row_gradients(model, take_rows(d.remember, self.anchor_pool, d.device),
                                                  HOLD_DRAWS, names)]
-        batch = self._fresh(take_rows(d.remember, random_indices(self.generator, d.remember.shape[0], MEAN_ROWS),
-                                      d.device))
-        now = mean_nll_gradient(model, batch, spec, names)
-        assert self.base_model is not None and self.base_gradient is not None
-        at_base = mean_nll_gradient(self.base_model, batch, spec, names)
-        change = {n: now[n] - at_base[n] for n in names}
+        assert self.base_gradient is not None
+        i = self.mean_steps % len(self.base_batches)  # the fixed batches in turn
+        self.mean_steps += 1
+        now = mean_nll_gradient(model, self.base_batches[i], spec, names)
+        change = {n: now[n] - self.base_batch_gradients[i][n] for n in names}
         if self.mean_change is not None:
             w = MEAN_CHANGE_AVERAGING
             change = {n: w * self.mean_change[n] + (1 - w) * g for n, g in change.items()}
@@ -313,11 +329,12 @@ class SolvedTaming(TamingMethod):
         return {**super().state_tensors(), **change}
 
     def state_meta(self) -> dict[str, Any]:
-        return {**super().state_meta(), "trust": self.trust}
+        return {**super().state_meta(), "trust": self.trust, "mean_steps": self.mean_steps}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         super().load_state(tensors, meta)
         self.trust = meta.get("trust", 1.0)
+        self.mean_steps = meta.get("mean_steps", 0)
         prefix = "mean_change."
         change = {n[len(prefix):]: g.clone() for n, g in tensors.items() if n.startswith(prefix)}
         self.mean_change = change or None
