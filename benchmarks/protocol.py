@@ -155,7 +155,8 @@ def score(base: Checkpoint, proto: Protocol, outcome, config, total_seconds: flo
 
     ``evaluate_passed``/``failed_checks``: the checks of ``flowtame evaluate --check`` with its default
     tolerances (:class:`flowtame.evaluation.Tolerances`) on the same per-image NLL (D_R^NN as
-    ``--neighbours``)."""
+    ``--neighbours``); ``remember_normality_p_{base,tamed}``: the KS normality p-value of the remember NLL its
+    ``remember.normality_p`` check reads (tamed)."""
     spec, cpu = base.data_spec, torch.device("cpu")
     table = dict(outcome.nll)
     for name, s, draws in (("forget_unseen", proto.unseen, config.forget_draws), ("holdout", proto.holdout, 1)):
@@ -176,6 +177,7 @@ def score(base: Checkpoint, proto: Protocol, outcome, config, total_seconds: flo
         "holdout_bpd_change": sets["holdout"]["bpd_change_relative"],
         **{f"qd_{name}": sets[name]["qd"] for name in ("forget", "forget_unseen", "remember", "neighbours",
                                                        "holdout")},
+        **{f"remember_normality_p_{m}": block["normality"][m]["ks"]["pvalue"] for m in ("base", "tamed")},
         "evaluate_passed": block["passed"],
         "failed_checks": [c["name"] for c in block["checks"] if not c["passed"]],
     }
