@@ -11,13 +11,14 @@ import pytest
 import torch
 from test_baselines import DATA_SPEC, REMEMBER, base, forget_folder, tiny_glow  # noqa: F401 (fixtures)
 
+import flowtame.jobs.tame as tame_job
 from flowtame.data.images import open_images
 from flowtame.engine.devices import uniform_noise
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import InputError, InterruptedRun
 from flowtame.jobs.tame import make_config, tame
 from flowtame.likelihood.nll import dequantized, nll_nats
-from flowtame.methods import baselines, solved
+from flowtame.methods import baselines, curvature, solved
 from flowtame.methods.baselines import per_sample_gradients
 from flowtame.methods.solved import STEP_RMS, SolvedTaming, mean_nll_gradient
 
@@ -181,6 +182,27 @@ def test_the_solved_method_is_built_for_step_solve_only(base, forget_folder):  #
     assert outcome.report["config"]["step"] == "adam" and outcome.report["calibration"] is not None
     assert SolvedTaming.takes_own_step and SolvedTaming.confirm_gap == 1
 
+
+
+@pytest.mark.parametrize("step, damping", [("solve", solved.SOLVE_METRIC_DAMPING), ("adam", curvature.DAMPING)])
+def test_each_step_builds_its_metric_on_its_own_count_of_remember_images(step, damping, base, forget_folder,  # noqa: F811
+                                                                         monkeypatch):
+    """The solved step's metric: SOLVE_METRIC_IMAGES rows at SOLVE_METRIC_DAMPING; Adam's curvature step's:
+    METRIC_IMAGES at DAMPING. (The tiny remember set has fewer rows than either: the rows taken are counted in
+    the metric's own call.)"""
+    built = []
+    real = curvature.KroneckerMetric.__init__
+
+    def spy(self, model, x, data_spec, names, damping=curvature.DAMPING):
+        built.append((x.shape[0], damping))
+        real(self, model, x, data_spec, names, damping)
+
+    monkeypatch.setattr(tame_job, "SOLVE_METRIC_IMAGES", 5)
+    monkeypatch.setattr(curvature, "METRIC_IMAGES", 7)
+    monkeypatch.setattr(curvature.KroneckerMetric, "__init__", spy)
+    forget, remember = _sets(forget_folder)
+    tame(base, forget, remember, make_config({**QUICK, "step": step, "max_iters": 1}), device="cpu")
+    assert built == [(5 if step == "solve" else 7, damping)]
 
 class _Nudge:
     """A method that takes its own step: adds 1e-3 to the first parameter; stops after three steps, or calls the

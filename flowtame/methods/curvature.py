@@ -266,8 +266,10 @@ def _split(flat: Tensor, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
 
 
 def remember_metric(model: MultiScaleFlow, remember: Tensor, exclude: Tensor | None, data_spec: DataSpec,
-                    names: list[str], seed: int, damping: float = DAMPING) -> KroneckerMetric:
-    """The metric of :class:`KroneckerMetric` on :data:`METRIC_IMAGES` rows of ``remember`` (uint8 [R,C,S,S]),
+                    names: list[str], seed: int, damping: float = DAMPING,
+                    images: int | None = None) -> KroneckerMetric:
+    """The metric of :class:`KroneckerMetric` on ``images`` (default :data:`METRIC_IMAGES`) rows of ``remember``
+    (uint8 [R,C,S,S]),
     dequantized: rows outside ``exclude`` (long, rows; the refresh subset the drift guard measures) first, rows
     of ``exclude`` only when the others are fewer; rows and noise drawn from ``seed``, so a resumed run rebuilds
     the same metric. ``model``: the base model (its weights at the start of the run); ``damping``: the metric's
@@ -278,7 +280,7 @@ def remember_metric(model: MultiScaleFlow, remember: Tensor, exclude: Tensor | N
         excluded = torch.zeros(remember.shape[0], dtype=torch.bool)
         excluded[exclude.cpu()] = True
         order = torch.cat([order[~excluded[order]], order[excluded[order]]])
-    rows = order[:METRIC_IMAGES]
+    rows = order[:METRIC_IMAGES if images is None else images]
     device = next(model.parameters()).device
     pixels = take_rows(remember, rows, device)
     x = dequantized(pixels, uniform_noise(generator, pixels.shape, device), data_spec.n_bits)

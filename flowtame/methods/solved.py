@@ -39,8 +39,8 @@ from flowtame.methods.curvature import constrained_step
 from flowtame.methods.taming import TamingMethod
 
 __all__ = ["BASE_GRADIENT_ROWS", "FORGET_DRAWS", "HOLD_DRAWS", "MEAN_CHANGE_AVERAGING", "MEAN_ROWS",
-           "SOLVED_MAX_REMEMBER_DRIFT", "SOLVE_METRIC_DAMPING", "STEP_RMS", "TARGET_CAP", "SolvedTaming",
-           "mean_nll_gradient"]
+           "SOLVED_MAX_REMEMBER_DRIFT", "SOLVE_METRIC_DAMPING", "SOLVE_METRIC_IMAGES", "STEP_RMS", "TARGET_CAP",
+           "SolvedTaming", "mean_nll_gradient"]
 
 #: Fresh noise draws whose per-image gradients are averaged for each forget row. A single draw's gradient is
 #: mostly that draw's: a step solved on one draw moved the image's NLL on other draws by a third of what it
@@ -71,6 +71,10 @@ SOLVED_MAX_REMEMBER_DRIFT = 0.001
 #: The metric's relative damping for the solved step (Adam's curvature step uses DAMPING = 0.1: its update is
 #: Adam's direction, reshaped; the solve needs the metric's own directions).
 SOLVE_METRIC_DAMPING = 1e-3
+#: Remember images of the solved step's metric (Adam's curvature step: METRIC_IMAGES = 512). The solve's
+#: trajectory hardly depends on it: on the embedded Glow k = 15 the same iterations and held-out BPD to 0.01% on
+#: 256, 512 and 1,024 images (docs/benchmarks.md "Round 10"); the pass costs ~6 ms an image on one thread.
+SOLVE_METRIC_IMAGES = 256
 
 
 def mean_nll_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, names: list[str],
