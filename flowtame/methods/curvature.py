@@ -181,30 +181,39 @@ class KroneckerMetric:
 
     def apply(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
         """The metric's inverse times ``vectors`` (name -> tensor shaped like the parameter, every name of the
-        metric), float64: per Kronecker block G~^-1 U A~^-1 with U = [W | b] reshaped [out, in*kh*kw (+1)]
-        (the products in the blocks' precision, the model's)."""
-        out = self._apply_diagonal(vectors)
-        for weight, (g_inv, a_inv, bias) in self.blocks.items():
-            w = vectors[weight].to(g_inv.dtype)
-            u = w.reshape(w.shape[0], -1)
-            if bias is not None:
-                u = torch.cat([u, vectors[bias].to(g_inv.dtype).reshape(-1, 1)], 1)
-            u = (g_inv @ u @ a_inv).double()
-            out[weight] = u[:, :w[0].numel()].reshape(w.shape)
-            if bias is not None:
-                out[bias] = u[:, -1]
-        return {n: out[n] for n in vectors}  # in ``vectors``' order
+        metric), float64: :meth:`apply_rows` of one row."""
+        return {n: v[0] for n, v in self.apply_rows({n: v.unsqueeze(0) for n, v in vectors.items()}).items()}
 
-    def _apply_diagonal(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The diagonal part of :meth:`apply`, on the values outside the Kronecker blocks, as one product."""
-        names = [n for n in vectors if n in self.diagonal]
+    def apply_rows(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The metric's inverse times each of m vectors: ``rows`` name -> [m, *parameter shape] (every name of
+        the metric), float64, in ``rows``' order: per Kronecker block G~^-1 U A~^-1 with U = [W | b] reshaped
+        [m, out, in*kh*kw (+1)] (the products in the blocks' precision, the model's; one batched product per
+        block for all m rows)."""
+        out = self._apply_diagonal(rows)
+        for weight, (g_inv, a_inv, bias) in self.blocks.items():
+            w = rows[weight].to(g_inv.dtype)
+            m, width = w.shape[0], w[0, 0].numel()
+            u = w.reshape(m, w.shape[1], -1)
+            if bias is not None:
+                u = torch.cat([u, rows[bias].to(g_inv.dtype).reshape(m, -1, 1)], 2)
+            u = (g_inv @ u @ a_inv).double()
+            out[weight] = u[:, :, :width].reshape(w.shape)
+            if bias is not None:
+                out[bias] = u[:, :, -1]
+        return {n: out[n] for n in rows}
+
+    def _apply_diagonal(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The diagonal part of :meth:`apply_rows`, on the values outside the Kronecker blocks, as one product."""
+        names = [n for n in rows if n in self.diagonal]
         if not names:
             return {}
         if names != self._diagonal_names:  # the flat diagonal in this order, built once
             self._diagonal_names = names
             self._diagonal_flat = torch.cat([self.diagonal[n].reshape(-1) for n in names])
-        flat = torch.cat([vectors[n].reshape(-1) for n in names]).double() * self._diagonal_flat
-        return _split(flat, {n: vectors[n].shape for n in names})
+        m = rows[names[0]].shape[0]
+        flat = torch.cat([rows[n].reshape(m, -1) for n in names], 1).double() * self._diagonal_flat
+        return {n: piece.view(m, *rows[n].shape[1:])
+                for n, piece in zip(names, flat.split([rows[n][0].numel() for n in names], 1), strict=True)}
 
     def update(self, update: dict[str, Tensor], forget_gradient: dict[str, Tensor],
                max_stretch: float = MAX_STRETCH) -> dict[str, Tensor]:
@@ -245,12 +254,11 @@ def constrained_step(metric: KroneckerMetric, jacobian: dict[str, Tensor], targe
     v = M^-1 J^T (K + damping * diag K)^-1 r with K = J M^-1 J^T (Gauss-Newton in the metric, each row's ridge
     relative to its own diagonal entry, as Marquardt's: a row of small gradients, say a batch's mean NLL beside
     single images, is damped as much as the others): with independent rows and damping -> 0, J v = r exactly
-    and v has the least v^T M v of all such steps. m applications of the metric and one m x m solve
-    (float64)."""
+    and v has the least v^T M v of all such steps. One batched application of the metric to the m rows and one
+    m x m solve (float64)."""
     names = list(jacobian)
     m = targets.shape[0]
-    pre = torch.stack([torch.cat([value.reshape(-1) for value in
-                                  metric.apply({n: jacobian[n][i] for n in names}).values()]) for i in range(m)])
+    pre = torch.cat([value.reshape(m, -1) for value in metric.apply_rows(jacobian).values()], 1)
     flat = torch.cat([jacobian[n].reshape(m, -1) for n in names], 1).double()
     gram = flat @ pre.T
     gram = (gram + gram.T) / 2  # symmetric up to rounding
