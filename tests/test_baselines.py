@@ -212,7 +212,6 @@ def test_fisher_vectorized_equals_loop_equals_hand_computed():
     assert not model.training  # mode restored
 
 
-
 @pytest.mark.parametrize("vectorized", [True, False])
 def test_grouped_per_sample_gradients_are_each_groups_mean_nll_gradient(vectorized):
     """x [N,D,C,S,S]: each sample's gradient is that of the mean NLL over its D inputs, by autograd one group at
@@ -235,6 +234,7 @@ def test_grouped_per_sample_gradients_are_each_groups_mean_nll_gradient(vectoriz
                  for n in params}
     for name in params:  # an ungrouped call: each input its own sample
         torch.testing.assert_close(ours[name], ungrouped[name].unflatten(0, (3, 4)).mean(1))
+
 
 def test_ewc_penalty_zero_at_anchor_and_formula_after_perturbation():
     model, _ = tiny_glow()

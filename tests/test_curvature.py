@@ -110,12 +110,14 @@ def test_apply_inverts_the_damped_kronecker_blocks_and_the_diagonal():
     for n in rest:
         torch.testing.assert_close(out[n] * (fisher[n] / scale + damping), vectors[n], rtol=1e-9, atol=1e-12)
 
-    rows = {n: torch.stack([vectors[n], -2 * vectors[n], torch.zeros_like(vectors[n])]) for n in names}
-    batched = metric.apply_rows(rows)  # three rows at once: each is apply's of that row (linear in it)
+    rows = {n: torch.randn(3, *params[n].shape, generator=generator, dtype=torch.float64) for n in names}
+    batched = metric.apply_rows(rows)  # three independent rows at once: each is apply's (checked above) of it
     assert list(batched) == names
-    for n in names:
-        torch.testing.assert_close(batched[n], torch.stack([out[n], -2 * out[n], torch.zeros_like(out[n])]),
-                                   rtol=1e-6, atol=1e-9)
+    for i in range(3):
+        single = metric.apply({n: rows[n][i] for n in names})
+        for n in names:
+            torch.testing.assert_close(batched[n][i], single[n], rtol=1e-6, atol=1e-9)
+
 
 def test_update_keeps_the_forget_terms_first_order_change_within_the_stretch_cap():
     model, x = _model_and_inputs()

@@ -276,13 +276,14 @@ def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, 
     (ActNorm's data-dependent initialization only runs in training mode, so it cannot fire inside vmap; a loaded
     checkpoint is initialized). ``vectorized``: ``vmap(grad(f))`` over chunks of ``chunk_size`` samples
     (default: as many as keep a chunk's gradients within :data:`FISHER_CHUNK_VALUES` floats); otherwise, or when
-    vmap cannot handle a layer (a warning says so), ``grad(f)`` one sample at a time.
+    vmap cannot handle a layer (a warning says so), ``grad(f)`` one sample at a time. A chunk's inputs (its
+    samples times D) are held to the default's count too, so grouping does not multiply activation memory.
     """
     groups = x if x.dim() == 5 else x.unsqueeze(1)
     wanted = None if names is None else set(names)
     params = {name: p.detach() for name, p in model.named_parameters() if wanted is None or name in wanted}
     n_params = sum(p.numel() for p in params.values())
-    chunk_size = chunk_size or max(1, min(groups.shape[0], FISHER_CHUNK_VALUES // max(n_params, 1)))
+    chunk_size = chunk_size or max(1, min(groups.shape[0], FISHER_CHUNK_VALUES // max(n_params, 1) // groups.shape[1]))
     was_training = model.training
     model.eval()
     try:
@@ -301,7 +302,7 @@ def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, 
                     continue
                 except (RuntimeError, NotImplementedError) as exc:
                     warnings.warn(f"per-sample gradients: vmap cannot run this model ({str(exc).splitlines()[0]}); "
-                                  "falling back to one input at a time", stacklevel=2)
+                                  "falling back to one sample at a time", stacklevel=2)
                     vectorized = False
             singles = [f(params, group) for group in chunk]
             yield {name: torch.stack([g[name] for g in singles]) for name in params}

@@ -51,16 +51,17 @@ FORGET_DRAWS = 8
 #: rosinality Glow k = 15 stopped with QD(D_R^NN) 0.038; on four, 0.0197 (Round 9).
 HOLD_DRAWS = 4
 #: Remember images of the mean row's displacement term per step: the base gradient's images are cut into
-#: batches of this size, taken in turn (one batch fixed for the run is learnt, its mean falls while the rest's
+#: batches of about this size, taken in turn (one batch fixed for the run is learnt, its mean falls while the rest's
 #: stays: the embedded Glow k = 15 stalled at a drift of +0.23%, docs/benchmarks.md "Round 9"; a fresh batch
 #: each step needs its gradient under the base model too, twice the cost).
 MEAN_ROWS = 256
 #: Weight of the previous steps' average in the mean row's displacement term (an exponential average over
-#: steps, each on its fresh batch: the term changes little from step to step, while one batch's estimate is
+#: steps, each on the next batch: the term changes little from step to step, while one batch's estimate is
 #: noisy; at 0.5 the embedded Glow k = 15 stopped after 12 steps, not 21, k = 4 after 8, not 9: Round 9).
 MEAN_CHANGE_AVERAGING = 0.5
 #: Remember images (at most; drawn once) of the base model's mean-NLL gradient, the mean row's control variate,
-#: and of its displacement batches (memory: one gradient per batch, BASE_GRADIENT_ROWS / MEAN_ROWS of them).
+#: and of its displacement batches (memory: that gradient and one per batch, BASE_GRADIENT_ROWS / MEAN_ROWS of
+#: them, on the model's device).
 BASE_GRADIENT_ROWS = 1024
 #: Largest change a forget row asks for in one step, in sigma_R (nearer the band: the whole gap).
 TARGET_CAP = 2.0
@@ -241,7 +242,7 @@ class SolvedTaming(TamingMethod):
         pixels = take_rows(d.remember, rows, d.device)
         x = dequantized(pixels, uniform_noise(generator, pixels.shape, d.device), d.data_spec.n_bits)
         assert self.base_model is not None
-        self.base_batches = list(x.split(MEAN_ROWS))
+        self.base_batches = list(x.tensor_split(math.ceil(x.shape[0] / MEAN_ROWS)))  # equal sizes (+-1)
         self.base_batch_gradients = [mean_nll_gradient(self.base_model, batch, d.data_spec, names)
                                      for batch in self.base_batches]
         total = {n: torch.zeros_like(g) for n, g in self.base_batch_gradients[0].items()}
@@ -304,9 +305,16 @@ class SolvedTaming(TamingMethod):
         ``pixels`` (uint8 [N,C,S,S]): :func:`per_sample_gradients` of each image's mean NLL over its draws."""
         n_rows = pixels.shape[0]
         groups = self._fresh(pixels.repeat(draws, 1, 1, 1)).unflatten(0, (draws, n_rows)).transpose(0, 1)
-        chunks = list(per_sample_gradients(model, groups, self.data.data_spec, vectorized=True, chunk_size=None,
-                                           names=names))
-        return {n: torch.cat([chunk[n] for chunk in chunks]) for n in chunks[0]}
+        out: dict[str, Tensor] = {}
+        start = 0
+        for chunk in per_sample_gradients(model, groups, self.data.data_spec, vectorized=True, chunk_size=None,
+                                          names=names):
+            for n, g in chunk.items():
+                if n not in out:  # (filled chunk by chunk: N rows of memory, not twice that)
+                    out[n] = torch.empty(n_rows, *g.shape[1:], dtype=g.dtype, device=g.device)
+                out[n][start:start + g.shape[0]] = g
+            start += next(iter(chunk.values())).shape[0]
+        return out
 
     def rolled_back(self, model: MultiScaleFlow) -> None:
         """After the engine restored the last good weights (the step blew the remember NLL up): a quarter of the
