@@ -106,6 +106,10 @@ class SolvedTaming(TamingMethod):
     #: otherwise): the mean row aims at no rise, but each step adds a second-order rise it only corrects at the
     #: next, and at taming's 0.3% the embedded Glow k = 15 stopped at +0.22% with held-out BPD +0.61%.
     default_max_remember_drift = SOLVED_MAX_REMEMBER_DRIFT
+    #: the anchor's rows on the evaluation's noise [P,C,S,S] and their NLL now [P] (nats), per measurement; set
+    #: by :meth:`_build_anchor_pool`, which the base class's constructor calls
+    pool_check: Tensor | None
+    pool_nll: Tensor | None
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -122,10 +126,6 @@ class SolvedTaming(TamingMethod):
         self.base_batch_gradients: list[dict[str, Tensor]] = []
         #: mean rows made so far (the next one uses batch ``mean_steps % len(base_batches)``)
         self.mean_steps = 0
-        #: the anchor's rows on the evaluation's noise [P,C,S,S] and their NLL now [P] (nats), per measurement
-        self.pool_check: Tensor | None = None
-        self.pool_nll: Tensor | None = None
-        self._build_pool_check()
         #: The forget images' NLL [F] (nats, check draws) of the latest measurement (None: none yet)
         self.forget_nll_now: Tensor | None = None
         #: The step's trust: :data:`STEP_RMS` and :data:`TARGET_CAP` are scaled by it; quartered at each roll-back
@@ -153,8 +153,7 @@ class SolvedTaming(TamingMethod):
 
     def _build_anchor_pool(self) -> None:
         super()._build_anchor_pool()
-        if hasattr(self, "pool_check"):  # (the base class builds the pool before this class's fields exist)
-            self._build_pool_check()
+        self._build_pool_check()
 
     def _build_pool_check(self) -> None:
         pool, inputs = self.anchor_pool, self.data.evaluation_inputs
