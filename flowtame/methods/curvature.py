@@ -212,8 +212,7 @@ class KroneckerMetric:
             self._diagonal_flat = torch.cat([self.diagonal[n].reshape(-1) for n in names])
         m = rows[names[0]].shape[0]
         flat = torch.cat([rows[n].reshape(m, -1) for n in names], 1).double() * self._diagonal_flat
-        return {n: piece.view(m, *rows[n].shape[1:])
-                for n, piece in zip(names, flat.split([rows[n][0].numel() for n in names], 1), strict=True)}
+        return _split(flat, {n: rows[n].shape[1:] for n in names})
 
     def update(self, update: dict[str, Tensor], forget_gradient: dict[str, Tensor],
                max_stretch: float = MAX_STRETCH) -> dict[str, Tensor]:
@@ -268,9 +267,10 @@ def constrained_step(metric: KroneckerMetric, jacobian: dict[str, Tensor], targe
 
 
 def _split(flat: Tensor, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
-    """A flat vector cut into name -> tensor of ``shapes`` (views, in ``shapes``' order)."""
-    pieces = flat.split([s.numel() for s in shapes.values()])
-    return {n: piece.view(shape) for (n, shape), piece in zip(shapes.items(), pieces, strict=True)}
+    """A flat vector [D] (or rows of them [m, D]) cut along its last dimension into name -> tensor of ``shapes``
+    ([m, *shape] for rows; views, in ``shapes``' order)."""
+    pieces = flat.split([s.numel() for s in shapes.values()], -1)
+    return {n: piece.view(*flat.shape[:-1], *shape) for (n, shape), piece in zip(shapes.items(), pieces, strict=True)}
 
 
 def remember_metric(model: MultiScaleFlow, remember: Tensor, exclude: Tensor | None, data_spec: DataSpec,
