@@ -11,7 +11,6 @@ import pytest
 import torch
 from test_baselines import DATA_SPEC, REMEMBER, base, forget_folder, tiny_glow  # noqa: F401 (fixtures)
 
-import flowtame.jobs.tame as tame_job
 from flowtame.data.images import open_images
 from flowtame.engine.devices import uniform_noise
 from flowtame.engine.loop import Engine, EngineConfig
@@ -21,6 +20,7 @@ from flowtame.likelihood.nll import dequantized, nll_nats
 from flowtame.methods import baselines, curvature, solved
 from flowtame.methods.baselines import per_sample_gradients
 from flowtame.methods.solved import STEP_RMS, SolvedTaming, mean_nll_gradient
+from flowtame.methods.taming import TamingMethod
 
 QUICK = {"step": "solve", "max_iters": 20, "refresh_size": 32, "lookalikes": 4}
 
@@ -206,8 +206,8 @@ def test_each_step_builds_its_metric_on_its_own_count_of_remember_images(step, d
         built.append((x.shape[0], damping))
         real(self, model, x, data_spec, names, damping)
 
-    monkeypatch.setattr(tame_job, "SOLVE_METRIC_IMAGES", 5)
-    monkeypatch.setattr(curvature, "METRIC_IMAGES", 7)
+    monkeypatch.setattr(SolvedTaming, "metric_images", 5)
+    monkeypatch.setattr(TamingMethod, "metric_images", 7)
     monkeypatch.setattr(curvature.KroneckerMetric, "__init__", spy)
     forget, remember = _sets(forget_folder)
     tame(base, forget, remember, make_config({**QUICK, "step": step, "max_iters": 1}), device="cpu")

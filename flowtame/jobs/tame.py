@@ -51,7 +51,7 @@ from flowtame.methods.calibration import calibrate_lr
 from flowtame.methods.curvature import remember_metric
 from flowtame.methods.lookalikes import hold_figures
 from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS
-from flowtame.methods.solved import SOLVE_METRIC_DAMPING, SOLVE_METRIC_IMAGES, SolvedTaming
+from flowtame.methods.solved import SolvedTaming
 from flowtame.methods.taming import KL_ESTIMATES, METHODS, TamingData, settings_section
 
 REPORT_SCHEMA_VERSION = 1
@@ -479,12 +479,10 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     method = _build_method(config, data, delta=delta, epsilon=epsilon, correction=correction, batches=batches,
                            setup_generator=generator, base_model=base_model)
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    if config.step == "solve":
+    # (TameConfig refuses precondition kfac for a method that is not preconditioned)
+    if config.step == "solve" or config.precondition == "kfac":
         method.metric = remember_metric(base_model, data.remember, data.refresh_rows, data_spec, trained,
-                                        config.seed, damping=SOLVE_METRIC_DAMPING, images=SOLVE_METRIC_IMAGES)
-    elif config.precondition == "kfac":  # (TameConfig refuses it for a method that is not preconditioned)
-        method.metric = remember_metric(base_model, data.remember, data.refresh_rows, data_spec, trained,
-                                        config.seed)
+                                        config.seed, damping=method.metric_damping, images=method.metric_images)
     calibration = None
     if config.step_sigma is not None and config.method == "taming" and config.step == "adam":
         calibration = calibrate_lr(model, data.refresh, data_spec, lr_cap=config.lr, step_sigma=config.step_sigma,

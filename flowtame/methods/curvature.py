@@ -274,14 +274,14 @@ def _split(flat: Tensor, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
 
 
 def remember_metric(model: MultiScaleFlow, remember: Tensor, exclude: Tensor | None, data_spec: DataSpec,
-                    names: list[str], seed: int, damping: float = DAMPING,
+                    names: list[str], seed: int, damping: float | None = None,
                     images: int | None = None) -> KroneckerMetric:
     """The metric of :class:`KroneckerMetric` on ``images`` (default :data:`METRIC_IMAGES`) rows of ``remember``
     (uint8 [R,C,S,S]),
     dequantized: rows outside ``exclude`` (long, rows; the refresh subset the drift guard measures) first, rows
     of ``exclude`` only when the others are fewer; rows and noise drawn from ``seed``, so a resumed run rebuilds
     the same metric. ``model``: the base model (its weights at the start of the run); ``damping``: the metric's
-    relative damping (:class:`KroneckerMetric`)."""
+    relative damping (:class:`KroneckerMetric`; default :data:`DAMPING`)."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(remember.shape[0], generator=generator)
     if exclude is not None:
@@ -292,4 +292,4 @@ def remember_metric(model: MultiScaleFlow, remember: Tensor, exclude: Tensor | N
     device = next(model.parameters()).device
     pixels = take_rows(remember, rows, device)
     x = dequantized(pixels, uniform_noise(generator, pixels.shape, device), data_spec.n_bits)
-    return KroneckerMetric(model, x, data_spec, names, damping)
+    return KroneckerMetric(model, x, data_spec, names, DAMPING if damping is None else damping)

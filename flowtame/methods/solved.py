@@ -98,7 +98,7 @@ class SolvedTaming(TamingMethod):
     """The taming method with the solved step (module docstring): the same data, stopping band, guards, holds and
     report figures as :class:`~flowtame.methods.taming.TamingMethod`, its loss terms unused. The engine calls
     :meth:`own_step` instead of a forward/backward and Adam's step; :attr:`metric` (the remember curvature
-    metric, damping :data:`SOLVE_METRIC_DAMPING`) is set by the tame job."""
+    metric, damping :data:`SOLVE_METRIC_DAMPING` on :data:`SOLVE_METRIC_IMAGES` images) is set by the tame job."""
 
     takes_own_step = True
     confirm_gap = 1
@@ -106,6 +106,8 @@ class SolvedTaming(TamingMethod):
     #: otherwise): the mean row aims at no rise, but each step adds a second-order rise it only corrects at the
     #: next, and at taming's 0.3% the embedded Glow k = 15 stopped at +0.22% with held-out BPD +0.61%.
     default_max_remember_drift = SOLVED_MAX_REMEMBER_DRIFT
+    metric_damping = SOLVE_METRIC_DAMPING
+    metric_images = SOLVE_METRIC_IMAGES
     #: the anchor's rows on the evaluation's noise [P,C,S,S] and their NLL now [P] (nats), per measurement; set
     #: by :meth:`_build_anchor_pool`, which the base class's constructor calls
     pool_check: Tensor | None

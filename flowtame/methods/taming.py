@@ -143,6 +143,11 @@ class TamingMethod:
     #: Stopping guard unless the config says otherwise: stop only while the remember set's mean NLL is at most
     #: 0.3% above N_B's (docs/method.md "Stopping", "Holding the common shift").
     default_max_remember_drift = TAMING_MAX_REMEMBER_DRIFT
+    #: The remember curvature metric's relative damping and remember images when the job builds one
+    #: (``precondition: kfac``); None: :func:`~flowtame.methods.curvature.remember_metric`'s defaults
+    #: (:class:`~flowtame.methods.solved.SolvedTaming` has its own).
+    metric_damping: float | None = None
+    metric_images: int | None = None
     #: The method's own settings (a frozen dataclass built from the config's ``method_settings`` section named
     #: like the method, dashes as underscores), or None for a method without any.
     settings_class: type | None = None
