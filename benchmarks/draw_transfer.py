@@ -56,12 +56,9 @@ def main() -> None:
     for damping in args.damping:
         metric = remember_metric(model, remember, None, spec, names, seed=1, damping=damping)
         for draws in args.draws:
-            rows = {n: [] for n in names}
-            for chunk in per_sample_gradients(model, fresh(forget, draws), spec, vectorized=True, chunk_size=None,
-                                              names=names):
-                for n in names:
-                    rows[n].append(chunk[n])
-            jacobian = {n: torch.cat(g).view(draws, k, *g[0].shape[1:]).mean(0) for n, g in rows.items()}
+            groups = fresh(forget, draws).unflatten(0, (draws, k)).transpose(0, 1)  # each image's draws together
+            chunks = list(per_sample_gradients(model, groups, spec, vectorized=True, chunk_size=None, names=names))
+            jacobian = {n: torch.cat([chunk[n] for chunk in chunks]) for n in names}
             solved = constrained_step(metric, jacobian, torch.full((k,), args.push, dtype=torch.float64))
             saved = {n: params[n].detach().clone() for n in names}
             with torch.no_grad():
