@@ -3,8 +3,10 @@ per-iteration update, on a zoo model's base weights with the parameters taming t
 
 Times (``time.perf_counter``, best of ``--repeats``) :func:`flowtame.methods.curvature.remember_metric` as tame
 builds it (512 remember images), its two passes (``diagonal_fisher``: the per-image gradients; ``kfac_factors``:
-the batched K-FAC pass), and one :meth:`KroneckerMetric.update` of an Adam-sized random update; prints the
-number of trained values inside and outside the Kronecker blocks. Runs on any revision of the package (the
+the batched K-FAC pass), one :meth:`KroneckerMetric.update` of an Adam-sized random update, and the metric
+applied to ``--rows`` random rows (the solved step's m) one row at a time with ``apply`` and, where the revision
+has it, all at once with ``apply_rows``; prints the number of trained values inside and outside the Kronecker
+blocks. Runs on any revision of the package (the
 pieces are looked up by name), so the same script times the code before and after a change.
 
     python benchmarks/metric_cost.py --model embedded-glow --threads 1
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="setup repeats (best of) [2]")
     parser.add_argument("--updates", type=int, default=20, help="update calls timed (mean) [20]")
+    parser.add_argument("--rows", type=int, default=32, help="rows the metric is applied to [32]")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,12 +91,18 @@ def main() -> None:
     for _ in range(args.updates):
         metric.update(update, gradient)
     per_update = (time.perf_counter() - start) / args.updates
+    rows = {n: torch.randn(args.rows, *params[n].shape, generator=generator) for n in names}
+    one_at_a_time, _ = best_of(args.repeats, lambda: [metric.apply({n: rows[n][i] for n in names})
+                                                      for i in range(args.rows)])
+    at_once = best_of(args.repeats, lambda: metric.apply_rows(rows))[0] if hasattr(metric, "apply_rows") else None
     print(f"{args.model}: {len(names)} trained tensors, {inside:,} values in {len(metric.blocks)} Kronecker blocks, "
           f"{outside:,} on the diagonal; {torch.get_num_threads()} thread(s), torch {torch.__version__}")
     print(f"remember_metric (512 images): {setup:.2f} s (best of {args.repeats})")
     for name, value in per_call.items():
         print(f"  {name}: {value:.2f} s (mean per build)")
     print(f"update: {1e3 * per_update:.1f} ms per call (mean of {args.updates})")
+    print(f"the metric applied to {args.rows} rows: {one_at_a_time:.3f} s one at a time"
+          + ("" if at_once is None else f", {at_once:.3f} s at once (apply_rows; {one_at_a_time / at_once:.1f}x)"))
 
 
 if __name__ == "__main__":
