@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo import add_cell_arguments, load_cell, tame_row, write_json  # noqa: E402
 
 from flowtame.likelihood.nll import pixel_nll  # noqa: E402
+from flowtame.methods.solved import SolvedTaming  # noqa: E402
 from flowtame.methods.taming import TamingMethod  # noqa: E402
 
 
@@ -56,10 +57,11 @@ def lookalike_figures(method: TamingMethod, model: torch.nn.Module, proto: Any) 
             "la_rise": float(((nll - base) / sd_b).mean())}
 
 
-def traced(trace: list[dict[str, Any]], every: int, proto: Any = None):
-    """A replacement for :meth:`TamingMethod.after_step` that calls it, then appends the method's state; with
-    ``proto``, also the look-alikes' figures (:func:`lookalike_figures`) every iteration."""
-    original = TamingMethod.after_step
+def traced(trace: list[dict[str, Any]], every: int, proto: Any = None, cls: type = TamingMethod):
+    """A replacement for ``cls.after_step`` (TamingMethod's, or SolvedTaming's own) that calls it, then appends
+    the method's state; with ``proto``, also the look-alikes' figures (:func:`lookalike_figures`) every
+    iteration."""
+    original = cls.after_step
 
     def after_step(self: TamingMethod, model: torch.nn.Module, iteration: int, logged: dict[str, float]) -> bool:
         confirmations = self.confirmations
@@ -103,7 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     base, proto = load_cell(args)
     trace: list[dict[str, Any]] = []
-    TamingMethod.after_step = traced(trace, args.every, proto if args.lookalikes else None)  # type: ignore[method-assign]
+    for cls in (TamingMethod, SolvedTaming):  # (the solved step judges its stop in its own after_step)
+        cls.after_step = traced(trace, args.every, proto if args.lookalikes else None, cls)  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory(prefix="flowtame-trace-") as workdir:
         row = tame_row(base, proto, args.override, Path(workdir), stop_as_row=True)  # Ctrl-C: keep the trace
     write_json(args.json, {"model": args.model, "k": args.k, "override": args.override, "row": row,
