@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,6 +153,25 @@ def test_the_mean_rows_displacement_term_takes_the_base_batches_in_turn_averaged
     method = type("M", (), {"trust": 1.0, "mean_change": {}, "measure": lambda self, model: None})()
     SolvedTaming.rolled_back(method, None)
     assert method.mean_change is None and method.trust == 0.25
+
+
+def test_the_mean_row_covers_the_whole_remember_set_or_a_capped_draw_that_holds_the_refresh_subset(monkeypatch):
+    """Every remember row when they are at most BASE_GRADIENT_ROWS; above it, that many distinct rows with the drift
+    guard's refresh subset among them, the same for the same seed (a resumed run rebuilds them)."""
+    def stub(rows: int, refresh: torch.Tensor, seed: int = 5):
+        data = SimpleNamespace(remember=torch.zeros(rows, 1, 2, 2, dtype=torch.uint8), refresh_rows=refresh)
+        return SimpleNamespace(data=data, config=SimpleNamespace(seed=seed))
+
+    refresh = torch.tensor([3, 17, 40, 41, 99])
+    every = SolvedTaming._mean_rows(stub(120, refresh))
+    assert sorted(every.tolist()) == list(range(120))
+    monkeypatch.setattr(solved, "BASE_GRADIENT_ROWS", 30)
+    capped = SolvedTaming._mean_rows(stub(120, refresh))
+    assert capped.numel() == 30 and capped.unique().numel() == 30
+    assert set(refresh.tolist()) <= set(capped.tolist())
+    assert not torch.equal(capped[:5].sort().values, refresh)  # shuffled, not the refresh rows in front
+    torch.testing.assert_close(SolvedTaming._mean_rows(stub(120, refresh)), capped)
+    assert not torch.equal(SolvedTaming._mean_rows(stub(120, refresh, seed=6)), capped)
 
 
 @pytest.mark.parametrize("layer, message", [

@@ -254,15 +254,16 @@ def constrained_step(metric: KroneckerMetric, jacobian: dict[str, Tensor], targe
     relative to its own diagonal entry, as Marquardt's: a row of small gradients, say a batch's mean NLL beside
     single images, is damped as much as the others): with independent rows and damping -> 0, J v = r exactly
     and v has the least v^T M v of all such steps. One batched application of the metric to the m rows and one
-    m x m solve (float64)."""
-    names = list(jacobian)
+    m x m solve (float64). Memory: the preconditioned rows M^-1 J^T (m values per trained value, float64) beside
+    ``jacobian``; K and the step are summed value by value, no flat copy of either."""
     m = targets.shape[0]
-    pre = torch.cat([value.reshape(m, -1) for value in metric.apply_rows(jacobian).values()], 1)
-    flat = torch.cat([jacobian[n].reshape(m, -1) for n in names], 1).double()
-    gram = flat @ pre.T
+    pre = metric.apply_rows(jacobian)  # name -> [m, *shape], float64
+    gram = torch.zeros(m, m, dtype=torch.float64, device=targets.device)
+    for n, rows in pre.items():
+        gram += jacobian[n].reshape(m, -1).to(rows) @ rows.reshape(m, -1).T
     gram = (gram + gram.T) / 2  # symmetric up to rounding
     weights = torch.linalg.solve(gram + damping * torch.diag(gram.diagonal()), targets.to(gram))
-    step = _split(weights @ pre, {n: jacobian[n].shape[1:] for n in names})
+    step = {n: (weights @ rows.reshape(m, -1)).view(rows.shape[1:]) for n, rows in pre.items()}
     return ConstrainedStep(step, weights, gram)
 
 

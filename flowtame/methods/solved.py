@@ -8,11 +8,11 @@ it wants instead. Each iteration linearizes the NLL of a few rows around the cur
   of the stopping band (at most :data:`TARGET_CAP` sigma_R per step);
 - each row the anchor holds (the look-alikes, then the tail rows a refused stop added; gradient averaged over
   :data:`HOLD_DRAWS` draws), asked back to its base NLL on the evaluation's noise;
-- the remember set's mean NLL (the remember set's gradient under the base model, on at most
-  :data:`BASE_GRADIENT_ROWS` images drawn once, plus the displacement since: one batch of those images, of
-  :data:`MEAN_ROWS`, now minus under the base model - the batches in turn, each one's base gradient kept from the
-  first step - averaged over the steps with weight :data:`MEAN_CHANGE_AVERAGING` for the past), asked back to
-  the base mean;
+- the remember set's mean NLL (the remember set's gradient under the base model - on the whole remember set, or
+  on :data:`BASE_GRADIENT_ROWS` of its images that include the drift guard's refresh subset, drawn once - plus the
+  displacement since: one batch of those images, of :data:`MEAN_ROWS`, now minus under the base model - the
+  batches in turn, each one's base gradient kept from the first step - averaged over the steps with weight
+  :data:`MEAN_CHANGE_AVERAGING` for the past), asked back to the base mean;
 
 and takes the shortest step under the remember curvature metric M (:func:`~flowtame.methods.curvature.constrained_step`)
 that makes those first-order changes, shrunk so that its predicted remember RMS change stays within
@@ -59,10 +59,13 @@ MEAN_ROWS = 256
 #: steps, each on the next batch: the term changes little from step to step, while one batch's estimate is
 #: noisy; at 0.5 the embedded Glow k = 15 stopped after 12 steps, not 21, k = 4 after 8, not 9: Round 9).
 MEAN_CHANGE_AVERAGING = 0.5
-#: Remember images (at most; drawn once) of the base model's mean-NLL gradient, the mean row's control variate,
-#: and of its displacement batches (memory: that gradient and one per batch, BASE_GRADIENT_ROWS / MEAN_ROWS of
-#: them, on the model's device).
-BASE_GRADIENT_ROWS = 1024
+#: Remember images (at most; drawn once, the drift guard's refresh subset among them) of the base model's mean-NLL
+#: gradient, the mean row's control variate, and of its displacement batches (memory: that gradient and one per
+#: batch, up to BASE_GRADIENT_ROWS / MEAN_ROWS of them, on the model's device). The mean row brings back the
+#: images it is computed on, and little else: on 1,024 of the embedded Glow's 1,345 remember images the k = 15
+#: run took 10 steps and ended at held-out BPD +0.58%, on all of them 8 steps and +0.53%; on 512 its drift guard's
+#: mean stalled at +0.55% (docs/benchmarks.md "Round 11").
+BASE_GRADIENT_ROWS = 4096
 #: Largest change a forget row asks for in one step, in sigma_R (nearer the band: the whole gap).
 TARGET_CAP = 2.0
 #: Largest predicted RMS change of the remember images' NLL in one step, in sigma_R (sqrt(v^T F v) <= it).
@@ -232,15 +235,13 @@ class SolvedTaming(TamingMethod):
                 "sigma_r": self.sigma_r}
 
     def _base_gradients(self, names: list[str]) -> None:
-        """The mean row's fixed batches and their gradients under the base model: :attr:`base_batches` (at most
-        :data:`BASE_GRADIENT_ROWS` remember images, dequantized, in batches of :data:`MEAN_ROWS`; rows and noise
-        drawn from the run's seed (+1) alone, so a resumed run rebuilds them), :attr:`base_batch_gradients` and
-        their mean, :attr:`base_gradient`."""
+        """The mean row's fixed batches and their gradients under the base model: :attr:`base_batches` (the
+        remember images of :meth:`_mean_rows`, dequantized, in batches of :data:`MEAN_ROWS`; noise drawn from the
+        run's seed (+1) alone, so a resumed run rebuilds them), :attr:`base_batch_gradients` and their mean,
+        :attr:`base_gradient`."""
         d = self.data
         generator = torch.Generator(device=d.device).manual_seed(int(self.config.seed) + 1)
-        rows = torch.randperm(d.remember.shape[0], generator=torch.Generator().manual_seed(
-            int(self.config.seed) + 1))[:BASE_GRADIENT_ROWS]
-        pixels = take_rows(d.remember, rows, d.device)
+        pixels = take_rows(d.remember, self._mean_rows(), d.device)
         x = dequantized(pixels, uniform_noise(generator, pixels.shape, d.device), d.data_spec.n_bits)
         assert self.base_model is not None
         self.base_batches = list(x.tensor_split(math.ceil(x.shape[0] / MEAN_ROWS)))  # equal sizes (+-1)
@@ -251,6 +252,19 @@ class SolvedTaming(TamingMethod):
             for n in total:
                 total[n] += gradient[n] * (batch.shape[0] / x.shape[0])
         self.base_gradient = total
+
+    def _mean_rows(self) -> Tensor:
+        """The remember rows (long [B], in a random order from the run's seed + 1) of the mean row: all of them,
+        or :data:`BASE_GRADIENT_ROWS` of them - the drift guard's refresh subset first, so that the guard measures
+        images the mean row brings back, then rows drawn at random."""
+        seed = int(self.config.seed)
+        order = torch.randperm(self.data.remember.shape[0], generator=torch.Generator().manual_seed(seed + 1))
+        if order.numel() <= BASE_GRADIENT_ROWS or self.data.refresh_rows is None:
+            return order[:BASE_GRADIENT_ROWS]
+        refresh = torch.zeros(order.numel(), dtype=torch.bool)
+        refresh[self.data.refresh_rows.cpu()] = True
+        chosen = torch.cat([order[refresh[order]], order[~refresh[order]]])[:BASE_GRADIENT_ROWS]
+        return chosen[torch.randperm(chosen.numel(), generator=torch.Generator().manual_seed(seed + 2))]
 
     def _targets(self) -> Tensor:
         """The rows' wanted NLL changes (nats, float64) [F + P + 1]: each forget image to the band's middle (at
