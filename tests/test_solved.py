@@ -155,6 +155,19 @@ def test_the_mean_rows_displacement_term_takes_the_base_batches_in_turn_averaged
     assert method.mean_change is None and method.trust == 0.25
 
 
+def test_the_forget_rows_aim_a_quarter_epsilon_short_of_the_threshold_inside_the_bands_inner_half():
+    """d = FORGET_AIM * epsilon on the default band (-epsilon, 2 epsilon) and on the holdout target's (-epsilon,
+    epsilon); a band moved by hand keeps the aim a quarter of its width from either edge."""
+    def aim(epsilon: float, lower: float, upper: float) -> float:
+        return SolvedTaming.forget_aim.fget(SimpleNamespace(epsilon=epsilon, lower_edge=lower, upper_edge=upper))
+
+    assert solved.FORGET_AIM == -0.25
+    assert aim(0.6, -0.6, 1.2) == pytest.approx(-0.15)
+    assert aim(0.6, -0.6, 0.6) == pytest.approx(-0.15)
+    assert aim(0.6, 0.3, 1.2) == pytest.approx(0.3 + 0.9 / 4)  # a stop margin past the aim: raised into the band
+    assert aim(0.6, -2.0, -0.2) == pytest.approx(-0.2 - 1.8 / 4)
+
+
 def test_the_mean_row_covers_the_whole_remember_set_or_a_capped_draw_that_holds_the_refresh_subset(monkeypatch):
     """Every remember row when they are at most BASE_GRADIENT_ROWS; above it, that many distinct rows with the drift
     guard's refresh subset among them, the same for the same seed (a resumed run rebuilds them)."""
