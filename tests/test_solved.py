@@ -168,6 +168,41 @@ def test_the_forget_rows_aim_a_quarter_epsilon_short_of_the_threshold_inside_the
     assert aim(0.6, -2.0, -0.2) == pytest.approx(-0.2 - 1.8 / 4)
 
 
+def test_a_stop_whose_remember_set_does_not_look_normal_is_refused_and_its_risers_held(monkeypatch):
+    """After the base class's whole-set judgement: KS p (as evaluate computes it) below NORMALITY_HOLD_P refuses
+    the stop and hands the whole-set NLLs to widen_anchor_pool, at most MAX_HOLD_REFUSALS times; a stop the base
+    class refused is not judged."""
+    from flowtame.likelihood.statistics import ks_normality
+    from flowtame.methods.lookalikes import MAX_HOLD_REFUSALS
+
+    generator = torch.Generator().manual_seed(0)
+    normal = 200 + 15 * torch.randn(800, generator=generator, dtype=torch.float64)
+    skewed = 200 + 15 * torch.empty(800, dtype=torch.float64).exponential_(generator=generator)
+    assert ks_normality(normal.numpy())["pvalue"] > 0.1 and ks_normality(skewed.numpy())["pvalue"] < 1e-6
+    verdict, widened = {"agrees": True, "nll": normal}, []
+
+    def base_judgement(self, model, forget_nll, refresh_nll=None):
+        self.final_remember_nll = verdict["nll"] if verdict["agrees"] else None
+        return verdict["agrees"]
+
+    monkeypatch.setattr(TamingMethod, "whole_set_agrees", base_judgement)
+    method = SolvedTaming.__new__(SolvedTaming)  # (only the hold's own state)
+    method.normality_refusals, method.normality_p = 0, None
+    monkeypatch.setattr(method, "widen_anchor_pool", widened.append, raising=False)
+    forget = torch.zeros(3)
+
+    assert method.whole_set_agrees(None, forget) is True and not widened
+    assert method.normality_p == pytest.approx(ks_normality(normal.numpy())["pvalue"])
+    verdict["nll"] = skewed
+    for refusal in range(1, MAX_HOLD_REFUSALS + 1):
+        assert method.whole_set_agrees(None, forget) is False
+        assert method.normality_refusals == refusal and widened[-1] is skewed and method.final_remember_nll is None
+    assert method.whole_set_agrees(None, forget) is True  # the stop is accepted with its p in the report
+    assert method.normality_p < solved.NORMALITY_HOLD_P and method.final_remember_nll is skewed
+    verdict["agrees"], method.normality_p = False, None
+    assert method.whole_set_agrees(None, forget) is False and method.normality_p is None
+
+
 def test_the_mean_row_covers_the_whole_remember_set_or_a_capped_draw_that_holds_the_refresh_subset(monkeypatch):
     """Every remember row when they are at most BASE_GRADIENT_ROWS; above it, that many distinct rows with the drift
     guard's refresh subset among them, the same for the same seed (a resumed run rebuilds them)."""

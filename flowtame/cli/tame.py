@@ -86,8 +86,8 @@ def tame_command(
                                                      "--preset paper and runs under torchrun).")] = None,
     step: Annotated[str | None, typer.Option(help="adam: Adam's step on the loss (preconditioned per "
                                              "--precondition) | solve: each iteration, the shortest step under the "
-                                             "remember curvature that moves each forget image to the band's "
-                                             "middle and holds the look-alikes and the remember mean "
+                                             "remember curvature that moves each forget image just short of "
+                                             "the threshold and holds the look-alikes and the remember mean "
                                              "(docs/method.md 'The solved step'; taming only, Adam's under "
                                              "torchrun) \\[adam].")] = None,
     lookalikes: Annotated[int | None, typer.Option(help="With the anchor: hold the forget set's N nearest remember "

@@ -574,7 +574,7 @@ def _tamed_outcome(base: Checkpoint, model: MultiScaleFlow, method: Any, result:
         early_refreshes=getattr(method, "early_refreshes", 0), confirmations=method.confirmations,
         drift_refusals=method.drift_refusals, shift_factor=getattr(method, "shift_factor", 0.0),
         **hold_figures(getattr(method, "quantile_holds", [])), anchor_factor=getattr(method, "anchor_factor", 1.0),
-        tail_rows=_tail_rows(method),
+        tail_rows=_tail_rows(method), normality_refusals=getattr(method, "normality_refusals", 0),
         whole_set_refusals=method.whole_set_refusals, progress_warning=getattr(method, "progress_warning", None),
         remember_normal={"base": _normal_block(base_mean, base_std, per_bpd),
                          "tamed": _normal_block(mu_t, sigma_t, per_bpd)},
