@@ -106,6 +106,7 @@ def tame_row(base: Checkpoint, proto: Protocol, override: dict[str, Any], workdi
                confirmations=report.get("confirmations"), drift_refusals=report.get("drift_refusals"),
                lookalike_refusals=report.get("lookalike_refusals"), lookalike_qd=report.get("lookalike_qd"),
                remember_qd_refusals=report.get("remember_qd_refusals"), remember_qd=report.get("remember_qd"),
+               normality_refusals=report.get("normality_refusals"),
                config=report["config"])
     return row
 

@@ -18,7 +18,8 @@ it wants instead. Each iteration linearizes the NLL of a few rows around the cur
 and takes the shortest step under the remember curvature metric M (:func:`~flowtame.methods.curvature.constrained_step`)
 that makes those first-order changes, shrunk so that its predicted remember RMS change stays within
 :data:`STEP_RMS` sigma_R. After every step the stop is judged on the check draws and the refresh subset, then on
-the whole remember set, as Adam's step's confirmations are.
+the whole remember set, as Adam's step's confirmations are, and the whole set's normality
+(:data:`NORMALITY_HOLD_P`).
 """
 
 from __future__ import annotations
