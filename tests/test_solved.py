@@ -164,7 +164,7 @@ def test_the_forget_rows_aim_a_quarter_epsilon_short_of_the_threshold_inside_the
     assert solved.FORGET_AIM == -0.25
     assert aim(0.6, -0.6, 1.2) == pytest.approx(-0.15)
     assert aim(0.6, -0.6, 0.6) == pytest.approx(-0.15)
-    assert aim(0.6, 0.3, 1.2) == pytest.approx(0.3 + 0.9 / 4)  # a stop margin past the aim: raised into the band
+    assert aim(0.6, -0.1, 1.2) == pytest.approx(-0.1 + 1.3 / 4)  # stop_margin 0.5: raised into the inner half
     assert aim(0.6, -2.0, -0.2) == pytest.approx(-0.2 - 1.8 / 4)
 
 
@@ -187,20 +187,26 @@ def test_a_stop_whose_remember_set_does_not_look_normal_is_refused_and_its_riser
 
     monkeypatch.setattr(TamingMethod, "whole_set_agrees", base_judgement)
     method = SolvedTaming.__new__(SolvedTaming)  # (only the hold's own state)
-    method.normality_refusals, method.normality_p = 0, None
+    method.normality_refusals, method.normality_bound = 0, solved.normality_bound(normal)
+    assert method.normality_bound == solved.NORMALITY_HOLD_P  # (a base set that looks normal)
+    remeasured = []
+    method.normal = SimpleNamespace(remeasure=lambda mean, std: remeasured.append((float(mean), float(std))))
     monkeypatch.setattr(method, "widen_anchor_pool", widened.append, raising=False)
     forget = torch.zeros(3)
 
-    assert method.whole_set_agrees(None, forget) is True and not widened
-    assert method.normality_p == pytest.approx(ks_normality(normal.numpy())["pvalue"])
+    assert method.whole_set_agrees(None, forget) is True and not widened and not remeasured
     verdict["nll"] = skewed
     for refusal in range(1, MAX_HOLD_REFUSALS + 1):
         assert method.whole_set_agrees(None, forget) is False
         assert method.normality_refusals == refusal and widened[-1] is skewed and method.final_remember_nll is None
-    assert method.whole_set_agrees(None, forget) is True  # the stop is accepted with its p in the report
-    assert method.normality_p < solved.NORMALITY_HOLD_P and method.final_remember_nll is skewed
-    verdict["agrees"], method.normality_p = False, None
-    assert method.whole_set_agrees(None, forget) is False and method.normality_p is None
+        assert remeasured[-1] == pytest.approx((float(skewed.mean()), float(skewed.std())))  # the whole set's
+    assert method.whole_set_agrees(None, forget) is True  # accepted: evaluate's check will report the p
+    assert method.final_remember_nll is skewed
+    verdict["agrees"] = False
+    assert method.whole_set_agrees(None, forget) is False and method.normality_refusals == MAX_HOLD_REFUSALS
+    # a base remember set that already looks less normal than the bound is held to its own p
+    assert solved.normality_bound(skewed) == pytest.approx(ks_normality(skewed.numpy())["pvalue"])
+    assert solved.normality_bound(None) is None
 
 
 def test_the_mean_row_covers_the_whole_remember_set_or_a_capped_draw_that_holds_the_refresh_subset(monkeypatch):
@@ -220,6 +226,8 @@ def test_the_mean_row_covers_the_whole_remember_set_or_a_capped_draw_that_holds_
     assert not torch.equal(capped[:5].sort().values, refresh)  # shuffled, not the refresh rows in front
     torch.testing.assert_close(SolvedTaming._mean_rows(stub(120, refresh)), capped)
     assert not torch.equal(SolvedTaming._mean_rows(stub(120, refresh, seed=6)), capped)
+    unknown = SolvedTaming._mean_rows(stub(120, None))  # no refresh subset: a plain capped draw
+    assert unknown.numel() == 30 and unknown.unique().numel() == 30
 
 
 @pytest.mark.parametrize("layer, message", [

@@ -413,7 +413,8 @@ def _forget_requests(forget_sets: Sequence[ImageSet], forget_request: torch.Tens
 
 
 def _tail_rows(method: Any) -> int:
-    """How many remember images the remember guard's refusals added to the anchor's rows (0 for the baselines)."""
+    """How many remember images refused stops added to the anchor's rows (the remember set's quantile hold; with
+    the solved step, its normality hold too; 0 for the baselines)."""
     rows = getattr(method, "tail_rows", None)
     return 0 if rows is None else int(rows.numel())
 

@@ -258,7 +258,7 @@ def constrained_step(metric: KroneckerMetric, jacobian: dict[str, Tensor], targe
     ``jacobian``; K and the step are summed value by value, no flat copy of either."""
     m = targets.shape[0]
     pre = metric.apply_rows(jacobian)  # name -> [m, *shape], float64
-    gram = torch.zeros(m, m, dtype=torch.float64, device=targets.device)
+    gram = torch.zeros(m, m, dtype=torch.float64, device=next(iter(pre.values())).device)
     for n, rows in pre.items():
         gram += jacobian[n].reshape(m, -1).to(rows) @ rows.reshape(m, -1).T
     gram = (gram + gram.T) / 2  # symmetric up to rounding

@@ -44,7 +44,7 @@ from flowtame.methods.taming import TamingMethod
 
 __all__ = ["BASE_GRADIENT_ROWS", "FORGET_AIM", "FORGET_DRAWS", "HOLD_DRAWS", "MEAN_CHANGE_AVERAGING", "MEAN_ROWS",
            "NORMALITY_HOLD_P", "SOLVED_MAX_REMEMBER_DRIFT", "SOLVE_METRIC_DAMPING", "SOLVE_METRIC_IMAGES", "STEP_RMS",
-           "TARGET_CAP", "SolvedTaming", "mean_nll_gradient"]
+           "TARGET_CAP", "SolvedTaming", "mean_nll_gradient", "normality_bound"]
 
 #: Fresh noise draws whose per-image gradients are averaged for each forget row. A single draw's gradient is
 #: mostly that draw's: a step solved on one draw moved the image's NLL on other draws by a third of what it
@@ -85,8 +85,9 @@ STEP_RMS = 1.0
 SOLVED_MAX_REMEMBER_DRIFT = 0.001
 #: The stop's bound on the whole remember set's KS normality p-value (its NLL under the stepped weights, on the
 #: evaluation's noise, as ``evaluate --check``'s ``remember.normality_p`` reads it, whose default bound is 0.001):
-#: a stop below it is refused, at most MAX_HOLD_REFUSALS times, and the remember images that rose most join the
-#: held rows, as at a stop the remember set's quantile hold refuses. Each solved step moves single remember images'
+#: a stop below it (or below the base model's own p, when that is lower) is refused, at most MAX_HOLD_REFUSALS
+#: times, and the remember images that rose most join the held rows, as at a stop the remember set's quantile
+#: hold refuses. Each solved step moves single remember images'
 #: NLL far more than the metric predicts (the rosinality Glow k = 8: the mean still, each image by 6 nats RMS,
 #: 0.36 sigma_R) and the shape follows: that base model's own p is 0.0077, its tamed p 0.0005-0.0013 without
 #: the hold, 0.0039 with it (docs/benchmarks.md "Round 11").
@@ -114,6 +115,14 @@ def mean_nll_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, nam
         for n, g in gradient(params, x[start:start + chunk]).items():
             out[n] += g
     return {n: g / x.shape[0] for n, g in out.items()}
+
+
+def normality_bound(base_nll: Tensor | None) -> float | None:
+    """The normality hold's bound on the tamed remember set's KS p: :data:`NORMALITY_HOLD_P`, or the base model's
+    own p on its remember NLLs ``base_nll`` [R] (nats) when that is lower; None without them."""
+    if base_nll is None:
+        return None
+    return min(NORMALITY_HOLD_P, ks_normality(base_nll.numpy())["pvalue"])
 
 
 class SolvedTaming(TamingMethod):
@@ -157,10 +166,11 @@ class SolvedTaming(TamingMethod):
         #: The mean row's displacement term (name -> shape, nats): the average over steps of a batch's mean-NLL
         #: gradient now minus under the base model (None: none yet, or the weights were rolled back)
         self.mean_change: dict[str, Tensor] | None = None
-        #: stops refused for the remember set's normality (:meth:`whole_set_agrees`), and its KS p at the latest
-        #: whole-set pass that got that far (None: none yet)
+        #: stops refused for the remember set's normality (:meth:`whole_set_agrees`)
         self.normality_refusals = 0
-        self.normality_p: float | None = None
+        #: the bound of that hold: :data:`NORMALITY_HOLD_P`, or the base model's own KS p when lower (a remember
+        #: set that already looked less normal is held to its own shape); None without the base pass
+        self.normality_bound = normality_bound(self.data.base_remember_nll)
         self._flat: set[str] | None = None
 
     @property
@@ -219,26 +229,28 @@ class SolvedTaming(TamingMethod):
             and self.whole_set_agrees(model, forget_nll, self.refresh_nll)
         if done:
             self.keep_final_forget_nll()
-        elif self.pool_nll is None:  # the remember hold added tail rows
+        elif self.pool_nll is None:  # a hold (the remember set's quantile or normality hold) added tail rows
             self._measure_pool(model)
         return done
 
     def whole_set_agrees(self, model: MultiScaleFlow, forget_nll: Tensor, refresh_nll: Tensor | None = None) -> bool:
         """The base class's whole-set judgement, then the remember set's normality: a stop whose whole remember
         set's KS p (:func:`~flowtame.likelihood.statistics.ks_normality`, as ``evaluate`` computes it) is below
-        :data:`NORMALITY_HOLD_P` is refused (at most ``MAX_HOLD_REFUSALS`` times) and the remember images that rose
-        most join the held rows (:meth:`widen_anchor_pool`)."""
+        :attr:`normality_bound` is refused (at most ``MAX_HOLD_REFUSALS`` times), the remember images that rose
+        most join the held rows (:meth:`widen_anchor_pool`) and the remember normal is the whole set's from then
+        on, as at the remember set's quantile hold's refusal."""
         if not super().whole_set_agrees(model, forget_nll, refresh_nll):
             return False
         nll = self.final_remember_nll
-        if nll is None:  # (no whole-set pass: nothing to judge)
+        if nll is None or self.normality_bound is None:  # (no whole-set pass: nothing to judge)
             return True
-        self.normality_p = ks_normality(nll.numpy())["pvalue"]
-        if self.normality_p >= NORMALITY_HOLD_P or self.normality_refusals >= MAX_HOLD_REFUSALS:
+        if ks_normality(nll.numpy())["pvalue"] >= self.normality_bound \
+                or self.normality_refusals >= MAX_HOLD_REFUSALS:
             return True
         self.normality_refusals += 1
         self.final_remember_nll = None
         self.widen_anchor_pool(nll)
+        self.normal.remeasure(nll.mean().to(forget_nll), nll.std().to(forget_nll))
         return False
 
     # ------------------------------------------------------------------ the step
@@ -302,7 +314,7 @@ class SolvedTaming(TamingMethod):
         return min(max(FORGET_AIM * self.epsilon, self.lower_edge + quarter), self.upper_edge - quarter)
 
     def _mean_rows(self) -> Tensor:
-        """The remember rows (long [B], in a random order from the run's seed + 1) of the mean row: all of them,
+        """The remember rows (long [B], in a random order from the run's seed) of the mean row: all of them,
         or :data:`BASE_GRADIENT_ROWS` of them - the drift guard's refresh subset first, so that the guard measures
         images the mean row brings back, then rows drawn at random."""
         seed = int(self.config.seed)
@@ -404,14 +416,13 @@ class SolvedTaming(TamingMethod):
 
     def state_meta(self) -> dict[str, Any]:
         return {**super().state_meta(), "trust": self.trust, "mean_steps": self.mean_steps,
-                "normality_refusals": self.normality_refusals, "normality_p": self.normality_p}
+                "normality_refusals": self.normality_refusals}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         super().load_state(tensors, meta)
         self.trust = meta.get("trust", 1.0)
         self.mean_steps = meta.get("mean_steps", 0)
         self.normality_refusals = meta.get("normality_refusals", 0)
-        self.normality_p = meta.get("normality_p")
         prefix = "mean_change."
         change = {n[len(prefix):]: g.clone() for n, g in tensors.items() if n.startswith(prefix)}
         self.mean_change = change or None
