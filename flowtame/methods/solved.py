@@ -64,20 +64,21 @@ MEAN_ROWS = 256
 #: noisy; at 0.5 the embedded Glow k = 15 stopped after 12 steps, not 21, k = 4 after 8, not 9: Round 9).
 MEAN_CHANGE_AVERAGING = 0.5
 #: Remember images (at most; drawn once, the drift guard's refresh subset among them) of the base model's mean-NLL
-#: gradient, the mean row's control variate, and of its displacement batches (memory: that gradient and one per
-#: batch, up to BASE_GRADIENT_ROWS / MEAN_ROWS of them, on the model's device). The mean row brings back the
+#: gradient, the mean row's control variate, and of its displacement batches (memory, on the model's device: that
+#: gradient and one per batch, up to BASE_GRADIENT_ROWS / MEAN_ROWS of them, and the images dequantized, float32:
+#: 0.8 GB at 4,096 images of 128x128x3). The mean row brings back the
 #: images it is computed on, and little else: on 1,024 of the embedded Glow's 1,345 remember images the k = 15
 #: run took 10 steps and ended at held-out BPD +0.58%, on all of them 8 steps and +0.53%; on 512 its drift guard's
-#: mean stalled at +0.55% (docs/benchmarks.md "Round 11").
+#: mean bottomed at +0.55% and the run never stopped (docs/benchmarks.md "Round 11").
 BASE_GRADIENT_ROWS = 4096
 #: Largest change a forget row asks for in one step, in sigma_R (nearer the band: the whole gap).
 TARGET_CAP = 2.0
 #: Where a forget row is asked to go: d = FORGET_AIM * epsilon (kept in the inner half of the stopping band). The
-#: solved step lands within ~0.02 sigma_R of what it asks, so it needs no overshoot past the threshold; every
-#: sigma_R of forgetting costs remember-set collateral, so it aims a quarter epsilon short of the threshold, inside
-#: Eq. 10's band |d| < epsilon, three quarters of epsilon above the band's lower edge. On the embedded Glow k = 15,
-#: held-out BPD +0.53% aiming at the band's middle (+epsilon / 2), +0.49% at the threshold, +0.475% here
-#: (docs/benchmarks.md "Round 11").
+#: solved step lands within a few hundredths of sigma_R of what it asks (on its check draws), so it needs no
+#: overshoot past the threshold; every sigma_R of forgetting costs remember-set collateral, so it aims a quarter
+#: epsilon short of the threshold, inside Eq. 10's band |d| < epsilon, three quarters of epsilon above the band's
+#: lower edge. On the embedded Glow k = 15, held-out BPD +0.53% aiming at the band's middle (+epsilon / 2), +0.49%
+#: at the threshold, +0.475% here (docs/benchmarks.md "Round 11").
 FORGET_AIM = -0.25
 #: Largest predicted RMS change of the remember images' NLL in one step, in sigma_R (sqrt(v^T F v) <= it).
 STEP_RMS = 1.0
@@ -87,10 +88,10 @@ SOLVED_MAX_REMEMBER_DRIFT = 0.001
 #: evaluation's noise, as ``evaluate --check``'s ``remember.normality_p`` reads it, whose default bound is 0.001):
 #: a stop below it (or below the base model's own p, when that is lower) is refused, at most MAX_HOLD_REFUSALS
 #: times, and the remember images that rose most join the held rows, as at a stop the remember set's quantile
-#: hold refuses. Each solved step moves single remember images'
-#: NLL far more than the metric predicts (the rosinality Glow k = 8: the mean still, each image by 6 nats RMS,
-#: 0.36 sigma_R) and the shape follows: that base model's own p is 0.0077, its tamed p 0.0005-0.0013 without
-#: the hold, 0.0039 with it (docs/benchmarks.md "Round 11").
+#: hold refuses. The solved steps move single remember images' NLL far more than the metric predicts (the
+#: rosinality Glow k = 8, over a run: the mean still, each image by 6 nats RMS, 0.36 sigma_R) and the shape
+#: follows: that base model's own p is 0.0077, its tamed p 0.0005-0.0013 in four of five variants without the
+#: hold (docs/benchmarks.md "Round 11").
 NORMALITY_HOLD_P = 0.002
 #: The metric's relative damping for the solved step (Adam's curvature step uses DAMPING = 0.1: its update is
 #: Adam's direction, reshaped; the solve needs the metric's own directions).
