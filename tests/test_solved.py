@@ -60,6 +60,34 @@ def test_a_solved_run_stops_in_the_band_within_a_few_iterations_and_keeps_its_gu
     assert normal["tamed"]["mean_nats"] <= normal["base"]["mean_nats"] * (1 + drift)
 
 
+def test_normality_refusals_widen_the_held_rows_and_the_run_goes_on_to_a_stop(base, forget_folder, monkeypatch):  # noqa: F811
+    """The real refusal path: with a bound no remember set meets, each stop the other checks accept is refused, 16
+    rows join the held rows (their evaluation inputs and NLLs re-measured for the next step), and after
+    MAX_HOLD_REFUSALS refusals the stop is accepted."""
+    from flowtame.methods.lookalikes import MAX_HOLD_REFUSALS
+
+    monkeypatch.setattr(solved, "normality_bound", lambda base_nll: 1.0)  # (p <= 1: every judged stop refused)
+    pools = []
+    real_jacobian = SolvedTaming._jacobian
+
+    def spy(self, model, names):
+        out = real_jacobian(self, model, names)
+        pools.append((self.anchor_pool.numel(), self.pool_check.shape[0], self.pool_nll.shape[0],
+                      next(iter(out.values())).shape[0]))
+        return out
+
+    monkeypatch.setattr(SolvedTaming, "_jacobian", spy)
+    forget, remember = _sets(forget_folder)
+    report = tame(base, forget, remember, make_config(QUICK, {"max_iters": 40}), device="cpu").report
+    assert report["converged"] is True and report["normality_refusals"] == MAX_HOLD_REFUSALS
+    others = report["sets"]["remember_n"] - QUICK["lookalikes"]  # (a small set: the tail rows run out)
+    assert report["tail_rows"] == min(16 * MAX_HOLD_REFUSALS, others) and report["tail_rows"] > 16
+    n_forget = report["requests"][0]["n"]
+    for pool, checks, nlls, rows in pools:  # every step holds the whole (widened) pool, measured for it
+        assert pool == checks == nlls and rows == n_forget + pool + 1
+    assert pools[0][0] == QUICK["lookalikes"] and pools[-1][0] == QUICK["lookalikes"] + report["tail_rows"]
+
+
 def test_each_forget_and_held_row_is_its_gradient_averaged_over_the_draws(base, forget_folder, monkeypatch):  # noqa: F811
     """Each forget row is the image's NLL gradient averaged over FORGET_DRAWS fresh draws, each held look-alike row
     over HOLD_DRAWS, in chunks of rows (here of 2 forget rows of 8 draws, 4 held rows of 4 draws: the offsets
