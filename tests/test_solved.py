@@ -88,6 +88,26 @@ def test_normality_refusals_widen_the_held_rows_and_the_run_goes_on_to_a_stop(ba
     assert pools[0][0] == QUICK["lookalikes"] and pools[-1][0] == QUICK["lookalikes"] + report["tail_rows"]
 
 
+def test_a_solved_run_whose_rows_would_not_fit_in_memory_is_refused_before_it_starts(base, forget_folder,  # noqa: F811
+                                                                                      monkeypatch):
+    """The rows' gradients are sized against the device's free memory before anything is computed: too little
+    is one InputError about ``step`` with the figures; unknown free memory is no refusal."""
+    import flowtame.jobs.tame as tame_job
+    from flowtame.engine.devices import free_memory
+
+    assert free_memory(torch.device("cpu")) is None or free_memory(torch.device("cpu")) > 0
+    assert solved.memory_needed(10, 1000, 300, 64) == 10 * 1000 * 16 + (2 + 5) * 1000 * 4 + 300 * 64 * 4
+    forget, remember = _sets(forget_folder)
+    monkeypatch.setattr(tame_job, "free_memory", lambda device: 1000)
+    expected = (r"step solve needs about 0\.0 GiB on cpu for the gradients of its \d+ rows \(\d+ forget images, "
+                r"4 look-alikes, the remember mean and 16 held rows\)")
+    with pytest.raises(InputError, match=expected) as error:
+        tame(base, forget, remember, make_config(QUICK), device="cpu")
+    assert error.value.keys == ("step",) and "use step adam" in str(error.value)
+    monkeypatch.setattr(tame_job, "free_memory", lambda device: None)
+    assert tame(base, forget, remember, make_config(QUICK, {"max_iters": 1}), device="cpu").report["iterations"] == 1
+
+
 def test_each_forget_and_held_row_is_its_gradient_averaged_over_the_draws(base, forget_folder, monkeypatch):  # noqa: F811
     """Each forget row is the image's NLL gradient averaged over FORGET_DRAWS fresh draws, each held look-alike row
     over HOLD_DRAWS, in chunks of rows (here of 2 forget rows of 8 draws, 4 held rows of 4 draws: the offsets

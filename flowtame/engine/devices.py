@@ -160,6 +160,21 @@ def training_rows(pixels: torch.Tensor, device: torch.device,
     return pixels.pin_memory()
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: the GPU's free memory on CUDA; on the CPU the kernel's estimate
+    of memory available without swapping (Linux ``MemAvailable``); None where neither is known."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def take_rows(rows: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``rows[index]`` on ``device``, gathering where ``rows`` live (index [B] may be on either side)."""
     return rows[index.to(rows.device)].to(device, non_blocking=True)

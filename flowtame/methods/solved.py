@@ -44,7 +44,7 @@ from flowtame.methods.taming import TamingMethod
 
 __all__ = ["BASE_GRADIENT_ROWS", "FORGET_AIM", "FORGET_DRAWS", "HOLD_DRAWS", "MEAN_CHANGE_AVERAGING", "MEAN_ROWS",
            "NORMALITY_HOLD_P", "SOLVED_MAX_REMEMBER_DRIFT", "SOLVE_METRIC_DAMPING", "SOLVE_METRIC_IMAGES", "STEP_RMS",
-           "TARGET_CAP", "SolvedTaming", "mean_nll_gradient", "normality_bound"]
+           "TARGET_CAP", "SolvedTaming", "mean_nll_gradient", "memory_needed", "normality_bound"]
 
 #: Fresh noise draws whose per-image gradients are averaged for each forget row. A single draw's gradient is
 #: mostly that draw's: a step solved on one draw moved the image's NLL on other draws by a third of what it
@@ -116,6 +116,15 @@ def mean_nll_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, nam
         for n, g in gradient(params, x[start:start + chunk]).items():
             out[n] += g
     return {n: g / x.shape[0] for n, g in out.items()}
+
+
+def memory_needed(rows: int, values: int, images: int, image_values: int) -> int:
+    """Bytes the solved step holds at its peak (float32 model): the ``rows`` rows' gradients over ``values``
+    trained values while they are concatenated (twice, 4 bytes each) and preconditioned (8 bytes), the base
+    gradient, one per mean-row batch and the step's few vectors (4 bytes each), and the mean row's ``images``
+    dequantized images of ``image_values`` values each."""
+    batches = math.ceil(images / MEAN_ROWS)
+    return rows * values * 16 + (batches + 5) * values * 4 + images * image_values * 4
 
 
 def normality_bound(base_nll: Tensor | None) -> float | None:
