@@ -92,19 +92,18 @@ def test_a_solved_run_whose_rows_would_not_fit_in_memory_is_refused_before_it_st
                                                                                       monkeypatch):
     """The rows' gradients are sized against the device's free memory before anything is computed: too little
     is one InputError about ``step`` with the figures; unknown free memory is no refusal."""
-    import flowtame.jobs.tame as tame_job
     from flowtame.engine.devices import free_memory
 
     assert free_memory(torch.device("cpu")) is None or free_memory(torch.device("cpu")) > 0
     assert solved.memory_needed(10, 1000, 300, 64) == 10 * 1000 * 16 + (2 + 5) * 1000 * 4 + 300 * 64 * 4
     forget, remember = _sets(forget_folder)
-    monkeypatch.setattr(tame_job, "free_memory", lambda device: 1000)
+    monkeypatch.setattr(solved, "free_memory", lambda device: 1000)
     expected = (r"step solve needs about 0\.0 GiB on cpu for the gradients of its \d+ rows \(\d+ forget images, "
                 r"4 look-alikes, the remember mean and 16 held rows\)")
     with pytest.raises(InputError, match=expected) as error:
         tame(base, forget, remember, make_config(QUICK), device="cpu")
     assert error.value.keys == ("step",) and "use step adam" in str(error.value)
-    monkeypatch.setattr(tame_job, "free_memory", lambda device: None)
+    monkeypatch.setattr(solved, "free_memory", lambda device: None)
     assert tame(base, forget, remember, make_config(QUICK, {"max_iters": 1}), device="cpu").report["iterations"] == 1
 
 

@@ -24,7 +24,6 @@ from flowtame.data.images import ImageSet, dequantization_noise
 from flowtame.data.quantization import nats_per_bpd
 from flowtame.engine import distributed
 from flowtame.engine.devices import (
-    free_memory,
     loop_generator,
     place_model,
     seeded_run,
@@ -52,8 +51,8 @@ from flowtame.methods.calibration import calibrate_lr
 from flowtame.methods.curvature import remember_metric
 from flowtame.methods.lookalikes import hold_figures
 from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS
-from flowtame.methods.solved import BASE_GRADIENT_ROWS, SolvedTaming, memory_needed
-from flowtame.methods.taming import KL_ESTIMATES, METHODS, TAIL_ROWS, TamingData, settings_section
+from flowtame.methods.solved import SolvedTaming, check_memory
+from flowtame.methods.taming import KL_ESTIMATES, METHODS, TamingData, settings_section
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -413,23 +412,6 @@ def _forget_requests(forget_sets: Sequence[ImageSet], forget_request: torch.Tens
     return requests
 
 
-def _check_solve_memory(data: TamingData, values: int, dev: torch.device) -> None:
-    """Refuse a solved-step run whose rows' gradients would not fit in the memory free on ``dev``
-    (:func:`~flowtame.methods.solved.memory_needed`: the forget images, the look-alikes, the remember mean and
-    one refused stop's tail rows, over ``values`` trained values) before any of it is computed."""
-    free = free_memory(dev)
-    lookalikes = 0 if data.lookalikes is None else int(data.lookalikes.numel())
-    forget = int(data.forget.shape[0])
-    rows = forget + lookalikes + 1 + TAIL_ROWS
-    images = min(int(data.remember.shape[0]), BASE_GRADIENT_ROWS)
-    need = memory_needed(rows, values, images, int(data.forget[0].numel()))
-    if free is not None and need > free:
-        raise InputError(f"step solve needs about {need / 2**30:.1f} GiB on {dev} for the gradients of its "
-                         f"{rows} rows ({forget} forget images, {lookalikes} look-alikes, the remember mean and "
-                         f"{TAIL_ROWS} held rows) over {values:,} trained values, and {free / 2**30:.1f} GiB are "
-                         "free: use step adam, or fewer forget images per run", keys=("step",))
-
-
 def _tail_rows(method: Any) -> int:
     """How many remember images refused stops added to the anchor's rows (the remember set's quantile hold; with
     the solved step, its normality hold too; 0 for the baselines)."""
@@ -499,7 +481,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
                            setup_generator=generator, base_model=base_model)
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
     if config.step == "solve":
-        _check_solve_memory(data, sum(parameters[name].numel() for name in trained), dev)
+        check_memory(data, sum(parameters[name].numel() for name in trained), dev)
     # (TameConfig refuses precondition kfac for a method that is not preconditioned)
     if config.step == "solve" or config.precondition == "kfac":
         method.metric = remember_metric(base_model, data.remember, data.refresh_rows, data_spec, trained,

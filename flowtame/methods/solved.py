@@ -32,7 +32,8 @@ from torch import Tensor
 from torch.func import grad
 
 from flowtame.data.quantization import DataSpec
-from flowtame.engine.devices import take_rows, uniform_noise
+from flowtame.engine.devices import free_memory, take_rows, uniform_noise
+from flowtame.errors import InputError
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll, dequantized
 from flowtame.likelihood.statistics import ks_normality
@@ -40,11 +41,12 @@ from flowtame.likelihood.threshold import threshold_distance
 from flowtame.methods.baselines import nll_function, per_sample_gradients
 from flowtame.methods.curvature import constrained_step
 from flowtame.methods.lookalikes import MAX_HOLD_REFUSALS
-from flowtame.methods.taming import TamingMethod
+from flowtame.methods.taming import TAIL_ROWS, TamingData, TamingMethod
 
 __all__ = ["BASE_GRADIENT_ROWS", "FORGET_AIM", "FORGET_DRAWS", "HOLD_DRAWS", "MEAN_CHANGE_AVERAGING", "MEAN_ROWS",
            "NORMALITY_HOLD_P", "SOLVED_MAX_REMEMBER_DRIFT", "SOLVE_METRIC_DAMPING", "SOLVE_METRIC_IMAGES", "STEP_RMS",
-           "TARGET_CAP", "SolvedTaming", "mean_nll_gradient", "memory_needed", "normality_bound"]
+           "TARGET_CAP", "SolvedTaming", "check_memory", "mean_nll_gradient", "memory_needed",
+           "normality_bound"]
 
 #: Fresh noise draws whose per-image gradients are averaged for each forget row. A single draw's gradient is
 #: mostly that draw's: a step solved on one draw moved the image's NLL on other draws by a third of what it
@@ -125,6 +127,23 @@ def memory_needed(rows: int, values: int, images: int, image_values: int) -> int
     dequantized images of ``image_values`` values each."""
     batches = math.ceil(images / MEAN_ROWS)
     return rows * values * 16 + (batches + 5) * values * 4 + images * image_values * 4
+
+
+def check_memory(data: TamingData, values: int, device: torch.device) -> None:
+    """Refuse (InputError about ``step``) a solved-step run whose rows' gradients would not fit in the memory free
+    on ``device`` (:func:`memory_needed` of the forget images, the look-alikes, the remember mean and one refused
+    stop's tail rows over ``values`` trained values, and of the mean row's images), before any is computed."""
+    free = free_memory(device)
+    lookalikes = 0 if data.lookalikes is None else int(data.lookalikes.numel())
+    forget = int(data.forget.shape[0])
+    rows = forget + lookalikes + 1 + TAIL_ROWS
+    images = min(int(data.remember.shape[0]), BASE_GRADIENT_ROWS)  # (as many as :meth:`SolvedTaming._mean_rows`)
+    need = memory_needed(rows, values, images, int(data.forget[0].numel()))
+    if free is not None and need > free:
+        raise InputError(f"step solve needs about {need / 2**30:.1f} GiB on {device} for the gradients of its "
+                         f"{rows} rows ({forget} forget images, {lookalikes} look-alikes, the remember mean and "
+                         f"{TAIL_ROWS} held rows) over {values:,} trained values, and {free / 2**30:.1f} GiB are "
+                         "free: use step adam, or fewer forget images per run", keys=("step",))
 
 
 def normality_bound(base_nll: Tensor | None) -> float | None:
