@@ -44,6 +44,11 @@ class OutputWriteError(FlowtameError):
     the message names the file. Nothing half-written is left behind."""
 
 
+class OutOfMemory(FlowtameError):
+    """The device ran out of memory: torch could not allocate a tensor (CUDA's or MPS's out-of-memory error, the
+    CPU allocator's failure). The message names the device, the allocation and where it happened."""
+
+
 class TrainingDivergedError(FlowtameError):
     """The loss became NaN or infinite (or the remember NLL blew up) and the bounded number of learning-rate
     reductions ran out."""

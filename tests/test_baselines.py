@@ -33,7 +33,8 @@ from flowtame.methods.taming import METHODS, TamingData, TamingMethod
 
 DATA_SPEC = DataSpec(image_size=8, channels=1, n_bits=5)
 REMEMBER = "embedded:digits:test:0"
-FAST = {"max_iters": 30, "lr": 1e-3, "warmup": 5, "sa_fisher_samples": 16, "batch_size": 4}
+# Adam's step (the taming method's default is the solved step, tests/test_solved.py): these tests are about its loop
+FAST = {"max_iters": 30, "lr": 1e-3, "warmup": 5, "sa_fisher_samples": 16, "batch_size": 4, "step": "adam"}
 
 
 def tiny_glow(seed: int = 0, **spec_kw) -> tuple[torch.nn.Module, GlowSpec]:

@@ -264,7 +264,7 @@ def tame_runs(tame_workspace):
     """The same tame command in one process and on 2 ranks (each evaluating 8 of the 16 batch rows). The curvature
     metric is single-process: torchrun runs Adam's update whatever the default, so the one process pins it."""
     outputs = {}
-    for label, ranks, extra in (("one", None, ("--precondition", "none")), ("two", 2, ())):
+    for label, ranks, extra in (("one", None, ("--precondition", "none", "--step", "adam")), ("two", 2, ())):
         out = tame_workspace / f"{label}.safetensors"
         done = _run(_tame_args(tame_workspace, out, "-q", *extra), tame_workspace, ranks)
         assert done.returncode == 0, done.stderr
@@ -468,10 +468,10 @@ def test_step_solve_under_torchrun_takes_adams_step_with_adams_drift_bound(tame_
     out = tmp_path / "solve.safetensors"
     done = _run(_tame_args(tame_workspace, out, "-q", "--step", "solve"), tame_workspace, 2)
     assert done.returncode == 0, done.stderr
-    assert "under torchrun the step is Adam's: --step solve is not used" in done.stderr
+    assert "under torchrun taming takes Adam's step (the solved step runs in one process only)" in done.stderr
     report = json.loads(Path(f"{out}.json").read_text())
     assert report["config"]["step"] == "adam" and report["config"]["precondition"] == "none"
-    adam, solve = make_config({}), make_config({"step": "solve"})
+    adam, solve = make_config({"step": "adam"}), make_config({})  # (the solved step is the default)
     assert solve.max_remember_drift < adam.max_remember_drift  # (the fallback's premise)
     assert report["config"]["max_remember_drift"] == adam.max_remember_drift
     assert report["calibration"] is not None and not any("step_rms" in row for row in report["trajectory"])

@@ -21,7 +21,7 @@ from flowtame.io.checkpoint import save_checkpoint
 from flowtame.jobs.tame import make_config, tame
 
 #: A short run: the anchor's look-alikes, the calibration and the curvature metric all on (the defaults).
-QUICK = {"max_iters": 8, "warmup": 2, "batch_size": 4, "refresh_size": 32, "lookalikes": 4}
+QUICK = {"max_iters": 8, "warmup": 2, "batch_size": 4, "refresh_size": 32, "lookalikes": 4, "step": "adam"}
 
 
 def _sets(forget_folder):  # noqa: F811

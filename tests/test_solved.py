@@ -88,10 +88,11 @@ def test_normality_refusals_widen_the_held_rows_and_the_run_goes_on_to_a_stop(ba
     assert pools[0][0] == QUICK["lookalikes"] and pools[-1][0] == QUICK["lookalikes"] + report["tail_rows"]
 
 
-def test_a_solved_run_whose_rows_would_not_fit_in_memory_is_refused_before_it_starts(base, forget_folder,  # noqa: F811
+def test_a_solved_run_whose_rows_would_not_fit_in_memory_is_refused_or_falls_back_before_it_starts(base, forget_folder,  # noqa: F811
                                                                                       monkeypatch):
     """The rows' gradients are sized against the device's free memory before anything is computed: too little
-    is one InputError about ``step`` with the figures; unknown free memory is no refusal."""
+    is one InputError about ``step`` with the figures when the step was asked for, Adam's step with a warning when
+    it was the default; unknown free memory is no refusal."""
     from flowtame.engine.devices import free_memory
 
     assert free_memory(torch.device("cpu")) is None or free_memory(torch.device("cpu")) > 0
@@ -103,8 +104,14 @@ def test_a_solved_run_whose_rows_would_not_fit_in_memory_is_refused_before_it_st
     with pytest.raises(InputError, match=expected) as error:
         tame(base, forget, remember, make_config(QUICK), device="cpu")
     assert error.value.keys == ("step",) and "use step adam" in str(error.value)
+    defaulted = {key: value for key, value in QUICK.items() if key != "step"}
+    with pytest.warns(UserWarning, match=r"step solve needs about .* GiB are free: taking Adam's step"):
+        report = tame(base, forget, remember, make_config(defaulted, {"max_iters": 1}), device="cpu").report
+    config = report["config"]  # (the default step falls back to Adam's, with Adam's drift bound)
+    assert config["step"] == "adam" and config["max_remember_drift"] == TamingMethod.default_max_remember_drift
     monkeypatch.setattr(solved, "free_memory", lambda device: None)
-    assert tame(base, forget, remember, make_config(QUICK, {"max_iters": 1}), device="cpu").report["iterations"] == 1
+    report = tame(base, forget, remember, make_config(defaulted, {"max_iters": 1}), device="cpu").report
+    assert report["iterations"] == 1 and report["config"]["step"] == "solve"
 
 
 def test_each_forget_and_held_row_is_its_gradient_averaged_over_the_draws(base, forget_folder, monkeypatch):  # noqa: F811

@@ -21,6 +21,7 @@ import typer
 
 from flowtame import __version__
 from flowtame.cli._common import error_line
+from flowtame.engine.devices import out_of_memory
 from flowtame.engine.distributed import distributed_context
 from flowtame.errors import FlowtameError, InputError, StopSignal, signal_number, stop_signals
 
@@ -82,6 +83,9 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
+        oom = out_of_memory(exc)
+        if oom is not None:
+            _fail(oom)
         line = _usage_error_line(exc)
         if line is None:
             raise

@@ -84,12 +84,13 @@ def tame_command(
                                                      "images), same first-order forget change | none: Adam's "
                                                      "update (default: kfac for taming; none for the baselines, "
                                                      "--preset paper and runs under torchrun).")] = None,
-    step: Annotated[str | None, typer.Option(help="adam: Adam's step on the loss (preconditioned per "
-                                             "--precondition) | solve: each iteration, the shortest step under the "
-                                             "remember curvature that moves each forget image just short of "
-                                             "the threshold and holds the look-alikes and the remember mean "
-                                             "(docs/method.md 'The solved step'; taming only, Adam's under "
-                                             "torchrun) \\[adam].")] = None,
+    step: Annotated[str | None, typer.Option(help="solve: each iteration, the shortest step under the remember "
+                                             "curvature that moves each forget image just short of the "
+                                             "threshold and holds the look-alikes and the remember mean "
+                                             "(docs/method.md 'The solved step') | adam: Adam's step on the loss "
+                                             "(preconditioned per --precondition) \\[solve for taming with its "
+                                             "anchor; adam for the baselines, --preset paper, --anchor 0 and "
+                                             "under torchrun].")] = None,
     lookalikes: Annotated[int | None, typer.Option(help="With the anchor: hold the forget set's N nearest remember "
                                                  "images (base latent space) in every batch [16].")] = None,
     lookalike_qd: Annotated[float | None, typer.Option(

@@ -16,13 +16,14 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from flowtame.engine.distributed import current
-from flowtame.errors import InputError
+from flowtame.errors import InputError, OutOfMemory
 
 if TYPE_CHECKING:
     from flowtame.flows.base import MultiScaleFlow
@@ -173,6 +174,22 @@ def free_memory(device: torch.device) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def out_of_memory(exc: BaseException, device: torch.device | str | None = None, where: str = ""
+                  ) -> OutOfMemory | None:
+    """:class:`~flowtame.errors.OutOfMemory` for torch's allocation failure ``exc`` (``torch.OutOfMemoryError``
+    - CUDA, MPS - or the CPU allocator's RuntimeError "can't allocate memory"), saying on ``device`` what could
+    not be allocated and ``where`` (a phrase, e.g. "at iteration 12"); None for any other exception."""
+    text = str(exc)
+    if not isinstance(exc, torch.OutOfMemoryError) and not (
+            isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)):
+        return None
+    size = re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", text)
+    what = f"could not allocate {size.group(1)}" if size else "ran out of memory"
+    on = f" on {device}" if device is not None else ""
+    return OutOfMemory(f"out of memory{on}{(' ' + where) if where else ''}: torch {what}; free memory on the "
+                       "device or ask for less of it (smaller batches; for taming, step adam)")
 
 
 def take_rows(rows: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from flowtame.engine import distributed
-from flowtame.engine.devices import autocast_context
+from flowtame.engine.devices import autocast_context, out_of_memory
 from flowtame.engine.distributed import RankLost
 from flowtame.errors import (
     CheckpointError,
@@ -477,6 +477,9 @@ class Engine:
             try:
                 self._iterate(state_path, start)
             except RuntimeError as exc:
+                oom = out_of_memory(exc, next(self.model.parameters()).device, f"at iteration {self.iteration}")
+                if oom is not None:
+                    raise oom from None
                 if not self.context.active:
                     raise
                 raise self._lost(exc, state_path) from None

@@ -51,7 +51,7 @@ from flowtame.methods.calibration import calibrate_lr
 from flowtame.methods.curvature import remember_metric
 from flowtame.methods.lookalikes import hold_figures
 from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS
-from flowtame.methods.solved import SolvedTaming, check_memory
+from flowtame.methods.solved import SolvedTaming, memory_shortfall
 from flowtame.methods.taming import KL_ESTIMATES, METHODS, TamingData, settings_section
 
 REPORT_SCHEMA_VERSION = 1
@@ -92,8 +92,10 @@ class TameConfig:
     anchor_shift: float = 2.0
     # None -> the method's own: kfac for taming, none for the baselines (TamingMethod.preconditioned)
     precondition: str | None = None
-    # adam: Adam's step on the loss; solve: the solved step (docs/method.md "The solved step")
-    step: str = "adam"
+    # adam: Adam's step on the loss; solve: the solved step (docs/method.md "The solved step"); None (the
+    # default, resolved by tame()) -> solve for the taming method with its anchor on in one process, adam
+    # otherwise (the baselines, the paper preset's anchor-free loss, runs under torchrun)
+    step: str | None = None
     lookalikes: int = 16
     lookalike_qd: float = 0.018
     remember_qd: float = 0.001
@@ -155,7 +157,7 @@ class TameConfig:
         if self.upper_edge < 1:
             problems.append("upper_edge must be at least 1 (in epsilons)")
         if self.max_remember_drift is None and self.method in METHODS:
-            method = SolvedTaming if self.step == "solve" else METHODS[self.method]
+            method = SolvedTaming if self.solving else METHODS[self.method]
             self.max_remember_drift = method.default_max_remember_drift
         for guard in ("max_remember_drift", "max_remember_jump"):
             if getattr(self, guard) == 0:
@@ -177,7 +179,7 @@ class TameConfig:
         elif self.precondition != "none" and self.method in METHODS and not METHODS[self.method].preconditioned:
             problems.append(f"precondition {self.precondition} applies to the taming method only "
                             f"({self.method} runs as published)")
-        if self.step not in STEPS:
+        if self.step is not None and self.step not in STEPS:
             problems.append(f"step must be one of {', '.join(STEPS)}")
         elif self.step == "solve" and self.method != "taming":
             problems.append(f"step solve applies to the taming method only ({self.method} runs as published)")
@@ -197,6 +199,12 @@ class TameConfig:
             problems.append(f"freeze must be one of {', '.join(FREEZE_RULES)}")
         if problems:
             raise config_error("taming", problems, vars(self))
+
+    @property
+    def solving(self) -> bool:
+        """Whether the run takes the solved step in one process: ``step`` solve, or the default (None) for the
+        taming method with its anchor on."""
+        return self.step == "solve" or (self.step is None and self.method == "taming" and self.anchor > 0)
 
     def _build_method_settings(self) -> list[str]:
         """Replace each section of ``method_settings`` by its method's settings object (defaults for a missing
@@ -423,6 +431,14 @@ def _normal_block(mean: float, std: float, per_bpd: float) -> dict[str, float]:
     return {"mean_nats": mean, "std_nats": std, "mean_bpd": mean / per_bpd, "std_bpd": std / per_bpd}
 
 
+def _with_adams_step(config: TameConfig) -> TameConfig:
+    """``config`` with Adam's step, and Adam's drift bound where the solved step's default stood."""
+    drift = config.max_remember_drift
+    if config.solving and drift == SolvedTaming.default_max_remember_drift:
+        drift = None  # (resolved again: Adam's)
+    return dataclasses.replace(config, step="adam", max_remember_drift=drift)
+
+
 def _build_method(config: TameConfig, data: TamingData, *, delta: float, epsilon: float,
                   correction: tuple[float, float], batches: torch.Generator, setup_generator: torch.Generator,
                   base_model: MultiScaleFlow) -> Any:
@@ -454,12 +470,13 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     data_spec = base.image_data("taming")
     if (config.precondition != "none" or config.step != "adam") and distributed.current().active:
         # one forward with gradient per iteration (DDP): Adam's step, unpreconditioned, with its own drift bound
-        if config.step != "adam":
-            warnings.warn("under torchrun the step is Adam's: --step solve is not used", stacklevel=2)
-        drift = config.max_remember_drift
-        if config.step == "solve" and drift == SolvedTaming.default_max_remember_drift:
-            drift = None  # (the solved step's default: Adam's is resolved again)
-        config = dataclasses.replace(config, precondition="none", step="adam", max_remember_drift=drift)
+        if config.step == "solve":  # (asked for; the default goes to Adam's step without a word)
+            warnings.warn("under torchrun taming takes Adam's step (the solved step runs in one process only)",
+                          stacklevel=2)
+        config = dataclasses.replace(_with_adams_step(config), precondition="none")
+    step_asked = config.step is not None
+    if not step_asked:
+        config = dataclasses.replace(config, step="solve" if config.solving else "adam")
     dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_sets(forget_sets, remember_set)
 
@@ -477,11 +494,16 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     frozen = freeze_parameters(model, config.freeze)
     batches = loop_generator(generator, dev, config.seed)
     parameters = dict(model.named_parameters())
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    shortfall = None if config.step != "solve" else \
+        memory_shortfall(data, sum(parameters[name].numel() for name in trained), dev)
+    if shortfall is not None and step_asked:
+        raise InputError(f"{shortfall}: use step adam, or fewer forget images per run", keys=("step",))
+    if shortfall is not None:
+        warnings.warn(f"{shortfall}: taking Adam's step", stacklevel=2)
+        config = _with_adams_step(config)
     method = _build_method(config, data, delta=delta, epsilon=epsilon, correction=correction, batches=batches,
                            setup_generator=generator, base_model=base_model)
-    trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    if config.step == "solve":
-        check_memory(data, sum(parameters[name].numel() for name in trained), dev)
     # (TameConfig refuses precondition kfac for a method that is not preconditioned)
     if config.step == "solve" or config.precondition == "kfac":
         method.metric = remember_metric(base_model, data.remember, data.refresh_rows, data_spec, trained,

@@ -33,7 +33,6 @@ from torch.func import grad
 
 from flowtame.data.quantization import DataSpec
 from flowtame.engine.devices import free_memory, take_rows, uniform_noise
-from flowtame.errors import InputError
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll, dequantized
 from flowtame.likelihood.statistics import ks_normality
@@ -45,7 +44,7 @@ from flowtame.methods.taming import TAIL_ROWS, TamingData, TamingMethod
 
 __all__ = ["BASE_GRADIENT_ROWS", "FORGET_AIM", "FORGET_DRAWS", "HOLD_DRAWS", "MEAN_CHANGE_AVERAGING", "MEAN_ROWS",
            "NORMALITY_HOLD_P", "SOLVED_MAX_REMEMBER_DRIFT", "SOLVE_METRIC_DAMPING", "SOLVE_METRIC_IMAGES", "STEP_RMS",
-           "TARGET_CAP", "SolvedTaming", "check_memory", "mean_nll_gradient", "memory_needed",
+           "TARGET_CAP", "SolvedTaming", "mean_nll_gradient", "memory_needed", "memory_shortfall",
            "normality_bound"]
 
 #: Fresh noise draws whose per-image gradients are averaged for each forget row. A single draw's gradient is
@@ -129,21 +128,21 @@ def memory_needed(rows: int, values: int, images: int, image_values: int) -> int
     return rows * values * 16 + (batches + 5) * values * 4 + images * image_values * 4
 
 
-def check_memory(data: TamingData, values: int, device: torch.device) -> None:
-    """Refuse (InputError about ``step``) a solved-step run whose rows' gradients would not fit in the memory free
-    on ``device`` (:func:`memory_needed` of the forget images, the look-alikes, the remember mean and one refused
-    stop's tail rows over ``values`` trained values, and of the mean row's images), before any is computed."""
+def memory_shortfall(data: TamingData, values: int, device: torch.device) -> str | None:
+    """Why a solved-step run's rows' gradients would not fit in the memory free on ``device`` (:func:`memory_needed`
+    of the forget images, the look-alikes, the remember mean and one refused stop's tail rows over ``values``
+    trained values, and of the mean row's images), or None when they fit or the free memory is unknown."""
     free = free_memory(device)
     lookalikes = 0 if data.lookalikes is None else int(data.lookalikes.numel())
     forget = int(data.forget.shape[0])
     rows = forget + lookalikes + 1 + TAIL_ROWS
     images = min(int(data.remember.shape[0]), BASE_GRADIENT_ROWS)  # (as many as :meth:`SolvedTaming._mean_rows`)
     need = memory_needed(rows, values, images, int(data.forget[0].numel()))
-    if free is not None and need > free:
-        raise InputError(f"step solve needs about {need / 2**30:.1f} GiB on {device} for the gradients of its "
-                         f"{rows} rows ({forget} forget images, {lookalikes} look-alikes, the remember mean and "
-                         f"{TAIL_ROWS} held rows) over {values:,} trained values, and {free / 2**30:.1f} GiB are "
-                         "free: use step adam, or fewer forget images per run", keys=("step",))
+    if free is None or need <= free:
+        return None
+    return (f"step solve needs about {need / 2**30:.1f} GiB on {device} for the gradients of its {rows} rows "
+            f"({forget} forget images, {lookalikes} look-alikes, the remember mean and {TAIL_ROWS} held rows) over "
+            f"{values:,} trained values, and {free / 2**30:.1f} GiB are free")
 
 
 def normality_bound(base_nll: Tensor | None) -> float | None:
