@@ -159,8 +159,8 @@ def test_each_forget_and_held_row_is_its_gradient_averaged_over_the_draws(base, 
 def test_the_mean_rows_displacement_term_takes_the_base_batches_in_turn_averaged_over_steps(
         base, forget_folder, monkeypatch):  # noqa: F811
     """The base gradient is its batches' mean; each step's displacement is the next batch's gradient now minus its
-    kept gradient under the base model, averaged with the previous steps' (weight MEAN_CHANGE_AVERAGING); a
-    roll-back forgets the average."""
+    kept gradient under the base model (zero, and not computed, before the first step), averaged with the previous
+    steps' (weight MEAN_CHANGE_AVERAGING); a roll-back forgets the average."""
     monkeypatch.setattr(solved, "MEAN_CHANGE_AVERAGING", 0.3)  # (w and 1 - w told apart)
     monkeypatch.setattr(solved, "MEAN_ROWS", 10)  # several batches, fewer than the steps
     calls, seen, used, counts = [], [], [], []
@@ -171,7 +171,7 @@ def test_the_mean_rows_displacement_term_takes_the_base_batches_in_turn_averaged
         return calls[-1][2]
 
     def spy(self, model, names):
-        before, i = self.mean_change, self.mean_steps
+        before, i, made = self.mean_change, self.mean_steps, len(calls)
         out = real_jacobian(self, model, names)
         batches = self.base_batches
         assert len(batches) >= 3 and sum(b.shape[0] for b in batches) == min(solved.BASE_GRADIENT_ROWS,
@@ -181,11 +181,15 @@ def test_the_mean_rows_displacement_term_takes_the_base_batches_in_turn_averaged
             whole = sum(g[n] * b.shape[0] for g, b in zip(self.base_batch_gradients, batches, strict=True)) / sum(
                 b.shape[0] for b in batches)
             torch.testing.assert_close(self.base_gradient[n], whole)
-        model_now, x, now = calls[-1]
-        assert model_now is model and x is batches[i % len(batches)]
         used.append(i % len(batches))
         counts.append(len(batches))
-        raw = {n: now[n] - self.base_batch_gradients[i % len(batches)][n] for n in names}
+        if i == 0:  # before the first step the weights are the base model's: no displacement, no gradient taken
+            assert all(c[0] is not model for c in calls[made:])
+            raw = {n: torch.zeros_like(g) for n, g in self.base_gradient.items()}
+        else:
+            model_now, x, now = calls[-1]
+            assert model_now is model and x is batches[i % len(batches)]
+            raw = {n: now[n] - self.base_batch_gradients[i % len(batches)][n] for n in names}
         w = solved.MEAN_CHANGE_AVERAGING
         expected = raw if before is None else {n: w * before[n] + (1 - w) * raw[n] for n in names}
         seen.append(before is not None)
@@ -402,3 +406,23 @@ def test_non_finite_stepped_weights_are_a_blow_up(base):  # noqa: F811
     logged = {"remember_bpd": float("nan"), "min_d": 0.0, "max_d": 0.0, "mu_r": 1.0, "sigma_r": 1.0}
     assert "remember_bpd" in SolvedTaming.diverged(method, logged)
     assert issubclass(SolvedTaming, taming.TamingMethod)
+
+
+def test_adams_settings_change_nothing_in_a_solved_run_and_are_named_in_a_warning(base, forget_folder):  # noqa: F811
+    """Every key of ADAM_STEP_KEYS set away from its default: the solved run's weights are the same to the bit, and
+    one warning names them (the default step, the solved step, ignores them)."""
+    from flowtame.jobs.tame import ADAM_STEP_KEYS
+
+    forget, remember = _sets(forget_folder)
+    adams = {"alpha": 0.5, "gamma": 0.3, "lr": 1e-3, "step_sigma": 1.0, "anchor_shift": 1.0, "precondition": "none",
+             "batch_size": 8, "refresh_every": 3, "warmup": 3, "grad_clip": 1.0, "forget_loss": "sigmoid",
+             "forget_unit": "sigma", "kl_estimate": "batch", "threshold_gradient": False, "settle_decay": 0.9}
+    assert sorted(adams) == sorted(ADAM_STEP_KEYS)
+    quick = {key: value for key, value in QUICK.items() if key != "step"} | {"max_iters": 3}
+    plain = tame(base, forget, remember, make_config(quick), device="cpu")
+    with pytest.warns(UserWarning, match="alpha, gamma, lr, .*, settle_decay set: the solved step does not use"):
+        changed = tame(base, forget, remember, make_config(quick, adams), device="cpu")
+    assert changed.report["config"]["step"] == plain.report["config"]["step"] == "solve"
+    ours, theirs = plain.checkpoint.model.state_dict(), changed.checkpoint.model.state_dict()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert changed.report["iterations"] == plain.report["iterations"] > 0

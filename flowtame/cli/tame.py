@@ -27,6 +27,8 @@ from flowtame.errors import CheckFailedError, InterruptedRun, OutputWriteError, 
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 
 #: Provenance keeps the forget images' digests, never their paths: these options' values are redacted.
+#: The help panel of the options only Adam's step uses (the solved step, taming's default, ignores them)
+ADAM_PANEL = "Adam's step (--step adam; --preset paper)"
 FORGET_OPTIONS = {"--forget": "<forget source>", "-f": "<forget source>"}
 
 
@@ -63,13 +65,17 @@ def tame_command(
     epsilon: Annotated[float | None, typer.Option(
         help="Stop when |d| < epsilon for every forget image [0.15*delta].")] = None,
     alpha: Annotated[float | None, typer.Option(
-        help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15].")] = None,
-    gamma: Annotated[float | None, typer.Option(help="Weight of the KL terms inside L_R [0; the paper's 0.6].")] = None,
+        help="Weight of the forget loss, L = a*L_F + (1-a)*L_R [0.15].",
+        rich_help_panel=ADAM_PANEL)] = None,
+    gamma: Annotated[float | None, typer.Option(help="Weight of the KL terms inside L_R [0; the paper's 0.6].",
+        rich_help_panel=ADAM_PANEL)] = None,
     lr: Annotated[float | None, typer.Option(
-        help="Adam peak learning rate [2e-4]; the calibration may lower it.")] = None,
+        help="Adam peak learning rate [2e-4]; the calibration may lower it.",
+        rich_help_panel=ADAM_PANEL)] = None,
     step_sigma: Annotated[float | None, typer.Option(help="Calibrate the learning rate so that one step moves the "
                                                    "remember mean NLL by at most this many sigma_R (first "
-                                                   "order, worst case); 0: use --lr as given [2].")] = None,
+                                                   "order, worst case); 0: use --lr as given [2].",
+        rich_help_panel=ADAM_PANEL)] = None,
     anchor: Annotated[float | None, typer.Option(help="Weight of the per-image anchor to the base model, "
                                                "mean((NLL - NLL_base)/sigma_B)^2 on the remember batch, which "
                                                "replaces the mean remember NLL in L_R; 0: the paper's mean "
@@ -78,12 +84,14 @@ def tame_command(
                                                      "(mean (NLL - NLL_base)/sigma_B)^2 on the remember "
                                                      "batch, switched on when a stop is refused for the "
                                                      "remember drift, doubled per refusal up to 8x; 0: "
-                                                     "off [2].")] = None,
+                                                     "off [2].",
+        rich_help_panel=ADAM_PANEL)] = None,
     precondition: Annotated[str | None, typer.Option(help="kfac: precondition each Adam update by the remember "
                                                      "NLL's curvature (a K-FAC Fisher metric of 512 remember "
                                                      "images), same first-order forget change | none: Adam's "
                                                      "update (default: kfac for taming; none for the baselines, "
-                                                     "--preset paper and runs under torchrun).")] = None,
+                                                     "--preset paper and runs under torchrun).",
+        rich_help_panel=ADAM_PANEL)] = None,
     step: Annotated[str | None, typer.Option(help="solve: each iteration, the shortest step under the remember "
                                              "curvature that moves each forget image just short of the "
                                              "threshold and holds the look-alikes and the remember mean "
@@ -100,23 +108,32 @@ def tame_command(
         help="With the anchor: refuse a stop while the remember set's quantile drop (as evaluate measures it, on "
              "the whole set) exceeds this; 0: off [0.001].")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        help="Forget and remember images per iteration (each) [32].")] = None,
+        help="Forget and remember images per iteration (each) [32].",
+        rich_help_panel=ADAM_PANEL)] = None,
     max_iters: Annotated[int | None, typer.Option(help="Iteration budget [800].")] = None,
     refresh_every: Annotated[int | None, typer.Option(
-        help="Re-estimate mu_R, sigma_R every N iterations [10].")] = None,
+        help="Re-estimate mu_R, sigma_R every N iterations [10].",
+        rich_help_panel=ADAM_PANEL)] = None,
     refresh_size: Annotated[int | None, typer.Option(help="Remember images used for each re-estimate [256].")] = None,
-    warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up iterations [20].")] = None,
-    grad_clip: Annotated[float | None, typer.Option(help="Clip the gradient norm to this value.")] = None,
-    forget_loss: Annotated[str | None, typer.Option(help="huber | squared | sigmoid (the paper's).")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up iterations [20].",
+        rich_help_panel=ADAM_PANEL)] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Clip the gradient norm to this value.",
+        rich_help_panel=ADAM_PANEL)] = None,
+    forget_loss: Annotated[str | None, typer.Option(help="huber | squared | sigmoid (the paper's).",
+        rich_help_panel=ADAM_PANEL)] = None,
     forget_unit: Annotated[str | None, typer.Option(
-        help="Unit of the forget gap: sigma | bpd (the paper's) | nats.")] = None,
-    kl_estimate: Annotated[str | None, typer.Option(help="N_T estimate: refreshed | batch (the paper's).")] = None,
+        help="Unit of the forget gap: sigma | bpd (the paper's) | nats.",
+        rich_help_panel=ADAM_PANEL)] = None,
+    kl_estimate: Annotated[str | None, typer.Option(help="N_T estimate: refreshed | batch (the paper's).",
+        rich_help_panel=ADAM_PANEL)] = None,
     threshold_gradient: Annotated[bool | None, typer.Option(
         "--threshold-gradient/--no-threshold-gradient", help="Differentiate the forget loss through mu_R + "
-                                                             "delta*sigma_R.")] = None,
+                                                             "delta*sigma_R.",
+        rich_help_panel=ADAM_PANEL)] = None,
     settle_decay: Annotated[float | None, typer.Option(help="Per-iteration learning-rate decay while every forget "
                                                      "image is within epsilon of the stopping band (1 = off) "
-                                                     "[0.97].")] = None,
+                                                     "[0.97].",
+        rich_help_panel=ADAM_PANEL)] = None,
     stop_margin: Annotated[float | None, typer.Option(help="Stop only when every forget image's d (in sigma_R) is "
                                                     "above -epsilon + this margin, so it still counts as "
                                                     "forgotten on noise the run never saw (0 = the paper's "
@@ -129,7 +146,7 @@ def tame_command(
                                                    "stopping test and the report [8].")] = None,
     max_remember_drift: Annotated[float | None, typer.Option(
         help="Stopping guard: refuse to stop while the remember set's mean NLL is up by more than this "
-             "fraction (0 = off) [0.003 for taming, 0.05 for the baselines].")] = None,
+             "fraction (0 = off) [0.001 with the solved step, 0.003 with Adam's, 0.05 for the baselines].")] = None,
     max_remember_jump: Annotated[float | None, typer.Option(help="Blow-up guard: roll back and halve the learning "
                                                           "rate when a remember batch's mean BPD is this "
                                                           "fraction above the base model's (0 = off) [0.25].")] = None,

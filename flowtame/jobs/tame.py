@@ -431,6 +431,22 @@ def _normal_block(mean: float, std: float, per_bpd: float) -> dict[str, float]:
     return {"mean_nats": mean, "std_nats": std, "mean_bpd": mean / per_bpd, "std_bpd": std / per_bpd}
 
 
+#: TameConfig keys of Adam's step (its loss terms, learning rate, schedule and batches), unused by the solved step
+ADAM_STEP_KEYS = ("alpha", "gamma", "lr", "step_sigma", "anchor_shift", "precondition", "batch_size",
+                  "refresh_every", "warmup", "grad_clip", "forget_loss", "forget_unit", "kl_estimate",
+                  "threshold_gradient", "settle_decay")
+
+
+def _unused_adam_settings(config: TameConfig) -> list[str]:
+    """The :data:`ADAM_STEP_KEYS` a solved-step ``config`` sets away from their defaults, and its ``precision``
+    when not fp32 (the solved step computes in the model's own precision); none for Adam's step."""
+    if config.step != "solve":
+        return []
+    defaults = TameConfig()
+    unused = [key for key in ADAM_STEP_KEYS if getattr(config, key) != getattr(defaults, key)]
+    return unused + (["precision"] if config.precision != "fp32" else [])
+
+
 def _with_adams_step(config: TameConfig) -> TameConfig:
     """``config`` with Adam's step, and Adam's drift bound where the solved step's default stood."""
     drift = config.max_remember_drift
@@ -477,6 +493,10 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     step_asked = config.step is not None
     if not step_asked:
         config = dataclasses.replace(config, step="solve" if config.solving else "adam")
+    unused = _unused_adam_settings(config)
+    if unused:
+        warnings.warn(f"{', '.join(unused)} set: the solved step does not use Adam's settings (step adam does)",
+                      stacklevel=2)
     dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_sets(forget_sets, remember_set)
 

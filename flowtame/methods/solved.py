@@ -99,8 +99,11 @@ NORMALITY_HOLD_P = 0.002
 SOLVE_METRIC_DAMPING = 1e-3
 #: Remember images of the solved step's metric (Adam's curvature step: METRIC_IMAGES = 512). The solve's
 #: trajectory hardly depends on it: on the embedded Glow k = 15 the same iterations and held-out BPD to 0.01% on
-#: 256, 512 and 1,024 images (docs/benchmarks.md "Round 10"); the pass costs ~6 ms an image on one thread.
-SOLVE_METRIC_IMAGES = 256
+#: 256, 512 and 1,024 images (docs/benchmarks.md "Round 10"); on 64, across the zoo's hardest cells, the same
+#: or fewer iterations and every bound kept (embedded k = 15: 8 iterations, held-out +0.49% against +0.475% on
+#: 256; rosinality Glow k = 8: 7 against 9; Round 12) for a quarter of the pass (~10 ms an image on one thread
+#: on the RealNVP: 2.2 s of its run's 20 s).
+SOLVE_METRIC_IMAGES = 64
 
 
 def mean_nll_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, names: list[str],
@@ -378,7 +381,8 @@ class SolvedTaming(TamingMethod):
         """The rows' NLL gradients (name -> [F + P + 1, *shape], nats): each forget image's averaged over
         :data:`FORGET_DRAWS` fresh draws, each anchor row's over :data:`HOLD_DRAWS`, and the mean row: the
         gradient of the next of :attr:`base_batches`' mean NLL, minus the same batch's under the base model (its
-        noise cancels; averaged with the previous steps', :attr:`mean_change`), plus the remember set's under
+        noise cancels; zero before the first step, when the weights are the base model's; averaged with the
+        previous steps', :attr:`mean_change`), plus the remember set's under
         the base model (:attr:`base_gradient`)."""
         d, spec = self.data, self.data.data_spec
         forget = self._averaged_row_gradients(model, d.forget, FORGET_DRAWS, names)
@@ -388,9 +392,12 @@ class SolvedTaming(TamingMethod):
                                                  HOLD_DRAWS, names)]
         assert self.base_gradient is not None
         i = self.mean_steps % len(self.base_batches)  # the fixed batches in turn
+        if self.mean_steps == 0:  # no step taken yet: the weights are the base model's, no displacement
+            change = {n: torch.zeros_like(self.base_gradient[n]) for n in names}
+        else:
+            now = mean_nll_gradient(model, self.base_batches[i], spec, names)
+            change = {n: now[n] - self.base_batch_gradients[i][n] for n in names}
         self.mean_steps += 1
-        now = mean_nll_gradient(model, self.base_batches[i], spec, names)
-        change = {n: now[n] - self.base_batch_gradients[i][n] for n in names}
         if self.mean_change is not None:
             w = MEAN_CHANGE_AVERAGING
             change = {n: w * self.mean_change[n] + (1 - w) * g for n, g in change.items()}
