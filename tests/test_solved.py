@@ -426,3 +426,28 @@ def test_adams_settings_change_nothing_in_a_solved_run_and_are_named_in_a_warnin
     ours, theirs = plain.checkpoint.model.state_dict(), changed.checkpoint.model.state_dict()
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
     assert changed.report["iterations"] == plain.report["iterations"] > 0
+
+
+def test_the_first_measurement_is_the_base_passes_own_and_agrees_with_a_measurement(base, forget_folder,  # noqa: F811
+                                                                                      monkeypatch):
+    """Before the first step the weights are the base model's: the refresh subset's, the forget images' and the
+    held rows' NLL come from the tame job's base passes (no measurement of its own), and equal what a measurement
+    of the base weights gives."""
+    firsts, measured = [], []
+    real_base, real_measure = SolvedTaming._base_measurement, SolvedTaming.measure
+
+    def base_measurement(self):
+        forget_nll = real_base(self)
+        mine = (self.refresh_nll.clone(), forget_nll.clone(), self.confirmed_d.clone(), self.pool_nll.clone())
+        forget_measured = real_measure(self, self.base_model)  # (the same figures, measured)
+        theirs = (self.refresh_nll, forget_measured, self.confirmed_d, self.pool_nll)
+        firsts.append((mine, theirs))
+        return forget_nll
+
+    monkeypatch.setattr(SolvedTaming, "_base_measurement", base_measurement)
+    monkeypatch.setattr(SolvedTaming, "measure", lambda self, model: measured.append(1) or real_measure(self, model))
+    forget, remember = _sets(forget_folder)
+    report = tame(base, forget, remember, make_config({**QUICK, "max_iters": 2}), device="cpu").report
+    assert len(firsts) == 1 and len(measured) == report["iterations"]  # one measurement per step, none before
+    for ours, theirs in zip(*firsts[0], strict=True):
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-6, atol=1e-4)

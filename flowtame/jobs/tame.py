@@ -509,6 +509,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     delta, epsilon, target, base_holdout_nll = stopping_target(base, base_remember_nll, target_holdout, config,
                                                                device=dev)
     data, correction = _taming_data(sets, base_remember_nll, remember_nll, config, generator, dev, data_spec, base)
+    data.base_forget_nll = torch.from_numpy(base_forget_nll)
 
     model = trainable_copy(base, dev)
     frozen = freeze_parameters(model, config.freeze)

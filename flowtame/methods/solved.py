@@ -241,6 +241,22 @@ class SolvedTaming(TamingMethod):
         self._measure_pool(model)
         return forget_nll
 
+    def _base_measurement(self) -> Tensor | None:
+        """:meth:`measure` of the base weights (before the first step), from the tame job's base passes on the
+        same keyed noise instead of a pass of its own: the refresh subset's, the forget images' and the anchor
+        rows' NLL under the base model. None when the data do not carry them (the measurement is then taken)."""
+        d = self.data
+        if d.base_forget_nll is None or d.base_remember_nll is None or d.refresh_rows is None:
+            return None
+        self.refresh_nll = d.base_remember_nll[d.refresh_rows.cpu()].to(d.device, d.refresh.dtype)
+        self.normal.update(self.refresh_nll)
+        forget_nll = d.base_forget_nll.to(d.device, d.refresh.dtype)
+        self.confirmed_d = threshold_distance(forget_nll, self.mu_r, self.sigma_r, self.delta)
+        self.latest_d.copy_(self.confirmed_d)
+        if self.pool_check is not None and self.anchor_pool is not None:
+            self.pool_nll = d.base_remember_nll[self.anchor_pool.cpu()].to(d.device)
+        return forget_nll
+
     def _measure_pool(self, model: MultiScaleFlow) -> None:
         """:attr:`pool_nll`: the anchor rows' NLL [P] (nats, float64) on the evaluation's noise, if it has rows."""
         if self.pool_check is not None:
@@ -291,7 +307,8 @@ class SolvedTaming(TamingMethod):
         ``grad_norm``: the applied step's norm; the d's and the remember BPD after it, so that the engine's
         blow-up guard judges the step it took)."""
         if self.forget_nll_now is None:
-            self.forget_nll_now = self.measure(model)
+            at_base = self._base_measurement() if self.mean_steps == 0 else None
+            self.forget_nll_now = at_base if at_base is not None else self.measure(model)
         names = [n for n, p in model.named_parameters() if p.requires_grad and n not in self.flat_names]
         was_training = model.training
         model.eval()

@@ -92,6 +92,8 @@ class TamingData:
     pass right after a refresh then takes those rows' NLLs from it (``whole_remember_nll(model, known=(refresh_rows,
     nll))`` measures only the other rows). ``evaluation_inputs(rows)``: remember images ``rows`` (long [n], CPU)
     dequantized with the evaluation's keyed noise [n,C,H,W], on the device (the solved step's held rows).
+    ``base_forget_nll``: float64 [F] (CPU), the forget images' NLL (nats) under the base model averaged over the K
+    check draws (the tame job's base pass; the solved step's first measurement).
     """
 
     data_spec: DataSpec
@@ -108,6 +110,7 @@ class TamingData:
     base_remember_nll: Tensor | None = None
     refresh_rows: Tensor | None = None
     evaluation_inputs: Callable[[Tensor], Tensor] | None = None
+    base_forget_nll: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
