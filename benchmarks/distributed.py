@@ -58,7 +58,9 @@ def run_tame(options: argparse.Namespace, ranks: int | None, threads: int) -> tu
         out = Path(tmp) / "tamed.safetensors"
         wall = _launch(["tame", options.model, "--forget", options.forget, "--remember", options.data,
                         "--max-iters", str(options.iters), "--batch-size", str(options.tame_batch), "--device",
-                        "cpu", "-q", "-o", str(out), "--report", f"{out}.json"], ranks, threads)
+                        "cpu", "-q", "-o", str(out), "--report", f"{out}.json",
+                        # Adam's plain step: the one a torchrun run takes, so both sides take the same steps
+                        "--step", "adam", "--precondition", "none"], ranks, threads)
         report = json.loads(Path(f"{out}.json").read_text())
         assert report["iterations"] == options.iters, "the run converged early: raise --iters or change the sets"
         return report["seconds_per_iteration"], wall

@@ -1,4 +1,6 @@
-"""Host syncs and speed of the taming loop on a CUDA GPU: lagged metrics (the CUDA default) vs unlagged.
+"""Host syncs and speed of Adam's taming loop (``step: adam``) on a CUDA GPU: lagged metrics (the CUDA default)
+vs unlagged. (The solved step, taming's default, is never lagged: each of its few iterations reads its
+measurement back to judge the stop.)
 
 Runs ``tame`` twice on the same model and images for a fixed number of iterations (delta is raised so
 the run does not stop early), once as shipped and once with the engine reading each iteration's scalars
@@ -49,7 +51,8 @@ def run(base, forget_set, remember_set, *, iters: int, precision: str, lagged: b
     Engine._lagged = lambda self: lagged
     try:
         outcome = tame(base, [forget_set], remember_set,
-                       make_config({"max_iters": iters, "delta": 40.0, "precision": precision}), device="cuda",
+                       make_config({"max_iters": iters, "delta": 40.0, "precision": precision,
+                                    "step": "adam"}), device="cuda",
                        callback=callback)
     finally:
         torch.cuda.set_sync_debug_mode(0)

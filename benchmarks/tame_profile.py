@@ -34,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo import add_cell_arguments, load_cell, write_json  # noqa: E402
 
 import flowtame.jobs.tame as tame_job  # noqa: E402
+import flowtame.methods.solved as solved  # noqa: E402
 import flowtame.methods.taming as taming  # noqa: E402
 from flowtame.engine.loop import Engine  # noqa: E402
+from flowtame.methods.solved import SolvedTaming  # noqa: E402
 from flowtame.methods.taming import TamingMethod  # noqa: E402
 
 #: Module functions timed where the job or the method calls them: (module, attribute).
@@ -43,11 +45,14 @@ MODULE_PIECES = [(tame_job, name) for name in (
     "_load_sets", "place_model", "pixel_nll", "stopping_target", "_taming_data", "nearest_rows",
     "dequantization_noise", "subset_correction", "trainable_copy", "freeze_parameters", "_build_method",
     "calibrate_lr", "remember_metric", "start_engine", "_tamed_outcome", "make_provenance")] + [
-    (taming, "nll_nats"), (taming, "batched_nll")]
+    (taming, "nll_nats"), (taming, "batched_nll")] + [
+    (solved, name) for name in ("mean_nll_gradient", "constrained_step", "batched_nll")]
 #: Methods timed: (class, attribute).
 CLASS_PIECES = [(Engine, name) for name in ("_forward_backward", "_step", "_snapshot", "_record", "_healthy")] + [
     (TamingMethod, name) for name in ("_batch", "_forward_keeping_forget_gradient", "objective", "transform_update",
-                                      "after_step", "refresh", "check_nll", "whole_set_agrees")]
+                                      "after_step", "refresh", "check_nll", "whole_set_agrees")] + [
+    (SolvedTaming, name) for name in ("own_step", "_base_gradients", "_jacobian", "_averaged_row_gradients",
+                                      "measure", "_base_measurement", "after_step", "whole_set_agrees")]
 
 
 class Split:
@@ -189,6 +194,10 @@ TABLE_ROWS = [
     ("loop: refreshes", [("loop/_record/after_step/refresh", False)]),
     ("loop: confirmations' check draws", [("loop/_record/after_step/check_nll", False)]),
     ("loop: whole-set re-judgements", [("loop/_record/after_step/whole_set_agrees", False)]),
+    ("loop (solved step): mean row's base gradients", [("loop/_forward_backward/own_step/_base_gradients", False)]),
+    ("loop (solved step): rows' gradients", [("loop/_forward_backward/own_step/_jacobian", False)]),
+    ("loop (solved step): solve", [("loop/_forward_backward/own_step/constrained_step", False)]),
+    ("loop (solved step): measurements", [("loop/_forward_backward/own_step/measure", False)]),
     ("loop: snapshots", [("loop/_record/_snapshot", False), ("loop/_snapshot", False)]),
     ("end: final measurement, report", [("end/_tamed_outcome", False)]),
 ]

@@ -175,8 +175,9 @@ def test_tame_preconditions_every_update_by_default_and_precondition_none_does_n
 
 
 def test_precondition_defaults_to_the_methods_own_and_kfac_is_refused_for_the_baselines():
-    """The taming method's default is the curvature step (an explicit kfac is the same config); the baselines and
-    ``--preset paper`` run as published, with Adam's update, and asking for the metric there is a usage error."""
+    """With Adam's step the taming method's default is the curvature step (an explicit kfac is the same config);
+    the baselines and ``--preset paper`` run as published, with Adam's update, and asking for the metric there is
+    a usage error."""
     from flowtame.errors import InputError
     from flowtame.jobs.tame import TameConfig, preset
 

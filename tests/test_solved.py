@@ -70,8 +70,8 @@ def test_normality_refusals_widen_the_held_rows_and_the_run_goes_on_to_a_stop(ba
     pools = []
     real_jacobian = SolvedTaming._jacobian
 
-    def spy(self, model, names):
-        out = real_jacobian(self, model, names)
+    def spy(self, model, names, *args):
+        out = real_jacobian(self, model, names, *args)
         pools.append((self.anchor_pool.numel(), self.pool_check.shape[0], self.pool_nll.shape[0],
                       next(iter(out.values())).shape[0]))
         return out
@@ -123,9 +123,9 @@ def test_each_forget_and_held_row_is_its_gradient_averaged_over_the_draws(base, 
     checks, held = [], []
     original = SolvedTaming._jacobian
 
-    def spy(self, model, names):
+    def spy(self, model, names, *args):
         state = self.generator.get_state()
-        out = original(self, model, names)
+        out = original(self, model, names, *args)
         d, k = self.data, self.data.forget.shape[0]
         generator = torch.Generator().set_state(state)
 
@@ -170,9 +170,9 @@ def test_the_mean_rows_displacement_term_takes_the_base_batches_in_turn_averaged
         calls.append((model, x, real_gradient(model, x, *args, **kwargs)))
         return calls[-1][2]
 
-    def spy(self, model, names):
+    def spy(self, model, names, *args):
         before, i, made = self.mean_change, self.mean_steps, len(calls)
-        out = real_jacobian(self, model, names)
+        out = real_jacobian(self, model, names, *args)
         batches = self.base_batches
         assert len(batches) >= 3 and sum(b.shape[0] for b in batches) == min(solved.BASE_GRADIENT_ROWS,
                                                                                   self.data.remember.shape[0])
@@ -183,7 +183,7 @@ def test_the_mean_rows_displacement_term_takes_the_base_batches_in_turn_averaged
             torch.testing.assert_close(self.base_gradient[n], whole)
         used.append(i % len(batches))
         counts.append(len(batches))
-        if i == 0:  # before the first step the weights are the base model's: no displacement, no gradient taken
+        if args and args[0]:  # before the first step the weights are the base model's: no displacement, no gradient
             assert all(c[0] is not model for c in calls[made:])
             raw = {n: torch.zeros_like(g) for n, g in self.base_gradient.items()}
         else:
@@ -451,3 +451,37 @@ def test_the_first_measurement_is_the_base_passes_own_and_agrees_with_a_measurem
     assert len(firsts) == 1 and len(measured) == report["iterations"]  # one measurement per step, none before
     for ours, theirs in zip(*firsts[0], strict=True):
         torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"method": "neggrad", "lookalikes": 0}, {"step": "solve"}])
+def test_a_guard_turned_off_stays_off_whichever_step_the_run_resolves_to(base, forget_folder, overrides):  # noqa: F811
+    """``max_remember_drift: 0`` (off) survives the step's resolution in tame() (the default step, a baseline's
+    Adam step, an asked-for solved step): the report's config says null, not a default bound."""
+    forget, remember = _sets(forget_folder)
+    settings = {**{k: v for k, v in QUICK.items() if k != "step"}, "max_iters": 1, "max_remember_drift": 0,
+                **overrides}
+    config = tame(base, forget, remember, make_config(settings), device="cpu").report["config"]
+    assert config["max_remember_drift"] is None
+    assert config["step"] == ("adam" if overrides.get("method") == "neggrad" else "solve")
+
+
+def test_a_resumed_run_keeps_the_step_its_state_was_written_with(base, forget_folder, monkeypatch, tmp_path):  # noqa: F811
+    """A defaulted step that fell back to Adam's for want of memory is Adam's again when the run is resumed with
+    memory to spare (and the state's settings, Adam's drift bound included, agree)."""
+    forget, remember = _sets(forget_folder)
+    state = tmp_path / "state.safetensors"
+    defaulted = {key: value for key, value in QUICK.items() if key != "step"}
+    settings = make_config(defaulted, {"max_iters": 4})
+
+    def stop(iteration, _logged):
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(solved, "free_memory", lambda device: 1000)
+    with pytest.warns(UserWarning, match="taking Adam's step"), pytest.raises(InterruptedRun) as stopped:
+        tame(base, forget, remember, settings, device="cpu", state_path=state, callback=stop)
+    assert stopped.value.partial_report["config"]["step"] == "adam"
+    monkeypatch.setattr(solved, "free_memory", lambda device: None)
+    resumed = tame(base, forget, remember, settings, device="cpu", state_path=state, resume=True).report
+    assert resumed["config"]["step"] == "adam" and resumed["iterations"] == 4
+    assert resumed["config"]["max_remember_drift"] == TamingMethod.default_max_remember_drift

@@ -259,9 +259,10 @@ def test_a_prior_variance_other_than_one_is_the_prior():
 
 @pytest.mark.filterwarnings("error::UserWarning")
 def test_taming_a_tiny_tarflow_through_the_library(tmp_path):
-    """Train a tiny TarFlow on 8x8 digits for a few steps, then tame it for a few iterations: the engine, the
-    statistics and the report know no architecture. The default step's metric runs on it (its linear layers
-    take the diagonal Fisher) without a warning for the user (torch's note on attention's unbatched vmap)."""
+    """Train a tiny TarFlow on 8x8 digits for a few steps, then tame it for a few iterations with Adam's step and
+    with the solved step (the default): the engine, the statistics and the report know no architecture. The
+    curvature metric runs on it (its linear layers take the diagonal Fisher) without a warning for the user
+    (torch's note on attention's unbatched vmap)."""
     from flowtame.data.images import open_images
     from flowtame.jobs.tame import make_config, tame
     from flowtame.jobs.train import train_model
@@ -281,13 +282,17 @@ def test_taming_a_tiny_tarflow_through_the_library(tmp_path):
     forget = open_images(tmp_path / "forget-0.png", data_spec), open_images(tmp_path / "forget-1.png", data_spec)
     remember = open_images("embedded:digits:test", data_spec)
     config = make_config({"max_iters": 10, "lr": 2e-3, "refresh_size": 64, "batch_size": 16, "warmup": 2,
-                          "seed": 0})
+                          "seed": 0, "step": "adam"})
     outcome = tame(base, list(forget), remember, config, device="cpu")
     assert outcome.report["iterations"] == 10 and outcome.report["frozen"]["tensors"] == 2 * 2  # proj_out
     assert outcome.report["config"]["precondition"] == "kfac"
     before, after = outcome.nll[("base", "forget")], outcome.nll[("tamed", "forget")]
     assert outcome.checkpoint.architecture == "tarflow"
     assert np.mean(after) > np.mean(before), "taming should raise the forget set's NLL"
+    solved = tame(base, list(forget), remember, make_config({"max_iters": 3, "refresh_size": 64, "seed": 0}),
+                  device="cpu")
+    assert solved.report["config"]["step"] == "solve" and solved.report["iterations"] >= 1
+    assert np.mean(solved.nll[("tamed", "forget")]) > np.mean(before), "the solved step should raise it too"
     tamed_path = tmp_path / "tamed.safetensors"
     save_checkpoint(tamed_path, outcome.checkpoint)
     assert load_checkpoint(tamed_path).spec == spec

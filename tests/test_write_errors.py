@@ -129,7 +129,7 @@ def test_console_script_name_too_long_is_one_line_and_exit_2(tmp_path):
 def _tame(base, out, *extra, iterations=4):
     return ["tame", base, "--forget", FORGET, "--remember", REMEMBER, "-o", out, "--report", f"{out}.json",
             "--max-iters", str(iterations), "--batch-size", "4", "--refresh-size", "16", "--forget-draws", "1",
-            "--warmup", "0", "--device", "cpu", "--quiet", *extra]
+            "--warmup", "0", "--device", "cpu", "--quiet", "--step", "adam", *extra]  # (Adam's settings: its step)
 
 
 def _weights(path):

@@ -26,9 +26,9 @@ from flowtame.engine.loop import keep_run_after_failed_write
 from flowtame.errors import CheckFailedError, InterruptedRun, OutputWriteError, signal_number
 from flowtame.io.checkpoint import load_checkpoint, save_checkpoint
 
-#: Provenance keeps the forget images' digests, never their paths: these options' values are redacted.
 #: The help panel of the options only Adam's step uses (the solved step, taming's default, ignores them)
 ADAM_PANEL = "Adam's step (--step adam; --preset paper)"
+#: Provenance keeps the forget images' digests, never their paths: these options' values are redacted.
 FORGET_OPTIONS = {"--forget": "<forget source>", "-f": "<forget source>"}
 
 
@@ -97,8 +97,9 @@ def tame_command(
                                              "threshold and holds the look-alikes and the remember mean "
                                              "(docs/method.md 'The solved step') | adam: Adam's step on the loss "
                                              "(preconditioned per --precondition) \\[solve for taming with its "
-                                             "anchor; adam for the baselines, --preset paper, --anchor 0 and "
-                                             "under torchrun].")] = None,
+                                             "anchor; adam for the baselines, --preset paper, --anchor 0, under "
+                                             "torchrun, and (with a warning) when the solved step's rows would "
+                                             "not fit in the device's free memory].")] = None,
     lookalikes: Annotated[int | None, typer.Option(help="With the anchor: hold the forget set's N nearest remember "
                                                  "images (base latent space) in every batch [16].")] = None,
     lookalike_qd: Annotated[float | None, typer.Option(
@@ -148,8 +149,9 @@ def tame_command(
         help="Stopping guard: refuse to stop while the remember set's mean NLL is up by more than this "
              "fraction (0 = off) [0.001 with the solved step, 0.003 with Adam's, 0.05 for the baselines].")] = None,
     max_remember_jump: Annotated[float | None, typer.Option(help="Blow-up guard: roll back and halve the learning "
-                                                          "rate when a remember batch's mean BPD is this "
-                                                          "fraction above the base model's (0 = off) [0.25].")] = None,
+                                                          "rate (the solved step: quarter its step's trust) "
+                                                          "when a remember batch's mean BPD is this fraction "
+                                                          "above the base model's (0 = off) [0.25].")] = None,
     freeze: Annotated[str | None, typer.Option(help="Parameters held fixed: coupling-outputs (each coupling "
                                              "network's zero-initialized last layer) | none "
                                              "(default: coupling-outputs for taming, none for the "

@@ -176,20 +176,27 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def out_of_memory(exc: BaseException, device: torch.device | str | None = None, where: str = ""
+#: What an out-of-memory error advises (after what was saved, if anything)
+MEMORY_ADVICE = ("free memory on the device, or ask for less of it (smaller batches, fewer images per run; taming's "
+                 "Adam step, step adam, needs the least)")
+
+
+def out_of_memory(exc: BaseException, device: torch.device | str | None = None, where: str = "", saved: str = ""
                   ) -> OutOfMemory | None:
-    """:class:`~flowtame.errors.OutOfMemory` for torch's allocation failure ``exc`` (``torch.OutOfMemoryError``
-    - CUDA, MPS - or the CPU allocator's RuntimeError "can't allocate memory"), saying on ``device`` what could
-    not be allocated and ``where`` (a phrase, e.g. "at iteration 12"); None for any other exception."""
+    """:class:`~flowtame.errors.OutOfMemory` for an allocation failure ``exc`` (``torch.OutOfMemoryError`` - CUDA,
+    MPS -, a RuntimeError saying "out of memory", the CPU allocator's "can't allocate memory", a CUDA library's
+    ``ALLOC_FAILED``, Python's MemoryError), saying on ``device`` what could not be allocated, ``where`` (a
+    phrase, e.g. "in iteration 12"), what was ``saved`` and :data:`MEMORY_ADVICE`; None for any other
+    exception."""
     text = str(exc)
-    if not isinstance(exc, torch.OutOfMemoryError) and not (
-            isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)):
+    if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) and not (isinstance(exc, RuntimeError) and any(
+            sign in text for sign in ("out of memory", "can't allocate memory", "ALLOC_FAILED"))):
         return None
     size = re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", text)
-    what = f"could not allocate {size.group(1)}" if size else "ran out of memory"
+    what = f"could not allocate {size.group(1)}" if size else "an allocation failed"
     on = f" on {device}" if device is not None else ""
-    return OutOfMemory(f"out of memory{on}{(' ' + where) if where else ''}: torch {what}; free memory on the "
-                       "device or ask for less of it (smaller batches; for taming, step adam)")
+    return OutOfMemory(f"out of memory{on}{(' ' + where) if where else ''}: {what}; "
+                       f"{(saved + '; ') if saved else ''}{MEMORY_ADVICE}", keys=("resume",) if saved else ())
 
 
 def take_rows(rows: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -50,6 +51,7 @@ from flowtame.errors import (
     CheckpointError,
     InputError,
     InterruptedRun,
+    OutOfMemory,
     OutputWriteError,
     StopSignal,
     TrainingDivergedError,
@@ -182,17 +184,27 @@ def keep_run_after_failed_write(error: OutputWriteError, save_state: Callable[[]
 @contextlib.contextmanager
 def keep_finished_run(save_state: Callable[[], None] | None, state_path: str | Path | None) -> Iterator[None]:
     """Around the work after a finished run (final measurements, evaluation): a stop request there (Ctrl-C,
-    SIGTERM, SIGHUP) first saves the finished run's resumable state, then raises :class:`InterruptedRun`
-    saying how to finish (resuming skips the training it holds)."""
+    SIGTERM, SIGHUP) or a failed allocation first saves the finished run's resumable state, then raises
+    :class:`InterruptedRun` (:class:`~flowtame.errors.OutOfMemory`) saying how to finish (resuming skips the
+    training it holds)."""
+    def kept() -> str:
+        if save_state is None:
+            return "without a state path the finished run could not be kept"
+        save_state()
+        return (f"the finished run is kept in {state_path}: rerun the same command resuming, to write the outputs "
+                "without training again")
+
     try:
         yield
+    except (RuntimeError, MemoryError) as exc:
+        if out_of_memory(exc) is None:
+            raise
+        gc.collect()
+        error = out_of_memory(exc, None, "after training, while measuring and evaluating", kept())
+        assert error is not None
+        raise OutOfMemory(str(error), keys=("resume",) if save_state is not None else ()) from None
     except KeyboardInterrupt as exc:
-        if save_state is not None:
-            save_state()
-            where = (f"the finished run is kept in {state_path}: rerun the same command resuming, to write the "
-                     "outputs without training again")
-        else:
-            where = "without a state path the finished run could not be kept"
+        where = kept()
         raise InterruptedRun(f"interrupted after training{_by(signal_number(exc))}, while measuring and "
                              f"evaluating; {where}", signal_number(exc),
                              keys=("resume",) if save_state is not None else ()) from None
@@ -441,9 +453,9 @@ class Engine:
             self.trajectory.append({"iteration": done, **logged})
         if done % self.config.snapshot_every == 0 or self._own_step:  # (own steps: a roll-back undoes one)
             self._last_good = self._snapshot()
-        if self.context.active and done % self.config.resume_every == 0:
-            snapshot = self._last_good if done % self.config.snapshot_every == 0 else self._snapshot()
-            self._resume_point = self._point(snapshot)
+        if done % self.config.resume_every == 0 or self._own_step:
+            fresh = done % self.config.snapshot_every == 0 or self._own_step  # (_last_good is this iteration's)
+            self._resume_point = self._point(self._last_good if fresh else self._snapshot())
         if self.callback is not None:
             self.callback(done, logged)
 
@@ -469,18 +481,17 @@ class Engine:
         self.model.train()
         self._last_good = self._snapshot()
         start = time.perf_counter() - self.elapsed
+        self._resume_point = self._point(self._last_good)
         if self.context.active:
-            self._resume_point = self._point(self._last_good)
             # DDP lives for the run only: it must be gone before its process group is destroyed
             self.loss_model = _ShardedFlow(self.model, self.context)
         with self._stop:
             try:
                 self._iterate(state_path, start)
-            except RuntimeError as exc:
-                oom = out_of_memory(exc, next(self.model.parameters()).device, f"at iteration {self.iteration}")
-                if oom is not None:
-                    raise oom from None
-                if not self.context.active:
+            except (RuntimeError, MemoryError) as exc:
+                if out_of_memory(exc) is not None:
+                    raise self._out_of_memory(exc, state_path) from None
+                if not self.context.active or not isinstance(exc, RuntimeError):
                     raise
                 raise self._lost(exc, state_path) from None
             finally:
@@ -558,6 +569,24 @@ class Engine:
             return logged
         return dict(zip(logged, self.context.broadcast_floats(list(logged.values())), strict=True))
 
+    def _out_of_memory(self, exc: BaseException, state_path: str | Path | None) -> OutOfMemory:
+        """A failed allocation in the loop: what it held is let go and, with a state path, the latest resume point
+        (a finished iteration's weights, optimizer, generators and method state, at most ``resume_every``
+        iterations back; every iteration's for a method that takes its own step) is written, so the run continues
+        by resuming once memory is free."""
+        device = self.params[0].device if self.params else torch.device("cpu")
+        saved = ""
+        if state_path is not None and self._resume_point is not None and self.context.is_main:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._write_state(state_path, self._resume_point)
+            saved = (f"the state of iteration {self._resume_point['meta']['iteration']} is saved to {state_path}, "
+                     "continue by resuming")
+        error = out_of_memory(exc, device, f"in iteration {self.iteration + 1}", saved)
+        assert error is not None
+        return error
+
     def _lost(self, exc: RuntimeError, state_path: str | Path | None) -> RankLost:
         """A collective failed under torchrun: write the latest snapshot's resumable state (every surviving rank
         writes the same state atomically, only the recorded wall time differs, so it is kept whichever rank
@@ -586,6 +615,19 @@ class Engine:
         rolled_back = getattr(self.method, "rolled_back", None)
         if rolled_back is not None:
             rolled_back(self.model)
+
+
+def saved_settings(path: str | Path) -> dict[str, Any] | None:
+    """The settings a resume state at ``path`` recorded (:attr:`Engine.settings`); None when there is no readable
+    state there or it recorded none (:meth:`Engine.load_state` then says what is wrong)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            settings = json.loads((fh.metadata() or {})["engine"]).get("settings")
+    except Exception:  # (any unreadable file: load_state reports it)
+        return None
+    return settings if isinstance(settings, dict) else None
 
 
 def settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -74,8 +74,9 @@ def run_demo(out: str | Path, *, digit: int = 3, k: int = 4, device: str = "cpu"
     write_pngs(identity, chosen, forget_dir, prefix=f"digit{digit}")
     log(f"[2/5] forget request: {k} images of digit {digit} nearest the class's median NLL -> {forget_dir}/")
 
-    log(f"[3/5] taming (method {config.method}, delta {config.delta}, epsilon {config.epsilon:.2f}, "
-        f"lr {config.lr:g}, at most {config.max_iters} iterations)")
+    step = "the solved step" if config.solving else f"Adam's step, lr {config.lr:g}"
+    log(f"[3/5] taming (method {config.method}, delta {config.delta}, epsilon {config.epsilon:.2f}, {step}, "
+        f"at most {config.max_iters} iterations)")
     forget_set = open_images(forget_dir, spec)
     remember_set = open_images(REMEMBER, spec)
     holdout = {f"holdout:{HOLDOUT}": open_images(HOLDOUT, spec)}

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -36,6 +37,7 @@ from flowtame.engine.loop import (
     keep_finished_run,
     keys_digest,
     run_for_report,
+    saved_settings,
     start_engine,
     state_saver,
 )
@@ -94,7 +96,8 @@ class TameConfig:
     precondition: str | None = None
     # adam: Adam's step on the loss; solve: the solved step (docs/method.md "The solved step"); None (the
     # default, resolved by tame()) -> solve for the taming method with its anchor on in one process, adam
-    # otherwise (the baselines, the paper preset's anchor-free loss, runs under torchrun)
+    # otherwise (the baselines, the paper preset's anchor-free loss, runs under torchrun) and, with a warning,
+    # when the solved step's rows would not fit in the device's free memory; a resumed run keeps its state's step
     step: str | None = None
     lookalikes: int = 16
     lookalike_qd: float = 0.018
@@ -202,8 +205,9 @@ class TameConfig:
 
     @property
     def solving(self) -> bool:
-        """Whether the run takes the solved step in one process: ``step`` solve, or the default (None) for the
-        taming method with its anchor on."""
+        """Whether the config asks for the solved step: ``step`` solve, or the default (None) for the taming method
+        with its anchor on (:func:`tame` still takes Adam's under torchrun, and for a defaulted step whose rows
+        would not fit in memory)."""
         return self.step == "solve" or (self.step is None and self.method == "taming" and self.anchor > 0)
 
     def _build_method_settings(self) -> list[str]:
@@ -447,12 +451,16 @@ def _unused_adam_settings(config: TameConfig) -> list[str]:
     return unused + (["precision"] if config.precision != "fp32" else [])
 
 
-def _with_adams_step(config: TameConfig) -> TameConfig:
-    """``config`` with Adam's step, and Adam's drift bound where the solved step's default stood."""
-    drift = config.max_remember_drift
-    if config.solving and drift == SolvedTaming.default_max_remember_drift:
-        drift = None  # (resolved again: Adam's)
-    return dataclasses.replace(config, step="adam", max_remember_drift=drift)
+def _with_step(config: TameConfig, step: str, **changes: Any) -> TameConfig:
+    """A copy of the validated ``config`` taking ``step`` (and ``changes``), not validated again (a guard turned off
+    stays off); with Adam's step, Adam's drift bound where the solved step's default stood."""
+    out = copy.copy(config)
+    if step == "adam" and config.solving and config.max_remember_drift == SolvedTaming.default_max_remember_drift:
+        out.max_remember_drift = METHODS[config.method].default_max_remember_drift
+    out.step = step
+    for key, value in changes.items():
+        setattr(out, key, value)
+    return out
 
 
 def _build_method(config: TameConfig, data: TamingData, *, delta: float, epsilon: float,
@@ -484,19 +492,17 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     if not forget_sets:
         raise InputError("taming needs at least one forget source", keys=("forget",))
     data_spec = base.image_data("taming")
+    step_asked = config.step is not None
     if (config.precondition != "none" or config.step != "adam") and distributed.current().active:
         # one forward with gradient per iteration (DDP): Adam's step, unpreconditioned, with its own drift bound
         if config.step == "solve":  # (asked for; the default goes to Adam's step without a word)
             warnings.warn("under torchrun taming takes Adam's step (the solved step runs in one process only)",
                           stacklevel=2)
-        config = dataclasses.replace(_with_adams_step(config), precondition="none")
-    step_asked = config.step is not None
-    if not step_asked:
-        config = dataclasses.replace(config, step="solve" if config.solving else "adam")
-    unused = _unused_adam_settings(config)
-    if unused:
-        warnings.warn(f"{', '.join(unused)} set: the solved step does not use Adam's settings (step adam does)",
-                      stacklevel=2)
+        config = _with_step(config, "adam", precondition="none")
+    elif not step_asked:  # a resumed run keeps the step its state was written with
+        recorded = (saved_settings(state_path) or {}).get("step") if resume and state_path is not None else None
+        step_asked = recorded in STEPS
+        config = _with_step(config, str(recorded) if step_asked else "solve" if config.solving else "adam")
     dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_sets(forget_sets, remember_set)
 
@@ -522,7 +528,11 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
         raise InputError(f"{shortfall}: use step adam, or fewer forget images per run", keys=("step",))
     if shortfall is not None:
         warnings.warn(f"{shortfall}: taking Adam's step", stacklevel=2)
-        config = _with_adams_step(config)
+        config = _with_step(config, "adam")
+    unused = _unused_adam_settings(config)
+    if unused:
+        warnings.warn(f"{', '.join(unused)} set: the solved step does not use Adam's settings (step adam does)",
+                      stacklevel=2)
     method = _build_method(config, data, delta=delta, epsilon=epsilon, correction=correction, batches=batches,
                            setup_generator=generator, base_model=base_model)
     # (TameConfig refuses precondition kfac for a method that is not preconditioned)

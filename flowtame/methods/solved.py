@@ -101,8 +101,8 @@ SOLVE_METRIC_DAMPING = 1e-3
 #: trajectory hardly depends on it: on the embedded Glow k = 15 the same iterations and held-out BPD to 0.01% on
 #: 256, 512 and 1,024 images (docs/benchmarks.md "Round 10"); on 64, across the zoo's hardest cells, the same
 #: or fewer iterations and every bound kept (embedded k = 15: 8 iterations, held-out +0.49% against +0.475% on
-#: 256; rosinality Glow k = 8: 7 against 9; Round 12) for a quarter of the pass (~10 ms an image on one thread
-#: on the RealNVP: 2.2 s of its run's 20 s).
+#: 256; rosinality Glow k = 8: 7 against 9; the whole zoo: docs/benchmarks.md "Round 12") for a quarter of the
+#: pass (on the RealNVP, one thread: 2.8 s for the K-FAC pass on 256 images against 0.7 s on 64).
 SOLVE_METRIC_IMAGES = 64
 
 
@@ -306,9 +306,10 @@ class SolvedTaming(TamingMethod):
         returns the figures to log (``loss``: the rows' summed squared targets in sigma_R^2 before the step;
         ``grad_norm``: the applied step's norm; the d's and the remember BPD after it, so that the engine's
         blow-up guard judges the step it took)."""
+        at_base = iteration == 0  # no step accepted yet (a roll-back restores the base weights): the base model's
         if self.forget_nll_now is None:
-            at_base = self._base_measurement() if self.mean_steps == 0 else None
-            self.forget_nll_now = at_base if at_base is not None else self.measure(model)
+            measured = self._base_measurement() if at_base else None
+            self.forget_nll_now = measured if measured is not None else self.measure(model)
         names = [n for n, p in model.named_parameters() if p.requires_grad and n not in self.flat_names]
         was_training = model.training
         model.eval()
@@ -316,7 +317,7 @@ class SolvedTaming(TamingMethod):
             if self.base_gradient is None:
                 self._base_gradients(names)
             targets = self._targets()
-            solved = constrained_step(self.metric, self._jacobian(model, names), targets)
+            solved = constrained_step(self.metric, self._jacobian(model, names, at_base), targets)
         finally:
             model.train(was_training)
         sigma = self.sigma_r.double()
@@ -394,12 +395,12 @@ class SolvedTaming(TamingMethod):
         return dequantized(pixels, uniform_noise(self.generator, pixels.shape, pixels.device),
                            self.data.data_spec.n_bits)
 
-    def _jacobian(self, model: MultiScaleFlow, names: list[str]) -> dict[str, Tensor]:
+    def _jacobian(self, model: MultiScaleFlow, names: list[str], at_base: bool = False) -> dict[str, Tensor]:
         """The rows' NLL gradients (name -> [F + P + 1, *shape], nats): each forget image's averaged over
         :data:`FORGET_DRAWS` fresh draws, each anchor row's over :data:`HOLD_DRAWS`, and the mean row: the
         gradient of the next of :attr:`base_batches`' mean NLL, minus the same batch's under the base model (its
-        noise cancels; zero before the first step, when the weights are the base model's; averaged with the
-        previous steps', :attr:`mean_change`), plus the remember set's under
+        noise cancels; zero ``at_base``, when the weights are the base model's; averaged with the previous
+        steps', :attr:`mean_change`), plus the remember set's under
         the base model (:attr:`base_gradient`)."""
         d, spec = self.data, self.data.data_spec
         forget = self._averaged_row_gradients(model, d.forget, FORGET_DRAWS, names)
@@ -409,7 +410,7 @@ class SolvedTaming(TamingMethod):
                                                  HOLD_DRAWS, names)]
         assert self.base_gradient is not None
         i = self.mean_steps % len(self.base_batches)  # the fixed batches in turn
-        if self.mean_steps == 0:  # no step taken yet: the weights are the base model's, no displacement
+        if at_base:  # the weights are the base model's: no displacement
             change = {n: torch.zeros_like(self.base_gradient[n]) for n in names}
         else:
             now = mean_nll_gradient(model, self.base_batches[i], spec, names)
