@@ -184,7 +184,7 @@ def test_precondition_defaults_to_the_methods_own_and_kfac_is_refused_for_the_ba
     assert TameConfig().precondition == "kfac" and TameConfig(target="holdout").precondition == "kfac"
     assert make_config(FAST, {"precondition": "kfac"}) == make_config(FAST)
     assert make_config(FAST, {"precondition": "none"}).precondition == "none"
-    assert make_config(preset("paper")).precondition == "none"
+    assert make_config(preset("paper")).precondition == "none" and make_config(preset("paper")).step == "adam"
     assert make_config(preset("paper"), {"precondition": "kfac"}).precondition == "kfac"  # flags win
     for method in ("neggrad", "selective-amnesia"):
         assert make_config(FAST, {"method": method}).precondition == "none"

@@ -98,7 +98,7 @@ NORMALITY_HOLD_P = 0.002
 #: Adam's direction, reshaped; the solve needs the metric's own directions).
 SOLVE_METRIC_DAMPING = 1e-3
 #: Remember images of the solved step's metric (Adam's curvature step: METRIC_IMAGES = 512). The solve's
-#: trajectory hardly depends on it: on the embedded Glow k = 15 the same iterations and held-out BPD to 0.01% on
+#: trajectory depends little on it: on the embedded Glow k = 15 the same iterations and held-out BPD to 0.01% on
 #: 256, 512 and 1,024 images (docs/benchmarks.md "Round 10"); on 64, across the zoo's hardest cells, the same
 #: or fewer iterations and every bound kept (embedded k = 15: 8 iterations, held-out +0.49% against +0.475% on
 #: 256; rosinality Glow k = 8: 7 against 9; the whole zoo: docs/benchmarks.md "Round 12") for a quarter of the
