@@ -468,7 +468,7 @@ def test_step_solve_under_torchrun_takes_adams_step_with_adams_drift_bound(tame_
     out = tmp_path / "solve.safetensors"
     done = _run(_tame_args(tame_workspace, out, "-q", "--step", "solve"), tame_workspace, 2)
     assert done.returncode == 0, done.stderr
-    assert "under torchrun taming takes Adam's step (the solved step runs in one process only)" in done.stderr
+    assert "under torchrun the step is Adam's (the solved step runs in one process)" in done.stderr
     report = json.loads(Path(f"{out}.json").read_text())
     assert report["config"]["step"] == "adam" and report["config"]["precondition"] == "none"
     adam, solve = make_config({"step": "adam"}), make_config({})  # (the solved step is the default)

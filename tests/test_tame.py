@@ -140,7 +140,8 @@ def test_several_requests_are_reported_separately_and_duplicates_excluded(run_cl
 def test_ctrl_c_saves_state_and_resume_reaches_the_same_result(run_cli, workspace, monkeypatch, assert_valid_report):
     ws = workspace
     straight = ws["root"] / "straight.safetensors"
-    assert run_cli(*tame_args(ws, straight, "--max-iters", "40")).exit_code == 0
+    adam = ("--max-iters", "40", "--step", "adam")  # (a run long enough to stop at 15; the solved step's resume:
+    assert run_cli(*tame_args(ws, straight, *adam)).exit_code == 0  # tests/test_solved.py)
 
     import flowtame.cli.tame as tame_cli
 
@@ -153,14 +154,14 @@ def test_ctrl_c_saves_state_and_resume_reaches_the_same_result(run_cli, workspac
 
     monkeypatch.setattr(tame_cli._LiveView, "update", interrupt)
     resumed = ws["root"] / "resumed.safetensors"
-    first = run_cli(*tame_args(ws, resumed, "--max-iters", "40"))
+    first = run_cli(*tame_args(ws, resumed, *adam))
     assert first.exit_code == 130 and "--resume" in first.stderr and "Traceback" not in first.stderr
     assert not resumed.exists()  # no half-written output
     partial = json.loads((ws["root"] / "resumed.safetensors.json").read_text())
     assert partial["interrupted"] is True and partial["iterations"] == 15
     assert_valid_report(partial, "tame-report.schema.json")  # the same schema (no evaluation block)
     monkeypatch.setattr(tame_cli._LiveView, "update", original)
-    second = run_cli(*tame_args(ws, resumed, "--max-iters", "40", "--resume"))
+    second = run_cli(*tame_args(ws, resumed, *adam, "--resume"))
     assert second.exit_code == 0, second.stderr
     a, b = load_checkpoint(straight).model.state_dict(), load_checkpoint(resumed).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -250,7 +251,7 @@ def test_target_holdout_stops_in_the_held_out_band(run_cli, workspace, assert_va
     target = report["target"]
     assert target["kind"] == "holdout" and target["delta"] < 4 and target["epsilon"] > 0
     assert target["low_nats"] < target["median_nats"] < target["high_nats"]
-    assert report["converged"] and report["requests"][0]["reached_threshold"] and report["iterations"] > 10
+    assert report["converged"] and report["requests"][0]["reached_threshold"] and report["iterations"] >= 1
     assert report["requests"][0]["max_abs_d"] < target["epsilon"]
     forget, fit = report["evaluation"]["sets"]["forget"], report["evaluation"]["threshold"]["tamed"]
     assert forget["base_mean_nll"] < target["low_nats"]  # below the band before taming

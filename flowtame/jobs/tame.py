@@ -496,8 +496,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     if (config.precondition != "none" or config.step != "adam") and distributed.current().active:
         # one forward with gradient per iteration (DDP): Adam's step, unpreconditioned, with its own drift bound
         if config.step == "solve":  # (asked for; the default goes to Adam's step without a word)
-            warnings.warn("under torchrun taming takes Adam's step (the solved step runs in one process only)",
-                          stacklevel=2)
+            warnings.warn("under torchrun the step is Adam's (the solved step runs in one process)", stacklevel=2)
         config = _with_step(config, "adam", precondition="none")
     elif not step_asked:  # a resumed run keeps the step its state was written with
         recorded = (saved_settings(state_path) or {}).get("step") if resume and state_path is not None else None
