@@ -451,6 +451,43 @@ def _unused_adam_settings(config: TameConfig) -> list[str]:
     return unused + (["precision"] if config.precision != "fp32" else [])
 
 
+def _resolved_step(config: TameConfig, *, resume: bool, state_path: str | Path | None) -> tuple[TameConfig, bool]:
+    """``config`` with its step resolved (``TameConfig.step``'s comment), and whether that step was asked for (by
+    the config, or by the state a resumed run continues): under torchrun Adam's plain step (a warning when the
+    solved step was asked for); a defaulted step is the resumed state's, else the solved step where
+    :attr:`TameConfig.solving`, else Adam's."""
+    if (config.precondition != "none" or config.step != "adam") and distributed.current().active:
+        # one forward with gradient per iteration (DDP): Adam's step, unpreconditioned, with its own drift bound
+        if config.step == "solve":  # (asked for; the default goes to Adam's step without a word)
+            warnings.warn("under torchrun the step is Adam's (the solved step runs in one process)", stacklevel=3)
+        return _with_step(config, "adam", precondition="none"), config.step is not None
+    if config.step is not None:
+        return config, True
+    recorded = (saved_settings(state_path) or {}).get("step") if resume and state_path is not None else None
+    if recorded in STEPS:
+        return _with_step(config, str(recorded)), True
+    return _with_step(config, "solve" if config.solving else "adam"), False
+
+
+def _step_that_fits(config: TameConfig, data: TamingData, values: int, device: torch.device,
+                    asked: bool) -> TameConfig:
+    """``config`` once its solved step's rows are sized against ``device``'s free memory
+    (:func:`~flowtame.methods.solved.memory_shortfall` over ``values`` trained values): too large, an ``asked``
+    step is refused (InputError about ``step``), a defaulted one becomes Adam's with a warning; then a warning
+    naming Adam's settings a solved run sets (:func:`_unused_adam_settings`)."""
+    shortfall = memory_shortfall(data, values, device) if config.step == "solve" else None
+    if shortfall is not None and asked:
+        raise InputError(f"{shortfall}: use step adam, or fewer forget images per run", keys=("step",))
+    if shortfall is not None:
+        warnings.warn(f"{shortfall}: taking Adam's step", stacklevel=3)
+        config = _with_step(config, "adam")
+    unused = _unused_adam_settings(config)
+    if unused:
+        warnings.warn(f"{', '.join(unused)} set: the solved step does not use Adam's settings (step adam does)",
+                      stacklevel=3)
+    return config
+
+
 def _with_step(config: TameConfig, step: str, **changes: Any) -> TameConfig:
     """A copy of the validated ``config`` taking ``step`` (and ``changes``), not validated again (a guard turned off
     stays off); with Adam's step, Adam's drift bound where the solved step's default stood."""
@@ -492,16 +529,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     if not forget_sets:
         raise InputError("taming needs at least one forget source", keys=("forget",))
     data_spec = base.image_data("taming")
-    step_asked = config.step is not None
-    if (config.precondition != "none" or config.step != "adam") and distributed.current().active:
-        # one forward with gradient per iteration (DDP): Adam's step, unpreconditioned, with its own drift bound
-        if config.step == "solve":  # (asked for; the default goes to Adam's step without a word)
-            warnings.warn("under torchrun the step is Adam's (the solved step runs in one process)", stacklevel=2)
-        config = _with_step(config, "adam", precondition="none")
-    elif not step_asked:  # a resumed run keeps the step its state was written with
-        recorded = (saved_settings(state_path) or {}).get("step") if resume and state_path is not None else None
-        step_asked = recorded in STEPS
-        config = _with_step(config, str(recorded) if step_asked else "solve" if config.solving else "adam")
+    config, step_asked = _resolved_step(config, resume=resume, state_path=state_path)
     dev, generator = seeded_run(device, config.precision, config.seed)
     sets = _load_sets(forget_sets, remember_set)
 
@@ -521,17 +549,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     batches = loop_generator(generator, dev, config.seed)
     parameters = dict(model.named_parameters())
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    shortfall = None if config.step != "solve" else \
-        memory_shortfall(data, sum(parameters[name].numel() for name in trained), dev)
-    if shortfall is not None and step_asked:
-        raise InputError(f"{shortfall}: use step adam, or fewer forget images per run", keys=("step",))
-    if shortfall is not None:
-        warnings.warn(f"{shortfall}: taking Adam's step", stacklevel=2)
-        config = _with_step(config, "adam")
-    unused = _unused_adam_settings(config)
-    if unused:
-        warnings.warn(f"{', '.join(unused)} set: the solved step does not use Adam's settings (step adam does)",
-                      stacklevel=2)
+    config = _step_that_fits(config, data, sum(parameters[name].numel() for name in trained), dev, step_asked)
     method = _build_method(config, data, delta=delta, epsilon=epsilon, correction=correction, batches=batches,
                            setup_generator=generator, base_model=base_model)
     # (TameConfig refuses precondition kfac for a method that is not preconditioned)
