@@ -311,10 +311,7 @@ class Engine:
         if not path.is_file():
             raise CheckpointError(f"{path}: no resumable state here (nothing to resume)", keys=("resume",))
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as fh:
-                meta = json.loads((fh.metadata() or {})["engine"])
+            meta = _state_meta(path)
             tensors = load_file(str(path))
         except Exception as exc:
             raise CheckpointError(f"{path}: unreadable resume state ({str(exc).splitlines()[0]})") from None
@@ -617,14 +614,19 @@ class Engine:
             rolled_back(self.model)
 
 
+def _state_meta(path: str | Path) -> dict[str, Any]:
+    """The engine's metadata of the resume state at ``path`` (its header only; raises on an unreadable file)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return json.loads((fh.metadata() or {})["engine"])
+
+
 def saved_settings(path: str | Path) -> dict[str, Any] | None:
     """The settings a resume state at ``path`` recorded (:attr:`Engine.settings`); None when there is no readable
     state there or it recorded none (:meth:`Engine.load_state` then says what is wrong)."""
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            settings = json.loads((fh.metadata() or {})["engine"]).get("settings")
+        settings = _state_meta(path).get("settings")
     except Exception:  # (any unreadable file: load_state reports it)
         return None
     return settings if isinstance(settings, dict) else None
