@@ -155,7 +155,7 @@ def training_rows(pixels: torch.Tensor, device: torch.device,
     else in pinned host memory (a batch is then gathered on the host and copied: one wait per iteration)."""
     if device.type != "cuda":
         return pixels
-    free, _ = torch.cuda.mem_get_info(device)
+    free = free_memory(device) or 0  # (known on CUDA)
     if pixels.numel() * pixels.element_size() <= budget * free:
         return pixels.to(device)
     return pixels.pin_memory()
