@@ -41,6 +41,7 @@ from flowtame.engine.loop import (
     start_engine,
     state_saver,
 )
+from flowtame.engine.warmup import BackgroundImport
 from flowtame.errors import DataError, InputError, config_error
 from flowtame.flows.base import MultiScaleFlow, coupling_output_parameters
 from flowtame.io import config as io_config
@@ -531,6 +532,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     data_spec = base.image_data("taming")
     config, step_asked = _resolved_step(config, resume=resume, state_path=state_path)
     dev, generator = seeded_run(device, config.precision, config.seed)
+    torch_func = BackgroundImport() if config.step == "solve" or config.precondition == "kfac" else None
     sets = _load_sets(forget_sets, remember_set)
 
     base_model = place_model(base.model, dev).eval()
@@ -553,6 +555,8 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     method = _build_method(config, data, delta=delta, epsilon=epsilon, correction=correction, batches=batches,
                            setup_generator=generator, base_model=base_model)
     # (TameConfig refuses precondition kfac for a method that is not preconditioned)
+    if torch_func is not None:
+        torch_func.join()  # (the metric's per-image gradients are the run's first torch.func transform)
     if config.step == "solve" or config.precondition == "kfac":
         method.metric = remember_metric(base_model, data.remember, data.refresh_rows, data_spec, trained,
                                         config.seed, damping=method.metric_damping, images=method.metric_images)
