@@ -2,8 +2,6 @@
 computes it, a stop refused when it exceeds ``lookalike_qd`` / ``remember_qd`` at most MAX_HOLD_REFUSALS times,
 and a resumed run keeping the count."""
 
-from functools import partial
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,7 @@ from flowtame.data.images import open_images
 from flowtame.data.quantization import quantize
 from flowtame.errors import InputError
 from flowtame.io.checkpoint import Checkpoint
-from flowtame.jobs.tame import _evaluation_inputs, _load_sets, _taming_data, make_config, preset
+from flowtame.jobs.tame import _load_sets, _taming_data, make_config, preset
 from flowtame.likelihood import statistics as st
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
 from flowtame.methods.lookalikes import MAX_HOLD_REFUSALS, quantile_drop
@@ -168,9 +166,8 @@ def test_the_tame_job_gives_the_guard_the_whole_sets_base_nll_of_the_lookalikes(
     sets = _load_sets([open_images("embedded:digits:test:3", DATA_SPEC)], open_images(REMEMBER, DATA_SPEC))
     cpu = torch.device("cpu")
     whole = pixel_nll(model, sets.remember, sets.remember_keys, DATA_SPEC, config.eval_seed, cpu)
-    refresh = torch.randperm(sets.remember.shape[0], generator=torch.Generator().manual_seed(0))[:32].sort().values
-    inputs = partial(_evaluation_inputs, sets, config.eval_seed, DATA_SPEC, cpu)
-    data, _ = _taming_data(sets, whole, lambda _m: whole, config, refresh, inputs, cpu, DATA_SPEC, base)
+    data, _ = _taming_data(sets, whole, lambda _m: whole, config, torch.Generator().manual_seed(0), cpu,
+                           DATA_SPEC, base)
     assert data.lookalikes is not None and data.lookalikes.numel() == 5
     assert data.base_remember_nll.tolist() == whole.tolist()
     torch.testing.assert_close(data.base_remember_nll[data.lookalikes],

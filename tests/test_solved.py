@@ -8,7 +8,6 @@ import os
 import signal
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from test_baselines import DATA_SPEC, REMEMBER, base, forget_folder, tiny_glow  # noqa: F401 (fixtures)
@@ -18,7 +17,7 @@ from flowtame.engine.devices import uniform_noise
 from flowtame.engine.loop import Engine, EngineConfig
 from flowtame.errors import InputError, InterruptedRun
 from flowtame.jobs.tame import make_config, tame
-from flowtame.likelihood.nll import dequantized, nll_nats, pixel_nll
+from flowtame.likelihood.nll import dequantized, nll_nats
 from flowtame.methods import baselines, curvature, solved
 from flowtame.methods.baselines import per_sample_gradients
 from flowtame.methods.solved import STEP_RMS, SolvedTaming, mean_nll_gradient
@@ -165,12 +164,11 @@ def test_the_mean_rows_displacement_term_takes_the_base_batches_in_turn_averaged
     monkeypatch.setattr(solved, "MEAN_CHANGE_AVERAGING", 0.3)  # (w and 1 - w told apart)
     monkeypatch.setattr(solved, "MEAN_ROWS", 10)  # several batches, fewer than the steps
     calls, seen, used, counts = [], [], [], []
-    real_gradient, real_jacobian = solved.nll_and_mean_gradient, SolvedTaming._jacobian
+    real_gradient, real_jacobian = solved.mean_nll_gradient, SolvedTaming._jacobian
 
-    def recording_gradient(model, x, *args, **kwargs):  # (every batch gradient, the tame job's base pass included)
-        values, gradient = real_gradient(model, x, *args, **kwargs)
-        calls.append((model, x, gradient))
-        return values, gradient
+    def recording_gradient(model, x, *args, **kwargs):
+        calls.append((model, x, real_gradient(model, x, *args, **kwargs)))
+        return calls[-1][2]
 
     def spy(self, model, names, *args):
         before, i, made = self.mean_change, self.mean_steps, len(calls)
@@ -201,7 +199,7 @@ def test_the_mean_rows_displacement_term_takes_the_base_batches_in_turn_averaged
         return out
 
     real_after_step = SolvedTaming.after_step
-    monkeypatch.setattr(solved, "nll_and_mean_gradient", recording_gradient)
+    monkeypatch.setattr(solved, "mean_nll_gradient", recording_gradient)
     monkeypatch.setattr(SolvedTaming, "_jacobian", spy)
     monkeypatch.setattr(SolvedTaming, "after_step", lambda *args: real_after_step(*args) and False)  # never stops
     forget, remember = _sets(forget_folder)
@@ -272,49 +270,22 @@ def test_a_stop_whose_remember_set_does_not_look_normal_is_refused_and_its_riser
 def test_the_mean_row_covers_the_whole_remember_set_or_a_capped_draw_that_holds_the_refresh_subset(monkeypatch):
     """Every remember row when they are at most BASE_GRADIENT_ROWS; above it, that many distinct rows with the drift
     guard's refresh subset among them, the same for the same seed (a resumed run rebuilds them)."""
+    def stub(rows: int, refresh: torch.Tensor, seed: int = 5):
+        data = SimpleNamespace(remember=torch.zeros(rows, 1, 2, 2, dtype=torch.uint8), refresh_rows=refresh)
+        return SimpleNamespace(data=data, config=SimpleNamespace(seed=seed))
+
     refresh = torch.tensor([3, 17, 40, 41, 99])
-    every = solved.mean_rows(120, refresh, 5)
+    every = SolvedTaming._mean_rows(stub(120, refresh))
     assert sorted(every.tolist()) == list(range(120))
     monkeypatch.setattr(solved, "BASE_GRADIENT_ROWS", 30)
-    capped = solved.mean_rows(120, refresh, 5)
+    capped = SolvedTaming._mean_rows(stub(120, refresh))
     assert capped.numel() == 30 and capped.unique().numel() == 30
     assert set(refresh.tolist()) <= set(capped.tolist())
     assert not torch.equal(capped[:5].sort().values, refresh)  # shuffled, not the refresh rows in front
-    torch.testing.assert_close(solved.mean_rows(120, refresh, 5), capped)
-    assert not torch.equal(solved.mean_rows(120, refresh, 6), capped)
-    unknown = solved.mean_rows(120, None, 5)  # no refresh subset: a plain capped draw
+    torch.testing.assert_close(SolvedTaming._mean_rows(stub(120, refresh)), capped)
+    assert not torch.equal(SolvedTaming._mean_rows(stub(120, refresh, seed=6)), capped)
+    unknown = SolvedTaming._mean_rows(stub(120, None))  # no refresh subset: a plain capped draw
     assert unknown.numel() == 30 and unknown.unique().numel() == 30
-
-
-def test_the_base_remember_nll_comes_from_the_mean_rows_pass_and_equals_the_evaluation_pass(base, forget_folder,  # noqa: F811
-                                                                                              monkeypatch):
-    """A solved run's base remember NLL (the report's, the threshold's) is the mean row's forward and backward pass on
-    the evaluation's keyed noise for its rows, a pass of their own for the rest (past BASE_GRADIENT_ROWS): the same
-    values as the evaluation's pass over every row; the pass's gradient is the batches' size-weighted mean."""
-    monkeypatch.setattr(solved, "BASE_GRADIENT_ROWS", 20)  # (the rest measured on their own)
-    monkeypatch.setattr(solved, "MEAN_ROWS", 8)
-    taken = []
-    real_pass = solved.base_remember_pass
-
-    def recording_pass(*args, **kwargs):
-        taken.append(real_pass(*args, **kwargs))
-        return taken[-1]
-
-    monkeypatch.setattr("flowtame.jobs.tame.base_remember_pass", recording_pass)
-    forget, remember = _sets(forget_folder)
-    config = make_config(QUICK, {"max_iters": 1})
-    outcome = tame(base, forget, remember, config, device="cpu")
-    pixels, keys = remember.load_tensor()
-    expected = pixel_nll(base.model.eval(), pixels, keys, DATA_SPEC, config.eval_seed, torch.device("cpu"))
-    assert len(taken) == 1 and taken[0].rows.numel() == 20 < pixels.shape[0]
-    assert [b.shape[0] for b in taken[0].batches] == [7, 7, 6]
-    np.testing.assert_allclose(outcome.nll[("base", "remember")], expected, rtol=1e-5)
-    for n, g in taken[0].gradient.items():
-        whole = sum(b.shape[0] * bg[n] for b, bg in zip(taken[0].batches, taken[0].batch_gradients, strict=True)) / 20
-        torch.testing.assert_close(g, whole)
-    one = mean_nll_gradient(base.model, taken[0].batches[0], DATA_SPEC, list(taken[0].gradient))
-    for n, g in one.items():
-        torch.testing.assert_close(taken[0].batch_gradients[0][n], g)
 
 
 @pytest.mark.parametrize("layer, message", [

@@ -54,13 +54,7 @@ from flowtame.methods.calibration import calibrate_lr
 from flowtame.methods.curvature import remember_metric
 from flowtame.methods.lookalikes import hold_figures
 from flowtame.methods.objective import FORGET_LOSSES, FORGET_UNITS
-from flowtame.methods.solved import (
-    BaseRememberPass,
-    SolvedTaming,
-    base_remember_pass,
-    mean_rows,
-    memory_shortfall,
-)
+from flowtame.methods.solved import SolvedTaming, memory_shortfall
 from flowtame.methods.taming import KL_ESTIMATES, METHODS, TamingData, settings_section
 
 REPORT_SCHEMA_VERSION = 1
@@ -360,30 +354,23 @@ def _load_sets(forget_sets: Sequence[ImageSet], remember_set: ImageSet) -> _Tami
     return _TamingSets(forget_pixels, forget_request, forget_keys, remember_pixels, remember_keys, excluded)
 
 
-def _evaluation_inputs(sets: _TamingSets, seed: int, data_spec: Any, dev: torch.device,
-                       rows: torch.Tensor) -> torch.Tensor:
-    """Remember images ``rows`` (long [n], CPU) dequantized with the evaluation's keyed noise of ``seed``, on
-    ``dev`` [n,C,S,S] (as :func:`pixel_nll` dequantizes them)."""
-    noise = dequantization_noise([sets.remember_keys[i] for i in rows.tolist()], seed, tuple(sets.remember.shape[1:]))
-    return dequantized(sets.remember[rows], noise, data_spec.n_bits).to(dev)
-
-
-def _holds_lookalikes(config: TameConfig) -> bool:
-    """Whether the run's anchor holds the forget set's look-alikes (``config.lookalikes`` of them)."""
-    return config.anchor > 0 and config.lookalikes > 0 and METHODS[config.method].anchored
-
-
 def _taming_data(sets: _TamingSets, base_remember_nll: np.ndarray, remember_nll: Callable[[Any], np.ndarray],
-                 config: TameConfig, refresh_idx: torch.Tensor, on_evaluation_noise: Callable[[torch.Tensor],
-                                                                                             torch.Tensor],
-                 dev: torch.device, data_spec: Any, base: Checkpoint) -> tuple[TamingData, tuple[float, float]]:
-    """The method's data on ``dev`` (the refresh subset: rows ``refresh_idx``; ``on_evaluation_noise``:
-    :func:`_evaluation_inputs` bound to the set) and the subset correction; with the anchor on, the
-    ``config.lookalikes`` remember images nearest the forget set under ``base``."""
+                 config: TameConfig, generator: torch.Generator, dev: torch.device, data_spec: Any,
+                 base: Checkpoint) -> tuple[TamingData, tuple[float, float]]:
+    """The method's data on ``dev`` (the refresh subset drawn from ``generator``) and the subset correction;
+    with the anchor on, the ``config.lookalikes`` remember images nearest the forget set under ``base``."""
+    def on_evaluation_noise(rows: torch.Tensor) -> torch.Tensor:
+        """Remember images ``rows`` [n] dequantized with the evaluation's keyed noise, on ``dev``."""
+        noise = dequantization_noise([sets.remember_keys[i] for i in rows.tolist()], config.eval_seed,
+                                     tuple(sets.remember.shape[1:]))
+        return dequantized(sets.remember[rows], noise, data_spec.n_bits).to(dev)
+
     lookalikes = lookalike_check = None
-    if _holds_lookalikes(config):
+    if config.anchor > 0 and config.lookalikes > 0 and METHODS[config.method].anchored:
         lookalikes = nearest_rows(base, sets.forget, sets.remember, config.lookalikes, device=dev)
         lookalike_check = on_evaluation_noise(lookalikes)
+    n_refresh = min(config.refresh_size, sets.remember.shape[0])
+    refresh_idx = torch.randperm(sets.remember.shape[0], generator=generator)[:n_refresh].sort().values
     data = TamingData(
         data_spec=data_spec,
         forget=sets.forget.to(dev),
@@ -483,34 +470,13 @@ def _resolved_step(config: TameConfig, *, resume: bool, state_path: str | Path |
     return _with_step(config, "solve" if config.solving else "adam"), False
 
 
-def _base_remember(config: TameConfig, sets: _TamingSets, base_model: MultiScaleFlow,
-                   remember_nll: Callable[..., np.ndarray], on_evaluation_noise: Callable[[torch.Tensor], torch.Tensor],
-                   refresh_idx: torch.Tensor, trained: list[str], data_spec: Any
-                   ) -> tuple[np.ndarray, BaseRememberPass | None]:
-    """The base model's NLL of the whole remember set (nats, float64 [R], on the evaluation's keyed noise:
-    ``remember_nll``, :func:`pixel_nll` bound to the set) and, with the solved step, the forward and backward pass
-    over the ``trained`` values its mean row needs (:func:`~flowtame.methods.solved.base_remember_pass` over
-    :func:`~flowtame.methods.solved.mean_rows`), whose forward gives those rows' NLL: only the other rows (a remember
-    set past ``BASE_GRADIENT_ROWS``) take a pass of their own (None without the solved step)."""
-    if config.step != "solve":
-        return remember_nll(base_model), None
-    rows = mean_rows(sets.remember.shape[0], refresh_idx, config.seed)
-    taken = base_remember_pass(base_model, on_evaluation_noise, rows, trained, data_spec)
-    return _whole_remember_nll(sets, remember_nll, base_model, known=(taken.rows, taken.nll)).numpy(), taken
-
-
-def _step_that_fits(config: TameConfig, sets: _TamingSets, values: int, device: torch.device,
+def _step_that_fits(config: TameConfig, data: TamingData, values: int, device: torch.device,
                     asked: bool) -> TameConfig:
     """``config`` once its solved step's rows are sized against ``device``'s free memory
     (:func:`~flowtame.methods.solved.memory_shortfall` over ``values`` trained values): too large, an ``asked``
     step is refused (InputError about ``step``), a defaulted one becomes Adam's with a warning; then a warning
     naming Adam's settings a solved run sets (:func:`_unused_adam_settings`)."""
-    shortfall = None
-    if config.step == "solve":
-        remember = int(sets.remember.shape[0])
-        lookalikes = min(config.lookalikes, remember) if _holds_lookalikes(config) else 0
-        shortfall = memory_shortfall(int(sets.forget.shape[0]), lookalikes, remember, int(sets.forget[0].numel()),
-                                     values, device)
+    shortfall = memory_shortfall(data, values, device) if config.step == "solve" else None
     if shortfall is not None and asked:
         raise InputError(f"{shortfall}: use step adam, or fewer forget images per run", keys=("step",))
     if shortfall is not None:
@@ -570,31 +536,24 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     sets = _load_sets(forget_sets, remember_set)
 
     base_model = place_model(base.model, dev).eval()
-    model = trainable_copy(base, dev)
-    frozen = freeze_parameters(model, config.freeze)
-    parameters = dict(model.named_parameters())
-    trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    config = _step_that_fits(config, sets, sum(parameters[name].numel() for name in trained), dev, step_asked)
-    on_evaluation_noise = partial(_evaluation_inputs, sets, config.eval_seed, data_spec, dev)
-    n_refresh = min(config.refresh_size, sets.remember.shape[0])
-    refresh_idx = torch.randperm(sets.remember.shape[0], generator=generator)[:n_refresh].sort().values
     remember_nll = partial(pixel_nll, pixels=sets.remember, keys=sets.remember_keys, data_spec=data_spec,
                            seed=config.eval_seed, device=dev)
-    base_remember_nll, base_pass = _base_remember(config, sets, base_model, remember_nll, on_evaluation_noise,
-                                                  refresh_idx, trained, data_spec)
+    base_remember_nll = remember_nll(base_model)
     base_forget_nll = pixel_nll(base_model, sets.forget, sets.forget_keys, data_spec, config.eval_seed, dev,
                                 draws=config.forget_draws)
     delta, epsilon, target, base_holdout_nll = stopping_target(base, base_remember_nll, target_holdout, config,
                                                                device=dev)
-    data, correction = _taming_data(sets, base_remember_nll, remember_nll, config, refresh_idx, on_evaluation_noise,
-                                    dev, data_spec, base)
+    data, correction = _taming_data(sets, base_remember_nll, remember_nll, config, generator, dev, data_spec, base)
     data.base_forget_nll = torch.from_numpy(base_forget_nll)
 
+    model = trainable_copy(base, dev)
+    frozen = freeze_parameters(model, config.freeze)
     batches = loop_generator(generator, dev, config.seed)
+    parameters = dict(model.named_parameters())
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    config = _step_that_fits(config, data, sum(parameters[name].numel() for name in trained), dev, step_asked)
     method = _build_method(config, data, delta=delta, epsilon=epsilon, correction=correction, batches=batches,
                            setup_generator=generator, base_model=base_model)
-    if base_pass is not None:
-        method.base_pass = base_pass
     # (TameConfig refuses precondition kfac for a method that is not preconditioned)
     if torch_func is not None:
         torch_func.join()  # (the metric's per-image gradients are the run's first torch.func transform)

@@ -9,9 +9,8 @@ it wants instead. Each iteration linearizes the NLL of a few rows around the cur
   step);
 - each row the anchor holds (the look-alikes, then the tail rows a refused stop added; gradient averaged over
   :data:`HOLD_DRAWS` draws), asked back to its base NLL on the evaluation's noise;
-- the remember set's mean NLL (the remember set's gradient under the base model on the evaluation's noise - on
-  the whole remember set, or on :data:`BASE_GRADIENT_ROWS` of its images that include the drift guard's refresh
-  subset, drawn once; the tame job's base remember NLL comes from the same pass - plus the
+- the remember set's mean NLL (the remember set's gradient under the base model - on the whole remember set, or
+  on :data:`BASE_GRADIENT_ROWS` of its images that include the drift guard's refresh subset, drawn once - plus the
   displacement since: one batch of those images, of :data:`MEAN_ROWS`, now minus under the base model - the
   batches in turn, each one's base gradient kept from the first step - averaged over the steps with weight
   :data:`MEAN_CHANGE_AVERAGING` for the past), asked back to the base mean;
@@ -26,8 +25,6 @@ the whole remember set, as Adam's step's confirmations are, and the whole set's 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,12 +39,12 @@ from flowtame.likelihood.threshold import threshold_distance
 from flowtame.methods.baselines import nll_function, per_sample_gradients
 from flowtame.methods.curvature import constrained_step
 from flowtame.methods.lookalikes import MAX_HOLD_REFUSALS
-from flowtame.methods.taming import TAIL_ROWS, TamingMethod
+from flowtame.methods.taming import TAIL_ROWS, TamingData, TamingMethod
 
 __all__ = ["BASE_GRADIENT_ROWS", "FORGET_AIM", "FORGET_DRAWS", "HOLD_DRAWS", "MEAN_CHANGE_AVERAGING", "MEAN_ROWS",
            "NORMALITY_HOLD_P", "SOLVED_MAX_REMEMBER_DRIFT", "SOLVE_METRIC_DAMPING", "SOLVE_METRIC_IMAGES", "STEP_RMS",
-           "TARGET_CAP", "BaseRememberPass", "SolvedTaming", "base_remember_pass", "mean_nll_gradient", "mean_rows",
-           "memory_needed", "memory_shortfall", "nll_and_mean_gradient", "normality_bound"]
+           "TARGET_CAP", "SolvedTaming", "mean_nll_gradient", "memory_needed", "memory_shortfall",
+           "normality_bound"]
 
 #: Fresh noise draws whose per-image gradients are averaged for each forget row. A single draw's gradient is
 #: mostly that draw's: a step solved on one draw moved the image's NLL on other draws by a third of what it
@@ -116,15 +113,7 @@ SOLVE_METRIC_IMAGES = 64
 def mean_nll_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, names: list[str],
                       chunk: int = 256) -> dict[str, Tensor]:
     """Gradient of the mean NLL (nats) of inputs ``x`` [N,C,S,S] over the values ``names`` of ``model`` (name ->
-    shape), in ``chunk``-image passes; the model's other values held, its mode (eval/train) as it is
-    (:func:`nll_and_mean_gradient` without the NLL)."""
-    return nll_and_mean_gradient(model, x, data_spec, names, chunk)[1]
-
-
-def nll_and_mean_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, names: list[str],
-                          chunk: int = 256) -> tuple[Tensor, dict[str, Tensor]]:
-    """Each input's NLL [N] (nats, float64, CPU) and the gradient of their mean over the values ``names`` of
-    ``model`` (name -> shape), from the same ``chunk``-image forward and backward passes.
+    shape), in ``chunk``-image passes; the model's other values held, its mode (eval/train) as it is.
 
     Plain reverse-mode autograd on detached copies of the values (the model's own are untouched): a batch gradient
     needs no per-sample transform, and torch.func's ``grad`` took 0.43 s where this takes 0.30 s for 224 images on
@@ -133,66 +122,13 @@ def nll_and_mean_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec,
     params = {n: p.detach().requires_grad_() for n, p in model.named_parameters() if n in wanted}
     nll = nll_function(model, data_spec)
     out = {n: torch.zeros_like(p) for n, p in params.items()}
-    values = []
     with torch.enable_grad():
         for start in range(0, x.shape[0], chunk):
-            rows = nll(params, x[start:start + chunk])
-            gradients = torch.autograd.grad(rows.sum(), list(params.values()), materialize_grads=True)
+            loss = nll(params, x[start:start + chunk]).sum()
+            gradients = torch.autograd.grad(loss, list(params.values()), materialize_grads=True)
             for n, g in zip(params, gradients, strict=True):
                 out[n] += g
-            values.append(rows.detach().double().cpu())
-    return torch.cat(values), {n: g / x.shape[0] for n, g in out.items()}
-
-
-def mean_rows(remember: int, refresh_rows: Tensor | None, seed: int) -> Tensor:
-    """The remember rows (long [B], in a random order from ``seed``) of the mean row, out of ``remember`` rows: all
-    of them, or :data:`BASE_GRADIENT_ROWS` of them - the drift guard's refresh subset (``refresh_rows``) first, so
-    that the guard measures images the mean row brings back, then rows drawn at random."""
-    order = torch.randperm(remember, generator=torch.Generator().manual_seed(seed + 1))
-    if order.numel() <= BASE_GRADIENT_ROWS or refresh_rows is None:
-        return order[:BASE_GRADIENT_ROWS]
-    refresh = torch.zeros(order.numel(), dtype=torch.bool)
-    refresh[refresh_rows.cpu()] = True
-    chosen = torch.cat([order[refresh[order]], order[~refresh[order]]])[:BASE_GRADIENT_ROWS]
-    return chosen[torch.randperm(chosen.numel(), generator=torch.Generator().manual_seed(seed + 2))]
-
-
-@dataclass
-class BaseRememberPass:
-    """The base model on the mean row's remember images (:func:`base_remember_pass`): their NLL ``nll`` [B]
-    (nats, float64, CPU, in ``rows``' order), the images in ``batches`` of about :data:`MEAN_ROWS` ([b,C,S,S],
-    dequantized with the evaluation's keyed noise, on the device), each batch's mean-NLL gradient
-    (``batch_gradients``, name -> shape) and their size-weighted mean, the whole set's (``gradient``)."""
-
-    rows: Tensor
-    nll: Tensor
-    batches: list[Tensor]
-    batch_gradients: list[dict[str, Tensor]]
-    gradient: dict[str, Tensor]
-
-    def restricted(self, names: list[str]) -> BaseRememberPass:
-        """The same pass with its gradients over ``names`` only (a subset of the values it was taken over)."""
-        return replace(self, batch_gradients=[{n: g[n] for n in names} for g in self.batch_gradients],
-                       gradient={n: self.gradient[n] for n in names})
-
-
-def base_remember_pass(model: MultiScaleFlow, inputs: Callable[[Tensor], Tensor], rows: Tensor, names: list[str],
-                       data_spec: DataSpec) -> BaseRememberPass:
-    """The base model's forward and backward over the remember ``rows`` (long [B], :func:`mean_rows`) on the
-    evaluation's keyed noise (``inputs(rows)``: those images dequantized, on the model's device), in batches of
-    about :data:`MEAN_ROWS`: each image's NLL - the tame job's base remember NLL, from the pass the solved step's
-    mean row needs anyway - and each batch's mean-NLL gradient over the values ``names``."""
-    batches = [inputs(part) for part in rows.tensor_split(math.ceil(rows.numel() / MEAN_ROWS))]  # equal (+-1)
-    nll, gradients = [], []
-    for batch in batches:
-        values, gradient = nll_and_mean_gradient(model, batch, data_spec, names)
-        nll.append(values)
-        gradients.append(gradient)
-    total = {n: torch.zeros_like(g) for n, g in gradients[0].items()}
-    for gradient, batch in zip(gradients, batches, strict=True):
-        for n in total:
-            total[n] += gradient[n] * (batch.shape[0] / rows.numel())
-    return BaseRememberPass(rows, torch.cat(nll), batches, gradients, total)
+    return {n: g / x.shape[0] for n, g in out.items()}
 
 
 def memory_needed(rows: int, values: int, images: int, image_values: int) -> int:
@@ -204,16 +140,16 @@ def memory_needed(rows: int, values: int, images: int, image_values: int) -> int
     return rows * values * 16 + (batches + 5) * values * 4 + images * image_values * 4
 
 
-def memory_shortfall(forget: int, lookalikes: int, remember: int, image_values: int, values: int,
-                     device: torch.device) -> str | None:
+def memory_shortfall(data: TamingData, values: int, device: torch.device) -> str | None:
     """Why a solved-step run's rows' gradients would not fit in the memory free on ``device`` (:func:`memory_needed`
-    of the ``forget`` images, the ``lookalikes``, the remember mean and one refused stop's tail rows over ``values``
-    trained values, and of the mean row's images out of ``remember``, ``image_values`` values each), or None when
-    they fit or the free memory is unknown."""
+    of the forget images, the look-alikes, the remember mean and one refused stop's tail rows over ``values``
+    trained values, and of the mean row's images), or None when they fit or the free memory is unknown."""
     free = free_memory(device)
+    lookalikes = 0 if data.lookalikes is None else int(data.lookalikes.numel())
+    forget = int(data.forget.shape[0])
     rows = forget + lookalikes + 1 + TAIL_ROWS
-    images = min(remember, BASE_GRADIENT_ROWS)  # (as many as :func:`mean_rows`)
-    need = memory_needed(rows, values, images, image_values)
+    images = min(int(data.remember.shape[0]), BASE_GRADIENT_ROWS)  # (as many as :meth:`SolvedTaming._mean_rows`)
+    need = memory_needed(rows, values, images, int(data.forget[0].numel()))
     if free is None or need <= free:
         return None
     return (f"step solve needs about {need / 2**30:.1f} GiB on {device} for the gradients of its {rows} rows "
@@ -252,12 +188,9 @@ class SolvedTaming(TamingMethod):
         super().__init__(*args, **kwargs)
         if self.base_model is None:
             raise ValueError("the solved step needs the frozen base model")
-        if self.data.evaluation_inputs is None:
-            raise ValueError("the solved step's mean row and held rows are on the evaluation's noise: TamingData "
-                             "needs evaluation_inputs")
-        #: the base model's pass over the mean row's images, when the tame job took it with its base remember NLL
-        #: (None: the first step takes it); handed on to :attr:`base_gradient` and the batches at the first step
-        self.base_pass: BaseRememberPass | None = None
+        if self.anchor_pool is not None and self.data.evaluation_inputs is None:
+            raise ValueError("the solved step holds the anchor's rows on the evaluation's noise: TamingData needs "
+                             "evaluation_inputs")
         #: the remember set's mean-NLL gradient under the base model (name -> shape; on at most
         #: :data:`BASE_GRADIENT_ROWS` images), from the first step, with its batches of :data:`MEAN_ROWS` images
         #: [B,C,S,S] (dequantized) and each batch's gradient: the mean row's batches, taken in turn
@@ -413,20 +346,23 @@ class SolvedTaming(TamingMethod):
                 "sigma_r": self.sigma_r}
 
     def _base_gradients(self, names: list[str]) -> None:
-        """The mean row's fixed batches and their gradients under the base model over ``names``:
-        :attr:`base_batches` (the remember images of :func:`mean_rows`, dequantized with the evaluation's keyed
-        noise, in batches of :data:`MEAN_ROWS`; a resumed run rebuilds them), :attr:`base_batch_gradients` and
-        their mean, :attr:`base_gradient` - from :attr:`base_pass` when the tame job took it."""
+        """The mean row's fixed batches and their gradients under the base model: :attr:`base_batches` (the
+        remember images of :meth:`_mean_rows`, dequantized, in batches of :data:`MEAN_ROWS`; noise drawn from the
+        run's seed (+1) alone, so a resumed run rebuilds them), :attr:`base_batch_gradients` and their mean,
+        :attr:`base_gradient`."""
         d = self.data
-        taken = self.base_pass
-        if taken is None:
-            assert self.base_model is not None and d.evaluation_inputs is not None
-            rows = mean_rows(d.remember.shape[0], d.refresh_rows, int(self.config.seed))
-            taken = base_remember_pass(self.base_model, d.evaluation_inputs, rows, names, d.data_spec)
-        taken = taken.restricted(names)
-        self.base_batches, self.base_batch_gradients = taken.batches, taken.batch_gradients
-        self.base_gradient = taken.gradient
-        self.base_pass = None  # (held from here on by the three above)
+        generator = torch.Generator(device=d.device).manual_seed(int(self.config.seed) + 1)
+        pixels = take_rows(d.remember, self._mean_rows(), d.device)
+        x = dequantized(pixels, uniform_noise(generator, pixels.shape, d.device), d.data_spec.n_bits)
+        assert self.base_model is not None
+        self.base_batches = list(x.tensor_split(math.ceil(x.shape[0] / MEAN_ROWS)))  # equal sizes (+-1)
+        self.base_batch_gradients = [mean_nll_gradient(self.base_model, batch, d.data_spec, names)
+                                     for batch in self.base_batches]
+        total = {n: torch.zeros_like(g) for n, g in self.base_batch_gradients[0].items()}
+        for gradient, batch in zip(self.base_batch_gradients, self.base_batches, strict=True):
+            for n in total:
+                total[n] += gradient[n] * (batch.shape[0] / x.shape[0])
+        self.base_gradient = total
 
     @property
     def forget_aim(self) -> float:
@@ -434,6 +370,19 @@ class SolvedTaming(TamingMethod):
         half when a band set by hand (``stop_margin``, ``upper_edge``) leaves it nearer an edge."""
         quarter = (self.upper_edge - self.lower_edge) / 4
         return min(max(FORGET_AIM * self.epsilon, self.lower_edge + quarter), self.upper_edge - quarter)
+
+    def _mean_rows(self) -> Tensor:
+        """The remember rows (long [B], in a random order from the run's seed) of the mean row: all of them,
+        or :data:`BASE_GRADIENT_ROWS` of them - the drift guard's refresh subset first, so that the guard measures
+        images the mean row brings back, then rows drawn at random."""
+        seed = int(self.config.seed)
+        order = torch.randperm(self.data.remember.shape[0], generator=torch.Generator().manual_seed(seed + 1))
+        if order.numel() <= BASE_GRADIENT_ROWS or self.data.refresh_rows is None:
+            return order[:BASE_GRADIENT_ROWS]
+        refresh = torch.zeros(order.numel(), dtype=torch.bool)
+        refresh[self.data.refresh_rows.cpu()] = True
+        chosen = torch.cat([order[refresh[order]], order[~refresh[order]]])[:BASE_GRADIENT_ROWS]
+        return chosen[torch.randperm(chosen.numel(), generator=torch.Generator().manual_seed(seed + 2))]
 
     def _targets(self) -> Tensor:
         """The rows' wanted NLL changes (nats, float64) [F + P + 1]: each forget image to :attr:`forget_aim` (at
