@@ -202,6 +202,26 @@ class KroneckerMetric:
                 out[bias] = u[:, :, -1]
         return {n: out[n] for n in rows}
 
+    def gram(self, rows: dict[str, Tensor]) -> Tensor:
+        """K = J M^-1 J^T [m, m] (float64) of m vectors ``rows`` (name -> [m, *parameter shape], every name of the
+        metric): the diagonal part in float64, then block by block, each block's rows preconditioned and dotted
+        with the rows in the blocks' precision (the model's) and dropped before the next block's - one block's m
+        rows of extra memory at a time, not m preconditioned copies of every trained value."""
+        m = next(iter(rows.values())).shape[0]
+        device = next(iter(rows.values())).device
+        gram = torch.zeros(m, m, dtype=torch.float64, device=device)
+        names = [n for n in rows if n in self.diagonal]
+        if names:
+            pre = self._apply_diagonal({n: rows[n] for n in names})
+            for n in names:
+                gram += rows[n].reshape(m, -1).double() @ pre[n].reshape(m, -1).T
+        for weight, (g_inv, a_inv, bias) in self.blocks.items():
+            u = rows[weight].to(g_inv.dtype).reshape(m, rows[weight].shape[1], -1)
+            if bias is not None:
+                u = torch.cat([u, rows[bias].to(g_inv.dtype).reshape(m, -1, 1)], 2)
+            gram += (u.reshape(m, -1) @ (g_inv @ u @ a_inv).reshape(m, -1).T).double()
+        return (gram + gram.T) / 2  # symmetric up to rounding
+
     def _apply_diagonal(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
         """The diagonal part of :meth:`apply_rows`, on the values outside the Kronecker blocks, as one product."""
         names = [n for n in rows if n in self.diagonal]
@@ -253,18 +273,14 @@ def constrained_step(metric: KroneckerMetric, jacobian: dict[str, Tensor], targe
     v = M^-1 J^T (K + damping * diag K)^-1 r with K = J M^-1 J^T (Gauss-Newton in the metric, each row's ridge
     relative to its own diagonal entry, as Marquardt's: a row of small gradients, say a batch's mean NLL beside
     single images, is damped as much as the others): with independent rows and damping -> 0, J v = r exactly
-    and v has the least v^T M v of all such steps. One batched application of the metric to the m rows and one
-    m x m solve (float64). Memory: the preconditioned rows M^-1 J^T (m values per trained value, float64) beside
-    ``jacobian``; K and the step are summed value by value, no flat copy of either."""
+    and v has the least v^T M v of all such steps. K block by block (:meth:`KroneckerMetric.gram`), one m x m
+    solve (float64), then one application of the metric to the rows' combination J^T w (in the rows'
+    precision): memory beyond ``jacobian`` is one Kronecker block's m preconditioned rows and the step."""
     m = targets.shape[0]
-    pre = metric.apply_rows(jacobian)  # name -> [m, *shape], float64
-    gram = torch.zeros(m, m, dtype=torch.float64, device=next(iter(pre.values())).device)
-    for n, rows in pre.items():
-        gram += jacobian[n].reshape(m, -1).to(rows) @ rows.reshape(m, -1).T
-    gram = (gram + gram.T) / 2  # symmetric up to rounding
+    gram = metric.gram(jacobian)
     weights = torch.linalg.solve(gram + damping * torch.diag(gram.diagonal()), targets.to(gram))
-    step = {n: (weights @ rows.reshape(m, -1)).view(rows.shape[1:]) for n, rows in pre.items()}
-    return ConstrainedStep(step, weights, gram)
+    combined = {n: (weights.to(rows.dtype) @ rows.reshape(m, -1)).view(rows.shape[1:]) for n, rows in jacobian.items()}
+    return ConstrainedStep(metric.apply(combined), weights, gram)
 
 
 def _split(flat: Tensor, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
