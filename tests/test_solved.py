@@ -213,6 +213,32 @@ def test_the_mean_rows_displacement_term_takes_the_base_batches_in_turn_averaged
     assert method.mean_change is None and method.trust == 0.25
 
 
+def test_the_mean_rows_batches_draw_their_own_noise_not_the_drift_guards(base, forget_folder, monkeypatch):  # noqa: F811
+    """The drift guard measures the refresh subset on the evaluation's keyed noise; the mean row that brings the
+    remember mean back holds those images too, but on draws of its own. Fit on the guard's draws, the row
+    brought back the very noise the guard reads and the run stopped early (docs/benchmarks.md "Round 14":
+    embedded Glow k = 15 held-out BPD +1.15%, evaluate --check failing)."""
+    seen = []
+    real_jacobian = SolvedTaming._jacobian
+
+    def spy(self, model, names, *args):
+        d = self.data
+        x = torch.cat(self.base_batches)  # in _mean_rows' order
+        where = {int(row): i for i, row in enumerate(self._mean_rows())}
+        pairs = [(where[int(row)], j) for j, row in enumerate(d.refresh_rows.cpu()) if int(row) in where]
+        mine, guards = x[[i for i, _ in pairs]], d.refresh[[j for _, j in pairs]]
+        gap = (mine - guards).abs().flatten(1).amax(1)
+        seen.append((len(pairs), d.refresh.shape[0], gap))
+        return real_jacobian(self, model, names, *args)
+
+    monkeypatch.setattr(SolvedTaming, "_jacobian", spy)
+    forget, remember = _sets(forget_folder)
+    tame(base, forget, remember, make_config({**QUICK, "max_iters": 1}), device="cpu")
+    held, refresh, gap = seen[0]
+    assert held == refresh  # the mean row holds the whole refresh subset...
+    assert bool((gap > 0).all()) and bool((gap < 2.0 ** -DATA_SPEC.n_bits).all())  # ...same pixels, other noise
+
+
 def test_the_forget_rows_aim_a_quarter_epsilon_short_of_the_threshold_inside_the_bands_inner_half():
     """d = FORGET_AIM * epsilon on the default band (-epsilon, 2 epsilon) and on the holdout target's (-epsilon,
     epsilon); a band moved by hand keeps the aim a quarter of its width from either edge."""
