@@ -50,6 +50,7 @@ from protocol import Protocol, build_protocol, score  # noqa: E402
 from reference_loop import run_reference  # noqa: E402
 from zoo_models import DEFAULT_CACHE, ZOO, build, describe, digits_source  # noqa: E402
 
+from flowtame.engine.host_memory import retain_freed_host_memory  # noqa: E402
 from flowtame.errors import FlowtameError, InterruptedRun, StopSignal, signal_number, stop_signals  # noqa: E402
 from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from flowtame.jobs.tame import make_config, preset, tame  # noqa: E402
@@ -167,12 +168,28 @@ def add_cell_arguments(parser: argparse.ArgumentParser, *, model: str, k: int) -
     parser.add_argument("--override", type=json.loads, default={}, help="TameConfig keys as JSON")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the zoo models are cached")
     parser.add_argument("--threads", type=int, default=1, help="torch threads [1]")
+    add_malloc_argument(parser)
+
+
+def add_malloc_argument(parser: argparse.ArgumentParser) -> None:
+    """--plain-malloc: leave glibc's malloc as it is; by default the process keeps freed memory for reuse, as the
+    CLI's does (flowtame/engine/host_memory.py)."""
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="leave glibc's malloc trimming and mmap-ing freed memory (the CLI keeps it for reuse)")
+
+
+def host_memory(args: argparse.Namespace) -> str:
+    """Apply ``args.plain_malloc``'s choice; returns it in words for the results' machine line."""
+    if args.plain_malloc:
+        return "plain malloc"
+    return "freed memory retained" if retain_freed_host_memory() else "plain malloc (no glibc)"
 
 
 def load_cell(args: argparse.Namespace) -> tuple[Checkpoint, Protocol]:
     """The base checkpoint and protocol of the cell :func:`add_cell_arguments` parsed, after setting torch's
     threads (the model built and cached first when it is not yet)."""
     torch.set_num_threads(args.threads)
+    host_memory(args)
     base = load_checkpoint(build(args.model, args.cache))
     return base, build_protocol(base, args.digit, args.k, NEIGHBOURS, source=digits_source(args.model, args.cache))
 
@@ -268,7 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "label": args.label, "preset": args.preset, "override": args.override, "digit": args.digit,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"torch {torch.__version__}",
+                   f"torch {torch.__version__}, {host_memory(args)}",
         "threads": torch.get_num_threads(), "command": " ".join(sys.argv), "models": {}, "rows": []}
     if args.resume and args.json and args.json.exists():
         previous = load_json(args.json)
@@ -360,6 +377,7 @@ def main() -> None:
     parser.add_argument("--reference-only", action="store_true",
                         help="only run (and cache) the reference loops of --models x --reference-ks not cached yet")
     parser.add_argument("--reference-iters", type=int, default=REFERENCE_ITERS)
+    add_malloc_argument(parser)
     parser.add_argument("--reference-cache", type=Path, default=DEFAULT_CACHE / "reference.json")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the zoo models are cached")
     parser.add_argument("--threads", type=int, default=2)

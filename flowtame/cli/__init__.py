@@ -23,6 +23,7 @@ from flowtame import __version__
 from flowtame.cli._common import error_line
 from flowtame.engine.devices import out_of_memory
 from flowtame.engine.distributed import distributed_context
+from flowtame.engine.host_memory import retain_freed_host_memory
 from flowtame.errors import FlowtameError, InputError, StopSignal, signal_number, stop_signals
 
 app = typer.Typer(
@@ -62,6 +63,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main() -> None:
     """Console-script entry point: run the app, map library errors to one line and an exit code."""
     warnings.showwarning = _one_line_warning
+    retain_freed_host_memory()  # a run's passes reuse the memory the last one freed (engine/host_memory.py)
     previous = _stop_signals_interrupt()
     try:
         _check_distributed_command(sys.argv[1:])

@@ -132,8 +132,9 @@ def mean_nll_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, nam
 
 
 def memory_needed(rows: int, values: int, images: int, image_values: int) -> int:
-    """Bytes the solved step holds at its peak (float32 model): the ``rows`` rows' gradients over ``values``
-    trained values while they are concatenated (twice, 4 bytes each) and preconditioned (8 bytes), the base
+    """Bytes the solved step holds at its peak (float32 model), an upper bound: the ``rows`` rows' gradients over
+    ``values`` trained values while they are concatenated (twice, 4 bytes each) and, one Kronecker block at a
+    time, preconditioned (at most 8 bytes more: the largest block's share of the values), the base
     gradient, one per mean-row batch and the step's few vectors (4 bytes each), and the mean row's ``images``
     dequantized images of ``image_values`` values each."""
     batches = math.ceil(images / MEAN_ROWS)
