@@ -29,6 +29,8 @@ def run_cli(capsys, monkeypatch):
 
         monkeypatch.setattr(sys, "argv", ["flowtame", *map(str, args)])
         monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
+        # the test process keeps glibc's malloc as it is (main() would keep freed memory for the whole session)
+        monkeypatch.setattr("flowtame.cli.retain_freed_host_memory", lambda: False)
         code = 0
         try:
             main()

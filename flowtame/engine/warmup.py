@@ -4,7 +4,7 @@ torch.func's gradient transforms (``grad``, ``vjp``, ``vmap(grad)``) import ``to
 to switch compiled autograd off around their backward: 0.7-0.9 s of Python on one core (torch 2.13), paid once per
 process by every run whose first per-image gradient comes before anything else imported it. (Loading a Glow with
 LU 1x1 convolutions imports it already: ``torch.triu`` on the meta device goes through torch's reference ops.)
-:class:`BackgroundImport` runs such an import on a daemon thread while the main thread's setup passes sit in
+:class:`BackgroundImport` runs such an import on a background thread while the main thread's setup passes sit in
 torch's kernels, which release the GIL; :meth:`BackgroundImport.join` waits for it before the first transform, so
 the two threads never import the same modules at once. The thread is not a daemon: a run that ends early (an
 input error, Ctrl-C) waits for the import to finish at exit instead of tearing it down halfway.
