@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "label": args.label, "preset": args.preset, "override": args.override, "digit": args.digit,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"torch {torch.__version__}, {host_memory(args)}",
+                   f"torch {torch.__version__}, {args.host_memory}",
         "threads": torch.get_num_threads(), "command": " ".join(sys.argv), "models": {}, "rows": []}
     if args.resume and args.json and args.json.exists():
         previous = load_json(args.json)
@@ -395,6 +395,7 @@ def main() -> None:
         print_results(results)
         return
     torch.set_num_threads(args.threads)
+    args.host_memory = host_memory(args)
     stop_on_signals()
     print_results(run_or_exit(args))
 

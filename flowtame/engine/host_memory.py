@@ -5,8 +5,9 @@ glibc's malloc serves large blocks (over 32 MiB at most, fewer after its dynamic
 come from malloc, so every large activation of a training pass is a fresh mapping whose pages the kernel zeroes
 and faults in one by one. On the rosinality Glow (5.9M values) a solved-step run at k = 15 spent 14 of its
 93 CPU seconds in the kernel, 3.1 million page faults; kept for reuse, 4 s (docs/benchmarks.md "Round 14").
-:func:`retain_freed_host_memory` tells glibc to serve every block from its heap and never trim it: the process
-keeps the memory it has freed, at most its peak, for the next pass. A process-wide setting, so the CLI makes
+:func:`retain_freed_host_memory` tells glibc to serve blocks from its heap (on the main thread; other threads'
+arenas still map requests larger than their 64 MiB heaps) and never trim it: the process keeps the memory it has
+freed — about its peak, more when the heap fragments — for the next pass. A process-wide setting, so the CLI makes
 it (a notebook may call it too); nothing on other C libraries or systems.
 """
 

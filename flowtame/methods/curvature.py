@@ -191,16 +191,21 @@ class KroneckerMetric:
         block for all m rows)."""
         out = self._apply_diagonal(rows)
         for weight, (g_inv, a_inv, bias) in self.blocks.items():
-            w = rows[weight].to(g_inv.dtype)
-            m, width = w.shape[0], w[0, 0].numel()
-            u = w.reshape(m, w.shape[1], -1)
-            if bias is not None:
-                u = torch.cat([u, rows[bias].to(g_inv.dtype).reshape(m, -1, 1)], 2)
-            u = (g_inv @ u @ a_inv).double()
-            out[weight] = u[:, :, :width].reshape(w.shape)
+            u = (g_inv @ self._block_rows(rows, weight) @ a_inv).double()
+            out[weight] = u[:, :, :rows[weight][0, 0].numel()].reshape(rows[weight].shape)
             if bias is not None:
                 out[bias] = u[:, :, -1]
         return {n: out[n] for n in rows}
+
+    def _block_rows(self, rows: dict[str, Tensor], weight: str) -> Tensor:
+        """The Kronecker block of ``weight``'s m rows as U = [W | b] [m, out, in*kh*kw (+1)] in the block's
+        precision (the model's), its bias's rows appended when the block has one."""
+        g_inv, _, bias = self.blocks[weight]
+        w = rows[weight].to(g_inv.dtype)
+        u = w.reshape(w.shape[0], w.shape[1], -1)
+        if bias is None:
+            return u
+        return torch.cat([u, rows[bias].to(g_inv.dtype).reshape(w.shape[0], -1, 1)], 2)
 
     def gram(self, rows: dict[str, Tensor]) -> Tensor:
         """K = J M^-1 J^T [m, m] (float64) of m vectors ``rows`` (name -> [m, *parameter shape], every name of the
@@ -215,10 +220,8 @@ class KroneckerMetric:
             pre = self._apply_diagonal({n: rows[n] for n in names})
             for n in names:
                 gram += rows[n].reshape(m, -1).double() @ pre[n].reshape(m, -1).T
-        for weight, (g_inv, a_inv, bias) in self.blocks.items():
-            u = rows[weight].to(g_inv.dtype).reshape(m, rows[weight].shape[1], -1)
-            if bias is not None:
-                u = torch.cat([u, rows[bias].to(g_inv.dtype).reshape(m, -1, 1)], 2)
+        for weight, (g_inv, a_inv, _) in self.blocks.items():
+            u = self._block_rows(rows, weight)
             gram += (u.reshape(m, -1) @ (g_inv @ u @ a_inv).reshape(m, -1).T).double()
         return (gram + gram.T) / 2  # symmetric up to rounding
 
