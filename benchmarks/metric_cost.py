@@ -5,7 +5,9 @@ Times (``time.perf_counter``, best of ``--repeats``) :func:`flowtame.methods.cur
 builds it (512 remember images), its two passes (``diagonal_fisher``: the per-image gradients; ``kfac_factors``:
 the batched K-FAC pass), one :meth:`KroneckerMetric.update` of an Adam-sized random update, and the metric
 applied to ``--rows`` random rows (the solved step's m) one row at a time with ``apply`` and, where the revision
-has it, all at once with ``apply_rows``; prints the number of trained values inside and outside the Kronecker
+has it, all at once with ``apply_rows``; then the solved step's solve on those rows as the rows of its system
+(``constrained_step``: the Gram matrix K = J M^-1 J^T, the m x m solve and the metric applied to J^T w; and
+``gram`` alone), best of ``--repeats``; prints the number of trained values inside and outside the Kronecker
 blocks. Runs on any revision of the package (the
 pieces are looked up by name), so the same script times the code before and after a change.
 
@@ -95,6 +97,11 @@ def main() -> None:
     one_at_a_time, _ = best_of(args.repeats, lambda: [metric.apply({n: rows[n][i] for n in names})
                                                       for i in range(args.rows)])
     at_once = best_of(args.repeats, lambda: metric.apply_rows(rows))[0] if hasattr(metric, "apply_rows") else None
+    solve = gram = None
+    if hasattr(curvature, "constrained_step"):
+        targets = torch.randn(args.rows, generator=generator, dtype=torch.float64)
+        solve = best_of(args.repeats, lambda: curvature.constrained_step(metric, rows, targets))[0]
+        gram = best_of(args.repeats, lambda: metric.gram(rows))[0] if hasattr(metric, "gram") else None
     print(f"{args.model}: {len(names)} trained tensors, {inside:,} values in {len(metric.blocks)} Kronecker blocks, "
           f"{outside:,} on the diagonal; {torch.get_num_threads()} thread(s), torch {torch.__version__}")
     print(f"remember_metric (512 images): {setup:.2f} s (best of {args.repeats})")
@@ -103,6 +110,9 @@ def main() -> None:
     print(f"update: {1e3 * per_update:.1f} ms per call (mean of {args.updates})")
     print(f"the metric applied to {args.rows} rows: {one_at_a_time:.3f} s one at a time"
           + ("" if at_once is None else f", {at_once:.3f} s at once (apply_rows; {one_at_a_time / at_once:.1f}x)"))
+    if solve is not None:
+        print(f"the solve on {args.rows} rows (constrained_step): {solve:.3f} s"
+              + ("" if gram is None else f", of which the Gram matrix {gram:.3f} s (best of {args.repeats})"))
 
 
 if __name__ == "__main__":

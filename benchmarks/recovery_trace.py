@@ -2,9 +2,13 @@
 
 Runs :func:`zoo.tame_row` (the package's defaults + ``--override``) on one zoo model and k and prints, after
 every solved step, the remember drift (relative rise of the refresh subset's mean NLL over N_B), what the mean
-row asked of the step (nats, after the step's shrink) and what the mean did, the shrink and the forget images'
-d range (sigma_R); then the scored row. ``--metric-damping``, ``--mean-rows`` and ``--mean-averaging`` replace
-the solved step's SOLVE_METRIC_DAMPING, MEAN_ROWS and MEAN_CHANGE_AVERAGING for the run (the sweeps of Round 13).
+row asked of the step (nats, after the step's shrink) and what the mean did, the step's predicted RMS change of
+the remember images' NLL (``step_rms``, sigma_R) and half its square in nats (``half_rms2``: the mean's
+second-order rise were the metric, the remember images' Fisher, their NLL's Hessian), the shrink and the forget
+images' d range (sigma_R), and the stop's verdict (a stop, "short": a forget image outside the band, or the
+guards and holds that refused it); then the scored row. ``--metric-damping``, ``--mean-rows`` and
+``--mean-averaging`` replace the solved step's SOLVE_METRIC_DAMPING, MEAN_ROWS and MEAN_CHANGE_AVERAGING for the
+run (the sweeps of Round 13).
 
     python benchmarks/recovery_trace.py --model embedded-glow --k 15 --metric-damping 3e-4 --json /tmp/t.json
 """
@@ -35,21 +39,47 @@ def traced(trace: list[dict[str, Any]]):
         return solved_for[0]
 
     solved.SolvedTaming._targets = targets  # type: ignore[method-assign]
+    original_after = solved.SolvedTaming.after_step
+
+    def after_step(self: solved.SolvedTaming, model: Any, iteration: int, logged: dict[str, float]) -> bool:
+        before = _refusals(self)
+        done = original_after(self, model, iteration, logged)
+        if trace and trace[-1]["it"] == iteration:
+            now = _refusals(self)
+            refused = [key for key in now if now[key] > before[key]]
+            verdict = "stop" if done else ", ".join(refused) if refused else "short"
+            trace[-1]["verdict"] = verdict
+            print(f"    verdict: {verdict}", flush=True)
+        return done
+
+    solved.SolvedTaming.after_step = after_step  # type: ignore[method-assign]
 
     def own_step(self: solved.SolvedTaming, model: Any, iteration: int) -> dict[str, Any]:
         before = None if self.forget_nll_now is None else float(self.mu_r)
         out = original(self, model, iteration)
         base, after = float(self.data.base_mean), float(self.mu_r)
+        sigma = float(out["sigma_r"])
         entry = {"it": iteration, "drift": (after - base) / base, "asked": float(solved_for[0][-1] * out["shrink"]),
                  "realized": None if before is None else after - before, "shrink": float(out["shrink"]),
+                 "step_rms": float(out["step_rms"]), "half_rms2": 0.5 * (float(out["step_rms"]) * sigma) ** 2,
                  "min_d": float(out["min_d"]), "max_d": float(out["max_d"])}
         trace.append(entry)
         realized = "-" if entry["realized"] is None else f"{entry['realized']:+.2f}"
         print(f"{iteration:3d} drift {100 * entry['drift']:+.3f}% asked {entry['asked']:+.2f} realized {realized} "
-              f"shrink {entry['shrink']:.2f} d [{entry['min_d']:+.2f}, {entry['max_d']:+.2f}]", flush=True)
+              f"step_rms {entry['step_rms']:.3f} half_rms2 {entry['half_rms2']:.2f} shrink {entry['shrink']:.2f} "
+              f"d [{entry['min_d']:+.2f}, {entry['max_d']:+.2f}]", flush=True)
         return out
 
     return own_step
+
+
+def _refusals(method: solved.SolvedTaming) -> dict[str, int]:
+    """The method's refusal counters: the drift guard, the whole set, the normality hold and each quantile hold."""
+    counts = {"drift": method.drift_refusals, "whole set": method.whole_set_refusals,
+              "normality": method.normality_refusals}
+    for hold in method.quantile_holds:
+        counts[hold.keys[1]] = hold.refusals
+    return counts
 
 
 def main() -> None:

@@ -6,7 +6,10 @@ method (wrapped here, not in the library), and prints the split as a tree: each 
 seconds (the rest of its parent is its own code), calls and seconds per call. Phases: ``setup`` (tame() up to
 Engine.run: loading, N_B over the whole remember set, the forget set's base NLL, look-alike search, lr
 calibration, check noise), ``loop`` (Engine.run: forward/backward, Adam, refreshes, confirmations, whole-set
-re-judgements, snapshots) and ``end`` (after Engine.run: the final measurement and the report).
+re-judgements, snapshots) and ``end`` (after Engine.run: the final measurement and the report). Around the
+whole run it reads the process's resource usage (``getrusage``: user and system CPU seconds, minor page faults,
+peak resident memory), so ``--plain-malloc`` against the default (freed host memory retained, as the CLI does)
+shows what the allocator costs in the kernel (docs/benchmarks.md "Round 14").
 
 It also records where the iterations go: the first iteration whose screen passes, and each confirmation's
 iteration and verdict (stop, images short, remember drift, whole set disagrees).
@@ -20,6 +23,7 @@ import argparse
 import functools
 import json
 import platform
+import resource
 import sys
 import time
 from collections import Counter, defaultdict
@@ -128,6 +132,14 @@ def install(split: Split, events: dict[str, Any]) -> None:
                                             "drift": round(self.remember_drift(), 5)})
         return done
     TamingMethod.screen_and_confirm = watched  # type: ignore[method-assign]
+
+
+def usage_since(before: resource.struct_rusage) -> dict[str, float]:
+    """The process's user and system CPU seconds and minor page faults since ``before``, and its peak resident
+    memory (GiB, over its whole life: the run's when the run is the largest thing it did)."""
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": now.ru_utime - before.ru_utime, "system_s": now.ru_stime - before.ru_stime,
+            "minor_faults": now.ru_minflt - before.ru_minflt, "peak_rss_gib": now.ru_maxrss / 2**20}
 
 
 def print_split(split: Split, report: dict[str, Any]) -> None:
@@ -246,14 +258,20 @@ def main() -> None:
     if args.forward_batches:
         forward_batches(base, proto, args.forward_batches, args.rows, args.repeats)
         return
+    allocator = "plain malloc" if args.plain_malloc else "freed memory retained"
     config = tame_job.make_config(args.override)
     split, events = Split(), {"first_screen": None, "confirmations": []}
     install(split, events)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     split.marks["start"] = time.perf_counter()
     outcome = tame_job.tame(base, [proto.forget], proto.remember, config, device="cpu")
     split.marks["end"] = time.perf_counter()
+    usage = usage_since(before)
     report = outcome.report
     print_split(split, report)
+    print(f"the run's CPU: user {usage['user_s']:.1f} s, system {usage['system_s']:.1f} s, "
+          f"{usage['minor_faults'] / 1e6:.2f}M minor page faults; peak RSS {usage['peak_rss_gib']:.2f} GiB "
+          f"({allocator})")
     print(f"first screen pass at iteration {events['first_screen']}; confirmations: "
           + ", ".join(f"{c['it']} {c['verdict']}" for c in events["confirmations"]))
     if args.json:
@@ -261,6 +279,7 @@ def main() -> None:
                 "drift_refusals", "whole_set_refusals", "lr_reductions", "calibration")
         write_json(args.json, {
             "model": args.model, "k": args.k, "override": args.override, "threads": args.threads,
+            "allocator": allocator, "usage": usage,
             "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
             "split": split.to_dict(), "events": events, "report": {key: report.get(key) for key in keys},
             "remember_normal": report["remember_normal"], "requests": report["requests"]})

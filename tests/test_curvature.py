@@ -368,11 +368,73 @@ def test_the_constrained_step_moves_its_rows_by_their_targets_to_first_order_and
             for n in names:
                 params[n].sub_(sign * t * solved.step[n])
     torch.testing.assert_close((moved[0] - moved[1]) / (2 * t), targets, rtol=1e-5, atol=1e-5)
-    # the step is M^-1 J^T w with v^T M v = w^T K w; a ridge shortens it and misses the targets
-    rebuilt = metric.apply({n: sum(w * jacobian[n][i] for i, w in enumerate(solved.weights)) for n in names})
-    for n in names:
-        torch.testing.assert_close(rebuilt[n], solved.step[n], rtol=1e-9, atol=1e-12)
+    # K is J M^-1 J^T (each row preconditioned on its own), and the step's energy v^T M v is w^T K w
+    preconditioned = metric.apply_rows(jacobian)
+    gram = sum(jacobian[n].flatten(1) @ preconditioned[n].flatten(1).T for n in names)
+    torch.testing.assert_close(solved.gram, gram, rtol=1e-9, atol=1e-12)
+    times = _metric_times(metric, solved.step)
+    energy_direct = sum(float((solved.step[n] * times[n]).sum()) for n in names)
+    torch.testing.assert_close(energy_direct, float(solved.weights @ solved.gram @ solved.weights), rtol=1e-7, atol=0)
+    # a ridge shortens it and misses the targets
     ridged = constrained_step(metric, jacobian, targets, damping=1.0)
     energy = float(solved.weights @ solved.gram @ solved.weights)
     assert float(ridged.weights @ ridged.gram @ ridged.weights) < 0.5 * energy
     assert float(sum((jacobian[n][0] * ridged.step[n]).sum() for n in names)) < 1.9
+
+
+def _metric_times(metric: KroneckerMetric, step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """M v for a step v (the inverse of :meth:`KroneckerMetric.apply`, from its blocks' inverses and diagonal)."""
+    out = {n: v / metric.diagonal[n] for n, v in step.items() if n in metric.diagonal}
+    for weight, (g_inv, a_inv, bias) in metric.blocks.items():
+        u = step[weight].reshape(step[weight].shape[0], -1)
+        if bias is not None:
+            u = torch.cat([u, step[bias].reshape(-1, 1)], 1)
+        times = torch.linalg.inv(g_inv.double()) @ u @ torch.linalg.inv(a_inv.double())
+        out[weight] = times[:, :step[weight][0].numel()].reshape(step[weight].shape)
+        if bias is not None:
+            out[bias] = times[:, -1]
+    return out
+
+
+def test_the_gram_matrix_of_a_float32_model_is_its_rows_dotted_with_their_preconditioned_rows():
+    """gram sums each Kronecker block's products in the model's precision: on a float32 model it equals J M^-1 J^T
+    formed in float64 from the same blocks to float32 rounding."""
+    model, x = _model_and_inputs(n=6)
+    model, x = model.float(), x.float()
+    names = _trained(model)
+    metric = KroneckerMetric(model, x, DATA_SPEC, names)
+    assert metric.blocks and all(g.dtype == torch.float32 for g, _, _ in metric.blocks.values())
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(3)
+    rows = {n: torch.randn(5, *params[n].shape, generator=generator) for n in names}
+    preconditioned = metric.apply_rows({n: r.double() for n, r in rows.items()})  # float64 rows: float64 products
+    reference = sum(rows[n].double().flatten(1) @ preconditioned[n].flatten(1).T for n in names)
+    gram = metric.gram(rows)
+    assert gram.dtype == torch.float64
+    torch.testing.assert_close(gram, reference, rtol=2e-5, atol=1e-6 * float(reference.diagonal().max()))
+
+
+def test_a_kronecker_block_without_a_bias_is_preconditioned_and_dotted_as_its_weight_alone():
+    """A Conv2d without a bias takes G~^-1 W A~^-1 over its weight's columns only (no appended bias column)."""
+    generator = torch.Generator().manual_seed(4)
+    out_channels, inputs = 3, 2 * 3 * 3
+
+    def spd(n: int) -> torch.Tensor:
+        a = torch.randn(n, n, generator=generator, dtype=torch.float64)
+        return a @ a.T + n * torch.eye(n, dtype=torch.float64)
+
+    g_inv, a_inv = spd(out_channels), spd(inputs)
+    metric = KroneckerMetric.__new__(KroneckerMetric)
+    metric.blocks = {"conv.weight": (g_inv, a_inv, None)}
+    metric.diagonal = {"scale": torch.tensor([2.0], dtype=torch.float64)}
+    metric._diagonal_names, metric._diagonal_flat = [], torch.zeros(0, dtype=torch.float64)
+    rows = {"conv.weight": torch.randn(4, out_channels, 2, 3, 3, generator=generator, dtype=torch.float64),
+            "scale": torch.randn(4, 1, generator=generator, dtype=torch.float64)}
+    applied = metric.apply_rows(rows)
+    for i in range(4):
+        expected = g_inv @ rows["conv.weight"][i].reshape(out_channels, -1) @ a_inv
+        torch.testing.assert_close(applied["conv.weight"][i].reshape(out_channels, -1), expected)
+    torch.testing.assert_close(applied["scale"], 2.0 * rows["scale"])
+    flat = torch.cat([rows[n].flatten(1) for n in rows], 1)
+    flat_applied = torch.cat([applied[n].flatten(1) for n in rows], 1)
+    torch.testing.assert_close(metric.gram(rows), flat @ flat_applied.T)

@@ -19,8 +19,8 @@ from flowtame.errors import InputError, InterruptedRun
 from flowtame.jobs.tame import make_config, tame
 from flowtame.likelihood.nll import dequantized, nll_nats
 from flowtame.methods import baselines, curvature, solved
-from flowtame.methods.baselines import per_sample_gradients
-from flowtame.methods.solved import STEP_RMS, SolvedTaming, mean_nll_gradient
+from flowtame.methods.baselines import mean_nll_gradient, per_sample_gradients
+from flowtame.methods.solved import STEP_RMS, SolvedTaming
 from flowtame.methods.taming import TamingMethod
 
 QUICK = {"step": "solve", "max_iters": 20, "refresh_size": 32, "lookalikes": 4}

@@ -266,6 +266,27 @@ def nll_function(model: MultiScaleFlow, data_spec: DataSpec) -> Callable[[dict[s
     return f
 
 
+def mean_nll_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, names: list[str],
+                      chunk: int = 256) -> dict[str, Tensor]:
+    """Gradient of the mean NLL (nats) of inputs ``x`` [N,C,S,S] over the values ``names`` of ``model`` (name ->
+    shape), in ``chunk``-image passes; the model's other values held, its mode (eval/train) as it is.
+
+    Plain reverse-mode autograd on detached copies of the values (the model's own are untouched): a batch gradient
+    needs no per-sample transform, and torch.func's ``grad`` took 0.43 s where this takes 0.30 s for 224 images on
+    the embedded Glow (one thread; 0.24 against 0.21 s on the RealNVP)."""
+    wanted = set(names)
+    params = {n: p.detach().requires_grad_() for n, p in model.named_parameters() if n in wanted}
+    nll = nll_function(model, data_spec)
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    with torch.enable_grad():
+        for start in range(0, x.shape[0], chunk):
+            loss = nll(params, x[start:start + chunk]).sum()
+            gradients = torch.autograd.grad(loss, list(params.values()), materialize_grads=True)
+            for n, g in zip(params, gradients, strict=True):
+                out[n] += g
+    return {n: g / x.shape[0] for n, g in out.items()}
+
+
 def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, *, vectorized: bool,
                          chunk_size: int | None, names: list[str] | None = None) -> Iterator[dict[str, Tensor]]:
     """Per-sample gradients ∂ NLL(x_n)/∂θ (nats), chunk by chunk: name -> [chunk, *param shape], for the
@@ -275,9 +296,12 @@ def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, 
     group (an image under D noise draws: one pass of N*D inputs, not D passes of N). The model runs in eval mode
     (ActNorm's data-dependent initialization only runs in training mode, so it cannot fire inside vmap; a loaded
     checkpoint is initialized). ``vectorized``: ``vmap(grad(f))`` over chunks of ``chunk_size`` samples
-    (default: as many as keep a chunk's gradients within :data:`FISHER_CHUNK_VALUES` floats); otherwise, or when
-    vmap cannot handle a layer (a warning says so), ``grad(f)`` one sample at a time. A chunk's inputs (its
-    samples times D) are held to the default's count too, so grouping does not multiply activation memory.
+    (default: as many as keep a chunk's gradients within :data:`FISHER_CHUNK_VALUES` floats); otherwise, when
+    vmap cannot handle a layer (a warning says so), or when a chunk holds one sample (a large model), plain
+    autograd one sample at a time (:func:`mean_nll_gradient` of its group: on the rosinality Glow's 15 groups of 8
+    draws, 2.0 s against vmap's 2.25 s, one thread; vmap is faster where it batches several samples, 0.22 against
+    0.33 s on the RealNVP). A chunk's inputs (its samples times D) are held to the default's count too, so grouping
+    does not multiply activation memory.
     """
     groups = x if x.dim() == 5 else x.unsqueeze(1)
     wanted = None if names is None else set(names)
@@ -292,7 +316,7 @@ def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, 
         batched = vmap(f, in_dims=(None, 0))
         for start in range(0, groups.shape[0], chunk_size):
             chunk = groups[start:start + chunk_size]
-            if vectorized:
+            if vectorized and chunk.shape[0] > 1:
                 try:
                     with warnings.catch_warnings():  # torch's note that an op (TarFlow's attention) runs unbatched
                         warnings.filterwarnings("ignore", message="There is a performance drop because we have "
@@ -304,7 +328,8 @@ def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, 
                     warnings.warn(f"per-sample gradients: vmap cannot run this model ({str(exc).splitlines()[0]}); "
                                   "falling back to one sample at a time", stacklevel=2)
                     vectorized = False
-            singles = [f(params, group) for group in chunk]
+            singles = [mean_nll_gradient(model, group, data_spec, list(params), chunk=group.shape[0])
+                       for group in chunk]
             yield {name: torch.stack([g[name] for g in singles]) for name in params}
     finally:
         model.train(was_training)

@@ -30,20 +30,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowtame.data.quantization import DataSpec
 from flowtame.engine.devices import free_memory, take_rows, uniform_noise
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll, dequantized
 from flowtame.likelihood.statistics import ks_normality
 from flowtame.likelihood.threshold import threshold_distance
-from flowtame.methods.baselines import nll_function, per_sample_gradients
+from flowtame.methods.baselines import mean_nll_gradient, per_sample_gradients
 from flowtame.methods.curvature import constrained_step
 from flowtame.methods.lookalikes import MAX_HOLD_REFUSALS
 from flowtame.methods.taming import TAIL_ROWS, TamingData, TamingMethod
 
 __all__ = ["BASE_GRADIENT_ROWS", "FORGET_AIM", "FORGET_DRAWS", "HOLD_DRAWS", "MEAN_CHANGE_AVERAGING", "MEAN_ROWS",
            "NORMALITY_HOLD_P", "SOLVED_MAX_REMEMBER_DRIFT", "SOLVE_METRIC_DAMPING", "SOLVE_METRIC_IMAGES", "STEP_RMS",
-           "TARGET_CAP", "SolvedTaming", "mean_nll_gradient", "memory_needed", "memory_shortfall",
+           "TARGET_CAP", "SolvedTaming", "memory_needed", "memory_shortfall",
            "normality_bound"]
 
 #: Fresh noise draws whose per-image gradients are averaged for each forget row. A single draw's gradient is
@@ -108,27 +107,6 @@ SOLVE_METRIC_DAMPING = 3e-4
 #: 256; rosinality Glow k = 8: 7 against 9; the whole zoo: docs/benchmarks.md "Round 12") for a quarter of the
 #: pass (on the RealNVP, one thread: 2.8 s for the K-FAC pass on 256 images against 0.7 s on 64).
 SOLVE_METRIC_IMAGES = 64
-
-
-def mean_nll_gradient(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, names: list[str],
-                      chunk: int = 256) -> dict[str, Tensor]:
-    """Gradient of the mean NLL (nats) of inputs ``x`` [N,C,S,S] over the values ``names`` of ``model`` (name ->
-    shape), in ``chunk``-image passes; the model's other values held, its mode (eval/train) as it is.
-
-    Plain reverse-mode autograd on detached copies of the values (the model's own are untouched): a batch gradient
-    needs no per-sample transform, and torch.func's ``grad`` took 0.43 s where this takes 0.30 s for 224 images on
-    the embedded Glow (one thread; 0.24 against 0.21 s on the RealNVP)."""
-    wanted = set(names)
-    params = {n: p.detach().requires_grad_() for n, p in model.named_parameters() if n in wanted}
-    nll = nll_function(model, data_spec)
-    out = {n: torch.zeros_like(p) for n, p in params.items()}
-    with torch.enable_grad():
-        for start in range(0, x.shape[0], chunk):
-            loss = nll(params, x[start:start + chunk]).sum()
-            gradients = torch.autograd.grad(loss, list(params.values()), materialize_grads=True)
-            for n, g in zip(params, gradients, strict=True):
-                out[n] += g
-    return {n: g / x.shape[0] for n, g in out.items()}
 
 
 def memory_needed(rows: int, values: int, images: int, image_values: int) -> int:
