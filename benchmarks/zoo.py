@@ -11,8 +11,9 @@ remember images nearest D_F, holdout = the other classes' test images. Then:
   BPD change, and whether ``flowtame evaluate --neighbours 16 --check`` (default tolerances) passes;
 - the authors' loop (benchmarks/reference_loop.py, 800 iterations, its defaults) on the same model and sets,
   for the time ratio (tame's wall time / the reference's). Reference results are cached in
-  ``--reference-cache`` by model sha256, digit, k, iterations and torch threads, so each is run once
-  (``--reference-only`` fills the cache without taming; ``--print`` takes cached ones into the table).
+  ``--reference-cache`` by model sha256, digit, k, iterations, torch threads and allocator (``--plain-malloc``),
+  so each is run once (``--reference-only`` fills the cache without taming; ``--print`` takes cached ones into
+  the table).
 
     python benchmarks/zoo.py --skip-reference --json before.json          # every model and k, tame only
     python benchmarks/zoo.py --json zoo.json                              # + the reference loop at k = 4, 15
@@ -246,8 +247,11 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def reference_key(sha256: str, digit: int, k: int, iters: int, threads: int) -> str:
-    return f"{sha256}:{digit}:{k}:{iters}:{threads}"
+def reference_key(sha256: str, digit: int, k: int, iters: int, threads: int, allocator: str) -> str:
+    """The reference cache's key; ``allocator``: the results' host memory words (a run with glibc's malloc as it
+    is gets its own entries: the authors' loop is slower there, docs/benchmarks.md "Round 14")."""
+    plain = ":plain-malloc" if allocator.startswith("plain malloc") else ""
+    return f"{sha256}:{digit}:{k}:{iters}:{threads}{plain}"
 
 
 def fill_references(results: dict[str, Any], ref_cache: dict[str, Any], iters: int) -> None:
@@ -255,7 +259,7 @@ def fill_references(results: dict[str, Any], ref_cache: dict[str, Any], iters: i
     for row in results["rows"]:
         if row.get("reference") is None:
             key = reference_key(results["models"][row["model"]]["sha256"], results["digit"], row["k"], iters,
-                                results["threads"])
+                                results["threads"], results.get("host_memory", "freed memory retained"))
             row["reference"] = ref_cache.get(key)
 
 
@@ -286,7 +290,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}, {args.host_memory}",
-        "threads": torch.get_num_threads(), "command": " ".join(sys.argv), "models": {}, "rows": []}
+        "threads": torch.get_num_threads(), "host_memory": args.host_memory, "command": " ".join(sys.argv),
+        "models": {}, "rows": []}
     if args.resume and args.json and args.json.exists():
         previous = load_json(args.json)
         results.update(models=previous["models"], rows=[r for r in previous["rows"] if not interrupted(r)],
@@ -301,7 +306,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["models"][name] = describe(name, args.cache)
             base = load_checkpoint(path)
             for k in (k for k in args.ks if (name, k) not in done):
-                key = reference_key(base.sha256, args.digit, k, args.reference_iters, results["threads"])
+                key = reference_key(base.sha256, args.digit, k, args.reference_iters, results["threads"],
+                                    args.host_memory)
                 if args.reference_only and (k not in args.reference_ks or key in ref_cache):
                     continue
                 proto = build_protocol(base, args.digit, k, NEIGHBOURS, source=digits_source(name, args.cache))

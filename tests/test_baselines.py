@@ -22,6 +22,7 @@ from flowtame.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from flowtame.jobs.tame import TameConfig, make_config, read_config_file, tame
 from flowtame.likelihood.nll import batched_nll, dequantized, nll_nats, pixel_nll
 from flowtame.likelihood.protocol import write_pngs
+from flowtame.methods import baselines
 from flowtame.methods.baselines import (
     NegGrad,
     SelectiveAmnesia,
@@ -235,6 +236,25 @@ def test_grouped_per_sample_gradients_are_each_groups_mean_nll_gradient(vectoriz
                  for n in params}
     for name in params:  # an ungrouped call: each input its own sample
         torch.testing.assert_close(ours[name], ungrouped[name].unflatten(0, (3, 4)).mean(1))
+
+
+def test_per_sample_chunks_hold_their_gradients_and_inputs_within_the_caps(monkeypatch):
+    """A chunk's samples: gradients within FISHER_CHUNK_VALUES, inputs within as many as that many gradients, or
+    within FISHER_CHUNK_INPUT_VALUES values where that allows more (small images)."""
+    model, _ = tiny_glow(affine=True)
+    n_values = sum(p.numel() for p in model.parameters())
+    groups = torch.rand(12, 4, 1, 8, 8, generator=torch.Generator().manual_seed(6)) - 0.5
+
+    def sizes(values_cap: int, inputs_cap: int) -> list[int]:
+        monkeypatch.setattr(baselines, "FISHER_CHUNK_VALUES", values_cap)
+        monkeypatch.setattr(baselines, "FISHER_CHUNK_INPUT_VALUES", inputs_cap)
+        return [next(iter(c.values())).shape[0]
+                for c in per_sample_gradients(model, groups, DATA_SPEC, vectorized=True, chunk_size=None)]
+
+    assert sizes(8 * n_values, 0) == [2] * 6  # 8 gradients' worth of inputs: 2 samples of 4 draws
+    assert sizes(8 * n_values, 5 * 4 * 64) == [5, 5, 2]  # small inputs: up to 8 samples, 5 by their values
+    assert sizes(3 * n_values, 1 << 20) == [3] * 4  # gradients bound
+    assert sizes(n_values, 1 << 20) == [1] * 12  # one sample a chunk (plain autograd)
 
 
 def test_ewc_penalty_zero_at_anchor_and_formula_after_perturbation():

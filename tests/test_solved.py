@@ -120,6 +120,7 @@ def test_each_forget_and_held_row_is_its_gradient_averaged_over_the_draws(base, 
     are exercised)."""
     n_values = sum(p.numel() for p in base.model.parameters())
     monkeypatch.setattr(baselines, "FISHER_CHUNK_VALUES", 16 * n_values)
+    monkeypatch.setattr(baselines, "FISHER_CHUNK_INPUT_VALUES", 16 * base.data_spec.num_dims)
     checks, held = [], []
     original = SolvedTaming._jacobian
 
@@ -452,6 +453,9 @@ def test_adams_settings_change_nothing_in_a_solved_run_and_are_named_in_a_warnin
     ours, theirs = plain.checkpoint.model.state_dict(), changed.checkpoint.model.state_dict()
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
     assert changed.report["iterations"] == plain.report["iterations"] > 0
+    assert plain.report["unused_settings"] == changed.report["unused_settings"] == list(ADAM_STEP_KEYS)
+    assert tame(base, forget, remember, make_config(quick, {"step": "adam", "max_iters": 1}),
+                device="cpu").report["unused_settings"] == []
 
 
 def test_the_first_measurement_is_the_base_passes_own_and_agrees_with_a_measurement(base, forget_folder,  # noqa: F811

@@ -261,9 +261,10 @@ def test_target_holdout_stops_in_the_held_out_band(run_cli, workspace, assert_va
     assert audits["goals"]["suppression"]["met"] is False  # nowhere near mu_R + 4 sigma_R: not suppressed
     assert set(audits["generation"]["models"]) == {"base", "tamed"} and audits["generation"]["samples"] == 32
     assert audits["membership"]["n_members"] == 2 and audits["membership"]["attacks"]["loss"]["tamed"]["auc"] < 1
-    # the base model had the two threes more likely than every unseen one (members), the tamed one no longer
+    # the base model had the two threes more likely than (nearly) every unseen one (members; the base model is
+    # trained here, so the last unseen three or two may differ between machines' BLAS), the tamed one no longer
     loss = audits["membership"]["attacks"]["loss"]
-    assert loss["base"]["auc"] == 1.0 and loss["tamed"]["auc"] < 0.9
+    assert loss["base"]["auc"] >= 0.95 and loss["tamed"]["auc"] < 0.9
     missing = run_cli(*tame_args(ws, ws["root"] / "x.safetensors", "--target", "holdout"))
     assert missing.exit_code == 2 and "--target holdout needs --holdout" in missing.stderr
 

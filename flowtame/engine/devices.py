@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from flowtame.engine.distributed import current
+from flowtame.engine.host_memory import free_heap_bytes
 from flowtame.errors import InputError, OutOfMemory
 
 if TYPE_CHECKING:
@@ -162,15 +163,18 @@ def training_rows(pixels: torch.Tensor, device: torch.device,
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on ``device``: the GPU's free memory on CUDA; on the CPU the kernel's estimate
-    of memory available without swapping (Linux ``MemAvailable``); None where neither is known."""
+    """Bytes free for new tensors on ``device``: on CUDA the GPU's free memory plus what torch's caching allocator
+    holds unused; on the CPU the kernel's estimate of memory available without swapping (Linux ``MemAvailable``)
+    plus what this process freed and kept in malloc's heaps (:func:`~flowtame.engine.host_memory.free_heap_bytes`;
+    the CLI keeps freed memory); None where neither is known."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + cached
     try:
         with open("/proc/meminfo", encoding="ascii") as info:
             for line in info:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024 + free_heap_bytes()
     except (OSError, ValueError, IndexError):
         return None
     return None

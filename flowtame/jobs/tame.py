@@ -575,6 +575,7 @@ def tame(base: Checkpoint, forget_sets: Sequence[ImageSet], remember_set: ImageS
     report: dict[str, Any] = {
         **report_header(REPORT_SCHEMA_VERSION, {"kind": "tame", "method": config.method}, config, dev, base),
         "calibration": calibration.to_dict() if calibration is not None else None,
+        "unused_settings": list(ADAM_STEP_KEYS) if config.step == "solve" else [],
         "target": target,
         "frozen": {"rule": config.freeze, "tensors": len(frozen),
                    "values": sum(parameters[name].numel() for name in frozen)},

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from flowtame.data.images import ImageBatch, ImageSet, dequantization_noise
 from flowtame.data.quantization import DataSpec, discrete_nll, nats_to_bpd, quantize
 from flowtame.engine import distributed
-from flowtame.engine.devices import autocast_context, check_precision, place_model, resolve_device
+from flowtame.engine.devices import autocast_context, check_precision, out_of_memory, place_model, resolve_device
 from flowtame.errors import InputError
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.io.fileio import atomic_path
@@ -261,7 +261,8 @@ def _sharded_pass(model: MultiScaleFlow, image_set: ImageSet, context: distribut
         local = (*_pass(model, image_set, positions, _CsvSink(None, image_set.name), **options),
                  list(image_set.shard_skipped))
     except Exception as exc:  # reported to every rank by agree(), then re-raised here
-        failure = exc
+        # a failed allocation as its one line (what could not be allocated, and the advice), not torch's text
+        failure = out_of_memory(exc, options.get("device")) or exc
     context.agree(failure)
     shards = context.all_gather(local)
     nll = np.concatenate([shard[0] for shard in shards]).astype(np.float64)

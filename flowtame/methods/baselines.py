@@ -53,6 +53,12 @@ from flowtame.methods.taming import METHODS, TamingData, TamingMethod, settings_
 #: Per-sample gradients are computed this many values at a time at most (chunk x parameters), so the
 #: Fisher's memory stays near 4 bytes x this (128 MiB) whatever the model's size.
 FISHER_CHUNK_VALUES = 1 << 25
+#: A chunk's inputs (its samples times their draws) number at most as many as its gradients, or hold at most this
+#: many values where that allows more (small inputs, whose activations stay small: 256 16x16 digits, 21 32x32 RGB
+#: images): on the rosinality Glow (5.1M values: 6 samples' gradients a chunk, one sample of 8 draws' inputs) 15
+#: images x 8 draws take 1.6 s in chunks of 5 against 2.15 s one image at a time (one thread; docs/benchmarks.md
+#: "Round 15").
+FISHER_CHUNK_INPUT_VALUES = 1 << 16
 
 
 class _ForgottenStopping(TamingMethod):
@@ -296,18 +302,22 @@ def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, 
     group (an image under D noise draws: one pass of N*D inputs, not D passes of N). The model runs in eval mode
     (ActNorm's data-dependent initialization only runs in training mode, so it cannot fire inside vmap; a loaded
     checkpoint is initialized). ``vectorized``: ``vmap(grad(f))`` over chunks of ``chunk_size`` samples
-    (default: as many as keep a chunk's gradients within :data:`FISHER_CHUNK_VALUES` floats); otherwise, when
+    (default: as many as keep a chunk's gradients within :data:`FISHER_CHUNK_VALUES` floats, and its inputs - its
+    samples times D - within as many as that many gradients, or within :data:`FISHER_CHUNK_INPUT_VALUES` values
+    where that allows more); otherwise, when
     vmap cannot handle a layer (a warning says so), or when a chunk holds one sample (a large model), plain
     autograd one sample at a time (:func:`mean_nll_gradient` of its group: on the rosinality Glow's 15 groups of 8
     draws, 2.0 s against vmap's 2.25 s, one thread; vmap is faster where it batches several samples, 0.22 against
-    0.33 s on the RealNVP). A chunk's inputs (its samples times D) are held to the default's count too, so grouping
-    does not multiply activation memory.
+    0.33 s on the RealNVP).
     """
     groups = x if x.dim() == 5 else x.unsqueeze(1)
     wanted = None if names is None else set(names)
     params = {name: p.detach() for name, p in model.named_parameters() if wanted is None or name in wanted}
     n_params = sum(p.numel() for p in params.values())
-    chunk_size = chunk_size or max(1, min(groups.shape[0], FISHER_CHUNK_VALUES // max(n_params, 1) // groups.shape[1]))
+    per_gradients = FISHER_CHUNK_VALUES // max(n_params, 1)
+    small_inputs = FISHER_CHUNK_INPUT_VALUES // (groups.shape[1] * groups[0, 0].numel())
+    chunk_size = chunk_size or max(1, min(groups.shape[0], max(per_gradients // groups.shape[1],
+                                                                min(per_gradients, small_inputs))))
     was_training = model.training
     model.eval()
     try:
