@@ -258,7 +258,6 @@ def main() -> None:
     if args.forward_batches:
         forward_batches(base, proto, args.forward_batches, args.rows, args.repeats)
         return
-    allocator = "plain malloc" if args.plain_malloc else "freed memory retained"
     config = tame_job.make_config(args.override)
     split, events = Split(), {"first_screen": None, "confirmations": []}
     install(split, events)
@@ -271,7 +270,7 @@ def main() -> None:
     print_split(split, report)
     print(f"the run's CPU: user {usage['user_s']:.1f} s, system {usage['system_s']:.1f} s, "
           f"{usage['minor_faults'] / 1e6:.2f}M minor page faults; peak RSS {usage['peak_rss_gib']:.2f} GiB "
-          f"({allocator})")
+          f"({args.host_memory})")
     print(f"first screen pass at iteration {events['first_screen']}; confirmations: "
           + ", ".join(f"{c['it']} {c['verdict']}" for c in events["confirmations"]))
     if args.json:
@@ -279,7 +278,7 @@ def main() -> None:
                 "drift_refusals", "whole_set_refusals", "lr_reductions", "calibration")
         write_json(args.json, {
             "model": args.model, "k": args.k, "override": args.override, "threads": args.threads,
-            "allocator": allocator, "usage": usage,
+            "allocator": args.host_memory, "usage": usage,
             "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
             "split": split.to_dict(), "events": events, "report": {key: report.get(key) for key in keys},
             "remember_normal": report["remember_normal"], "requests": report["requests"]})

@@ -188,9 +188,10 @@ def host_memory(args: argparse.Namespace) -> str:
 
 def load_cell(args: argparse.Namespace) -> tuple[Checkpoint, Protocol]:
     """The base checkpoint and protocol of the cell :func:`add_cell_arguments` parsed, after setting torch's
-    threads (the model built and cached first when it is not yet)."""
+    threads and the allocator (its words in ``args.host_memory``; the model built and cached first when it is not
+    yet)."""
     torch.set_num_threads(args.threads)
-    host_memory(args)
+    args.host_memory = host_memory(args)
     base = load_checkpoint(build(args.model, args.cache))
     return base, build_protocol(base, args.digit, args.k, NEIGHBOURS, source=digits_source(args.model, args.cache))
 

@@ -13,7 +13,7 @@ from flowtame.engine.host_memory import free_heap_bytes, retain_freed_host_memor
 
 REUSE = textwrap.dedent("""
     import ctypes, resource, sys
-    from flowtame.engine.host_memory import free_heap_bytes, retain_freed_host_memory
+    from flowtame.engine.host_memory import retain_freed_host_memory
     took = retain_freed_host_memory() if sys.argv[1] == "retain" else None
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -70,7 +70,6 @@ def test_elsewhere_it_changes_nothing_and_says_so(monkeypatch):
 
 
 KEPT = textwrap.dedent("""
-    import ctypes
     import torch
     from flowtame.engine.devices import free_memory
     from flowtame.engine.host_memory import free_heap_bytes, retain_freed_host_memory

@@ -56,8 +56,8 @@ FISHER_CHUNK_VALUES = 1 << 25
 #: A chunk's inputs (its samples times their draws) number at most as many as its gradients, or hold at most this
 #: many values where that allows more (small inputs, whose activations stay small: 256 16x16 digits, 21 32x32 RGB
 #: images): on the rosinality Glow (5.1M values: 6 samples' gradients a chunk, one sample of 8 draws' inputs) 15
-#: images x 8 draws take 1.6 s in chunks of 5 against 2.15 s one image at a time (one thread; docs/benchmarks.md
-#: "Round 15").
+#: images x 8 draws take 1.74 s in chunks of 6, 6, 3 against 2.51 s one image at a time (one thread,
+#: benchmarks/row_gradients.py; docs/benchmarks.md "Round 15").
 FISHER_CHUNK_INPUT_VALUES = 1 << 16
 
 
@@ -306,9 +306,9 @@ def per_sample_gradients(model: MultiScaleFlow, x: Tensor, data_spec: DataSpec, 
     samples times D - within as many as that many gradients, or within :data:`FISHER_CHUNK_INPUT_VALUES` values
     where that allows more); otherwise, when
     vmap cannot handle a layer (a warning says so), or when a chunk holds one sample (a large model), plain
-    autograd one sample at a time (:func:`mean_nll_gradient` of its group: on the rosinality Glow's 15 groups of 8
-    draws, 2.0 s against vmap's 2.25 s, one thread; vmap is faster where it batches several samples, 0.22 against
-    0.33 s on the RealNVP).
+    autograd one sample at a time (:func:`mean_nll_gradient` of its group; vmap of one sample was slower on the
+    rosinality Glow, docs/benchmarks.md "Round 15"; vmap over several samples is faster than this loop: 0.33
+    against 0.61 s on the embedded Glow's 15 images x 8 draws, benchmarks/row_gradients.py).
     """
     groups = x if x.dim() == 5 else x.unsqueeze(1)
     wanted = None if names is None else set(names)
