@@ -6,9 +6,10 @@ row asked of the step (nats, after the step's shrink) and what the mean did, the
 the remember images' NLL (``step_rms``, sigma_R) and half its square in nats (``half_rms2``: the mean's
 second-order rise were the metric, the remember images' Fisher, their NLL's Hessian), the shrink and the forget
 images' d range (sigma_R), and the stop's verdict (a stop, "short": a forget image outside the band, or the
-guards and holds that refused it); then the scored row. ``--metric-damping``, ``--mean-rows`` and
-``--mean-averaging`` replace the solved step's SOLVE_METRIC_DAMPING, MEAN_ROWS and MEAN_CHANGE_AVERAGING for the
-run (the sweeps of Round 13).
+guards and holds that refused it, with the holds' figures: the look-alikes' and the remember set's quantile
+drop and the whole set's KS normality p where they were judged); then the scored row. ``--metric-damping``,
+``--mean-rows`` and ``--mean-averaging`` replace the solved step's SOLVE_METRIC_DAMPING, MEAN_ROWS and
+MEAN_CHANGE_AVERAGING for the run (the sweeps of Round 13).
 
     python benchmarks/recovery_trace.py --model embedded-glow --k 15 --metric-damping 3e-4 --json /tmp/t.json
 """
@@ -43,16 +44,33 @@ def traced(trace: list[dict[str, Any]]):
 
     def after_step(self: solved.SolvedTaming, model: Any, iteration: int, logged: dict[str, float]) -> bool:
         before = _refusals(self)
+        normality_p[0] = None
+        for hold in self.quantile_holds:
+            hold.last_qd = None
         done = original_after(self, model, iteration, logged)
         if trace and trace[-1]["it"] == iteration:
             now = _refusals(self)
             refused = [key for key in now if now[key] > before[key]]
             verdict = "stop" if done else ", ".join(refused) if refused else "short"
+            figures = {hold.keys[0]: hold.last_qd for hold in self.quantile_holds if hold.last_qd is not None}
+            if normality_p[0] is not None:
+                figures["normality_p"] = normality_p[0]
             trace[-1]["verdict"] = verdict
-            print(f"    verdict: {verdict}", flush=True)
+            trace[-1]["holds"] = figures
+            shown = " ".join(f"{key} {value:.4f}" for key, value in figures.items())
+            print(f"    verdict: {verdict}  {shown}", flush=True)
         return done
 
     solved.SolvedTaming.after_step = after_step  # type: ignore[method-assign]
+    normality_p: list[float | None] = [None]
+    original_ks = solved.ks_normality
+
+    def ks_normality(nll: Any) -> dict[str, Any]:
+        result = original_ks(nll)
+        normality_p[0] = float(result["pvalue"])
+        return result
+
+    solved.ks_normality = ks_normality  # type: ignore[assignment]
 
     def own_step(self: solved.SolvedTaming, model: Any, iteration: int) -> dict[str, Any]:
         before = None if self.forget_nll_now is None else float(self.mu_r)

@@ -20,7 +20,7 @@ from flowtame.jobs.tame import make_config, tame
 from flowtame.likelihood.nll import dequantized, nll_nats
 from flowtame.methods import baselines, curvature, solved
 from flowtame.methods.baselines import mean_nll_gradient, per_sample_gradients
-from flowtame.methods.solved import STEP_RMS, SolvedTaming
+from flowtame.methods.solved import STEP_RMS, TARGET_CAP, SolvedTaming
 from flowtame.methods.taming import TamingMethod
 
 QUICK = {"step": "solve", "max_iters": 20, "refresh_size": 32, "lookalikes": 4}
@@ -86,6 +86,47 @@ def test_normality_refusals_widen_the_held_rows_and_the_run_goes_on_to_a_stop(ba
     for pool, checks, nlls, rows in pools:  # every step holds the whole (widened) pool, measured for it
         assert pool == checks == nlls and rows == n_forget + pool + 1
     assert pools[0][0] == QUICK["lookalikes"] and pools[-1][0] == QUICK["lookalikes"] + report["tail_rows"]
+
+
+def test_each_held_rows_next_target_takes_off_a_share_of_its_last_unexplained_rise(base, forget_folder,  # noqa: F811
+                                                                                   monkeypatch):
+    """A held row's target is its way back to its base NLL less HOLD_FEEDFORWARD of what it rose at the last step
+    beyond what that step asked of it (on the evaluation's noise; rises only, at most TARGET_CAP sigma_R); rows a
+    hold added since (every stop refused here, so the pool grows) have no rise yet. Re-derived from what the run
+    measured: each step's targets, shrink and the held rows' NLL before and after it."""
+    monkeypatch.setattr(solved, "normality_bound", lambda base_nll: 1.0)  # (every judged stop refused: 16 rows join)
+    steps = []
+    real_targets, real_step = SolvedTaming._targets, SolvedTaming.own_step
+
+    def targets(self):
+        out = real_targets(self)
+        base_nll = self.data.base_remember_nll[self.anchor_pool.cpu()].double()
+        steps.append({"targets": out.clone(), "forget": self.confirmed_d.numel(), "before": self.pool_nll.clone(),
+                      "back": base_nll - self.pool_nll.double(), "cap": TARGET_CAP * float(self.sigma_r)})
+        return out
+
+    def own_step(self, model, iteration):
+        logged = real_step(self, model, iteration)
+        steps[-1] |= {"shrink": float(logged["shrink"]), "after": self.pool_nll.clone()}
+        return logged
+
+    monkeypatch.setattr(SolvedTaming, "_targets", targets)
+    monkeypatch.setattr(SolvedTaming, "own_step", own_step)
+    forget, remember = _sets(forget_folder)
+    report = tame(base, forget, remember, make_config(QUICK, {"max_iters": 12}), device="cpu").report
+    assert report["lr_reductions"] == 0 and report["normality_refusals"] >= 1
+    assert torch.equal(steps[0]["targets"][steps[0]["forget"]:-1], steps[0]["back"])  # nothing seen yet
+    fed, grown = 0, 0
+    for last, now in zip(steps, steps[1:], strict=False):
+        rows, f = last["before"].numel(), last["forget"]
+        asked = last["targets"][f:f + rows] * last["shrink"]
+        rise = (last["after"].double() - last["before"].double() - asked).clamp(0, last["cap"])
+        held = now["targets"][now["forget"]:-1]
+        expected = torch.cat([now["back"][:rows] - solved.HOLD_FEEDFORWARD * rise, now["back"][rows:]])
+        torch.testing.assert_close(held, expected, rtol=1e-6, atol=1e-6)
+        fed += int((rise > 0).sum())
+        grown += int(held.numel() > rows)
+    assert fed > 0 and grown > 0  # (the feed-forward acted, and rows joined without a rise of their own)
 
 
 def test_a_solved_run_whose_rows_would_not_fit_in_memory_is_refused_or_falls_back_before_it_starts(base, forget_folder,  # noqa: F811
