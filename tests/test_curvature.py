@@ -438,3 +438,17 @@ def test_a_kronecker_block_without_a_bias_is_preconditioned_and_dotted_as_its_we
     flat = torch.cat([rows[n].flatten(1) for n in rows], 1)
     flat_applied = torch.cat([applied[n].flatten(1) for n in rows], 1)
     torch.testing.assert_close(metric.gram(rows), flat @ flat_applied.T)
+
+
+def test_a_damped_factors_inverse_is_the_general_inverse_and_survives_a_factor_that_is_not_positive_definite():
+    """The Cholesky route agrees with torch.linalg.inv on a damped Gram matrix (rank-deficient before damping);
+    a damped factor that is not positive definite takes the general inverse instead of failing."""
+    from flowtame.methods.curvature import _damped_inverse
+
+    generator = torch.Generator().manual_seed(0)
+    patches = torch.randn(20, 30, generator=generator, dtype=torch.float64)
+    gram = patches.T @ patches / 20  # rank 20 of 30
+    torch.testing.assert_close(_damped_inverse(gram, 1e-3), torch.linalg.inv(gram + 1e-3 * torch.eye(30,
+                               dtype=torch.float64)), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(_damped_inverse(-torch.eye(3, dtype=torch.float64), 0.5),
+                               -2 * torch.eye(3, dtype=torch.float64))

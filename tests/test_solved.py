@@ -4,6 +4,7 @@ straight run's weights."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from types import SimpleNamespace
@@ -88,13 +89,17 @@ def test_normality_refusals_widen_the_held_rows_and_the_run_goes_on_to_a_stop(ba
     assert pools[0][0] == QUICK["lookalikes"] and pools[-1][0] == QUICK["lookalikes"] + report["tail_rows"]
 
 
-def test_each_held_rows_next_target_takes_off_a_share_of_its_last_unexplained_rise(base, forget_folder,  # noqa: F811
-                                                                                   monkeypatch):
-    """A held row's target is its way back to its base NLL less HOLD_FEEDFORWARD of what it rose at the last step
-    beyond what that step asked of it (on the evaluation's noise; rises only, at most TARGET_CAP sigma_R); rows a
-    hold added since (every stop refused here, so the pool grows) have no rise yet. Re-derived from what the run
-    measured: each step's targets, shrink and the held rows' NLL before and after it."""
+@pytest.mark.parametrize("strained", [True, False])
+def test_each_held_rows_next_target_takes_off_a_share_of_its_last_unexplained_rise(strained, base,  # noqa: F811
+                                                                                   forget_folder, monkeypatch):  # noqa: F811
+    """While the look-alikes are strained (their quantile drop above HOLD_FEEDFORWARD_FROM of their hold's bound;
+    here forced either way), a held row's target is its way back to its base NLL less HOLD_FEEDFORWARD of what it
+    rose at the last step beyond what that step asked of it (on the evaluation's noise; rises only, at most
+    TARGET_CAP sigma_R); rows a hold added since (every stop refused here, so the pool grows) have no rise yet.
+    Unstrained, the target is the way back alone. Re-derived from what the run measured: each step's targets,
+    shrink and the held rows' NLL before and after it."""
     monkeypatch.setattr(solved, "normality_bound", lambda base_nll: 1.0)  # (every judged stop refused: 16 rows join)
+    monkeypatch.setattr(solved, "HOLD_FEEDFORWARD_FROM", -math.inf if strained else math.inf)
     steps = []
     real_targets, real_step = SolvedTaming._targets, SolvedTaming.own_step
 
@@ -121,12 +126,42 @@ def test_each_held_rows_next_target_takes_off_a_share_of_its_last_unexplained_ri
         rows, f = last["before"].numel(), last["forget"]
         asked = last["targets"][f:f + rows] * last["shrink"]
         rise = (last["after"].double() - last["before"].double() - asked).clamp(0, last["cap"])
+        rise = rise if strained else torch.zeros_like(rise)
         held = now["targets"][now["forget"]:-1]
         expected = torch.cat([now["back"][:rows] - solved.HOLD_FEEDFORWARD * rise, now["back"][rows:]])
         torch.testing.assert_close(held, expected, rtol=1e-6, atol=1e-6)
         fed += int((rise > 0).sum())
         grown += int(held.numel() > rows)
-    assert fed > 0 and grown > 0  # (the feed-forward acted, and rows joined without a rise of their own)
+    assert (fed > 0) == strained and grown > 0  # (the feed-forward acted, and rows joined without a rise of their own)
+
+
+def test_the_look_alikes_strain_is_their_holds_own_quantile_drop_from_the_held_rows_measurement(base,  # noqa: F811
+                                                                                                forget_folder,  # noqa: F811
+                                                                                                monkeypatch):
+    """The feed-forward's gate reads the look-alikes' quantile drop off the held pool's first rows (measured after
+    each step): the same figure the look-alike hold gets from its own pass over its check images."""
+    from flowtame.likelihood.nll import batched_nll
+    from flowtame.likelihood.statistics import NormalFit
+    from flowtame.methods.lookalikes import quantile_drop
+
+    seen = []
+    real_step = SolvedTaming.own_step
+
+    def own_step(self, model, iteration):
+        logged = real_step(self, model, iteration)
+        hold, now = self.lookalike_hold, NormalFit(float(self.mu_r), float(self.sigma_r))
+        own = quantile_drop(hold.base_nll, batched_nll(model, hold.check, self.data.data_spec).numpy(),
+                            hold.base_fit, now)
+        monkeypatch.setattr(solved, "HOLD_FEEDFORWARD_FROM", own / hold.bound - 1e-4)  # (to 2e-6 in QD: BLAS rounding)
+        just_under = self._lookalikes_strained()
+        monkeypatch.setattr(solved, "HOLD_FEEDFORWARD_FROM", own / hold.bound + 1e-4)
+        seen.append((just_under, self._lookalikes_strained()))
+        return logged
+
+    monkeypatch.setattr(SolvedTaming, "own_step", own_step)
+    forget, remember = _sets(forget_folder)
+    tame(base, forget, remember, make_config({**QUICK, "max_iters": 3}), device="cpu")
+    assert seen and all(under and not over for under, over in seen)
 
 
 def test_a_solved_run_whose_rows_would_not_fit_in_memory_is_refused_or_falls_back_before_it_starts(base, forget_folder,  # noqa: F811

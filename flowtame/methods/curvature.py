@@ -168,8 +168,8 @@ class KroneckerMetric:
             # a layer the NLL does not feel (say, in front of a zero-initialized output) gets damping only
             pi = (a_mean / g_mean) ** 0.5 if a_mean > 0 and g_mean > 0 else 1.0
             gamma = (damping * scale) ** 0.5
-            a_inv = torch.linalg.inv(a + pi * gamma * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
-            g_inv = torch.linalg.inv(g + gamma / pi * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+            a_inv = _damped_inverse(a, pi * gamma)
+            g_inv = _damped_inverse(g, gamma / pi)
             bias = f"{name}.bias" if f"{name}.bias" in trained else None
             # kept in the model's precision: float32 products move a float32 model's update by ~3e-7 relative
             self.blocks[f"{name}.weight"] = ((scale * g_inv).to(x.dtype), a_inv.to(x.dtype), bias)
@@ -284,6 +284,18 @@ def constrained_step(metric: KroneckerMetric, jacobian: dict[str, Tensor], targe
     weights = torch.linalg.solve(gram + damping * torch.diag(gram.diagonal()), targets.to(gram))
     combined = {n: (weights.to(rows.dtype) @ rows.reshape(m, -1)).view(rows.shape[1:]) for n, rows in jacobian.items()}
     return ConstrainedStep(metric.apply(combined), weights, gram)
+
+
+def _damped_inverse(factor: Tensor, damping: float) -> Tensor:
+    """(factor + damping I)^-1 of a symmetric positive semi-definite K-FAC factor [n, n] (float64), by its
+    Cholesky factor (half the time of a general inverse: 34 against 72 ms at n = 513, one thread, the other core
+    busy; a width-512 Glow has ~70 such factors), or by a general inverse where rounding leaves the damped factor
+    not positive definite."""
+    damped = factor + damping * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    lower, info = torch.linalg.cholesky_ex(damped)
+    if bool(info):  # (one sync per factor, at setup)
+        return torch.linalg.inv(damped)
+    return torch.cholesky_inverse(lower)
 
 
 def _split(flat: Tensor, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:

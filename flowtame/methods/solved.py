@@ -33,17 +33,17 @@ from torch import Tensor
 from flowtame.engine.devices import free_memory, take_rows, uniform_noise
 from flowtame.flows.base import MultiScaleFlow
 from flowtame.likelihood.nll import batched_nll, dequantized
-from flowtame.likelihood.statistics import ks_normality
+from flowtame.likelihood.statistics import NormalFit, ks_normality
 from flowtame.likelihood.threshold import threshold_distance
 from flowtame.methods.baselines import mean_nll_gradient, per_sample_gradients
 from flowtame.methods.curvature import constrained_step
-from flowtame.methods.lookalikes import MAX_HOLD_REFUSALS
+from flowtame.methods.lookalikes import MAX_HOLD_REFUSALS, quantile_drop
 from flowtame.methods.taming import TAIL_ROWS, TamingData, TamingMethod
 
 __all__ = ["BASE_GRADIENT_ROWS", "FORGET_AIM", "FORGET_DRAWS", "HOLD_DRAWS", "HOLD_FEEDFORWARD",
-           "MEAN_CHANGE_AVERAGING", "MEAN_ROWS", "NORMALITY_HOLD_P", "SOLVED_MAX_REMEMBER_DRIFT",
-           "SOLVE_METRIC_DAMPING", "SOLVE_METRIC_IMAGES", "STEP_RMS", "TARGET_CAP", "SolvedTaming", "memory_needed",
-           "memory_shortfall", "normality_bound"]
+           "HOLD_FEEDFORWARD_FROM", "MEAN_CHANGE_AVERAGING", "MEAN_ROWS", "NORMALITY_HOLD_P",
+           "SOLVED_MAX_REMEMBER_DRIFT", "SOLVE_METRIC_DAMPING", "SOLVE_METRIC_IMAGES", "STEP_RMS", "TARGET_CAP",
+           "SolvedTaming", "memory_needed", "memory_shortfall", "normality_bound"]
 
 #: Fresh noise draws whose per-image gradients are averaged for each forget row. A single draw's gradient is
 #: mostly that draw's: a step solved on one draw moved the image's NLL on other draws by a third of what it
@@ -61,9 +61,13 @@ HOLD_DRAWS = 4
 #: this two stops were refused by the look-alike hold (QD 0.0375, then 0.0265). The rise also holds the part of
 #: an ask a row does not realize (a row asked -a realizing -rho a), which a share s feeds back as
 #: s (1 - rho) a: the whole rise (s = 1) ran away on a tiny Glow whose held rows grew to 84 at five refusals
-#: (40 iterations, no stop); a half keeps the loop's gain under 1 for any rho >= 0 (docs/benchmarks.md
-#: "Round 16").
+#: (40 iterations, no stop); a half keeps the loop's gain under 1 for any rho >= 0. The held rows' extra pull
+#: competes with the mean row's: only while the look-alikes' quantile drop (on the same noise, after the last
+#: step) is above HOLD_FEEDFORWARD_FROM of the look-alike hold's bound (docs/benchmarks.md "Round 16": on the
+#: RealNVP k = 15, whose look-alikes stay far inside it, always on took 11 iterations instead of 9).
 HOLD_FEEDFORWARD = 0.5
+#: The look-alikes' quantile drop, as a share of the look-alike hold's bound, above which HOLD_FEEDFORWARD acts.
+HOLD_FEEDFORWARD_FROM = 0.5
 #: Remember images of the mean row's displacement term per step: the base gradient's images are cut into
 #: batches of about this size, taken in turn (one batch fixed for the run is learnt, its mean falls while the rest's
 #: stays: the embedded Glow k = 15 stalled at a drift of +0.23%, docs/benchmarks.md "Round 9"; a fresh batch
@@ -338,12 +342,24 @@ class SolvedTaming(TamingMethod):
         if pool_before is not None and self.pool_nll is not None:
             asked = targets[forget_rows:forget_rows + pool_before.numel()] * shrink
             rise = self.pool_nll.double() - pool_before.double() - asked
-            self.pool_leak = torch.minimum(rise.clamp_min(0), self.trust * TARGET_CAP * sigma.to(rise))
+            self.pool_leak = torch.minimum(rise.clamp_min(0), self.trust * TARGET_CAP * sigma.to(rise)) \
+                if self._lookalikes_strained() else None
         now = self.latest_d
         return {"loss": (targets / sigma).square().sum(), "grad_norm": step_norm, "step_rms": shrink * rms / sigma,
                 "shrink": shrink, "remember_bpd": self.mu_r / self.nats_per_bpd, "max_abs_d": now.abs().max(),
                 "min_d": now.min(), "max_d": now.max(), "mean_d": now.mean(), "mu_r": self.mu_r,
                 "sigma_r": self.sigma_r}
+
+    def _lookalikes_strained(self) -> bool:
+        """Whether the look-alikes' quantile drop on the evaluation's noise (the held pool's first rows, as just
+        measured, against the refreshed mu_R, sigma_R) is above :data:`HOLD_FEEDFORWARD_FROM` of the look-alike
+        hold's bound (False without the hold)."""
+        hold = self.lookalike_hold
+        if hold is None or self.pool_nll is None or hold.rows is None:
+            return False
+        nll = self.pool_nll[:hold.rows.numel()].cpu().numpy()  # (a sync per step: the stop's checks make one too)
+        drop = quantile_drop(hold.base_nll, nll, hold.base_fit, NormalFit(float(self.mu_r), float(self.sigma_r)))
+        return drop > HOLD_FEEDFORWARD_FROM * hold.bound
 
     def _base_gradients(self, names: list[str]) -> None:
         """The mean row's fixed batches and their gradients under the base model: :attr:`base_batches` (the
