@@ -107,6 +107,46 @@ def test_tame_stopped_after_training_keeps_the_finished_run(run_cli, tiny_base, 
     assert json.loads(Path(f"{out}.json").read_text())["iterations"] == 8
 
 
+def test_a_stop_at_the_converging_iteration_is_honoured_and_resuming_writes_the_converged_run(run_cli, tiny_base,
+                                                                                             tmp_path, monkeypatch):
+    """A SIGTERM that arrives in the iteration whose stop is accepted is not dropped (the work after the loop -
+    the final passes, the evaluation - can take minutes, and a scheduler's grace period is short): exit 143 with
+    the converged run's state saved and a partial report that says so; resuming writes the straight run's
+    weights without another iteration. (The tiny untrained model's stop is accepted by hand at iteration 2.)"""
+    from flowtame.methods.solved import SolvedTaming
+
+    original, signalled = SolvedTaming.after_step, {"on": False}
+
+    def after_step(self, model, iteration, logged):
+        original(self, model, iteration, logged)
+        if iteration == 2 and signalled["on"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return iteration == 2
+
+    monkeypatch.setattr(SolvedTaming, "after_step", after_step)
+    solve = ("--refresh-size", "32", "--device", "cpu", "--quiet", "--step", "solve", "--max-iters", "30")
+
+    def args(out):
+        return ("tame", str(tiny_base), "--forget", FORGET, "--remember", REMEMBER, "-o", str(out), "--report",
+                f"{out}.json", *solve)
+
+    straight, out = tmp_path / "straight.safetensors", tmp_path / "out.safetensors"
+    done = run_cli(*args(straight))
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(Path(f"{straight}.json").read_text())["iterations"] == 3
+    signalled["on"] = True
+    first = run_cli(*args(out))
+    assert first.exit_code == 143 and "the run converged" in first.stderr and "--resume" in first.stderr
+    assert not out.exists() and (tmp_path / "out.safetensors.resume.safetensors").is_file()
+    partial = json.loads(Path(f"{out}.json").read_text())
+    assert partial["interrupted"] is True and partial["converged"] is True and partial["iterations"] == 3
+    signalled["on"] = False
+    resumed = run_cli(*args(out), "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert _same_weights(straight, out)
+    assert json.loads(Path(f"{out}.json").read_text())["iterations"] == 3
+
+
 def test_an_ignored_sighup_stays_ignored_as_under_nohup(run_cli, tiny_base, tmp_path, monkeypatch):
     import flowtame.cli.tame as tame_cli
 

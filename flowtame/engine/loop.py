@@ -510,18 +510,18 @@ class Engine:
         staging = _HostStaging()
         pending: _Staged | None = None  # the latest stepped iteration whose scalars are not judged yet
         while True:
-            if self._stop_agreed():
+            if self._stop_agreed():  # (also when the run just converged: the work after it can take minutes)
                 if pending is not None:
                     self._judge(pending, start)
                     pending = None
-                if self.converged:
-                    break
                 self.elapsed = time.perf_counter() - start
                 if state_path is not None:
                     self.save_state(state_path)
+                done = ", the run converged" if self.converged else ""
+                then = " (it writes the outputs without training again)" if self.converged else ""
                 raise InterruptedRun(
-                    f"interrupted{_by(self._stop.signum)} at iteration {self.iteration}"
-                    + (f"; state saved to {state_path}, continue by resuming" if state_path else ""),
+                    f"interrupted{_by(self._stop.signum)} at iteration {self.iteration}{done}"
+                    + (f"; state saved to {state_path}, continue by resuming{then}" if state_path else ""),
                     self._stop.signum, keys=("resume",) if state_path else ())
             if self.converged or self._gave_up():
                 break
@@ -673,7 +673,7 @@ def run_for_report(engine: Engine, state_path: str | Path | None, report: dict[s
     try:
         return engine.run(state_path=state_path)
     except InterruptedRun as exc:
-        report.update(iterations=engine.iteration, converged=False, interrupted=True,
+        report.update(iterations=engine.iteration, converged=engine.converged, interrupted=True,
                       wall_seconds=engine.elapsed, **interrupted())
         exc.partial_report = report
         raise
