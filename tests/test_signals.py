@@ -176,6 +176,33 @@ def test_debias_stops_cleanly_on_sigterm(run_cli, tiny_base, tmp_path, monkeypat
     assert _same_weights(straight, out)
 
 
+def test_debias_stopped_at_its_converging_iteration_resumes_to_the_straight_runs_weights(run_cli, tiny_base,
+                                                                                         tmp_path, monkeypatch):
+    """debias, like tame: a SIGTERM in the iteration whose stop is accepted (by hand at iteration 2 here) exits
+    143 with the converged run kept, and --resume writes the straight run's weights."""
+    from flowtame.methods.debias import DebiasMethod
+
+    original, signalled = DebiasMethod.after_step, {"on": False}
+
+    def after_step(self, model, iteration, logged):
+        original(self, model, iteration, logged)
+        if iteration == 2 and signalled["on"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return iteration == 2
+
+    monkeypatch.setattr(DebiasMethod, "after_step", after_step)
+    straight, out = tmp_path / "straight.safetensors", tmp_path / "out.safetensors"
+    assert run_cli(*_debias_args(tiny_base, straight)).exit_code == 0
+    signalled["on"] = True
+    first = run_cli(*_debias_args(tiny_base, out))
+    assert first.exit_code == 143 and "the run converged" in first.stderr and "--resume" in first.stderr
+    assert not out.exists()
+    signalled["on"] = False
+    resumed = run_cli(*_debias_args(tiny_base, out, "--resume"))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert _same_weights(straight, out)
+
+
 def _debias_args(tiny_base, out, *extra):
     return ["debias", tiny_base, "--group", "zero=embedded:digits:all:0", "--group", "one=embedded:digits:all:1",
             "--target", "zero=0.3", "-o", out, "--report", f"{out}.json", "--samples", "64", "--max-iters", "6",
