@@ -431,7 +431,10 @@ def test_debias_on_two_ranks_matches_one_process(tame_workspace, tmp_path) -> No
     base, w1, w2 = (_weights(p) for p in (tame_workspace / "base.safetensors", tmp_path / "one.safetensors",
                                           tmp_path / "two.safetensors"))
     change = max(float((w1[k] - base[k]).abs().max()) for k in base)
-    assert max(float((w1[k] - w2[k]).abs().max()) for k in base) <= 1e-3 * change
+    # 30 small steps (the weights move by ~4e-4 at most): the ranks' summed gradients round differently from one
+    # process's, and the gap is 0.8% of the change on an AMD EPYC's BLAS (under 0.1% on an Intel Xeon's); a rank
+    # that trained on the wrong shard or missed the other's gradient would be off by tens of percent
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in base) <= 2e-2 * change
 
 
 @pytest.mark.slow
