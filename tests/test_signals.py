@@ -107,6 +107,21 @@ def test_tame_stopped_after_training_keeps_the_finished_run(run_cli, tiny_base, 
     assert json.loads(Path(f"{out}.json").read_text())["iterations"] == 8
 
 
+def _accept_at_iteration_2(monkeypatch, method_class) -> dict[str, bool]:
+    """Make ``method_class`` accept its stop at iteration 2 (after judging it as usual), sending this process
+    SIGTERM in that iteration while the returned switch's ``"on"`` is True."""
+    original, signalled = method_class.after_step, {"on": False}
+
+    def after_step(self, model, iteration, logged):
+        original(self, model, iteration, logged)
+        if iteration == 2 and signalled["on"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return iteration == 2
+
+    monkeypatch.setattr(method_class, "after_step", after_step)
+    return signalled
+
+
 def test_a_stop_at_the_converging_iteration_is_honoured_and_resuming_writes_the_converged_run(run_cli, tiny_base,
                                                                                              tmp_path, monkeypatch):
     """A SIGTERM that arrives in the iteration whose stop is accepted is not dropped (the work after the loop -
@@ -115,15 +130,7 @@ def test_a_stop_at_the_converging_iteration_is_honoured_and_resuming_writes_the_
     weights without another iteration. (The tiny untrained model's stop is accepted by hand at iteration 2.)"""
     from flowtame.methods.solved import SolvedTaming
 
-    original, signalled = SolvedTaming.after_step, {"on": False}
-
-    def after_step(self, model, iteration, logged):
-        original(self, model, iteration, logged)
-        if iteration == 2 and signalled["on"]:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return iteration == 2
-
-    monkeypatch.setattr(SolvedTaming, "after_step", after_step)
+    signalled = _accept_at_iteration_2(monkeypatch, SolvedTaming)
     solve = ("--refresh-size", "32", "--device", "cpu", "--quiet", "--step", "solve", "--max-iters", "30")
 
     def args(out):
@@ -182,15 +189,7 @@ def test_debias_stopped_at_its_converging_iteration_resumes_to_the_straight_runs
     143 with the converged run kept, and --resume writes the straight run's weights."""
     from flowtame.methods.debias import DebiasMethod
 
-    original, signalled = DebiasMethod.after_step, {"on": False}
-
-    def after_step(self, model, iteration, logged):
-        original(self, model, iteration, logged)
-        if iteration == 2 and signalled["on"]:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return iteration == 2
-
-    monkeypatch.setattr(DebiasMethod, "after_step", after_step)
+    signalled = _accept_at_iteration_2(monkeypatch, DebiasMethod)
     straight, out = tmp_path / "straight.safetensors", tmp_path / "out.safetensors"
     assert run_cli(*_debias_args(tiny_base, straight)).exit_code == 0
     signalled["on"] = True
