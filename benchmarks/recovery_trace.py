@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo import add_cell_arguments, load_cell, tame_row, write_json  # noqa: E402
 
 from flowtame.methods import solved  # noqa: E402
+from flowtame.methods.lookalikes import QuantileHold  # noqa: E402
 
 
 def traced(trace: list[dict[str, Any]]):
@@ -44,17 +45,13 @@ def traced(trace: list[dict[str, Any]]):
 
     def after_step(self: solved.SolvedTaming, model: Any, iteration: int, logged: dict[str, float]) -> bool:
         before = _refusals(self)
-        normality_p[0] = None
-        for hold in self.quantile_holds:
-            hold.last_qd = None
+        judged.clear()
         done = original_after(self, model, iteration, logged)
         if trace and trace[-1]["it"] == iteration:
             now = _refusals(self)
             refused = [key for key in now if now[key] > before[key]]
             verdict = "stop" if done else ", ".join(refused) if refused else "short"
-            figures = {hold.keys[0]: hold.last_qd for hold in self.quantile_holds if hold.last_qd is not None}
-            if normality_p[0] is not None:
-                figures["normality_p"] = normality_p[0]
+            figures = dict(judged)
             trace[-1]["verdict"] = verdict
             trace[-1]["holds"] = figures
             shown = " ".join(f"{key} {value:.4f}" for key, value in figures.items())
@@ -62,14 +59,19 @@ def traced(trace: list[dict[str, Any]]):
         return done
 
     solved.SolvedTaming.after_step = after_step  # type: ignore[method-assign]
-    normality_p: list[float | None] = [None]
-    original_ks = solved.ks_normality
+    judged: dict[str, float] = {}  # this step's holds' figures, as they are judged (the method's state untouched)
+    original_kept, original_ks = QuantileHold.kept, solved.ks_normality
+
+    def kept(self: QuantileHold, nll: Any, now: Any) -> bool:
+        judged[self.keys[0]] = self.drop(nll, now)
+        return original_kept(self, nll, now)
 
     def ks_normality(nll: Any) -> dict[str, Any]:
         result = original_ks(nll)
-        normality_p[0] = float(result["pvalue"])
+        judged["normality_p"] = float(result["pvalue"])
         return result
 
+    QuantileHold.kept = kept  # type: ignore[method-assign]
     solved.ks_normality = ks_normality  # type: ignore[assignment]
 
     def own_step(self: solved.SolvedTaming, model: Any, iteration: int) -> dict[str, Any]:

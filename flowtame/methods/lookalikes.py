@@ -62,11 +62,16 @@ class QuantileHold:
         #: the quantile drop measured at the latest check (None before the first)
         self.last_qd: float | None = None
 
+    def drop(self, nll: np.ndarray, now: NormalFit) -> float:
+        """The set's quantile drop for its NLL [L] under the current model (nats) against that model's remember
+        normal ``now`` (:func:`quantile_drop`), judging nothing."""
+        return quantile_drop(self.base_nll, nll, self.base_fit, now)
+
     def kept(self, nll: np.ndarray, now: NormalFit) -> bool:
         """True when the set's quantile drop (its NLL [L] under the current model, nats, against that model's
         remember normal ``now``) is within the bound, or the stop was already refused
         :data:`MAX_HOLD_REFUSALS` times; otherwise counts a refusal."""
-        self.last_qd = quantile_drop(self.base_nll, nll, self.base_fit, now)
+        self.last_qd = self.drop(nll, now)
         if self.last_qd <= self.bound or self.refusals >= MAX_HOLD_REFUSALS:
             return True
         self.refusals += 1

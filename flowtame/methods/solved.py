@@ -37,7 +37,7 @@ from flowtame.likelihood.statistics import NormalFit, ks_normality
 from flowtame.likelihood.threshold import threshold_distance
 from flowtame.methods.baselines import mean_nll_gradient, per_sample_gradients
 from flowtame.methods.curvature import constrained_step
-from flowtame.methods.lookalikes import MAX_HOLD_REFUSALS, quantile_drop
+from flowtame.methods.lookalikes import MAX_HOLD_REFUSALS
 from flowtame.methods.taming import TAIL_ROWS, TamingData, TamingMethod
 
 __all__ = ["BASE_GRADIENT_ROWS", "FORGET_AIM", "FORGET_DRAWS", "HOLD_DRAWS", "HOLD_FEEDFORWARD",
@@ -339,11 +339,11 @@ class SolvedTaming(TamingMethod):
                 params[n].add_((shrink * change).to(params[n].dtype))
         step_norm = shrink * torch.cat([c.reshape(-1) for c in solved.step.values()]).norm()
         self.forget_nll_now = self.measure(model)
-        if pool_before is not None and self.pool_nll is not None:
+        self.pool_leak = None
+        if pool_before is not None and self.pool_nll is not None and self._lookalikes_strained():
             asked = targets[forget_rows:forget_rows + pool_before.numel()] * shrink
             rise = self.pool_nll.double() - pool_before.double() - asked
-            self.pool_leak = torch.minimum(rise.clamp_min(0), self.trust * TARGET_CAP * sigma.to(rise)) \
-                if self._lookalikes_strained() else None
+            self.pool_leak = torch.minimum(rise.clamp_min(0), self.trust * TARGET_CAP * sigma.to(rise))
         now = self.latest_d
         return {"loss": (targets / sigma).square().sum(), "grad_norm": step_norm, "step_rms": shrink * rms / sigma,
                 "shrink": shrink, "remember_bpd": self.mu_r / self.nats_per_bpd, "max_abs_d": now.abs().max(),
@@ -358,8 +358,7 @@ class SolvedTaming(TamingMethod):
         if hold is None or self.pool_nll is None or hold.rows is None:
             return False
         nll = self.pool_nll[:hold.rows.numel()].cpu().numpy()  # (a sync per step: the stop's checks make one too)
-        drop = quantile_drop(hold.base_nll, nll, hold.base_fit, NormalFit(float(self.mu_r), float(self.sigma_r)))
-        return drop > HOLD_FEEDFORWARD_FROM * hold.bound
+        return hold.drop(nll, NormalFit(float(self.mu_r), float(self.sigma_r))) > HOLD_FEEDFORWARD_FROM * hold.bound
 
     def _base_gradients(self, names: list[str]) -> None:
         """The mean row's fixed batches and their gradients under the base model: :attr:`base_batches` (the
